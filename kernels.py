@@ -1,0 +1,965 @@
+"""kernels.py: the shared mechanics every algorithm file runs on. No algorithm choices live here.
+
+What is in this file, top to bottom:
+  1. loading:      load_model(name_or_path) -> (model, tokenizer), left padding, a pad token always set.
+  2. generation:   generate(...) batched sampling with a static KV cache, each prompt prefilled once and
+                   shared by its num_samples rows, the one-token decode step compiled (CUDA graphs on GPU).
+  3. log-probs:    token_logprobs(...) log pi(x_{t+1} | x_<=t) from the final hidden states and the output
+                   embedding in chunks, so the (B, T, V) logits never exist, in the forward or the backward.
+  4. the loss:     policy_loss(...) the clipped surrogate with per-token beta*KL, four aggregation modes and
+                   token- or sequence-level (GSPO) ratios; compiled with torch.compile on GPU, eager elsewhere.
+  5. reductions:   masked_sum / masked_mean / masked_var / masked_whiten.
+  6. distributed:  init_distributed / wrap_model (DDP or FSDP2 fully_shard) / all_reduce_mean / print0.
+  7. checkpoints:  save_checkpoint / load_checkpoint / latest_checkpoint, atomic (temp dir + rename).
+  8. bookkeeping:  seed_everything, MetricsLogger (metrics.jsonl + optional wandb/TensorBoard), StopSignal.
+
+Shapes (declared once): B prompts, S samples per prompt (R = B*S rows), P prompt length, N new tokens,
+T sequence length, H hidden size, V vocabulary size.
+
+The policy loss (the equations live here because every algorithm file shares them):
+
+    rho_t   = exp(logprobs_t - old_logprobs_t)                       token-level ratio (PPO, GRPO, DAPO)
+    rho_i   = exp(mean_t(logprobs_t - old_logprobs_t))                sequence-level ratio (GSPO, Zheng et al. 2025)
+    l_t     = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
+    KL_t    with log r = ref_logprobs_t - logprobs_t (Schulman 2020, "Approximating KL divergence"):
+              k1 = -log r      k2 = (log r)^2 / 2      k3 = exp(log r) - 1 - log r
+    aggregation over the mask m (verl's names):
+      token-mean               sum_it m*l / sum_it m                                (DAPO)
+      seq-mean-token-mean      mean_i [ sum_t m*l / sum_t m ]                         (GRPO, DeepSeekMath)
+      seq-mean-token-sum       mean_i [ sum_t m*l ]
+      seq-mean-token-sum-norm  sum_it m*l / (R * norm_length)                         (Dr. GRPO)
+
+Deliberate choices:
+  - The log-probs `generate` returns are those of the distribution it sampled from *before* top-k/top-p
+    truncation, i.e. log_softmax(logits / temperature); `token_logprobs(..., temperature=...)` computes the
+    same quantity, so pi_old from the sampler can stand in for a recomputation when numerics match.
+  - The fused log-prob runs inside a forward pre-hook on the output embedding: the model's own forward runs
+    (so DDP and FSDP2 hooks fire as usual), the hook computes the log-probs chunk by chunk from the hidden
+    states it receives, and hands the head an empty tensor. Models that post-process logits (soft-capping,
+    logit scaling) take the plain path instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Loading
+# ----------------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda (this rank's GPU under torchrun) when available, else cpu."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'.")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "left"):
+    """A tokenizer with left padding (generation appends on the right) and a pad token always set."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        # Reusing EOS as pad is safe here: every mask we build comes from attention_mask, never from ids.
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "auto",
+               trust_remote_code: bool = False, model_class=None, attn_implementation: str | None = None,
+               **model_kwargs):
+    """Load (model, tokenizer) from a hub id or a local directory through transformers' Auto classes."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(name_or_path) and os.path.sep in name_or_path and not name_or_path.count("/") == 1:
+        raise FileNotFoundError(f"Model path {name_or_path!r} does not exist; pass a local directory or a hub id.")
+    device = resolve_device(device) if isinstance(device, str) else device
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    model_class = model_class or AutoModelForCausalLM
+    if attn_implementation is not None:
+        model_kwargs["attn_implementation"] = attn_implementation
+    model = model_class.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, device),
+                                        trust_remote_code=trust_remote_code, **model_kwargs)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # only when we had to add a pad token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), tokenizer
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain transformers model inside a DDP (or torch.compile) wrapper; FSDP2 modules are already plain."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: real tokens count positions from 0, pads get position 0 (as transformers' generate)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Generation with a static KV cache
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor      # (R, N) completion ids, pad after EOS
+    mask: torch.Tensor        # (R, N) 1 on generated tokens, EOS included
+    truncated: torch.Tensor   # (R,) True where no EOS came within max_new_tokens
+    logprobs: torch.Tensor    # (R, N) log-prob of each sampled token under log_softmax(logits / temperature)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+
+def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row without a host sync. Returns (tokens (R,), their log-probs (R,)).
+
+    Exponential-race sampling (argmax p/q with q ~ Exp(1)) is an exact draw from p and, unlike
+    torch.multinomial, never waits on the device.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
+    logits = logits / temperature
+    logprobs = torch.log_softmax(logits, -1)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest prefix with mass >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    tokens = (probs / race).argmax(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+class _DecodeState:
+    """A static KV cache and the (optionally compiled) decode step, kept between calls with equal shapes, so
+    consecutive rollouts reuse the same buffers and never recompile (the addresses CUDA graphs need)."""
+
+    def __init__(self, model, rows: int, max_len: int, dtype: torch.dtype, device: torch.device, compile: bool):
+        from transformers import StaticCache
+
+        self.key = (rows, max_len, dtype, device, compile)
+        config = model.config.get_text_config(decoder=True)
+        self.cache = StaticCache(config=config, max_cache_len=max_len)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.cache.early_initialization(batch_size=rows, num_heads=num_kv, head_dim=head_dim, dtype=dtype,
+                                        device=device)
+        if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            raise NotImplementedError("generate() supports full-attention models; this one has sliding-window "
+                                      "layers. Use transformers' model.generate for it.")
+
+        def step(input_ids, position_ids, attention_mask):
+            out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                        cache=self.cache, use_cache=True)
+            return out.logits[:, -1, :].float()
+
+        self.step = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else "default",
+                                  dynamic=False) if compile else step
+
+    def load_prefix(self, prefill_cache, repeats: int, prompt_len: int):
+        """Copy the prefilled (B, ...) keys/values into rows [i*S, (i+1)*S) of the static cache."""
+        for static_layer, layer in zip(self.cache.layers, prefill_cache.layers):
+            static_layer.keys.zero_()
+            static_layer.values.zero_()
+            static_layer.keys[:, :, :prompt_len].copy_(layer.keys.repeat_interleave(repeats, 0))
+            static_layer.values[:, :, :prompt_len].copy_(layer.values.repeat_interleave(repeats, 0))
+            static_layer.cumulative_length.fill_(prompt_len)
+
+
+def _is_fsdp(model) -> bool:
+    return any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_samples: int = 1,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None, compile: bool | None = None, pad_to_multiple: int = 16,
+             check_every: int = 8) -> Generation:
+    """Sample num_samples completions for each of B left-padded prompts; rows are prompt-major
+    (row i*S + j is sample j of prompt i). temperature=0 is greedy.
+
+    compile: compile the one-token decode step (default: on CUDA only, with CUDA graphs). Prompt length is
+    bucketed to a multiple of pad_to_multiple so that calls of similar shape share one compiled graph.
+    check_every: how often (in steps) to ask the device whether every row has finished (a host sync).
+    """
+    model = unwrap(model)
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must both be (B, P); got {tuple(input_ids.shape)} and "
+                         f"{tuple(attention_mask.shape)}.")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1.")
+    if attention_mask[:, -1].min() < 1:
+        raise ValueError("Prompts must be left-padded (the last column of attention_mask must be all ones); "
+                         "set tokenizer.padding_side = 'left'.")
+    device = input_ids.device
+    cfg = model.config
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    if eos_token_id is None:
+        eos_token_id = getattr(model.generation_config, "eos_token_id", None) or cfg.eos_token_id
+    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [-1]),
+                           device=device)
+    if compile is None:
+        compile = device.type == "cuda"
+
+    # Bucket the prompt length (left pad) so shapes repeat across calls.
+    B, P0 = input_ids.shape
+    P = math.ceil(P0 / pad_to_multiple) * pad_to_multiple
+    if P > P0:
+        input_ids = F.pad(input_ids, (P - P0, 0), value=pad_token_id)
+        attention_mask = F.pad(attention_mask, (P - P0, 0), value=0)
+    S, R, L = num_samples, B * num_samples, P + max_new_tokens
+
+    dtype = next(model.parameters()).dtype
+    key = (R, L, dtype, device, compile)
+    state = getattr(model, "_rl_decode_state", None)
+    if state is None or state.key != key:
+        state = _DecodeState(model, R, L, dtype, device, compile)
+        model._rl_decode_state = state  # one at a time: a new shape frees the old buffers
+
+    # Prefill each prompt once, then share its cache across its S rows.
+    from transformers import DynamicCache
+
+    prefill_cache = DynamicCache(config=cfg.get_text_config(decoder=True))
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                cache=prefill_cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1, :].float().repeat_interleave(S, 0)  # (R, V)
+    state.load_prefix(out.cache if getattr(out, "cache", None) is not None else prefill_cache, S, P)
+    del out, prefill_cache
+
+    full_mask = torch.zeros(R, L, dtype=attention_mask.dtype, device=device)
+    full_mask[:, :P] = attention_mask.repeat_interleave(S, 0)
+    next_position = attention_mask.sum(-1).repeat_interleave(S, 0)[:, None]  # (R, 1) position of the next token
+
+    tokens = torch.full((R, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
+    finished = torch.zeros(R, dtype=torch.bool, device=device)
+    sync_stop = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and _is_fsdp(model)
+    steps = max_new_tokens
+    for t in range(max_new_tokens):
+        token, token_logprob = sample_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k,
+                                             generator=generator)
+        tokens[:, t] = torch.where(finished, pad_token_id, token)
+        logprobs[:, t] = torch.where(finished, 0.0, token_logprob)
+        finished |= torch.isin(token, eos_ids)
+        if t == max_new_tokens - 1:
+            break
+        if (t + 1) % check_every == 0:
+            not_done = (~finished).any().to(torch.int32)
+            if sync_stop:  # FSDP ranks must run the same number of forwards, or their all-gathers deadlock
+                dist.all_reduce(not_done, op=dist.ReduceOp.MAX)
+            if not not_done.item():
+                steps = t + 1
+                break
+        full_mask[:, P + t] = 1
+        logits = state.step(tokens[:, t:t + 1].clone(), next_position + t, full_mask)
+    tokens, logprobs = tokens[:, :steps], logprobs[:, :steps]
+    is_pad_after_eos = torch.cat([torch.zeros_like(finished[:, None]),
+                                  torch.isin(tokens[:, :-1], eos_ids)], 1).cumsum(-1) > 0
+    mask = (~is_pad_after_eos).long()
+    tokens = tokens.masked_fill(is_pad_after_eos, pad_token_id)
+    return Generation(tokens=tokens, mask=mask, truncated=~finished, logprobs=logprobs * mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Chunked fused log-probs: never the (B, T, V) logits
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log_softmax(h W^T + b)[target] (and the entropy) over rows of h in chunks. The backward recomputes each
+    chunk's logits, so memory is O(chunk * V) instead of O(rows * V) in both passes.
+
+    d logprob / d z = onehot(target) - p        d entropy / d z = -p * (log p + entropy)
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy):
+        n = hidden.shape[0]
+        logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else None
+        lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            sl = slice(start, start + chunk_size)
+            logits = _chunk_logits(hidden[sl], weight, bias, temperature)  # (C, V) fp32
+            lse = torch.logsumexp(logits, -1)
+            lse_all[sl] = lse
+            logprobs[sl] = logits.gather(-1, targets[sl, None])[:, 0] - lse
+            if with_entropy:
+                entropy[sl] = lse - (logits.softmax(-1) * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all, entropy)
+        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+        return (logprobs, entropy) if with_entropy else (logprobs, torch.empty(0, device=hidden.device))
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, bias, targets, lse_all, entropy = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            logits = _chunk_logits(hidden[sl], weight, bias, ctx.temperature)
+            log_p = logits - lse_all[sl, None]
+            p = log_p.exp()
+            grad_logits = -p * grad_logprobs[sl, None]
+            grad_logits.scatter_add_(-1, targets[sl, None], grad_logprobs[sl, None])
+            if ctx.with_entropy and grad_entropy is not None and grad_entropy.numel():
+                grad_logits -= p * (log_p + entropy[sl, None]) * grad_entropy[sl, None]
+            grad_logits /= ctx.temperature
+            if grad_hidden is not None:
+                grad_hidden[sl] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ hidden[sl].float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _chunk_logits(hidden, weight, bias, temperature):
+    # The matmul runs in the model's dtype, as the model's own lm_head would; softmax maths in fp32.
+    logits = F.linear(hidden, weight, bias).float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _logits_are_postprocessed(config) -> bool:
+    """Soft-capping (Gemma 2), logit scaling (Cohere, Granite) change logits after the head: use the plain path."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return any(getattr(cfg, name, None) not in (None, 1.0, 0.0) for name in
+               ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"))
+
+
+def default_chunk_size(vocab_size: int, budget_elements: int = 1 << 25) -> int:
+    """Rows per chunk so that one chunk's fp32 logits stay near 128 MB, whatever the vocabulary."""
+    return max(16, min(8192, budget_elements // max(vocab_size, 1)))
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float = 1.0,
+                   with_entropy: bool = False, last_n: int | None = None, chunk_size: int | None = None,
+                   fused: bool | None = None):
+    """log pi(x_{t+1} | x_<=t) for every position: (B, T-1), or (B, last_n) for the last last_n targets only
+    (the completion, in RL). With with_entropy=True returns (logprobs, entropy) of the same shape.
+
+    fused (default: unless the model post-processes its logits) computes the log-probs chunk by chunk from
+    the hidden states that reach the output embedding; fused=False is the plain reference.
+    """
+    base = unwrap(model)
+    B, T = input_ids.shape
+    n = T - 1 if last_n is None else last_n
+    if not 0 < n <= T - 1:
+        raise ValueError(f"last_n={last_n} must be in [1, T-1={T - 1}].")
+    targets = input_ids[:, T - n:]  # (B, n)
+    position_ids = position_ids_from_mask(attention_mask)
+    if fused is None:
+        fused = not _logits_are_postprocessed(base.config)
+
+    if not fused:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits[:, T - 1 - n:T - 1].float() / temperature
+        logp = torch.log_softmax(logits, -1)
+        lp = logp.gather(-1, targets[..., None])[..., 0]
+        return (lp, -(logp.exp() * logp).sum(-1)) if with_entropy else lp
+
+    head = base.get_output_embeddings()
+    chunk = chunk_size or default_chunk_size(head.weight.shape[0])
+    result = {}
+
+    def fused_head(module, args):
+        hidden = args[0]  # (B, T, H): the final hidden states, after the last norm
+        h = hidden[:, T - 1 - n:T - 1].reshape(B * n, -1)
+        lp, ent = _ChunkedLogprobs.apply(h, module.weight, module.bias, targets.reshape(-1), float(temperature),
+                                         chunk, with_entropy)
+        result["logprobs"], result["entropy"] = lp.view(B, n), ent.view(B, n) if with_entropy else None
+        return (hidden[:, :0],)  # the head now makes an empty (B, 0, V) tensor instead of the full logits
+
+    handle = head.register_forward_pre_hook(fused_head)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        handle.remove()
+    if "logprobs" not in result:
+        raise RuntimeError(f"{type(base).__name__} never called its output embedding; use fused=False.")
+    return (result["logprobs"], result["entropy"]) if with_entropy else result["logprobs"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The clipped policy loss
+# ----------------------------------------------------------------------------------------------------------
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate at sampled tokens, log r = ref - logprobs (Schulman 2020)."""
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.square()
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}.")
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: float | None = None,
+                   num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce per-token losses (R, T) to a scalar by one of LOSS_AGGREGATIONS (verl's names).
+
+    num_tokens overrides token-mean's denominator, for when a batch is split over ranks or micro-batches
+    and the mean must be over the whole batch's tokens.
+    """
+    mask = mask.to(loss.dtype)
+    if mode == "token-mean":
+        denom = mask.sum() if num_tokens is None else num_tokens
+        return (loss * mask).sum() / torch.clamp_min(torch.as_tensor(denom, dtype=loss.dtype), 1.0)
+    if mode == "seq-mean-token-mean":
+        return ((loss * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)).mean()
+    if mode == "seq-mean-token-sum":
+        return (loss * mask).sum(-1).mean()
+    if mode == "seq-mean-token-sum-norm":
+        return (loss * mask).sum() / (loss.shape[0] * (norm_length or loss.shape[-1]))
+    raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {mode!r}.")
+
+
+def _policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef,
+                 kl_estimator, loss_agg, ratio_level, norm_length, num_tokens):
+    maskf = mask.to(logprobs.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logprobs)
+    log_ratio = logprobs - old_logprobs
+    if ratio_level == "sequence":  # GSPO: one length-normalised ratio per sequence, shared by its tokens
+        seq_log_ratio = (log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp_min(1.0)
+        log_ratio = seq_log_ratio[:, None].expand_as(logprobs)
+    elif ratio_level != "token":
+        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}.")
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    stats = {}
+    if ref_logprobs is not None:
+        kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = _mean(kl.detach(), maskf)
+    loss = aggregate_loss(per_token, mask, loss_agg, norm_length, num_tokens)
+    with torch.no_grad():
+        stats["clip_frac"] = _mean((clipped > unclipped).to(maskf.dtype), maskf)
+        stats["approx_kl"] = _mean(torch.expm1(-log_ratio) + log_ratio, maskf)  # k3 of pi_old vs pi
+        big = torch.finfo(ratio.dtype).max
+        stats["ratio_mean"] = _mean(ratio, maskf)
+        stats["ratio_max"] = torch.where(mask.bool(), ratio, -big).max()
+        stats["ratio_min"] = torch.where(mask.bool(), ratio, big).min()
+    return loss, stats
+
+
+def _mean(x, maskf):
+    return (x * maskf).sum() / maskf.sum().clamp_min(1.0)
+
+
+_compiled_policy_loss = None
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                *, clip_low: float = 0.2, clip_high: float = 0.2, ref_logprobs: torch.Tensor | None = None,
+                kl_coef: float = 0.0, kl_estimator: str = "k3", loss_agg: str = "token-mean",
+                ratio_level: str = "token", norm_length: float | None = None,
+                num_tokens: float | torch.Tensor | None = None, compile: bool | None = None):
+    """The clipped surrogate plus beta*KL, aggregated; returns (loss, stats) with stats as detached 0-d tensors
+    (clip_frac, approx_kl to pi_old, kl to pi_ref when given, ratio_mean/max/min), so no host sync happens here.
+
+    logprobs, old_logprobs, mask, ref_logprobs: (R, T); advantages: (R,) or (R, T).
+    compile: torch.compile the whole thing (default: on CUDA, where fusing the elementwise ops pays).
+    """
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}.")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}.")
+    if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same shape.")
+    if compile is None:
+        compile = logprobs.is_cuda
+    fn = _policy_loss
+    if compile:
+        global _compiled_policy_loss
+        if _compiled_policy_loss is None:
+            _compiled_policy_loss = torch.compile(_policy_loss, dynamic=True)
+        fn = _compiled_policy_loss
+    return fn(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef, kl_estimator,
+              loss_agg, ratio_level, norm_length, num_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Masked reductions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return masked_sum(x, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp_min(1e-8)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean).square(), mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp_min(1.0)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased var); shift_mean=False keeps the mean (as TRL/verl)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    return whitened if shift_mean else whitened + mean
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Distributed (torchrun): gloo on CPU, nccl on GPU
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; a single process otherwise."""
+    dev = resolve_device(device)
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return DistInfo(device=dev)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean(value):
+    """Average a tensor, a float, or a dict of them over ranks (a no-op in one process)."""
+    if isinstance(value, dict):
+        if not value:
+            return {}
+        keys = sorted(value)
+        stacked = torch.tensor([float(value[k]) for k in keys], dtype=torch.float64)
+        return dict(zip(keys, all_reduce_mean(stacked).tolist()))
+    if not is_distributed():
+        return value
+    tensor = value if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    out = tensor.detach().to(backend_device, torch.float64).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    out = (out / dist.get_world_size()).to(tensor.device, tensor.dtype) if torch.is_tensor(value) else out.item()
+    return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return tensor
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    out = tensor.detach().to(backend_device).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(tensor.device)
+
+
+def wrap_model(model: torch.nn.Module, strategy: str = "ddp", device: torch.device | None = None):
+    """DDP for small models (a full copy per rank), FSDP2 `fully_shard` per decoder layer for large ones.
+
+    A no-op in one process. FSDP2's root keeps its parameters unsharded between forward and backward, which
+    token_logprobs relies on: its fused head uses the output embedding inside the root's forward.
+    """
+    if not is_distributed() or strategy == "none":
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [device.index] if device is not None and device.type == "cuda" else None
+        return DDP(model, device_ids=device_ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        block_names = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in block_names:
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    raise ValueError(f"strategy must be 'ddp', 'fsdp' or 'none', got {strategy!r}.")
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """A full (unsharded) CPU state dict of the plain model, on every rank; DDP/FSDP aware."""
+    model = unwrap(model)
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Checkpoints: a transformers directory + trainer state, written atomically
+# ----------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _optimizer_state(model, optimizer) -> dict:
+    if _is_fsdp(unwrap(model)):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(unwrap(model), optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def save_checkpoint(out_dir: str, step: int, model, tokenizer=None, optimizer=None, scheduler=None,
+                    extra: dict | None = None, generators: dict[str, torch.Generator] | None = None,
+                    name: str | None = None, keep_last: int | None = None) -> str:
+    """Write DIR/checkpoint-STEP/ (or DIR/name/): model in safetensors (transformers layout), tokenizer, and
+    trainer_state.pt (step, optimizer, scheduler, extra) plus rng_rankR.pt per rank (python/torch/cuda RNGs
+    and the named torch.Generators). Written to a temporary name and renamed when complete, so a crash
+    mid-save never leaves a checkpoint that looks whole. Collective: every rank must call it.
+    """
+    name = name or f"{CHECKPOINT_PREFIX}{step}"
+    final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp-{name}")
+    rank = get_rank()
+    state_dict = full_state_dict(model)            # collective under FSDP
+    optim_state = _optimizer_state(model, optimizer) if optimizer is not None else None
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        unwrap(model).save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optim_state,
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
+    barrier()
+    gens = {k: g.get_state() for k, g in (generators or {}).items()}
+    torch.save({"rng": rng_state(), "generators": gens}, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last:
+            for old in list_checkpoints(out_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Complete checkpoints (temporary ones never match), oldest first."""
+    paths = [p for p in glob.glob(os.path.join(out_dir, f"{CHECKPOINT_PREFIX}*"))
+             if p.rsplit("-", 1)[-1].isdigit() and os.path.exists(os.path.join(p, "trainer_state.pt"))]
+    return sorted(paths, key=lambda p: int(p.rsplit("-", 1)[-1]))
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def load_model_weights(model: torch.nn.Module, path: str):
+    """Load a transformers checkpoint directory's safetensors weights into an existing (wrapped) model."""
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"No .safetensors weights in {path}.")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    plain = unwrap(model)
+    if _is_fsdp(plain):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(plain, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not (plain.config.tie_word_embeddings and "lm_head" in k)]
+    if missing or unexpected:
+        raise RuntimeError(f"Checkpoint {path} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}.")
+    if plain.config.tie_word_embeddings:
+        plain.tie_weights()
+
+
+def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None,
+                    generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Restore what save_checkpoint wrote; returns {"step", "extra"}. Loads with weights_only=True."""
+    if model is not None:
+        load_model_weights(model, path)
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")
+    if optimizer is not None and state["optimizer"] is not None:
+        if _is_fsdp(unwrap(model)):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(unwrap(model), optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    rng_file = os.path.join(path, f"rng_rank{get_rank()}.pt")
+    if os.path.exists(rng_file):
+        rng = torch.load(rng_file, weights_only=True)
+        set_rng_state(rng["rng"])
+        for k, g in (generators or {}).items():
+            if k in rng["generators"]:
+                g.set_state(rng["generators"][k])
+    return {"step": state["step"], "extra": state["extra"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Bookkeeping: seeds, metrics, signals
+# ----------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, deterministic: bool = False):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def save_args(out_dir: str, args) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "args.json")
+    if get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args), f, indent=2,
+                      default=str)
+    return path
+
+
+class MetricsLogger:
+    """One JSON object per line in DIR/metrics.jsonl (rank 0 only), plus wandb / TensorBoard when asked for and
+    installed. On resume it drops lines from steps after the checkpoint, so the file reads as one run."""
+
+    def __init__(self, out_dir: str, *, enabled: bool = True, resume_step: int | None = None,
+                 wandb_project: str | None = None, tensorboard: bool = False, config: dict | None = None):
+        self.enabled = enabled and get_rank() == 0
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self._wandb = self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        elif resume_step is None and os.path.exists(self.path):
+            os.remove(self.path)
+        if wandb_project:
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=wandb_project, config=config, dir=out_dir)
+            except ImportError:
+                print("wandb is not installed; logging to metrics.jsonl only.")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed; logging to metrics.jsonl only.")
+
+    def log(self, step: int, metrics: dict[str, Any]):
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(row, step=step)
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(out_dir: str) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the training loop checks at a step boundary (to save, then exit);
+    a second signal exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nReceived signal {signum}: saving a checkpoint at the end of this step, then stopping.",
+              flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def should_stop(self) -> bool:
+        """True on every rank if any rank was signalled."""
+        flag = torch.tensor(float(self.requested))
+        return bool(all_reduce_sum(flag).item() > 0) if is_distributed() else self.requested
+
+
+class Timer:
+    """with timer("generate"): ... accumulates wall seconds per name (CUDA-synchronised)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+    def pop(self) -> dict[str, float]:
+        out, self.totals = self.totals, {}
+        return out
