@@ -1,0 +1,390 @@
+"""kernels.py: every fast path against its plain reference, and the loss maths against hand computations."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, left_padded_batch, tiny_causal_lm
+
+import kernels as K
+
+# ---------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _hf_greedy(model, ids, mask, max_new_tokens, eos):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_greedy_generate_equals_transformers_greedy(arch):
+    """temperature=0 gives transformers' greedy tokens, with rows stopping at EOS early and others running on."""
+    model = tiny_causal_lm(arch)
+    ids, mask = left_padded_batch([7, 3, 11, 5])
+    free = K.generate(model, ids, mask, max_new_tokens=16, temperature=0, eos_token_id=-1, pad_token_id=0).tokens
+    # Choose as EOS a token that row 0 emits at step 2 and that some other row never emits: mixed stopping.
+    eos = next(int(t) for t in free[0, 2:] if any(int(t) not in free[r].tolist() for r in range(1, 4)))
+    ours = K.generate(model, ids, mask, max_new_tokens=16, temperature=0, eos_token_id=eos, pad_token_id=0)
+    ref = _hf_greedy(model, ids, mask, 16, eos)
+    assert ours.truncated.any() and (~ours.truncated).any()
+    n = ours.tokens.shape[1]
+    assert torch.equal(ours.tokens, ref[:, :n]) and (ref[:, n:] == 0).all()
+    # mask covers generated tokens including the EOS, and nothing after it
+    for r in range(4):
+        row = ours.tokens[r].tolist()
+        length = row.index(eos) + 1 if eos in row else n
+        assert ours.mask[r].tolist() == [1] * length + [0] * (n - length)
+        assert bool(ours.truncated[r]) == (eos not in row)
+
+
+def test_generate_rows_are_prompt_major_and_seeded_sampling_reproducible():
+    """Row i*S+j is sample j of prompt i; the same generator seed gives the same samples."""
+    model = tiny_causal_lm()
+    ids, mask = left_padded_batch([4, 9])
+    kw = dict(max_new_tokens=10, temperature=1.0, num_samples=3, eos_token_id=-1, pad_token_id=0)
+    a = K.generate(model, ids, mask, generator=torch.Generator().manual_seed(5), **kw)
+    b = K.generate(model, ids, mask, generator=torch.Generator().manual_seed(5), **kw)
+    c = K.generate(model, ids, mask, generator=torch.Generator().manual_seed(6), **kw)
+    assert a.tokens.shape == (6, 10)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+    # prompt-major: with greedy decoding every sample of one prompt is identical, and differs across prompts
+    g = K.generate(model, ids, mask, max_new_tokens=6, temperature=0, num_samples=3, eos_token_id=-1, pad_token_id=0)
+    assert torch.equal(g.tokens[0], g.tokens[2]) and torch.equal(g.tokens[3], g.tokens[5])
+    single = K.generate(model, ids[1:], mask[1:], max_new_tokens=6, temperature=0, eos_token_id=-1, pad_token_id=0)
+    assert torch.equal(g.tokens[4], single.tokens[0])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_logprobs_equal_token_logprobs(temperature):
+    """The log-probs generate returns equal token_logprobs of the same sequences at the same temperature."""
+    model = tiny_causal_lm()
+    ids, mask = left_padded_batch([5, 8, 2])
+    gen = K.generate(model, ids, mask, max_new_tokens=12, temperature=temperature, num_samples=2, eos_token_id=7,
+                     pad_token_id=0, generator=torch.Generator().manual_seed(0))
+    full = torch.cat([ids.repeat_interleave(2, 0), gen.tokens], 1)
+    full_mask = torch.cat([mask.repeat_interleave(2, 0), gen.mask], 1)
+    lp = K.token_logprobs(model, full, full_mask, last_n=gen.tokens.shape[1], temperature=temperature)
+    assert torch.allclose(lp * gen.mask, gen.logprobs, atol=1e-4)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    """top_k keeps the k most likely tokens; top_p keeps the smallest set with mass >= p."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    k2, _ = K.sample_tokens(logits, top_k=2, generator=gen)
+    assert set(k2.tolist()) == {0, 1}
+    p, _ = K.sample_tokens(logits, top_p=0.8, generator=gen)  # 0.5 + 0.3 reaches 0.8
+    assert set(p.tolist()) == {0, 1}
+    p9, _ = K.sample_tokens(logits, top_p=0.9, generator=gen)
+    assert set(p9.tolist()) == {0, 1, 2}
+    full, _ = K.sample_tokens(logits, generator=gen)
+    freq = torch.bincount(full, minlength=4).float() / len(full)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04)
+
+
+def test_generate_rejects_right_padding():
+    """Right-padded prompts get a clear error instead of silently wrong completions."""
+    model = tiny_causal_lm()
+    ids, mask = left_padded_batch([3, 5])
+    with pytest.raises(ValueError, match="left-padded"):
+        K.generate(model, ids.flip(1), mask.flip(1), max_new_tokens=3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# token_logprobs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _naive(model, ids, mask, temperature=1.0):
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=K.position_ids_from_mask(mask)).logits
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, -1)
+    return logp.gather(-1, ids[:, 1:, None])[..., 0], -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("tie,chunk,temperature", [(False, 7, 1.0), (True, 5, 1.0), (False, 1000, 0.6)])
+def test_token_logprobs_equal_naive_values_and_gradients(tie, chunk, temperature):
+    """Chunked fused log-probs and entropy equal log_softmax.gather, values and grads, uneven chunks, pads."""
+    model = tiny_causal_lm(tie=tie).train()
+    ids, mask = left_padded_batch([13, 6, 9])
+    weights = torch.randn(3, 12, generator=torch.Generator().manual_seed(1))
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        if fused:
+            lp, ent = K.token_logprobs(model, ids, mask, with_entropy=True, chunk_size=chunk, temperature=temperature)
+        else:
+            lp, ent = _naive(model, ids, mask, temperature)
+        ((lp * weights * mask[:, 1:]).sum() + 0.3 * (ent * mask[:, 1:]).sum()).backward()
+        results.append((lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]))
+    (lp1, e1, g1), (lp2, e2, g2) = results
+    assert torch.allclose(lp1, lp2, atol=1e-5) and torch.allclose(e1, e2, atol=1e-5)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_token_logprobs_last_n_is_the_tail():
+    """last_n returns the last n columns of the full (B, T-1) result."""
+    model = tiny_causal_lm()
+    ids, mask = left_padded_batch([10, 4])
+    full = K.token_logprobs(model, ids, mask)
+    tail = K.token_logprobs(model, ids, mask, last_n=4)
+    assert full.shape == (2, 9) and torch.allclose(full[:, -4:], tail, atol=1e-6)
+
+
+def test_chunked_logprobs_never_build_full_logits():
+    """The head receives an empty tensor: no (B, T, V) logits are built by the fused path."""
+    model = tiny_causal_lm()
+    ids, mask = left_padded_batch([10, 4])
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    try:
+        K.token_logprobs(model, ids, mask)
+    finally:
+        handle.remove()
+    assert seen and all(shape[1] == 0 for shape in seen)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# policy_loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _case():
+    logprobs = torch.tensor([[-1.0, -0.5, -2.0], [-0.2, -1.5, -0.7]])
+    old = torch.tensor([[-1.1, -0.5, -1.0], [-0.3, -1.2, -0.7]])
+    ref = torch.tensor([[-0.9, -0.7, -2.0], [-0.2, -1.0, -0.9]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -2.0])
+    return logprobs, old, ref, mask, adv
+
+
+def _hand_per_token(logprobs, old, adv, eps_low, eps_high):
+    out = []
+    for i in range(2):
+        row = []
+        for t in range(3):
+            r = math.exp(logprobs[i][t] - old[i][t])
+            a = float(adv[i])
+            row.append(max(-a * r, -a * min(max(r, 1 - eps_low), 1 + eps_high)))
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("agg", K.LOSS_AGGREGATIONS)
+def test_policy_loss_aggregations_match_hand_computation(agg):
+    """Each aggregation mode equals its definition, computed by hand with Python floats."""
+    logprobs, old, _, mask, adv = _case()
+    per = _hand_per_token(logprobs.tolist(), old.tolist(), adv, 0.2, 0.2)
+    m = mask.tolist()
+    if agg == "token-mean":
+        expect = sum(per[i][t] * m[i][t] for i in range(2) for t in range(3)) / 5
+    elif agg == "seq-mean-token-mean":
+        expect = (sum(per[0][t] * m[0][t] for t in range(3)) / 2 + sum(per[1]) / 3) / 2
+    elif agg == "seq-mean-token-sum":
+        expect = (sum(per[0][t] * m[0][t] for t in range(3)) + sum(per[1])) / 2
+    else:
+        expect = sum(per[i][t] * m[i][t] for i in range(2) for t in range(3)) / (2 * 10)
+    loss, _ = K.policy_loss(logprobs, old, adv, mask, loss_agg=agg, norm_length=10 if "norm" in agg else None)
+    assert loss.item() == pytest.approx(expect, rel=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimators_match_schulman(estimator):
+    """k1 = -log r, k2 = (log r)^2/2, k3 = r - 1 - log r with log r = ref - logprobs; beta*KL is added per token."""
+    logprobs, old, ref, mask, adv = _case()
+    log_r = (ref - logprobs).tolist()
+    fn = {"k1": lambda x: -x, "k2": lambda x: 0.5 * x * x, "k3": lambda x: math.exp(x) - 1 - x}[estimator]
+    kl = [[fn(log_r[i][t]) for t in range(3)] for i in range(2)]
+    per = _hand_per_token(logprobs.tolist(), old.tolist(), adv, 0.2, 0.2)
+    m = mask.tolist()
+    expect = sum((per[i][t] + 0.1 * kl[i][t]) * m[i][t] for i in range(2) for t in range(3)) / 5
+    loss, stats = K.policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, kl_estimator=estimator)
+    assert loss.item() == pytest.approx(expect, rel=1e-6)
+    assert stats["kl"].item() == pytest.approx(sum(kl[i][t] * m[i][t] for i in range(2) for t in range(3)) / 5,
+                                               rel=1e-6)
+
+
+def test_clipping_active_and_inactive_with_asymmetric_bounds():
+    """Clip-higher: ratio 1.25 is clipped at 1.2 with eps_high 0.2 but not with 0.28; clip_frac counts it."""
+    logprobs = torch.tensor([[math.log(1.25), math.log(0.7)]])
+    old = torch.zeros(1, 2)
+    mask = torch.ones(1, 2)
+    adv = torch.tensor([1.0])
+    loss, stats = K.policy_loss(logprobs, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    # token 1: min(1.25, 1.2) = 1.2 (clipped); token 2: min(0.7, 0.8) = 0.7 (pessimistic, unclipped)
+    assert loss.item() == pytest.approx(-(1.2 + 0.7) / 2, rel=1e-6)
+    assert stats["clip_frac"].item() == pytest.approx(0.5)
+    loss, stats = K.policy_loss(logprobs, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx(-(1.25 + 0.7) / 2, rel=1e-6)
+    assert stats["clip_frac"].item() == 0.0
+    # negative advantage: the low clip binds at 0.8
+    loss, _ = K.policy_loss(logprobs, old, torch.tensor([-1.0]), mask, clip_low=0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx((1.25 + 0.8) / 2, rel=1e-6)
+
+
+def test_gspo_sequence_ratio():
+    """GSPO: the ratio is exp of the mean token log-ratio over the sequence, clipped per sequence."""
+    logprobs, old, _, mask, adv = _case()
+    loss, _ = K.policy_loss(logprobs, old, adv, mask, ratio_level="sequence", clip_low=0.2, clip_high=0.2,
+                            loss_agg="seq-mean-token-mean")
+    lr = (logprobs - old).tolist()
+    s0 = math.exp((lr[0][0] + lr[0][1]) / 2)
+    s1 = math.exp(sum(lr[1]) / 3)
+    l0 = max(-1.0 * s0, -1.0 * min(max(s0, 0.8), 1.2))
+    l1 = max(2.0 * s1, 2.0 * min(max(s1, 0.8), 1.2))
+    assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
+
+
+def test_on_policy_gradient_is_reinforce():
+    """With ratio 1 (logprobs == old), d loss / d logprobs = -A * m / sum(m): REINFORCE's gradient."""
+    torch.manual_seed(0)
+    logprobs = torch.randn(3, 5).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    loss, stats = K.policy_loss(logprobs, logprobs.detach(), adv, mask, loss_agg="token-mean")
+    loss.backward()
+    expect = -adv[:, None] * mask / mask.sum()
+    assert torch.allclose(logprobs.grad, expect, atol=1e-7)
+    assert stats["clip_frac"].item() == 0 and abs(stats["approx_kl"].item()) < 1e-7
+
+
+def test_compiled_policy_loss_equals_eager():
+    """torch.compile'd loss gives the eager loss, stats and gradients."""
+    torch.manual_seed(0)
+    logprobs = (torch.randn(4, 9) * 0.3 - 1).requires_grad_(True)
+    old, ref = logprobs.detach() + 0.2 * torch.randn(4, 9), logprobs.detach() + 0.1 * torch.randn(4, 9)
+    mask = (torch.rand(4, 9) > 0.3).long()
+    adv = torch.randn(4)
+    out = []
+    for compile in (False, True):
+        logprobs.grad = None
+        loss, stats = K.policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, kl_coef=0.05, clip_high=0.28,
+                                    loss_agg="seq-mean-token-mean", compile=compile)
+        loss.backward()
+        out.append((loss.detach(), {k: v.item() for k, v in stats.items()}, logprobs.grad.clone()))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-6)
+    assert torch.allclose(out[0][2], out[1][2], atol=1e-6)
+    for k in out[0][1]:
+        assert out[0][1][k] == pytest.approx(out[1][1][k], abs=1e-6)
+
+
+def test_policy_loss_rejects_bad_settings():
+    """Unknown aggregation or estimator names and mismatched shapes are one clear error each."""
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="loss_agg"):
+        K.policy_loss(x, x, torch.zeros(2), x, loss_agg="mean")
+    with pytest.raises(ValueError, match="kl_estimator"):
+        K.policy_loss(x, x, torch.zeros(2), x, kl_estimator="k4")
+    with pytest.raises(ValueError, match="same shape"):
+        K.policy_loss(x, torch.zeros(2, 4), torch.zeros(2), x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# masked reductions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_masked_whiten_uses_only_masked_entries():
+    """Whitening ignores masked-out values: masked entries get mean 0 and unbiased std 1."""
+    x = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    m = torch.tensor([1, 1, 1, 0])
+    w = K.masked_whiten(x, m)
+    assert torch.allclose(w[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4)
+    assert K.masked_mean(x, m).item() == pytest.approx(2.0)
+    assert K.masked_var(x, m).item() == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _train_steps(model, opt, sched, n, gen):
+    for _ in range(n):
+        ids = torch.randint(3, 97, (2, 8), generator=gen)
+        noise = torch.randn(1)  # global RNG use: resume must restore it
+        lp = K.token_logprobs(model, ids, torch.ones_like(ids))
+        loss = -(lp.mean()) * (1 + 0.01 * noise.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def test_checkpoint_loads_in_transformers_and_resume_continues_exactly(tmp_path):
+    """save_checkpoint writes a from_pretrained-loadable model; resumed optimizer/RNG states continue bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    def fresh():
+        model = tiny_causal_lm().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        return model, opt, sched
+
+    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(2)
+    model, opt, sched = fresh()
+    _train_steps(model, opt, sched, 4, gen)
+    straight = {k: v.clone() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(2)
+    model, opt, sched = fresh()
+    _train_steps(model, opt, sched, 2, gen)
+    path = K.save_checkpoint(str(tmp_path), 2, model, optimizer=opt, scheduler=sched, extra={"data_pos": 7},
+                             generators={"data": gen})
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+    assert K.latest_checkpoint(str(tmp_path)) == path
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+    torch.manual_seed(123)  # scramble every RNG before resuming
+    gen = torch.Generator().manual_seed(999)
+    model, opt, sched = fresh()
+    state = K.load_checkpoint(path, model, opt, sched, generators={"data": gen})
+    assert state == {"step": 2, "extra": {"data_pos": 7}}
+    _train_steps(model, opt, sched, 2, gen)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, straight[k]), k
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    """A temporary (crashed mid-save) directory never counts as a checkpoint."""
+    os.makedirs(tmp_path / ".tmp-checkpoint-9")
+    os.makedirs(tmp_path / "checkpoint-5")  # no trainer_state.pt: incomplete
+    assert K.latest_checkpoint(str(tmp_path)) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torchrun: DDP and FSDP2 keep ranks identical
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_training_step_keeps_ranks_identical(strategy, tmp_path):
+    """A two-process gloo torchrun training step (DDP, FSDP2) ends with identical parameters on both ranks,
+    equal to one process training on the whole batch."""
+    script = os.path.join(ROOT, "tests", "dist_step.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           script, strategy, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = subprocess.run([sys.executable, script, "none", str(tmp_path)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    r0 = torch.load(tmp_path / f"params_{strategy}_rank0.pt")
+    r1 = torch.load(tmp_path / f"params_{strategy}_rank1.pt")
+    one = torch.load(tmp_path / "params_none_rank0.pt")
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+        assert torch.allclose(r0[k], one[k], atol=2e-5), k  # AdamW normalises tiny float differences
