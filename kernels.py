@@ -153,12 +153,39 @@ class Generation:
         return self.mask.sum(-1)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(x: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (wrapping multiplies, logical shifts): a counter-based hash."""
+    z = z + _i64(0x9E3779B97F4A7C15)
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _i64(0xBF58476D1CE4E5B9)
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _i64(0x94D049BB133111EB)
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def keyed_exponential(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
+    """Exp(1) noise (R, V) that is a pure function of (row key, step, token id): sampling with it gives the same
+    completion for a row whatever batch, rank or world size the row lands in (so a 2-rank run samples what a
+    1-rank run samples, and a resumed run what an uninterrupted one did)."""
+    base = _splitmix64(keys.long() * 1_000_003 + _splitmix64(torch.tensor(step, device=keys.device)))
+    z = _splitmix64(base[:, None] + torch.arange(vocab_size, device=keys.device)[None, :] * _i64(0xD1B54A32D192ED03))
+    uniform = (((z >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)  # 24 random bits in (0, 1)
+    return -torch.log(uniform)
+
+
 def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row without a host sync. Returns (tokens (R,), their log-probs (R,)).
 
     Exponential-race sampling (argmax p/q with q ~ Exp(1)) is an exact draw from p and, unlike
-    torch.multinomial, never waits on the device.
+    torch.multinomial, never waits on the device. noise: the Exp(1) draws to use (else from generator).
     """
     logits = logits.float()
     if temperature == 0:
@@ -176,7 +203,7 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_p: floa
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race = noise if noise is not None else torch.empty_like(probs).exponential_(1.0, generator=generator)
     tokens = (probs / race).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
 
@@ -225,14 +252,16 @@ def _is_fsdp(model) -> bool:
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_samples: int = 1,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, compile: bool | None = None, pad_to_multiple: int = 16,
-             check_every: int = 8) -> Generation:
+             generator: torch.Generator | None = None, noise_keys: torch.Tensor | None = None,
+             compile: bool | None = None, pad_to_multiple: int = 16, check_every: int = 8) -> Generation:
     """Sample num_samples completions for each of B left-padded prompts; rows are prompt-major
     (row i*S + j is sample j of prompt i). temperature=0 is greedy.
 
     compile: compile the one-token decode step (default: on CUDA only, with CUDA graphs). Prompt length is
     bucketed to a multiple of pad_to_multiple so that calls of similar shape share one compiled graph.
     check_every: how often (in steps) to ask the device whether every row has finished (a host sync).
+    noise_keys: (R,) int64 per-row keys; when given, sampling noise comes from keyed_exponential instead of
+    generator, so each row's sample depends only on its key (rank- and batch-invariant).
     """
     model = unwrap(model)
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
@@ -289,8 +318,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     sync_stop = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and _is_fsdp(model)
     steps = max_new_tokens
     for t in range(max_new_tokens):
+        noise = keyed_exponential(noise_keys, t, logits.shape[-1]) if noise_keys is not None and temperature else None
         token, token_logprob = sample_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k,
-                                             generator=generator)
+                                             generator=generator, noise=noise)
         tokens[:, t] = torch.where(finished, pad_token_id, token)
         logprobs[:, t] = torch.where(finished, 0.0, token_logprob)
         finished |= torch.isin(token, eos_ids)
@@ -612,6 +642,10 @@ def is_distributed() -> bool:
 
 def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def print0(*args, **kwargs):

@@ -388,3 +388,18 @@ def test_two_process_training_step_keeps_ranks_identical(strategy, tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
         assert torch.allclose(r0[k], one[k], atol=2e-5), k  # AdamW normalises tiny float differences
+
+
+def test_keyed_sampling_is_batch_invariant_and_exponential():
+    """With noise_keys, a row's sample depends only on its key: the same rows sampled inside a larger batch or
+    alone match; the keyed noise has Exp(1)'s mean and variance."""
+    model = tiny_causal_lm()
+    ids, mask = left_padded_batch([6, 9, 4])
+    kw = dict(max_new_tokens=10, temperature=1.0, num_samples=2, eos_token_id=-1, pad_token_id=0)
+    keys = torch.arange(100, 106)
+    full = K.generate(model, ids, mask, noise_keys=keys, **kw)
+    tail = K.generate(model, ids[1:], mask[1:], noise_keys=keys[2:], **kw)
+    assert torch.equal(full.tokens[2:], tail.tokens)
+    assert not torch.equal(full.tokens[2:4], full.tokens[4:6])
+    noise = K.keyed_exponential(torch.arange(2000), 3, 64)
+    assert abs(noise.mean().item() - 1) < 0.02 and abs(noise.var().item() - 1) < 0.05
