@@ -14,8 +14,8 @@ Rewards (y a completion, |y| its length, 1[c] = 1 if its answer is correct else 
                          math-verify's equivalence (\\frac{1}{2} = 0.5 = 1/2). Styles: binary {correct 1, wrong 0,
                          unparseable 0} (DeepSeek-R1), signed {+1, -1, -1} (DAPO), logic_rl {+2, -1.5, -2}
                          (Logic-RL). Two plain numbers are compared as Fractions without math-verify (same
-                         verdicts, ~1000x faster); the rest run in math-verify worker processes with a timeout
-                         per sample (a timeout counts as wrong).
+                         verdicts, hundreds of times faster); the rest go to math-verify worker processes with a
+                         timeout per sample (a timeout counts as wrong).
   format_reward          R1 template <think>…</think><answer>…</answer>: 1 if it holds else 0. strict: exactly one
                          think block then one answer block, only whitespace around; soft: a think block
                          followed anywhere later by an answer block.
@@ -257,16 +257,20 @@ class _MathWorker:
 
     def kill(self):
         if self.proc is not None:
-            with contextlib.suppress(OSError):
-                self.proc.kill()
-                self.proc.stdin.close()
-                self.proc.stdout.close()
+            for step in (self.proc.kill, self.proc.stdin.close, self.proc.stdout.close):
+                with contextlib.suppress(OSError):
+                    step()
             self.proc.wait()
             self.proc = None
 
 
-_MATH_WORKERS = [_MathWorker() for _ in range(max(1, min(4, os.cpu_count() or 1)))]
-_MATH_LOCK = threading.Lock()
+def _new_math_workers():
+    global _MATH_WORKERS, _MATH_LOCK  # a forked child must not share its parent's workers, pipes or lock
+    _MATH_WORKERS, _MATH_LOCK = [_MathWorker() for _ in range(max(1, min(4, os.cpu_count() or 1)))], threading.Lock()
+
+
+_new_math_workers()
+os.register_at_fork(after_in_child=_new_math_workers)
 atexit.register(lambda: [worker.kill() for worker in _MATH_WORKERS])
 
 
@@ -591,10 +595,20 @@ def main(exec=exec, compile=compile, enumerate=enumerate, write=os.write, except
             write(report, b"%s %d\n" % (nonce, index))
 main()
 """
-_UID_BASE = 1_600_000_000  # unprivileged uids, one per concurrent sandbox, far from any real account
-_FREE_UIDS = queue.Queue()
-for _uid in range(_UID_BASE, _UID_BASE + 64):
-    _FREE_UIDS.put(_uid)
+# Unprivileged uids for the sandboxes, far from any real account: one per concurrent run, from a block of 64 that
+# the trainer process's pid makes its own (torchrun ranks on one machine must not kill each other's sandboxes).
+_UID_BASE, _UID_SLOTS = 1_500_000_000, 64
+
+
+def _new_uid_pool():
+    global _FREE_UIDS
+    _FREE_UIDS = queue.Queue()
+    for uid in range(_UID_BASE + os.getpid() * _UID_SLOTS, _UID_BASE + (os.getpid() + 1) * _UID_SLOTS):
+        _FREE_UIDS.put(uid)
+
+
+_new_uid_pool()
+os.register_at_fork(after_in_child=_new_uid_pool)
 _SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
 
 

@@ -329,7 +329,7 @@ def _sandbox_processes() -> list[str]:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             alive = open(f"/proc/{pid}/stat").read().rsplit(")")[-1][1] not in "ZX"
-            if alive and R._UID_BASE <= os.stat(f"/proc/{pid}").st_uid < R._UID_BASE + 64:
+            if alive and R._UID_BASE <= os.stat(f"/proc/{pid}").st_uid < R._UID_BASE + (1 << 22) * R._UID_SLOTS:
                 pids.append(pid)
         except OSError:
             pass
@@ -390,6 +390,14 @@ HOSTILE_PROGRAMS = {
         import builtins
         builtins.exec = builtins.compile = lambda *args, **kwargs: None
         done = False""",
+    "escape_the_session": """
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(60)
+            os._exit(0)
+        done = False""",
     "exit_early": """
         import os
         os._exit(0)
@@ -407,6 +415,20 @@ def test_sandbox_contains_hostile_programs(name):
     assert time.monotonic() - start < 6
     assert len(result.output) <= 65536
     assert _sandbox_processes() == []
+
+
+def _first_uid(queue):
+    queue.put(R._FREE_UIDS.queue[0])
+
+
+def test_sandbox_uids_are_disjoint_across_processes():
+    """A forked process (like another torchrun rank) draws sandbox uids from a block of its own."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_first_uid, args=(queue,))
+    child.start()
+    assert abs(queue.get(timeout=30) - R._FREE_UIDS.queue[0]) >= R._UID_SLOTS
+    child.join(10)
 
 
 @needs_sandbox
