@@ -372,11 +372,12 @@ def sample_rollout(args, model, tokenizer, rows, row_ids, step, round_):
                 completions=completions, rows=[row for row in rows for _ in range(G)])
 
 
-def score(reward_fns, weights, completions: list[str], rows: list[dict]):
-    """Weighted total reward per completion, each reward's values, and correctness when the rows have answers."""
+def score(reward_fns, weights, completions: list[str], rows: list[dict], **extra):
+    """Weighted total reward per completion, each reward's values, and correctness when the rows have answers.
+    extra: passed to every reward (completion_lengths in tokens, group_size for group-wise length rewards)."""
     columns = {k: [row.get(k) for row in rows] for k in rows[0]}
     total, per_reward = R.combine_rewards([(fn, w) for (_, fn), w in zip(reward_fns, weights)], completions,
-                                          **columns)
+                                          **columns, **extra)
     per_reward = {name: vals for (name, _), vals in zip(reward_fns, per_reward.values())}
     correct = None
     if "answer" in columns:
@@ -560,7 +561,8 @@ def rollout_step(args, model, ref_model, tokenizer, reward_fns, train_rows, stat
         with timer("generate"):
             part = sample_rollout(args, model, tokenizer, rows, mine, step, rounds)
         with timer("reward"):
-            total, per_reward, correct = score(reward_fns, args.reward_weights, part["completions"], part["rows"])
+            total, per_reward, correct = score(reward_fns, args.reward_weights, part["completions"], part["rows"],
+                                               completion_lengths=part["gen"].mask.sum(-1).tolist(), group_size=G)
         part.update(rewards=torch.tensor(total, dtype=torch.float32), per_reward=per_reward,
                     correct=correct or [False] * len(total))
         parts.append(part)
