@@ -1,0 +1,666 @@
+"""sft.py: supervised fine-tuning on completions, and the recipe that makes the toy base model.
+
+What it is. Next-token cross-entropy on the completion tokens only (the prompt is context, not a target): RLHF
+step 1 (InstructGPT), the DeepSeek-R1 cold start and rejection-sampling SFT, distillation into a small student.
+Run with its defaults, it builds the toy world's base model (see "The toy world" below).
+
+The objective, for a batch of N (prompt x, completion y) pairs, y ending with EOS:
+
+    L(theta) = - sum_i sum_t m_{i,t} log pi_theta(y_{i,t} | x_i, y_{i,<t})  /  sum_i sum_t m_{i,t}
+
+    symbol          meaning                                             Args field
+    N               sequences per optimizer step (all ranks, all        batch_size
+                    micro-batches); N / (ranks * grad_accum) per pass   grad_accum
+    m_{i,t}         1 on completion tokens (EOS included), 0 on the     (from the data)
+                    prompt and on padding
+    eta_s           learning rate at step s: linear warmup for          lr, warmup_steps,
+                    warmup_steps, then cosine down to min_lr_ratio*lr   min_lr_ratio, max_steps
+    theta_0         --model, or random weights from a config            model, init_from_config
+
+Deliberate choices:
+  - Token-mean over the whole batch (every completion token weighs the same, as in HF/TRL SFT), not a mean of
+    per-sequence means; with gradient accumulation and several ranks the denominator is still the whole
+    batch's token count, so the update does not depend on how the batch is split.
+  - Prompt and completion are tokenized separately and concatenated, so the loss mask's boundary is exact.
+    Chat data render the prompt with the tokenizer's chat template and the generation prompt; the completion
+    is whatever the template adds for the assistant turn (its end-of-turn token included). Only the last
+    assistant turn of a `messages` row is a target.
+  - Log-probs come from kernels.token_logprobs (chunked, fused): the (B, T, V) logits never exist.
+  - The data order is a seeded permutation per epoch and a step's samples are a function of the step, so
+    --resume needs only the step to continue exactly where it stopped (bit for bit on CPU).
+
+The toy world (DESIGN.md). A character-level tokenizer (printable ASCII, newline, and single tokens for the
+chat roles and the four R1 tags) and a ~0.8M-parameter Qwen2, pretrained from random weights on the built-in
+arithmetic task ("7+3*4-2", 3-4 operands 1..9) rendered with the chat template, the user turn being the bare
+problem. Each completion is either reasoning, "<think>3*4=12,7+12=19,19-2=17</think><answer>17</answer>",
+with a step that is off by a little in some traces (the error propagates), or a direct "<answer>…</answer>",
+right only sometimes (else the left-to-right value that ignores precedence, or off by a little). Reasoning is
+likelier on longer problems and where a '*' follows another operator (TOY_RECIPE). The result is a base model
+for R1-Zero: usually answers directly and is often wrong, sometimes reasons, and is much better when it does.
+
+Launch:
+    python sft.py                                          # builds toy/base (a few minutes on a 2-core CPU)
+    python sft.py --dataset arithmetic --model toy/base --max-steps 200 --lr 3e-4 --out-dir runs/cold-start
+    python sft.py --model Qwen/Qwen2.5-0.5B --dataset data.jsonl --epochs 2 --lr 1e-5 --out-dir runs/sft
+    torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-7B --dataset data.jsonl --strategy fsdp \
+        --batch-size 64 --grad-accum 2 --lr 1e-5 --out-dir runs/sft-7b
+Data: a .jsonl file with one object a line, {"prompt": str | [messages], "completion": str} or
+{"messages": [..., {"role": "assistant", ...}]}; an "answer" field makes eval/accuracy possible.
+
+Result: the committed toy/base, made by `OMP_NUM_THREADS=1 python sft.py` (seed 1, 1300 steps of 128, torch 2.13
+CPU; the numbers are in toy/base/toy_stats.json; other thread counts round differently and land nearby), on 256
+held-out problems, greedy and 4 samples each at temperature 1:
+    greedy accuracy 32.0%      greedy answers that reason 22.7%      samples that reason 33.2%
+    sample accuracy when reasoning 78.5%, when answering directly 10.7%
+Wall time: 17.5 min on a 2-core CPU shared with other jobs; 1000 steps took 238 s on 2 uncontended cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import operator
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import transformers
+import tyro
+from tqdm import tqdm
+
+import kernels
+import rlvr_rewards
+
+TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
+TOY_BASE = os.path.join(TOY_DIR, "base")
+
+
+@dataclass
+class Args:
+    model: Optional[str] = None
+    """hub id or local checkpoint to fine-tune; None: random weights from --init-from-config"""
+    init_from_config: str = "toy"
+    """with no --model: 'toy' (the toy Qwen2), or a config.json / checkpoint directory whose config is used"""
+    tokenizer: Optional[str] = None
+    """tokenizer for --init-from-config (default: the toy character tokenizer)"""
+    dataset: str = "toy"
+    """'toy' (the toy base model's corpus), 'arithmetic' (reasoning traces only: a cold start), or a .jsonl file"""
+    eval_dataset: Optional[str] = None
+    """held-out .jsonl (default: the built-in test split, or --eval-size rows held out of the training file)"""
+    num_examples: int = 60000
+    """rows of a built-in corpus (distinct training problems)"""
+    eval_size: int = 256
+    """held-out rows for eval/loss and eval/accuracy (and the final toy table)"""
+    out_dir: str = "runs/sft"
+    """where args.json, metrics.jsonl, checkpoint-STEP/ and final/ go"""
+    export_dir: Optional[str] = None
+    """also save the final model here; default: toy/base for the toy recipe, if the model meets TOY_TARGETS"""
+    seed: int = 1
+    """seeds the corpus, the weights of a random init and the data order"""
+    epochs: Optional[float] = None
+    """passes over the training data; when given, it sets the number of steps instead of --max-steps"""
+    max_steps: int = 1300
+    """optimizer steps (1300: the toy recipe)"""
+    batch_size: int = 128
+    """sequences per optimizer step, over all ranks and micro-batches"""
+    grad_accum: int = 2
+    """micro-batches per optimizer step (per rank)"""
+    lr: float = 3e-3
+    """peak learning rate (AdamW)"""
+    min_lr_ratio: float = 0.1
+    """the cosine schedule ends at lr * min_lr_ratio"""
+    warmup_steps: int = 50
+    """linear warmup from 0 to --lr"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0: off)"""
+    max_length: int = 1024
+    """sequences are cut to this many tokens (the completion's end is dropped)"""
+    eval_every: int = 400
+    """steps between evaluations (0: only at the end)"""
+    max_new_tokens: int = 48
+    """generation length for eval/accuracy"""
+    save_every: int = 500
+    """steps between checkpoints (0: only at the end)"""
+    resume: bool = False
+    """continue from the newest checkpoint in --out-dir"""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', 'cuda:1', ..."""
+    dtype: str = "auto"
+    """weights dtype for --model ('auto': bf16 on a capable GPU, else fp32); a random init is fp32"""
+    strategy: str = "ddp"
+    """under torchrun: 'ddp' (a copy per rank) or 'fsdp' (FSDP2, sharded)"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The toy world: tokenizer, model config, corpus, evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+TOY_SPECIAL = ["<|endoftext|>", "<|unk|>", "<|system|>", "<|user|>", "<|assistant|>"]
+TOY_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+TOY_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% else %}<|assistant|>{{ m['content'] }}<|endoftext|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def build_toy_tokenizer():
+    """Character-level tokenizer over printable ASCII and newline; <|endoftext|> is EOS and pad; chat roles and
+    the R1 tags are single tokens. The tags are *not* special, so decode(skip_special_tokens=True) keeps them.
+    Chat template: <|system|>{content} <|user|>{content} <|assistant|>{content}<|endoftext|>, each turn
+    rendered in order with no separators; the generation prompt is <|assistant|>."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {token: i for i, token in enumerate(TOY_SPECIAL + TOY_TAGS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    tok.decoder = decoders.Fuse()  # join the characters back without spaces
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOY_SPECIAL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOY_TAGS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="<|unk|>", padding_side="left", chat_template=TOY_CHAT_TEMPLATE,
+                                   clean_up_tokenization_spaces=False)
+
+
+def toy_model_config(tokenizer):
+    """A tiny Qwen2 (~0.8M parameters with tied embeddings): small enough for RL on a laptop CPU."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
+# The toy corpus's mix. P(reason) = reason_base + reason_per_operand*(operands-3) + reason_precedence*[a '*'
+# follows another operator]; a reasoning trace has one step off by 1-3 with probability step_error; a direct
+# answer is right with probability direct_correct, else left-to-right (when that differs) or off by a little.
+TOY_RECIPE = dict(reason_base=0.15, reason_per_operand=0.2, reason_precedence=0.3, step_error=0.1,
+                  direct_correct=0.3)
+# What the toy base model must show (toy_stats.json), and what an implicit export to toy/base requires.
+TOY_TARGETS = dict(greedy_accuracy=(0.2, 0.5), reasoning_share=(0.15, 0.5), greedy_reasoning_share=(0.02, 0.9),
+                   reasoning_gap=(0.3, 1.0))
+
+
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def parse_arithmetic(prompt: str) -> tuple[list[int], list[str]]:
+    """'7+3*4-2' -> ([7, 3, 4, 2], ['+', '*', '-'])."""
+    tokens = re.findall(r"\d+|[-+*]", prompt)
+    return [int(t) for t in tokens[0::2]], tokens[1::2]
+
+
+def arithmetic_trace(operands: list[int], ops: list[str], error_step: int = -1, error: int = 0) -> list[str]:
+    """rlvr_rewards.arithmetic_steps (multiplications first, then left to right), with `error` added to the
+    result of step `error_step`; later steps use the wrong value, so the mistake reaches the answer."""
+    nums, ops, steps = list(operands), list(ops), []
+    while ops:
+        i = ops.index("*") if "*" in ops else 0
+        a, b, op = nums[i], nums[i + 1], ops.pop(i)
+        value = OPS[op](a, b) + (error if len(steps) == error_step else 0)
+        nums[i:i + 2] = [value]
+        steps.append(f"{a}{op}{b}={value}")
+    return steps
+
+
+def toy_completion(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -> str:
+    """One completion of the toy corpus for an arithmetic problem: reasoning or a direct answer (see TOY_RECIPE)."""
+    operands, ops = parse_arithmetic(prompt)
+    precedence = "*" in ops[1:]
+    p_reason = (recipe["reason_base"] + recipe["reason_per_operand"] * (len(operands) - 3)
+                + recipe["reason_precedence"] * precedence)
+    correct = int(arithmetic_trace(operands, ops)[-1].split("=")[1])
+    if rng.random() < p_reason:
+        error_step, error = -1, 0
+        if rng.random() < recipe["step_error"]:
+            error_step, error = rng.randrange(len(ops)), rng.choice([-3, -2, -1, 1, 2, 3])
+        steps = arithmetic_trace(operands, ops, error_step, error)
+        return f"<think>{','.join(steps)}</think><answer>{steps[-1].split('=')[1]}</answer>"
+    left_to_right = operands[0]  # the precedence-blind mistake
+    for op, b in zip(ops, operands[1:]):
+        left_to_right = OPS[op](left_to_right, b)
+    if rng.random() < recipe["direct_correct"]:
+        answer = correct
+    elif left_to_right != correct and rng.random() < 0.5:
+        answer = left_to_right
+    else:
+        answer = correct + rng.choice([-10, -3, -2, -1, 1, 2, 3, 10])
+    return f"<answer>{answer}</answer>"
+
+
+def toy_corpus(n: int, seed: int, split: str = "train", reasoning_only: bool = False) -> list[dict]:
+    """n rows {prompt: [user message], completion, answer} over distinct arithmetic problems of the split.
+    reasoning_only: clean traces only (the 'arithmetic' dataset, for an R1-style cold start)."""
+    rng = random.Random(seed)
+    rows = []
+    for row in rlvr_rewards.make_dataset("arithmetic", split=split, n=n, seed=seed):
+        completion = (f"<think>{','.join(row['steps'])}</think><answer>{row['answer']}</answer>" if reasoning_only
+                      else toy_completion(row["prompt"], rng))
+        rows.append({"prompt": [{"role": "user", "content": row["prompt"]}], "completion": completion,
+                     "answer": row["answer"]})
+    return rows
+
+
+def is_reasoning(completion: str) -> bool:
+    return completion.lstrip().startswith("<think>")
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts: list, *, temperature: float = 0.0, num_samples: int = 1,
+                         max_new_tokens: int = 48, batch_size: int = 256, seed: int = 0) -> list[str]:
+    """Completions (prompt-major, num_samples per prompt) for plain or chat prompts, decoded without EOS/pad."""
+    device = next(kernels.unwrap(model).parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        input_ids, attention_mask, _ = collate([{"input_ids": encode_prompt(tokenizer, p)}
+                                                for p in prompts[start:start + batch_size]], tokenizer.pad_token_id)
+        out = kernels.generate(model, input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
+                               temperature=temperature, num_samples=num_samples, generator=generator,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        texts += tokenizer.batch_decode(out.tokens.masked_fill(out.mask == 0, tokenizer.pad_token_id),
+                                        skip_special_tokens=True)
+    return texts
+
+
+def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4, max_new_tokens: int = 48) -> dict:
+    """The toy world's numbers on n held-out arithmetic problems (rlvr_rewards test split drawn with `seed`; the
+    defaults are the problems of toy/base/toy_stats.json), bare prompts in the chat template. Returns floats:
+      greedy_accuracy           accuracy of the greedy completion
+      greedy_reasoning_share    share of greedy completions that start with <think>
+      reasoning_share           share of temperature-1 samples (`samples` per problem) that start with <think>
+      sample_accuracy           accuracy of those samples
+      accuracy_with_reasoning   accuracy of the samples that reason (nan if none)
+      accuracy_without_reasoning  accuracy of the samples that answer directly (nan if none)
+      reasoning_gap             accuracy_with_reasoning - accuracy_without_reasoning
+    plus n_problems and n_samples."""
+    rows = rlvr_rewards.make_dataset("arithmetic", split="test", n=n, seed=seed)
+    prompts = [[{"role": "user", "content": row["prompt"]}] for row in rows]
+    answers = [row["answer"] for row in rows]
+    greedy = generate_completions(model, tokenizer, prompts, temperature=0.0, max_new_tokens=max_new_tokens)
+    sampled = generate_completions(model, tokenizer, prompts, temperature=1.0, num_samples=samples,
+                                   max_new_tokens=max_new_tokens, seed=seed)
+    greedy_correct = rlvr_rewards.accuracy_reward(greedy, answer=answers)
+    sample_correct = rlvr_rewards.accuracy_reward(sampled, answer=[a for a in answers for _ in range(samples)])
+    reasons = [is_reasoning(c) for c in sampled]
+
+    def mean(values):
+        return sum(values) / len(values) if values else float("nan")
+
+    with_r = [c for c, r in zip(sample_correct, reasons) if r]
+    without_r = [c for c, r in zip(sample_correct, reasons) if not r]
+    stats = {"greedy_accuracy": mean(greedy_correct), "greedy_reasoning_share": mean([is_reasoning(c) for c in greedy]),
+             "reasoning_share": mean(reasons), "sample_accuracy": mean(sample_correct),
+             "accuracy_with_reasoning": mean(with_r), "accuracy_without_reasoning": mean(without_r)}
+    stats["reasoning_gap"] = stats["accuracy_with_reasoning"] - stats["accuracy_without_reasoning"]
+    return {**stats, "n_problems": n, "n_samples": n * samples}
+
+
+def toy_targets_missed(stats: dict) -> list[str]:
+    """The TOY_TARGETS that stats miss, as readable strings (empty: all met)."""
+    return [f"{k}={stats.get(k, float('nan')):.3f} not in [{lo}, {hi}]" for k, (lo, hi) in TOY_TARGETS.items()
+            if not lo <= stats.get(k, float("nan")) <= hi]
+
+
+# The rows of the table `python sft.py` ends with: (label, evaluate_toy key).
+TOY_TABLE = [("greedy accuracy", "greedy_accuracy"), ("greedy answers that reason", "greedy_reasoning_share"),
+             ("T=1 samples that reason", "reasoning_share"), ("T=1 accuracy", "sample_accuracy"),
+             ("T=1 accuracy when reasoning", "accuracy_with_reasoning"),
+             ("T=1 accuracy when answering directly", "accuracy_without_reasoning")]
+
+
+def ensure_toy_model() -> str:
+    """The toy base model's directory (TOY_BASE), built with the default recipe first if it is missing."""
+    if not os.path.exists(os.path.join(TOY_BASE, "config.json")):
+        kernels.print0(f"No toy base model at {TOY_BASE}: building it with `python sft.py` (a few minutes).")
+        main(Args(out_dir=os.path.join(os.path.dirname(TOY_DIR), "runs", "sft-toy"), export_dir=TOY_BASE))
+    return TOY_BASE
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: examples, JSONL, batches
+# ----------------------------------------------------------------------------------------------------------
+
+
+def require_chat_template(tokenizer):
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"The data are chat messages but the tokenizer ({tokenizer.name_or_path or 'given'}) has no "
+                         "chat template: give plain string prompts, or use a model/tokenizer with a chat_template.")
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """Prompt ids: a string as it is (with the tokenizer's BOS, if it adds one), or chat messages rendered by
+    the chat template with the generation prompt."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    require_chat_template(tokenizer)
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_sft_example(tokenizer, prompt, completion: str) -> dict:
+    """{input_ids, loss_mask}: prompt ids (mask 0) then completion ids (mask 1), the completion ending with EOS
+    (plain prompts) or with what the chat template closes an assistant turn with (chat prompts)."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    completion_ids = None
+    if not isinstance(prompt, str):
+        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
+                                                  tokenize=False)
+        if full_text.startswith(prompt_text):  # some templates rewrite earlier turns; then fall back to EOS
+            completion_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    if completion_ids is None:
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": prompt_ids + completion_ids, "loss_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
+
+
+def _is_messages(value) -> bool:
+    return (isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value))
+
+
+def normalize_row(row) -> str | dict:
+    """A JSONL object as {prompt, completion, answer?}, or a string saying what is wrong with it."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    if "messages" in row:
+        messages = row["messages"]
+        if not _is_messages(messages):
+            return "'messages' must be a non-empty list of {\"role\": str, \"content\": str} objects"
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            return "'messages' must end with an assistant message that follows at least one other message"
+        prompt, completion = messages[:-1], messages[-1]["content"]
+    else:
+        missing = [k for k in ("prompt", "completion") if k not in row]
+        if missing:
+            return f"missing field {missing[0]!r} (each line needs 'prompt' and 'completion', or 'messages')"
+        prompt, completion = row["prompt"], row["completion"]
+        if not isinstance(prompt, str) and not _is_messages(prompt):
+            return "'prompt' must be a string or a list of {\"role\": str, \"content\": str} messages"
+        if _is_messages(completion) and len(completion) == 1 and completion[0]["role"] == "assistant":
+            completion = completion[0]["content"]  # TRL's conversational prompt-completion form
+        if not isinstance(completion, str):
+            return f"'completion' must be a string, got {type(completion).__name__}"
+    return {"prompt": prompt, "completion": completion, "answer": row.get("answer")}
+
+
+def load_jsonl(path: str) -> list[dict]:
+    """Rows {prompt, completion, answer} of a JSONL file; a malformed line raises ValueError naming the file,
+    the line number and what is wrong, before any training starts."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Dataset file {path!r} does not exist (or use --dataset toy / arithmetic).")
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = normalize_row(json.loads(line))
+            except json.JSONDecodeError as error:
+                row = f"not valid JSON ({error.msg} at column {error.colno})"
+            if isinstance(row, str):
+                raise ValueError(f"{path}, line {number}: {row}.")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} has no rows.")
+    return rows
+
+
+def load_data(args: Args) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) for --dataset / --eval-dataset."""
+    if args.dataset in ("toy", "arithmetic"):
+        only = args.dataset == "arithmetic"
+        return (toy_corpus(args.num_examples, args.seed, "train", only),
+                toy_corpus(args.eval_size, args.seed, "test", only))
+    rows = load_jsonl(args.dataset)
+    if args.eval_dataset:
+        return rows, load_jsonl(args.eval_dataset)
+    order = random.Random(args.seed).sample(range(len(rows)), len(rows))
+    held = set(order[:min(args.eval_size, len(rows) // 10)])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def collate(examples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad to the longest: input_ids, attention_mask, loss_mask, each (B, T)."""
+    T = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(examples), T, dtype=torch.long)
+    loss_mask = torch.zeros(len(examples), T, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, T - n:] = torch.tensor(e["input_ids"])
+        attention_mask[i, T - n:] = 1
+        if e.get("loss_mask"):
+            loss_mask[i, T - n:] = torch.tensor(e["loss_mask"])
+    return input_ids, attention_mask, loss_mask
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The dataset indices of step `step`'s batch: samples step*batch_size onward of the endless sequence made
+    of one seeded permutation per epoch. A function of the step alone, which makes resuming exact."""
+    first = step * batch_size
+    return [_epoch_order(n, seed, k // n)[k % n] for k in range(first, first + batch_size)]
+
+
+def completion_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor, num_tokens=None) -> torch.Tensor:
+    """-sum(m * log pi) / num_tokens: the token-mean NLL over completion tokens (InstructGPT's SFT objective).
+    logprobs, loss_mask: (B, T-1), aligned with the targets x_{t+1}; num_tokens defaults to loss_mask.sum()."""
+    mask = loss_mask.to(logprobs.dtype)
+    denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logprobs.dtype)
+    return -(logprobs * mask).sum() / denom.clamp_min(1.0)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """The learning-rate multiplier at a step: linear warmup, then cosine from 1 down to min_ratio."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training glue
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_or_init(args: Args, device: torch.device):
+    """(model, tokenizer) from --model, or random weights from --init-from-config (seeded by --seed)."""
+    if args.model:
+        return kernels.load_model(args.model, dtype=args.dtype, device=device)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = kernels.load_tokenizer(args.tokenizer) if args.tokenizer else build_toy_tokenizer()
+    config = (toy_model_config(tokenizer) if args.init_from_config == "toy"
+              else AutoConfig.from_pretrained(args.init_from_config))
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model.to(device), tokenizer
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples: list[dict], rows: list[dict], max_new_tokens: int,
+             batch_size: int) -> dict:
+    """eval/loss on every held-out example; eval/accuracy (greedy) and eval/think_share on rows with an answer.
+    Each rank takes its share of the rows; sums are all-reduced."""
+    rank, world = kernels.get_rank(), (torch.distributed.get_world_size() if kernels.is_distributed() else 1)
+    device = next(kernels.unwrap(model).parameters()).device
+    model.eval()
+    n = len(examples) // world * world  # equal shares, so FSDP ranks run the same number of forwards
+    mine = list(range(rank, n, world))
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, correct, answered
+    for start in range(0, len(mine), batch_size):
+        input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(
+            [examples[i] for i in mine[start:start + batch_size]], tokenizer.pad_token_id))
+        logprobs = kernels.token_logprobs(model, input_ids, attention_mask)  # (B, T-1)
+        sums[0] += -(logprobs * loss_mask[:, 1:]).sum().item()
+        sums[1] += loss_mask[:, 1:].sum().item()
+    answered = [i for i in mine if rows[i].get("answer") is not None]
+    think = 0
+    if answered:
+        completions = generate_completions(model, tokenizer, [rows[i]["prompt"] for i in answered],
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+        rewards = rlvr_rewards.accuracy_reward(completions, answer=[rows[i]["answer"] for i in answered])
+        sums[2] += sum(r or 0.0 for r in rewards)
+        sums[3] += len(answered)
+        think = sum(is_reasoning(c) for c in completions)
+    sums = kernels.all_reduce_sum(torch.cat([sums, torch.tensor([float(think)], dtype=torch.float64)]))
+    model.train()
+    metrics = {"eval/loss": (sums[0] / sums[1].clamp_min(1)).item()}
+    if sums[3] > 0:
+        metrics.update({"eval/accuracy": (sums[2] / sums[3]).item(), "eval/think_share": (sums[4] / sums[3]).item()})
+    return metrics
+
+
+def export_model(final_dir: str, export_dir: str):
+    """Copy the plain transformers files of final/ (no trainer state) to export_dir, replacing it."""
+    tmp = export_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final_dir, tmp, ignore=shutil.ignore_patterns("trainer_state.pt", "rng_rank*.pt"))
+    shutil.rmtree(export_dir, ignore_errors=True)
+    os.replace(tmp, export_dir)
+
+
+def main(args: Args) -> dict:
+    """Train; returns the last metrics (train/, eval/ and, for built-in data, toy/) with out_dir and final_dir."""
+    t0 = time.time()
+    transformers.utils.logging.disable_progress_bar()  # checkpoint saves would draw bars inside ours
+    dist_info = kernels.init_distributed(args.device)
+    device, world = dist_info.device, dist_info.world_size
+    micro_batch, remainder = divmod(args.batch_size, world * args.grad_accum)
+    if remainder or micro_batch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of ranks * --grad-accum = "
+                         f"{world * args.grad_accum}.")
+    if args.strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"--strategy must be 'ddp' or 'fsdp', not {args.strategy!r}.")
+    kernels.seed_everything(args.seed)
+    train_rows, eval_rows = load_data(args)  # malformed data stops here, before any model is loaded
+    model, tokenizer = load_or_init(args, device)
+
+    def encode(rows):
+        examples = [build_sft_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
+        return [{k: v[:args.max_length] for k, v in e.items()} for e in examples]
+
+    train, held_out = encode(train_rows), encode(eval_rows)
+    total_steps = math.ceil(args.epochs * len(train) / args.batch_size) if args.epochs else args.max_steps
+    model = kernels.wrap_model(model, args.strategy, device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total_steps,
+                                                                           args.min_lr_ratio))
+    start_step = 0
+    checkpoint = kernels.latest_checkpoint(args.out_dir) if args.resume else None
+    if checkpoint:
+        start_step = kernels.load_checkpoint(checkpoint, model, optimizer, scheduler)["step"]
+        kernels.print0(f"Resuming from {checkpoint} at step {start_step}.")
+    kernels.save_args(args.out_dir, args)
+    logger = kernels.MetricsLogger(args.out_dir, resume_step=start_step if checkpoint else None,
+                                   config=dataclasses.asdict(args))
+    kernels.print0(f"SFT: {len(train)} examples, {len(held_out)} held out, {total_steps} steps of {args.batch_size} "
+                   f"on {world} x {device}; outputs in {args.out_dir}")
+
+    def save(step, name=None):
+        return kernels.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler, name=name,
+                                       extra={"samples_seen": step * args.batch_size})
+
+    metrics, step = {}, start_step
+    with kernels.StopSignal() as stop:
+        bar = tqdm(range(start_step, total_steps), desc="sft", disable=not dist_info.is_main, dynamic_ncols=True)
+        for step in bar:
+            # ---- one optimizer step: this rank's share of the batch, in micro-batches ----
+            tick = time.perf_counter()
+            # Sorted by length, so each micro-batch pads to similar lengths (short direct answers together).
+            batch = sorted((train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)),
+                           key=lambda e: len(e["input_ids"]))
+            mine = batch[dist_info.rank::world]
+            num_tokens = sum(sum(e["loss_mask"][1:]) for e in batch)  # the whole batch's target tokens
+            loss_sum = 0.0
+            for m in range(args.grad_accum):
+                input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(
+                    mine[m * micro_batch:(m + 1) * micro_batch], tokenizer.pad_token_id))
+                logprobs = kernels.token_logprobs(model, input_ids, attention_mask)  # (b, T-1)
+                loss = completion_loss(logprobs, loss_mask[:, 1:], num_tokens)
+                (loss * world).backward()  # DDP/FSDP average gradients over ranks; the sum is what we want
+                loss_sum += loss.item()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                         if args.max_grad_norm > 0 else torch.tensor(0.0))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics = {"train/loss": kernels.all_reduce_mean(loss_sum) * world, "train/lr": lr,
+                       "train/grad_norm": float(grad_norm), "train/epoch": (step + 1) * args.batch_size / len(train),
+                       "perf/tokens_per_s": sum(len(e["input_ids"]) for e in batch) / (time.perf_counter() - tick)}
+            done = step + 1
+            if held_out and (args.eval_every and done % args.eval_every == 0 or done == total_steps):
+                metrics.update(evaluate(model, tokenizer, held_out, eval_rows, args.max_new_tokens, args.batch_size))
+            logger.log(done, metrics)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", **(
+                {"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
+            if args.save_every and done % args.save_every == 0 or done == total_steps:
+                save(done)
+            if stop.should_stop():
+                save(done)
+                kernels.print0(f"Stopped at step {done}; resume with --resume --out-dir {args.out_dir}.")
+                logger.close()
+                return {**metrics, "out_dir": args.out_dir, "stopped": True}
+        bar.close()
+
+    # ---- the final model, and for the built-in tasks the toy world's numbers ----
+    step = max(total_steps, start_step)
+    final_dir = save(step, name="final")
+    export_dir = args.export_dir
+    if dist_info.is_main and args.dataset in ("toy", "arithmetic"):
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).to(device)
+        stats = evaluate_toy(plain, tokenizer, n=args.eval_size, seed=args.seed, max_new_tokens=args.max_new_tokens)
+        del plain
+        metrics.update({f"toy/{k}": v for k, v in stats.items()})
+        logger.log(step, {f"toy/{k}": v for k, v in stats.items()})
+        with open(os.path.join(final_dir, "toy_stats.json"), "w") as f:
+            json.dump({**stats, "train_wall_s": round(time.time() - t0), "torch": torch.__version__,
+                       "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+                       "args": dataclasses.asdict(args)}, f, indent=2)
+        samples = stats["n_samples"] // stats["n_problems"]
+        print(f"\nOn {stats['n_problems']} held-out problems, {samples} samples each at T=1:")
+        print("\n".join(f"  {label:<38} {100 * stats[key]:5.1f}%" for label, key in TOY_TABLE))
+        if export_dir is None and args.dataset == "toy" and args.model is None and args.init_from_config == "toy":
+            missed = toy_targets_missed(stats)
+            export_dir = TOY_BASE if not missed else None
+            if missed:
+                print(f"Not exported to {TOY_BASE}: it misses the toy targets ({'; '.join(missed)}). "
+                      "Pass --export-dir to write it anyway.")
+    if dist_info.is_main and export_dir:
+        export_model(final_dir, export_dir)
+        print(f"Exported the final model to {export_dir}")
+    kernels.barrier()
+    logger.close()
+    kernels.print0(f"Done in {time.time() - t0:.0f} s; final model in {final_dir}")
+    return {**metrics, "out_dir": args.out_dir, "final_dir": final_dir, "export_dir": export_dir,
+            "wall_s": time.time() - t0}
+
+
+train_sft = main
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,301 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+import rlvr_rewards
+import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(tmp_path, **overrides) -> sft.Args:
+    """A toy run small enough for a test: random init, a few steps, tiny eval."""
+    kwargs = dict(out_dir=str(tmp_path / "run"), export_dir="", num_examples=64, eval_size=8, batch_size=8,
+                  grad_accum=2, max_steps=2, warmup_steps=1, eval_every=1, save_every=1, max_new_tokens=16,
+                  device="cpu")
+    kwargs.update(overrides)
+    return sft.Args(**kwargs)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+
+def test_completion_loss_matches_hand_computation_and_ignores_prompt():
+    """completion_loss is -sum(m*logp)/sum(m); values and gradients at masked positions do not matter."""
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]], requires_grad=True)
+    mask = torch.tensor([[0, 1, 1], [0, 0, 1]])
+    loss = sft.completion_loss(logprobs, mask)
+    assert loss.item() == pytest.approx((2 + 3 + 6) / 3)
+    loss.backward()
+    assert torch.equal(logprobs.grad, -mask.float() / 3)
+    changed = torch.tensor([[-9.0, -2.0, -3.0], [-0.1, -7.0, -6.0]])  # only prompt positions differ
+    assert sft.completion_loss(changed, mask).item() == loss.item()
+    assert sft.completion_loss(logprobs, mask, num_tokens=6).item() == pytest.approx(11 / 6)
+
+
+def test_completion_loss_on_a_model_equals_nll_of_completion_tokens():
+    """Through build_sft_example, collate and the fused log-probs, the loss is the plain NLL of the completion
+    tokens only (EOS included); changing the logits of prompt targets leaves it unchanged."""
+    tokenizer = sft.build_toy_tokenizer()
+    torch.manual_seed(0)
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(sft.toy_model_config(tokenizer)).eval()
+    examples = [sft.build_sft_example(tokenizer, "7+3*4", "<answer>19</answer>"),
+                sft.build_sft_example(tokenizer, [{"role": "user", "content": "2-1"}], "<answer>1</answer>")]
+    input_ids, attention_mask, loss_mask = sft.collate(examples, tokenizer.pad_token_id)
+    logprobs = kernels.token_logprobs(model, input_ids, attention_mask)
+    loss = sft.completion_loss(logprobs, loss_mask[:, 1:])
+
+    position_ids = kernels.position_ids_from_mask(attention_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, :-1]
+    nll, count = 0.0, 0
+    for i, e in enumerate(examples):
+        T, n = input_ids.shape[1], len(e["input_ids"])
+        for t in range(T - n, T - 1):  # t predicts t+1
+            if e["loss_mask"][t + 1 - (T - n)]:
+                nll -= F.log_softmax(logits[i, t].double(), -1)[input_ids[i, t + 1]].item()
+                count += 1
+    assert count == sum(sum(e["loss_mask"]) for e in examples)
+    assert loss.item() == pytest.approx(nll / count, rel=1e-5)
+    noisy = logprobs.detach().clone()
+    noisy[loss_mask[:, 1:] == 0] = -123.0
+    assert sft.completion_loss(noisy, loss_mask[:, 1:]).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_plain_and_chat_prompts_mask_exactly_the_completion():
+    """Plain prompts and chat messages both give prompt ids (mask 0) then completion ids + EOS (mask 1)."""
+    tokenizer = sft.build_toy_tokenizer()
+    eos = tokenizer.eos_token_id
+    plain = sft.build_sft_example(tokenizer, "7+3=", "10")
+    assert plain["input_ids"] == tokenizer("7+3=")["input_ids"] + tokenizer("10")["input_ids"] + [eos]
+    assert plain["loss_mask"] == [0] * 4 + [1] * 3
+    chat = sft.build_sft_example(tokenizer, [{"role": "user", "content": "7+3"}], "<answer>10</answer>")
+    text = tokenizer.decode(chat["input_ids"])
+    assert text == "<|user|>7+3<|assistant|><answer>10</answer><|endoftext|>"
+    prompt_len = len(tokenizer("<|user|>7+3<|assistant|>")["input_ids"])
+    assert chat["loss_mask"] == [0] * prompt_len + [1] * (len(chat["input_ids"]) - prompt_len)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1"}]
+    system = sft.encode_prompt(tokenizer, messages)
+    assert tokenizer.decode(system) == "<|system|>Be brief.<|user|>1+1<|assistant|>"
+
+
+def test_messages_without_chat_template_raise_a_clear_error():
+    """Chat data with a tokenizer that has no chat template is refused with a sentence that says so."""
+    tokenizer = sft.build_toy_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        sft.build_sft_example(tokenizer, [{"role": "user", "content": "1+1"}], "2")
+
+
+def test_malformed_jsonl_stops_before_training_with_file_and_line(tmp_path):
+    """Bad JSON, a missing field or a wrong type raise before any output is written, naming file and line."""
+    good = {"prompt": "1+1", "completion": "2"}
+    cases = [("not json {", "line 2: not valid JSON"),
+             (json.dumps({"prompt": "1+1"}), "line 2: missing field 'completion'"),
+             (json.dumps({"prompt": "1+1", "completion": 3}), "line 2: 'completion' must be a string"),
+             (json.dumps({"prompt": 5, "completion": "x"}), "line 2: 'prompt' must be a string"),
+             (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "line 2: 'messages' must end with"),
+             (json.dumps([1, 2]), "line 2: expected a JSON object")]
+    for i, (bad, message) in enumerate(cases):
+        path = write_jsonl(tmp_path / f"data{i}.jsonl", [good, bad, good])
+        out_dir = tmp_path / f"out{i}"
+        with pytest.raises(ValueError) as error:
+            sft.main(tiny_args(tmp_path, dataset=path, out_dir=str(out_dir)))
+        assert path in str(error.value) and message in str(error.value)
+        assert not out_dir.exists()  # nothing was written: it stopped before training
+
+
+def test_jsonl_accepts_prompt_completion_messages_and_conversational_forms(tmp_path):
+    """The three row shapes load to {prompt, completion, answer}; blank lines are skipped."""
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "1+1", "completion": "2", "answer": "2"}, "",
+        {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]},
+        {"prompt": [{"role": "user", "content": "3+3"}], "completion": [{"role": "assistant", "content": "6"}]}])
+    rows = sft.load_jsonl(path)
+    assert [r["completion"] for r in rows] == ["2", "4", "6"]
+    assert rows[0]["answer"] == "2" and rows[1]["prompt"] == [{"role": "user", "content": "2+2"}]
+
+
+def test_batch_order_is_a_permutation_per_epoch_and_a_function_of_the_step():
+    """Each epoch visits every example once; the same step always gives the same batch."""
+    n, bs = 10, 4
+    seen = [i for step in range(5) for i in sft.batch_indices(step, bs, n, seed=3)]  # 20 samples = 2 epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert seen[:10] != seen[10:]
+    assert sft.batch_indices(3, bs, n, seed=3) == seen[12:16]
+
+
+def test_warmup_cosine_schedule():
+    """Linear warmup to 1, then a cosine down to min_ratio at the last step."""
+    factor = sft.warmup_cosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(9) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert factor(14) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------- the toy world
+
+
+def test_toy_tokenizer_round_trips_through_save_and_auto_tokenizer(tmp_path):
+    """Characters and the tags encode and decode exactly, tags are single non-special tokens, and the saved
+    tokenizer reloads with AutoTokenizer with the same ids, chat template, EOS/pad and left padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = sft.build_toy_tokenizer()
+    text = "<think>3*4=12,7+12=19</think><answer>-17</answer> ~{}\n"
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == text
+    for tag in sft.TOY_TAGS:
+        assert len(tokenizer(tag)["input_ids"]) == 1
+    assert tokenizer("é")["input_ids"] == [tokenizer.unk_token_id]
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(text)["input_ids"] == ids and loaded.decode(ids) == text
+    assert loaded.eos_token == loaded.pad_token == "<|endoftext|>" and loaded.padding_side == "left"
+    messages = [{"role": "user", "content": "7+3"}]
+    assert (loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            == "<|user|>7+3<|assistant|>")
+
+
+def test_toy_corpus_traces_follow_the_task_and_errors_propagate():
+    """Error-free traces equal rlvr_rewards' steps; every reasoning completion's answer is its last step's value;
+    the 'arithmetic' dataset holds only correct traces."""
+    for row in rlvr_rewards.make_dataset("arithmetic", split="train", n=200, seed=5):
+        operands, ops = sft.parse_arithmetic(row["prompt"])
+        assert sft.arithmetic_trace(operands, ops) == row["steps"]
+    wrong = sft.arithmetic_trace([7, 3, 4, 2], ["+", "*", "-"], error_step=0, error=1)
+    assert wrong == ["3*4=13", "7+13=20", "20-2=18"]
+    rows = sft.toy_corpus(400, seed=0)
+    reasoning = [r for r in rows if sft.is_reasoning(r["completion"])]
+    assert 0.2 < len(reasoning) / len(rows) < 0.8
+    for r in reasoning:
+        steps = r["completion"].split("<think>")[1].split("</think>")[0].split(",")
+        assert rlvr_rewards.extract_answer(r["completion"]) == steps[-1].split("=")[1]
+    clean = sft.toy_corpus(100, seed=0, reasoning_only=True)
+    assert all(rlvr_rewards.accuracy_reward([r["completion"]], answer=[r["answer"]]) == [1.0] for r in clean)
+
+
+def test_committed_toy_base_loads_and_meets_its_targets():
+    """toy/base is a transformers checkpoint of a small model whose stored numbers meet TOY_TARGETS, and its
+    greedy accuracy re-measured here agrees with the stored one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = sft.ensure_toy_model()  # present, so nothing is built
+    assert path == sft.TOY_BASE and os.path.exists(os.path.join(path, "config.json"))
+    size_mb = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
+    assert size_mb < 10
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    with open(os.path.join(path, "toy_stats.json")) as f:
+        stats = json.load(f)
+    assert sft.toy_targets_missed(stats) == []
+    rows = rlvr_rewards.make_dataset("arithmetic", split="test", n=stats["n_problems"], seed=stats["args"]["seed"])
+    completions = sft.generate_completions(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows],
+                                           max_new_tokens=stats["args"]["max_new_tokens"])
+    accuracy = sum(rlvr_rewards.accuracy_reward(completions, answer=[r["answer"] for r in rows])) / len(rows)
+    assert accuracy == pytest.approx(stats["greedy_accuracy"], abs=0.03)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def test_two_step_run_writes_args_metrics_and_a_loadable_checkpoint(tmp_path):
+    """A two-step run from random weights on JSONL with plain and chat rows writes args.json, namespaced
+    metrics, checkpoint-2/ and final/ that AutoModelForCausalLM and AutoTokenizer load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b), "answer": str(a + b)} for a in range(5) for b in range(4)]
+    rows += [{"messages": [{"role": "user", "content": f"{a}*2"}, {"role": "assistant", "content": str(2 * a)}],
+              "answer": str(2 * a)} for a in range(10)]
+    args = tiny_args(tmp_path, dataset=write_jsonl(tmp_path / "train.jsonl", rows), eval_size=6)
+    result = sft.main(args)
+    out = args.out_dir
+    assert json.load(open(os.path.join(out, "args.json")))["max_steps"] == 2
+    metrics = kernels.read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/accuracy"} <= set(metrics[-1])
+    assert result["train/loss"] == metrics[-1]["train/loss"] and result["final_dir"].endswith("final")
+    for name in ("checkpoint-2", "final"):
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(out, name))
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, name))
+        assert model.config.vocab_size == len(tokenizer) and tokenizer.chat_template is not None
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """4 steps straight and (2 steps, SIGTERM-style stop, --resume for the rest) give identical weights and
+    losses (bit for bit on CPU)."""
+    from safetensors.torch import load_file
+
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for b in range(6)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)  # no answers: eval is the loss only, no generation
+    straight = sft.main(tiny_args(tmp_path, dataset=data, out_dir=str(tmp_path / "straight"), max_steps=4,
+                                  save_every=0, eval_every=0))
+    calls = {"n": 0}
+
+    def stop_after_two_steps(self):
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    monkeypatch.setattr(kernels.StopSignal, "should_stop", stop_after_two_steps)
+    interrupted = sft.main(tiny_args(tmp_path, dataset=data, out_dir=str(tmp_path / "resumed"), max_steps=4,
+                                     save_every=0, eval_every=0))
+    assert interrupted.get("stopped") and kernels.latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-2")
+    resumed = sft.main(tiny_args(tmp_path, dataset=data, out_dir=str(tmp_path / "resumed"), max_steps=4,
+                                 save_every=0, eval_every=0, resume=True))
+    a = load_file(os.path.join(straight["final_dir"], "model.safetensors"))
+    b = load_file(os.path.join(resumed["final_dir"], "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[m["train/loss"] for m in kernels.read_metrics(d) if "train/loss" in m]
+              for d in (straight["out_dir"], resumed["out_dir"])]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_help_lists_the_shared_flags():
+    """`python sft.py --help` works and shows the flags every training script shares."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--model", "--dataset", "--out-dir", "--seed", "--max-steps", "--lr", "--eval-every",
+                 "--save-every", "--resume", "--device", "--init-from-config"):
+        assert flag in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(tmp_path, strategy):
+    """Two ranks (gloo, CPU) with the batch split between them reach the weights of one process that
+    accumulates the same batch in two micro-batches."""
+    from safetensors.torch import load_file
+
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for b in range(6)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    common = ["--dataset", data, "--max-steps", "2", "--batch-size", "8", "--warmup-steps", "1", "--eval-every", "0",
+              "--save-every", "0", "--device", "cpu", "--export-dir", ""]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(ROOT, "sft.py"), *common, "--grad-accum", "1", "--strategy", strategy,
+                    "--out-dir", str(tmp_path / "two")], check=True, env=env, capture_output=True, timeout=300)
+    sft.main(tiny_args(tmp_path, dataset=data, max_steps=2, batch_size=8, grad_accum=2, eval_every=0, save_every=0,
+                       out_dir=str(tmp_path / "one")))
+    two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    assert set(one) <= set(two)  # FSDP's full state dict also names the tied lm_head
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4)
