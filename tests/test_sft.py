@@ -280,19 +280,19 @@ def test_help_lists_the_shared_flags():
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process(tmp_path, strategy):
-    """Two ranks (gloo, CPU) with the batch split between them reach the weights of one process that
-    accumulates the same batch in two micro-batches."""
+    """Two ranks (gloo, CPU), each accumulating two micro-batches, reach the weights of one process that
+    accumulates the same batch in four."""
     from safetensors.torch import load_file
 
     rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for b in range(6)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    common = ["--dataset", data, "--max-steps", "2", "--batch-size", "8", "--warmup-steps", "1", "--eval-every", "0",
+    common = ["--dataset", data, "--max-steps", "2", "--batch-size", "16", "--warmup-steps", "1", "--eval-every", "0",
               "--save-every", "0", "--device", "cpu", "--export-dir", ""]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(ROOT, "sft.py"), *common, "--grad-accum", "1", "--strategy", strategy,
+                    os.path.join(ROOT, "sft.py"), *common, "--grad-accum", "2", "--strategy", strategy,
                     "--out-dir", str(tmp_path / "two")], check=True, env=env, capture_output=True, timeout=300)
-    sft.main(tiny_args(tmp_path, dataset=data, max_steps=2, batch_size=8, grad_accum=2, eval_every=0, save_every=0,
+    sft.main(tiny_args(tmp_path, dataset=data, max_steps=2, batch_size=16, grad_accum=4, eval_every=0, save_every=0,
                        out_dir=str(tmp_path / "one")))
     two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
