@@ -55,8 +55,8 @@ CPU; numbers in toy/base/toy_stats.json), on 256 held-out problems, greedy and 4
     greedy accuracy 32.0%      greedy answers that reason 22.7%      samples that reason 33.2%
     sample accuracy when reasoning 78.5%, when answering directly 10.7%
 Another thread count or torch version rounds differently and ends somewhat elsewhere; a default run replaces
-toy/base only if its numbers meet TOY_TARGETS. Wall time: 17.5 min on a 2-core CPU shared with other jobs;
-1000 steps took 4 min with 2 threads on an unloaded machine.
+toy/base only if its numbers meet TOY_TARGETS. Two builds gave bit-identical weights. Wall time: 15-17 min on a
+2-core CPU shared with other jobs (load 5-9); 1000 steps took 4 min with 2 threads on an unloaded machine.
 """
 
 from __future__ import annotations
