@@ -30,8 +30,9 @@ TrainerCallback timing on_step_begin -> on_step_end, and its phases by wrapping 
 model.generate, decode) and `_calculate_rewards`; the rest of `_generate_and_score_completions` (padding,
 advantages; it would hold TRL's pi_old / pi_ref passes) is its "log-probs" column; update = step - rollout.
 The first `warmup` steps of every run are discarded (lazy initialisation; on GPU our decode-step compile).
-Runs alternate (ours, TRL, TRL, ours, ...) over `rounds`, so a noisy shared machine slows both alike; the table
-gives medians over every kept step, the ratio TRL / ours of those medians, and the per-round ratios.
+Runs alternate (ours, TRL, TRL, ours, ...) over `rounds`, so a noisy shared machine slows both alike; the tables
+give the seconds as medians over every kept step, and the ratio TRL / ours per round (each side's median step in
+that round; the two runs of a round are back to back) and its median over the rounds, the headline number.
 grpo.main's final checkpoint is skipped (kernels.save_checkpoint is swapped for a stub during our runs): saving is
 not part of a step and would write gigabytes for the larger models.
 
@@ -282,7 +283,6 @@ def median(values):
 
 
 def model_table(result: dict, args: Args) -> str:
-    ours, theirs = result["ours"], result["trl"]
     B, G, N, steps = result["size"]
     lines = [f"#### {result['name']}: {result['what']}, {result['params'] / 1e6:.1f}M parameters, "
              f"{result['dtype']}; B = {B} prompts x G = {G} samples = {B * G} rows, N = {N} new tokens",
@@ -299,21 +299,27 @@ def model_table(result: dict, args: Args) -> str:
                      + ", ".join(f"{w:.1f}" for w in result[f"{side}_warm"]) + " |")
     ratio = result_ratio(result)
     if ratio is not None:
-        per_round = [median([s["step"] for s in t]) / median([s["step"] for s in o])
-                     for o, t in zip(ours, theirs) if o and t]
+        per_round = round_ratios(result)
         target = TARGETS.get(args.device)
         verdict = "" if args.quick or target is None else \
             f" (target >= {target:g}x: {'met' if ratio >= target else 'MISSED'})"
-        lines += ["", f"TRL / ours, median step time: **{ratio:.2f}x**{verdict}; per round: "
-                  + ", ".join(f"{r:.2f}x" for r in per_round) + "."]
+        lines += ["", f"TRL / ours (median over rounds of each round's median-step ratio): **{ratio:.2f}x**{verdict}; "
+                  "per round: " + ", ".join(f"{r:.2f}x" for r in per_round) + "."]
     lines += [f"\nFAILED: {error}" for error in result["errors"]]
     return "\n".join(lines) + "\n"
 
 
+def round_ratios(result: dict) -> list[float]:
+    """Per round: TRL's median step / ours' median step, the two runs made back to back."""
+    return [median([s["step"] for s in t]) / median([s["step"] for s in o])
+            for o, t in zip(result["ours"], result["trl"]) if o and t]
+
+
 def result_ratio(result: dict):
-    ours = [s["step"] for run in result["ours"] for s in run]
-    theirs = [s["step"] for run in result["trl"] for s in run]
-    return median(theirs) / median(ours) if ours and theirs else None
+    """The headline ratio: the median over rounds of the paired ratios (a machine whose load drifts between rounds
+    moves both runs of a round alike, but not the pooled medians)."""
+    ratios = round_ratios(result)
+    return median(ratios) if ratios else None
 
 
 def markdown(results: list[dict], args: Args, header: str) -> str:
@@ -400,6 +406,7 @@ def main(args: Args):
                     except Exception as error:  # one side failing must not cost the other its numbers
                         traceback.print_exc()
                         result["errors"].append(f"{side}, round {r + 1}: {type(error).__name__}: {error}"[:300])
+                        result[side].append([])  # keeps the rounds of the two sides paired
                         continue
                     result[side].append(steps)
                     result[f"{side}_warm"] += warm
