@@ -94,10 +94,10 @@ class Args:
     """where args.json, metrics.jsonl, checkpoints and final/ go"""
     seed: int = 0
     """seeds data order, sampling noise and initialisation"""
-    max_steps: int = 60
+    max_steps: int = 80
     """number of rollout + update steps"""
-    lr: float = 1e-3
-    """AdamW learning rate (toy model; 1e-6 to 3e-6 for real LLMs)"""
+    lr: float = 2e-4
+    """AdamW learning rate (toy model: 1e-3 collapses after ~10 steps; real LLMs: 1e-6 to 3e-6)"""
     warmup_steps: int = 5
     """linear warmup steps, constant after"""
     weight_decay: float = 0.0
@@ -171,6 +171,9 @@ class Args:
     """stop after this many non-finite updates in a row"""
     compile: Optional[bool] = None
     """compile the decode step and the loss (default: on CUDA)"""
+    threads: int = 0
+    """CPU threads for torch (0: 1 for models under 50M parameters, whose small matmuls lose more to thread
+    synchronisation than they gain, and are 10-20x slower when other processes share the cores)"""
     plot: bool = True
     """write accuracy/length curves to out_dir/curves.png when matplotlib is installed"""
 
@@ -701,6 +704,7 @@ def main(args: Args) -> dict:
         model_path = sft.ensure_toy_model() if info.is_main else sft.TOY_BASE
         K.barrier()
     model, tokenizer = K.load_model(model_path, dtype=args.dtype, device=info.device)
+    K.set_cpu_threads(args.threads, model)
     ref_model = None
     if args.kl_coef > 0:
         ref_model, _ = K.load_model(model_path, dtype=args.dtype, device=info.device)

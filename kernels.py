@@ -124,6 +124,18 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", d
     return model.to(device), tokenizer
 
 
+def set_cpu_threads(threads: int, model: torch.nn.Module | None = None, small: int = 50_000_000) -> int:
+    """torch's CPU thread count: `threads` if > 0, else 1 for a model under `small` parameters (its small
+    matmuls gain little from a second thread and slow down many-fold when the cores are shared), else
+    torch's default. No effect on GPU work. Returns the count in force."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif model is not None and next(model.parameters()).device.type == "cpu" \
+            and sum(p.numel() for p in model.parameters()) < small:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain transformers model inside a DDP (or torch.compile) wrapper; FSDP2 modules are already plain."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
