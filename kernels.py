@@ -294,6 +294,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                            device=device)
     if compile is None:
         compile = device.type == "cuda"
+    if device.type == "cpu":
+        check_every = 1  # asking whether every row has finished costs nothing on CPU; decoding past it does
 
     # Bucket the prompt length (left pad) so shapes repeat across calls.
     B, P0 = input_ids.shape
@@ -352,6 +354,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                                   torch.isin(tokens[:, :-1], eos_ids)], 1).cumsum(-1) > 0
     mask = (~is_pad_after_eos).long()
     tokens = tokens.masked_fill(is_pad_after_eos, pad_token_id)
+    # Columns decoded after the last row's EOS (between two checks) are all padding: drop them, so the log-prob
+    # and update passes do not run over them.
+    longest = max(int(mask.sum(-1).max()), 1)
+    tokens, mask, logprobs = tokens[:, :longest], mask[:, :longest], logprobs[:, :longest]
     return Generation(tokens=tokens, mask=mask, truncated=~finished, logprobs=logprobs * mask)
 
 
@@ -382,25 +388,31 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if with_entropy:
                 entropy[sl] = lse - (logits.softmax(-1) * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all, entropy)
+        # One chunk: keep its logits (no more memory than the backward's own chunk) instead of recomputing them.
+        ctx.logits = logits if n <= chunk_size else None
+        ctx.set_materialize_grads(False)  # an unused entropy output gets None, not a (n,) tensor of zeros
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         return (logprobs, entropy) if with_entropy else (logprobs, torch.empty(0, device=hidden.device))
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, targets, lse_all, entropy = ctx.saved_tensors
+        if grad_logprobs is None:  # only the entropy is differentiated
+            grad_logprobs = torch.zeros_like(lse_all)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
-            logits = _chunk_logits(hidden[sl], weight, bias, ctx.temperature)
+            logits = ctx.logits if ctx.logits is not None else _chunk_logits(hidden[sl], weight, bias, ctx.temperature)
             log_p = logits - lse_all[sl, None]
             p = log_p.exp()
             grad_logits = -p * grad_logprobs[sl, None]
             grad_logits.scatter_add_(-1, targets[sl, None], grad_logprobs[sl, None])
             if ctx.with_entropy and grad_entropy is not None and grad_entropy.numel():
                 grad_logits -= p * (log_p + entropy[sl, None]) * grad_entropy[sl, None]
-            grad_logits /= ctx.temperature
+            if ctx.temperature != 1.0:
+                grad_logits /= ctx.temperature
             if grad_hidden is not None:
                 grad_hidden[sl] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
