@@ -49,7 +49,9 @@ Launch:
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset data.jsonl \\
         --template chat --prompts-per-step 64 --num-generations 16 --max-new-tokens 1024 --lr 1e-6 --strategy fsdp
 
-Result of `python grpo.py` (toy world, seed 0, this project's 2-core CPU): see README.md "Results".
+Result of `python grpo.py` (toy world, seed 0, 80 steps, 71 s on a 2-core CPU): held-out greedy accuracy
+33.5% -> 83.5%, pass@1 (4 samples, T=1) 29.4% -> 77.8%, reasoning share 26% -> 100%, response length 11.3 ->
+23.9 tokens: accuracy, reasoning and length rise together, as in R1-Zero. Details in README.md "Results".
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
-    eval_every: int = 20
+    eval_every: int = 10
     """evaluate every N steps (and at the start and end); 0 disables"""
     eval_size: int = 200
     """held-out prompts per evaluation"""
@@ -663,6 +665,7 @@ def plot_curves(out_dir: str, history: list[dict]):
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].plot([h["step"] for h in evals], [h["eval/accuracy"] for h in evals], "o-", label="greedy accuracy")
     ax[0].plot([h["step"] for h in evals], [h["eval/reasoning_share"] for h in evals], "s--", label="reasoning share")
+    ax[0].plot([h["step"] for h in rolls], [h["rollout/accuracy"] for h in rolls], alpha=0.4, label="rollout accuracy")
     ax[0].set_xlabel("step"), ax[0].set_ylim(0, 1), ax[0].legend(), ax[0].set_title("held-out")
     ax[1].plot([h["step"] for h in rolls], [h["rollout/response_length"] for h in rolls], label="all")
     ax[1].plot([h["step"] for h in rolls], [h["rollout/length_incorrect"] for h in rolls], label="incorrect")
