@@ -1,0 +1,542 @@
+"""rlhf_reward_model.py: a Bradley-Terry reward model (step 2 of RLHF), trained, evaluated, and usable as a reward.
+
+A language model with a one-output linear head reads (prompt, response) and returns a scalar r(x, y), taken at
+the last real token of the sequence. It is trained on preference pairs (x, y_w, y_l), "y_w is better than
+y_l", so that the better response scores higher (InstructGPT, Ouyang et al. 2022, section 3.5):
+
+    loss = mean_pairs [ -log sigmoid( r(x, y_w) - r(x, y_l) - m ) ]  +  c * mean_pairs [ (r(x, y_w) + r(x, y_l))^2 ]
+
+    symbol      meaning                                                  where it comes from
+    r(x, y)     score head output at the last real token                 --model (backbone), the head is new
+    y_w, y_l    chosen (preferred) and rejected response                 --dataset (chosen / rejected)
+    m           optional per-pair margin (Llama 2, Touvron et al. 2023)  the `margin` field of a JSONL line
+    c           centering coefficient (Eisenstein et al. 2023)           --center-coef
+    B           preference pairs per optimizer step, all ranks           --batch-size
+                learning rate, steps                                     --lr, --max-steps
+
+A K-way ranking (a `responses` list, best first) counts as all C(K, 2) pairs it implies. Metric: held-out
+pairwise accuracy P(r(x, y_w) > r(x, y_l)); also the mean margin r_w - r_l and the mean/std of both scores.
+Shapes: B pairs, T tokens; chosen and rejected are scored in ONE forward of 2B rows.
+
+Deliberate choices:
+  - The score is read at the last position whose attention_mask is 1, found from the mask, not from
+    pad_token_id as transformers' own pooling does: the toy tokenizer's pad is its EOS, so a text that
+    contains EOS would be read at the wrong token, and padding may sit on either side.
+  - Text is rendered as the policy sees it: the tokenizer's chat template around the prompt (generation
+    prompt added), then the response (`--template plain` concatenates; any other string is a format with
+    {prompt} and {completion}). No EOS is appended, matching the completions grpo.py hands to a reward.
+    Over-long sequences are truncated on the left, so the response end that the head reads survives.
+  - InstructGPT put all C(K, 2) pairs of a prompt in one batch element to avoid overfitting; here they are
+    independent, shuffled pairs (simpler; fine for small K).
+  - c = 0.01 by default: without it the toy scores spread to a std of ~8 at the same accuracy; PPO prefers
+    rewards near 0. The held-out mean and std of r are also saved in the config (reward_mean, reward_std), so
+    `RewardModelScorer(path, normalize=True)` returns (r - mean) / std with statistics fixed at training time.
+  - The toy preferences (--dataset toy), three pairs per arithmetic problem, the chosen side always the
+    correct trace <think>3*4=12,7+12=19,19-2=17</think><answer>17</answer>: "correct" (rejected: an answer
+    that contradicts the reasoning before it), "format" (the same answer outside R1's template, e.g. no
+    think block, unclosed or doubled tags) and "concise" (the reasoning padded with repeated steps). Held-out
+    pairs come from the task's test split. Pairs whose rejected trace had a miscomputed step stayed near
+    chance (0.5-0.6 after 1000 steps) and slowed the rest, so they are left out: the toy reward model checks
+    consistency, not arithmetic, and a consistently wrong trace fools it (reward hacking in miniature; the
+    verifiable rewards of rlvr_rewards.py do not have this hole).
+  - The toy dataset needs sft.py (the toy base model) and rlvr_rewards.py (the task); both are imported only
+    when --model toy / --dataset toy ask for them, so the scorer and JSONL training depend on kernels.py alone.
+
+Launch:
+    python rlhf_reward_model.py                                       # toy world, CPU, about 2.5 minutes
+    python rlhf_reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset prefs.jsonl --lr 1e-5 --batch-size 32
+    torchrun --nproc_per_node 8 rlhf_reward_model.py --model Qwen/Qwen2.5-7B-Instruct --dataset prefs.jsonl \
+        --strategy fsdp --lr 5e-6 --batch-size 64
+    # as a reward: RewardModelScorer("runs/rlhf_reward_model/final") in code, or from the command line
+    RLHF_REWARD_MODEL=runs/rlhf_reward_model/final python grpo.py --rewards rlhf_reward_model:reward_model \
+        --reward-weights 1
+
+JSONL: one object a line, {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages,
+"margin": float (optional)} or {"prompt": ..., "responses": [best, ..., worst]}.
+
+Result (`python rlhf_reward_model.py`, seed 0, 800 steps of 16 pairs, 2-core CPU shared with other jobs,
+141 s wall): held-out pairwise accuracy 0.947 on 900 pairs (correct 0.840, format 1.000, concise 1.000),
+mean margin 3.87.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from kernels import (MetricsLogger, StopSignal, all_reduce_mean, all_reduce_sum, get_rank, init_distributed,
+                     is_distributed, latest_checkpoint, load_checkpoint, load_model, position_ids_from_mask, print0,
+                     resolve_device, save_args, save_checkpoint, seed_everything, set_cpu_threads, unwrap,
+                     wrap_model)
+
+
+@dataclass
+class Args:
+    model: str = "toy"
+    """backbone: a hub id, a local causal-LM or reward-model directory, or 'toy' (the toy base model of sft.py)"""
+    dataset: str = "toy"
+    """'toy' (built-in arithmetic preferences) or a .jsonl file of prompt/chosen/rejected (or responses) lines"""
+    eval_dataset: str = ""
+    """held-out .jsonl; empty: the toy test split, or --eval-fraction of the dataset's lines"""
+    eval_fraction: float = 0.05
+    """share of a JSONL dataset's lines held out for evaluation when --eval-dataset is empty"""
+    out_dir: str = "runs/rlhf_reward_model"
+    """where args.json, metrics.jsonl, checkpoint-STEP/ and final/ go"""
+    seed: int = 0
+    """seed for the head's initialisation, the data order and the toy data"""
+    max_steps: int = 800
+    """optimizer steps"""
+    batch_size: int = 16
+    """preference pairs per step, all ranks together (each pair is two sequences)"""
+    lr: float = 1e-3
+    """peak AdamW learning rate (about 1e-5 for a real 0.5B-7B model)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 20
+    """linear warmup, then cosine decay to 10% of --lr"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    center_coef: float = 0.01
+    """c: weight of the centering term (r_w + r_l)^2 (0.01 in Eisenstein et al. 2023)"""
+    max_length: int = 512
+    """tokens per sequence; longer ones lose their beginning"""
+    template: str = "chat"
+    """'chat' (tokenizer's chat template), 'plain' (prompt + response), or a format with {prompt} and {completion}"""
+    toy_train_prompts: int = 2500
+    """toy dataset: arithmetic prompts for training (three pairs each: correctness, format, concision)"""
+    toy_eval_prompts: int = 300
+    """toy dataset: held-out prompts from the task's test split"""
+    eval_every: int = 200
+    """evaluate every N steps (and at the end); 0: only at the end"""
+    save_every: int = 400
+    """write DIR/checkpoint-STEP every N steps; 0: only final/"""
+    resume: bool = False
+    """continue from the newest complete checkpoint in --out-dir"""
+    device: str = "auto"
+    """'auto' (this rank's GPU, else CPU), 'cpu', 'cuda', ..."""
+    dtype: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'float32', 'bfloat16'"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: DDP (a full copy per rank) or FSDP2 (sharded)"""
+    threads: int = 0
+    """CPU threads for torch (0: 1 for models under 50M parameters, see kernels.set_cpu_threads)"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The maths
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: torch.Tensor | None = None, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Bradley-Terry pairwise loss (InstructGPT eq. 1), with Llama 2's margin and a centering term. Shapes (B,)."""
+    diff = chosen_rewards - rejected_rewards                                   # (B,)
+    loss = -F.logsigmoid(diff - (margin if margin is not None else 0.0)).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    stats = {"loss": loss.detach(), "accuracy": (diff > 0).float().mean().detach(), "margin": diff.mean().detach(),
+             "chosen_mean": chosen_rewards.mean().detach(), "rejected_mean": rejected_rewards.mean().detach()}
+    return loss, stats
+
+
+def expand_rankings(prompt, responses: list, where: str = "") -> list[dict]:
+    """All C(K, 2) pairs of a best-first ranking: responses[i] is chosen over responses[j] for every i < j."""
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise DataError(f"{where}'responses' must be a list of at least two responses, best first.")
+    return [{"prompt": prompt, "chosen": better, "rejected": worse}
+            for better, worse in itertools.combinations(responses, 2)]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B,) position of each row's last real token, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)   # the largest position whose mask is 1
+
+
+def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r(x, y) per row (B,), read from the score head at the last real token (found from attention_mask)."""
+    head = unwrap(model).score
+    captured = {}
+    # transformers pools at "the last token that is not pad_token_id", wrong when EOS == pad appears in the text;
+    # the head scores every position inside the model's forward (so DDP/FSDP hooks fire as usual), we keep ours.
+    handle = head.register_forward_hook(lambda module, inputs, output: captured.update(scores=output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    finally:
+        handle.remove()
+    scores = captured["scores"][..., 0]                                          # (B, T)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return scores[rows, last_token_index(attention_mask).to(scores.device)].float()
+
+
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, kinds: list[str] | None = None) -> dict:
+    """Held-out pairwise accuracy (ties count as wrong), mean margin, and the reward distribution."""
+    diff, both = chosen - rejected, torch.cat([chosen, rejected])
+    out = {"accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item(),
+           "loss": -F.logsigmoid(diff).mean().item()}
+    for name, values in (("chosen", chosen), ("rejected", rejected), ("reward", both)):
+        out[f"{name}_mean"], out[f"{name}_std"] = values.mean().item(), values.std().item() if len(values) > 1 else 0.0
+    for kind in sorted(set(kinds or [])):
+        out[f"accuracy_{kind}"] = (diff[torch.tensor([k == kind for k in kinds])] > 0).float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: JSONL preference pairs (validated before any model is loaded) and the toy preferences
+# ----------------------------------------------------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """A preference file the user must fix; the message names the file and the line."""
+
+
+def _check_text(value, field: str, where: str):
+    ok = isinstance(value, str) or (isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) for m in value))
+    if not ok:
+        raise DataError(f"{where}'{field}' must be a string or a list of chat messages "
+                        f"({{\"role\": ..., \"content\": ...}}), got {type(value).__name__}.")
+
+
+def pairs_from_row(row, where: str) -> list[dict]:
+    """One JSONL object -> its preference pairs, or a DataError that says what to change."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}expected a JSON object, got {type(row).__name__}.")
+    if "prompt" not in row:
+        raise DataError(f"{where}missing field 'prompt' (each line needs prompt, chosen and rejected, "
+                        f"or prompt and a best-first 'responses' list).")
+    _check_text(row["prompt"], "prompt", where)
+    if "responses" in row:
+        pairs = expand_rankings(row["prompt"], row["responses"], where)
+    else:
+        for field in ("chosen", "rejected"):
+            if field not in row:
+                raise DataError(f"{where}missing field '{field}' (each line needs prompt, chosen and rejected).")
+        pairs = [{"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}]
+        if "margin" in row:
+            if not isinstance(row["margin"], (int, float)) or isinstance(row["margin"], bool):
+                raise DataError(f"{where}'margin' must be a number, got {row['margin']!r}.")
+            pairs[0]["margin"] = float(row["margin"])
+    for pair in pairs:
+        _check_text(pair["chosen"], "chosen", where)
+        _check_text(pair["rejected"], "rejected", where)
+        if pair["chosen"] == pair["rejected"]:
+            raise DataError(f"{where}chosen and rejected are identical; a preference pair needs two different "
+                            f"responses (remove the line or fix one side).")
+    return pairs
+
+
+def load_preference_jsonl(path: str) -> list[dict]:
+    """Every pair of a JSONL file, each tagged with its line number; all lines are checked before returning."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Preference file {path!r} does not exist; pass --dataset toy or a .jsonl path.")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}: "
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}not valid JSON ({err.msg}); write one JSON object per line.") from None
+            pairs += [dict(pair, line=lineno) for pair in pairs_from_row(row, where)]
+    if not pairs:
+        raise DataError(f"{path}: no preference pairs in the file.")
+    return pairs
+
+
+def _toy_response(steps: list[str], answer: str) -> str:
+    return f"<think>{','.join(steps)}</think><answer>{answer}</answer>"
+
+
+def toy_pair(row: dict, kind: str, rng: random.Random) -> dict:
+    """One toy preference pair from an arithmetic row; kind 'correct', 'format' or 'concise'. The chosen side is
+    the correct reasoning trace in R1's template, <think>3*4=12,7+12=19,19-2=17</think><answer>17</answer>."""
+    steps, answer = row["steps"], row["answer"]
+    chosen, body = _toy_response(steps, answer), f"<think>{','.join(steps)}</think>"
+    if kind == "correct":   # a wrong answer that ignores the (correct) reasoning before it
+        rejected = _toy_response(steps, str(int(answer) + rng.choice([-10, -3, -2, -1, 1, 2, 3, 10])))
+    elif kind == "format":   # the same correct answer, outside the template
+        rejected = rng.choice([f"{body}{answer}", f"{body}<answer>{answer}", f"<answer>{answer}</answer>{body}",
+                               f"{body}<answer>{answer}</answer><answer>{answer}</answer>",
+                               f"<think>{','.join(steps)}<answer>{answer}</answer>",
+                               f"{body}<answer>{answer}</answer>{answer}", f"<answer>{answer}</answer>", answer])
+    else:   # concise: the same correct reasoning, padded by repeating steps
+        repeats = [s for s in steps for _ in range(rng.randint(1, 3))]
+        repeats = repeats if len(repeats) > len(steps) else steps * rng.randint(2, 3)
+        rejected = _toy_response(repeats, answer)
+    return {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "kind": kind}
+
+
+def toy_preference_pairs(split: str, num_prompts: int, seed: int) -> list[dict]:
+    """Three pairs (correct, format, concise) for each arithmetic prompt of the task's train or test split."""
+    from rlvr_rewards import make_dataset
+
+    rows = make_dataset("arithmetic", split=split, n=num_prompts, seed=seed)
+    rng = random.Random(f"toy-preferences-{split}-{seed}")
+    return [toy_pair(row, kind, rng) for row in rows for kind in ("correct", "format", "concise")]
+
+
+def load_pairs(args: Args) -> tuple[list[dict], list[dict]]:
+    """(train pairs, held-out pairs) for --dataset / --eval-dataset; raises DataError before any training."""
+    if args.dataset == "toy":
+        return (toy_preference_pairs("train", args.toy_train_prompts, args.seed),
+                toy_preference_pairs("test", args.toy_eval_prompts, args.seed))
+    pairs = load_preference_jsonl(args.dataset)
+    if args.eval_dataset:
+        return pairs, load_preference_jsonl(args.eval_dataset)
+    # hold out whole lines, so the pairs of one ranking never straddle the split
+    lines = sorted({p["line"] for p in pairs})
+    random.Random(args.seed).shuffle(lines)
+    held_out = set(lines[:max(1, round(args.eval_fraction * len(lines)))])
+    train = [p for p in pairs if p["line"] not in held_out]
+    if not train:
+        raise DataError(f"{args.dataset}: too few lines to hold out {args.eval_fraction:.0%} for evaluation; "
+                        f"pass --eval-dataset or a smaller --eval-fraction.")
+    return train, [p for p in pairs if p["line"] in held_out]
+
+
+def render(tokenizer, prompt, response, template: str = "chat") -> str:
+    """The text the reward model reads: the prompt as the policy saw it, then the response."""
+    if isinstance(response, list):
+        response = "".join(m["content"] for m in response)
+    if template == "chat" and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + response
+    if isinstance(prompt, list):
+        prompt = "\n".join(m["content"] for m in prompt)
+    if template in ("chat", "plain"):
+        return prompt + response
+    return template.format(prompt=prompt, completion=response)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (N, T), padded on the tokenizer's side; no special tokens added."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, add_special_tokens=False,
+                    return_tensors="pt")
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model loading, scoring, evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_reward_model(name_or_path: str, *, device="auto", dtype="auto"):
+    """(model, tokenizer): AutoModelForSequenceClassification with one output. From a causal-LM checkpoint the
+    backbone is reused and the head starts random; from a trained reward model everything loads."""
+    from transformers import AutoModelForSequenceClassification
+
+    if name_or_path == "toy":
+        from sft import ensure_toy_model
+
+        name_or_path = ensure_toy_model()
+    model, tokenizer = load_model(name_or_path, model_class=AutoModelForSequenceClassification, num_labels=1,
+                                  device=device, dtype=dtype)
+    if not hasattr(model, "score"):
+        raise ValueError(f"{name_or_path}: expected a sequence-classification head named 'score' (Llama, Qwen, "
+                         f"Mistral, Gemma, GPT-2 style); this architecture names it differently.")
+    tokenizer.truncation_side = "left"   # keep the end of the response, where the score is read
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts: list[str], *, batch_size: int, max_length: int, device) -> torch.Tensor:
+    """r for each text (N,), batched, in eval mode, without gradients."""
+    was_training = model.training
+    model.eval()
+    out = [sequence_rewards(model, *tokenize(tokenizer, texts[i:i + batch_size], max_length, device)).cpu()
+           for i in range(0, len(texts), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def evaluate(model, tokenizer, pairs: list[dict], args: Args, device) -> dict:
+    """Held-out metrics; each rank scores an equal share (FSDP needs the same number of forwards on every rank)."""
+    world, rank = (torch.distributed.get_world_size(), get_rank()) if is_distributed() else (1, 0)
+    per_rank = math.ceil(len(pairs) / world)
+    shard = pairs[rank * per_rank:(rank + 1) * per_rank]
+    valid = len(shard)
+    shard = shard + pairs[:per_rank - valid]                     # filler rows, dropped below
+    texts = [render(tokenizer, p["prompt"], p[side], args.template) for side in ("chosen", "rejected") for p in shard]
+    rewards = score_texts(model, tokenizer, texts, batch_size=2 * args.batch_size, max_length=args.max_length,
+                          device=device).view(2, -1)[:, :valid]   # (2, valid)
+    gathered = torch.zeros(2, len(pairs))
+    gathered[:, rank * per_rank:rank * per_rank + valid] = rewards
+    gathered = all_reduce_sum(gathered.to(device)).cpu()         # every rank now holds every pair's rewards
+    kinds = [p["kind"] for p in pairs] if all("kind" in p for p in pairs) else None
+    return preference_metrics(gathered[0], gathered[1], kinds)
+
+
+class RewardModelScorer:
+    """A trained reward model as a reward function with the project's signature:
+
+        scorer = RewardModelScorer("runs/rlhf_reward_model/final")
+        scorer(completions, prompt=[...], **other_columns) -> list[float]
+
+    `prompt` (or `prompts`) is the dataset's prompt column, aligned with completions; other columns are ignored.
+    normalize=True returns (r - reward_mean) / reward_std with the held-out statistics saved at training time.
+    """
+
+    def __init__(self, path: str, *, device: str = "auto", batch_size: int = 64, normalize: bool = False,
+                 template: str | None = None, max_length: int = 2048, dtype: str = "auto"):
+        self.device = resolve_device(device)
+        self.model, self.tokenizer = load_reward_model(path, device=self.device, dtype=dtype)
+        self.model.eval().requires_grad_(False)
+        self.template = template or getattr(self.model.config, "reward_template", "chat")
+        self.batch_size, self.max_length = batch_size, max_length
+        self.mean, self.std = 0.0, 1.0
+        if normalize:
+            self.mean = getattr(self.model.config, "reward_mean", None)
+            self.std = getattr(self.model.config, "reward_std", None)
+            if self.mean is None or self.std is None:
+                raise ValueError(f"{path} has no reward_mean/reward_std in its config (it was not trained by "
+                                 f"rlhf_reward_model.py); use normalize=False.")
+        self.__name__ = "reward_model"   # reward-combining code logs rewards by function name
+
+    def __call__(self, completions: list, prompts: list | None = None, prompt: list | None = None,
+                 **columns) -> list[float]:
+        prompts = prompt if prompt is not None else prompts
+        prompts = [""] * len(completions) if prompts is None else list(prompts)
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(completions)} completions but {len(prompts)} prompts; pass one prompt each.")
+        texts = [render(self.tokenizer, p, c, self.template) for p, c in zip(prompts, completions)]
+        rewards = score_texts(self.model, self.tokenizer, texts, batch_size=self.batch_size,
+                              max_length=self.max_length, device=self.device)
+        return ((rewards - self.mean) / max(self.std, 1e-8)).tolist()
+
+
+_SCORERS: dict[str, RewardModelScorer] = {}
+
+
+def reward_model(completions: list, prompt: list | None = None, **columns) -> list[float]:
+    """The reward model in $RLHF_REWARD_MODEL (default runs/rlhf_reward_model/final), loaded once per process, as a
+    reward grpo.py can name: `python grpo.py --rewards rlhf_reward_model:reward_model --reward-weights 1`."""
+    path = os.environ.get("RLHF_REWARD_MODEL", os.path.join(Args.out_dir, "final"))
+    if path not in _SCORERS:
+        _SCORERS[path] = RewardModelScorer(path)
+    return _SCORERS[path](completions, prompt=prompt, **columns)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+def batch_for_step(pairs: list[dict], step: int, batch_size: int, seed: int) -> list[dict]:
+    """The global batch of step `step` (1-based): a fresh shuffle each epoch, a pure function of (step, seed),
+    so a resumed run sees exactly the pairs an uninterrupted one would."""
+    out = []
+    for position in range((step - 1) * batch_size, step * batch_size):
+        epoch, index = divmod(position, len(pairs))
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(pairs[order[index]])
+    return out
+
+
+def lr_lambda(warmup_steps: int, max_steps: int, floor: float = 0.1):
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return schedule
+
+
+def main(args: Args):
+    dist_info = init_distributed(args.device)
+    device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
+    seed_everything(args.seed)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks.")
+    train_pairs, eval_pairs = load_pairs(args)            # a bad data file stops here, before any model loads
+    use_margin = any("margin" in p for p in train_pairs)
+    print0(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
+
+    model, tokenizer = load_reward_model(args.model, device=device, dtype=args.dtype)
+    set_cpu_threads(args.threads, model)
+    model.config.reward_template = args.template          # the scorer renders text the same way
+    model = wrap_model(model, args.strategy, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+
+    start_step = 0
+    checkpoint = latest_checkpoint(args.out_dir) if args.resume else None
+    if checkpoint:
+        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler)["step"]
+        print0(f"Resumed from {checkpoint} (step {start_step})")
+    save_args(args.out_dir, args)
+    logger = MetricsLogger(args.out_dir, resume_step=start_step if args.resume else None)
+
+    def run_eval(step: int) -> dict:
+        metrics = {"step": step, **evaluate(model, tokenizer, eval_pairs, args, device)}
+        unwrap(model).config.reward_mean = metrics["reward_mean"]   # saved with the model, used by normalize=True
+        unwrap(model).config.reward_std = metrics["reward_std"]
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
+        return metrics
+
+    model.train()
+    start_time, metrics, step = time.time(), {"step": None}, start_step
+    bar = tqdm(range(start_step + 1, args.max_steps + 1), disable=rank != 0, desc="reward model")
+    with StopSignal() as stop:
+        for step in bar:
+            # ---- this rank's share of the global batch; chosen and rejected in one forward of 2b rows ----
+            batch = batch_for_step(train_pairs, step, args.batch_size, args.seed)[rank::world]
+            texts = [render(tokenizer, p["prompt"], p[side], args.template) for side in ("chosen", "rejected")
+                     for p in batch]
+            input_ids, attention_mask = tokenize(tokenizer, texts, args.max_length, device)   # (2b, T)
+            chosen, rejected = sequence_rewards(model, input_ids, attention_mask).chunk(2)     # (b,), (b,)
+            margin = torch.tensor([p.get("margin", 0.0) for p in batch], device=device) if use_margin else None
+
+            # ---- Bradley-Terry update ----
+            loss, stats = bradley_terry_loss(chosen, rejected, margin, args.center_coef)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+
+            # ---- logging, evaluation, checkpoints ----
+            stats = all_reduce_mean({k: v.item() for k, v in stats.items()})
+            logger.log(step, {**{f"train/{k}": v for k, v in stats.items()}, "train/lr": scheduler.get_last_lr()[0],
+                              "train/grad_norm": float(grad_norm), "perf/seconds": time.time() - start_time})
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
+            if args.eval_every and step % args.eval_every == 0:
+                metrics = run_eval(step)
+                print0(f"step {step}: held-out accuracy {metrics['accuracy']:.3f}, margin {metrics['margin']:.2f}")
+            if stop.should_stop():
+                save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler)
+                print0(f"Stopped at step {step}; continue with --resume --out-dir {args.out_dir}")
+                return metrics
+            if args.save_every and step % args.save_every == 0:
+                save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler)
+
+    if metrics["step"] != step:
+        metrics = run_eval(step)
+    save_checkpoint(args.out_dir, step, model, tokenizer, name="final")
+    logger.close()
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("accuracy"))
+    print0(f"Held-out: {summary}; margin {metrics['margin']:.2f}; {time.time() - start_time:.0f}s")
+    print0(f"Outputs in {os.path.abspath(args.out_dir)}: args.json, metrics.jsonl, checkpoint-*/, final/ "
+           f"(load it with AutoModelForSequenceClassification.from_pretrained or RewardModelScorer)")
+    if is_distributed():
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
