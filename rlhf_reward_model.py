@@ -36,7 +36,8 @@ Deliberate choices:
     that contradicts the reasoning before it), "format" (the same answer outside R1's template, e.g. no
     think block, unclosed or doubled tags) and "concise" (the reasoning padded with repeated steps). Held-out
     pairs come from the task's test split. Pairs whose rejected trace had a miscomputed step stayed near
-    chance (0.5-0.6 after 1000 steps) and slowed the rest, so they are left out: the toy reward model checks
+    chance in the mix (0.4-0.6 after 400 steps; 0.8 only when trained alone for 800) and held the consistency
+    pairs back, so they are left out: the toy reward model checks
     consistency, not arithmetic, and a consistently wrong trace fools it (reward hacking in miniature; the
     verifiable rewards of rlvr_rewards.py do not have this hole).
   - The toy dataset needs sft.py (the toy base model) and rlvr_rewards.py (the task); both are imported only
@@ -55,8 +56,13 @@ JSONL: one object a line, {"prompt": str | messages, "chosen": str | messages, "
 "margin": float (optional)} or {"prompt": ..., "responses": [best, ..., worst]}.
 
 Result (`python rlhf_reward_model.py`, seed 0, 800 steps of 16 pairs, 2-core CPU shared with other jobs,
-141 s wall): held-out pairwise accuracy 0.947 on 900 pairs (correct 0.840, format 1.000, concise 1.000),
-mean margin 3.87.
+141-203 s wall): held-out pairwise accuracy 0.947 on 900 pairs (correct 0.840, format 1.000, concise 1.000),
+mean margin 3.87. On the toy base model's own samples it ranks a correct answer above a wrong one for the
+same prompt 87% of the time, mostly because it likes reasoning. As grpo.py's only reward it is hacked, as
+the consistency caveat above predicts: greedy accuracy 33.5% -> 9.5% while the reasoning share goes 26% ->
+100%, e.g. "4-9-2" -> <think>4-9=-2,-2-8=-4</think><answer>-4</answer>; as a 0.1-weight term beside the
+verifiable reward (--rewards task rlhf_reward_model:reward_model --reward-weights 1 0.1) the run ends at
+83.5%, the same as the default task + format rewards.
 """
 
 from __future__ import annotations

@@ -191,6 +191,16 @@ def test_toy_pairs_cover_three_preferences_and_chosen_is_correct_and_well_formed
             assert (f, c) == (1.0, 1.0) and len(p["rejected"]) > len(p["chosen"])   # right, but padded
 
 
+def test_help_lists_the_shared_flags():
+    """`python rlhf_reward_model.py --help` works and shows the flags every training script shares."""
+    out = subprocess.run([sys.executable, os.path.abspath(R.__file__), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--model", "--dataset", "--out-dir", "--seed", "--max-steps", "--lr", "--eval-every",
+                 "--save-every", "--resume", "--device", "--strategy", "--center-coef"):
+        assert flag in out.stdout, flag
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Training run, outputs, resume, the scorer
 # ---------------------------------------------------------------------------------------------------------
