@@ -216,6 +216,7 @@ def main(args: Args):
             row["skip"] = f"naive needs ~{naive_bytes_estimate(tokens, args.vocab) / 2**30:.0f} GiB"
             print(f"  {tokens} tokens: skipped, {row['skip']}", flush=True)
             rows.append(row)
+            table = markdown(rows, args, header)
             continue
         inputs = make_inputs(args, tokens, device)
         # Peak memory: separate processes on CPU (a process's peak resident set only grows), in place on CUDA.
@@ -246,12 +247,13 @@ def main(args: Args):
         row["time_ratio"], row["time_ratio_min"], row["time_ratio_max"] = statistics.median(ratios), min(ratios), max(ratios)
         rows.append(row)
         print(f"  {tokens} tokens: {row}", flush=True)
+        table = markdown(rows, args, header)
+        if args.out:  # after every row, so a run cut short keeps what it finished
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(table)
 
-    table = markdown(rows, args, header)
     print("\n" + table)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
         print(f"table written to {args.out}")
 
 
@@ -275,7 +277,7 @@ def markdown(rows: list[dict], args: Args, header: str) -> str:
             target = (f"memory <= 1/10 {'met' if ok_mem else 'MISSED'}, time <= 1.3x {'met' if ok_time else 'MISSED'}")
         lines.append("| " + " | ".join([
             shape, mib(r["naive_mem"]), mib(r["chunked_mem"]),
-            f"1/{1 / mem_ratio:.1f}" if mem_ratio else "-", f"{r['naive_s']:.3f}", f"{r['chunked_s']:.3f}",
+            "-" if not mem_ratio else f"1/{1 / mem_ratio:.1f}" if mem_ratio < 1 else f"{mem_ratio:.1f}x", f"{r['naive_s']:.3f}", f"{r['chunked_s']:.3f}",
             f"**{r['time_ratio']:.2f}x** ({r['time_ratio_min']:.2f}-{r['time_ratio_max']:.2f})", target]) + " |")
     lines.append("")
     diffs = [r["max_diff"] for r in rows if "max_diff" in r]
