@@ -29,7 +29,7 @@ Shapes: plain = 32 prompts x 1 sample, 16-token prompts; rl = 8 prompts x 8 samp
 32 prompts x 8 samples, 128-token prompts.
 
     python bench/generate.py --quick                       # seconds: a sanity run on a tiny model
-    python bench/generate.py --threads 1                   # CPU: ~10M-parameter Qwen2, plain and rl shapes
+    python bench/generate.py                               # CPU: ~10M-parameter Qwen2, plain and rl shapes
     python bench/generate.py --device cuda --out gen.md    # GPU: Qwen2.5-0.5B-shaped bf16, rl and rl256
 """
 
@@ -61,7 +61,8 @@ class Args:
     runs: int = 0
     """timed runs per side, after one warm-up each (0: 2 with --quick, 5 on CPU, 3 on CUDA)"""
     threads: int = 0
-    """torch CPU threads (0: torch's default); on a busy shared machine 1 gives far steadier timings"""
+    """torch CPU threads (0: kernels.set_cpu_threads' rule, as the training scripts: 1 for a CPU model under 50M
+    parameters, else torch's default); on a busy shared machine 1 gives far steadier timings"""
     compile: bool | None = None
     """compile our decode step (None: kernels.generate's default, i.e. on CUDA only)"""
     keyed: bool = True
@@ -273,8 +274,6 @@ def main(args: Args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no GPU; run on CPU with --device cpu.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
     model_name = args.model if args.model != "auto" else "tiny" if args.quick else "qwen2.5-0.5b" if gpu else "10m"
     shapes = args.shapes or (("rl", "rl256") if gpu else ("plain", "rl"))
@@ -286,6 +285,7 @@ def main(args: Args):
     dtype = torch.bfloat16 if gpu else torch.float32
 
     model = build_model(model_name, device, dtype, args.seed)
+    kernels.set_cpu_threads(args.threads, model)
     params = sum(p.numel() for p in model.parameters())
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} thread(s)"
     header = (f"### generate: kernels.generate vs transformers generate ({where})\n\n"

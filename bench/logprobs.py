@@ -20,7 +20,7 @@ ratio is the median of the per-pair ratios ours / naive. Targets (issue 2): at 8
 1/10 of naive's extra memory, and at most 1.3x its time.
 
     python bench/logprobs.py --quick                      # seconds: 256 and 512 tokens
-    python bench/logprobs.py --threads 1                  # CPU: 1,024 ... 8,192 tokens (naive needs ~15 GB)
+    python bench/logprobs.py                              # CPU: 1,024 ... 8,192 tokens (naive needs ~15 GB)
     python bench/logprobs.py --device cuda --out lp.md    # GPU: bf16, hidden 896
 """
 
@@ -59,7 +59,8 @@ class Args:
     runs: int = 0
     """timed runs per side, after a warm-up (0: 2 with --quick, 3 on CPU, 5 on CUDA)"""
     threads: int = 0
-    """torch CPU threads (0: torch's default); on a busy shared machine 1 gives far steadier timings"""
+    """torch CPU threads (0: kernels.set_cpu_threads' rule, as the training scripts: 1 for a CPU model under 50M
+    parameters, else torch's default); on a busy shared machine 1 gives far steadier timings"""
     quick: bool = False
     """a fast sanity run: two small token counts, two runs"""
     out: str | None = None
@@ -147,6 +148,7 @@ def measure_in_this_process(args: Args, device: torch.device, dtype: torch.dtype
     method, tokens = args.measure.split(":")
     fused = METHODS[method]
     model = build_model(args, device, dtype)
+    kernels.set_cpu_threads(args.threads, model)
     step(model, make_inputs(args, 8 * args.batch, device), fused)  # library initialisation, untimed, unmeasured
     inputs = make_inputs(args, int(tokens), device)
     print(json.dumps({"peak_extra_bytes": peak_extra_bytes(model, inputs, fused, device)}))
@@ -187,8 +189,6 @@ def main(args: Args):
     gpu = device.type == "cuda"
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no GPU; run on CPU with --device cpu.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.hidden = args.hidden or (896 if gpu else 256)
     dtype = torch.bfloat16 if gpu else torch.float32
     if args.measure:
@@ -200,6 +200,7 @@ def main(args: Args):
     runs = args.runs or (2 if args.quick else 5 if gpu else 3)
 
     model = build_model(args, device, dtype)
+    kernels.set_cpu_threads(args.threads, model)
     params = sum(p.numel() for p in model.parameters())
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} thread(s)"
     header = (f"### token_logprobs: chunked vs naive full logits, forward + backward ({where})\n\n"
