@@ -181,43 +181,45 @@ def _splitmix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ ((z >> 31) & ((1 << 33) - 1))
 
 
-def keyed_exponential(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
-    """Exp(1) noise (R, V) that is a pure function of (row key, step, token id): sampling with it gives the same
-    completion for a row whatever batch, rank or world size the row lands in (so a 2-rank run samples what a
-    1-rank run samples, and a resumed run what an uninterrupted one did)."""
-    base = _splitmix64(keys.long() * 1_000_003 + _splitmix64(torch.tensor(step, device=keys.device)))
-    z = _splitmix64(base[:, None] + torch.arange(vocab_size, device=keys.device)[None, :] * _i64(0xD1B54A32D192ED03))
-    uniform = (((z >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)  # 24 random bits in (0, 1)
-    return -torch.log(uniform)
+def keyed_uniform(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """One U[0, 1) draw (R,) float64 per row that is a pure function of (row key, step): sampling with it gives
+    the same completion for a row whatever batch, rank or world size the row lands in (so a 2-rank run samples
+    what a 1-rank run samples, and a resumed run what an uninterrupted one did)."""
+    z = _splitmix64(keys.long() * 1_000_003 + _splitmix64(torch.tensor(step, device=keys.device)))
+    return ((z >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
 
 
 def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+                  generator: torch.Generator | None = None, uniform: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row without a host sync. Returns (tokens (R,), their log-probs (R,)).
 
-    Exponential-race sampling (argmax p/q with q ~ Exp(1)) is an exact draw from p and, unlike
-    torch.multinomial, never waits on the device. noise: the Exp(1) draws to use (else from generator).
+    Inverse-CDF sampling: the first token whose cumulative probability exceeds u * total, u ~ U[0, 1) one per
+    row (float64 cumsum, so rounding shifts no token's probability by more than ~1e-16). An exact draw that
+    needs R random numbers, not R * V, and never waits on the device. uniform: the (R,) draws to use.
     """
     logits = logits.float()
+    lse_logits = logits / temperature if temperature not in (0, 1) else logits
+    lse = torch.logsumexp(lse_logits, -1)  # (R,)
     if temperature == 0:
         tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
-    logits = logits / temperature
-    logprobs = torch.log_softmax(logits, -1)
+        return tokens, logits.gather(-1, tokens[:, None])[:, 0] - lse
+    logits = lse_logits
+    masked = logits
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        masked = masked.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest prefix with mass >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    race = noise if noise is not None else torch.empty_like(probs).exponential_(1.0, generator=generator)
-    tokens = (probs / race).argmax(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+        sorted_logits, order = torch.sort(masked, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p  # keep the smallest prefix with mass >= top_p
+        masked = masked.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    cdf = (masked - lse[:, None]).exp().cumsum(-1, dtype=torch.float64)  # (R, V) unnormalised if truncated
+    if uniform is None:
+        uniform = torch.rand(logits.shape[0], dtype=torch.float64, device=logits.device, generator=generator)
+    target = (uniform.to(cdf.device, torch.float64) * cdf[:, -1])[:, None]
+    tokens = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
+    return tokens, logits.gather(-1, tokens[:, None])[:, 0] - lse
 
 
 class _DecodeState:
@@ -272,7 +274,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     compile: compile the one-token decode step (default: on CUDA only, with CUDA graphs). Prompt length is
     bucketed to a multiple of pad_to_multiple so that calls of similar shape share one compiled graph.
     check_every: how often (in steps) to ask the device whether every row has finished (a host sync).
-    noise_keys: (R,) int64 per-row keys; when given, sampling noise comes from keyed_exponential instead of
+    noise_keys: (R,) int64 per-row keys; when given, sampling noise comes from keyed_uniform instead of
     generator, so each row's sample depends only on its key (rank- and batch-invariant).
     """
     model = unwrap(model)
@@ -332,9 +334,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     sync_stop = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and _is_fsdp(model)
     steps = max_new_tokens
     for t in range(max_new_tokens):
-        noise = keyed_exponential(noise_keys, t, logits.shape[-1]) if noise_keys is not None and temperature else None
+        uniform = keyed_uniform(noise_keys, t) if noise_keys is not None and temperature else None
         token, token_logprob = sample_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k,
-                                             generator=generator, noise=noise)
+                                             generator=generator, uniform=uniform)
         tokens[:, t] = torch.where(finished, pad_token_id, token)
         logprobs[:, t] = torch.where(finished, 0.0, token_logprob)
         finished |= torch.isin(token, eos_ids)
@@ -402,21 +404,28 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        with_entropy = ctx.with_entropy and grad_entropy is not None and grad_entropy.numel()
+        kept, ctx.logits = ctx.logits, None  # used up here: a second backward (retain_graph) recomputes
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
-            logits = ctx.logits if ctx.logits is not None else _chunk_logits(hidden[sl], weight, bias, ctx.temperature)
-            log_p = logits - lse_all[sl, None]
-            p = log_p.exp()
-            grad_logits = -p * grad_logprobs[sl, None]
+            # One (C, V) buffer, in place: log p = z - lse; dz = onehot * g - p * (g + (log p + H) * g_H)
+            logits = kept if kept is not None else _chunk_logits(hidden[sl], weight, bias, ctx.temperature)
+            grad_logits = logits.sub_(lse_all[sl, None])  # log p
+            coef = grad_logprobs[sl, None]
+            if with_entropy:
+                coef = (grad_logits + entropy[sl, None]).mul_(grad_entropy[sl, None]).add_(coef)
+            grad_logits.exp_().mul_(coef).neg_()
             grad_logits.scatter_add_(-1, targets[sl, None], grad_logprobs[sl, None])
-            if ctx.with_entropy and grad_entropy is not None and grad_entropy.numel():
-                grad_logits -= p * (log_p + entropy[sl, None]) * grad_entropy[sl, None]
             if ctx.temperature != 1.0:
                 grad_logits /= ctx.temperature
+            grad_logits_w = grad_logits.to(weight.dtype)  # the same tensor when the model is fp32
             if grad_hidden is not None:
-                grad_hidden[sl] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[sl] = (grad_logits_w @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += grad_logits.t() @ hidden[sl].float()
+                if weight.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), hidden[sl].float())  # no (V, H) temporary per chunk
+                else:  # bf16/fp16: tensor cores, as the plain head's backward; fp32 sum over chunks
+                    grad_weight += grad_logits_w.t() @ hidden[sl]
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
