@@ -250,7 +250,7 @@ def markdown(rows: list[dict], args: Args, header: str, device: torch.device, co
     lines.append("ratio = median over the interleaved runs of transformers' call time / ours; tokens/s = rows x N / "
                  "median call time (prefill included).")
     if keyed:
-        lines.append("ours keyed = kernels.generate with noise_keys (per-row keyed Exp(1) noise), the way grpo.py "
+        lines.append("ours keyed = kernels.generate with noise_keys (one keyed uniform per row and step), the way grpo.py "
                      "samples; the plain columns use the default torch.Generator noise.")
     if copy_bw:
         lines.append(f"Copy bandwidth measured here: {copy_bw / 1e9:,.0f} GB/s (read + write). GB/step = weights + "
