@@ -165,8 +165,6 @@ class Generation:
         return self.mask.sum(-1)
 
 
-_MASK64 = (1 << 64) - 1
-
 
 def _i64(x: int) -> int:
     """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
