@@ -385,7 +385,11 @@ def score(reward_fns, weights, completions: list[str], rows: list[dict], **extra
                                           **columns, **extra)
     per_reward = {name: vals for (name, _), vals in zip(reward_fns, per_reward.values())}
     correct = None
-    if "answer" in columns:
+    task_values = next((vals for (_, fn), vals in zip(reward_fns, per_reward.values()) if fn is R.accuracy_reward),
+                       None)
+    if task_values is not None:  # the task reward already checked every answer: don't check them twice
+        correct = [v == 1.0 for v in task_values]
+    elif "answer" in columns:
         correct = [v == 1.0 for v in R.accuracy_reward(completions, columns["answer"])]
     elif "numbers" in columns and "target" in columns:
         correct = [v == 1.0 for v in R.countdown_reward(completions, columns["numbers"], columns["target"])]
@@ -770,7 +774,6 @@ def main(args: Args) -> dict:
             train_stats = update(args, policy, optimizer, scheduler, batch, state)
             times["update"] = time.perf_counter() - t1
             metrics.update(train_stats)
-            metrics["rollout/reward_std"] = 0.0
             metrics = reduce_metrics(metrics)
             metrics["rollout/reward_std"] = math.sqrt(max(0.0, metrics.pop("rollout/reward_sq_mean")
                                                           - metrics["rollout/reward_mean"] ** 2))
