@@ -40,11 +40,15 @@ Deliberate choices:
   - Sampling noise is keyed by (seed, step, prompt index, sample index), so a run on W ranks samples exactly
     what a run on one process does, and a resumed run what an uninterrupted one did.
   - Each rank owns whole groups, so group statistics need no communication; metrics are all-reduced.
+  - Forward/backward passes run over length-sorted micro-batches of at most micro_batch_tokens padded tokens,
+    each cut to its own longest prompt and completion: rollouts are ragged (half of a toy batch is padding at
+    the first step), and the sum of the micro-batches' gradients is the whole batch's. DDP all-reduces once per
+    optimizer step, in the last backward; FSDP2 reduce-scatters every micro-batch, keeping gradients sharded.
   - A NaN/inf loss or gradient norm skips that update (counted in train/skipped_updates); nan_patience in a
     row saves a checkpoint and stops with a clear message.
 
 Launch:
-    python grpo.py                                   # R1-Zero in the toy world, CPU, ~5 minutes
+    python grpo.py                                   # R1-Zero in the toy world, CPU, ~1 minute
     python grpo.py --preset dapo --out-dir runs/dapo
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset data.jsonl \\
         --template chat --prompts-per-step 64 --num-generations 16 --max-new-tokens 1024 --lr 1e-6 --strategy fsdp
@@ -138,8 +142,11 @@ class Args:
     """mu: update passes over each rollout"""
     num_minibatches: int = 1
     """optimizer steps per pass (each rank's groups split evenly)"""
-    micro_batch_size: int = 0
-    """rows per forward/backward inside a minibatch (0: the whole minibatch); memory only"""
+    micro_batch_tokens: int = -1
+    """padded tokens per forward/backward: rows are sorted by length and packed into micro-batches of at most
+    this many (rows x longest prompt and completion), each trimmed to its own longest row, so little compute
+    goes to padding; 0: the whole minibatch at once; -1: 2,048 on CPU, 8,192 on a GPU (lower it if activations
+    run out of memory). Memory and speed only: the gradient is the same sum"""
     advantage: Literal["group", "mean", "rloo", "batch"] = "group"
     """how rewards become advantages (module docstring)"""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = \
@@ -198,9 +205,22 @@ R1_TEMPLATE = ("A conversation between User and Assistant. The User asks a quest
 
 
 def apply_preset(args: Args) -> Args:
-    """Set the preset's fields that are still at their defaults (flags the user passed win)."""
+    """For Args built in Python: set the preset's fields that are still at their plain defaults. A field set to
+    its plain default cannot be told from an unset one here; `cli` has no such blind spot."""
     changes = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) == getattr(DEFAULTS, k)}
     return dataclasses.replace(args, **changes)
+
+
+def cli(argv: list[str] | None = None) -> Args:
+    """Parse the command line on top of the chosen preset's values (which --help then shows), so every flag given
+    wins, even one equal to the plain default: --preset dapo --no-dynamic-sampling turns dynamic sampling off."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=DEFAULTS.preset)
+    preset = pre.parse_known_args(argv)[0].preset
+    base = dataclasses.replace(DEFAULTS, preset=preset, **PRESETS[preset]) if preset in PRESETS else DEFAULTS
+    return tyro.cli(Args, default=base, args=argv)  # an unknown preset: tyro names the choices
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,7 +261,7 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, kl: torch
     if kl is not None and kl_coef:
         token_rewards = token_rewards - kl_coef * kl * maskf
     returns = token_rewards.flip(-1).cumsum(-1).flip(-1) * maskf  # sum_{s >= t}
-    return K.masked_whiten(returns, maskf) * maskf
+    return K.masked_whiten(returns, maskf, all_ranks=True) * maskf  # over every rank's tokens
 
 
 def compute_advantages(args: Args, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
@@ -366,8 +386,8 @@ def sample_rollout(args, model, tokenizer, rows, row_ids, step, round_):
     device = next(K.unwrap(model).parameters()).device
     ids, mask = tokenize_prompts(tokenizer, texts, device)
     G = args.num_generations
-    keys = torch.tensor([((args.seed * 1_000_003 + step) * 7919 + round_) * 1_000_003 + rid * G + j
-                         for rid in row_ids for j in range(G)], device=device)
+    keys = torch.tensor([(((args.seed * 1_000_003 + step) * 7919 + round_) * 1_000_003 + rid * G + j) % 2**63
+                         for rid in row_ids for j in range(G)], device=device)  # any seed fits an int64
     gen = K.generate(model, ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, num_samples=G, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id, noise_keys=keys, compile=args.compile)
@@ -384,15 +404,14 @@ def score(reward_fns, weights, completions: list[str], rows: list[dict], **extra
     total, per_reward = R.combine_rewards([(fn, w) for (_, fn), w in zip(reward_fns, weights)], completions,
                                           **columns, **extra)
     per_reward = {name: vals for (name, _), vals in zip(reward_fns, per_reward.values())}
-    correct = None
-    task_values = next((vals for (_, fn), vals in zip(reward_fns, per_reward.values()) if fn is R.accuracy_reward),
-                       None)
-    if task_values is not None:  # the task reward already checked every answer: don't check them twice
-        correct = [v == 1.0 for v in task_values]
-    elif "answer" in columns:
-        correct = [v == 1.0 for v in R.accuracy_reward(completions, columns["answer"])]
-    elif "numbers" in columns and "target" in columns:
-        correct = [v == 1.0 for v in R.countdown_reward(completions, columns["numbers"], columns["target"])]
+    verifiers = tuple(R.TASK_REWARDS.values())
+    task_values = next((vals for (_, fn), vals in zip(reward_fns, per_reward.values()) if fn in verifiers), None)
+    if task_values is None:  # no verifier among the rewards: check with the one the row's fields call for
+        verifier = (R.code_reward if "tests" in columns else
+                    R.countdown_reward if "numbers" in columns and "target" in columns else
+                    R.accuracy_reward if "answer" in columns else None)
+        task_values = verifier(completions, **columns) if verifier else None
+    correct = None if task_values is None else [v == 1.0 for v in task_values]  # code: every test passes
     return total, per_reward, correct
 
 
@@ -438,30 +457,36 @@ def select_groups(rollout: dict, keep: torch.Tensor, G: int) -> dict:
 def evaluate(args, model, tokenizer, rows: list[dict], info: K.DistInfo) -> dict:
     """Greedy accuracy and pass@1 averaged over k samples on held-out rows (sharded over ranks)."""
     model.eval()
-    mine = rows[info.rank::info.world_size]
+    W = info.world_size
+    mine = rows[info.rank::W]
+    real = len(mine)  # every rank runs as many generate calls (collectives under FSDP): pad with uncounted rows
+    mine = mine + rows[:1] * (-(-len(rows) // W) - real)
     sums = torch.zeros(6, dtype=torch.float64)
     for start in range(0, len(mine), 64):
         batch = mine[start:start + 64]
+        nr = max(0, min(len(batch), real - start))  # rows of this batch that count
         texts = [build_prompt(tokenizer, row["prompt"], args.template, args.system_prompt) for row in batch]
         ids, mask = tokenize_prompts(tokenizer, texts, info.device)
         settings = [(0.0, 1)] + ([(args.eval_temperature, args.eval_samples)] if args.eval_samples else [])
         for k, (temperature, n) in enumerate(settings):
-            keys = torch.tensor([args.seed * 7 + 10_000_019 * (start + i) + j for i in range(len(batch))
-                                 for j in range(n)], device=info.device)
+            # noise keyed by the row's global index: the same samples on any number of ranks
+            keys = torch.tensor([(args.seed * 7 + 10_000_019 * (info.rank + (start + i) * W) + j) % 2**63
+                                 for i in range(len(batch)) for j in range(n)], device=info.device)
             gen = K.generate(model, ids, mask, max_new_tokens=args.max_new_tokens, temperature=temperature,
                              num_samples=n, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, noise_keys=keys, compile=args.compile)
             texts_out = tokenizer.batch_decode(gen.tokens.masked_fill(gen.mask == 0, tokenizer.pad_token_id),
-                                               skip_special_tokens=True)
-            _, _, correct = score([], [], texts_out, [row for row in batch for _ in range(n)])
+                                               skip_special_tokens=True)[:nr * n]
+            _, _, correct = score([], [], texts_out, [row for row in batch[:nr] for _ in range(n)]) if nr else \
+                (None, None, [])
             if k == 0:
                 sums[0] += sum(correct)
-                sums[1] += len(batch)
-                sums[2] += gen.mask.sum().item()
+                sums[1] += nr
+                sums[2] += gen.mask[:nr].sum().item()
                 sums[3] += sum("<think>" in t for t in texts_out)
             else:
                 sums[4] += sum(correct) / n
-                sums[5] += len(batch)
+                sums[5] += nr
     sums = K.all_reduce_sum(sums)
     model.train()
     out = {"eval/accuracy": (sums[0] / sums[1]).item(), "eval/response_length": (sums[2] / sums[1]).item(),
@@ -482,6 +507,9 @@ def check_args(args: Args, info: K.DistInfo):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of ranks "
                          f"({info.world_size}): each rank owns whole groups.")
     per_rank = args.prompts_per_step // info.world_size
+    if args.num_iterations < 1 or args.num_minibatches < 1:
+        raise ValueError(f"--num-iterations ({args.num_iterations}) and --num-minibatches ({args.num_minibatches}) "
+                         f"must be at least 1.")
     if per_rank % args.num_minibatches:
         raise ValueError(f"Each rank's {per_rank} prompts must split evenly into --num-minibatches "
                          f"{args.num_minibatches}.")
@@ -505,13 +533,51 @@ def slice_batch(batch: dict, rows) -> dict:
             for k, v in batch.items()}
 
 
+def micro_batches(args, batch: dict) -> list[dict]:
+    """The batch's rows in length-sorted micro-batches (kernels.length_batches), each with its padding cut:
+    prompt columns to its longest prompt (left padding), completion columns to its longest completion."""
+    R, N = batch["mask"].shape
+    parts = []
+    for rows in K.length_batches(batch["prompt_mask"].sum(1), batch["mask"].sum(1), args.micro_batch_tokens):
+        part = slice_batch(batch, rows)
+        p = max(1, int(part["prompt_mask"].sum(1).max()))
+        n = max(1, int(part["mask"].sum(1).max()))
+        for k, v in part.items():
+            if k.startswith("prompt_"):
+                part[k] = v[:, v.shape[1] - p:]
+            elif torch.is_tensor(v) and v.dim() == 2 and v.shape == (len(rows), N):
+                part[k] = v[:, :n]
+        parts.append((rows, part))
+    return parts
+
+
+def rollout_logprobs(args, model, batch: dict) -> torch.Tensor:
+    """log pi at every completion token of the batch (R, N) without gradients, in length-sorted micro-batches."""
+    out = torch.zeros(batch["mask"].shape, dtype=torch.float32, device=batch["mask"].device)
+    for rows, part in micro_batches(args, batch):
+        logprobs = per_token_forward(model, part, args, with_entropy=False)
+        out[rows, :logprobs.shape[1]] = logprobs.float()
+    return out
+
+
+def merge_token_stats(acc: dict, stats: dict, weight: float):
+    """Fold one micro-batch's policy-loss stats into the minibatch's: token means weighted by the micro-batch's
+    share of the tokens, ratio extremes by max / min."""
+    for k, v in stats.items():
+        v = float(v)
+        if k in ("ratio_max", "ratio_min"):
+            if weight > 0:  # a micro-batch without loss tokens has no ratios
+                acc[k] = (max if k == "ratio_max" else min)(acc.get(k, v), v)
+        else:
+            acc[k] = acc.get(k, 0.0) + v * weight
+
+
 def update(args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
     """mu passes of minibatch clipped-surrogate steps over one rollout; returns averaged stats."""
     R_rows = batch["mask"].shape[0]
     mb_rows = R_rows // args.num_minibatches
-    micro = args.micro_batch_size or mb_rows
     on_policy = args.num_iterations == 1 and args.num_minibatches == 1
-    stats_sum, n_updates = {}, 0
+    stats_sum, counts, n_updates = {}, {}, 0
     for _ in range(args.num_iterations):
         for mb in range(args.num_minibatches):
             mb_slice = slice(mb * mb_rows, (mb + 1) * mb_rows)
@@ -520,27 +586,32 @@ def update(args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
             # token-mean over the whole minibatch of every rank (DDP then averages the ranks' gradients)
             num_tokens = K.all_reduce_sum(loss_mask.sum().double()) / K.get_world_size()
             optimizer.zero_grad(set_to_none=True)
-            loss_total = torch.zeros(())
-            for start in range(0, mb_rows, micro):
-                part = slice_batch(mb_batch, slice(start, start + micro))
-                logprobs, entropy = per_token_forward(model, part, args, with_entropy=True)
-                old = logprobs.detach() if on_policy else part["old_logprobs"]
-                ref = part.get("ref_logprobs") if not args.kl_in_reward else None
-                loss, stats = K.policy_loss(
-                    logprobs, old, part["advantages"], part["loss_mask"], clip_low=args.clip_low,
-                    clip_high=args.clip_high, ref_logprobs=ref, kl_coef=args.kl_coef if ref is not None else 0.0,
-                    kl_estimator=args.kl_estimator, loss_agg=args.loss_agg, ratio_level=args.ratio_level,
-                    norm_length=args.max_new_tokens, num_tokens=num_tokens, compile=args.compile)
-                if args.loss_agg != "token-mean":  # sequence means: weight micro-batches by their rows
-                    loss = loss * part["mask"].shape[0] / mb_rows
-                loss.backward()
+            loss_total, mb_stats, mb_tokens = torch.zeros(()), {}, max(1.0, float(loss_mask.sum()))
+            parts = micro_batches(args, mb_batch)
+            for i, (_, part) in enumerate(parts):
+                with K.no_grad_sync(model, skip=i < len(parts) - 1):  # DDP all-reduces in the last backward only
+                    logprobs, entropy = per_token_forward(model, part, args, with_entropy=True)
+                    old = logprobs.detach() if on_policy else part["old_logprobs"]
+                    ref = part.get("ref_logprobs") if not args.kl_in_reward else None
+                    loss, stats = K.policy_loss(
+                        logprobs, old, part["advantages"], part["loss_mask"], clip_low=args.clip_low,
+                        clip_high=args.clip_high, ref_logprobs=ref, kl_coef=args.kl_coef if ref is not None else 0.0,
+                        kl_estimator=args.kl_estimator, loss_agg=args.loss_agg, ratio_level=args.ratio_level,
+                        norm_length=args.max_new_tokens, num_tokens=num_tokens, compile=args.compile)
+                    if args.loss_agg != "token-mean":  # sequence means: weight micro-batches by their rows
+                        loss = loss * part["mask"].shape[0] / mb_rows
+                    loss.backward()
                 loss_total = loss_total + loss.detach().float().cpu()
                 stats["entropy"] = K.masked_mean(entropy.detach(), part["loss_mask"])
-                for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * part["mask"].shape[0] / mb_rows
+                merge_token_stats(mb_stats, stats, float(part["loss_mask"].sum()) / mb_tokens)
+            for k, v in mb_stats.items():  # (ratio extremes are missing when no token counted)
+                stats_sum[k] = stats_sum.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
+            # skip on every rank or on none, or the replicas drift apart
+            finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
+            if K.all_reduce_sum(torch.tensor(float(not finite))).item() > 0:
                 optimizer.zero_grad(set_to_none=True)
                 state["skipped"] += 1
                 state["nan_streak"] += 1
@@ -551,7 +622,7 @@ def update(args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
             stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0.0) + grad_norm.item()
             n_updates += 1
     scheduler.step()  # the schedule counts rollout steps
-    return {f"train/{k}": v / n_updates for k, v in stats_sum.items()}
+    return {f"train/{k}": v / counts.get(k, n_updates) for k, v in stats_sum.items()}
 
 
 def rollout_step(args, model, ref_model, tokenizer, reward_fns, train_rows, state, step, info):
@@ -578,7 +649,8 @@ def rollout_step(args, model, ref_model, tokenizer, reward_fns, train_rows, stat
         if not args.dynamic_sampling:
             break
         informative = (~zero_variance_groups(torch.cat([p["rewards"] for p in parts]), G)).sum()
-        kept = int(K.all_reduce_sum(informative.double()).item())
+        # each rank keeps at most its own share: the batch is full when every rank's share is
+        kept = int(K.all_reduce_sum(informative.clamp(max=per_rank).double()).item())
         rounds += 1
         if kept >= args.prompts_per_step or rounds > args.dynamic_sampling_rounds:
             break
@@ -597,12 +669,10 @@ def rollout_step(args, model, ref_model, tokenizer, reward_fns, train_rows, stat
     batch["loss_mask"] = loss_mask
     with timer("logprobs"), torch.no_grad():
         if not (args.num_iterations == 1 and args.num_minibatches == 1):
-            batch["old_logprobs"] = torch.cat([per_token_forward(model, slice_batch(batch, slice(s, s + 64)),
-                                                                 args, False) for s in range(0, len(gen.mask), 64)])
+            batch["old_logprobs"] = rollout_logprobs(args, model, batch)
         kl = None
         if ref_model is not None:
-            batch["ref_logprobs"] = torch.cat([per_token_forward(ref_model, slice_batch(batch, slice(s, s + 64)),
-                                                                 args, False) for s in range(0, len(gen.mask), 64)])
+            batch["ref_logprobs"] = rollout_logprobs(args, ref_model, batch)
             if args.kl_in_reward:
                 policy_lp = batch.get("old_logprobs", gen.logprobs)
                 kl = K.kl_penalty(policy_lp, batch["ref_logprobs"], "k1")
@@ -681,12 +751,15 @@ def plot_curves(out_dir: str, history: list[dict]):
     return path
 
 
-def main(args: Args) -> dict:
-    args = apply_preset(args)
+def main(args: Args, *, preset_applied: bool = False) -> dict:
+    """Train; preset_applied: args come from `cli` (the preset is already in them), else apply_preset runs."""
+    args = args if preset_applied else apply_preset(args)
     info = K.init_distributed(args.device)
     check_args(args, info)
     K.seed_everything(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.micro_batch_tokens < 0:
+        args = dataclasses.replace(args, micro_batch_tokens=8192 if info.device.type == "cuda" else 2048)
 
     # ---- data and rewards: checked before any model is loaded
     dataset_name = args.dataset
@@ -819,4 +892,5 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(), preset_applied=True)
+    K.close_distributed()

@@ -9,7 +9,8 @@ What is in this file, top to bottom:
   4. the loss:     policy_loss(...) the clipped surrogate with per-token beta*KL, four aggregation modes and
                    token- or sequence-level (GSPO) ratios; compiled with torch.compile on GPU, eager elsewhere.
   5. reductions:   masked_sum / masked_mean / masked_var / masked_whiten.
-  6. distributed:  init_distributed / wrap_model (DDP or FSDP2 fully_shard) / all_reduce_mean / print0.
+  6. distributed:  init_distributed / wrap_model (DDP or FSDP2 fully_shard) / all_reduce_mean / print0;
+                   length_batches (length-sorted micro-batches) and no_grad_sync (DDP: accumulate, sync once).
   7. checkpoints:  save_checkpoint / load_checkpoint / latest_checkpoint, atomic (temp dir + rename).
   8. bookkeeping:  seed_everything, MetricsLogger (metrics.jsonl + optional wandb/TensorBoard), StopSignal.
 
@@ -41,6 +42,7 @@ Deliberate choices:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -542,7 +544,10 @@ def _policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, 
     maskf = mask.to(logprobs.dtype)
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logprobs)
-    log_ratio = logprobs - old_logprobs
+    # Padded positions may hold anything (a pad token's log-prob of -200 against a stored 0): zero them before
+    # any exp, or inf * 0 would turn the loss and the gradient into NaN.
+    live = mask.bool()
+    log_ratio = torch.where(live, logprobs - old_logprobs, 0.0)
     if ratio_level == "sequence":  # GSPO: one length-normalised ratio per sequence, shared by its tokens
         seq_log_ratio = (log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp_min(1.0)
         log_ratio = seq_log_ratio[:, None].expand_as(logprobs)
@@ -554,7 +559,7 @@ def _policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, 
     per_token = torch.maximum(unclipped, clipped)
     stats = {}
     if ref_logprobs is not None:
-        kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+        kl = kl_penalty(logprobs, torch.where(live, ref_logprobs, logprobs.detach()), kl_estimator)
         per_token = per_token + kl_coef * kl
         stats["kl"] = _mean(kl.detach(), maskf)
     loss = aggregate_loss(per_token, mask, loss_agg, norm_length, num_tokens)
@@ -563,8 +568,8 @@ def _policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, 
         stats["approx_kl"] = _mean(torch.expm1(-log_ratio) + log_ratio, maskf)  # k3 of pi_old vs pi
         big = torch.finfo(ratio.dtype).max
         stats["ratio_mean"] = _mean(ratio, maskf)
-        stats["ratio_max"] = torch.where(mask.bool(), ratio, -big).max()
-        stats["ratio_min"] = torch.where(mask.bool(), ratio, big).min()
+        stats["ratio_max"] = torch.where(live, ratio, -big).max()
+        stats["ratio_min"] = torch.where(live, ratio, big).min()
     return loss, stats
 
 
@@ -629,9 +634,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (unbiased var); shift_mean=False keeps the mean (as TRL/verl)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_ranks: bool = False) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased var); shift_mean=False keeps the mean (as TRL/verl).
+    all_ranks: the mean and variance of every rank's entries together (what one process would compute)."""
+    if all_ranks and is_distributed():
+        maskf = mask.to(torch.float64)
+        x64 = x.to(torch.float64)
+        n, total = all_reduce_sum(torch.stack([maskf.sum(), (x64 * maskf).sum()]))
+        mean = total / n.clamp_min(1.0)
+        var = all_reduce_sum(((x64 - mean).square() * maskf).sum()) / (n - 1).clamp_min(1.0)
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
+    else:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
 
@@ -665,6 +680,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def close_distributed():
+    """End of a torchrun program: wait for every rank, then destroy the process group while Python is still
+    alive. Left to interpreter exit, gloo's worker threads can outlive it and abort the process (SIGABRT,
+    "terminate called without an active exception") after a run that succeeded. A no-op in one process."""
+    if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()  # FSDP2's pending collectives hold tensors: release them first
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
@@ -714,6 +741,62 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().to(backend_device).clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(tensor.device)
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of the ranks' integers (the value itself in one process)."""
+    if not is_distributed():
+        return int(value)
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    out = torch.tensor(int(value), dtype=torch.int64, device=backend_device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return int(out.item())
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: torch.nn.Module, skip: bool = True):
+    """Under DDP, backward inside the block only accumulates local gradients (no all-reduce).
+
+    For every micro-batch of an optimizer step but the last, whose backward then all-reduces the sum once.
+    FSDP2 keeps reduce-scattering every micro-batch: skipping it would hold full unsharded gradients on every
+    rank between micro-batches, the memory FSDP exists to save. skip=False, FSDP2 or a plain model: a no-op.
+    """
+    if skip and hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def length_batches(prompt_lengths: torch.Tensor, completion_lengths: torch.Tensor, max_tokens: int,
+                   ) -> list[torch.Tensor]:
+    """Split rows into micro-batches of similar length, so that each pads little once trimmed.
+
+    Rows are sorted by completion length and packed greedily while rows x (longest prompt + longest completion)
+    stays within max_tokens (a row longer than that goes alone; max_tokens <= 0: one micro-batch). Each
+    micro-batch is a tensor of row indices; trimming its columns to its longest prompt and completion is the
+    caller's. Under torchrun every rank gets the same number of micro-batches (the most any rank needs, by
+    splitting its largest ones), because each forward and backward is a collective under FSDP2 and DDP.
+    """
+    R = len(completion_lengths)
+    order = torch.argsort(completion_lengths.cpu(), stable=True)
+    plen, clen = prompt_lengths.cpu()[order].tolist(), completion_lengths.cpu()[order].tolist()
+    bounds, start, p_max = [], 0, 0  # [start, end) ranges of the sorted order
+    for i in range(R):
+        p_max = max(p_max, plen[i])
+        if max_tokens > 0 and i > start and (i - start + 1) * (p_max + clen[i]) > max_tokens:
+            bounds.append((start, i))
+            start, p_max = i, plen[i]
+    bounds.append((start, R))
+    target = all_reduce_max(len(bounds))
+    while len(bounds) < target:  # split the largest (in padded tokens) splittable micro-batch in two
+        cost = [(e - s) * (max(plen[s:e]) + clen[e - 1]) if e - s > 1 else -1 for s, e in bounds]
+        k = max(range(len(bounds)), key=cost.__getitem__)
+        if cost[k] < 0:
+            raise ValueError(f"Cannot split {R} rows into the {target} micro-batches another rank needs.")
+        s, e = bounds[k]
+        bounds[k:k + 1] = [(s, (s + e) // 2), ((s + e) // 2, e)]
+    return [order[s:e].to(completion_lengths.device) for s, e in bounds]
 
 
 def wrap_model(model: torch.nn.Module, strategy: str = "ddp", device: torch.device | None = None):

@@ -81,10 +81,10 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from kernels import (MetricsLogger, StopSignal, all_reduce_mean, all_reduce_sum, get_rank, init_distributed,
-                     is_distributed, latest_checkpoint, load_checkpoint, load_model, position_ids_from_mask, print0,
-                     resolve_device, save_args, save_checkpoint, seed_everything, set_cpu_threads, unwrap,
-                     wrap_model)
+from kernels import (MetricsLogger, StopSignal, all_reduce_mean, all_reduce_sum, close_distributed, get_rank,
+                     init_distributed, is_distributed, latest_checkpoint, load_checkpoint, load_model,
+                     position_ids_from_mask, print0, resolve_device, save_args, save_checkpoint, seed_everything,
+                     set_cpu_threads, unwrap, wrap_model)
 
 
 @dataclass
@@ -539,10 +539,9 @@ def main(args: Args):
     print0(f"Held-out: {summary}; margin {metrics['margin']:.2f}; {time.time() - start_time:.0f}s")
     print0(f"Outputs in {os.path.abspath(args.out_dir)}: args.json, metrics.jsonl, checkpoint-*/, final/ "
            f"(load it with AutoModelForSequenceClassification.from_pretrained or RewardModelScorer)")
-    if is_distributed():
-        torch.distributed.destroy_process_group()
     return metrics
 
 
 if __name__ == "__main__":
     main(tyro.cli(Args))
+    close_distributed()

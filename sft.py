@@ -61,7 +61,6 @@ toy/base only if its numbers meet TOY_TARGETS. Two builds gave bit-identical wei
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -607,8 +606,8 @@ def main(args: Args) -> dict:
             for m in range(args.grad_accum):
                 input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(
                     mine[m * micro_batch:(m + 1) * micro_batch], tokenizer.pad_token_id))
-                last = m == args.grad_accum - 1  # DDP all-reduces once, in the last micro-batch's backward
-                with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                # DDP/FSDP2 sync gradients once, in the last micro-batch's backward
+                with kernels.no_grad_sync(model, skip=m < args.grad_accum - 1):
                     logprobs = kernels.token_logprobs(model, input_ids, attention_mask)  # (b, T-1)
                     loss = completion_loss(logprobs, loss_mask[:, 1:], num_tokens)
                     (loss * world).backward()  # DDP/FSDP average gradients over ranks; the sum is what we want
@@ -676,3 +675,4 @@ train_sft = main
 
 if __name__ == "__main__":
     main(tyro.cli(Args))
+    kernels.close_distributed()

@@ -1,5 +1,6 @@
 """grpo.py: advantage maths by hand, presets, two steps of every preset, torchrun equivalence, exact resume."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -123,6 +124,100 @@ def test_impossible_settings_fail_before_any_compute(tmp_path):
         grpo.main(grpo.Args(dataset=str(data), out_dir=str(tmp_path / "o")))
 
 
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                      "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_length_sorted_micro_batches_give_the_whole_batch_gradient(loss_agg, num_iterations):
+    """Splitting the update into length-sorted, trimmed micro-batches (--micro-batch-tokens) leaves the gradient
+    and the logged loss those of one pass over the whole padded batch."""
+    from conftest import left_padded_batch, tiny_causal_lm
+
+    R, N = 8, 7
+    prompt_ids, prompt_mask = left_padded_batch([3, 5, 5, 2, 4, 4, 5, 1], seed=1)
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([7, 2, 5, 1, 7, 3, 6, 4])
+    mask = (torch.arange(N) < lengths[:, None]).long()
+    batch = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=torch.randint(3, 97, (R, N), generator=g),
+                 mask=mask, loss_mask=mask.clone(), advantages=torch.randn(R, generator=g),
+                 old_logprobs=torch.randn(R, N, generator=g) * 0.1 - 4.5)
+    results = []
+    for budget in (0, 24):
+        args = grpo.Args(micro_batch_tokens=budget, loss_agg=loss_agg, num_iterations=num_iterations,
+                         max_new_tokens=N, max_grad_norm=1e9)
+        model = tiny_causal_lm().train()
+        assert len(grpo.micro_batches(args, batch)) == (1 if budget == 0 else 4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights; update leaves the last .grad
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        stats = grpo.update(args, model, opt, sched, batch, {"skipped": 0, "nan_streak": 0})
+        results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        if num_iterations == 2:
+            old = grpo.rollout_logprobs(args, model, batch)
+            ref, _ = grpo.per_token_forward(model, batch, args, with_entropy=True)
+            assert torch.allclose(old * mask, ref * mask, atol=1e-5)
+    (s0, g0), (s1, g1) = results
+    assert s0.keys() == s1.keys()
+    for k in s0:  # loss, entropy, clip_frac, approx_kl, ratio mean/max/min, grad_norm
+        assert s0[k] == pytest.approx(s1[k], rel=1e-5, abs=1e-6), k
+    if num_iterations == 2:
+        assert s0["train/clip_frac"] > 0  # pi_old differs from pi: the ratios and their stats are not trivial
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_no_grad_sync_skips_ddp_all_reduce_only():
+    """Under DDP every micro-batch but the last skips the all-reduce; FSDP2 is left reduce-scattering (keeping
+    gradients sharded); the last micro-batch always syncs."""
+    calls = []
+
+    class FakeDDP(torch.nn.Module):
+        def no_sync(self):
+            calls.append("no_sync")
+            return contextlib.nullcontext()
+
+    class FakeFSDP(torch.nn.Module):
+        def set_requires_gradient_sync(self, flag):
+            calls.append(flag)
+
+    with K.no_grad_sync(FakeDDP(), skip=True):
+        pass
+    with K.no_grad_sync(FakeDDP(), skip=False), K.no_grad_sync(FakeFSDP(), skip=True):
+        pass
+    assert calls == ["no_sync"]
+
+
+def test_command_line_flags_beat_the_preset_even_at_plain_defaults():
+    """--preset dapo --no-dynamic-sampling switches DAPO's dynamic sampling off; a flag equal to the plain default
+    still wins over the preset; unset fields take the preset's values."""
+    dapo = grpo.cli(["--preset", "dapo", "--no-dynamic-sampling", "--clip-high", "0.2"])
+    assert (dapo.dynamic_sampling, dapo.clip_high, dapo.loss_agg, dapo.overlong_filter) == (False, 0.2, "token-mean",
+                                                                                            True)
+    dr = grpo.cli(["--preset=dr_grpo", "--loss-agg", "seq-mean-token-mean"])
+    assert (dr.loss_agg, dr.advantage) == ("seq-mean-token-mean", "mean")
+    assert grpo.cli([]) == grpo.apply_preset(grpo.Args())
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "countdown", "code"])
+def test_correctness_uses_the_tasks_own_verifier(task):
+    """Accuracy metrics judge a countdown answer by its expression and code by its tests, not by string equality
+    with the row's `answer` field; the same verdicts whether or not the task reward is among the rewards."""
+    import rlvr_rewards as R
+
+    row = R.make_dataset(task, split="test", n=1, seed=0)[0]
+    if task == "countdown":
+        row = dict(row, numbers=[12, 12, 1], target=25, answer="12+12+1")
+        good, bad = "<answer>12 + 1 + 12</answer>", "<answer>25</answer>"  # bad: the target is not an expression
+    elif task == "code":
+        good, bad = f"```python\n{row['answer']}```", "```python\ndef f(x):\n    return 0\n```"
+    else:
+        good, bad = f"<answer>{row['answer']}</answer>", "<answer>-1</answer>"
+    rows = [row, row]
+    _, _, alone = grpo.score([], [], [good, bad], rows)
+    assert alone == [True, False]
+    fn = R.TASK_REWARDS[task]
+    _, _, with_task = grpo.score([("task", fn)], [1.0], [good, bad], rows)
+    assert with_task == [True, False]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------------------
@@ -174,13 +269,15 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tiny_model_dir, tmp_path):
     """torchrun with 2 ranks (gloo) logs the metrics and ends with the parameters of a one-process run with the
-    same global batch (rank-invariant sampling noise, global token counts)."""
+    same global batch (rank-invariant sampling noise, global token counts). The ranks split their rows into
+    small length-sorted micro-batches (as many on each rank, gradients synced once); the one process does not."""
     common = ["--model", tiny_model_dir, "--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4",
               "--max-new-tokens", "12", "--eval-every", "0", "--device", "cpu", "--no-plot",
               "--rewards", "tag_count", "task", "--reward-weights", "1.0", "1.0"]  # tag_count: nonzero variance
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "two"), *common],
+                          os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "two"), *common,
+                          "--micro-batch-tokens", "64"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "one"),
@@ -200,3 +297,31 @@ def test_two_process_torchrun_matches_one_process(tiny_model_dir, tmp_path):
     assert any(not torch.equal(a[k], init[k]) for k in a)  # and the parameters moved
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_large_seeds_run(tiny_model_dir, tmp_path):
+    """Sampling keys stay inside int64 for any seed (seed 2024 once overflowed them)."""
+    grpo.main(small_args(tiny_model_dir, tmp_path, seed=2024, max_steps=1, eval_every=0))
+    assert K.read_metrics(str(tmp_path))[-1]["step"] == 1
+
+
+@pytest.mark.slow
+def test_fsdp_evaluation_with_uneven_shards_matches_one_process(tiny_model_dir, tmp_path):
+    """129 held-out rows on 2 FSDP ranks (65 and 64: two generate calls against one) finish, and give the
+    evaluation metrics of one process: every rank runs as many calls, and the noise is keyed by global row."""
+    common = ["--model", tiny_model_dir, "--max-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
+              "--max-new-tokens", "8", "--eval-every", "1", "--eval-size", "129", "--eval-samples", "1",
+              "--device", "cpu", "--no-plot", "--strategy", "fsdp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "two"), *common],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "one"),
+                          *common], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    e1, e2 = K.read_metrics(str(tmp_path / "one"))[0], K.read_metrics(str(tmp_path / "two"))[0]
+    keys = [k for k in e1 if k.startswith("eval/")]
+    assert len(keys) == 4
+    for k in keys:
+        assert e1[k] == pytest.approx(e2[k], abs=1e-9), k

@@ -275,6 +275,33 @@ def test_compiled_policy_loss_equals_eager():
         assert out[0][1][k] == pytest.approx(out[1][1][k], abs=1e-6)
 
 
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_padding_values_never_reach_the_loss(ratio_level):
+    """Whatever sits at masked positions (a pad token's log-prob of -250 against a stored 0) leaves the loss, its
+    gradient and the stats finite and equal to those with harmless padding."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    lp = torch.randn(3, 5, generator=g) * 0.1 - 2
+    old = lp + torch.randn(3, 5, generator=g) * 0.05
+    ref = lp + torch.randn(3, 5, generator=g) * 0.05
+    adv = torch.tensor([1.0, -0.5, 0.3])
+    out = []
+    for fill_lp, fill_other in ((None, None), (-250.0, 0.0)):
+        x, o, r = lp.clone(), old.clone(), ref.clone()
+        if fill_lp is not None:
+            x[mask == 0], o[mask == 0], r[mask == 0] = fill_lp, fill_other, fill_other
+        x.requires_grad_(True)
+        loss, stats = K.policy_loss(x, o, adv, mask, ref_logprobs=r, kl_coef=0.1, kl_estimator="k3",
+                                    ratio_level=ratio_level, loss_agg="token-mean")
+        loss.backward()
+        out.append((loss.detach(), x.grad * mask, stats))
+    (l0, g0, s0), (l1, g1, s1) = out
+    assert torch.isfinite(l1) and torch.isfinite(g1).all()
+    assert torch.allclose(l0, l1) and torch.allclose(g0, g1)
+    for k in s0:
+        assert torch.allclose(s0[k], s1[k]), k
+
+
 def test_policy_loss_rejects_bad_settings():
     """Unknown aggregation or estimator names and mismatched shapes are one clear error each."""
     x = torch.zeros(2, 3)
@@ -299,6 +326,29 @@ def test_masked_whiten_uses_only_masked_entries():
     assert torch.allclose(w[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4)
     assert K.masked_mean(x, m).item() == pytest.approx(2.0)
     assert K.masked_var(x, m).item() == pytest.approx(1.0)
+
+
+def test_length_batches_partition_sorted_rows_within_the_budget(monkeypatch):
+    """Every row lands in exactly one micro-batch; rows are grouped by completion length; each micro-batch's
+    padded size (rows x (longest prompt + longest completion)) fits the budget unless it is a single row; and a
+    rank that needs fewer micro-batches than another splits its largest ones to match."""
+    g = torch.Generator().manual_seed(0)
+    plen, clen = torch.randint(3, 12, (40,), generator=g), torch.randint(1, 60, (40,), generator=g)
+    clen[7] = 200  # longer than the budget on its own
+    parts = K.length_batches(plen, clen, max_tokens=256)
+    assert sorted(torch.cat(parts).tolist()) == list(range(40))
+    for a, b in zip(parts, parts[1:]):
+        assert clen[a].max() <= clen[b].min()
+    for rows in parts:
+        assert len(rows) == 1 or len(rows) * (plen[rows].max() + clen[rows].max()) <= 256
+    assert [7] in [rows.tolist() for rows in parts]
+    assert len(K.length_batches(plen, clen, max_tokens=0)) == 1
+    monkeypatch.setattr(K, "all_reduce_max", lambda n: n + 3)  # another rank needs 3 more micro-batches
+    more = K.length_batches(plen, clen, max_tokens=256)
+    assert len(more) == len(parts) + 3 and sorted(torch.cat(more).tolist()) == list(range(40))
+    monkeypatch.setattr(K, "all_reduce_max", lambda n: 41)
+    with pytest.raises(ValueError, match="micro-batches"):
+        K.length_batches(plen, clen, max_tokens=256)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -369,21 +419,23 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_process_training_step_keeps_ranks_identical(strategy, tmp_path):
+@pytest.mark.parametrize("strategy,micro", [("ddp", ""), ("fsdp", ""), ("ddp", "micro"), ("fsdp", "micro")])
+def test_two_process_training_step_keeps_ranks_identical(strategy, micro, tmp_path):
     """A two-process gloo torchrun training step (DDP, FSDP2) ends with identical parameters on both ranks,
-    equal to one process training on the whole batch."""
+    equal to one process training on the whole batch; also when each rank accumulates micro-batches and syncs
+    only in the last backward (no_grad_sync)."""
     script = os.path.join(ROOT, "tests", "dist_step.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           script, strategy, str(tmp_path)]
+           script, strategy, str(tmp_path), micro]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     single = subprocess.run([sys.executable, script, "none", str(tmp_path)], env=env, capture_output=True,
                             text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    r0 = torch.load(tmp_path / f"params_{strategy}_rank0.pt")
-    r1 = torch.load(tmp_path / f"params_{strategy}_rank1.pt")
+    tag = f"{strategy}_micro" if micro else strategy
+    r0 = torch.load(tmp_path / f"params_{tag}_rank0.pt")
+    r1 = torch.load(tmp_path / f"params_{tag}_rank1.pt")
     one = torch.load(tmp_path / "params_none_rank0.pt")
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
