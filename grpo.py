@@ -303,18 +303,27 @@ def load_rows(spec: str, split: str, n: int, seed: int) -> list[dict]:
         if not os.path.exists(spec):
             raise FileNotFoundError(f"Dataset file {spec} does not exist.")
         rows = []
-        with open(spec) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with open(spec, "rb") as f:
+            for number, raw in enumerate(f, 1):
                 try:
+                    line = raw.decode("utf-8")
+                    if not line.strip():
+                        continue
                     row = json.loads(line)
+                except UnicodeDecodeError as error:
+                    raise ValueError(f"{spec}, line {number}: not UTF-8 text (byte {error.start}).") from None
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{spec}, line {number}: not valid JSON ({error.msg}).") from None
+                except RecursionError:
+                    raise ValueError(f"{spec}, line {number}: JSON nested too deeply.") from None
                 if not isinstance(row, dict) or "prompt" not in row:
                     raise ValueError(f"{spec}, line {number}: each line must be a JSON object with a 'prompt'.")
-                if not isinstance(row["prompt"], (str, list)):
-                    raise ValueError(f"{spec}, line {number}: 'prompt' must be a string or a list of messages.")
+                prompt = row["prompt"]
+                if not (isinstance(prompt, str) or isinstance(prompt, list) and prompt and all(
+                        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                        for m in prompt)):
+                    raise ValueError(f"{spec}, line {number}: 'prompt' must be a string or a non-empty list of "
+                                     "messages {\"role\": str, \"content\": str}.")
                 rows.append(row)
         if not rows:
             raise ValueError(f"{spec} holds no rows.")

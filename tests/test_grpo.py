@@ -122,6 +122,19 @@ def test_impossible_settings_fail_before_any_compute(tmp_path):
     data.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n{oops\n")
     with pytest.raises(ValueError, match="line 2"):
         grpo.main(grpo.Args(dataset=str(data), out_dir=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="num-iterations"):
+        grpo.check_args(grpo.Args(num_iterations=0), K.DistInfo())
+
+
+@pytest.mark.parametrize("bad, why", [(b'{"prompt": "caf\xff"}', "not UTF-8"), (b"[" * 100_000, "nested too deeply"),
+                                      (b'{"prompt": [{"content": "hi"}]}', "list of messages"),
+                                      (b'{"prompt": 3}', "string or a non-empty list")])
+def test_malformed_jsonl_lines_are_named(bad, why, tmp_path):
+    """Undecodable bytes, pathological nesting and malformed chat messages stop the load with the line number."""
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(json.dumps({"prompt": "1+1", "answer": "2"}).encode() + b"\n\n" + bad + b"\n")
+    with pytest.raises(ValueError, match=f"line 3: .*{why}"):
+        grpo.load_rows(str(data), "train", 10, 0)
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
