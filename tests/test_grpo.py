@@ -280,13 +280,15 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_matches_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("preset", ["grpo", "reinforce_pp"])  # reinforce_pp: whitening over both ranks' tokens
+def test_two_process_torchrun_matches_one_process(preset, tiny_model_dir, tmp_path):
     """torchrun with 2 ranks (gloo) logs the metrics and ends with the parameters of a one-process run with the
     same global batch (rank-invariant sampling noise, global token counts). The ranks split their rows into
     small length-sorted micro-batches (as many on each rank, gradients synced once); the one process does not."""
     common = ["--model", tiny_model_dir, "--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4",
               "--max-new-tokens", "12", "--eval-every", "0", "--device", "cpu", "--no-plot",
-              "--rewards", "tag_count", "task", "--reward-weights", "1.0", "1.0"]  # tag_count: nonzero variance
+              "--rewards", "tag_count", "task", "--reward-weights", "1.0", "1.0",  # tag_count: nonzero variance
+              "--preset", preset]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "two"), *common,
