@@ -784,6 +784,8 @@ def main(args: Args, *, preset_applied: bool = False) -> dict:
         if missing:
             raise ValueError(f"Reward '{name}' needs dataset field(s) {sorted(missing)}, which {args.dataset} "
                              f"does not have (its fields: {sorted(train_rows[0])}).")
+    if any(fn is R.code_reward for _, fn in reward_fns) or "tests" in train_rows[0]:
+        R.run_sandboxed("", ["assert True"])  # no working sandbox: a RuntimeError now, not after loading a model
 
     # ---- models
     model_path = args.model

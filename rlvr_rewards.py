@@ -7,7 +7,8 @@ A reward is a plain function of the same shape as TRL's reward functions, so use
 `completions` are the model's texts; every other field of the dataset row arrives as a keyword list aligned
 with them (`answer=[...]`, `tests=[...]`, `target_length=[...]`); unknown columns are ignored. None means
 "does not apply to this sample" (e.g. no gold answer). No reward raises on any text a model can write, and
-every call is bounded in time (a per-sample timeout wherever the work is not linear in the text).
+every call is bounded in time (a per-sample timeout wherever the work is not linear in the text). code_reward
+raises RuntimeError where no sandbox works on the machine, rather than score every sample 0.
 
 Rewards (y a completion, |y| its length, 1[c] = 1 if its answer is correct else 0):
   accuracy_reward        the final answer (<answer>…</answer>, \\boxed{…}, GSM8K "#### n") against the gold one by
@@ -36,8 +37,9 @@ Rewards (y a completion, |y| its length, 1[c] = 1 if its answer is correct else 
   repetition_penalty     (1 - unique n-grams / n-grams)·p_max, p_max ≤ 0, over whitespace words; n = 3,
                          p_max = -1 (open-r1's recipe; Demystifying Long CoT used -0.05 per repeated token of
                          40-grams).
-  countdown_reward       1 if the answer expression uses only the given numbers, each at most once, with + - * /
-                         and parentheses, and equals the target exactly; else 0. Parsed with ast, never eval'd.
+  countdown_reward       1 if the answer expression uses only the given numbers, each at most once (TinyZero:
+                         exactly once; use_all_numbers=True), with + - * / and parentheses, and equals the target
+                         exactly; else 0 (TinyZero: 0.1 for a wrong but well-formed one). Parsed with ast, never eval'd.
 Lengths: the papers count tokens; here a length is characters unless `tokenizer=` is given (then its tokens)
 or `completion_lengths=[...]` is (the trainer already knows its token counts: the cheapest choice).
 
@@ -46,26 +48,31 @@ and returns each reward's values by name for logging. On the command line a user
 `module:function` or `path/to/file.py:function` (load_reward_fn, get_reward), a built-in by its REWARDS key.
 
 The code sandbox (run_sandboxed, code_reward). Each sample runs in its own process tree (Linux):
-  - limits the harness sets before any model code runs: CPU seconds, address space (memory_mb), processes
-    (max_processes), file size (max_file_mb; output goes to a file, so a flood of prints stops there), open
-    files, no core dumps; after the wall-clock timeout the whole tree is SIGKILLed;
+  - set by the harness before any model code runs: no-new-privs (a setuid program gains nothing), limits on CPU
+    seconds, address space (memory_mb), processes (max_processes), file size (max_file_mb; output goes to a file,
+    so a flood of prints stops there), open files, no core dumps; after the wall-clock timeout the whole tree is
+    SIGKILLed;
   - `python -I -S` (standard library only), cwd = HOME = TMPDIR = a fresh temporary directory removed
     afterwards, an empty environment;
   - as root, the code runs under an unprivileged uid of its own (one per concurrent slot): it cannot write
     outside its directory and the world-writable ones, read others' 0600 files, or signal the trainer, and
-    RLIMIT_NPROC is enforced (the kernel ignores it for root). Afterwards every process of that uid is killed
-    and what it left at the top of /tmp, /var/tmp, /dev/shm and /run/lock is deleted;
-  - with util-linux `unshare` (probed once): a new network namespace (no network, not even loopback) and PID
-    namespace (the trainer is invisible; the tree dies with its init); not as root, through an unprivileged
-    user namespace where the kernel allows one;
+    RLIMIT_NPROC is enforced (the kernel ignores it for root). Afterwards every process of that uid is killed,
+    its System V IPC objects removed, and what it left at the top of /tmp, /var/tmp, /dev/shm and /run/lock
+    deleted. Where those uids do not exist (root of a rootless container) it runs as below, with a warning;
+  - with util-linux `unshare` (probed until one works): new network (no network, not even loopback), IPC
+    (System V shared memory dies with the run) and PID namespaces, and a /proc of its own where a mount
+    namespace works (the trainer is invisible); the trainer kills the namespace's init, and with it every
+    process in the namespace, however it detached. Not as root, through an unprivileged user namespace where
+    the kernel allows one (there the code is root of its namespace and could unmount its /proc);
   - test outcomes come back on a private pipe tagged with a per-run random nonce: printed "passed" lines count
     for nothing.
 It cannot stop code from reading world-readable files, from filling its directory with many files up to the
 size limit within the timeout, or from forging outcomes by inspecting the harness's memory (tests run in the
 solution's interpreter); a crafted __eq__ fools `assert f(x) == y`. Not as root, the code can write wherever
-the training user can; without unshare it also keeps the network and, not as root, can signal the trainer
-(a warning says which). For RL on untrusted code, train as root in a container or VM. If root's Python lives
-where other users cannot enter (e.g. pyenv under /root), the sandbox runs a system python3 instead.
+the training user can; without unshare it also keeps the network and the host's System V IPC and, not as
+root, can signal the trainer (a warning says which). For RL on untrusted code, train as root in a container or
+VM. If root's Python lives where other users cannot enter (e.g. pyenv under /root), the sandbox runs a system
+python3 instead.
 
 Built-in tasks, make_dataset(name, split, n, seed); a problem is held out ("test") when the md5 of its
 prompt is 0 mod 5, so the splits never share a problem:
@@ -81,10 +88,11 @@ import ast
 import atexit
 import collections
 import contextlib
-import functools
+import ctypes
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import json
 import marshal
 import math
@@ -399,10 +407,14 @@ def _reasoning(text: str) -> str:
 def language_consistency_reward(completions: list[str], *, language="en", max_chars: int = 200_000,
                                 **kwargs) -> list[float | None]:
     """DeepSeek-R1: the share of the reasoning's words written in the target language's script (en, zh, ja,
-    ko, ru); `language` is one code or a column. None when there are no words. Reads max_chars at most."""
+    ko, ru); `language` is one code or a column. None when there are no words or no language. Reads max_chars
+    at most."""
     languages = language if isinstance(language, (list, tuple)) else [language] * len(completions)
     rewards = []
     for text, lang in zip(completions, languages):
+        if lang is None:  # a row without a target language: the reward does not apply
+            rewards.append(None)
+            continue
         if lang not in _SCRIPTS:
             raise ValueError(f"language must be one of {sorted(_SCRIPTS)}, not {lang!r}")
         words = _WORD.findall(_reasoning(text)[:max_chars]) if isinstance(text, str) else []
@@ -537,13 +549,19 @@ def evaluate_expression(expression: str, allowed_numbers: list[int] | None = Non
         return None
 
 
-def countdown_reward(completions: list[str], numbers: list, target: list, **kwargs) -> list[float | None]:
-    """TinyZero's countdown: 1.0 if the answer (an expression, optionally "= value") equals the target exactly,
-    using the given numbers each at most once, else 0.0."""
+def countdown_reward(completions: list[str], numbers: list, target: list, *, use_all_numbers: bool = False,
+                     **kwargs) -> list[float | None]:
+    """The countdown game of TinyZero (Pan et al. 2025): 1.0 if the answer (an expression, optionally "= value")
+    equals the target exactly, using the given numbers each at most once, else 0.0. TinyZero's compute_score differs
+    twice, deliberately: it requires every number exactly once (use_all_numbers=True does too), and it gives 0.1
+    to a well-formed answer that is wrong (here that is format_reward's job)."""
     rewards = []
     for text, given, goal in zip(completions, numbers, target):
         expression = (extract_answer(text) or "").split("=")[0].replace("×", "*").replace("÷", "/")
         value = evaluate_expression(expression, [int(n) for n in given]) if given is not None else None
+        if value is not None and use_all_numbers and sorted(map(int, re.findall(r"\d+", expression))) != sorted(
+                int(n) for n in given):  # value is not None: the expression has at most 200 characters
+            value = None
         rewards.append(None if given is None or goal is None else float(value is not None and value == int(goal)))
     return rewards
 
@@ -563,9 +581,9 @@ def extract_code(text: str) -> str:
     return text if block is None else block
 
 
-# The harness runs inside the sandbox. It reads its job from stdin (nothing on disk or in argv), lowers its
-# limits before any model code runs, then runs the program and each test in one namespace, writing "nonce i"
-# for each passing test to a pipe only the parent reads. Its default arguments bind exec, compile, ... at
+# The harness runs inside the sandbox. It reads its job from stdin (nothing on disk or in argv), sets no-new-privs
+# and lowers its limits before any model code runs, then runs the program and each test in one namespace, writing
+# "nonce i" for each passing test to a pipe only the parent reads. Its default arguments bind exec, compile, ... at
 # definition time, so a solution that patches builtins cannot make the tests vacuous.
 _HARNESS = r"""
 import marshal, os, resource, sys
@@ -573,6 +591,11 @@ def main(exec=exec, compile=compile, enumerate=enumerate, write=os.write, except
          exc_info=sys.exc_info, BaseException=BaseException):
     job = marshal.loads(sys.stdin.buffer.read())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    try:  # PR_SET_NO_NEW_PRIVS (38): no setuid program the code runs can raise its privileges; for good
+        import ctypes
+        ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
+    except Exception:
+        pass
     for name, value in job["limits"]:
         try:
             resource.setrlimit(getattr(resource, name), (value, value))
@@ -617,15 +640,16 @@ class _Plan:
     python: str  # an interpreter the sandbox's uid can run
     unshare: str | None  # util-linux unshare, when namespaces work here
     as_root: bool  # run the code under a per-slot unprivileged uid
+    mount_proc: bool = False  # a /proc of the sandbox's own PID namespace (needs a mount namespace)
 
     def command(self, uid: int | None) -> list[str]:
         run = [self.python, "-I", "-S", "-c", _HARNESS]
         if self.unshare is None:
             return run
+        namespaces = ["--net", "--pid", "--ipc", "--fork", "--kill-child"] + ["--mount-proc"] * self.mount_proc
         if self.as_root:
-            return [self.unshare, "--net", "--pid", "--fork", "--kill-child", f"--setgid={uid}", f"--setuid={uid}",
-                    "--", *run]
-        return [self.unshare, "--map-root-user", "--net", "--pid", "--fork", "--kill-child", "--", *run]
+            return [self.unshare, *namespaces, f"--setgid={uid}", f"--setuid={uid}", "--", *run]
+        return [self.unshare, "--map-root-user", *namespaces, "--", *run]
 
 
 @dataclass
@@ -651,6 +675,37 @@ def _kill_uid(uid: int) -> None:
         if not alive:
             return
         time.sleep(0.002)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the sandbox. unshare's child is the init of the sandbox's PID namespace, and when it dies the kernel
+    kills everything in the namespace, even code that left the session and cleared its parent-death signal (which
+    the process-group kill and unshare --kill-child alone would miss). unshare is stopped first so that it cannot
+    reap that child and free its pid while we read it."""
+    with contextlib.suppress(OSError):
+        os.kill(proc.pid, signal.SIGSTOP)
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as children:
+            for pid in children.read().split():
+                os.kill(int(pid), signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _remove_ipc(uid: int) -> None:
+    """Remove the System V shared memory, message queues and semaphores that uid created or owns: outside an IPC
+    namespace they outlive their processes, holding memory no rlimit counts and passing data to the next sample."""
+    libc = ctypes.CDLL(None)
+    remove = {"shm": lambda id_: libc.shmctl(id_, 0, None), "msg": lambda id_: libc.msgctl(id_, 0, None),
+              "sem": lambda id_: libc.semctl(id_, 0, 0)}  # 0 is IPC_RMID
+    for kind, remove_one in remove.items():
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/sysvipc/{kind}") as table:
+                header, *rows = table.read().splitlines()
+            owner, creator = header.split().index("uid"), header.split().index("cuid")
+            for fields in map(str.split, rows):
+                if uid in (int(fields[owner]), int(fields[creator])):
+                    remove_one(int(fields[1]))
 
 
 def _sweep_files(uid: int, keep: str) -> None:
@@ -708,12 +763,11 @@ def _run(plan: _Plan, program: str, tests: list[str], *, timeout_s: float = 3.0,
                         proc.stdin.write(marshal.dumps(job, 4))  # marshal: nothing to import in the child
                         proc.stdin.close()
                     timed_out = not _wait(proc, timeout_s)
-                finally:  # the session holds the tree; the uid sweep catches anything that left it
-                    with contextlib.suppress(OSError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                finally:  # the PID namespace or the session holds the tree; the uid sweep catches what left it
+                    _kill_tree(proc)
                     if uid is not None:
                         _kill_uid(uid)
+                        _remove_ipc(uid)
                 os.set_blocking(read_fd, False)
                 with contextlib.suppress(OSError):
                     report = os.read(read_fd, 1 << 20)
@@ -733,39 +787,82 @@ def _run(plan: _Plan, program: str, tests: list[str], *, timeout_s: float = 3.0,
             _FREE_UIDS.put(uid)
 
 
-@functools.lru_cache(maxsize=1)
-def _probe_sandbox() -> _Plan | None:
-    """The strongest isolation that works here, found once: with namespaces, else without; our interpreter,
-    else (as root, where ours may sit in a directory the unprivileged uid cannot enter) a system python3."""
-    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+def _ids_mapped() -> bool:
+    """Whether every sandbox uid and gid exists here: not so in a user namespace with a short map, e.g. as "root"
+    of a rootless container (uid_map "0 65534 1"), where switching to them fails."""
+    low, high = _UID_BASE, _UID_BASE + (1 << 22) * _UID_SLOTS  # 2^22: one past the largest pid Linux hands out
+    for name in ("uid_map", "gid_map"):
+        try:
+            with open(f"/proc/self/{name}") as id_map:
+                extents = [tuple(map(int, line.split())) for line in id_map]
+        except OSError:  # no user namespaces here: every id exists
+            continue
+        if not any(inside <= low and high <= inside + count for inside, _, count in extents):
+            return False
+    return True
+
+
+_PLAN: _Plan | None = None  # the sandbox found by the probe; a failed probe is not kept, so the next call retries
+
+
+def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
+    """The strongest isolation that works here, found once: under an unprivileged uid of its own where we are root
+    and can switch to one, else as the training user; with namespaces (and its own /proc) where util-linux unshare
+    works, else without; our interpreter, else (as root, where ours may sit in a directory the unprivileged uid
+    cannot enter) a system python3. None if nothing works, each failed try described in `failures`."""
+    global _PLAN
+    if _PLAN is not None:
+        return _PLAN
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
     pythons = [sys.executable] + [path for path in ("/usr/bin/python3", "/usr/local/bin/python3")
-                                  if as_root and os.path.exists(path) and path != sys.executable]
+                                  if root and os.path.exists(path) and path != sys.executable]
     unshare = shutil.which("unshare") if sys.platform.startswith("linux") else None
-    for namespaces in ([unshare] if unshare else []) + [None]:
-        for python in pythons:
-            plan = _Plan(python, namespaces, as_root)
-            with contextlib.suppress(Exception):
-                if _run(plan, "import collections, math, re", ["assert 1 + 1 == 2"], timeout_s=10).passed == [True]:
-                    if namespaces is None:
-                        warnings.warn("the code sandbox has no namespaces here: code keeps network access"
-                                      + ("" if as_root else " and can signal the trainer"), RuntimeWarning)
-                    return plan
-    warnings.warn("no working code sandbox here: code_reward gives 0", RuntimeWarning)
+    namespaces = ([(unshare, True), (unshare, False)] if unshare else []) + [(None, False)]
+    for as_root in ([True] if root and _ids_mapped() else []) + [False]:
+        for (namespace, mount_proc), python in itertools.product(namespaces, pythons):
+            plan = _Plan(python, namespace, as_root, mount_proc)
+            try:
+                result = _run(plan, "import collections, math, re", ["assert 1 + 1 == 2"], timeout_s=10)
+                error = None if result.passed == [True] else (result.output.strip().splitlines() or ["no output"])[-1]
+            except Exception as exception:
+                error = repr(exception)
+            if error is not None:
+                if failures is not None:
+                    failures.append(f"`{' '.join(plan.command(_UID_BASE)[:-2])}`: {error}")
+                continue
+            if root and not as_root:
+                warnings.warn("the code sandbox cannot switch to an unprivileged uid here (the uids from "
+                              f"{_UID_BASE} are not mapped in this user namespace, or setuid fails): code runs as "
+                              "root and can write wherever root can", RuntimeWarning)
+            if namespace is None:
+                warnings.warn("the code sandbox has no namespaces here: code keeps network access"
+                              + ("" if as_root else " and can signal the trainer"), RuntimeWarning)
+            _PLAN = plan
+            return plan
     return None
 
 
 _PROBE_LOCK = threading.Lock()
 
 
+def _sandbox_plan() -> _Plan:
+    """The sandbox, or a RuntimeError that names every plan tried and why it failed."""
+    failures = []
+    with _PROBE_LOCK:
+        plan = _probe_sandbox(failures)
+    if plan is None:
+        raise RuntimeError("no working code sandbox on this machine, so code cannot be scored (it would score 0); "
+                           "tried " + "; ".join(failures))
+    return plan
+
+
 def run_sandboxed(program: str, tests: list[str] = (), *, timeout_s: float = 3.0, memory_mb: int = 512,
                   max_processes: int = 4, max_file_mb: int = 16, max_output_bytes: int = 65536) -> SandboxResult:
-    """Run program, then each test statement, in the sandbox described at the top of this file. Never raises."""
+    """Run program, then each test statement, in the sandbox described at the top of this file. Raises only
+    RuntimeError, where no sandbox works on this machine; a failure of one run scores its tests as failed."""
     tests = [str(test) for test in tests]
-    with _PROBE_LOCK:
-        plan = _probe_sandbox()
+    plan = _sandbox_plan()
     try:
-        if plan is None:
-            raise RuntimeError("no working sandbox")
         return _run(plan, program if isinstance(program, str) else "", tests, timeout_s=timeout_s,
                     memory_mb=memory_mb, max_processes=max_processes, max_file_mb=max_file_mb,
                     max_output_bytes=max_output_bytes)
@@ -776,7 +873,10 @@ def run_sandboxed(program: str, tests: list[str] = (), *, timeout_s: float = 3.0
 def code_reward(completions: list[str], tests: list, *, all_or_nothing: bool = False, timeout_s: float = 3.0,
                 max_workers: int | None = None, memory_mb: int = 512, **kwargs) -> list[float | None]:
     """The fraction of a row's tests (statements, usually asserts) that pass after the completion's code (1 or 0
-    with all_or_nothing), max_workers samples at a time (default 4 per CPU, at most 32); None without tests."""
+    with all_or_nothing), max_workers samples at a time (default 4 per CPU, at most 32); None without tests.
+    Raises RuntimeError where no sandbox works on this machine, rather than give every sample 0."""
+    if any(tests):
+        _sandbox_plan()  # fail here, once, with the reasons
 
     def score(text_and_tests):
         text, cases = text_and_tests

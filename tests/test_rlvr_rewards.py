@@ -1,11 +1,14 @@
 """Tests for rlvr_rewards.py: a hand-computed table per reward, hostile text, the sandbox, the built-in tasks."""
 
+import dataclasses
 import math
 import multiprocessing
 import os
 import random
 import re
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -189,11 +192,19 @@ def test_format_checks_equal_their_regexes():
     ("plain reasoning sans tags", "en", 1.0),
     ("<think>12 + 3 = 15</think>", "en", None),
     ("", "en", None),
+    ("<think>we add</think>", None, None),
 ])
 def test_language_consistency_table(text, language, expected):
-    """The share of the reasoning's words in the target script; None when the reasoning has no words."""
+    """The share of the reasoning's words in the target script; None when the reasoning has no words or the row
+    no language."""
     (value,) = R.language_consistency_reward([text], language=language)
     assert value == (None if expected is None else pytest.approx(expected))
+
+
+def test_language_consistency_column_with_a_missing_language():
+    """A language column may hold None: that row gets None, the others their score."""
+    texts = ["<think>we add</think>", "<think>we add</think>"]
+    assert R.language_consistency_reward(texts, language=["en", None]) == [1.0, None]
 
 
 # ------------------------------------------------------------------------------------------------ length
@@ -278,6 +289,14 @@ def test_countdown_reward_table(answer, expected):
     assert R.countdown_reward([f"<answer>{answer}</answer>"], [[3, 4, 5, 7]], [23]) == [expected]
 
 
+def test_countdown_use_all_numbers_is_tinyzeros_rule():
+    """By default a number may stay unused; with use_all_numbers (TinyZero's rule) every one must be used once."""
+    texts = ["<answer>5*7-3*4</answer>", "<answer>5*7-3*4</answer>", "<answer>5*7-3*4*1</answer>"]
+    numbers, targets = [[3, 4, 5, 7], [3, 4, 5, 7, 1], [3, 4, 5, 7, 1]], [23, 23, 23]
+    assert R.countdown_reward(texts, numbers, targets) == [1.0, 1.0, 1.0]
+    assert R.countdown_reward(texts, numbers, targets, use_all_numbers=True) == [1.0, 0.0, 1.0]
+
+
 def test_countdown_division_is_exact():
     """Division is exact (Fractions): 7/2*4 hits 14; division by zero scores 0."""
     texts = ["<answer>7/2*4</answer>", "<answer>(7/2)*4+1</answer>", "<answer>7/(2-2)</answer>"]
@@ -310,6 +329,8 @@ HOSTILE = [
 def test_every_reward_survives_hostile_text(name):
     """Megabytes of garbage, deep or unbalanced nesting, repeated tags, NULs, odd Unicode: a number or None, fast."""
     n = len(HOSTILE)
+    if name == "code" and PLAN is None:
+        pytest.skip("no working code sandbox on this machine")
     columns = dict(answer=["31415"] * n, target_length=[100] * n, numbers=[[3, 4, 5]] * n, target=[12] * n,
                    tests=[["assert f(1) == 2"]] * n, timeout_s=1.0)
     start = time.monotonic()
@@ -522,6 +543,143 @@ def test_sandbox_runs_in_a_fresh_directory_that_is_removed():
     assert not os.path.exists(result.output.strip())
 
 
+ESCAPE = """
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG 0: clear the parent-death signal unshare --kill-child set
+try:
+    os.setsid()  # leave the process group the trainer kills
+except OSError:
+    pass
+os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(30)", {token!r}])
+"""
+
+
+def _kill_marked(token: str) -> list[int]:
+    """SIGKILL the live processes whose command line holds token; their pids."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if token.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                os.kill(int(pid), 9)
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _run_as_nobody(source: str) -> None:
+    """Run source with a python as user nobody; skip where this process cannot switch users, nobody cannot import
+    rlvr_rewards, or source prints SKIP."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a probe as user nobody")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for python in dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]):
+        try:
+            child = subprocess.run([python, "-c", f"import sys\nsys.path.insert(0, {repo!r})\n{source}"], cwd="/",
+                                   capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]},
+                                   user=65534, group=65534, extra_groups=[])
+        except OSError:  # missing, or where nobody cannot reach it (pyenv under /root)
+            continue
+        if child.returncode == 0 and "SKIP" not in child.stdout:
+            return
+    pytest.skip("user nobody cannot import rlvr_rewards or has no sandbox with namespaces here")
+
+
+@needs_sandbox
+@pytest.mark.parametrize("user", ["this process", "nobody"])
+def test_sandbox_kills_code_that_detaches_itself(user):
+    """Code that clears its parent-death signal, leaves its session and execs is dead once the run returns, also
+    not as root (there only killing the PID namespace's init reaches it)."""
+    token = f"rlvr-escape-{os.getpid()}-{time.monotonic_ns()}"
+    escape = ESCAPE.format(token=token)
+    try:
+        if user == "this process":
+            R.run_sandboxed(escape, ["assert True"], timeout_s=1.0)
+        else:
+            _run_as_nobody("import rlvr_rewards as R\nplan = R._probe_sandbox()\n"
+                           "if plan is None or plan.unshare is None:\n    print('SKIP')\n"
+                           f"else:\n    R.run_sandboxed({escape!r}, ['assert True'], timeout_s=1.0)")
+        time.sleep(0.2)
+    finally:
+        survivors = _kill_marked(token)
+    assert survivors == []
+
+
+@needs_sandbox
+def test_sandbox_sets_no_new_privs():
+    """The code runs with no-new-privs, so no setuid program it runs can raise its privileges."""
+    source = "status = open('/proc/self/status').read()"
+    assert R.run_sandboxed(source, ["assert 'NoNewPrivs:\\t1' in status"]).passed == [True]
+
+
+@needs_sandbox
+@pytest.mark.parametrize("namespaces", [True, False])
+def test_sandbox_shared_memory_does_not_outlive_the_run(namespaces):
+    """A System V shared-memory segment the code creates is gone once the run returns: it lived in the run's IPC
+    namespace, or (as root without namespaces) the slot uid's segments were removed."""
+    if namespaces and PLAN.unshare is None:
+        pytest.skip("no namespaces here")
+    if not namespaces and not AS_ROOT:
+        pytest.skip("not as root and without namespaces the code shares the training user's System V IPC")
+    plan = PLAN if namespaces else dataclasses.replace(PLAN, unshare=None, mount_proc=False)
+    key = 0x5EED0000 + os.getpid() % 0xFFFF
+    create = f"import ctypes\nshmid = ctypes.CDLL(None).shmget({key}, 1 << 20, 0o1000 | 0o600)  # IPC_CREAT"
+
+    def segments():
+        with open("/proc/sysvipc/shm") as table:
+            return [row.split()[1] for row in table.read().splitlines()[1:] if int(row.split()[0]) == key]
+
+    try:
+        assert R._run(plan, create, ["assert shmid >= 0"]).passed == [True]
+        assert segments() == []
+    finally:
+        for shmid in segments():
+            subprocess.run(["ipcrm", "-m", shmid], check=False)
+
+
+@needs_sandbox
+def test_sandbox_has_its_own_proc_where_mounts_work():
+    """With a mount namespace, /proc shows only the sandbox's own PID namespace: the trainer's pid is not there."""
+    if not PLAN.mount_proc:
+        pytest.skip("no mount namespace here: the sandbox sees the host's /proc")
+    source = f"import os\nvisible = os.path.exists('/proc/{os.getpid()}')"
+    assert R.run_sandboxed(source, ["assert not visible"]).passed == [True]
+
+
+def test_sandbox_falls_back_where_its_uids_are_unmapped():
+    """As "root" of a user namespace that maps only uid 0 (a rootless container), the probe picks a plan that runs
+    as the training user, and code is scored, not zeroed."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None or subprocess.run([unshare, "--map-root-user", "true"]).returncode:
+        pytest.skip("needs root and unprivileged user namespaces")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = (f"import sys, warnings\nsys.path.insert(0, {repo!r})\nwarnings.simplefilter('ignore')\n"
+              "import rlvr_rewards as R\n"
+              "print(open('/proc/self/uid_map').read().split(), R._ids_mapped(), R._probe_sandbox().as_root,\n"
+              "      R.code_reward(['def f(x):\\n    return x + 1'], [['assert f(1) == 2']]))")
+    child = subprocess.run([unshare, "--map-root-user", sys.executable, "-c", source], capture_output=True,
+                           text=True, timeout=60)
+    assert child.stdout.strip() == "['0', '0', '1'] False False [1.0]", child.stderr[-2000:]
+
+
+@needs_sandbox
+def test_failed_probe_is_not_kept_and_code_reward_says_why(monkeypatch):
+    """Where no plan works, code_reward raises a RuntimeError naming what was tried and why, rather than score 0;
+    the failure is not cached, so once the sandbox works again code is scored."""
+    def broken_run(*args, **kwargs):
+        raise OSError("fork failed, say")
+
+    run = R._run
+    monkeypatch.setattr(R, "_PLAN", None)
+    monkeypatch.setattr(R, "_run", broken_run)
+    with pytest.raises(RuntimeError, match=r"no working code sandbox.*python.*fork failed, say"):
+        R.code_reward(["x = 1"], [["assert x == 1"]])
+    assert R.code_reward(["x = 1"], [None]) == [None]  # nothing to run: no error
+    monkeypatch.setattr(R, "_run", run)
+    assert R.code_reward(["x = 1"], [["assert x == 1"]]) == [1.0]
+    assert R._PLAN is not None
+
+
 # ------------------------------------------------------------------------------------------------ combining
 
 def test_combine_rewards_weights_and_logs_each():
@@ -559,7 +717,8 @@ def test_rewards_ignore_unknown_columns():
     columns = dict(answer=["1"], target_length=[10], numbers=[[1]], target=[1], tests=[["assert True"]],
                    prompt=["p"], something_else=[object()])
     for name, fn in R.REWARDS.items():
-        assert len(fn(["<answer>1</answer>"], **columns)) == 1, name
+        if name != "code" or PLAN is not None:
+            assert len(fn(["<answer>1</answer>"], **columns)) == 1, name
 
 
 # ------------------------------------------------------------------------------------------------ tasks
