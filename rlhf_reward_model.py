@@ -52,8 +52,9 @@ Launch:
     RLHF_REWARD_MODEL=runs/rlhf_reward_model/final python grpo.py --rewards rlhf_reward_model:reward_model \
         --reward-weights 1
 
-JSONL: one object a line, {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages,
-"margin": float (optional)} or {"prompt": ..., "responses": [best, ..., worst]}.
+JSONL (UTF-8): one object a line, {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages,
+"margin": finite float (optional)} or {"prompt": ..., "responses": [best, ..., worst]} (no margin: one number
+cannot fit all its pairs); messages are {"role": str, "content": str} objects.
 
 Result (`python rlhf_reward_model.py`, seed 0, 800 steps of 16 pairs, 2-core CPU shared with other jobs,
 141-203 s wall): held-out pairwise accuracy 0.947 on 900 pairs (correct 0.840, format 1.000, concise 1.000),
@@ -67,11 +68,13 @@ verifiable reward (--rewards task rlhf_reward_model:reward_model --reward-weight
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -81,7 +84,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from kernels import (MetricsLogger, StopSignal, all_reduce_mean, all_reduce_sum, close_distributed, get_rank,
+from kernels import (MetricsLogger, StopSignal, all_reduce_mean, all_reduce_sum, barrier, close_distributed, get_rank,
                      init_distributed, is_distributed, latest_checkpoint, load_checkpoint, load_model,
                      position_ids_from_mask, print0, resolve_device, save_args, save_checkpoint, seed_everything,
                      set_cpu_threads, unwrap, wrap_model)
@@ -209,11 +212,16 @@ class DataError(ValueError):
 
 
 def _check_text(value, field: str, where: str):
-    ok = isinstance(value, str) or (isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("content"), str) for m in value))
-    if not ok:
-        raise DataError(f"{where}'{field}' must be a string or a list of chat messages "
-                        f"({{\"role\": ..., \"content\": ...}}), got {type(value).__name__}.")
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}'{field}' must be a string or a non-empty list of chat messages "
+                        f"({{\"role\": str, \"content\": str}}), got {repr(value)[:80]}.")
+    for number, message in enumerate(value, 1):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}message {number} of '{field}' must be an object with a string 'role' and a "
+                            f"string 'content', got {repr(message)[:80]}.")
 
 
 def pairs_from_row(row, where: str) -> list[dict]:
@@ -225,16 +233,23 @@ def pairs_from_row(row, where: str) -> list[dict]:
                         f"or prompt and a best-first 'responses' list).")
     _check_text(row["prompt"], "prompt", where)
     if "responses" in row:
+        if "margin" in row:   # one number cannot say how far apart each of the C(K, 2) pairs is
+            raise DataError(f"{where}'margin' applies to a chosen/rejected pair, not to a 'responses' ranking; "
+                            f"drop it, or write the pairs as chosen/rejected lines, each with its own margin.")
         pairs = expand_rankings(row["prompt"], row["responses"], where)
+        for number, response in enumerate(row["responses"]):
+            _check_text(response, f"responses[{number}]", where)
     else:
         for field in ("chosen", "rejected"):
             if field not in row:
                 raise DataError(f"{where}missing field '{field}' (each line needs prompt, chosen and rejected).")
         pairs = [{"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}]
         if "margin" in row:
-            if not isinstance(row["margin"], (int, float)) or isinstance(row["margin"], bool):
-                raise DataError(f"{where}'margin' must be a number, got {row['margin']!r}.")
-            pairs[0]["margin"] = float(row["margin"])
+            margin = row["margin"]   # json reads NaN and Infinity, which would make the loss nan
+            number = isinstance(margin, (int, float)) and not isinstance(margin, bool)
+            if not number or not abs(margin) <= sys.float_info.max:   # false for nan, inf and a 400-digit int
+                raise DataError(f"{where}'margin' must be a finite number, got {repr(margin)[:40]}.")
+            pairs[0]["margin"] = float(margin)
     for pair in pairs:
         _check_text(pair["chosen"], "chosen", where)
         _check_text(pair["rejected"], "rejected", where)
@@ -249,15 +264,21 @@ def load_preference_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Preference file {path!r} does not exist; pass --dataset toy or a .jsonl path.")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:   # bytes, decoded line by line, so that bad UTF-8 is reported with its line
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}, line {lineno}: "
             try:
+                line = raw.decode("utf-8-sig")   # -sig: a byte-order mark (Windows editors) is dropped
+                if not line.strip():
+                    continue
                 row = json.loads(line)
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte column "
+                                f"{err.start + 1}); save the file as UTF-8.") from None
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}not valid JSON ({err.msg}); write one JSON object per line.") from None
+            except RecursionError:
+                raise DataError(f"{where}JSON nested too deeply to parse; write one flat object per line.") from None
             pairs += [dict(pair, line=lineno) for pair in pairs_from_row(row, where)]
     if not pairs:
         raise DataError(f"{path}: no preference pairs in the file.")
@@ -347,9 +368,11 @@ def load_reward_model(name_or_path: str, *, device="auto", dtype="auto"):
     from transformers import AutoModelForSequenceClassification
 
     if name_or_path == "toy":
-        from sft import ensure_toy_model
+        import sft
 
-        name_or_path = ensure_toy_model()
+        # one process builds a missing toy model; under torchrun the other ranks wait for it, then read it
+        name_or_path = sft.ensure_toy_model() if get_rank() == 0 else sft.TOY_BASE
+        barrier()
     model, tokenizer = load_model(name_or_path, model_class=AutoModelForSequenceClassification, num_labels=1,
                                   device=device, dtype=dtype)
     if not hasattr(model, "score"):
@@ -443,15 +466,18 @@ def reward_model(completions: list, prompt: list | None = None, **columns) -> li
 # ----------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_pairs: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle of one epoch (num_pairs,), seeded by (seed, epoch) alone; made once, not once per sample."""
+    return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
 def batch_for_step(pairs: list[dict], step: int, batch_size: int, seed: int) -> list[dict]:
     """The global batch of step `step` (1-based): a fresh shuffle each epoch, a pure function of (step, seed),
     so a resumed run sees exactly the pairs an uninterrupted one would."""
-    out = []
-    for position in range((step - 1) * batch_size, step * batch_size):
-        epoch, index = divmod(position, len(pairs))
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        out.append(pairs[order[index]])
-    return out
+    n = len(pairs)
+    return [pairs[int(epoch_order(n, seed, position // n)[position % n])]
+            for position in range((step - 1) * batch_size, step * batch_size)]
 
 
 def lr_lambda(warmup_steps: int, max_steps: int, floor: float = 0.1):

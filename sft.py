@@ -47,7 +47,7 @@ Launch:
     python sft.py --model Qwen/Qwen2.5-0.5B --dataset data.jsonl --epochs 2 --lr 1e-5 --out-dir runs/sft
     torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-7B --dataset data.jsonl --strategy fsdp \
         --batch-size 64 --grad-accum 2 --lr 1e-5 --out-dir runs/sft-7b
-Data: a .jsonl file with one object a line, {"prompt": str | [messages], "completion": str} or
+Data: a UTF-8 .jsonl file with one object a line, {"prompt": str | [messages], "completion": str} or
 {"messages": [..., {"role": "assistant", ...}]}; an "answer" field makes eval/accuracy possible.
 
 Result: the committed toy/base, made by `OMP_NUM_THREADS=1 python sft.py` (seed 1, 1300 steps of 128, torch 2.13
@@ -360,7 +360,9 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
 
 def build_sft_example(tokenizer, prompt, completion: str) -> dict:
     """{input_ids, loss_mask}: prompt ids (mask 0) then completion ids (mask 1), the completion ending with EOS
-    (plain prompts) or with what the chat template closes an assistant turn with (chat prompts)."""
+    (plain prompts) or with what the chat template closes an assistant turn with (chat prompts). The first token
+    is never a target: with an empty prompt and no BOS nothing precedes it (left-padded, it would be predicted
+    from a pad position); any non-empty prompt already has mask 0 there."""
     prompt_ids = encode_prompt(tokenizer, prompt)
     completion_ids = None
     if not isinstance(prompt, str):
@@ -371,7 +373,9 @@ def build_sft_example(tokenizer, prompt, completion: str) -> dict:
             completion_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
     if completion_ids is None:
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return {"input_ids": prompt_ids + completion_ids, "loss_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
+    loss_mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
+    loss_mask[0] = 0
+    return {"input_ids": prompt_ids + completion_ids, "loss_mask": loss_mask}
 
 
 def _is_messages(value) -> bool:
@@ -410,14 +414,20 @@ def load_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Dataset file {path!r} does not exist (or use --dataset toy / arithmetic).")
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that bad UTF-8 is reported with its line
+        for number, raw in enumerate(f, start=1):
             try:
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
+                if not line.strip():
+                    continue
                 row = normalize_row(json.loads(line))
+            except UnicodeDecodeError as error:
+                row = (f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte column {error.start + 1}); "
+                       "save the file as UTF-8")
             except json.JSONDecodeError as error:
                 row = f"not valid JSON ({error.msg} at column {error.colno})"
+            except RecursionError:
+                row = "JSON nested too deeply to parse"
             if isinstance(row, str):
                 raise ValueError(f"{path}, line {number}: {row}.")
             rows.append(row)
@@ -510,29 +520,33 @@ def load_or_init(args: Args, device: torch.device):
 def evaluate(model, tokenizer, examples: list[dict], rows: list[dict], max_new_tokens: int,
              batch_size: int) -> dict:
     """eval/loss on every held-out example; eval/accuracy (greedy) and eval/think_share on rows with an answer.
-    Each rank takes its share of the rows; sums are all-reduced."""
+    Each rank takes every world-th row; sums are all-reduced. Under FSDP every forward is a collective, so all
+    ranks run the same number of forwards and generate calls: a short share is topped up with rows not counted."""
     rank, world = kernels.get_rank(), (torch.distributed.get_world_size() if kernels.is_distributed() else 1)
     device = next(kernels.unwrap(model).parameters()).device
     model.eval()
-    n = len(examples) // world * world  # equal shares, so FSDP ranks run the same number of forwards
-    mine = list(range(rank, n, world))
-    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, correct, answered
-    for start in range(0, len(mine), batch_size):
-        input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(
-            [examples[i] for i in mine[start:start + batch_size]], tokenizer.pad_token_id))
+    mine = list(range(rank, len(examples), world))
+    sums = torch.zeros(5, dtype=torch.float64)  # loss sum, tokens, correct, answered, reasoning
+    # ---- eval/loss: the completion NLL; the filler rows have no loss_mask, so they add nothing ----
+    share = [examples[i] for i in mine]
+    share += [{"input_ids": examples[0]["input_ids"]}] * (math.ceil(len(examples) / world) - len(share))
+    for start in range(0, len(share), batch_size):
+        input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(share[start:start + batch_size],
+                                                                              tokenizer.pad_token_id))
         logprobs = kernels.token_logprobs(model, input_ids, attention_mask)  # (B, T-1)
         sums[0] += -(logprobs * loss_mask[:, 1:]).sum().item()
         sums[1] += loss_mask[:, 1:].sum().item()
-    answered = [i for i in mine if rows[i].get("answer") is not None]
-    think = 0
-    if answered:
-        completions = generate_completions(model, tokenizer, [rows[i]["prompt"] for i in answered],
-                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
-        rewards = rlvr_rewards.accuracy_reward(completions, answer=[rows[i]["answer"] for i in answered])
-        sums[2] += sum(r or 0.0 for r in rewards)
-        sums[3] += len(answered)
-        think = sum(is_reasoning(c) for c in completions)
-    sums = kernels.all_reduce_sum(torch.cat([sums, torch.tensor([float(think)], dtype=torch.float64)]))
+    # ---- eval/accuracy: greedy completions of the rows with an answer, as many prompts on every rank ----
+    answered = [rows[i] for i in mine if rows[i].get("answer") is not None]
+    num_prompts = kernels.all_reduce_max(len(answered))
+    if num_prompts:
+        prompts = [r["prompt"] for r in answered] + [rows[0]["prompt"]] * (num_prompts - len(answered))
+        completions = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                           batch_size=batch_size)[:len(answered)]  # the filler's are dropped
+        rewards = rlvr_rewards.accuracy_reward(completions, answer=[r["answer"] for r in answered])
+        sums[2:] += torch.tensor([sum(r or 0.0 for r in rewards), len(answered),
+                                  sum(is_reasoning(c) for c in completions)], dtype=torch.float64)
+    sums = kernels.all_reduce_sum(sums)
     model.train()
     metrics = {"eval/loss": (sums[0] / sums[1].clamp_min(1)).item()}
     if sums[3] > 0:

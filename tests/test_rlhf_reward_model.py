@@ -2,9 +2,11 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -130,7 +132,15 @@ def test_score_is_read_at_last_real_token_whatever_the_padding_side():
     ('{"chosen": "a", "rejected": "b"}', "missing field 'prompt'"),
     ('{"prompt": "p", "chosen": "a", "rejected": "b",', "not valid JSON"),
     ('{"prompt": "p", "responses": ["a"]}', "at least two"),
-    ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}', "'margin' must be a number"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}', "'margin' must be a finite number"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": NaN}', "'margin' must be a finite number, got nan"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": -Infinity}', "'margin' must be a finite number"),
+    ('{"prompt": "p", "responses": ["a", "b", "c"], "margin": 1}', "not to a 'responses' ranking"),
+    ('{"prompt": [{"content": "q"}], "chosen": "a", "rejected": "b"}', "message 1 of 'prompt' must be an object "
+                                                                       "with a string 'role'"),
+    ('{"prompt": "p", "chosen": "a", "rejected": [{"role": "assistant"}]}', "message 1 of 'rejected'"),
+    ('{"prompt": "p", "responses": ["a", [{"role": 1, "content": "b"}]]}', "message 1 of 'responses[1]'"),
+    pytest.param("[" * 100_000, "JSON nested too deeply", id="nested-too-deeply"),
 ])
 def test_bad_data_gives_a_clear_message_with_file_and_line(tmp_path, line, expected):
     """A bad line stops loading with the file name, the line number and what is wrong."""
@@ -139,6 +149,18 @@ def test_bad_data_gives_a_clear_message_with_file_and_line(tmp_path, line, expec
     with pytest.raises(R.DataError) as err:
         R.load_preference_jsonl(str(path))
     assert f"{path}, line 3:" in str(err.value) and expected in str(err.value)
+
+
+def test_undecodable_line_names_file_and_line_and_utf8_is_read_as_utf8(tmp_path):
+    """A line that is not UTF-8 raises DataError with the file and line (not a bare UnicodeDecodeError); valid
+    UTF-8, with or without a byte-order mark, loads."""
+    path = tmp_path / "prefs.jsonl"
+    path.write_bytes(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "\xff", "chosen": "a", '
+                     b'"rejected": "b"}\n')
+    with pytest.raises(R.DataError, match=re.escape(f"{path}, line 2: not valid UTF-8")):
+        R.load_preference_jsonl(str(path))
+    path.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "2×3", "chosen": "6 ✓", "rejected": "5"}\n'.encode())
+    assert R.load_preference_jsonl(str(path))[0]["chosen"] == "6 ✓"
 
 
 def test_bad_data_stops_main_before_any_model_is_loaded(tmp_path):
@@ -166,6 +188,50 @@ def test_jsonl_pairs_rankings_margins_and_chat_messages(tmp_path):
     assert R.render(tokenizer, "r", "good", "Q: {prompt} A: {completion}") == "Q: r A: good"
     chat = R.render(tokenizer, "r", "good", "chat")
     assert chat.endswith("good") and "r" in chat and chat != "rgood"
+
+
+def test_batch_order_is_one_shuffle_per_epoch_made_once(monkeypatch):
+    """batch_for_step gives the order it always gave (the seeded randperm of each epoch, read at the step's
+    positions, across epoch boundaries) and draws each epoch's permutation once, not once per sample."""
+    pairs = [{"id": i} for i in range(10)]
+
+    def reference(step, batch_size, seed):  # the per-sample version this replaced
+        out = []
+        for position in range((step - 1) * batch_size, step * batch_size):
+            epoch, index = divmod(position, len(pairs))
+            out.append(pairs[torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 100003
+                                                                                                 + epoch))[index]])
+        return out
+
+    expected = [reference(step, 4, seed=3) for step in range(1, 9)]   # 32 samples: epochs 0-3
+    R.epoch_order.cache_clear()
+    calls, randperm = [], torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a[0]) or randperm(*a, **k))
+    assert [R.batch_for_step(pairs, step, 4, seed=3) for step in range(1, 9)] == expected
+    assert calls == [10] * 4                                             # one permutation per epoch
+    seen = [p["id"] for step in range(1, 6) for p in R.batch_for_step(pairs, step, 4, seed=3)]
+    assert sorted(seen[:10]) == sorted(seen[10:20]) == list(range(10)) and seen[:10] != seen[10:20]
+
+
+def test_toy_backbone_is_built_by_one_rank_while_the_others_wait(monkeypatch):
+    """load_reward_model("toy") under torchrun: only rank 0 runs sft.ensure_toy_model (which may build toy/base);
+    every rank then waits at a barrier and loads sft.TOY_BASE, so N ranks never start N builds."""
+    import sft
+
+    events = []
+
+    def load_model(path, **kwargs):   # a stand-in with what load_reward_model touches
+        events.append(path)
+        return SimpleNamespace(score=None, config=SimpleNamespace()), SimpleNamespace(pad_token_id=0)
+
+    monkeypatch.setattr(sft, "ensure_toy_model", lambda: events.append("build") or sft.TOY_BASE)
+    monkeypatch.setattr(R, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(R, "load_model", load_model)
+    for rank, expected in ((0, ["build", "barrier", sft.TOY_BASE]), (1, ["barrier", sft.TOY_BASE])):
+        events.clear()
+        monkeypatch.setattr(R, "get_rank", lambda: rank)
+        R.load_reward_model("toy")
+        assert events == expected
 
 
 def test_toy_pairs_cover_three_preferences_and_chosen_is_correct_and_well_formed():

@@ -94,6 +94,41 @@ def test_plain_and_chat_prompts_mask_exactly_the_completion():
     assert tokenizer.decode(system) == "<|system|>Be brief.<|user|>1+1<|assistant|>"
 
 
+def test_an_empty_prompt_never_makes_the_first_token_a_target():
+    """With prompt "" and no BOS the first completion token has no context: its mask is 0, so a left-padded batch
+    trains on exactly the num_tokens main() divides by, and each row's loss is the one it has alone."""
+    tokenizer = sft.build_toy_tokenizer()
+    empty = sft.build_sft_example(tokenizer, "", "<answer>5</answer>")
+    assert empty["input_ids"] == tokenizer("<answer>5</answer>")["input_ids"] + [tokenizer.eos_token_id]
+    assert empty["loss_mask"] == [0] + [1] * (len(empty["input_ids"]) - 1)
+    examples = [empty, sft.build_sft_example(tokenizer, "7+3*4=", "19")]
+    input_ids, attention_mask, loss_mask = sft.collate(examples, tokenizer.pad_token_id)  # the empty row is padded
+    assert loss_mask[:, 1:].sum().item() == sum(sum(e["loss_mask"][1:]) for e in examples)
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(sft.toy_model_config(tokenizer)).eval()
+    with torch.no_grad():
+        batched = -(kernels.token_logprobs(model, input_ids, attention_mask) * loss_mask[:, 1:]).sum(-1)
+        for e, loss in zip(examples, batched):
+            ids, mask, alone_mask = sft.collate([e], tokenizer.pad_token_id)
+            alone = -(kernels.token_logprobs(model, ids, mask) * alone_mask[:, 1:]).sum()
+            assert loss.item() == pytest.approx(alone.item(), rel=1e-5)
+
+
+def test_rows_with_a_non_empty_prompt_keep_the_loss_mask_they_always_had():
+    """Forcing the first token's mask to 0 changes nothing where a prompt exists (the toy recipe's chat rows, plain
+    prompts): the mask is still 0 on every prompt token and 1 on every completion token, so toy/base stands."""
+    tokenizer = sft.build_toy_tokenizer()
+    rows = [(r["prompt"], r["completion"]) for r in sft.toy_corpus(50, seed=1)]
+    rows += [("7+3=", "10"), (" ", ""), ("x", "<think>1</think>")]
+    for prompt, completion in rows:
+        example = sft.build_sft_example(tokenizer, prompt, completion)
+        prompt_len = len(sft.encode_prompt(tokenizer, prompt))
+        assert prompt_len > 0
+        assert example["loss_mask"] == [0] * prompt_len + [1] * (len(example["input_ids"]) - prompt_len)
+
+
 def test_messages_without_chat_template_raise_a_clear_error():
     """Chat data with a tokenizer that has no chat template is refused with a sentence that says so."""
     tokenizer = sft.build_toy_tokenizer()
@@ -118,6 +153,22 @@ def test_malformed_jsonl_stops_before_training_with_file_and_line(tmp_path):
             sft.main(tiny_args(tmp_path, dataset=path, out_dir=str(out_dir)))
         assert path in str(error.value) and message in str(error.value)
         assert not out_dir.exists()  # nothing was written: it stopped before training
+
+
+def test_undecodable_or_too_deeply_nested_lines_name_file_and_line(tmp_path):
+    """A line that is not UTF-8, or JSON nested past the parser's recursion limit, raises ValueError naming the
+    file and the line (not a bare UnicodeDecodeError / RecursionError); files are read as UTF-8 (a BOM allowed)."""
+    good = b'{"prompt": "1+1", "completion": "2"}\n'
+    for name, bad, message in [("utf8", b'{"prompt": "\xff", "completion": "2"}\n', "line 2: not valid UTF-8"),
+                               ("deep", b"[" * 100_000 + b"\n", "line 2: JSON nested too deeply")]:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(good + bad + good)
+        with pytest.raises(ValueError) as error:
+            sft.load_jsonl(str(path))
+        assert f"{path}, {message}" in str(error.value)
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "2\u00d73 ≈", "completion": "6"}\n'.encode())
+    assert sft.load_jsonl(str(path))[0]["prompt"] == "2×3 ≈"
 
 
 def test_jsonl_accepts_prompt_completion_messages_and_conversational_forms(tmp_path):
@@ -268,6 +319,27 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert len(losses[0]) == 4 and losses[0] == losses[1]
 
 
+def test_evaluate_runs_as_many_generate_calls_as_the_busiest_rank(monkeypatch):
+    """evaluate tops its answered prompts up to the count the ranks agree on (kernels.all_reduce_max), so FSDP ranks
+    run the same number of generate calls whatever their share of answers; the filler changes no metric."""
+    model, tokenizer = kernels.load_model(sft.TOY_BASE, device="cpu", dtype="float32")
+    problems = rlvr_rewards.make_dataset("arithmetic", split="test", n=5, seed=1)
+    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "completion": f"<answer>{p['answer']}</answer>",
+             "answer": p["answer"] if i % 2 == 0 else None} for i, p in enumerate(problems)]  # 3 answered
+    examples = [sft.build_sft_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
+    batch_sizes, generate = [], kernels.generate
+    monkeypatch.setattr(kernels, "generate", lambda model, ids, *a, **k: batch_sizes.append(len(ids)) or
+                        generate(model, ids, *a, **k))
+    alone = sft.evaluate(model, tokenizer, examples, rows, max_new_tokens=24, batch_size=2)
+    assert batch_sizes == [2, 1]
+    batch_sizes.clear()
+    monkeypatch.setattr(kernels, "all_reduce_max", lambda value: 7)  # as if another rank had 7 answered rows
+    busy = sft.evaluate(model, tokenizer, examples, rows, max_new_tokens=24, batch_size=2)
+    assert batch_sizes == [2, 2, 2, 1]
+    assert busy.keys() == alone.keys() == {"eval/loss", "eval/accuracy", "eval/think_share"}
+    assert all(busy[k] == pytest.approx(alone[k], abs=1e-6) for k in alone)
+
+
 def test_help_lists_the_shared_flags():
     """`python sft.py --help` works and shows the flags every training script shares."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--help"], capture_output=True, text=True,
@@ -299,3 +371,37 @@ def test_torchrun_two_processes_match_one_process(tmp_path, strategy):
     assert set(one) <= set(two)  # FSDP's full state dict also names the tied lm_head
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_evaluation_with_uneven_answers_matches_one_process(tmp_path):
+    """Seven held-out rows, rank 0 holding three with an answer and rank 1 one: two FSDP ranks (gloo, CPU) finish,
+    each running as many generate calls, with the eval metrics of one process, every row counted once."""
+    problems = rlvr_rewards.make_dataset("arithmetic", split="test", n=7, seed=1)
+    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "completion": f"<answer>{p['answer']}</answer>"}
+            for p in problems]
+    for i in (0, 1, 2, 4):  # rank 0 takes rows 0, 2, 4, 6 and rank 1 rows 1, 3, 5
+        rows[i]["answer"] = problems[i]["answer"]
+    train = write_jsonl(tmp_path / "train.jsonl", sft.toy_corpus(4, seed=0))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rows)
+    common = ["--model", sft.TOY_BASE, "--dataset", train, "--eval-dataset", held_out, "--max-steps", "1",
+              "--batch-size", "2", "--lr", "1e-6", "--warmup-steps", "1", "--eval-every", "0", "--save-every", "0",
+              "--max-new-tokens", "24", "--device", "cpu", "--export-dir", ""]
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            os.path.join(ROOT, "sft.py"), *common, "--grad-accum", "1", "--strategy", "fsdp",
+                            "--out-dir", str(tmp_path / "two")], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = two.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:  # deadlocked: SIGTERM makes torchrun stop its workers (SIGKILL after 30 s)
+        two.terminate()
+        two.communicate()
+        raise
+    assert two.returncode == 0, output[-3000:]
+    sft.main(tiny_args(tmp_path, model=sft.TOY_BASE, dataset=train, eval_dataset=held_out, max_steps=1, batch_size=2,
+                       grad_accum=2, lr=1e-6, eval_every=0, save_every=0, max_new_tokens=24,
+                       out_dir=str(tmp_path / "one")))
+    last = {d: kernels.read_metrics(str(tmp_path / d))[-1] for d in ("one", "two")}
+    keys = {"eval/loss", "eval/accuracy", "eval/think_share"}
+    assert keys <= set(last["one"]) and keys <= set(last["two"])
+    assert all(last["two"][k] == pytest.approx(last["one"][k], abs=1e-5) for k in keys)
