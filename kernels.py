@@ -267,7 +267,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_samples: int = 1,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, noise_keys: torch.Tensor | None = None,
-             compile: bool | None = None, pad_to_multiple: int = 16, check_every: int = 8) -> Generation:
+             compile: bool | None = None, pad_to_multiple: int = 16, check_every: int = 8,
+             compact: bool | None = None) -> Generation:
     """Sample num_samples completions for each of B left-padded prompts; rows are prompt-major
     (row i*S + j is sample j of prompt i). temperature=0 is greedy.
 
@@ -276,6 +277,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     check_every: how often (in steps) to ask the device whether every row has finished (a host sync).
     noise_keys: (R,) int64 per-row keys; when given, sampling noise comes from keyed_uniform instead of
     generator, so each row's sample depends only on its key (rank- and batch-invariant).
+    compact: drop finished rows from the decode batch as they accumulate (default: when not compiled). With
+    noise_keys or greedy the samples are the same either way; with a generator its stream is consumed by
+    fewer rows, so the samples differ (each setting is reproducible).
     """
     model = unwrap(model)
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
@@ -333,24 +337,43 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     finished = torch.zeros(R, dtype=torch.bool, device=device)
     sync_stop = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and _is_fsdp(model)
     steps = max_new_tokens
-    for t in range(max_new_tokens):
-        uniform = keyed_uniform(noise_keys, t) if noise_keys is not None and temperature else None
-        token, token_logprob = sample_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k,
-                                             generator=generator, uniform=uniform)
-        tokens[:, t] = torch.where(finished, pad_token_id, token)
-        logprobs[:, t] = torch.where(finished, 0.0, token_logprob)
-        finished |= torch.isin(token, eos_ids)
-        if t == max_new_tokens - 1:
-            break
-        if (t + 1) % check_every == 0:
-            not_done = (~finished).any().to(torch.int32)
-            if sync_stop:  # FSDP ranks must run the same number of forwards, or their all-gathers deadlock
-                dist.all_reduce(not_done, op=dist.ReduceOp.MAX)
-            if not not_done.item():
-                steps = t + 1
+    # Eager decoding drops finished rows from the batch once an eighth of it has finished, since a step costs in
+    # proportion to its rows; `live` holds the rows still decoded (None: all). Compiled decoding keeps every row,
+    # as CUDA graphs need fixed shapes. The cache's full tensors are put back at the end for the next call.
+    compact = not compile if compact is None else compact
+    live, full_cache = None, [(layer.keys, layer.values) for layer in state.cache.layers]
+    try:
+        for t in range(max_new_tokens):
+            uniform = (keyed_uniform(noise_keys if live is None else noise_keys[live], t)
+                       if noise_keys is not None and temperature else None)
+            token, token_logprob = sample_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k,
+                                                 generator=generator, uniform=uniform)
+            rows = slice(None) if live is None else live
+            done = finished[rows]
+            tokens[rows, t] = torch.where(done, pad_token_id, token)
+            logprobs[rows, t] = torch.where(done, 0.0, token_logprob)
+            finished[rows] = done | torch.isin(token, eos_ids)
+            if t == max_new_tokens - 1:
                 break
-        full_mask[:, P + t] = 1
-        logits = state.step(tokens[:, t:t + 1].clone(), next_position + t, full_mask)
+            if (t + 1) % check_every == 0:
+                not_done = (~finished).any().to(torch.int32)
+                if sync_stop:  # FSDP ranks must run the same number of forwards, or their all-gathers deadlock
+                    dist.all_reduce(not_done, op=dist.ReduceOp.MAX)
+                if not not_done.item():
+                    steps = t + 1
+                    break
+            full_mask[:, P + t] = 1
+            if compact:
+                keep = ~finished[rows]
+                if keep.any() and (~keep).sum() * 8 >= len(keep):
+                    live = torch.nonzero(~finished)[:, 0] if live is None else live[keep]
+                    for layer in state.cache.layers:
+                        layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            rows = slice(None) if live is None else live
+            logits = state.step(tokens[rows, t:t + 1].clone(), next_position[rows] + t, full_mask[rows])
+    finally:
+        for layer, (keys, values) in zip(state.cache.layers, full_cache):
+            layer.keys, layer.values = keys, values
     tokens, logprobs = tokens[:, :steps], logprobs[:, :steps]
     is_pad_after_eos = torch.cat([torch.zeros_like(finished[:, None]),
                                   torch.isin(tokens[:, :-1], eos_ids)], 1).cumsum(-1) > 0

@@ -442,6 +442,26 @@ def test_two_process_training_step_keeps_ranks_identical(strategy, micro, tmp_pa
         assert torch.allclose(r0[k], one[k], atol=2e-5), k  # AdamW normalises tiny float differences
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_dropping_finished_rows_changes_no_sample(temperature):
+    """Eager decoding drops rows that have finished from the batch; with keyed noise (or greedy) every row's
+    tokens, log-probs, mask and truncation are those of decoding all rows to the end, and the static cache is
+    whole again for the next call."""
+    model = tiny_causal_lm()
+    ids, mask = left_padded_batch([6, 9, 4, 7])
+    eos = list(range(3, 14)) if temperature else [int(t) for t in K.generate(
+        model, ids, mask, max_new_tokens=12, temperature=0.0, num_samples=1, eos_token_id=-1).tokens[:, 5:9].flatten()]
+    kw = dict(max_new_tokens=24, temperature=temperature, num_samples=4, eos_token_id=eos, pad_token_id=0,
+              noise_keys=torch.arange(16))
+    for _ in range(2):  # the second call reuses the decode state the first one compacted
+        cut, whole = K.generate(model, ids, mask, compact=True, **kw), K.generate(model, ids, mask, compact=False, **kw)
+        lengths = whole.mask.sum(-1)
+        assert lengths.min() < lengths.max()  # rows did stop at different steps
+        assert torch.equal(cut.tokens, whole.tokens) and torch.equal(cut.mask, whole.mask)
+        assert torch.equal(cut.truncated, whole.truncated)
+        assert torch.allclose(cut.logprobs, whole.logprobs, atol=1e-6)
+
+
 def test_keyed_sampling_is_batch_invariant_and_exponential():
     """With noise_keys, a row's sample depends only on its key: the same rows sampled inside a larger batch or
     alone match; the keyed draws are uniform on [0, 1) and differ across steps."""
