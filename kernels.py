@@ -3,7 +3,8 @@
 What is in this file, top to bottom:
   1. loading:      load_model(name_or_path) -> (model, tokenizer), left padding, a pad token always set.
   2. generation:   generate(...) batched sampling with a static KV cache, each prompt prefilled once and
-                   shared by its num_samples rows, the one-token decode step compiled (CUDA graphs on GPU).
+                   shared by its num_samples rows, the one-token decode step compiled (CUDA graphs on GPU);
+                   eager (CPU), finished rows leave the batch.
   3. log-probs:    token_logprobs(...) log pi(x_{t+1} | x_<=t) from the final hidden states and the output
                    embedding in chunks, so the (B, T, V) logits never exist, in the forward or the backward.
   4. the loss:     policy_loss(...) the clipped surrogate with per-token beta*KL, four aggregation modes and
