@@ -692,7 +692,8 @@ def rollout_step(args, model, ref_model, tokenizer, reward_fns, train_rows, stat
 
 
 def rollout_metrics(rollout: dict, zero_var: torch.Tensor, G: int) -> dict:
-    """REFERENCE.md §9 diagnostics for one rollout (this rank; all-reduced by the caller)."""
+    """The diagnostics every run should log (reward, accuracy, lengths split by correctness, truncation, zero-variance
+    groups, reasoning and reflection shares) for one rollout (this rank; all-reduced by the caller)."""
     gen, rewards = rollout["gen"], rollout["rewards"]
     lengths = gen.mask.sum(-1).float().cpu()
     correct = torch.tensor(rollout["correct"], dtype=torch.bool)

@@ -46,10 +46,10 @@ Deliberate choices:
 Launch:
     python rlhf_reward_model.py                                       # toy world, CPU, about 2.5 minutes
     python rlhf_reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset prefs.jsonl --lr 1e-5 --batch-size 32
-    torchrun --nproc_per_node 8 rlhf_reward_model.py --model Qwen/Qwen2.5-7B-Instruct --dataset prefs.jsonl \
+    torchrun --nproc_per_node 8 rlhf_reward_model.py --model Qwen/Qwen2.5-7B-Instruct --dataset prefs.jsonl \\
         --strategy fsdp --lr 5e-6 --batch-size 64
     # as a reward: RewardModelScorer("runs/rlhf_reward_model/final") in code, or from the command line
-    RLHF_REWARD_MODEL=runs/rlhf_reward_model/final python grpo.py --rewards rlhf_reward_model:reward_model \
+    RLHF_REWARD_MODEL=runs/rlhf_reward_model/final python grpo.py --rewards rlhf_reward_model:reward_model \\
         --reward-weights 1
 
 JSONL (UTF-8): one object a line, {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages,

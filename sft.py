@@ -32,7 +32,7 @@ Deliberate choices:
     answers are not padded to the length of reasoning traces (about a third less compute on the toy corpus);
     the loss does not change, since its denominator is the whole batch's token count.
 
-The toy world (DESIGN.md). A character-level tokenizer (printable ASCII, newline, and single tokens for the
+The toy world. A character-level tokenizer (printable ASCII, newline, and single tokens for the
 chat roles and the four R1 tags) and a ~0.8M-parameter Qwen2, pretrained from random weights on the built-in
 arithmetic task ("7+3*4-2", 3-4 operands 1..9) rendered with the chat template, the user turn being the bare
 problem. Each completion is either reasoning, "<think>3*4=12,7+12=19,19-2=17</think><answer>17</answer>",
@@ -42,10 +42,10 @@ likelier on longer problems and where a '*' follows another operator (TOY_RECIPE
 for R1-Zero: usually answers directly and is often wrong, sometimes reasons, and is much better when it does.
 
 Launch:
-    python sft.py                                          # builds toy/base (a few minutes on a 2-core CPU)
+    python sft.py                                          # builds toy/base (~7 min with OMP_NUM_THREADS=1)
     python sft.py --dataset arithmetic --model toy/base --max-steps 200 --lr 3e-4 --out-dir runs/cold-start
     python sft.py --model Qwen/Qwen2.5-0.5B --dataset data.jsonl --epochs 2 --lr 1e-5 --out-dir runs/sft
-    torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-7B --dataset data.jsonl --strategy fsdp \
+    torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-7B --dataset data.jsonl --strategy fsdp \\
         --batch-size 64 --grad-accum 2 --lr 1e-5 --out-dir runs/sft-7b
 Data: a UTF-8 .jsonl file with one object a line, {"prompt": str | [messages], "completion": str} or
 {"messages": [..., {"role": "assistant", ...}]}; an "answer" field makes eval/accuracy possible.
@@ -53,10 +53,11 @@ Data: a UTF-8 .jsonl file with one object a line, {"prompt": str | [messages], "
 Result: the committed toy/base, made by `OMP_NUM_THREADS=1 python sft.py` (seed 1, 1300 steps of 128, torch 2.13
 CPU; numbers in toy/base/toy_stats.json), on 256 held-out problems, greedy and 4 samples each at temperature 1:
     greedy accuracy 32.0%      greedy answers that reason 22.7%      samples that reason 35.0%
-    sample accuracy when reasoning 75.1%, when answering directly 11.7%
+    sample accuracy when reasoning 77.4%, when answering directly 11.6%
 Another thread count or torch version rounds differently and ends somewhat elsewhere; a default run replaces
-toy/base only if its numbers meet TOY_TARGETS. Two builds gave bit-identical weights. Wall time: 15-17 min on a
-2-core CPU shared with other jobs (load 5-9); 1000 steps took 4 min with 2 threads on an unloaded machine.
+toy/base only if its numbers meet TOY_TARGETS. Two builds gave bit-identical weights. Wall time: 6 min 44 s with
+OMP_NUM_THREADS=1 on a 2-core CPU with another single-threaded job on the other core; 15-17 min (toy_stats.json's
+train_wall_s) on cores shared with heavier jobs (load 5-9).
 """
 
 from __future__ import annotations
