@@ -60,10 +60,10 @@ Result (`python rlhf_reward_model.py`, seed 0, 800 steps of 16 pairs, 2-core CPU
 141-203 s wall): held-out pairwise accuracy 0.947 on 900 pairs (correct 0.840, format 1.000, concise 1.000),
 mean margin 3.87. On the toy base model's own samples it ranks a correct answer above a wrong one for the
 same prompt 87% of the time, mostly because it likes reasoning. As grpo.py's only reward it is hacked, as
-the consistency caveat above predicts: greedy accuracy 33.5% -> 9.5% while the reasoning share goes 26% ->
-100%, e.g. "4-9-2" -> <think>4-9=-2,-2-8=-4</think><answer>-4</answer>; as a 0.1-weight term beside the
+the consistency caveat above predicts: greedy accuracy 33.5% -> 2.5% while the reasoning share goes 26% ->
+100%, e.g. "4-9-2" -> <think>1-9=-6,-6-5=-1</think><answer>-1</answer>; as a 0.1-weight term beside the
 verifiable reward (--rewards task rlhf_reward_model:reward_model --reward-weights 1 0.1) the run ends at
-83.5%, the same as the default task + format rewards.
+83.0%, against 85.5% for the default task + format rewards.
 """
 
 from __future__ import annotations
