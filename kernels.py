@@ -938,15 +938,23 @@ def latest_checkpoint(out_dir: str) -> str | None:
 
 
 def load_model_weights(model: torch.nn.Module, path: str):
-    """Load a transformers checkpoint directory's safetensors weights into an existing (wrapped) model."""
+    """Load a transformers checkpoint directory's safetensors weights into an existing (wrapped) model: the files
+    model.safetensors or model-0000i-of-0000n.safetensors name, and no other (a trainer may keep, say, its
+    reference model's weights beside them)."""
     from safetensors.torch import load_file
 
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = sorted(glob.glob(os.path.join(path, "model.safetensors"))
+                   or glob.glob(os.path.join(path, "model-*-of-*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"No .safetensors weights in {path}.")
+        raise FileNotFoundError(f"No model.safetensors weights in {path}.")
     state = {}
     for f in files:
         state.update(load_file(f))
+    set_full_state_dict(model, state, source=path)
+
+
+def set_full_state_dict(model: torch.nn.Module, state: dict, source: str = "the state dict"):
+    """Load a full (unsharded) state dict into a plain, DDP or FSDP2 model (FSDP2: each rank keeps its shard)."""
     plain = unwrap(model)
     if _is_fsdp(plain):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -957,8 +965,7 @@ def load_model_weights(model: torch.nn.Module, path: str):
     tied = set(getattr(plain, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not (plain.config.tie_word_embeddings and "lm_head" in k)]
     if missing or unexpected:
-        raise RuntimeError(f"Checkpoint {path} does not match the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}.")
+        raise RuntimeError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     if plain.config.tie_word_embeddings:
         plain.tie_weights()
 

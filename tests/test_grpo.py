@@ -260,13 +260,18 @@ def test_kl_in_loss_loads_a_reference_and_logs_kl(tiny_model_dir, tmp_path):
     assert rows[0]["train/kl"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
-    """Stopping after 2 steps and resuming to 4 ends with exactly the parameters of a 4-step run."""
+@pytest.mark.parametrize("reference", [False, True])
+def test_resume_matches_uninterrupted_run(reference, tiny_model_dir, tmp_path):
+    """Stopping after 3 steps and resuming to 4 ends with exactly the parameters of a 4-step run; with a KL
+    reference reset every 2 steps, the reference saved in the checkpoint comes back too (and only there: the
+    policy does not load it), so the KL logged after the resume is the uninterrupted run's."""
     kw = dict(eval_every=0, rewards=("tag_count", "task"), reward_weights=(1.0, 1.0))  # tag_count: a signal
+    if reference:
+        kw.update(kl_coef=0.04, ref_reset_every=2)
     straight = tmp_path / "straight"
     grpo.main(small_args(tiny_model_dir, straight, max_steps=4, **kw))
     parts = tmp_path / "parts"
-    grpo.main(small_args(tiny_model_dir, parts, max_steps=2, save_every=2, **kw))
+    grpo.main(small_args(tiny_model_dir, parts, max_steps=3, save_every=3, **kw))
     grpo.main(small_args(tiny_model_dir, parts, max_steps=4, resume=True, **kw))
     from safetensors.torch import load_file
 
@@ -277,18 +282,25 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["step"] for r in K.read_metrics(str(parts))] == [1, 2, 3, 4]
+    if reference:
+        kl = [r["train/kl"] for r in K.read_metrics(str(straight))]
+        assert kl[3] > 0 and kl == [r["train/kl"] for r in K.read_metrics(str(parts))]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["grpo", "reinforce_pp"])  # reinforce_pp: whitening over both ranks' tokens
-def test_two_process_torchrun_matches_one_process(preset, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("preset, extra", [
+    ("grpo", []),
+    ("reinforce_pp", []),  # whitening over both ranks' tokens
+    ("grpo", ["--strategy", "fsdp", "--kl-coef", "0.04", "--ref-reset-every", "2", "--save-every", "2"]),  # sharded
+])  # reference: reset from the sharded policy, gathered into the checkpoint
+def test_two_process_torchrun_matches_one_process(preset, extra, tiny_model_dir, tmp_path):
     """torchrun with 2 ranks (gloo) logs the metrics and ends with the parameters of a one-process run with the
     same global batch (rank-invariant sampling noise, global token counts). The ranks split their rows into
     small length-sorted micro-batches (as many on each rank, gradients synced once); the one process does not."""
     common = ["--model", tiny_model_dir, "--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4",
               "--max-new-tokens", "12", "--eval-every", "0", "--device", "cpu", "--no-plot",
               "--rewards", "tag_count", "task", "--reward-weights", "1.0", "1.0",  # tag_count: nonzero variance
-              "--preset", preset]
+              "--preset", preset, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "two"), *common,
@@ -301,11 +313,13 @@ def test_two_process_torchrun_matches_one_process(preset, tiny_model_dir, tmp_pa
     m2, m1 = K.read_metrics(str(tmp_path / "two")), K.read_metrics(str(tmp_path / "one"))
     for r1, r2 in zip(m1, m2):
         for k in r1:
-            if k.startswith(("rollout/", "train/loss", "train/clip_frac", "train/entropy")):
+            if k.startswith(("rollout/", "train/loss", "train/clip_frac", "train/entropy", "train/kl")):
                 assert r1[k] == pytest.approx(r2[k], abs=1e-4, nan_ok=True), k
     from safetensors.torch import load_file
 
     assert m1[0]["rollout/reward_std"] > 0  # there was a learning signal
+    if "--kl-coef" in extra:
+        assert m1[1]["train/kl"] > 0 and os.path.exists(tmp_path / "two" / "checkpoint-2" / "reference.safetensors")
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")
     b = load_file(tmp_path / "two" / "final" / "model.safetensors")
     init = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
