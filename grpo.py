@@ -832,19 +832,10 @@ def main(args: Args, *, preset_applied: bool = False) -> dict:
 
     def save(step, name=None):
         extra = {k: v for k, v in state.items() if k != "order"}
-        path = K.save_checkpoint(args.out_dir, step, policy, tokenizer, optimizer, scheduler, extra=extra, name=name)
-        if ref_model is not None and args.ref_reset_every:
-            ref_state = K.full_state_dict(ref_model)  # on every rank: gathering a sharded reference is a collective
-            if info.is_main:
-                from safetensors.torch import save_file
-
-                tensors, stored = {}, set()
-                for k, v in ref_state.items():  # a tied weight (embedding = output head) is stored once
-                    if v.data_ptr() not in stored:
-                        stored.add(v.data_ptr())
-                        tensors[k] = v.contiguous()
-                save_file(tensors, os.path.join(path, "reference.safetensors"))
-        return path
+        files = ({"reference.safetensors": K.full_state_dict(ref_model)}  # every rank: a collective under FSDP
+                 if ref_model is not None and args.ref_reset_every else None)
+        return K.save_checkpoint(args.out_dir, step, policy, tokenizer, optimizer, scheduler, extra=extra, name=name,
+                                 tensor_files=files)
 
     def log(step, metrics):
         logger.log(step, metrics)

@@ -890,10 +890,12 @@ def _optimizer_state(model, optimizer) -> dict:
 
 def save_checkpoint(out_dir: str, step: int, model, tokenizer=None, optimizer=None, scheduler=None,
                     extra: dict | None = None, generators: dict[str, torch.Generator] | None = None,
-                    name: str | None = None, keep_last: int | None = None) -> str:
+                    name: str | None = None, keep_last: int | None = None,
+                    tensor_files: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
     """Write DIR/checkpoint-STEP/ (or DIR/name/): model in safetensors (transformers layout), tokenizer, and
     trainer_state.pt (step, optimizer, scheduler, extra) plus rng_rankR.pt per rank (python/torch/cuda RNGs
-    and the named torch.Generators). Written to a temporary name and renamed when complete, so a crash
+    and the named torch.Generators), and tensor_files ({"reference.safetensors": full state dict, ...}; a
+    tied weight is stored once). Written to a temporary name and renamed when complete, so a crash
     mid-save never leaves a checkpoint that looks whole. Collective: every rank must call it.
     """
     name = name or f"{CHECKPOINT_PREFIX}{step}"
@@ -910,6 +912,15 @@ def save_checkpoint(out_dir: str, step: int, model, tokenizer=None, optimizer=No
         torch.save({"step": step, "optimizer": optim_state,
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
+        from safetensors.torch import save_file
+
+        for file_name, tensors in (tensor_files or {}).items():
+            stored, unique = set(), {}
+            for k, v in tensors.items():  # safetensors refuses tensors that share memory (tied embeddings)
+                if v.data_ptr() not in stored:
+                    stored.add(v.data_ptr())
+                    unique[k] = v.contiguous()
+            save_file(unique, os.path.join(tmp, file_name))
     barrier()
     gens = {k: g.get_state() for k, g in (generators or {}).items()}
     torch.save({"rng": rng_state(), "generators": gens}, os.path.join(tmp, f"rng_rank{rank}.pt"))
