@@ -516,6 +516,9 @@ def check_args(args: Args, info: K.DistInfo):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of ranks "
                          f"({info.world_size}): each rank owns whole groups.")
     per_rank = args.prompts_per_step // info.world_size
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature {args.temperature}: training samples and log-probs need a temperature > 0 "
+                         "(greedy decoding has no probabilities to learn from).")
     if args.num_iterations < 1 or args.num_minibatches < 1:
         raise ValueError(f"--num-iterations ({args.num_iterations}) and --num-minibatches ({args.num_minibatches}) "
                          f"must be at least 1.")
@@ -631,6 +634,8 @@ def update(args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
             stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0.0) + grad_norm.item()
             n_updates += 1
     scheduler.step()  # the schedule counts rollout steps
+    for k in ("ratio_max", "ratio_min"):  # no loss token on this rank: NaN, so every rank reports the same keys
+        stats_sum.setdefault(k, math.nan)
     return {f"train/{k}": v / counts.get(k, n_updates) for k, v in stats_sum.items()}
 
 
@@ -682,6 +687,8 @@ def rollout_step(args, model, ref_model, tokenizer, reward_fns, train_rows, stat
         kl = None
         if ref_model is not None:
             batch["ref_logprobs"] = rollout_logprobs(args, ref_model, batch)
+            if hasattr(ref_model, "reshard"):  # FSDP2 leaves the root unsharded after a forward with no backward
+                ref_model.reshard()
             if args.kl_in_reward:
                 policy_lp = batch.get("old_logprobs", gen.logprobs)
                 kl = K.kl_penalty(policy_lp, batch["ref_logprobs"], "k1")
@@ -824,6 +831,10 @@ def main(args: Args, *, preset_applied: bool = False) -> dict:
             from safetensors.torch import load_file
 
             K.set_full_state_dict(ref_model, load_file(ref_file), source=ref_file)
+        elif ref_model is not None and args.ref_reset_every and start_step >= args.ref_reset_every:
+            raise ValueError(f"{ckpt} has no reference.safetensors, but with --ref-reset-every "
+                             f"{args.ref_reset_every} the reference was replaced by the policy before step "
+                             f"{start_step}; resuming would measure the KL against the wrong model.")
         K.print0(f"Resumed from {ckpt} at step {start_step}.")
     state["order"] = make_order(args.seed, len(train_rows))
     K.save_args(args.out_dir, args)

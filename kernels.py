@@ -967,17 +967,19 @@ def load_model_weights(model: torch.nn.Module, path: str):
 def set_full_state_dict(model: torch.nn.Module, state: dict, source: str = "the state dict"):
     """Load a full (unsharded) state dict into a plain, DDP or FSDP2 model (FSDP2: each rank keeps its shard)."""
     plain = unwrap(model)
-    if _is_fsdp(plain):
+    fsdp = _is_fsdp(plain)
+    if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(plain, state, options=StateDictOptions(full_state_dict=True, strict=False))
-        return
-    missing, unexpected = plain.load_state_dict(state, strict=False)
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        missing, unexpected = set_model_state_dict(plain, state, options=options)
+    else:
+        missing, unexpected = plain.load_state_dict(state, strict=False)
     tied = set(getattr(plain, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not (plain.config.tie_word_embeddings and "lm_head" in k)]
     if missing or unexpected:
         raise RuntimeError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-    if plain.config.tie_word_embeddings:
+    if plain.config.tie_word_embeddings and not fsdp:  # FSDP2 keeps the tie: the two names share one parameter
         plain.tie_weights()
 
 

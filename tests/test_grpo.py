@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -124,6 +125,25 @@ def test_impossible_settings_fail_before_any_compute(tmp_path):
         grpo.main(grpo.Args(dataset=str(data), out_dir=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="num-iterations"):
         grpo.check_args(grpo.Args(num_iterations=0), K.DistInfo())
+    with pytest.raises(ValueError, match="temperature > 0"):
+        grpo.check_args(grpo.Args(temperature=0.0), K.DistInfo())
+
+
+def test_a_rank_without_loss_tokens_reports_every_metric():
+    """All rows truncated under the overlong filter: no loss token, and still every key (ratio extremes NaN), so
+    the ranks' metric all-reduce lines up."""
+    from conftest import left_padded_batch, tiny_causal_lm
+
+    prompt_ids, prompt_mask = left_padded_batch([3, 5], seed=1)
+    mask = torch.ones(2, 4, dtype=torch.long)
+    batch = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=torch.randint(3, 97, (2, 4)), mask=mask,
+                 loss_mask=torch.zeros_like(mask), advantages=torch.tensor([1.0, -1.0]))
+    model = tiny_causal_lm().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = grpo.update(grpo.Args(), model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), batch,
+                        {"skipped": 0, "nan_streak": 0})
+    assert {"train/ratio_max", "train/ratio_min", "train/clip_frac", "train/loss"} <= set(stats)
+    assert math.isnan(stats["train/ratio_max"]) and stats["train/loss"] == 0.0
 
 
 @pytest.mark.parametrize("bad, why", [(b'{"prompt": "caf\xff"}', "not UTF-8"), (b"[" * 100_000, "nested too deeply"),
@@ -285,6 +305,9 @@ def test_resume_matches_uninterrupted_run(reference, tiny_model_dir, tmp_path):
     if reference:
         kl = [r["train/kl"] for r in K.read_metrics(str(straight))]
         assert kl[3] > 0 and kl == [r["train/kl"] for r in K.read_metrics(str(parts))]
+        os.remove(parts / "checkpoint-3" / "reference.safetensors")  # e.g. a checkpoint from another program
+        with pytest.raises(ValueError, match="no reference.safetensors"):
+            grpo.main(small_args(tiny_model_dir, parts, max_steps=5, resume=True, **kw))
 
 
 @pytest.mark.slow
