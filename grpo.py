@@ -572,14 +572,14 @@ def rollout_logprobs(args, model, batch: dict) -> torch.Tensor:
     return out
 
 
-def merge_token_stats(acc: dict, stats: dict, weight: float):
-    """Fold one micro-batch's policy-loss stats into the minibatch's: token means weighted by the micro-batch's
-    share of the tokens, ratio extremes by max / min."""
+def merge_token_stats(acc: dict, stats: dict, weight: torch.Tensor):
+    """Fold one micro-batch's policy-loss stats (0-d tensors) into the minibatch's, on the device (no host sync):
+    token means weighted by the micro-batch's share of the tokens, ratio extremes by max / min (NaN where a
+    micro-batch has no loss token, and ignored by fmax / fmin)."""
     for k, v in stats.items():
-        v = float(v)
         if k in ("ratio_max", "ratio_min"):
-            if weight > 0:  # a micro-batch without loss tokens has no ratios
-                acc[k] = (max if k == "ratio_max" else min)(acc.get(k, v), v)
+            v = torch.where(weight > 0, v, torch.nan)
+            acc[k] = (torch.fmax if k == "ratio_max" else torch.fmin)(acc[k], v) if k in acc else v
         else:
             acc[k] = acc.get(k, 0.0) + v * weight
 
@@ -589,7 +589,7 @@ def update(args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
     R_rows = batch["mask"].shape[0]
     mb_rows = R_rows // args.num_minibatches
     on_policy = args.num_iterations == 1 and args.num_minibatches == 1
-    stats_sum, counts, n_updates = {}, {}, 0
+    stats_sum, counts = {}, {}
     for _ in range(args.num_iterations):
         for mb in range(args.num_minibatches):
             mb_slice = slice(mb * mb_rows, (mb + 1) * mb_rows)
@@ -598,7 +598,7 @@ def update(args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
             # token-mean over the whole minibatch of every rank (DDP then averages the ranks' gradients)
             num_tokens = K.all_reduce_sum(loss_mask.sum().double()) / K.get_world_size()
             optimizer.zero_grad(set_to_none=True)
-            loss_total, mb_stats, mb_tokens = torch.zeros(()), {}, max(1.0, float(loss_mask.sum()))
+            loss_total, mb_stats, mb_tokens = 0.0, {}, loss_mask.sum().clamp_min(1)
             parts = micro_batches(args, mb_batch)
             for i, (_, part) in enumerate(parts):
                 with K.no_grad_sync(model, skip=i < len(parts) - 1):  # DDP all-reduces in the last backward only
@@ -613,16 +613,15 @@ def update(args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
                     if args.loss_agg != "token-mean":  # sequence means: weight micro-batches by their rows
                         loss = loss * part["mask"].shape[0] / mb_rows
                     loss.backward()
-                loss_total = loss_total + loss.detach().float().cpu()
+                loss_total = loss_total + loss.detach().float()
                 stats["entropy"] = K.masked_mean(entropy.detach(), part["loss_mask"])
-                merge_token_stats(mb_stats, stats, float(part["loss_mask"].sum()) / mb_tokens)
-            for k, v in mb_stats.items():  # (ratio extremes are missing when no token counted)
-                stats_sum[k] = stats_sum.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + 1
+                merge_token_stats(mb_stats, stats, part["loss_mask"].sum() / mb_tokens)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            mb_stats.update(loss=loss_total, grad_norm=grad_norm)
+            values = dict(zip(mb_stats, torch.stack([v.float() for v in mb_stats.values()]).tolist()))  # one sync
             # skip on every rank or on none, or the replicas drift apart
-            finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
+            finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
             if K.all_reduce_sum(torch.tensor(float(not finite))).item() > 0:
                 optimizer.zero_grad(set_to_none=True)
                 state["skipped"] += 1
@@ -630,13 +629,14 @@ def update(args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
             else:
                 optimizer.step()
                 state["nan_streak"] = 0
-            stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss_total.item()
-            stats_sum["grad_norm"] = stats_sum.get("grad_norm", 0.0) + grad_norm.item()
-            n_updates += 1
+            for k, v in values.items():  # ratio extremes are NaN, and not counted, when no token counted
+                if not (k.startswith("ratio_m") and math.isnan(v)):
+                    stats_sum[k] = stats_sum.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
     scheduler.step()  # the schedule counts rollout steps
     for k in ("ratio_max", "ratio_min"):  # no loss token on this rank: NaN, so every rank reports the same keys
         stats_sum.setdefault(k, math.nan)
-    return {f"train/{k}": v / counts.get(k, n_updates) for k, v in stats_sum.items()}
+    return {f"train/{k}": v / counts.get(k, 1) for k, v in stats_sum.items()}
 
 
 def rollout_step(args, model, ref_model, tokenizer, reward_fns, train_rows, state, step, info):
@@ -878,10 +878,7 @@ def main(args: Args, *, preset_applied: bool = False) -> dict:
             metrics["train/skipped_updates"] = state["skipped"]
             metrics["train/lr"] = scheduler.get_last_lr()[0]
             if ref_model is not None and args.ref_reset_every and (step + 1) % args.ref_reset_every == 0:
-                for fsdp_module in (ref_model, policy):  # FSDP2's root stays unsharded after a no-grad forward
-                    if hasattr(fsdp_module, "reshard"):
-                        fsdp_module.reshard()
-                with torch.no_grad():  # shard to shard under FSDP2, tensor to tensor otherwise
+                with torch.no_grad():  # shard to shard under FSDP2 (the reference reshards after its forwards)
                     for ref_param, param in zip(K.unwrap(ref_model).parameters(), K.unwrap(policy).parameters()):
                         ref_param.copy_(param)
             done = step + 1

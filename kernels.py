@@ -366,7 +366,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             full_mask[:, P + t] = 1
             if compact:
                 keep = ~finished[rows]
-                if keep.any() and (~keep).sum() * 8 >= len(keep):
+                n_left = int(keep.sum())  # one host sync (eager decoding only)
+                if 0 < n_left <= len(keep) * 7 // 8:
                     live = torch.nonzero(~finished)[:, 0] if live is None else live[keep]
                     for layer in state.cache.layers:
                         layer.keys, layer.values = layer.keys[keep], layer.values[keep]
@@ -740,6 +741,11 @@ def barrier():
         dist.barrier()
 
 
+def _backend_device():
+    """Where the process group's collectives want their tensors: the current GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_mean(value):
     """Average a tensor, a float, or a dict of them over ranks (a no-op in one process)."""
     if isinstance(value, dict):
@@ -751,7 +757,7 @@ def all_reduce_mean(value):
     if not is_distributed():
         return value
     tensor = value if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    backend_device = _backend_device()
     out = tensor.detach().to(backend_device, torch.float64).clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     out = (out / dist.get_world_size()).to(tensor.device, tensor.dtype) if torch.is_tensor(value) else out.item()
@@ -761,7 +767,7 @@ def all_reduce_mean(value):
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return tensor
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    backend_device = _backend_device()
     out = tensor.detach().to(backend_device).clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(tensor.device)
@@ -771,7 +777,7 @@ def all_reduce_max(value: int) -> int:
     """The largest of the ranks' integers (the value itself in one process)."""
     if not is_distributed():
         return int(value)
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    backend_device = _backend_device()
     out = torch.tensor(int(value), dtype=torch.int64, device=backend_device)
     dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return int(out.item())
