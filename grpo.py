@@ -15,11 +15,15 @@ Advantages (all computed per group of G responses to one prompt, except "batch")
     rloo    A_i = r_i - mean_{j != i} r_j = G/(G-1) (r_i - mean(r))                   (RLOO, Ahmadian et al. 2024)
     batch   A_{i,t} = whiten over the batch of  r_i - beta * sum_{s >= t} k1_s       (REINFORCE++, Hu 2025)
 
+Shapes: B prompts per step (prompts_per_step), G samples per prompt, R = B*G rows (prompt-major: row i*G + j is
+sample j of prompt i), P prompt tokens, N completion tokens, V vocabulary.
+
 Symbols -> Args:  G -> num_generations, eps_low/eps_high -> clip_low/clip_high, beta -> kl_coef,
 KL estimator -> kl_estimator (k1|k2|k3), agg -> loss_agg, mu (updates per rollout) -> num_iterations,
 pi_ref -> the --model weights, replaced by the policy every ref_reset_every steps (DeepSeek-R1).
 
-Presets (`--preset NAME` sets the fields you leave at their defaults; any flag you pass wins):
+Presets (`--preset NAME` sets the switches you leave unset, and any flag you pass wins; from Python,
+Args(preset="dapo", clip_high=0.2) is the same as `--preset dapo --clip-high 0.2`):
     grpo          DeepSeekMath: group z-score advantages, seq-mean-token-mean, eps 0.2. Deviation: beta = 0
                   (current practice; the paper used 0.04: pass --kl-coef 0.04).
     dr_grpo       Dr. GRPO: mean-only advantages, loss summed over tokens / (G * L_max) (seq-mean-token-sum-norm),
@@ -62,7 +66,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -75,7 +78,10 @@ import tyro
 from tqdm import tqdm
 
 import kernels as K
-import rlvr_rewards as R
+import rlvr_rewards as env
+
+Advantage = Literal["group", "mean", "rloo", "batch"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 @dataclass
@@ -87,7 +93,7 @@ class Args:
     eval_dataset: Optional[str] = None
     """held-out .jsonl for evaluation (built-in tasks use their test split)"""
     preset: Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"] = "grpo"
-    """named set of the switches a paper changes (see the module docstring)"""
+    """named set of the switches a paper changes (module docstring); fields left unset take the preset's values"""
     rewards: tuple[str, ...] = ("task", "format")
     """reward functions: built-in names, "task" (the dataset's verifier), or "module:function" of your own"""
     reward_weights: tuple[float, ...] = (1.0, 0.1)
@@ -129,7 +135,7 @@ class Args:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """torchrun data parallelism: DDP (small models) or FSDP2 (large ones)"""
     prompts_per_step: int = 16
-    """prompts per step over all ranks"""
+    """B: prompts per step over all ranks"""
     num_generations: int = 8
     """G: samples per prompt"""
     max_new_tokens: int = 48
@@ -147,33 +153,33 @@ class Args:
     this many (rows x longest prompt and completion), each trimmed to its own longest row, so little compute
     goes to padding; 0: the whole minibatch at once; -1: 2,048 on CPU, 8,192 on a GPU (lower it if activations
     run out of memory). Memory and speed only: the gradient is the same sum"""
-    advantage: Literal["group", "mean", "rloo", "batch"] = "group"
+    # The preset's switches: None takes the preset's value (PRESETS), else the plain GRPO value (PRESET_FIELDS).
+    advantage: Advantage = None
     """how rewards become advantages (module docstring)"""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = \
-        "seq-mean-token-mean"
+    loss_agg: LossAgg = None
     """loss aggregation (verl's names)"""
-    ratio_level: Literal["token", "sequence"] = "token"
+    ratio_level: Literal["token", "sequence"] = None
     """importance ratio per token (PPO/GRPO) or per sequence (GSPO)"""
-    clip_low: float = 0.2
+    clip_low: float = None
     """eps_low"""
-    clip_high: float = 0.2
+    clip_high: float = None
     """eps_high (DAPO's clip-higher: 0.28)"""
-    kl_coef: float = 0.0
+    kl_coef: float = None
     """beta; the reference model is only loaded when > 0"""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = None
     """KL estimator in the loss (Schulman)"""
-    kl_in_reward: bool = False
+    kl_in_reward: bool = None
     """fold beta*k1 into the token rewards instead of the loss (REINFORCE++)"""
+    dynamic_sampling: bool = None
+    """DAPO: drop groups whose rewards are all equal and sample more"""
+    overlong_filter: bool = None
+    """DAPO: mask truncated responses out of the loss"""
+    soft_overlong: bool = None
+    """DAPO: add the soft overlong punishment to the reward"""
     ref_reset_every: int = 0
     """replace the reference by the current policy every N steps (DeepSeek-R1: 400); 0 never"""
-    dynamic_sampling: bool = False
-    """DAPO: drop groups whose rewards are all equal and sample more"""
     dynamic_sampling_rounds: int = 3
     """extra sampling rounds at most per step"""
-    overlong_filter: bool = False
-    """DAPO: mask truncated responses out of the loss"""
-    soft_overlong: bool = False
-    """DAPO: add the soft overlong punishment to the reward"""
     overlong_cache: int = 16
     """L_cache of the soft overlong punishment, in tokens"""
     nan_patience: int = 3
@@ -186,45 +192,44 @@ class Args:
     plot: bool = True
     """write accuracy/length curves to out_dir/curves.png when matplotlib is installed"""
 
+    def __post_init__(self):
+        # One code path for presets: Args(preset="dapo", clip_high=0.2) from Python is what
+        # `--preset dapo --clip-high 0.2` gives on the command line (cli() starts from Args(preset=...)).
+        if self.preset not in PRESETS:
+            raise ValueError(f"Unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
+        for name, plain in PRESET_FIELDS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, PRESETS[self.preset].get(name, plain))
 
-DEFAULTS = Args()
+
+# The switches a preset sets, at their plain GRPO values, and what each preset changes.
+PRESET_FIELDS = dict(advantage="group", loss_agg="seq-mean-token-mean", ratio_level="token", clip_low=0.2,
+                     clip_high=0.2, kl_coef=0.0, kl_estimator="k3", kl_in_reward=False, dynamic_sampling=False,
+                     overlong_filter=False, soft_overlong=False)
 PRESETS: dict[str, dict] = {
-    "grpo": dict(advantage="group", loss_agg="seq-mean-token-mean"),
+    "grpo": {},
     "dr_grpo": dict(advantage="mean", loss_agg="seq-mean-token-sum-norm"),
-    "dapo": dict(advantage="group", loss_agg="token-mean", clip_low=0.2, clip_high=0.28, dynamic_sampling=True,
-                 overlong_filter=True, soft_overlong=True, kl_coef=0.0),
-    "gspo": dict(advantage="group", ratio_level="sequence", clip_low=3e-4, clip_high=4e-4,
-                 loss_agg="seq-mean-token-mean"),
-    "rloo": dict(advantage="rloo", loss_agg="seq-mean-token-mean"),
-    "reinforce_pp": dict(advantage="batch", kl_coef=0.01, kl_estimator="k1", kl_in_reward=True,
-                         loss_agg="token-mean"),
+    "dapo": dict(loss_agg="token-mean", clip_high=0.28, dynamic_sampling=True, overlong_filter=True,
+                 soft_overlong=True),
+    "gspo": dict(ratio_level="sequence", clip_low=3e-4, clip_high=4e-4),
+    "rloo": dict(advantage="rloo"),
+    "reinforce_pp": dict(advantage="batch", kl_coef=0.01, kl_estimator="k1", kl_in_reward=True, loss_agg="token-mean"),
 }
-R1_TEMPLATE = ("A conversation between User and Assistant. The User asks a question and the Assistant solves it: "
-               "it first reasons in its mind, then gives the answer. The reasoning goes inside <think> </think> and "
-               "the answer inside <answer> </answer>.\nUser: {prompt}\nAssistant:")
-
-
-def apply_preset(args: Args) -> Args:
-    """For Args built in Python: set the preset's fields that are still at their plain defaults. A field set to
-    its plain default cannot be told from an unset one here; `cli` has no such blind spot."""
-    changes = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) == getattr(DEFAULTS, k)}
-    return dataclasses.replace(args, **changes)
 
 
 def cli(argv: list[str] | None = None) -> Args:
-    """Parse the command line on top of the chosen preset's values (which --help then shows), so every flag given
-    wins, even one equal to the plain default: --preset dapo --no-dynamic-sampling turns dynamic sampling off."""
+    """The command line, parsed on top of Args(preset=...) (so --help shows the preset's values, and every flag
+    given wins: --preset dapo --no-dynamic-sampling turns DAPO's dynamic sampling off)."""
     import argparse
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default=DEFAULTS.preset)
+    pre.add_argument("--preset", default="grpo", choices=sorted(PRESETS))
     preset = pre.parse_known_args(argv)[0].preset
-    base = dataclasses.replace(DEFAULTS, preset=preset, **PRESETS[preset]) if preset in PRESETS else DEFAULTS
-    return tyro.cli(Args, default=base, args=argv)  # an unknown preset: tyro names the choices
+    return tyro.cli(Args, default=Args(preset=preset), args=argv)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The maths: pure functions
+# The maths: pure functions. Shapes: B prompts, G samples each, R = B*G rows, N completion tokens.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -246,16 +251,16 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """Leave-one-out baseline (Ahmadian et al. 2024): r_i - mean_{j != i} r_j."""
     if group_size < 2:
         raise ValueError("RLOO needs at least 2 samples per prompt")
-    r = rewards.view(-1, group_size)
+    r = rewards.view(-1, group_size)  # (B, G)
     return ((r - r.mean(-1, keepdim=True)) * group_size / (group_size - 1)).flatten()
 
 
 def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None,
                             kl_coef: float = 0.0) -> torch.Tensor:
     """REINFORCE++ (Hu 2025): token reward -beta*k1_t at every token plus r_i at the last one, return-to-go with
-    gamma = 1, then whitened over every token of the batch (no per-group statistics). Returns (R, T)."""
+    gamma = 1, then whitened over every token of the batch (no per-group statistics). Returns (R, N)."""
     maskf = mask.float()
-    token_rewards = torch.zeros_like(maskf)
+    token_rewards = torch.zeros_like(maskf)  # (R, N)
     last = (maskf.sum(-1).long() - 1).clamp(min=0)
     token_rewards[torch.arange(len(rewards)), last] = rewards.float()
     if kl is not None and kl_coef:
@@ -265,7 +270,7 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, kl: torch
 
 
 def compute_advantages(args: Args, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
-    """Dispatch on args.advantage; (R,) sequence advantages or (R, T) token advantages."""
+    """Dispatch on args.advantage: (R,) sequence advantages, or (R, N) token advantages for "batch"."""
     G = args.num_generations
     if args.advantage == "group":
         return group_advantages(rewards, G, "group")
@@ -278,235 +283,120 @@ def compute_advantages(args: Args, rewards: torch.Tensor, mask: torch.Tensor, kl
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """(B,) True where every response of the prompt got the same reward: no learning signal (DAPO)."""
-    r = rewards.view(-1, group_size)
+    r = rewards.view(-1, group_size)  # (B, G)
     return (r.max(-1).values - r.min(-1).values) < 1e-9
 
 
-REFLECTION_WORDS = ("wait", "re-check", "recheck", "let me check", "verify", "double-check", "hmm", "actually")
-
-
-def reflects(text: str) -> bool:
-    low = text.lower()
-    return any(word in low for word in REFLECTION_WORDS)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Data and prompts
+# Rollout: sample, score, (DAPO) sample more until the batch is informative
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_rows(spec: str, split: str, n: int, seed: int) -> list[dict]:
-    """Rows {prompt, answer, ...} from a built-in task, a .jsonl file (errors name the line), or a hub dataset."""
-    if spec in R.TASK_REWARDS:
-        return R.make_dataset(spec, split=split, n=n, seed=seed)
-    if spec.endswith(".jsonl"):
-        if not os.path.exists(spec):
-            raise FileNotFoundError(f"Dataset file {spec} does not exist.")
-        rows = []
-        with open(spec, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                    if not line.strip():
-                        continue
-                    row = json.loads(line)
-                except UnicodeDecodeError as error:
-                    raise ValueError(f"{spec}, line {number}: not UTF-8 text (byte {error.start}).") from None
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{spec}, line {number}: not valid JSON ({error.msg}).") from None
-                except RecursionError:
-                    raise ValueError(f"{spec}, line {number}: JSON nested too deeply.") from None
-                if not isinstance(row, dict) or "prompt" not in row:
-                    raise ValueError(f"{spec}, line {number}: each line must be a JSON object with a 'prompt'.")
-                prompt = row["prompt"]
-                if not (isinstance(prompt, str) or isinstance(prompt, list) and prompt and all(
-                        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                        for m in prompt)):
-                    raise ValueError(f"{spec}, line {number}: 'prompt' must be a string or a non-empty list of "
-                                     "messages {\"role\": str, \"content\": str}.")
-                rows.append(row)
-        if not rows:
-            raise ValueError(f"{spec} holds no rows.")
-        return rows
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"Dataset {spec!r} is neither a built-in task ({sorted(R.TASK_REWARDS)}) nor a .jsonl "
-                         "file; for a hub dataset install the `datasets` package.") from None
-    return [dict(row) for row in datasets.load_dataset(spec, split=split)]
-
-
-def build_prompt(tokenizer, prompt, template: str, system_prompt: str | None = None) -> str:
-    """The text the model continues: chat template, the R1 text template, or the raw prompt."""
-    has_chat = getattr(tokenizer, "chat_template", None) is not None
-    if template == "auto":
-        template = "chat" if has_chat else "r1"
-    if isinstance(prompt, list) or template == "chat":
-        if not has_chat:
-            raise ValueError("This tokenizer has no chat template; use --template r1 or plain with string prompts.")
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        if system_prompt and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": system_prompt}] + messages
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return R1_TEMPLATE.format(prompt=prompt) if template == "r1" else prompt
-
-
-def resolve_rewards(args: Args, dataset: str):
-    """[(name, fn)] for args.rewards, with "task" resolved to the dataset's verifier."""
-    if len(args.rewards) != len(args.reward_weights):
-        raise ValueError(f"--rewards has {len(args.rewards)} entries but --reward-weights has "
-                         f"{len(args.reward_weights)}; give one weight per reward.")
-    fns = []
-    for name in args.rewards:
-        if name == "task":
-            fn = R.TASK_REWARDS.get(dataset, R.accuracy_reward)
-            name = getattr(fn, "__name__", "task").removesuffix("_reward")
-        else:
-            fn = R.get_reward(name)
-        fns.append((name, fn))
-    if args.soft_overlong:
-        fns.append(("soft_overlong", functools.partial(
-            R.soft_overlong_reward, max_length=args.max_new_tokens, cache_length=args.overlong_cache)))
-    return fns
-
-
-def required_columns(fn) -> set[str]:
-    """Dataset columns a reward function needs: its parameters after `completions` that have no default."""
-    fn_sig = inspect.signature(fn)
-    bound = set(getattr(fn, "keywords", {}) or {})
-    return {name for i, (name, p) in enumerate(fn_sig.parameters.items())
-            if i > 0 and p.default is inspect.Parameter.empty and name not in bound
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rollout: generate, score, compute advantages
-# ----------------------------------------------------------------------------------------------------------
-
-
-def tokenize_prompts(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
-
-
-def sample_rollout(args, model, tokenizer, rows, row_ids, step, round_):
-    """Generate G responses for each row; rows are prompt-major (row i*G + j is sample j of prompt i)."""
-    texts = [build_prompt(tokenizer, row["prompt"], args.template, args.system_prompt) for row in rows]
-    device = next(K.unwrap(model).parameters()).device
-    ids, mask = tokenize_prompts(tokenizer, texts, device)
+def collect_rollout(args: Args, model, tokenizer, reward_fns, train_rows: list[dict], state: dict, step: int,
+                    timer: K.Timer) -> tuple[env.Rollout, int, float]:
+    """This rank's share of the step's prompts, G samples each, scored; under dynamic sampling further rounds of
+    prompts until every rank holds its share of informative groups (or the rounds run out), informative groups
+    first. Returns (rollout, sampling rounds, share of the sampled groups with zero reward variance)."""
+    per_rank = args.prompts_per_step // K.get_world_size()
     G = args.num_generations
-    keys = torch.tensor([(((args.seed * 1_000_003 + step) * 7919 + round_) * 1_000_003 + rid * G + j) % 2**63
-                         for rid in row_ids for j in range(G)], device=device)  # any seed fits an int64
-    gen = K.generate(model, ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_p=args.top_p, num_samples=G, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id, noise_keys=keys, compile=args.compile)
-    completions = tokenizer.batch_decode(gen.tokens.masked_fill(gen.mask == 0, tokenizer.pad_token_id),
-                                         skip_special_tokens=True)
-    return dict(prompt_ids=ids.repeat_interleave(G, 0), prompt_mask=mask.repeat_interleave(G, 0), gen=gen,
-                completions=completions, rows=[row for row in rows for _ in range(G)])
-
-
-def score(reward_fns, weights, completions: list[str], rows: list[dict], **extra):
-    """Weighted total reward per completion, each reward's values, and correctness when the rows have answers.
-    extra: passed to every reward (completion_lengths in tokens, group_size for group-wise length rewards)."""
-    columns = {k: [row.get(k) for row in rows] for k in rows[0]}
-    total, per_reward = R.combine_rewards([(fn, w) for (_, fn), w in zip(reward_fns, weights)], completions,
-                                          **columns, **extra)
-    per_reward = {name: vals for (name, _), vals in zip(reward_fns, per_reward.values())}
-    verifiers = tuple(R.TASK_REWARDS.values())
-    task_values = next((vals for (_, fn), vals in zip(reward_fns, per_reward.values()) if fn in verifiers), None)
-    if task_values is None:  # no verifier among the rewards: check with the one the row's fields call for
-        verifier = (R.code_reward if "tests" in columns else
-                    R.countdown_reward if "numbers" in columns and "target" in columns else
-                    R.accuracy_reward if "answer" in columns else None)
-        task_values = verifier(completions, **columns) if verifier else None
-    correct = None if task_values is None else [v == 1.0 for v in task_values]  # code: every test passes
-    return total, per_reward, correct
-
-
-def merge_rollouts(parts: list[dict]) -> dict:
-    """Concatenate rollouts of several sampling rounds (padding the completion dimension)."""
-    if len(parts) == 1:
-        return parts[0]
-    N = max(p["gen"].tokens.shape[1] for p in parts)
-    P = max(p["prompt_ids"].shape[1] for p in parts)
-    pad_right = lambda x, n, v=0: torch.nn.functional.pad(x, (0, n - x.shape[1]), value=v)  # noqa: E731
-    pad_left = lambda x, n, v=0: torch.nn.functional.pad(x, (n - x.shape[1], 0), value=v)  # noqa: E731
-    cat = lambda key: sum((p[key] for p in parts), [])  # noqa: E731
-    out = {k: cat(k) for k in ("completions", "rows", "correct")}
-    out["rewards"] = torch.cat([p["rewards"] for p in parts])
-    out["per_reward"] = {k: sum((p["per_reward"][k] for p in parts), []) for k in parts[0]["per_reward"]}
-    out["prompt_ids"] = torch.cat([pad_left(p["prompt_ids"], P) for p in parts])
-    out["prompt_mask"] = torch.cat([pad_left(p["prompt_mask"], P) for p in parts])
-    out["gen"] = K.Generation(tokens=torch.cat([pad_right(p["gen"].tokens, N) for p in parts]),
-                              mask=torch.cat([pad_right(p["gen"].mask, N) for p in parts]),
-                              truncated=torch.cat([p["gen"].truncated for p in parts]),
-                              logprobs=torch.cat([pad_right(p["gen"].logprobs, N) for p in parts]))
-    return out
-
-
-def select_groups(rollout: dict, keep: torch.Tensor, G: int) -> dict:
-    """Keep the groups whose index is in `keep` (B,) (DAPO dynamic sampling)."""
-    rows = (keep[:, None] * G + torch.arange(G)[None]).flatten().tolist()
-    pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
-    gen = rollout["gen"]
-    return dict(rollout, completions=pick(rollout["completions"]), rows=pick(rollout["rows"]),
-                correct=pick(rollout["correct"]), rewards=rollout["rewards"][rows],
-                per_reward={k: pick(v) for k, v in rollout["per_reward"].items()},
-                prompt_ids=rollout["prompt_ids"][rows], prompt_mask=rollout["prompt_mask"][rows],
-                gen=K.Generation(gen.tokens[rows], gen.mask[rows], gen.truncated[rows], gen.logprobs[rows]))
+    parts, rounds = [], 0
+    while True:
+        # The step's prompts are the next global slice of the shuffled stream; this rank takes its share.
+        first = state["cursor"] + K.get_rank() * per_rank
+        state["cursor"] += args.prompts_per_step
+        prompt_ids = list(range(first, first + per_rank))
+        rows = [train_rows[i] for i in K.stream_indices(first, per_rank, len(train_rows), args.seed)]
+        with timer("generate"):
+            part = env.sample(model, tokenizer, rows, num_samples=G, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, template=args.template,
+                              system_prompt=args.system_prompt, compile=args.compile,
+                              noise_keys=K.rollout_noise_keys(args.seed, step, rounds, prompt_ids, G))
+        with timer("reward"):
+            env.score(part, reward_fns, args.reward_weights, completion_lengths=part.gen.lengths.tolist(),
+                      group_size=G)
+        parts.append(part)
+        if not args.dynamic_sampling:
+            return part, 1, zero_variance_groups(part.rewards, G).float().mean().item()
+        informative = (~zero_variance_groups(torch.cat([p.rewards for p in parts]), G)).sum()
+        # each rank keeps at most its own share: the batch is full when every rank's share is
+        kept = int(K.all_reduce_sum(informative.clamp(max=per_rank).double()).item())
+        rounds += 1
+        if kept >= args.prompts_per_step or rounds > args.dynamic_sampling_rounds:
+            break
+    rollout = env.Rollout.cat(parts)
+    zero_var = zero_variance_groups(rollout.rewards, G)
+    # informative groups first, filled up with zero-variance ones (advantage 0) to keep the shapes fixed
+    groups = torch.cat([torch.nonzero(~zero_var)[:, 0], torch.nonzero(zero_var)[:, 0]])[:per_rank]
+    kept = rollout.select((groups[:, None] * G + torch.arange(G)[None]).flatten().tolist())
+    return kept, rounds, zero_var.float().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation
+# Update: mu passes of minibatch steps of the clipped surrogate over one rollout
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate(args, model, tokenizer, rows: list[dict], info: K.DistInfo) -> dict:
-    """Greedy accuracy and pass@1 averaged over k samples on held-out rows (sharded over ranks)."""
-    model.eval()
-    W = info.world_size
-    mine = rows[info.rank::W]
-    real = len(mine)  # every rank runs as many generate calls (collectives under FSDP): pad with uncounted rows
-    mine = mine + rows[:1] * (-(-len(rows) // W) - real)
-    sums = torch.zeros(6, dtype=torch.float64)
-    for start in range(0, len(mine), 64):
-        batch = mine[start:start + 64]
-        nr = max(0, min(len(batch), real - start))  # rows of this batch that count
-        texts = [build_prompt(tokenizer, row["prompt"], args.template, args.system_prompt) for row in batch]
-        ids, mask = tokenize_prompts(tokenizer, texts, info.device)
-        settings = [(0.0, 1)] + ([(args.eval_temperature, args.eval_samples)] if args.eval_samples else [])
-        for k, (temperature, n) in enumerate(settings):
-            # noise keyed by the row's global index: the same samples on any number of ranks
-            keys = torch.tensor([(args.seed * 7 + 10_000_019 * (info.rank + (start + i) * W) + j) % 2**63
-                                 for i in range(len(batch)) for j in range(n)], device=info.device)
-            gen = K.generate(model, ids, mask, max_new_tokens=args.max_new_tokens, temperature=temperature,
-                             num_samples=n, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, noise_keys=keys, compile=args.compile)
-            texts_out = tokenizer.batch_decode(gen.tokens.masked_fill(gen.mask == 0, tokenizer.pad_token_id),
-                                               skip_special_tokens=True)[:nr * n]
-            _, _, correct = score([], [], texts_out, [row for row in batch[:nr] for _ in range(n)]) if nr else \
-                (None, None, [])
-            if k == 0:
-                sums[0] += sum(correct)
-                sums[1] += nr
-                sums[2] += gen.mask[:nr].sum().item()
-                sums[3] += sum("<think>" in t for t in texts_out)
+def update(args: Args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
+    """mu passes over the rollout, each split into num_minibatches optimizer steps, each a sum over length-sorted
+    micro-batches; returns the averaged train/ stats. batch: prompt_ids, prompt_mask, tokens, mask, loss_mask,
+    advantages, and old_logprobs (unless mu = 1 with one minibatch) and ref_logprobs (beta > 0)."""
+    rows = batch["mask"].shape[0]
+    mb_rows = rows // args.num_minibatches
+    # With one pass and one minibatch pi_old is the current policy: the ratio is exactly 1, yet its gradient is
+    # REINFORCE's; so the detached log-probs serve as old_logprobs and no extra pass is needed.
+    on_policy = args.num_iterations == 1 and args.num_minibatches == 1
+    totals, counts = {}, {}
+    for _ in range(args.num_iterations):
+        for mb in range(args.num_minibatches):
+            minibatch = K.slice_rows(batch, slice(mb * mb_rows, (mb + 1) * mb_rows))
+            loss_mask = minibatch["loss_mask"]
+            # token-mean over the whole minibatch of every rank (DDP then averages the ranks' gradients)
+            num_tokens = K.all_reduce_sum(loss_mask.sum().double()) / K.get_world_size()
+            optimizer.zero_grad(set_to_none=True)
+            loss_total, stats, mb_tokens = 0.0, {}, loss_mask.sum().clamp_min(1)
+            parts = K.micro_batches(minibatch, args.micro_batch_tokens)
+            for i, (_, part) in enumerate(parts):
+                with K.no_grad_sync(model, skip=i < len(parts) - 1):  # DDP all-reduces in the last backward only
+                    logprobs, entropy = K.completion_logprobs(model, part, temperature=args.temperature,
+                                                              with_entropy=True)  # (r, n) each
+                    old = logprobs.detach() if on_policy else part["old_logprobs"]
+                    ref = part.get("ref_logprobs") if not args.kl_in_reward else None
+                    loss, part_stats = K.policy_loss(
+                        logprobs, old, part["advantages"], part["loss_mask"], clip_low=args.clip_low,
+                        clip_high=args.clip_high, ref_logprobs=ref, kl_coef=args.kl_coef if ref is not None else 0.0,
+                        kl_estimator=args.kl_estimator, loss_agg=args.loss_agg, ratio_level=args.ratio_level,
+                        norm_length=args.max_new_tokens, num_tokens=num_tokens, compile=args.compile)
+                    if args.loss_agg != "token-mean":  # sequence means: weight micro-batches by their rows
+                        loss = loss * part["mask"].shape[0] / mb_rows
+                    loss.backward()
+                loss_total = loss_total + loss.detach().float()
+                part_stats["entropy"] = K.masked_mean(entropy.detach(), part["loss_mask"])
+                K.fold_stats(stats, part_stats, part["loss_mask"].sum() / mb_tokens)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            stats.update(loss=loss_total, grad_norm=grad_norm)
+            values = dict(zip(stats, torch.stack([v.float() for v in stats.values()]).tolist()))  # one host sync
+            # skip on every rank or on none, or the replicas drift apart
+            finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+            if K.all_reduce_sum(torch.tensor(float(not finite))).item() > 0:
+                optimizer.zero_grad(set_to_none=True)
+                state["skipped"] += 1
+                state["nan_streak"] += 1
             else:
-                sums[4] += sum(correct) / n
-                sums[5] += nr
-    sums = K.all_reduce_sum(sums)
-    model.train()
-    out = {"eval/accuracy": (sums[0] / sums[1]).item(), "eval/response_length": (sums[2] / sums[1]).item(),
-           "eval/reasoning_share": (sums[3] / sums[1]).item()}
-    if args.eval_samples:
-        out[f"eval/pass@1_k{args.eval_samples}_t{args.eval_temperature}"] = (sums[4] / sums[5]).item()
-    return out
+                optimizer.step()
+                state["nan_streak"] = 0
+            for k, v in values.items():  # ratio extremes are NaN, and not counted, when no token counted
+                if not (k.startswith("ratio_m") and math.isnan(v)):
+                    totals[k] = totals.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+    scheduler.step()  # the schedule counts rollout steps
+    for k in ("ratio_max", "ratio_min"):  # no loss token on this rank: NaN, so every rank reports the same keys
+        totals.setdefault(k, math.nan)
+    return {f"train/{k}": v / counts.get(k, 1) for k, v in totals.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training
+# Setup: checks, rewards, models
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -530,247 +420,69 @@ def check_args(args: Args, info: K.DistInfo):
                          f"'{args.advantage}' advantage is then always 0. Use G >= 2 or --advantage batch.")
     if args.kl_in_reward and args.kl_coef <= 0:
         raise ValueError("--kl-in-reward needs --kl-coef > 0.")
+    if len(args.rewards) != len(args.reward_weights):
+        raise ValueError(f"--rewards has {len(args.rewards)} entries but --reward-weights has "
+                         f"{len(args.reward_weights)}; give one weight per reward.")
 
 
-def per_token_forward(model, batch, args, with_entropy):
-    """log pi_theta at the completion tokens (R, N) (and entropy), at the sampling temperature."""
-    ids = torch.cat([batch["prompt_ids"], batch["tokens"]], 1)
-    mask = torch.cat([batch["prompt_mask"], batch["mask"]], 1)
-    return K.token_logprobs(model, ids, mask, last_n=batch["tokens"].shape[1], temperature=args.temperature,
-                            with_entropy=with_entropy)
+def resolve_rewards(args: Args) -> tuple[list, tuple[float, ...]]:
+    """[(name, fn)] and their weights: args.rewards, plus DAPO's soft overlong punishment (weight 1) when on."""
+    reward_fns = env.resolve_rewards(args.rewards, args.dataset)
+    weights = tuple(args.reward_weights)
+    if args.soft_overlong:
+        reward_fns.append(("soft_overlong", functools.partial(
+            env.soft_overlong_reward, max_length=args.max_new_tokens, cache_length=args.overlong_cache)))
+        weights += (1.0,)
+    return reward_fns, weights
 
 
-def slice_batch(batch: dict, rows) -> dict:
-    return {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch["mask"].shape[0] else v)
-            for k, v in batch.items()}
+def load_models(args: Args, info: K.DistInfo):
+    """(policy, the frozen reference or None, tokenizer): the policy wrapped for DDP/FSDP2; the reference loaded
+    only when beta > 0, and sharded like the policy under FSDP."""
+    model, tokenizer = K.load_model(args.model, dtype=args.dtype, device=info.device)
+    K.set_cpu_threads(args.threads, model)
+    ref_model = None
+    if args.kl_coef > 0:
+        ref_model, _ = K.load_model(args.model, dtype=args.dtype, device=info.device)
+        ref_model.eval().requires_grad_(False)
+        if args.strategy == "fsdp":  # sharded like the policy: no full copy per rank
+            ref_model = K.wrap_model(ref_model, "fsdp", info.device)
+    model.train()
+    return K.wrap_model(model, args.strategy, info.device), ref_model, tokenizer
 
 
-def micro_batches(args, batch: dict) -> list[dict]:
-    """The batch's rows in length-sorted micro-batches (kernels.length_batches), each with its padding cut:
-    prompt columns to its longest prompt (left padding), completion columns to its longest completion."""
-    R, N = batch["mask"].shape
-    parts = []
-    for rows in K.length_batches(batch["prompt_mask"].sum(1), batch["mask"].sum(1), args.micro_batch_tokens):
-        part = slice_batch(batch, rows)
-        p = max(1, int(part["prompt_mask"].sum(1).max()))
-        n = max(1, int(part["mask"].sum(1).max()))
-        for k, v in part.items():
-            if k.startswith("prompt_"):
-                part[k] = v[:, v.shape[1] - p:]
-            elif torch.is_tensor(v) and v.dim() == 2 and v.shape == (len(rows), N):
-                part[k] = v[:, :n]
-        parts.append((rows, part))
-    return parts
+def restore(args: Args, policy, ref_model, optimizer, scheduler, state: dict) -> tuple[str | None, int]:
+    """--resume: load the newest complete checkpoint (the reference too, when it has been reset since the start).
+    Returns (checkpoint or None, the step to start from)."""
+    ckpt = K.latest_checkpoint(args.out_dir) if args.resume else None
+    if args.resume and ckpt is None:
+        K.print0(f"--resume: no complete checkpoint in {args.out_dir}; starting from scratch.")
+    if ckpt is None:
+        return None, 0
+    loaded = K.load_checkpoint(ckpt, policy, optimizer, scheduler)
+    state.update(loaded["extra"])
+    ref_file = os.path.join(ckpt, "reference.safetensors")
+    if ref_model is not None and os.path.exists(ref_file):
+        from safetensors.torch import load_file
+
+        K.set_full_state_dict(ref_model, load_file(ref_file), source=ref_file)
+    elif ref_model is not None and args.ref_reset_every and loaded["step"] >= args.ref_reset_every:
+        raise ValueError(f"{ckpt} has no reference.safetensors, but with --ref-reset-every {args.ref_reset_every} "
+                         f"the reference was replaced by the policy before step {loaded['step']}; resuming would "
+                         "measure the KL against the wrong model.")
+    K.print0(f"Resumed from {ckpt} at step {loaded['step']}.")
+    return ckpt, loaded["step"]
 
 
-def rollout_logprobs(args, model, batch: dict) -> torch.Tensor:
-    """log pi at every completion token of the batch (R, N) without gradients, in length-sorted micro-batches."""
-    out = torch.zeros(batch["mask"].shape, dtype=torch.float32, device=batch["mask"].device)
-    for rows, part in micro_batches(args, batch):
-        logprobs = per_token_forward(model, part, args, with_entropy=False)
-        out[rows, :logprobs.shape[1]] = logprobs.float()
-    return out
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------
 
 
-def merge_token_stats(acc: dict, stats: dict, weight: torch.Tensor):
-    """Fold one micro-batch's policy-loss stats (0-d tensors) into the minibatch's, on the device (no host sync):
-    token means weighted by the micro-batch's share of the tokens, ratio extremes by max / min (NaN where a
-    micro-batch has no loss token, and ignored by fmax / fmin)."""
-    for k, v in stats.items():
-        if k in ("ratio_max", "ratio_min"):
-            v = torch.where(weight > 0, v, torch.nan)
-            acc[k] = (torch.fmax if k == "ratio_max" else torch.fmin)(acc[k], v) if k in acc else v
-        else:
-            acc[k] = acc.get(k, 0.0) + v * weight
-
-
-def update(args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
-    """mu passes of minibatch clipped-surrogate steps over one rollout; returns averaged stats."""
-    R_rows = batch["mask"].shape[0]
-    mb_rows = R_rows // args.num_minibatches
-    on_policy = args.num_iterations == 1 and args.num_minibatches == 1
-    stats_sum, counts = {}, {}
-    for _ in range(args.num_iterations):
-        for mb in range(args.num_minibatches):
-            mb_slice = slice(mb * mb_rows, (mb + 1) * mb_rows)
-            mb_batch = slice_batch(batch, mb_slice)
-            loss_mask = mb_batch["loss_mask"]
-            # token-mean over the whole minibatch of every rank (DDP then averages the ranks' gradients)
-            num_tokens = K.all_reduce_sum(loss_mask.sum().double()) / K.get_world_size()
-            optimizer.zero_grad(set_to_none=True)
-            loss_total, mb_stats, mb_tokens = 0.0, {}, loss_mask.sum().clamp_min(1)
-            parts = micro_batches(args, mb_batch)
-            for i, (_, part) in enumerate(parts):
-                with K.no_grad_sync(model, skip=i < len(parts) - 1):  # DDP all-reduces in the last backward only
-                    logprobs, entropy = per_token_forward(model, part, args, with_entropy=True)
-                    old = logprobs.detach() if on_policy else part["old_logprobs"]
-                    ref = part.get("ref_logprobs") if not args.kl_in_reward else None
-                    loss, stats = K.policy_loss(
-                        logprobs, old, part["advantages"], part["loss_mask"], clip_low=args.clip_low,
-                        clip_high=args.clip_high, ref_logprobs=ref, kl_coef=args.kl_coef if ref is not None else 0.0,
-                        kl_estimator=args.kl_estimator, loss_agg=args.loss_agg, ratio_level=args.ratio_level,
-                        norm_length=args.max_new_tokens, num_tokens=num_tokens, compile=args.compile)
-                    if args.loss_agg != "token-mean":  # sequence means: weight micro-batches by their rows
-                        loss = loss * part["mask"].shape[0] / mb_rows
-                    loss.backward()
-                loss_total = loss_total + loss.detach().float()
-                stats["entropy"] = K.masked_mean(entropy.detach(), part["loss_mask"])
-                merge_token_stats(mb_stats, stats, part["loss_mask"].sum() / mb_tokens)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            mb_stats.update(loss=loss_total, grad_norm=grad_norm)
-            values = dict(zip(mb_stats, torch.stack([v.float() for v in mb_stats.values()]).tolist()))  # one sync
-            # skip on every rank or on none, or the replicas drift apart
-            finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
-            if K.all_reduce_sum(torch.tensor(float(not finite))).item() > 0:
-                optimizer.zero_grad(set_to_none=True)
-                state["skipped"] += 1
-                state["nan_streak"] += 1
-            else:
-                optimizer.step()
-                state["nan_streak"] = 0
-            for k, v in values.items():  # ratio extremes are NaN, and not counted, when no token counted
-                if not (k.startswith("ratio_m") and math.isnan(v)):
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
-    scheduler.step()  # the schedule counts rollout steps
-    for k in ("ratio_max", "ratio_min"):  # no loss token on this rank: NaN, so every rank reports the same keys
-        stats_sum.setdefault(k, math.nan)
-    return {f"train/{k}": v / counts.get(k, 1) for k, v in stats_sum.items()}
-
-
-def rollout_step(args, model, ref_model, tokenizer, reward_fns, train_rows, state, step, info):
-    """Sample the step's prompts (and more under dynamic sampling), score them, build the training batch."""
-    per_rank = args.prompts_per_step // info.world_size
-    G = args.num_generations
-    parts, kept, rounds = [], 0, 0
-    timer = K.Timer()
-    while True:
-        # The step's prompts are a global slice of the shuffled stream; this rank takes its share.
-        base = state["cursor"]
-        state["cursor"] += args.prompts_per_step
-        global_ids = [(base + i) for i in range(args.prompts_per_step)]
-        mine = global_ids[info.rank * per_rank:(info.rank + 1) * per_rank]
-        rows = [train_rows[state["order"](i)] for i in mine]
-        with timer("generate"):
-            part = sample_rollout(args, model, tokenizer, rows, mine, step, rounds)
-        with timer("reward"):
-            total, per_reward, correct = score(reward_fns, args.reward_weights, part["completions"], part["rows"],
-                                               completion_lengths=part["gen"].mask.sum(-1).tolist(), group_size=G)
-        part.update(rewards=torch.tensor(total, dtype=torch.float32), per_reward=per_reward,
-                    correct=correct or [False] * len(total))
-        parts.append(part)
-        if not args.dynamic_sampling:
-            break
-        informative = (~zero_variance_groups(torch.cat([p["rewards"] for p in parts]), G)).sum()
-        # each rank keeps at most its own share: the batch is full when every rank's share is
-        kept = int(K.all_reduce_sum(informative.clamp(max=per_rank).double()).item())
-        rounds += 1
-        if kept >= args.prompts_per_step or rounds > args.dynamic_sampling_rounds:
-            break
-    rollout = merge_rollouts(parts)
-    zero_var = zero_variance_groups(rollout["rewards"], G)
-    if args.dynamic_sampling:
-        # keep informative groups first; fill up with zero-variance ones (advantage 0) to keep shapes fixed
-        order = torch.cat([torch.nonzero(~zero_var)[:, 0], torch.nonzero(zero_var)[:, 0]])[:per_rank]
-        rollout = select_groups(rollout, order, G)
-    gen = rollout["gen"]
-    batch = dict(prompt_ids=rollout["prompt_ids"], prompt_mask=rollout["prompt_mask"], tokens=gen.tokens,
-                 mask=gen.mask)
-    loss_mask = gen.mask.clone()
-    if args.overlong_filter:
-        loss_mask[gen.truncated] = 0
-    batch["loss_mask"] = loss_mask
-    with timer("logprobs"), torch.no_grad():
-        if not (args.num_iterations == 1 and args.num_minibatches == 1):
-            batch["old_logprobs"] = rollout_logprobs(args, model, batch)
-        kl = None
-        if ref_model is not None:
-            batch["ref_logprobs"] = rollout_logprobs(args, ref_model, batch)
-            if hasattr(ref_model, "reshard"):  # FSDP2 leaves the root unsharded after a forward with no backward
-                ref_model.reshard()
-            if args.kl_in_reward:
-                policy_lp = batch.get("old_logprobs", gen.logprobs)
-                kl = K.kl_penalty(policy_lp, batch["ref_logprobs"], "k1")
-    batch["advantages"] = compute_advantages(args, rollout["rewards"].to(gen.mask.device), gen.mask, kl)
-    metrics = rollout_metrics(rollout, zero_var, G)
-    metrics["rollout/sampling_rounds"] = rounds or 1
-    return batch, metrics, timer.pop(), int(gen.mask.sum())
-
-
-def rollout_metrics(rollout: dict, zero_var: torch.Tensor, G: int) -> dict:
-    """The diagnostics every run should log (reward, accuracy, lengths split by correctness, truncation, zero-variance
-    groups, reasoning and reflection shares) for one rollout (this rank; all-reduced by the caller)."""
-    gen, rewards = rollout["gen"], rollout["rewards"]
-    lengths = gen.mask.sum(-1).float().cpu()
-    correct = torch.tensor(rollout["correct"], dtype=torch.bool)
-    m = {"rollout/reward_mean": rewards.mean().item(), "rollout/reward_sq_mean": rewards.square().mean().item(),
-         "rollout/accuracy": correct.float().mean().item(), "rollout/response_length": lengths.mean().item(),
-         "rollout/truncated_share": gen.truncated.float().mean().item(),
-         "rollout/zero_variance_group_share": zero_var.float().mean().item(),
-         "rollout/reasoning_share": sum("<think>" in c for c in rollout["completions"]) / len(rewards),
-         "rollout/reflection_share": sum(reflects(c) for c in rollout["completions"]) / len(rewards),
-         "rollout/length_correct": lengths[correct].mean().item() if correct.any() else float("nan"),
-         "rollout/length_incorrect": lengths[~correct].mean().item() if (~correct).any() else float("nan")}
-    for name, values in rollout["per_reward"].items():
-        vals = [v for v in values if v is not None]
-        m[f"rewards/{name}"] = sum(vals) / len(vals) if vals else float("nan")
-    return m
-
-
-def reduce_metrics(metrics: dict) -> dict:
-    """Average over ranks (NaNs, e.g. no incorrect response on a rank, are averaged over the ranks that have one)."""
-    if not K.is_distributed():
-        return metrics
-    keys = sorted(metrics)
-    vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    present = (~torch.isnan(vals)).double()
-    sums = K.all_reduce_sum(torch.stack([torch.nan_to_num(vals), present]))
-    return {k: (s / c).item() if c > 0 else float("nan") for k, s, c in zip(keys, sums[0], sums[1])}
-
-
-def make_order(seed: int, n: int):
-    """Data order: epoch e is a permutation of the rows seeded by (seed, e); index i -> row."""
-    cache = {}
-
-    def order(i: int) -> int:
-        epoch = i // n
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-        return cache[epoch][i % n]
-
-    return order
-
-
-def plot_curves(out_dir: str, history: list[dict]):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    evals = [h for h in history if "eval/accuracy" in h]
-    rolls = [h for h in history if "rollout/response_length" in h]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].plot([h["step"] for h in evals], [h["eval/accuracy"] for h in evals], "o-", label="greedy accuracy")
-    ax[0].plot([h["step"] for h in evals], [h["eval/reasoning_share"] for h in evals], "s--", label="reasoning share")
-    ax[0].plot([h["step"] for h in rolls], [h["rollout/accuracy"] for h in rolls], alpha=0.4, label="rollout accuracy")
-    ax[0].set_xlabel("step"), ax[0].set_ylim(0, 1), ax[0].legend(), ax[0].set_title("held-out")
-    ax[1].plot([h["step"] for h in rolls], [h["rollout/response_length"] for h in rolls], label="all")
-    ax[1].plot([h["step"] for h in rolls], [h["rollout/length_incorrect"] for h in rolls], label="incorrect")
-    ax[1].set_xlabel("step"), ax[1].set_ylabel("tokens"), ax[1].legend(), ax[1].set_title("response length")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def main(args: Args, *, preset_applied: bool = False) -> dict:
-    """Train; preset_applied: args come from `cli` (the preset is already in them), else apply_preset runs."""
-    args = args if preset_applied else apply_preset(args)
+def main(args: Args) -> K.RunResult:
+    """Train with GRPO (or the preset's variant); returns where the run wrote and the held-out metrics before and
+    after (K.RunResult)."""
+    t_start = time.time()
     info = K.init_distributed(args.device)
     check_args(args, info)
     K.seed_everything(args.seed)
@@ -778,113 +490,97 @@ def main(args: Args, *, preset_applied: bool = False) -> dict:
     if args.micro_batch_tokens < 0:
         args = dataclasses.replace(args, micro_batch_tokens=8192 if info.device.type == "cuda" else 2048)
 
-    # ---- data and rewards: checked before any model is loaded
-    dataset_name = args.dataset
-    train_rows = load_rows(args.dataset, "train", 20_000, args.seed)
-    eval_rows = (load_rows(args.eval_dataset, "test", args.eval_size, args.seed) if args.eval_dataset
-                 else load_rows(args.dataset, "test", args.eval_size, args.seed)
-                 if args.dataset in R.TASK_REWARDS else [])[:args.eval_size]
-    reward_fns = resolve_rewards(args, dataset_name)
-    weights = list(args.reward_weights) + ([1.0] if args.soft_overlong else [])
-    args = dataclasses.replace(args, reward_weights=tuple(weights))
-    for name, fn in reward_fns:
-        missing = required_columns(fn) - set(train_rows[0])
-        if missing:
-            raise ValueError(f"Reward '{name}' needs dataset field(s) {sorted(missing)}, which {args.dataset} "
-                             f"does not have (its fields: {sorted(train_rows[0])}).")
-    if any(fn is R.code_reward for _, fn in reward_fns) or "tests" in train_rows[0]:
-        R.run_sandboxed("", ["assert True"])  # no working sandbox: a RuntimeError now, not after loading a model
+    # ---- data and rewards: everything a user can get wrong fails here, before any model is loaded
+    train_rows = env.load_prompts(args.dataset, "train", 20_000, args.seed)
+    eval_spec = args.eval_dataset or (args.dataset if args.dataset in env.TASK_REWARDS else None)
+    eval_rows = env.load_prompts(eval_spec, "test", args.eval_size, args.seed)[:args.eval_size] if eval_spec else []
+    reward_fns, weights = resolve_rewards(args)
+    args = dataclasses.replace(args, reward_weights=weights)
+    env.check_rewards(reward_fns, train_rows, args.dataset)
 
-    # ---- models
-    model_path = args.model
-    if model_path == "toy":
-        import sft
-
-        model_path = sft.ensure_toy_model() if info.is_main else sft.TOY_BASE
-        K.barrier()
-    model, tokenizer = K.load_model(model_path, dtype=args.dtype, device=info.device)
-    K.set_cpu_threads(args.threads, model)
-    ref_model = None
-    if args.kl_coef > 0:
-        ref_model, _ = K.load_model(model_path, dtype=args.dtype, device=info.device)
-        ref_model.eval().requires_grad_(False)
-    model.train()
-    policy = K.wrap_model(model, args.strategy, info.device)
-    if ref_model is not None and args.strategy == "fsdp":  # sharded like the policy: no full copy per rank
-        ref_model = K.wrap_model(ref_model, "fsdp", info.device)
+    # ---- models, optimizer, and where a resumed run left off
+    policy, ref_model, tokenizer = load_models(args, info)
     # One fused kernel per step instead of ~10 passes per parameter (CPU: 10x faster on 100M parameters).
     fused = info.device.type in ("cpu", "cuda") and not (K.is_distributed() and args.strategy == "fsdp")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=fused or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-
-    state = {"cursor": 0, "skipped": 0, "nan_streak": 0}
-    start_step = 0
-    ckpt = K.latest_checkpoint(args.out_dir) if args.resume else None
-    if args.resume and ckpt is None:
-        K.print0(f"--resume: no complete checkpoint in {args.out_dir}; starting from scratch.")
-    if ckpt:
-        loaded = K.load_checkpoint(ckpt, policy, optimizer, scheduler)
-        start_step, state = loaded["step"], {**state, **loaded["extra"]}
-        ref_file = os.path.join(ckpt, "reference.safetensors")
-        if ref_model is not None and os.path.exists(ref_file):
-            from safetensors.torch import load_file
-
-            K.set_full_state_dict(ref_model, load_file(ref_file), source=ref_file)
-        elif ref_model is not None and args.ref_reset_every and start_step >= args.ref_reset_every:
-            raise ValueError(f"{ckpt} has no reference.safetensors, but with --ref-reset-every "
-                             f"{args.ref_reset_every} the reference was replaced by the policy before step "
-                             f"{start_step}; resuming would measure the KL against the wrong model.")
-        K.print0(f"Resumed from {ckpt} at step {start_step}.")
-    state["order"] = make_order(args.seed, len(train_rows))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, K.warmup_schedule(args.warmup_steps))
+    state = {"cursor": 0, "skipped": 0, "nan_streak": 0}  # cursor: position in the shuffled prompt stream
+    ckpt, start_step = restore(args, policy, ref_model, optimizer, scheduler, state)
     K.save_args(args.out_dir, args)
     logger = K.MetricsLogger(args.out_dir, resume_step=start_step if ckpt else None, config=dataclasses.asdict(args))
-    history = K.read_metrics(args.out_dir) if ckpt and info.is_main else []
 
-    def save(step, name=None):
-        extra = {k: v for k, v in state.items() if k != "order"}
+    def evaluate() -> dict:
+        return env.evaluate(K.unwrap(policy), tokenizer, eval_rows, max_new_tokens=args.max_new_tokens,
+                            samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
+                            template=args.template, system_prompt=args.system_prompt, compile=args.compile)
+
+    def save(step: int, name: str | None = None) -> str:
         files = ({"reference.safetensors": K.full_state_dict(ref_model)}  # every rank: a collective under FSDP
                  if ref_model is not None and args.ref_reset_every else None)
-        return K.save_checkpoint(args.out_dir, step, policy, tokenizer, optimizer, scheduler, extra=extra, name=name,
+        return K.save_checkpoint(args.out_dir, step, policy, tokenizer, optimizer, scheduler, extra=state, name=name,
                                  tensor_files=files)
 
-    def log(step, metrics):
-        logger.log(step, metrics)
-        history.append({"step": step, **metrics})
-
     if start_step == 0 and eval_rows and args.eval_every:
-        log(0, evaluate(args, K.unwrap(policy), tokenizer, eval_rows, info))
-        K.print0(f"step 0 eval: {json.dumps({k: round(v, 3) for k, v in history[-1].items()})}")
+        first = evaluate()
+        logger.log(0, first)
+        K.print0(f"step 0 eval: {json.dumps({k: round(v, 3) for k, v in first.items()})}")
 
     bar = tqdm(range(start_step, args.max_steps), desc="grpo", disable=not info.is_main, initial=start_step,
                total=args.max_steps)
     with K.StopSignal() as stop:
         for step in bar:
-            t0 = time.perf_counter()
+            timer, t0 = K.Timer(), time.perf_counter()
+
+            # ---- rollout: G samples per prompt from pi_old, scored by the rewards
             policy.eval()
-            batch, metrics, times, n_tokens = rollout_step(args, policy, ref_model, tokenizer, reward_fns,
-                                                           train_rows, state, step, info)
+            rollout, rounds, zero_var_share = collect_rollout(args, policy, tokenizer, reward_fns, train_rows, state,
+                                                              step, timer)
             policy.train()
+            batch = rollout.batch()                            # prompt_ids (R, P), tokens and mask (R, N)
+            batch["loss_mask"] = rollout.gen.mask.clone()
+            if args.overlong_filter:                           # DAPO: truncated responses teach nothing
+                batch["loss_mask"][rollout.gen.truncated] = 0
+            with timer("logprobs"):
+                logprob_pass = functools.partial(K.rollout_logprobs, batch=batch, temperature=args.temperature,
+                                                 max_tokens=args.micro_batch_tokens)
+                if not (args.num_iterations == 1 and args.num_minibatches == 1):
+                    batch["old_logprobs"] = logprob_pass(policy)           # (R, N) pi_old, fixed for mu passes
+                if ref_model is not None:
+                    batch["ref_logprobs"] = logprob_pass(ref_model)        # (R, N) pi_ref
+
+            # ---- advantages: each response against its group (or the batch)
+            kl = None
+            if args.kl_in_reward:                              # REINFORCE++: beta * k1 folded into the rewards
+                kl = K.kl_penalty(batch.get("old_logprobs", rollout.gen.logprobs), batch["ref_logprobs"], "k1")
+            batch["advantages"] = compute_advantages(args, rollout.rewards.to(batch["mask"].device),
+                                                     batch["mask"], kl)  # (R,) or (R, N)
+
+            # ---- update
             t1 = time.perf_counter()
             train_stats = update(args, policy, optimizer, scheduler, batch, state)
-            times["update"] = time.perf_counter() - t1
-            metrics.update(train_stats)
-            metrics = reduce_metrics(metrics)
-            metrics["rollout/reward_std"] = math.sqrt(max(0.0, metrics.pop("rollout/reward_sq_mean")
-                                                          - metrics["rollout/reward_mean"] ** 2))
-            metrics.update({f"perf/{k}_s": v for k, v in times.items()})
-            metrics["perf/gen_tokens_per_s"] = n_tokens * info.world_size / max(times.get("generate", 1e-9), 1e-9)
-            metrics["perf/step_s"] = time.perf_counter() - t0
-            metrics["train/skipped_updates"] = state["skipped"]
-            metrics["train/lr"] = scheduler.get_last_lr()[0]
+            timer.totals["update"] = time.perf_counter() - t1
             if ref_model is not None and args.ref_reset_every and (step + 1) % args.ref_reset_every == 0:
                 with torch.no_grad():  # shard to shard under FSDP2 (the reference reshards after its forwards)
                     for ref_param, param in zip(K.unwrap(ref_model).parameters(), K.unwrap(policy).parameters()):
                         ref_param.copy_(param)
+
+            # ---- log / evaluate / save
+            metrics = env.rollout_metrics(rollout)
+            metrics["rollout/zero_variance_group_share"] = zero_var_share
+            metrics["rollout/sampling_rounds"] = rounds
+            metrics = env.finish_reward_std(K.reduce_metrics({**metrics, **train_stats}))
+            times = timer.pop()
+            metrics.update({f"perf/{k}_s": v for k, v in times.items()})
+            metrics["perf/gen_tokens_per_s"] = (int(rollout.gen.mask.sum()) * info.world_size
+                                                / max(times.get("generate", 1e-9), 1e-9))
+            metrics["perf/step_s"] = time.perf_counter() - t0
+            metrics["train/skipped_updates"] = state["skipped"]
+            metrics["train/lr"] = scheduler.get_last_lr()[0]
             done = step + 1
             if eval_rows and args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
-                metrics.update(evaluate(args, K.unwrap(policy), tokenizer, eval_rows, info))
-            log(done, metrics)
+                metrics.update(evaluate())
+            logger.log(done, metrics)
             bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", acc=f"{metrics['rollout/accuracy']:.2f}",
                             len=f"{metrics['rollout/response_length']:.1f}")
             if state["nan_streak"] >= args.nan_patience:
@@ -895,26 +591,39 @@ def main(args: Args, *, preset_applied: bool = False) -> dict:
                 path = save(done)
                 if stop.should_stop():
                     K.print0(f"Stopped by signal; resume with --resume (checkpoint {path}).")
-                    return {"stopped_at": done}
+                    logger.close()
+                    return finish(args, info, None, t_start, stopped_at=done)
     final = save(args.max_steps, name="final")
-    last_eval = next((h for h in reversed(history) if "eval/accuracy" in h), {})
-    first_eval = next((h for h in history if "eval/accuracy" in h), {})
-    summary = {"before": {k: v for k, v in first_eval.items() if k.startswith("eval/")},
-               "after": {k: v for k, v in last_eval.items() if k.startswith("eval/")}}
-    if info.is_main:
+    logger.close()
+    return finish(args, info, final, t_start)
+
+
+def finish(args: Args, info: K.DistInfo, final: str | None, t_start: float, stopped_at: int | None = None):
+    """The run's result (held-out metrics of its first and last evaluation), summary.json, the curves, and a
+    before/after table on rank 0."""
+    history = K.read_metrics(args.out_dir) if os.path.exists(os.path.join(args.out_dir, "metrics.jsonl")) else []
+    evals = [{k: v for k, v in h.items() if k.startswith("eval/")} for h in history if "eval/accuracy" in h]
+    result = K.RunResult(args.out_dir, final, evals[0] if evals else {}, evals[-1] if evals else {}, stopped_at,
+                         time.time() - t_start)
+    if info.is_main and stopped_at is None:
         with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        plot = plot_curves(args.out_dir, history) if args.plot else None
-        if summary["before"] and summary["after"]:
+            json.dump({"before": result.before, "after": result.after}, f, indent=2)
+        plot = K.plot_metrics(args.out_dir, [
+            ("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy accuracy"),
+                                                ("eval/reasoning_share", "held-out reasoning share"),
+                                                ("rollout/accuracy", "rollout accuracy (T=1)")], "share"),
+            ("rollout response length", [("rollout/response_length", "all"),
+                                         ("rollout/length_incorrect", "incorrect")], "tokens")],
+            title=f"grpo.py --preset {args.preset} --model {args.model}") if args.plot else None
+        if result.before and result.after:
             print("\n| held-out | before | after |\n|---|---|---|")
-            for k in summary["after"]:
-                print(f"| {k} | {summary['before'].get(k, float('nan')):.3f} | {summary['after'][k]:.3f} |")
+            for k in result.after:
+                print(f"| {k} | {result.before.get(k, float('nan')):.3f} | {result.after[k]:.3f} |")
         print(f"\nOutputs in {args.out_dir}: metrics.jsonl, summary.json, {os.path.basename(final)}/"
               + (", curves.png" if plot else ""))
-    logger.close()
-    return summary
+    return result
 
 
 if __name__ == "__main__":
-    main(cli(), preset_applied=True)
+    main(cli())
     K.close_distributed()

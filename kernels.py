@@ -1,19 +1,27 @@
-"""kernels.py: the shared mechanics every algorithm file runs on. No algorithm choices live here.
+"""kernels.py: the shared mechanics every algorithm file runs on. No algorithm choices live here beyond the
+clipped policy loss that PPO and the GRPO family share. Imports nothing of the project's.
 
 What is in this file, top to bottom:
-  1. loading:      load_model(name_or_path) -> (model, tokenizer), left padding, a pad token always set.
+  1. loading:      load_model(name_or_path | "toy") -> (model, tokenizer), left padding, a pad token always set;
+                   resolve_model_path (builds the toy base model on first use); set_cpu_threads.
   2. generation:   generate(...) batched sampling with a static KV cache, each prompt prefilled once and
                    shared by its num_samples rows, the one-token decode step compiled (CUDA graphs on GPU);
-                   eager (CPU), finished rows leave the batch.
+                   eager (CPU), finished rows leave the batch. Sampling noise keyed per row (rollout_noise_keys,
+                   eval_noise_keys), so samples do not depend on the batch, the rank or a resume.
   3. log-probs:    token_logprobs(...) log pi(x_{t+1} | x_<=t) from the final hidden states and the output
-                   embedding in chunks, so the (B, T, V) logits never exist, in the forward or the backward.
+                   embedding in chunks, so the (B, T, V) logits never exist, in the forward or the backward;
+                   completion_logprobs / rollout_logprobs for a rollout batch, over length-sorted micro-batches
+                   that come back trimmed (micro_batches).
   4. the loss:     policy_loss(...) the clipped surrogate with per-token beta*KL, four aggregation modes and
-                   token- or sequence-level (GSPO) ratios; compiled with torch.compile on GPU, eager elsewhere.
+                   token- or sequence-level (GSPO) ratios; compiled with torch.compile on GPU, eager elsewhere;
+                   fold_stats (its stats over micro-batches, on the device).
   5. reductions:   masked_sum / masked_mean / masked_var / masked_whiten.
-  6. distributed:  init_distributed / wrap_model (DDP or FSDP2 fully_shard) / all_reduce_mean / print0;
-                   length_batches (length-sorted micro-batches) and no_grad_sync (DDP: accumulate, sync once).
+  6. distributed:  init_distributed / wrap_model (DDP or FSDP2 fully_shard) / all_reduce_* / reduce_metrics /
+                   print0; length_batches (length-sorted micro-batches) and no_grad_sync (DDP: accumulate, sync once).
   7. checkpoints:  save_checkpoint / load_checkpoint / latest_checkpoint, atomic (temp dir + rename).
-  8. bookkeeping:  seed_everything, MetricsLogger (metrics.jsonl + optional wandb/TensorBoard), StopSignal.
+  8. bookkeeping:  seed_everything, the data order (epoch_order, stream_indices), warmup_schedule, MetricsLogger
+                   (metrics.jsonl + optional wandb/TensorBoard), plot_metrics (a run's curves), StopSignal, Timer,
+                   RunResult (what every script's main returns).
 
 Shapes (declared once): B prompts, S samples per prompt (R = B*S rows), P prompt length, N new tokens,
 T sequence length, H hidden size, V vocabulary size.
@@ -54,7 +62,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -90,6 +98,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+TOY_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "base")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """"toy" -> the toy world's base model directory, built first by `python sft.py` (in a process of its own, by
+    rank 0 while the other ranks wait) if it is missing; any other name is returned as it is."""
+    if name_or_path != "toy":
+        return name_or_path
+    if get_rank() == 0 and not os.path.exists(os.path.join(TOY_BASE, "config.json")):
+        import subprocess
+        import sys
+
+        print(f"No toy base model at {TOY_BASE}: building it with `python sft.py` (a few minutes).", flush=True)
+        root = os.path.dirname(os.path.abspath(__file__))
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        subprocess.run([sys.executable, os.path.join(root, "sft.py"), "--export-dir", TOY_BASE,
+                        "--out-dir", os.path.join(root, "runs", "sft-toy")], check=True, env=env)
+    barrier()
+    return TOY_BASE
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "left"):
     """A tokenizer with left padding (generation appends on the right) and a pad token always set."""
     from transformers import AutoTokenizer
@@ -108,9 +137,10 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, paddin
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "auto",
                trust_remote_code: bool = False, model_class=None, attn_implementation: str | None = None,
                **model_kwargs):
-    """Load (model, tokenizer) from a hub id or a local directory through transformers' Auto classes."""
+    """Load (model, tokenizer) from a hub id, a local directory or "toy", through transformers' Auto classes."""
     from transformers import AutoModelForCausalLM
 
+    name_or_path = resolve_model_path(name_or_path)
     if not os.path.isdir(name_or_path) and os.path.sep in name_or_path and not name_or_path.count("/") == 1:
         raise FileNotFoundError(f"Model path {name_or_path!r} does not exist; pass a local directory or a hub id.")
     device = resolve_device(device) if isinstance(device, str) else device
@@ -188,6 +218,20 @@ def keyed_uniform(keys: torch.Tensor, step: int) -> torch.Tensor:
     what a 1-rank run samples, and a resumed run what an uninterrupted one did)."""
     z = _splitmix64(keys.long() * 1_000_003 + _splitmix64(torch.tensor(step, device=keys.device)))
     return ((z >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
+def rollout_noise_keys(seed: int, step: int, round_: int, prompt_ids: Sequence[int], num_samples: int) -> list[int]:
+    """One sampling-noise key per row (prompt-major) for training rollouts: a function of (seed, step, sampling round,
+    the prompt's global index in the data stream, sample index), so that each row samples the same completion on
+    any number of ranks and after a resume. Reduced mod 2^63, so any seed fits an int64."""
+    return [(((seed * 1_000_003 + step) * 7919 + round_) * 1_000_003 + prompt * num_samples + j) % 2**63
+            for prompt in prompt_ids for j in range(num_samples)]
+
+
+def eval_noise_keys(seed: int, row_ids: Sequence[int], num_samples: int) -> list[int]:
+    """Sampling-noise keys for held-out evaluation: a function of (seed, the row's index in the held-out set, sample
+    index) alone, so the evaluation samples the same completions on any number of ranks and at every step."""
+    return [(seed * 7 + 10_000_019 * row + j) % 2**63 for row in row_ids for j in range(num_samples)]
 
 
 def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -524,6 +568,53 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return (result["logprobs"], result["entropy"]) if with_entropy else result["logprobs"]
 
 
+def completion_logprobs(model, batch: dict, *, temperature: float = 1.0, with_entropy: bool = False):
+    """log pi at each completion token (R, N) of a rollout batch {prompt_ids, prompt_mask (R, P) left-padded,
+    tokens, mask (R, N)}, at the sampling temperature; with_entropy: also the entropy (R, N)."""
+    ids = torch.cat([batch["prompt_ids"], batch["tokens"]], 1)          # (R, P + N)
+    mask = torch.cat([batch["prompt_mask"], batch["mask"]], 1)
+    return token_logprobs(model, ids, mask, last_n=batch["tokens"].shape[1], temperature=temperature,
+                          with_entropy=with_entropy)
+
+
+def slice_rows(batch: dict, rows) -> dict:
+    """The rows `rows` of every per-row tensor of a batch dict (first dimension R); other values as they are."""
+    R = batch["mask"].shape[0]
+    return {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == R else v) for k, v in batch.items()}
+
+
+def micro_batches(batch: dict, max_tokens: int) -> list[tuple[torch.Tensor, dict]]:
+    """A rollout batch in length-sorted micro-batches (length_batches), each trimmed to its own longest row:
+    prompt_* columns to its longest prompt (left padding), other (R, N) columns to its longest completion.
+    Returns [(row indices, micro-batch)]; the micro-batches' rows together are the batch's."""
+    R, N = batch["mask"].shape
+    parts = []
+    for rows in length_batches(batch["prompt_mask"].sum(1), batch["mask"].sum(1), max_tokens):
+        part = slice_rows(batch, rows)
+        p = max(1, int(part["prompt_mask"].sum(1).max()))
+        n = max(1, int(part["mask"].sum(1).max()))
+        for k, v in part.items():
+            if k.startswith("prompt_"):
+                part[k] = v[:, v.shape[1] - p:]
+            elif torch.is_tensor(v) and v.dim() == 2 and v.shape == (len(rows), N):
+                part[k] = v[:, :n]
+        parts.append((rows, part))
+    return parts
+
+
+@torch.no_grad()
+def rollout_logprobs(model, batch: dict, *, temperature: float = 1.0, max_tokens: int = 0) -> torch.Tensor:
+    """log pi at every completion token of a rollout batch (R, N) in fp32, without gradients, in length-sorted
+    micro-batches of at most max_tokens padded tokens (0: one pass). For pi_old, pi_ref and the critic's inputs."""
+    out = torch.zeros(batch["mask"].shape, dtype=torch.float32, device=batch["mask"].device)
+    for rows, part in micro_batches(batch, max_tokens):
+        logprobs = completion_logprobs(model, part, temperature=temperature)
+        out[rows, :logprobs.shape[1]] = logprobs.float()
+    if hasattr(model, "reshard"):  # FSDP2 leaves the root unsharded after a forward with no backward
+        model.reshard()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. The clipped policy loss
 # ----------------------------------------------------------------------------------------------------------
@@ -633,6 +724,18 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         fn = _compiled_policy_loss
     return fn(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef, kl_estimator,
               loss_agg, ratio_level, norm_length, num_tokens)
+
+
+def fold_stats(total: dict, stats: dict, weight: torch.Tensor):
+    """Fold one micro-batch's loss stats (0-d tensors) into a running total, on the device (no host sync): means
+    weighted by the micro-batch's share of the tokens, `*_max` / `*_min` by fmax / fmin (NaN where a micro-batch has
+    no token, which fmax / fmin ignore)."""
+    for k, v in stats.items():
+        if k.endswith(("_max", "_min")):
+            v = torch.where(weight > 0, v, torch.nan)
+            total[k] = (torch.fmax if k.endswith("_max") else torch.fmin)(total[k], v) if k in total else v
+        else:
+            total[k] = total.get(k, 0.0) + v * weight
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -781,6 +884,18 @@ def all_reduce_max(value: int) -> int:
     out = torch.tensor(int(value), dtype=torch.int64, device=backend_device)
     dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return int(out.item())
+
+
+def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Average a dict of floats over ranks in one collective; a NaN (e.g. no incorrect response on a rank) is
+    averaged over the ranks that have a number. The same keys on every rank. A no-op in one process."""
+    if not is_distributed():
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    present = (~torch.isnan(values)).double()
+    sums = all_reduce_sum(torch.stack([torch.nan_to_num(values), present]))
+    return {k: (s / c).item() if c > 0 else float("nan") for k, s, c in zip(keys, sums[0], sums[1])}
 
 
 @contextlib.contextmanager
@@ -1033,6 +1148,37 @@ def seed_everything(seed: int, deterministic: bool = False):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of one epoch: a permutation of range(n) that is a function of (seed, epoch) alone, so any
+    position of the endless stream epoch 0, epoch 1, ... can be found again after a resume without replaying it."""
+    key = (n, seed, epoch)
+    if _EPOCH_CACHE.get("key") != key:  # a step's rows almost always come from one epoch: keep the last one
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        _EPOCH_CACHE.update(key=key, order=torch.randperm(n, generator=generator).tolist())
+    return _EPOCH_CACHE["order"]
+
+
+_EPOCH_CACHE: dict = {}
+
+
+def stream_indices(start: int, count: int, n: int, seed: int) -> list[int]:
+    """Rows start, start + 1, ..., start + count - 1 of the endless shuffled stream over n rows (epoch_order)."""
+    return [epoch_order(n, seed, position // n)[position % n] for position in range(start, start + count)]
+
+
+def warmup_schedule(warmup_steps: int, total_steps: int = 0, min_ratio: float = 1.0):
+    """The learning-rate multiplier at an optimizer step: linear warmup over warmup_steps, then cosine from 1 down
+    to min_ratio at total_steps (min_ratio = 1: constant after the warmup). For torch's LambdaLR."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if min_ratio == 1.0:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
 def save_args(out_dir: str, args) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "args.json")
@@ -1100,6 +1246,54 @@ class MetricsLogger:
 def read_metrics(out_dir: str) -> list[dict]:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(out_dir: str, panels: list[tuple[str, list[tuple[str, str]], str]], title: str = "",
+                 file_name: str = "curves.png") -> str | None:
+    """Draw a run's curves from DIR/metrics.jsonl into DIR/file_name: one panel per (title, [(metric key, label)],
+    y label), each metric against its steps (keys absent from the run are skipped). Returns the path, or None
+    without matplotlib or data. Every script calls it at the end of a run, so every run leaves a picture."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path = os.path.join(out_dir, "metrics.jsonl")
+    history = read_metrics(out_dir) if os.path.exists(path) else []
+    drawn = [(name, [(k, label) for k, label in curves if any(k in h for h in history)], ylabel)
+             for name, curves, ylabel in panels]
+    drawn = [panel for panel in drawn if panel[1]]
+    if not drawn:
+        return None
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5 * len(drawn), 3.6), squeeze=False)
+    for ax, (name, curves, ylabel) in zip(axes[0], drawn):
+        for key, label in curves:
+            points = [(h["step"], h[key]) for h in history if key in h]
+            style = "o-" if len(points) <= 25 else "-"
+            ax.plot([s for s, _ in points], [v for _, v in points], style, markersize=3, label=label)
+        ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.set_title(name), ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = os.path.join(out_dir, file_name)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+@dataclass
+class RunResult:
+    """What every script's main(args) returns, so that a pipeline can chain them: where the run wrote, its final
+    checkpoint (None if it stopped early), the held-out metrics before and after training (named as in
+    metrics.jsonl), and the step a signal stopped it at (None if it finished)."""
+    out_dir: str
+    final_dir: str | None = None
+    before: dict = dataclasses.field(default_factory=dict)
+    after: dict = dataclasses.field(default_factory=dict)
+    stopped_at: int | None = None
+    wall_s: float = 0.0
 
 
 class StopSignal:

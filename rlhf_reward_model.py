@@ -40,8 +40,8 @@ Deliberate choices:
     pairs back, so they are left out: the toy reward model checks
     consistency, not arithmetic, and a consistently wrong trace fools it (reward hacking in miniature; the
     verifiable rewards of rlvr_rewards.py do not have this hole).
-  - The toy dataset needs sft.py (the toy base model) and rlvr_rewards.py (the task); both are imported only
-    when --model toy / --dataset toy ask for them, so the scorer and JSONL training depend on kernels.py alone.
+  - --model toy is the toy base model (kernels.load_model builds it on first use); the toy pairs come from
+    rlvr_rewards' arithmetic task. This file imports kernels and rlvr_rewards only, never another algorithm file.
 
 Launch:
     python rlhf_reward_model.py                                       # toy world, CPU, about 2.5 minutes
@@ -68,9 +68,7 @@ verifiable reward (--rewards task rlhf_reward_model:reward_model --reward-weight
 
 from __future__ import annotations
 
-import functools
 import itertools
-import json
 import math
 import os
 import random
@@ -84,16 +82,19 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from kernels import (MetricsLogger, StopSignal, all_reduce_mean, all_reduce_sum, barrier, close_distributed, get_rank,
-                     init_distributed, is_distributed, latest_checkpoint, load_checkpoint, load_model,
+import kernels
+import rlvr_rewards
+from kernels import (MetricsLogger, RunResult, StopSignal, all_reduce_mean, all_reduce_sum, close_distributed, get_rank,
+                     get_world_size, init_distributed, latest_checkpoint, load_checkpoint, load_model,
                      position_ids_from_mask, print0, resolve_device, save_args, save_checkpoint, seed_everything,
                      set_cpu_threads, unwrap, wrap_model)
+from rlvr_rewards import DataError
 
 
 @dataclass
 class Args:
     model: str = "toy"
-    """backbone: a hub id, a local causal-LM or reward-model directory, or 'toy' (the toy base model of sft.py)"""
+    """backbone: a hub id, a local causal-LM or reward-model directory, or 'toy' (the toy base model)"""
     dataset: str = "toy"
     """'toy' (built-in arithmetic preferences) or a .jsonl file of prompt/chosen/rejected (or responses) lines"""
     eval_dataset: str = ""
@@ -207,10 +208,6 @@ def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, kinds: list
 # ----------------------------------------------------------------------------------------------------------
 
 
-class DataError(ValueError):
-    """A preference file the user must fix; the message names the file and the line."""
-
-
 def _check_text(value, field: str, where: str):
     if isinstance(value, str):
         return
@@ -218,8 +215,7 @@ def _check_text(value, field: str, where: str):
         raise DataError(f"{where}'{field}' must be a string or a non-empty list of chat messages "
                         f"({{\"role\": str, \"content\": str}}), got {repr(value)[:80]}.")
     for number, message in enumerate(value, 1):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
+        if not rlvr_rewards.is_messages([message]):
             raise DataError(f"{where}message {number} of '{field}' must be an object with a string 'role' and a "
                             f"string 'content', got {repr(message)[:80]}.")
 
@@ -263,26 +259,9 @@ def load_preference_jsonl(path: str) -> list[dict]:
     """Every pair of a JSONL file, each tagged with its line number; all lines are checked before returning."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Preference file {path!r} does not exist; pass --dataset toy or a .jsonl path.")
-    pairs = []
-    with open(path, "rb") as f:   # bytes, decoded line by line, so that bad UTF-8 is reported with its line
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}, line {lineno}: "
-            try:
-                line = raw.decode("utf-8-sig")   # -sig: a byte-order mark (Windows editors) is dropped
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-            except UnicodeDecodeError as err:
-                raise DataError(f"{where}not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte column "
-                                f"{err.start + 1}); save the file as UTF-8.") from None
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}not valid JSON ({err.msg}); write one JSON object per line.") from None
-            except RecursionError:
-                raise DataError(f"{where}JSON nested too deeply to parse; write one flat object per line.") from None
-            pairs += [dict(pair, line=lineno) for pair in pairs_from_row(row, where)]
-    if not pairs:
-        raise DataError(f"{path}: no preference pairs in the file.")
-    return pairs
+
+    return rlvr_rewards.read_jsonl(path, lambda row, where, line: [dict(pair, line=line)
+                                                                   for pair in pairs_from_row(row, where)])
 
 
 def _toy_response(steps: list[str], answer: str) -> str:
@@ -310,9 +289,7 @@ def toy_pair(row: dict, kind: str, rng: random.Random) -> dict:
 
 def toy_preference_pairs(split: str, num_prompts: int, seed: int) -> list[dict]:
     """Three pairs (correct, format, concise) for each arithmetic prompt of the task's train or test split."""
-    from rlvr_rewards import make_dataset
-
-    rows = make_dataset("arithmetic", split=split, n=num_prompts, seed=seed)
+    rows = rlvr_rewards.make_dataset("arithmetic", split=split, n=num_prompts, seed=seed)
     rng = random.Random(f"toy-preferences-{split}-{seed}")
     return [toy_pair(row, kind, rng) for row in rows for kind in ("correct", "format", "concise")]
 
@@ -341,8 +318,7 @@ def render(tokenizer, prompt, response, template: str = "chat") -> str:
     if isinstance(response, list):
         response = "".join(m["content"] for m in response)
     if template == "chat" and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + response
+        return rlvr_rewards.render_prompt(tokenizer, prompt, "chat") + response
     if isinstance(prompt, list):
         prompt = "\n".join(m["content"] for m in prompt)
     if template in ("chat", "plain"):
@@ -367,12 +343,6 @@ def load_reward_model(name_or_path: str, *, device="auto", dtype="auto"):
     backbone is reused and the head starts random; from a trained reward model everything loads."""
     from transformers import AutoModelForSequenceClassification
 
-    if name_or_path == "toy":
-        import sft
-
-        # one process builds a missing toy model; under torchrun the other ranks wait for it, then read it
-        name_or_path = sft.ensure_toy_model() if get_rank() == 0 else sft.TOY_BASE
-        barrier()
     model, tokenizer = load_model(name_or_path, model_class=AutoModelForSequenceClassification, num_labels=1,
                                   device=device, dtype=dtype)
     if not hasattr(model, "score"):
@@ -396,7 +366,7 @@ def score_texts(model, tokenizer, texts: list[str], *, batch_size: int, max_leng
 
 def evaluate(model, tokenizer, pairs: list[dict], args: Args, device) -> dict:
     """Held-out metrics; each rank scores an equal share (FSDP needs the same number of forwards on every rank)."""
-    world, rank = (torch.distributed.get_world_size(), get_rank()) if is_distributed() else (1, 0)
+    world, rank = get_world_size(), get_rank()
     per_rank = math.ceil(len(pairs) / world)
     shard = pairs[rank * per_rank:(rank + 1) * per_rank]
     valid = len(shard)
@@ -466,30 +436,9 @@ def reward_model(completions: list, prompt: list | None = None, **columns) -> li
 # ----------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(num_pairs: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffle of one epoch (num_pairs,), seeded by (seed, epoch) alone; made once, not once per sample."""
-    return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-
-
-def batch_for_step(pairs: list[dict], step: int, batch_size: int, seed: int) -> list[dict]:
-    """The global batch of step `step` (1-based): a fresh shuffle each epoch, a pure function of (step, seed),
-    so a resumed run sees exactly the pairs an uninterrupted one would."""
-    n = len(pairs)
-    return [pairs[int(epoch_order(n, seed, position // n)[position % n])]
-            for position in range((step - 1) * batch_size, step * batch_size)]
-
-
-def lr_lambda(warmup_steps: int, max_steps: int, floor: float = 0.1):
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return schedule
-
-
-def main(args: Args):
+def main(args: Args) -> RunResult:
+    """Train the reward model; returns the out dir, final/ and the held-out pairwise metrics (eval/) of the initial
+    and the final model."""
     dist_info = init_distributed(args.device)
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
     seed_everything(args.seed)
@@ -504,7 +453,8 @@ def main(args: Args):
     model.config.reward_template = args.template          # the scorer renders text the same way
     model = wrap_model(model, args.strategy, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, args.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kernels.warmup_schedule(args.warmup_steps, args.max_steps,
+                                                                                      min_ratio=0.1))
 
     start_step = 0
     checkpoint = latest_checkpoint(args.out_dir) if args.resume else None
@@ -521,13 +471,16 @@ def main(args: Args):
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
         return metrics
 
+    start_time, step = time.time(), start_step
+    metrics = run_eval(0) if start_step == 0 and args.eval_every else {"step": None}
+    before = {f"eval/{k}": v for k, v in metrics.items() if k != "step"}
     model.train()
-    start_time, metrics, step = time.time(), {"step": None}, start_step
     bar = tqdm(range(start_step + 1, args.max_steps + 1), disable=rank != 0, desc="reward model")
     with StopSignal() as stop:
         for step in bar:
             # ---- this rank's share of the global batch; chosen and rejected in one forward of 2b rows ----
-            batch = batch_for_step(train_pairs, step, args.batch_size, args.seed)[rank::world]
+            batch = [train_pairs[i] for i in kernels.stream_indices((step - 1) * args.batch_size, args.batch_size,
+                                                                    len(train_pairs), args.seed)][rank::world]
             texts = [render(tokenizer, p["prompt"], p[side], args.template) for side in ("chosen", "rejected")
                      for p in batch]
             input_ids, attention_mask = tokenize(tokenizer, texts, args.max_length, device)   # (2b, T)
@@ -553,7 +506,7 @@ def main(args: Args):
             if stop.should_stop():
                 save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler)
                 print0(f"Stopped at step {step}; continue with --resume --out-dir {args.out_dir}")
-                return metrics
+                return RunResult(args.out_dir, None, before, {}, step, time.time() - start_time)
             if args.save_every and step % args.save_every == 0:
                 save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler)
 
@@ -561,11 +514,17 @@ def main(args: Args):
         metrics = run_eval(step)
     save_checkpoint(args.out_dir, step, model, tokenizer, name="final")
     logger.close()
+    if rank == 0:
+        kernels.plot_metrics(args.out_dir, [
+            ("Bradley-Terry loss", [("train/loss", "train"), ("eval/loss", "held-out")], "loss"),
+            ("pairwise accuracy", [("train/accuracy", "train batch"), ("eval/accuracy", "held-out")], "P(r_w > r_l)")],
+            title=f"rlhf_reward_model.py --model {args.model} --dataset {args.dataset}")
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("accuracy"))
     print0(f"Held-out: {summary}; margin {metrics['margin']:.2f}; {time.time() - start_time:.0f}s")
     print0(f"Outputs in {os.path.abspath(args.out_dir)}: args.json, metrics.jsonl, checkpoint-*/, final/ "
            f"(load it with AutoModelForSequenceClassification.from_pretrained or RewardModelScorer)")
-    return metrics
+    after = {f"eval/{k}": v for k, v in metrics.items() if k != "step"}
+    return RunResult(args.out_dir, os.path.join(args.out_dir, "final"), before, after, None, time.time() - start_time)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Verifiable rewards for RL on reasoning (RLVR), and the built-in tasks they verify.
+"""rlvr_rewards.py: the environment every RL script shares. Verifiable rewards for RL on reasoning (RLVR), the
+built-in tasks they verify, and the harness around them: one JSONL reader (read_jsonl), prompt rendering
+(render_prompt: chat template or R1's text template), sampling a rollout (sample -> Rollout), resolving and
+combining rewards and scoring a rollout (score, rollout_metrics), and evaluating a policy on held-out rows
+(evaluate: greedy accuracy, pass@1 over k samples, lengths, reasoning share). Imports kernels and sandbox.
 
 A reward is a plain function of the same shape as TRL's reward functions, so users can bring theirs:
 
@@ -62,9 +66,12 @@ prompt is 0 mod 5, so the splits never share a problem:
 
 import ast
 import collections
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import inspect
+import json
 import math
 import os
 import random
@@ -73,6 +80,9 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
+import torch
+
+import kernels as K
 import sandbox
 
 # ------------------------------------------------------------------------------------------------ extraction
@@ -647,3 +657,354 @@ def make_dataset(name: str, split: str = "train", n: int = 1000, seed: int = 0) 
             seen.add(row["prompt"])
             rows.append(row)
     raise ValueError(f"only {len(rows)} distinct {split} problems of {name!r} were found: ask for fewer")
+
+
+# ================================================================================================================
+# The environment every RL script shares: data, prompts, rollouts, scoring, held-out evaluation
+# ================================================================================================================
+# Letters: B prompts, G samples per prompt, R = B*G rows (prompt-major: row i*G + j is sample j of prompt i),
+# P prompt tokens, N completion tokens.
+
+R1_TEMPLATE = ("A conversation between User and Assistant. The User asks a question and the Assistant solves it: "
+               "it first reasons in its mind, then gives the answer. The reasoning goes inside <think> </think> and "
+               "the answer inside <answer> </answer>.\nUser: {prompt}\nAssistant:")
+REFLECTION_WORDS = ("wait", "re-check", "recheck", "let me check", "verify", "double-check", "hmm", "actually")
+
+
+def reasons(text: str) -> bool:
+    """The response reasons in a think block (the R1 template's <think>)."""
+    return "<think>" in text
+
+
+def reflects(text: str) -> bool:
+    """The response uses a reflection word ("wait", "re-check", ...): R1-Zero's "aha moment", counted."""
+    low = text.lower()
+    return any(word in low for word in REFLECTION_WORDS)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class DataError(ValueError):
+    """A problem in the user's data; the message names the file and line and says what to change."""
+
+
+def is_messages(value) -> bool:
+    """A non-empty list of chat messages {"role": str, "content": str}."""
+    return isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def read_jsonl(path: str, parse_row) -> list:
+    """Every row of a UTF-8 JSONL file (one JSON object a line; blank lines skipped; a byte-order mark accepted):
+    parse_row(obj, where, line) returns a row or a list of rows, or raises DataError starting with `where` ("FILE,
+    line N: "). A line that is not UTF-8 or not JSON raises DataError naming the file and line too, before any
+    model is loaded. The one reader every script uses; each passes the checks its rows need."""
+    if not os.path.isfile(path):
+        raise DataError(f"Dataset file {path!r} does not exist.")
+    rows = []
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that bad UTF-8 is reported with its line
+        for number, raw in enumerate(f, 1):
+            where = f"{path}, line {number}: "
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte column "
+                                f"{error.start + 1}); save the file as UTF-8.") from None
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}not valid JSON ({error.msg} at column {error.colno}); write one JSON "
+                                "object per line.") from None
+            except RecursionError:
+                raise DataError(f"{where}JSON nested too deeply to parse; write one flat object per line.") from None
+            parsed = parse_row(obj, where, number)
+            rows.extend(parsed if isinstance(parsed, list) else [parsed])
+    if not rows:
+        raise DataError(f"{path} holds no rows.")
+    return rows
+
+
+def prompt_row(obj, where: str = "", line: int = 0) -> dict:
+    """A JSONL line of an RL dataset: an object with a 'prompt' (a string or chat messages) and any other fields
+    the rewards read (answer, tests, ...)."""
+    if not isinstance(obj, dict) or "prompt" not in obj:
+        raise DataError(f"{where}each line must be a JSON object with a 'prompt'.")
+    if not (isinstance(obj["prompt"], str) or is_messages(obj["prompt"])):
+        raise DataError(f"{where}'prompt' must be a string or a non-empty list of messages "
+                        "{\"role\": str, \"content\": str}.")
+    return obj
+
+
+def load_prompts(spec: str, split: str = "train", n: int = 20_000, seed: int = 0) -> list[dict]:
+    """Rows {prompt, answer, ...} of an RL dataset: a built-in task (its split, n rows), a .jsonl file (every line
+    checked, errors name the line), or a hub dataset id (with the `datasets` package)."""
+    if spec in TASK_REWARDS:
+        return make_dataset(spec, split=split, n=n, seed=seed)
+    if spec.endswith(".jsonl"):
+        return read_jsonl(spec, prompt_row)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"Dataset {spec!r} is neither a built-in task ({sorted(TASK_REWARDS)}) nor a .jsonl file; "
+                        "for a hub dataset install the `datasets` package.") from None
+    return [dict(row) for row in datasets.load_dataset(spec, split=split)]
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def uses_chat_template(tokenizer, prompt, template: str = "auto") -> bool:
+    """Whether render_prompt renders this prompt with the chat template (messages always are)."""
+    return isinstance(prompt, list) or template == "chat" or (
+        template == "auto" and getattr(tokenizer, "chat_template", None) is not None)
+
+
+def render_prompt(tokenizer, prompt, template: str = "auto", system_prompt: str | None = None) -> str:
+    """The text a model continues for a prompt (a string or chat messages). template: "chat" (the tokenizer's chat
+    template with the generation prompt), "r1" (R1_TEMPLATE around a string), "plain" (the string as it is), or
+    "auto" (chat when the tokenizer has a template, else r1). Chat messages always use the chat template."""
+    if template == "auto":
+        template = "chat" if getattr(tokenizer, "chat_template", None) is not None else "r1"
+    if uses_chat_template(tokenizer, prompt, template):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("This tokenizer has no chat template; use --template r1 or plain with string prompts.")
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return R1_TEMPLATE.format(prompt=prompt) if template == "r1" else prompt
+
+
+def encode_prompts(tokenizer, texts: list[str], device, add_special_tokens: bool = False) -> tuple:
+    """Rendered prompts -> (input_ids, attention_mask), each (B, P), left-padded as the tokenizer is set up.
+    add_special_tokens: the tokenizer's own BOS and the like, for text that no chat template has rendered."""
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+
+
+@dataclasses.dataclass
+class Rollout:
+    """G completions for each of B prompts, R = B*G rows, prompt-major, and their scores once score() has run."""
+    prompt_ids: "torch.Tensor"   # (R, P) left-padded prompt of each row
+    prompt_mask: "torch.Tensor"  # (R, P)
+    gen: K.Generation            # tokens, mask, truncated, logprobs: (R, N)
+    completions: list            # R decoded completions (special tokens dropped)
+    rows: list                   # R dataset rows, each row's prompt repeated G times
+    rewards: "torch.Tensor | None" = None  # (R,) weighted total reward
+    per_reward: dict = dataclasses.field(default_factory=dict)  # name -> R values (None: does not apply)
+    correct: list | None = None  # R verdicts of the task's verifier (False where there is none)
+
+    def select(self, rows: list[int]) -> "Rollout":
+        """The rollout restricted to rows (e.g. the groups DAPO's dynamic sampling keeps)."""
+        pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
+        gen = self.gen
+        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows],
+                       K.Generation(gen.tokens[rows], gen.mask[rows], gen.truncated[rows], gen.logprobs[rows]),
+                       pick(self.completions), pick(self.rows),
+                       None if self.rewards is None else self.rewards[rows],
+                       {k: pick(v) for k, v in self.per_reward.items()}, pick(self.correct))
+
+    @staticmethod
+    def cat(parts: list["Rollout"]) -> "Rollout":
+        """Several rollouts as one (e.g. DAPO's sampling rounds), padding prompts on the left, completions on the right."""
+        if len(parts) == 1:
+            return parts[0]
+        N = max(p.gen.tokens.shape[1] for p in parts)
+        P = max(p.prompt_ids.shape[1] for p in parts)
+        right = lambda x, v=0: torch.nn.functional.pad(x, (0, N - x.shape[1]), value=v)  # noqa: E731
+        left = lambda x: torch.nn.functional.pad(x, (P - x.shape[1], 0))  # noqa: E731
+        gens = [p.gen for p in parts]
+        return Rollout(torch.cat([left(p.prompt_ids) for p in parts]), torch.cat([left(p.prompt_mask) for p in parts]),
+                       K.Generation(torch.cat([right(g.tokens) for g in gens]), torch.cat([right(g.mask) for g in gens]),
+                                    torch.cat([g.truncated for g in gens]), torch.cat([right(g.logprobs) for g in gens])),
+                       sum((p.completions for p in parts), []), sum((p.rows for p in parts), []),
+                       torch.cat([p.rewards for p in parts]),
+                       {k: sum((p.per_reward[k] for p in parts), []) for k in parts[0].per_reward},
+                       sum((p.correct for p in parts), []))
+
+    def batch(self) -> dict:
+        """The tensors an update needs: {prompt_ids, prompt_mask, tokens, mask} (R, ...)."""
+        return dict(prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask, tokens=self.gen.tokens,
+                    mask=self.gen.mask)
+
+
+def decode(tokenizer, gen: K.Generation) -> list[str]:
+    """The completions' text, EOS and padding dropped."""
+    return tokenizer.batch_decode(gen.tokens.masked_fill(gen.mask == 0, tokenizer.pad_token_id),
+                                  skip_special_tokens=True)
+
+
+def sample(model, tokenizer, rows: list[dict], *, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, template: str = "auto", system_prompt: str | None = None, noise_keys=None,
+           generator: torch.Generator | None = None, compile: bool | None = None) -> Rollout:
+    """num_samples completions for each row's prompt: render, tokenize, kernels.generate (each prompt prefilled
+    once), decode. noise_keys: one int per row of the result (kernels.rollout_noise_keys), or else a generator."""
+    texts = [render_prompt(tokenizer, row["prompt"], template, system_prompt) for row in rows]
+    device = next(K.unwrap(model).parameters()).device
+    chat = uses_chat_template(tokenizer, rows[0]["prompt"], template)
+    ids, mask = encode_prompts(tokenizer, texts, device, add_special_tokens=not chat)      # (B, P)
+    keys = None if noise_keys is None else torch.tensor(noise_keys, device=device)         # (R,)
+    gen = K.generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     num_samples=num_samples, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     noise_keys=keys, generator=generator, compile=compile)                # (R, N)
+    return Rollout(ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0), gen,
+                   decode(tokenizer, gen), [row for row in rows for _ in range(num_samples)])
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def resolve_rewards(names, dataset: str) -> list[tuple[str, object]]:
+    """[(name, fn)] for reward names: built-ins, "module:function", and "task" = the dataset's own verifier
+    (accuracy for a dataset that is not a built-in task)."""
+    fns = []
+    for name in names:
+        if name == "task":
+            fn = TASK_REWARDS.get(dataset, accuracy_reward)
+            name = getattr(fn, "__name__", "task").removesuffix("_reward")
+        else:
+            fn = get_reward(name)
+        fns.append((name, fn))
+    return fns
+
+
+def required_columns(fn) -> set[str]:
+    """Dataset columns a reward function needs: its parameters after `completions` that have no default."""
+    bound = set(getattr(fn, "keywords", {}) or {})
+    return {name for i, (name, p) in enumerate(inspect.signature(fn).parameters.items())
+            if i > 0 and p.default is inspect.Parameter.empty and name not in bound
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_rewards(reward_fns, rows: list[dict], source: str):
+    """Before any model is loaded: every reward finds the dataset fields it needs, and code can be run (a machine
+    with no working sandbox raises here, not after an hour of loading, and never scores every sample 0)."""
+    for name, fn in reward_fns:
+        missing = required_columns(fn) - set(rows[0])
+        if missing:
+            raise DataError(f"Reward '{name}' needs dataset field(s) {sorted(missing)}, which {source} does not have "
+                            f"(its fields: {sorted(rows[0])}).")
+    if any(fn is code_reward for _, fn in reward_fns) or "tests" in rows[0]:
+        sandbox.require_sandbox()
+
+
+def verify(completions: list[str], rows: list[dict]) -> list[bool] | None:
+    """The task verifier the rows' fields call for (code tests, countdown numbers + target, or a gold answer):
+    each completion fully correct or not; None when the rows have nothing to check against."""
+    columns = {k: [row.get(k) for row in rows] for k in rows[0]} if rows else {}
+    verifier = (code_reward if "tests" in columns else
+                countdown_reward if "numbers" in columns and "target" in columns else
+                accuracy_reward if "answer" in columns else None)
+    return None if verifier is None else [v == 1.0 for v in verifier(completions, **columns)]
+
+
+def score(rollout: Rollout, reward_fns, weights, **extra) -> Rollout:
+    """Fill rollout.rewards (weighted total), per_reward and correct (the task's verdicts, reused from the task
+    reward when it is one of the rewards). extra goes to every reward (completion_lengths, group_size, ...)."""
+    rows = rollout.rows
+    columns = {k: [row.get(k) for row in rows] for k in rows[0]}
+    total, values = combine_rewards([(fn, w) for (_, fn), w in zip(reward_fns, weights)], rollout.completions,
+                                    **columns, **extra)
+    rollout.per_reward = {name: vals for (name, _), vals in zip(reward_fns, values.values())}
+    verifiers = tuple(TASK_REWARDS.values())
+    task_values = next((vals for (_, fn), vals in zip(reward_fns, values.values()) if fn in verifiers), None)
+    correct = ([v == 1.0 for v in task_values] if task_values is not None  # code: every test passes
+               else verify(rollout.completions, rows))
+    rollout.rewards = torch.tensor(total, dtype=torch.float32)
+    rollout.correct = correct or [False] * len(total)
+    return rollout
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """The diagnostics every run should log for a scored rollout (this rank's; all-reduce with
+    kernels.reduce_metrics): reward, accuracy, lengths split by correctness, truncation, reasoning and reflection
+    shares, and each reward's mean. rollout/reward_sq_mean is there so that the std can be formed after the mean."""
+    gen, rewards = rollout.gen, rollout.rewards
+    lengths = gen.mask.sum(-1).float().cpu()
+    correct = torch.tensor(rollout.correct, dtype=torch.bool)
+    n = len(rollout.completions)
+    m = {"rollout/reward_mean": rewards.mean().item(), "rollout/reward_sq_mean": rewards.square().mean().item(),
+         "rollout/accuracy": correct.float().mean().item(), "rollout/response_length": lengths.mean().item(),
+         "rollout/truncated_share": gen.truncated.float().mean().item(),
+         "rollout/reasoning_share": sum(map(reasons, rollout.completions)) / n,
+         "rollout/reflection_share": sum(map(reflects, rollout.completions)) / n,
+         "rollout/length_correct": lengths[correct].mean().item() if correct.any() else float("nan"),
+         "rollout/length_incorrect": lengths[~correct].mean().item() if (~correct).any() else float("nan")}
+    for name, values in rollout.per_reward.items():
+        present = [v for v in values if v is not None]
+        m[f"rewards/{name}"] = sum(present) / len(present) if present else float("nan")
+    return m
+
+
+def finish_reward_std(metrics: dict) -> dict:
+    """Replace the all-reduced rollout/reward_sq_mean by rollout/reward_std = sqrt(E[r^2] - E[r]^2)."""
+    sq = metrics.pop("rollout/reward_sq_mean")
+    metrics["rollout/reward_std"] = math.sqrt(max(0.0, sq - metrics["rollout/reward_mean"] ** 2))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@dataclasses.dataclass
+class EvalCounts:
+    """Sums over held-out prompts, all-reduced over ranks before the ratios are formed."""
+    prompts: float = 0.0          # prompts evaluated greedily
+    correct: float = 0.0          # greedy completions the verifier accepts
+    tokens: float = 0.0           # greedy completion tokens
+    reasoning: float = 0.0        # greedy completions that reason (<think>)
+    sampled_prompts: float = 0.0  # prompts with k samples at eval_temperature
+    sample_correct: float = 0.0   # sum over those prompts of (correct samples / k): pass@1 averaged over k
+
+    def all_reduce(self) -> "EvalCounts":
+        fields = [f.name for f in dataclasses.fields(self)]
+        sums = K.all_reduce_sum(torch.tensor([getattr(self, f) for f in fields], dtype=torch.float64))
+        return EvalCounts(**dict(zip(fields, sums.tolist())))
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, rows: list[dict], *, max_new_tokens: int, samples: int = 0, temperature: float = 1.0,
+             seed: int = 0, template: str = "auto", system_prompt: str | None = None, compile: bool | None = None,
+             batch_size: int = 64) -> dict[str, float]:
+    """Held-out metrics of a policy: greedy accuracy, response length and reasoning share, and (samples > 0) pass@1
+    averaged over `samples` completions at `temperature`. Rows are sharded over ranks; every rank runs as many
+    generate calls (collectives under FSDP), topping its share up with rows that are not counted. The sampling
+    noise is keyed by the row's index, so the result does not depend on the number of ranks."""
+    was_training = model.training
+    model.eval()
+    rank, world = K.get_rank(), K.get_world_size()
+    mine = rows[rank::world]
+    real = len(mine)
+    mine = mine + rows[:1] * (-(-len(rows) // world) - real)
+    counts = EvalCounts()
+    settings = [(0.0, 1)] + ([(temperature, samples)] if samples else [])
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start:start + batch_size]
+        counted = max(0, min(len(batch), real - start))  # rows of this batch that count
+        global_rows = [rank + (start + i) * world for i in range(len(batch))]
+        for temp, n in settings:
+            rollout = sample(model, tokenizer, batch, num_samples=n, max_new_tokens=max_new_tokens, temperature=temp,
+                             template=template, system_prompt=system_prompt,
+                             noise_keys=K.eval_noise_keys(seed, global_rows, n), compile=compile)
+            texts = rollout.completions[:counted * n]
+            correct = (verify(texts, rollout.rows[:counted * n]) or [False] * len(texts)) if counted else []
+            if temp == 0.0:
+                counts.prompts += counted
+                counts.correct += sum(correct)
+                counts.tokens += rollout.gen.mask[:counted].sum().item()
+                counts.reasoning += sum(map(reasons, texts))
+            else:
+                counts.sampled_prompts += counted
+                counts.sample_correct += sum(correct) / n
+    counts = counts.all_reduce()
+    model.train(was_training)
+    out = {"eval/accuracy": counts.correct / counts.prompts, "eval/response_length": counts.tokens / counts.prompts,
+           "eval/reasoning_share": counts.reasoning / counts.prompts}
+    if samples:
+        out[f"eval/pass@1_k{samples}_t{temperature}"] = counts.sample_correct / counts.sampled_prompts
+    return out

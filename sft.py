@@ -63,7 +63,6 @@ train_wall_s) on cores shared with heavier jobs (load 5-9).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import operator
@@ -71,8 +70,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -85,8 +82,7 @@ from tqdm import tqdm
 import kernels
 import rlvr_rewards
 
-TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
-TOY_BASE = os.path.join(TOY_DIR, "base")
+TOY_BASE = kernels.TOY_BASE  # where the toy recipe's model goes (kernels.load_model("toy") loads it)
 
 
 @dataclass
@@ -266,18 +262,15 @@ def is_reasoning(completion: str) -> bool:
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list, *, temperature: float = 0.0, num_samples: int = 1,
                          max_new_tokens: int = 48, batch_size: int = 256, seed: int = 0) -> list[str]:
-    """Completions (prompt-major, num_samples per prompt) for plain or chat prompts, decoded without EOS/pad."""
+    """Completions (prompt-major, num_samples per prompt) for plain or chat prompts, as SFT renders them (a string
+    as it is, messages through the chat template), sampled from one torch.Generator seeded with `seed`."""
     device = next(kernels.unwrap(model).parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     texts = []
     for start in range(0, len(prompts), batch_size):
-        input_ids, attention_mask, _ = collate([{"input_ids": encode_prompt(tokenizer, p)}
-                                                for p in prompts[start:start + batch_size]], tokenizer.pad_token_id)
-        out = kernels.generate(model, input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
-                               temperature=temperature, num_samples=num_samples, generator=generator,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        texts += tokenizer.batch_decode(out.tokens.masked_fill(out.mask == 0, tokenizer.pad_token_id),
-                                        skip_special_tokens=True)
+        rows = [{"prompt": p} for p in prompts[start:start + batch_size]]
+        texts += rlvr_rewards.sample(model, tokenizer, rows, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, template="plain", generator=generator).completions
     return texts
 
 
@@ -327,36 +320,16 @@ TOY_TABLE = [("greedy accuracy", "greedy_accuracy"), ("greedy answers that reaso
              ("T=1 accuracy when answering directly", "accuracy_without_reasoning")]
 
 
-def ensure_toy_model() -> str:
-    """The toy base model's directory (TOY_BASE), built with the default recipe first if it is missing."""
-    if not os.path.exists(os.path.join(TOY_BASE, "config.json")):
-        print(f"No toy base model at {TOY_BASE}: building it with `python sft.py` (a few minutes).", flush=True)
-        # A process of its own, outside any torchrun group the caller belongs to.
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--export-dir", TOY_BASE,
-                        "--out-dir", os.path.join(os.path.dirname(TOY_DIR), "runs", "sft-toy")], check=True, env=env)
-    return TOY_BASE
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Data: examples, JSONL, batches
 # ----------------------------------------------------------------------------------------------------------
 
 
-def require_chat_template(tokenizer):
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"The data are chat messages but the tokenizer ({tokenizer.name_or_path or 'given'}) has no "
-                         "chat template: give plain string prompts, or use a model/tokenizer with a chat_template.")
-
-
 def encode_prompt(tokenizer, prompt) -> list[int]:
     """Prompt ids: a string as it is (with the tokenizer's BOS, if it adds one), or chat messages rendered by
-    the chat template with the generation prompt."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    require_chat_template(tokenizer)
-    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    the chat template with the generation prompt (rlvr_rewards.render_prompt)."""
+    text = rlvr_rewards.render_prompt(tokenizer, prompt, "plain")
+    return tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
 
 
 def build_sft_example(tokenizer, prompt, completion: str) -> dict:
@@ -379,62 +352,32 @@ def build_sft_example(tokenizer, prompt, completion: str) -> dict:
     return {"input_ids": prompt_ids + completion_ids, "loss_mask": loss_mask}
 
 
-def _is_messages(value) -> bool:
-    return (isinstance(value, list) and len(value) > 0 and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value))
+def sft_row(row, where: str = "", line: int = 0) -> dict:
+    """A JSONL object as {prompt, completion, answer?}; a DataError starting with `where` says what is wrong."""
+    def bad(problem: str):
+        raise rlvr_rewards.DataError(f"{where}{problem}.")
 
-
-def normalize_row(row) -> str | dict:
-    """A JSONL object as {prompt, completion, answer?}, or a string saying what is wrong with it."""
     if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
+        bad(f"expected a JSON object, got {type(row).__name__}")
     if "messages" in row:
         messages = row["messages"]
-        if not _is_messages(messages):
-            return "'messages' must be a non-empty list of {\"role\": str, \"content\": str} objects"
+        if not rlvr_rewards.is_messages(messages):
+            bad("'messages' must be a non-empty list of {\"role\": str, \"content\": str} objects")
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            return "'messages' must end with an assistant message that follows at least one other message"
+            bad("'messages' must end with an assistant message that follows at least one other message")
         prompt, completion = messages[:-1], messages[-1]["content"]
     else:
         missing = [k for k in ("prompt", "completion") if k not in row]
         if missing:
-            return f"missing field {missing[0]!r} (each line needs 'prompt' and 'completion', or 'messages')"
+            bad(f"missing field {missing[0]!r} (each line needs 'prompt' and 'completion', or 'messages')")
         prompt, completion = row["prompt"], row["completion"]
-        if not isinstance(prompt, str) and not _is_messages(prompt):
-            return "'prompt' must be a string or a list of {\"role\": str, \"content\": str} messages"
-        if _is_messages(completion) and len(completion) == 1 and completion[0]["role"] == "assistant":
+        if not isinstance(prompt, str) and not rlvr_rewards.is_messages(prompt):
+            bad("'prompt' must be a string or a list of {\"role\": str, \"content\": str} messages")
+        if rlvr_rewards.is_messages(completion) and len(completion) == 1 and completion[0]["role"] == "assistant":
             completion = completion[0]["content"]  # TRL's conversational prompt-completion form
         if not isinstance(completion, str):
-            return f"'completion' must be a string, got {type(completion).__name__}"
+            bad(f"'completion' must be a string, got {type(completion).__name__}")
     return {"prompt": prompt, "completion": completion, "answer": row.get("answer")}
-
-
-def load_jsonl(path: str) -> list[dict]:
-    """Rows {prompt, completion, answer} of a JSONL file; a malformed line raises ValueError naming the file,
-    the line number and what is wrong, before any training starts."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Dataset file {path!r} does not exist (or use --dataset toy / arithmetic).")
-    rows = []
-    with open(path, "rb") as f:  # bytes, decoded line by line, so that bad UTF-8 is reported with its line
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
-                if not line.strip():
-                    continue
-                row = normalize_row(json.loads(line))
-            except UnicodeDecodeError as error:
-                row = (f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte column {error.start + 1}); "
-                       "save the file as UTF-8")
-            except json.JSONDecodeError as error:
-                row = f"not valid JSON ({error.msg} at column {error.colno})"
-            except RecursionError:
-                row = "JSON nested too deeply to parse"
-            if isinstance(row, str):
-                raise ValueError(f"{path}, line {number}: {row}.")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} has no rows.")
-    return rows
 
 
 def load_data(args: Args) -> tuple[list[dict], list[dict]]:
@@ -443,9 +386,9 @@ def load_data(args: Args) -> tuple[list[dict], list[dict]]:
         only = args.dataset == "arithmetic"
         return (toy_corpus(args.num_examples, args.seed, "train", only),
                 toy_corpus(args.eval_size, args.seed, "test", only))
-    rows = load_jsonl(args.dataset)
+    rows = rlvr_rewards.read_jsonl(args.dataset, sft_row)
     if args.eval_dataset:
-        return rows, load_jsonl(args.eval_dataset)
+        return rows, rlvr_rewards.read_jsonl(args.eval_dataset, sft_row)
     order = random.Random(args.seed).sample(range(len(rows)), len(rows))
     held = set(order[:min(args.eval_size, len(rows) // 10)])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
@@ -466,34 +409,12 @@ def collate(examples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return input_ids, attention_mask, loss_mask
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """The dataset indices of step `step`'s batch: samples step*batch_size onward of the endless sequence made
-    of one seeded permutation per epoch. A function of the step alone, which makes resuming exact."""
-    first = step * batch_size
-    return [_epoch_order(n, seed, k // n)[k % n] for k in range(first, first + batch_size)]
-
-
 def completion_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor, num_tokens=None) -> torch.Tensor:
     """-sum(m * log pi) / num_tokens: the token-mean NLL over completion tokens (InstructGPT's SFT objective).
     logprobs, loss_mask: (B, T-1), aligned with the targets x_{t+1}; num_tokens defaults to loss_mask.sum()."""
     mask = loss_mask.to(logprobs.dtype)
     denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logprobs.dtype)
     return -(logprobs * mask).sum() / denom.clamp_min(1.0)
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """The learning-rate multiplier at a step: linear warmup, then cosine from 1 down to min_ratio."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -520,38 +441,28 @@ def load_or_init(args: Args, device: torch.device):
 @torch.no_grad()
 def evaluate(model, tokenizer, examples: list[dict], rows: list[dict], max_new_tokens: int,
              batch_size: int) -> dict:
-    """eval/loss on every held-out example; eval/accuracy (greedy) and eval/think_share on rows with an answer.
-    Each rank takes every world-th row; sums are all-reduced. Under FSDP every forward is a collective, so all
-    ranks run the same number of forwards and generate calls: a short share is topped up with rows not counted."""
-    rank, world = kernels.get_rank(), (torch.distributed.get_world_size() if kernels.is_distributed() else 1)
+    """eval/loss on every held-out example; on the rows with an answer, rlvr_rewards.evaluate's greedy metrics
+    (eval/accuracy, eval/response_length, eval/reasoning_share). Each rank takes every world-th example; under FSDP
+    every forward is a collective, so a short share is topped up with examples that are not counted."""
+    rank, world = kernels.get_rank(), kernels.get_world_size()
     device = next(kernels.unwrap(model).parameters()).device
     model.eval()
-    mine = list(range(rank, len(examples), world))
-    sums = torch.zeros(5, dtype=torch.float64)  # loss sum, tokens, correct, answered, reasoning
-    # ---- eval/loss: the completion NLL; the filler rows have no loss_mask, so they add nothing ----
-    share = [examples[i] for i in mine]
-    share += [{"input_ids": examples[0]["input_ids"]}] * (math.ceil(len(examples) / world) - len(share))
+    share = examples[rank::world]
+    share += [{"input_ids": examples[0]["input_ids"]}] * (math.ceil(len(examples) / world) - len(share))  # no loss_mask
+    sums = torch.zeros(2, dtype=torch.float64)  # completion NLL, completion tokens
     for start in range(0, len(share), batch_size):
         input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(share[start:start + batch_size],
                                                                               tokenizer.pad_token_id))
         logprobs = kernels.token_logprobs(model, input_ids, attention_mask)  # (B, T-1)
-        sums[0] += -(logprobs * loss_mask[:, 1:]).sum().item()
-        sums[1] += loss_mask[:, 1:].sum().item()
-    # ---- eval/accuracy: greedy completions of the rows with an answer, as many prompts on every rank ----
-    answered = [rows[i] for i in mine if rows[i].get("answer") is not None]
-    num_prompts = kernels.all_reduce_max(len(answered))
-    if num_prompts:
-        prompts = [r["prompt"] for r in answered] + [rows[0]["prompt"]] * (num_prompts - len(answered))
-        completions = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                           batch_size=batch_size)[:len(answered)]  # the filler's are dropped
-        rewards = rlvr_rewards.accuracy_reward(completions, answer=[r["answer"] for r in answered])
-        sums[2:] += torch.tensor([sum(r or 0.0 for r in rewards), len(answered),
-                                  sum(is_reasoning(c) for c in completions)], dtype=torch.float64)
+        sums += torch.tensor([-(logprobs * loss_mask[:, 1:]).sum().item(), loss_mask[:, 1:].sum().item()],
+                             dtype=torch.float64)
     sums = kernels.all_reduce_sum(sums)
-    model.train()
     metrics = {"eval/loss": (sums[0] / sums[1].clamp_min(1)).item()}
-    if sums[3] > 0:
-        metrics.update({"eval/accuracy": (sums[2] / sums[3]).item(), "eval/think_share": (sums[4] / sums[3]).item()})
+    answered = [r for r in rows if r.get("answer") is not None]
+    if answered:  # the same list on every rank: rlvr_rewards.evaluate shards it
+        metrics.update(rlvr_rewards.evaluate(model, tokenizer, answered, max_new_tokens=max_new_tokens,
+                                             template="plain", batch_size=batch_size))
+    model.train()
     return metrics
 
 
@@ -564,8 +475,9 @@ def export_model(final_dir: str, export_dir: str):
     os.replace(tmp, export_dir)
 
 
-def main(args: Args) -> dict:
-    """Train; returns the last metrics (train/, eval/ and, for built-in data, toy/) with out_dir and final_dir."""
+def main(args: Args) -> kernels.RunResult:
+    """Train; returns the out dir, final/ and the held-out metrics before and after (eval/, and for the built-in
+    data the toy world's numbers, toy/)."""
     t0 = time.time()
     transformers.utils.logging.disable_progress_bar()  # checkpoint saves would draw bars inside ours
     dist_info = kernels.init_distributed(args.device)
@@ -589,8 +501,8 @@ def main(args: Args) -> dict:
     model = kernels.wrap_model(model, args.strategy, device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, total_steps,
-                                                                           args.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kernels.warmup_schedule(args.warmup_steps, total_steps,
+                                                                                      args.min_lr_ratio))
     start_step = 0
     checkpoint = kernels.latest_checkpoint(args.out_dir) if args.resume else None
     if checkpoint:
@@ -606,14 +518,21 @@ def main(args: Args) -> dict:
         return kernels.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler, name=name,
                                        extra={"samples_seen": step * args.batch_size})
 
-    metrics, step = {}, start_step
+    def run_eval() -> dict:
+        return evaluate(model, tokenizer, held_out, eval_rows, args.max_new_tokens, args.batch_size)
+
+    metrics, step, before = {}, start_step, {}
+    if held_out and args.eval_every and start_step == 0:
+        before = run_eval()
+        logger.log(0, before)
     with kernels.StopSignal() as stop:
         bar = tqdm(range(start_step, total_steps), desc="sft", disable=not dist_info.is_main, dynamic_ncols=True)
         for step in bar:
             # ---- one optimizer step: this rank's share of the batch, in micro-batches ----
             tick = time.perf_counter()
             # Sorted by length, so each micro-batch pads to similar lengths (short direct answers together).
-            batch = sorted((train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)),
+            batch = sorted((train[i] for i in kernels.stream_indices(step * args.batch_size, args.batch_size,
+                                                                      len(train), args.seed)),
                            key=lambda e: len(e["input_ids"]))
             mine = batch[dist_info.rank::world]
             num_tokens = sum(sum(e["loss_mask"][1:]) for e in batch)  # the whole batch's target tokens
@@ -638,7 +557,7 @@ def main(args: Args) -> dict:
                        "perf/tokens_per_s": sum(len(e["input_ids"]) for e in batch) / (time.perf_counter() - tick)}
             done = step + 1
             if held_out and (args.eval_every and done % args.eval_every == 0 or done == total_steps):
-                metrics.update(evaluate(model, tokenizer, held_out, eval_rows, args.max_new_tokens, args.batch_size))
+                metrics.update(run_eval())
             logger.log(done, metrics)
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", **(
                 {"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
@@ -648,7 +567,7 @@ def main(args: Args) -> dict:
                 save(done)
                 kernels.print0(f"Stopped at step {done}; resume with --resume --out-dir {args.out_dir}.")
                 logger.close()
-                return {**metrics, "out_dir": args.out_dir, "stopped": True}
+                return kernels.RunResult(args.out_dir, None, before, {}, done, time.time() - t0)
         bar.close()
 
     # ---- the final model, and for the built-in tasks the toy world's numbers ----
@@ -681,12 +600,15 @@ def main(args: Args) -> dict:
         print(f"Exported the final model to {export_dir}")
     kernels.barrier()
     logger.close()
+    if dist_info.is_main:
+        kernels.plot_metrics(args.out_dir, [
+            ("loss", [("train/loss", "train"), ("eval/loss", "held-out")], "completion NLL per token"),
+            ("held-out (greedy)", [("eval/accuracy", "accuracy"), ("eval/reasoning_share", "reasoning share")],
+             "share")], title=f"sft.py --model {args.model or args.init_from_config} --dataset {args.dataset}")
     kernels.print0(f"Done in {time.time() - t0:.0f} s; final model in {final_dir}")
-    return {**metrics, "out_dir": args.out_dir, "final_dir": final_dir, "export_dir": export_dir,
-            "wall_s": time.time() - t0}
+    after = {k: v for k, v in metrics.items() if k.startswith(("eval/", "toy/"))}
+    return kernels.RunResult(args.out_dir, final_dir, before, after, None, time.time() - t0)
 
-
-train_sft = main
 
 if __name__ == "__main__":
     main(tyro.cli(Args))

@@ -94,7 +94,7 @@ def main(args: Args):
         for repeat in range(args.repeats + 1):
             for budget in args.budgets:
                 run_args = grpo.Args(micro_batch_tokens=budget)
-                parts = grpo.micro_batches(run_args, batch)
+                parts = kernels.micro_batches(batch, budget)
                 shape[budget] = (len(parts), sum(p["prompt_ids"].numel() + p["tokens"].numel() for _, p in parts))
                 state = {"skipped": 0, "nan_streak": 0}
                 grpo.update(run_args, model, optimizer, scheduler, batch, state)  # untimed: same shapes, warm

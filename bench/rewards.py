@@ -12,6 +12,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlvr_rewards as R  # noqa: E402
+import sandbox  # noqa: E402
 
 
 def timed(fn, *args, **kwargs):
@@ -44,7 +45,7 @@ def main():
     tests = [r["tests"] for r in code_rows]
 
     _, pool_start = timed(R.accuracy_reward, ["\\boxed{\\frac{1}{2}}"], ["0.5"])  # starts the math-verify workers
-    _, probe = timed(R._probe_sandbox)
+    _, probe = timed(sandbox._probe_sandbox)
     cases = [
         ("accuracy_reward", "numbers (fast path)", lambda: R.accuracy_reward(numeric, numeric_gold)),
         ("accuracy_reward", "LaTeX (math-verify)", lambda: R.accuracy_reward(latex, latex_gold)),
@@ -52,8 +53,8 @@ def main():
         ("code_reward", f"4 asserts, workers={args.workers or min(32, 4 * os.cpu_count())}",
          lambda: R.code_reward(code, tests, max_workers=args.workers)),
     ]
-    print(f"CPUs: {os.cpu_count()}   math-verify workers: {len(R._MATH_WORKERS)} (start {pool_start:.2f} s)   "
-          f"sandbox: {R._probe_sandbox()} (probe {probe:.2f} s)\n")
+    print(f"CPUs: {os.cpu_count()}   math-verify workers: {len(sandbox._math_pool()[0])} (start {pool_start:.2f} s)   "
+          f"sandbox: {sandbox._probe_sandbox()} (probe {probe:.2f} s)\n")
     print(f"| {'reward':<16} | {'case':<26} | {'samples':>7} | {'seconds':>8} | {'samples/s':>10} |")
     print(f"|{'-' * 18}|{'-' * 28}|{'-' * 9}|{'-' * 10}|{'-' * 12}|")
     for name, case, run in cases:

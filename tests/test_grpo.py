@@ -13,6 +13,7 @@ from conftest import ROOT
 
 import grpo
 import kernels as K
+import rlvr_rewards as R
 
 
 @pytest.fixture(scope="session")
@@ -91,21 +92,26 @@ def test_reinforce_pp_advantages_by_hand():
 
 
 def test_presets_set_their_papers_switches():
-    """Each preset sets the switches of its paper, and a flag the user passed wins over the preset."""
-    dapo = grpo.apply_preset(grpo.Args(preset="dapo"))
+    """Each preset sets the switches of its paper, and a value the user passed wins over the preset, from Python
+    as on the command line (Args(preset="dapo", clip_high=0.2) keeps 0.2, the plain default)."""
+    dapo = grpo.Args(preset="dapo")
     assert (dapo.clip_low, dapo.clip_high, dapo.loss_agg, dapo.dynamic_sampling, dapo.overlong_filter,
             dapo.soft_overlong, dapo.kl_coef) == (0.2, 0.28, "token-mean", True, True, True, 0.0)
-    dr = grpo.apply_preset(grpo.Args(preset="dr_grpo"))
+    dr = grpo.Args(preset="dr_grpo")
     assert (dr.advantage, dr.loss_agg) == ("mean", "seq-mean-token-sum-norm")
-    gspo = grpo.apply_preset(grpo.Args(preset="gspo"))
+    gspo = grpo.Args(preset="gspo")
     assert (gspo.ratio_level, gspo.clip_low, gspo.clip_high) == ("sequence", 3e-4, 4e-4)
-    assert grpo.apply_preset(grpo.Args(preset="rloo")).advantage == "rloo"
-    rpp = grpo.apply_preset(grpo.Args(preset="reinforce_pp"))
+    assert grpo.Args(preset="rloo").advantage == "rloo"
+    rpp = grpo.Args(preset="reinforce_pp")
     assert (rpp.advantage, rpp.kl_in_reward, rpp.kl_estimator) == ("batch", True, "k1") and rpp.kl_coef > 0
-    g = grpo.apply_preset(grpo.Args(preset="grpo"))
+    g = grpo.Args(preset="grpo")
     assert (g.advantage, g.loss_agg, g.clip_low, g.clip_high, g.kl_coef) == ("group", "seq-mean-token-mean",
                                                                               0.2, 0.2, 0.0)
-    assert grpo.apply_preset(grpo.Args(preset="dapo", clip_high=0.3)).clip_high == 0.3
+    assert grpo.Args(preset="dapo", clip_high=0.3).clip_high == 0.3
+    assert grpo.Args(preset="dapo", clip_high=0.2).clip_high == 0.2  # equal to the plain default, and still wins
+    assert grpo.Args(preset="dapo", dynamic_sampling=False) == grpo.cli(["--preset", "dapo", "--no-dynamic-sampling"])
+    with pytest.raises(ValueError, match="Unknown preset"):
+        grpo.Args(preset="ppo")
 
 
 def test_impossible_settings_fail_before_any_compute(tmp_path):
@@ -146,7 +152,7 @@ def test_a_rank_without_loss_tokens_reports_every_metric():
     assert math.isnan(stats["train/ratio_max"]) and stats["train/loss"] == 0.0
 
 
-@pytest.mark.parametrize("bad, why", [(b'{"prompt": "caf\xff"}', "not UTF-8"), (b"[" * 100_000, "nested too deeply"),
+@pytest.mark.parametrize("bad, why", [(b'{"prompt": "caf\xff"}', "not valid UTF-8"), (b"[" * 100_000, "nested too deeply"),
                                       (b'{"prompt": [{"content": "hi"}]}', "list of messages"),
                                       (b'{"prompt": 3}', "string or a non-empty list")])
 def test_malformed_jsonl_lines_are_named(bad, why, tmp_path):
@@ -154,7 +160,7 @@ def test_malformed_jsonl_lines_are_named(bad, why, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_bytes(json.dumps({"prompt": "1+1", "answer": "2"}).encode() + b"\n\n" + bad + b"\n")
     with pytest.raises(ValueError, match=f"line 3: .*{why}"):
-        grpo.load_rows(str(data), "train", 10, 0)
+        R.load_prompts(str(data), "train", 10, 0)
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
@@ -178,14 +184,14 @@ def test_length_sorted_micro_batches_give_the_whole_batch_gradient(loss_agg, num
         args = grpo.Args(micro_batch_tokens=budget, loss_agg=loss_agg, num_iterations=num_iterations,
                          max_new_tokens=N, max_grad_norm=1e9)
         model = tiny_causal_lm().train()
-        assert len(grpo.micro_batches(args, batch)) == (1 if budget == 0 else 4)
+        assert len(K.micro_batches(batch, budget)) == (1 if budget == 0 else 4)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights; update leaves the last .grad
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         stats = grpo.update(args, model, opt, sched, batch, {"skipped": 0, "nan_streak": 0})
         results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
         if num_iterations == 2:
-            old = grpo.rollout_logprobs(args, model, batch)
-            ref, _ = grpo.per_token_forward(model, batch, args, with_entropy=True)
+            old = K.rollout_logprobs(model, batch, max_tokens=budget)
+            ref = K.completion_logprobs(model, batch)
             assert torch.allclose(old * mask, ref * mask, atol=1e-5)
     (s0, g0), (s1, g1) = results
     assert s0.keys() == s1.keys()
@@ -226,15 +232,13 @@ def test_command_line_flags_beat_the_preset_even_at_plain_defaults():
                                                                                             True)
     dr = grpo.cli(["--preset=dr_grpo", "--loss-agg", "seq-mean-token-mean"])
     assert (dr.loss_agg, dr.advantage) == ("seq-mean-token-mean", "mean")
-    assert grpo.cli([]) == grpo.apply_preset(grpo.Args())
+    assert grpo.cli([]) == grpo.Args()
 
 
 @pytest.mark.parametrize("task", ["arithmetic", "countdown", "code"])
 def test_correctness_uses_the_tasks_own_verifier(task):
     """Accuracy metrics judge a countdown answer by its expression and code by its tests, not by string equality
     with the row's `answer` field; the same verdicts whether or not the task reward is among the rewards."""
-    import rlvr_rewards as R
-
     row = R.make_dataset(task, split="test", n=1, seed=0)[0]
     if task == "countdown":
         row = dict(row, numbers=[12, 12, 1], target=25, answer="12+12+1")
@@ -244,11 +248,10 @@ def test_correctness_uses_the_tasks_own_verifier(task):
     else:
         good, bad = f"<answer>{row['answer']}</answer>", "<answer>-1</answer>"
     rows = [row, row]
-    _, _, alone = grpo.score([], [], [good, bad], rows)
-    assert alone == [True, False]
+    assert R.verify([good, bad], rows) == [True, False]
     fn = R.TASK_REWARDS[task]
-    _, _, with_task = grpo.score([("task", fn)], [1.0], [good, bad], rows)
-    assert with_task == [True, False]
+    rollout = R.Rollout(None, None, None, [good, bad], rows)
+    assert R.score(rollout, [("task", fn)], [1.0]).correct == [True, False]
 
 
 # ---------------------------------------------------------------------------------------------------------

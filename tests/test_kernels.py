@@ -477,3 +477,49 @@ def test_keyed_sampling_is_batch_invariant_and_exponential():
     assert 0 <= u.min() and u.max() < 1
     assert torch.allclose(torch.histc(u.float(), 10, 0, 1) / len(u), torch.full((10,), 0.1), atol=0.01)
     assert abs(torch.corrcoef(torch.stack([u, K.keyed_uniform(torch.arange(20000), 4)]))[0, 1]) < 0.03
+
+
+def test_stream_order_is_one_shuffle_per_epoch_made_once(monkeypatch):
+    """stream_indices reads the seeded randperm of each epoch at the stream's positions, across epoch boundaries,
+    drawing each epoch's permutation once, not once per sample; every epoch is a permutation of the rows."""
+    n, seed = 10, 3
+
+    def reference(position):  # the per-sample definition
+        epoch, index = divmod(position, n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[index].item()
+
+    expected = [reference(p) for p in range(32)]   # epochs 0-3
+    K._EPOCH_CACHE.clear()
+    calls, randperm = [], torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a[0]) or randperm(*a, **k))
+    assert sum((K.stream_indices(start, 4, n, seed) for start in range(0, 32, 4)), []) == expected
+    assert calls == [n] * 4                                             # one permutation per epoch
+    assert sorted(expected[:10]) == sorted(expected[10:20]) == list(range(10)) and expected[:10] != expected[10:20]
+
+
+def test_toy_model_is_built_by_one_rank_while_the_others_wait(monkeypatch, tmp_path):
+    """resolve_model_path("toy") under torchrun when toy/base is missing: only rank 0 builds it (python sft.py, in
+    a process of its own); every rank waits at a barrier and then uses the same directory."""
+    events = []
+    monkeypatch.setattr(K, "TOY_BASE", str(tmp_path / "missing"))
+    monkeypatch.setattr(K, "barrier", lambda: events.append("barrier"))
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: events.append(("build", cmd[1].endswith("sft.py"))))
+    for rank, expected in ((0, [("build", True), "barrier"]), (1, ["barrier"])):
+        events.clear()
+        monkeypatch.setattr(K, "get_rank", lambda: rank)
+        assert K.resolve_model_path("toy") == str(tmp_path / "missing")
+        assert events == expected
+    assert K.resolve_model_path("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+
+
+def test_warmup_schedule():
+    """Linear warmup to 1, then constant (min_ratio 1) or cosine down to min_ratio at total_steps."""
+    constant = K.warmup_schedule(4)
+    assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = K.warmup_schedule(2, 10, 0.1)
+    assert [cosine(0), cosine(1), cosine(2)] == [0.5, 1.0, 1.0]
+    assert cosine(6) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert cosine(10) == pytest.approx(0.1) and cosine(50) == pytest.approx(0.1)
+    assert K.warmup_schedule(0)(0) == 1.0

@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -188,50 +187,6 @@ def test_jsonl_pairs_rankings_margins_and_chat_messages(tmp_path):
     assert R.render(tokenizer, "r", "good", "Q: {prompt} A: {completion}") == "Q: r A: good"
     chat = R.render(tokenizer, "r", "good", "chat")
     assert chat.endswith("good") and "r" in chat and chat != "rgood"
-
-
-def test_batch_order_is_one_shuffle_per_epoch_made_once(monkeypatch):
-    """batch_for_step gives the order it always gave (the seeded randperm of each epoch, read at the step's
-    positions, across epoch boundaries) and draws each epoch's permutation once, not once per sample."""
-    pairs = [{"id": i} for i in range(10)]
-
-    def reference(step, batch_size, seed):  # the per-sample version this replaced
-        out = []
-        for position in range((step - 1) * batch_size, step * batch_size):
-            epoch, index = divmod(position, len(pairs))
-            out.append(pairs[torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 100003
-                                                                                                 + epoch))[index]])
-        return out
-
-    expected = [reference(step, 4, seed=3) for step in range(1, 9)]   # 32 samples: epochs 0-3
-    R.epoch_order.cache_clear()
-    calls, randperm = [], torch.randperm
-    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a[0]) or randperm(*a, **k))
-    assert [R.batch_for_step(pairs, step, 4, seed=3) for step in range(1, 9)] == expected
-    assert calls == [10] * 4                                             # one permutation per epoch
-    seen = [p["id"] for step in range(1, 6) for p in R.batch_for_step(pairs, step, 4, seed=3)]
-    assert sorted(seen[:10]) == sorted(seen[10:20]) == list(range(10)) and seen[:10] != seen[10:20]
-
-
-def test_toy_backbone_is_built_by_one_rank_while_the_others_wait(monkeypatch):
-    """load_reward_model("toy") under torchrun: only rank 0 runs sft.ensure_toy_model (which may build toy/base);
-    every rank then waits at a barrier and loads sft.TOY_BASE, so N ranks never start N builds."""
-    import sft
-
-    events = []
-
-    def load_model(path, **kwargs):   # a stand-in with what load_reward_model touches
-        events.append(path)
-        return SimpleNamespace(score=None, config=SimpleNamespace()), SimpleNamespace(pad_token_id=0)
-
-    monkeypatch.setattr(sft, "ensure_toy_model", lambda: events.append("build") or sft.TOY_BASE)
-    monkeypatch.setattr(R, "barrier", lambda: events.append("barrier"))
-    monkeypatch.setattr(R, "load_model", load_model)
-    for rank, expected in ((0, ["build", "barrier", sft.TOY_BASE]), (1, ["barrier", sft.TOY_BASE])):
-        events.clear()
-        monkeypatch.setattr(R, "get_rank", lambda: rank)
-        R.load_reward_model("toy")
-        assert events == expected
 
 
 def test_toy_pairs_cover_three_preferences_and_chosen_is_correct_and_well_formed():

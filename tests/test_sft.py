@@ -164,11 +164,11 @@ def test_undecodable_or_too_deeply_nested_lines_name_file_and_line(tmp_path):
         path = tmp_path / f"{name}.jsonl"
         path.write_bytes(good + bad + good)
         with pytest.raises(ValueError) as error:
-            sft.load_jsonl(str(path))
+            rlvr_rewards.read_jsonl(str(path), sft.sft_row)
         assert f"{path}, {message}" in str(error.value)
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "2\u00d73 ≈", "completion": "6"}\n'.encode())
-    assert sft.load_jsonl(str(path))[0]["prompt"] == "2×3 ≈"
+    assert rlvr_rewards.read_jsonl(str(path), sft.sft_row)[0]["prompt"] == "2×3 ≈"
 
 
 def test_jsonl_accepts_prompt_completion_messages_and_conversational_forms(tmp_path):
@@ -177,26 +177,9 @@ def test_jsonl_accepts_prompt_completion_messages_and_conversational_forms(tmp_p
         {"prompt": "1+1", "completion": "2", "answer": "2"}, "",
         {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]},
         {"prompt": [{"role": "user", "content": "3+3"}], "completion": [{"role": "assistant", "content": "6"}]}])
-    rows = sft.load_jsonl(path)
+    rows = rlvr_rewards.read_jsonl(path, sft.sft_row)
     assert [r["completion"] for r in rows] == ["2", "4", "6"]
     assert rows[0]["answer"] == "2" and rows[1]["prompt"] == [{"role": "user", "content": "2+2"}]
-
-
-def test_batch_order_is_a_permutation_per_epoch_and_a_function_of_the_step():
-    """Each epoch visits every example once; the same step always gives the same batch."""
-    n, bs = 10, 4
-    seen = [i for step in range(5) for i in sft.batch_indices(step, bs, n, seed=3)]  # 20 samples = 2 epochs
-    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
-    assert seen[:10] != seen[10:]
-    assert sft.batch_indices(3, bs, n, seed=3) == seen[12:16]
-
-
-def test_warmup_cosine_schedule():
-    """Linear warmup to 1, then a cosine down to min_ratio at the last step."""
-    factor = sft.warmup_cosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
-    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert factor(9) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert factor(14) == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------------------------------------- the toy world
@@ -248,7 +231,7 @@ def test_committed_toy_base_loads_and_meets_its_targets():
     greedy accuracy re-measured here agrees with the stored one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = sft.ensure_toy_model()  # present, so nothing is built
+    path = kernels.resolve_model_path("toy")  # present, so nothing is built
     assert path == sft.TOY_BASE and os.path.exists(os.path.join(path, "config.json"))
     size_mb = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
     assert size_mb < 10
@@ -281,9 +264,10 @@ def test_two_step_run_writes_args_metrics_and_a_loadable_checkpoint(tmp_path):
     out = args.out_dir
     assert json.load(open(os.path.join(out, "args.json")))["max_steps"] == 2
     metrics = kernels.read_metrics(out)
-    assert [m["step"] for m in metrics] == [1, 2]
+    assert [m["step"] for m in metrics] == [0, 1, 2]  # step 0: the held-out metrics before training
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/accuracy"} <= set(metrics[-1])
-    assert result["train/loss"] == metrics[-1]["train/loss"] and result["final_dir"].endswith("final")
+    assert result.after["eval/loss"] == metrics[-1]["eval/loss"] and result.final_dir.endswith("final")
+    assert result.before["eval/loss"] == metrics[0]["eval/loss"] != result.after["eval/loss"]
     for name in ("checkpoint-2", "final"):
         model = AutoModelForCausalLM.from_pretrained(os.path.join(out, name))
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, name))
@@ -308,20 +292,20 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels.StopSignal, "should_stop", stop_after_two_steps)
     interrupted = sft.main(tiny_args(tmp_path, dataset=data, out_dir=str(tmp_path / "resumed"), max_steps=4,
                                      save_every=0, eval_every=0))
-    assert interrupted.get("stopped") and kernels.latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-2")
+    assert interrupted.stopped_at == 2 and kernels.latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-2")
     resumed = sft.main(tiny_args(tmp_path, dataset=data, out_dir=str(tmp_path / "resumed"), max_steps=4,
                                  save_every=0, eval_every=0, resume=True))
-    a = load_file(os.path.join(straight["final_dir"], "model.safetensors"))
-    b = load_file(os.path.join(resumed["final_dir"], "model.safetensors"))
+    a = load_file(os.path.join(straight.final_dir, "model.safetensors"))
+    b = load_file(os.path.join(resumed.final_dir, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [[m["train/loss"] for m in kernels.read_metrics(d) if "train/loss" in m]
-              for d in (straight["out_dir"], resumed["out_dir"])]
+              for d in (straight.out_dir, resumed.out_dir)]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
 
 
 def test_evaluate_runs_as_many_generate_calls_as_the_busiest_rank(monkeypatch):
-    """evaluate tops its answered prompts up to the count the ranks agree on (kernels.all_reduce_max), so FSDP ranks
-    run the same number of generate calls whatever their share of answers; the filler changes no metric."""
+    """evaluate shares the answered prompts out over the ranks, the short shares topped up, so FSDP ranks run the
+    same number of generate calls whatever their share of answers; the filler changes no metric."""
     model, tokenizer = kernels.load_model(sft.TOY_BASE, device="cpu", dtype="float32")
     problems = rlvr_rewards.make_dataset("arithmetic", split="test", n=5, seed=1)
     rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "completion": f"<answer>{p['answer']}</answer>",
@@ -333,11 +317,13 @@ def test_evaluate_runs_as_many_generate_calls_as_the_busiest_rank(monkeypatch):
     alone = sft.evaluate(model, tokenizer, examples, rows, max_new_tokens=24, batch_size=2)
     assert batch_sizes == [2, 1]
     batch_sizes.clear()
-    monkeypatch.setattr(kernels, "all_reduce_max", lambda value: 7)  # as if another rank had 7 answered rows
+    monkeypatch.setattr(kernels, "get_world_size", lambda: 2)  # as rank 0 of 2: rows 0 and 2 of the 3 answered
+    monkeypatch.setattr(kernels, "all_reduce_sum", lambda t: t)
     busy = sft.evaluate(model, tokenizer, examples, rows, max_new_tokens=24, batch_size=2)
-    assert batch_sizes == [2, 2, 2, 1]
-    assert busy.keys() == alone.keys() == {"eval/loss", "eval/accuracy", "eval/think_share"}
-    assert all(busy[k] == pytest.approx(alone[k], abs=1e-6) for k in alone)
+    assert batch_sizes == [2]  # rank 1 (one answered row) would run one call of 2 rows too: its row and a filler
+    assert busy.keys() == alone.keys() == {"eval/loss", "eval/accuracy", "eval/reasoning_share",
+                                           "eval/response_length"}
+
 
 
 def test_help_lists_the_shared_flags():
@@ -402,6 +388,6 @@ def test_torchrun_fsdp_evaluation_with_uneven_answers_matches_one_process(tmp_pa
                        grad_accum=2, lr=1e-6, eval_every=0, save_every=0, max_new_tokens=24,
                        out_dir=str(tmp_path / "one")))
     last = {d: kernels.read_metrics(str(tmp_path / d))[-1] for d in ("one", "two")}
-    keys = {"eval/loss", "eval/accuracy", "eval/think_share"}
+    keys = {"eval/loss", "eval/accuracy", "eval/reasoning_share"}
     assert keys <= set(last["one"]) and keys <= set(last["two"])
     assert all(last["two"][k] == pytest.approx(last["one"][k], abs=1e-5) for k in keys)
