@@ -20,10 +20,14 @@ Rewards (y a completion, |y| its length, 1[c] = 1 if its answer is correct else 
                          unparseable 0} (DeepSeek-R1), signed {+1, -1, -1} (DAPO), logic_rl {+2, -1.5, -2}
                          (Logic-RL). Two plain numbers are compared as Fractions without math-verify (same
                          verdicts, hundreds of times faster); the rest go to math-verify worker processes with a
-                         timeout per sample (a timeout counts as wrong).
+                         timeout per sample (a timeout counts as wrong). A price is its number (\\$18.90, $ 5,
+                         5 dollars). A gold in words ("forty two", "Paris": letters, spaces, hyphens, a word of 3+
+                         letters), or one math-verify cannot parse, is compared as text, case and spacing aside
+                         (math-verify would read words as products of letters, so "two forty" = "forty two").
+                         A \\boxed{} inside <think> counts when it is the last box and there is no <answer> block.
   format_reward          R1 template <think>…</think><answer>…</answer>: 1 if it holds else 0. strict: exactly one
-                         think block then one answer block, only whitespace around; soft: a think block
-                         followed anywhere later by an answer block.
+                         think block then one answer block, only whitespace around (newlines optional, nothing
+                         after </answer>); soft: a think block followed anywhere later by an answer block.
   tag_count_reward       0.25 for each of the four tags that appears exactly once.
   code_reward            the fraction of test statements that pass when run after the completion's code in the
                          sandbox below (1 or 0 with all_or_nothing=True).
@@ -35,12 +39,14 @@ Rewards (y a completion, |y| its length, 1[c] = 1 if its answer is correct else 
                          correct → λ_i, wrong → min(0, λ_i); 0 when the group's lengths are all equal (Kimi k1.5)
   cosine_length_reward   CosFn(t, T, a, b) = a + ½(b - a)(1 + cos(πt/T)), t = |y|, T = max_length: correct from
                          2 at t=0 to 1 at T, wrong from -10 to 0, -10 past T (Demystifying Long CoT);
-                         COSINE_OPEN_R1 holds open-r1's correct 1→0.5, wrong -1→-0.5, T = 1000 characters.
+                         COSINE_OPEN_R1 holds open-r1's correct 1→0.5, wrong -1→-0.5, T = 1000 characters, held
+                         at the value of T past it (as TRL; open-r1's own climbs back up, cos being periodic).
   soft_overlong_reward   0 if |y| ≤ L_max - L_cache; ((L_max - L_cache) - |y|)/L_cache in the buffer; -1 past
                          L_max (DAPO: L_max 20480, L_cache 4096 tokens).
-  repetition_penalty     (1 - unique n-grams / n-grams)·p_max, p_max ≤ 0, over whitespace words; n = 3,
+  repetition_penalty     (1 - unique n-grams / n-grams)·p_max, p_max ≤ 0, 0.0 when nothing repeats; n = 3,
                          p_max = -1 (open-r1's recipe; Demystifying Long CoT used -0.05 per repeated token of
-                         40-grams).
+                         40-grams). Words: split on whitespace, a CJK or kana character one word, case-sensitive
+                         as tokens are (open-r1 lowercases and segments Chinese with jieba; TRL counts token ids).
   countdown_reward       1 if the answer expression uses only the given numbers, each at most once (TinyZero:
                          exactly once; use_all_numbers=True), with + - * / and parentheses, and equals the target
                          exactly; else 0 (TinyZero: 0.1 for a wrong but well-formed one). Parsed with ast, never eval'd.
@@ -50,6 +56,9 @@ or `completion_lengths=[...]` is (the trainer already knows its token counts: th
 combine_rewards([(fn, weight), ...], completions, **columns) sums weight·reward per sample, a None adding 0,
 and returns each reward's values by name for logging. On the command line a user's own reward is named
 `module:function` or `path/to/file.py:function` (load_reward_fn, get_reward), a built-in by its REWARDS key.
+
+tests/test_reward_conformance.py holds TRL's and open-r1's test cases and our edge cases as a table (their score,
+ours, and why they differ): TRL and open-r1 read only LaTeX answers and skip a gold math-verify cannot parse (None).
 
 The code sandbox and the math-verify worker processes live in sandbox.py, whose docstring states what
 they guarantee and what they do not.
@@ -135,9 +144,20 @@ def extract_answer(text: str, fallback_last_number: bool = False) -> str | None:
 _NUMBER = re.compile(r"([+-]?)(?:([0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(\.[0-9]*)?|(\.[0-9]+)|([0-9]+)/([0-9]+))\s*(\\?%)?")
 
 
+# A price: a dollar sign ($ or \$) before a plain number, or the word "dollars" after it. math-verify reads \$ as a
+# math delimiter and "dollars" as a product of variables, so \$18.90 would never equal 18.90.
+_PRICE = re.compile(r"(?P<sign>[+-]?)\s*(?P<dollar>\\?\$)?\s*(?P<number>[^\s$\\]+?)\s*(?P<word>dollars?)?",
+                    re.IGNORECASE)
+
+
 def _clean(answer: str) -> str:
-    """Drop what never changes an answer: outer spaces, surrounding $…$, a sentence's final period."""
-    return answer.strip().strip("$").strip().removesuffix(".").strip()
+    """Drop what never changes an answer: outer spaces, surrounding $…$, a sentence's final period, and the
+    currency of a price ("\\$1,000", "-$5", "5 dollars" → "1,000", "-5", "5": they compare as numbers)."""
+    answer = answer.strip().strip("$").strip().removesuffix(".").strip()
+    price = _PRICE.fullmatch(answer) if len(answer) <= 60 else None
+    if price and (price["dollar"] or price["word"]) and _plain_number(price["sign"] + price["number"]):
+        return price["sign"] + price["number"]
+    return answer
 
 
 def _plain_number(text: str) -> tuple[Fraction, bool, bool] | None:
@@ -173,7 +193,25 @@ def _numeric_verdict(pred: str, gold: str) -> bool | None:
 
 
 def _as_latex(answer: str) -> str:
-    return answer if "\\boxed" in answer or "$" in answer else "\\boxed{" + answer + "}"  # math-verify's anchor
+    delimited = "$" in answer.replace("\\$", "")  # an escaped \$ is a dollar sign, not a math delimiter
+    return answer if "\\boxed" in answer or delimited else "\\boxed{" + answer + "}"  # math-verify's anchor
+
+
+def _is_words(gold: str) -> bool:
+    """A gold written in words ("forty two", "Paris", "yes"): letters, spaces, hyphens and apostrophes, with a word
+    of three letters or more. math-verify would read it as a product of one-letter variables, under which
+    "two forty" equals "forty two"; "inf" and "infinity" are maths to it (∞) and stay with it."""
+    return (gold not in ("inf", "infinity") and re.fullmatch(r"[^\W\d_]+(?:[\s'’-]+[^\W\d_]+)*", gold) is not None
+            and re.search(r"[^\W\d_]{3}", gold) is not None)
+
+
+_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}")
+
+
+def _same_text(a: str, b: str) -> bool:
+    """Equal as text: case, runs of whitespace and \\text{…} wrappers aside."""
+    a, b = (" ".join(_TEXT_COMMAND.sub(r"\1", x).casefold().split()) for x in (a, b))
+    return a == b
 
 
 def _gold_text(gold) -> str | None:
@@ -199,6 +237,8 @@ def check_answers(completions: list[str], answer: list, *, timeout_s: float = 3.
             verdicts.append("unparseable")
         else:
             fast = _numeric_verdict(pred, gold)
+            if fast is None and _is_words(gold):  # words are not maths: the text decides
+                fast = _same_text(pred, gold)
             verdicts.append(None if fast is None else "correct" if fast else "wrong")
             if fast is None:
                 slow.append((len(verdicts) - 1, gold, pred))
@@ -207,7 +247,7 @@ def check_answers(completions: list[str], answer: list, *, timeout_s: float = 3.
         warnings.warn("math-verify is not importable: non-numeric answers are compared as text", RuntimeWarning)
     for (index, gold, pred), code in zip(slow, codes):
         if code in ("g", "x"):  # no maths to compare: the text itself decides
-            code = "1" if " ".join(gold.split()) == " ".join(pred.split()) else "0"
+            code = "1" if _same_text(gold, pred) else "0"
         verdicts[index] = {"1": "correct", "u": "unparseable"}.get(code, "wrong")
     return verdicts
 
@@ -380,16 +420,24 @@ def soft_overlong_reward(completions: list[str], *, max_length: int = 20480, cac
             for n in _lengths(completions, tokenizer, completion_lengths)]
 
 
+# Words for n-grams: split on whitespace, except that a CJK or kana character is a word of its own (those scripts
+# have no spaces, so a repeated Chinese sentence would otherwise be one word that never repeats). Case counts, as
+# it does for the paper's token n-grams.
+_NGRAM_WORD = re.compile(rf"[{_CJK}{_KANA}]|[^\s{_CJK}{_KANA}]+")
+
+
 def repetition_penalty_reward(completions: list[str], *, ngram_size: int = 3, max_penalty: float = -1.0,
                               **kwargs) -> list[float]:
-    """(1 - unique n-grams / n-grams)·max_penalty over whitespace-separated words; 0 under n words."""
+    """(1 - unique n-grams / n-grams)·max_penalty over words (whitespace-separated, a CJK character one word,
+    case-sensitive); 0.0 under n words or when nothing repeats."""
     if max_penalty > 0:
         raise ValueError(f"max_penalty must be ≤ 0 (it is a penalty), not {max_penalty}")
     rewards = []
     for text in completions:
-        words = text.split() if isinstance(text, str) else []
+        words = _NGRAM_WORD.findall(text) if isinstance(text, str) else []
         ngrams = [tuple(words[i : i + ngram_size]) for i in range(len(words) - ngram_size + 1)]
-        rewards.append((1 - len(set(ngrams)) / len(ngrams)) * max_penalty if ngrams else 0.0)
+        repeated = len(ngrams) - len(set(ngrams))
+        rewards.append(max_penalty * repeated / len(ngrams) if repeated else 0.0)  # not -0.0 when nothing repeats
     return rewards
 
 
