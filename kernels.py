@@ -53,7 +53,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -76,13 +78,28 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+class UserError(ValueError):
+    """A mistake the user can fix (a bad flag value, a missing file, malformed data, a used out-dir). A script's
+    command line prints `error: <the message>` and exits 2, with no traceback (RL_DEBUG=1 shows it); our own bugs
+    keep their tracebacks. The message is one sentence that says what to change."""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda (this rank's GPU under torchrun) when available, else cpu."""
+    """'auto' -> cuda (this rank's GPU under torchrun) when available, else cpu; 'cuda' without a GPU is an error."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; use auto, cpu or cuda.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                        f"CUDA {torch.version.cuda or 'not built in'}); use --device cpu or auto.")
+    if resolved.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: only cpu and cuda are supported; use auto, cpu or cuda.")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -94,7 +111,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             return torch.bfloat16
         return torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'.")
+        raise UserError(f"--dtype {dtype!r} is not a dtype; use one of {sorted(DTYPES)} or auto.")
     return DTYPES[dtype]
 
 
@@ -119,6 +136,54 @@ def resolve_model_path(name_or_path: str) -> str:
     return TOY_BASE
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the model hub's host accepts a TCP connection within timeout_s (name lookup included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=connect, daemon=True)  # a name lookup can hang past any socket timeout
+    worker.start()
+    worker.join(timeout_s)
+    return bool(result)
+
+
+def check_model_source(name_or_path: str, flag: str = "--model"):
+    """Fail fast, with one sentence, where transformers would print a long traceback or retry for a minute: a
+    local path that does not exist or is not a checkpoint, or a hub id that is neither cached nor reachable."""
+    if name_or_path == "toy":
+        return
+    if os.path.isdir(name_or_path):
+        if not os.path.exists(os.path.join(name_or_path, "config.json")):
+            raise UserError(f"{flag} {name_or_path}: the directory holds no config.json, so it is not a "
+                            "transformers checkpoint.")
+        return
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or os.path.exists(name_or_path):
+        raise UserError(f"{flag} {name_or_path!r}: no such directory; pass a local checkpoint directory, a hub id "
+                        "such as Qwen/Qwen2.5-0.5B-Instruct, or toy.")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return  # in the local cache: transformers will find it
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise UserError(f"{flag} {name_or_path}: not in the local hub cache and HF_HUB_OFFLINE is set; download it "
+                        "first or pass a local directory.")
+    if not _hub_reachable():
+        raise UserError(f"{flag} {name_or_path}: not in the local hub cache, and the model hub cannot be reached "
+                        "from here; pass a local directory (or set HF_HUB_OFFLINE=1 where it is cached).")
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "left"):
     """A tokenizer with left padding (generation appends on the right) and a pad token always set."""
     from transformers import AutoTokenizer
@@ -140,16 +205,18 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", d
     """Load (model, tokenizer) from a hub id, a local directory or "toy", through transformers' Auto classes."""
     from transformers import AutoModelForCausalLM
 
+    check_model_source(name_or_path)
     name_or_path = resolve_model_path(name_or_path)
-    if not os.path.isdir(name_or_path) and os.path.sep in name_or_path and not name_or_path.count("/") == 1:
-        raise FileNotFoundError(f"Model path {name_or_path!r} does not exist; pass a local directory or a hub id.")
     device = resolve_device(device) if isinstance(device, str) else device
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     model_class = model_class or AutoModelForCausalLM
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
-    model = model_class.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, device),
-                                        trust_remote_code=trust_remote_code, **model_kwargs)
+    try:
+        model = model_class.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, device),
+                                            trust_remote_code=trust_remote_code, **model_kwargs)
+    except OSError as error:  # transformers' "not a valid model identifier", a missing weights file, ...
+        raise UserError(f"--model {name_or_path}: {str(error).splitlines()[0]}") from error
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # only when we had to add a pad token
     if getattr(model.config, "pad_token_id", None) is None:
@@ -738,6 +805,24 @@ def fold_stats(total: dict, stats: dict, weight: torch.Tensor):
             total[k] = total.get(k, 0.0) + v * weight
 
 
+def guarded_step(model, optimizer, max_grad_norm: float, stats: dict) -> tuple[dict[str, float], bool]:
+    """Clip the gradient to max_grad_norm (0: no clipping) and take the optimizer step, unless the loss (stats["loss"]) or the
+    gradient norm is not finite on some rank: then the gradient is dropped on every rank (a skip on one rank only
+    would let the replicas drift apart). stats (0-d tensors) and the norm come back as floats in one host sync.
+    Returns (stats with grad_norm, stepped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    stats = {**stats, "grad_norm": grad_norm}
+    values = dict(zip(stats, torch.stack([torch.as_tensor(v).float().to(grad_norm.device)
+                                          for v in stats.values()]).tolist()))  # one host sync
+    finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+    if all_reduce_sum(torch.tensor(float(not finite))).item() > 0:
+        optimizer.zero_grad(set_to_none=True)
+        return values, False
+    optimizer.step()
+    return values, True
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. Masked reductions
 # ----------------------------------------------------------------------------------------------------------
@@ -796,8 +881,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group when launched by torchrun; a single process otherwise."""
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; a single process otherwise. timeout_s: how long
+    a collective waits for a stalled rank before it raises (the run then exits non-zero; its last checkpoint
+    stays, and --resume continues from it). torch's default is 30 minutes (10 under NCCL)."""
     dev = resolve_device(device)
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return DistInfo(device=dev)
@@ -806,7 +893,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        import datetime
+
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
@@ -1021,6 +1111,21 @@ def save_checkpoint(out_dir: str, step: int, model, tokenizer=None, optimizer=No
     """
     name = name or f"{CHECKPOINT_PREFIX}{step}"
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp-{name}")
+    try:
+        return _save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, extra, generators, name,
+                                keep_last, tensor_files, final, tmp)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written one; the previous checkpoints are untouched
+        previous = latest_checkpoint(out_dir)
+        raise UserError(f"The disk is full: writing the checkpoint {final} failed ({error.strerror}); "
+                        + (f"{previous} is intact, so free some space and rerun with --resume."
+                           if previous else "free some space and rerun.")) from error
+
+
+def _save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, extra, generators, name, keep_last,
+                     tensor_files, final, tmp) -> str:
     rank = get_rank()
     state_dict = full_state_dict(model)            # collective under FSDP
     optim_state = _optimizer_state(model, optimizer) if optimizer is not None else None
@@ -1064,8 +1169,19 @@ def list_checkpoints(out_dir: str) -> list[str]:
     return sorted(paths, key=lambda p: int(p.rsplit("-", 1)[-1]))
 
 
+def checkpoint_step(path: str) -> int:
+    """The step a complete checkpoint was saved at (final/ included)."""
+    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")["step"]
+
+
 def latest_checkpoint(out_dir: str) -> str | None:
+    """The newest complete checkpoint to resume from: the last checkpoint-STEP, or final/ when it is newer (a
+    finished run asked to train further starts from its final state)."""
     found = list_checkpoints(out_dir)
+    final = os.path.join(out_dir, "final")
+    if os.path.exists(os.path.join(final, "trainer_state.pt")) and (
+            not found or checkpoint_step(final) >= checkpoint_step(found[-1])):
+        return final
     return found[-1] if found else None
 
 
@@ -1189,39 +1305,57 @@ def save_args(out_dir: str, args) -> str:
     return path
 
 
+REPORTERS = ("none", "wandb", "tensorboard")
+
+
+def _read_jsonl_lenient(path: str) -> tuple[list[dict], int]:
+    """The objects of a JSONL file we wrote, and how many lines could not be read (a last line cut off by a kill or
+    a full disk must not make a run unresumable)."""
+    rows, bad = [], 0
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    rows.append(json.loads(raw))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    bad += raw.strip() != b""
+    return rows, bad
+
+
 class MetricsLogger:
-    """One JSON object per line in DIR/metrics.jsonl (rank 0 only), plus wandb / TensorBoard when asked for and
-    installed. On resume it drops lines from steps after the checkpoint, so the file reads as one run."""
+    """DIR/metrics.jsonl (one JSON object per line, rank 0 only) and DIR/samples.jsonl (a few completions per step,
+    with their prompt, rewards and advantage, so reward hacking can be read, not guessed), plus wandb and/or
+    TensorBoard (report_to). On resume it keeps the lines up to the checkpoint's step, so each file reads as one
+    run; a line it cannot read (cut off by a kill) is dropped with a note."""
 
     def __init__(self, out_dir: str, *, enabled: bool = True, resume_step: int | None = None,
-                 wandb_project: str | None = None, tensorboard: bool = False, config: dict | None = None):
+                 report_to: Sequence[str] = (), config: dict | None = None):
         self.enabled = enabled and get_rank() == 0
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(out_dir, "samples.jsonl")
         self._wandb = self._tb = None
         if not self.enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-        elif resume_step is None and os.path.exists(self.path):
-            os.remove(self.path)
-        if wandb_project:
-            try:
-                import wandb
+        for path in (self.path, self.samples_path):
+            if resume_step is None:
+                if os.path.exists(path):
+                    os.remove(path)
+                continue
+            rows, bad = _read_jsonl_lenient(path)
+            if bad:
+                print(f"{path}: dropped {bad} line(s) that could not be read (cut off when the run stopped).")
+            with open(path, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows if row.get("step", 0) <= resume_step)
+        if "wandb" in report_to:
+            import wandb  # checked by check_reporters before any model was loaded
 
-                self._wandb = wandb.init(project=wandb_project, config=config, dir=out_dir)
-            except ImportError:
-                print("wandb is not installed; logging to metrics.jsonl only.")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "rl-reasoning"), config=config,
+                                     dir=out_dir, name=os.path.basename(os.path.abspath(out_dir)))
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-            except ImportError:
-                print("tensorboard is not installed; logging to metrics.jsonl only.")
+            self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, Any]):
         if not self.enabled:
@@ -1236,16 +1370,35 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(k, v, step)
 
+    def log_samples(self, step: int, samples: list[dict]):
+        """Append samples ({prompt, completion, rewards, ...}) of a step to samples.jsonl."""
+        if not self.enabled or not samples:
+            return
+        with open(self.samples_path, "a") as f:
+            f.writelines(json.dumps({"step": step, **sample}, default=str) + "\n" for sample in samples)
+
     def close(self):
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+
+
+def check_reporters(report_to: Sequence[str]):
+    """--report-to names known reporters whose packages are installed (checked before any model loads)."""
+    for name in report_to:
+        if name not in REPORTERS:
+            raise UserError(f"--report-to {name!r}: use none, wandb or tensorboard (several allowed).")
+        module = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(name)
+        if module and importlib.util.find_spec(module) is None:
+            raise UserError(f"--report-to {name} needs the {module} package: pip install {module}")
 
 
 def read_metrics(out_dir: str) -> list[dict]:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of DIR/metrics.jsonl (lines that cannot be read are skipped)."""
+    return _read_jsonl_lenient(os.path.join(out_dir, "metrics.jsonl"))[0]
 
 
 def plot_metrics(out_dir: str, panels: list[tuple[str, list[tuple[str, str]], str]], title: str = "",
@@ -1294,6 +1447,7 @@ class RunResult:
     after: dict = dataclasses.field(default_factory=dict)
     stopped_at: int | None = None
     wall_s: float = 0.0
+    signal: int | None = None  # the signal that stopped the run (its exit status is 128 + signal)
 
 
 class StopSignal:
@@ -1302,6 +1456,7 @@ class StopSignal:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None  # the first signal received
         self._previous = {}
 
     def __enter__(self):
@@ -1315,9 +1470,9 @@ class StopSignal:
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print(f"\nReceived signal {signum}: saving a checkpoint at the end of this step, then stopping.",
-              flush=True)
+        self.requested, self.signum = True, signum
+        print(f"\nReceived signal {signum}: saving a checkpoint at the end of this step, then stopping "
+              "(a second signal stops at once).", flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -1355,3 +1510,199 @@ class Timer:
     def pop(self) -> dict[str, float]:
         out, self.totals = self.totals, {}
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Runs: the out-dir one run owns, its lock, resuming, signals, progress, the command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_settings(args):
+    """The flags every script shares take sensible values (each one present in args is checked): one sentence per
+    mistake, before any data or model is loaded."""
+    positive = ("lr", "max_new_tokens", "batch_size", "prompts_per_step", "num_generations", "grad_accum",
+                "dist_timeout_s")
+    non_negative = ("max_steps", "eval_every", "save_every", "eval_size", "eval_samples", "warmup_steps", "seed",
+                    "max_grad_norm", "weight_decay")
+    for name in positive + non_negative:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in positive):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value}: must be {'positive' if name in positive else 'zero or more'}.")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise UserError("--resume and --overwrite contradict each other: continue the run in --out-dir, or replace it.")
+    check_reporters(getattr(args, "report_to", ()))
+
+
+class Run:
+    """A training run's hold on its out-dir, from the check before any model loads to its last save.
+
+      - An out-dir belongs to one run: a new run refuses a directory that holds another run's files unless
+        resume (continue it) or overwrite (clear it first).
+      - A lock (DIR/.lock, flock) is held while the run lives, so a second process refuses at once instead of
+        interleaving its metrics and checkpoints with ours. The kernel drops it if the process dies.
+      - resume: `checkpoint` is the newest complete checkpoint (None: start from scratch); `finished` when final/
+        already holds the last step, in which case the script says so and changes nothing.
+      - SIGTERM/SIGINT become a flag the loop checks at step boundaries (should_stop), caught until the final save
+        is on disk; the stop's exit status is 128 + the signal (130 for SIGINT, 143 for SIGTERM).
+    Rank 0 decides and the other ranks follow its decision. Use as a context manager around the whole run."""
+
+    def __init__(self, out_dir: str, *, resume: bool = False, overwrite: bool = False, max_steps: int = 0):
+        self.out_dir, self.resume, self.overwrite, self.max_steps = out_dir, resume, overwrite, max_steps
+        self.checkpoint: str | None = None
+        self.start_step = 0
+        self.finished = False
+        self.stop = StopSignal()
+        self._lock = None
+
+    def __enter__(self) -> "Run":
+        decision = self._claim() if get_rank() == 0 else None
+        if is_distributed():
+            box = [decision]
+            dist.broadcast_object_list(box, src=0)
+            decision = box[0]
+        if isinstance(decision, str):  # rank 0's reason to refuse: every rank stops with it
+            self._release()
+            raise UserError(decision)
+        self.checkpoint, self.start_step, self.finished = decision
+        if self.finished:
+            print0(f"{self.out_dir} holds a finished run (final/ at step {self.start_step}); nothing to do. Pass a "
+                   "larger --max-steps to train further, or --overwrite to start again.")
+        elif self.resume and self.checkpoint is None:
+            print0(f"--resume: no complete checkpoint in {self.out_dir}; starting from scratch.")
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.__exit__(*exc)
+        self._release()
+        return False
+
+    def _claim(self):
+        """Rank 0: lock the out-dir and decide (checkpoint, step, finished), or return the reason to refuse."""
+        import fcntl
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        self._lock = open(os.path.join(self.out_dir, ".lock"), "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "another process"
+            return f"{self.out_dir} is in use by a live run (pid {owner}); wait for it to end or choose another --out-dir."
+        self._lock.seek(0), self._lock.truncate(), self._lock.write(str(os.getpid())), self._lock.flush()
+        held = sorted(name for name in os.listdir(self.out_dir) if name != ".lock")
+        if held and not self.resume and not self.overwrite:
+            return (f"{self.out_dir} already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+                    "pass --resume to continue it, or --overwrite to replace it.")
+        if held and self.overwrite:
+            for name in held:
+                path = os.path.join(self.out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        checkpoint = latest_checkpoint(self.out_dir) if self.resume else None
+        step = checkpoint_step(checkpoint) if checkpoint else 0
+        finished = checkpoint is not None and os.path.basename(checkpoint) == "final" and step >= self.max_steps
+        return checkpoint, step, finished
+
+    def _release(self):
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
+
+    def should_stop(self) -> bool:
+        """True on every rank once any rank was signalled (a collective under torchrun)."""
+        return self.stop.should_stop()
+
+    @property
+    def signal(self) -> int | None:
+        return self.stop.signum
+
+
+def finish_run(out_dir: str, *, final_dir: str | None, t_start: float, stopped_at: int | None = None,
+               signal: int | None = None, panels=(), title: str = "", plot: bool = True) -> RunResult:
+    """The end of every script's main: the RunResult (held-out metrics of the run's first and last evaluation,
+    i.e. the eval/* keys of metrics.jsonl), and on rank 0, for a finished run, summary.json, curves.png
+    (plot_metrics with the script's panels) and the before/after table."""
+    evals = [{k: v for k, v in row.items() if k.startswith("eval/")} for row in read_metrics(out_dir)]
+    evals = [e for e in evals if e]
+    result = RunResult(out_dir, final_dir, evals[0] if evals else {}, evals[-1] if evals else {}, stopped_at,
+                       time.time() - t_start, signal)
+    if get_rank() != 0 or final_dir is None:
+        return result
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump({"before": result.before, "after": result.after, "wall_s": result.wall_s}, f, indent=2)
+    curves = plot_metrics(out_dir, list(panels), title) if plot and panels else None
+    if len(evals) > 1:
+        print("\n| held-out | before | after |\n|---|---|---|")
+        for k, v in result.after.items():
+            print(f"| {k} | {result.before.get(k, float('nan')):.3f} | {v:.3f} |")
+    print(f"\nOutputs in {out_dir}: metrics.jsonl, summary.json, {os.path.basename(final_dir)}/"
+          + (", curves.png" if curves else ""), flush=True)
+    return result
+
+
+class _PlainProgress:
+    """tqdm's interface for logs that are not a terminal (CI, nohup, tee): a plain line every `every` seconds and at
+    the end, instead of a wall of carriage returns; every=None prints nothing (ranks other than 0)."""
+
+    def __init__(self, iterable, desc: str, total: int, initial: int, every: float | None = 30.0):
+        self.iterable, self.desc, self.total, self.n, self.every = iterable, desc, total, initial, every
+        self.postfix, self.t0, self.last = "", time.time(), time.time()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+            now = time.time()
+            if self.every is not None and (now - self.last >= self.every or self.n == self.total):
+                self.last = now
+                print(f"{self.desc}: step {self.n}/{self.total}, {now - self.t0:.0f} s {self.postfix}".rstrip(),
+                      flush=True)
+
+    def set_postfix(self, **values):
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self):
+        pass
+
+
+def progress(iterable, *, desc: str, total: int, initial: int = 0):
+    """The loop's progress on rank 0: a tqdm bar on a terminal, a plain line every 30 s elsewhere (CI, nohup)."""
+    import sys
+
+    if get_rank() != 0:
+        return _PlainProgress(iterable, desc, total, initial, every=None)
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, initial=initial, dynamic_ncols=True)
+    return _PlainProgress(iterable, desc, total, initial)
+
+
+def quiet_transformers():
+    """No progress bars of transformers' own inside ours, and no load report for weights we expect to be new (a
+    reward model's or a critic's head on a causal-LM backbone)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def run_cli(main, args) -> None:
+    """A script's `__main__`: main(args); a user's mistake (UserError) prints `error: ...` and exits 2 without a
+    traceback (RL_DEBUG=1 keeps it); a run stopped by a signal exits 128 + the signal after its checkpoint."""
+    import sys
+
+    try:
+        result = main(args)
+    except UserError as error:
+        if os.environ.get("RL_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        close_distributed()
+        sys.exit(2)
+    close_distributed()
+    if isinstance(result, RunResult) and result.signal:
+        sys.exit(128 + result.signal)
