@@ -3,11 +3,15 @@ clipped policy loss that PPO and the GRPO family share. Imports nothing of the p
 
 What is in this file, top to bottom:
   1. loading:      load_model(name_or_path | "toy") -> (model, tokenizer), left padding, a pad token always set;
-                   resolve_model_path (builds the toy base model on first use); set_cpu_threads.
+                   resolve_model_path (builds the toy base model on first use); set_cpu_threads; mixed precision
+                   (set_precision, compute_dtype: fp32 master weights, bf16 compute).
   2. generation:   generate(...) batched sampling with a static KV cache, each prompt prefilled once and
-                   shared by its num_samples rows, the one-token decode step compiled (CUDA graphs on GPU);
-                   eager (CPU), finished rows leave the batch. Sampling noise keyed per row (rollout_noise_keys,
-                   eval_noise_keys), so samples do not depend on the batch, the rank or a resume.
+                   shared by its num_samples rows, the one-token decode step compiled (CUDA graphs on GPU) with
+                   one shape per use for a run (set_generation_length), grouped-query attention that reads each
+                   KV head once, the output layer in fp32; eager (CPU), finished rows leave the batch. Sampling
+                   noise keyed per row (rollout_noise_keys, eval_noise_keys), so samples do not depend on the batch,
+                   the rank or a resume. Under mixed precision and FSDP2 it decodes a rollout copy of the weights;
+                   free_decode_state releases caches and copy before an update; peak_memory_gb.
   3. log-probs:    token_logprobs(...) log pi(x_{t+1} | x_<=t) from the final hidden states and the output
                    embedding in chunks, so the (B, T, V) logits never exist, in the forward or the backward;
                    completion_logprobs / rollout_logprobs for a rollout batch, over length-sorted micro-batches
@@ -47,6 +51,17 @@ Deliberate choices:
     (so DDP and FSDP2 hooks fire as usual), the hook computes the log-probs chunk by chunk from the hidden
     states it receives, and hands the head an empty tensor. Models that post-process logits (soft-capping,
     logit scaling) take the plain path instead.
+  - Precision. `--dtype` is the compute dtype; the weights, gradients and AdamW state stay in master_dtype (fp32),
+    because at real learning rates (1e-6) an update is far below bf16's resolution at weights of ~0.02 and AdamW
+    on bf16 weights rounds it away. One process and DDP: torch.autocast around the model's forward; FSDP2:
+    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). Pure bf16 is master_dtype = bf16. In both the
+    sampler and the trainer the output layer sums in fp32 (head_logits): bf16 logits would be rounded by up to
+    0.06 nats at a logit of 10, and differently in the two paths' shapes on a GPU.
+  - Decoding reads bf16 weights (_rollout_model): under mixed precision (one process, DDP) a rollout copy of the
+    matmul weights in bf16 (2 bytes per matmul weight, sharing the fp32 embeddings and norms) instead of autocast
+    re-reading and re-casting the fp32 weights every token; under FSDP2 an unsharded bf16 copy filled by one
+    all-gather per sharded module per generate call (the full model per rank during a rollout, as gathering once
+    would hold; no collective and no FSDP hook per token, so the step compiles). free_decode_state frees it.
 """
 
 from __future__ import annotations
@@ -498,10 +513,13 @@ def _generation(model) -> _Generation:
     return gen
 
 
-def set_generation_length(model, max_len: int):
-    """Fix the KV-cache length of compiled decoding for the run (the longest prompt plus max_new_tokens), so that
-    the compiled step sees one cache shape per use instead of one per prompt length. Eager decoding ignores it."""
-    _generation(unwrap(model)).max_len = int(max_len)
+def set_generation_length(model, max_prompt_tokens: int, max_new_tokens: int, pad_to_multiple: int = 16):
+    """Fix the KV-cache length of compiled decoding for the run: the longest prompt (bucketed as generate buckets it)
+    plus max_new_tokens, so that the compiled step meets one cache shape per use instead of one per prompt length.
+    Only ever grows (evaluation may ask for less than the rollouts need). Eager decoding ignores it."""
+    gen = _generation(unwrap(model))
+    length = math.ceil(max_prompt_tokens / pad_to_multiple) * pad_to_multiple + max_new_tokens
+    gen.max_len = max(gen.max_len or 0, length)
 
 
 def _rollout_model(model):
@@ -1127,6 +1145,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         if _compiled_policy_loss is None:
             _compiled_policy_loss = torch.compile(_policy_loss, dynamic=True)
         fn = _compiled_policy_loss
+        # One compiled graph for every micro-batch: sizes are dynamic, but a trimmed (non-contiguous) view's strides
+        # would fail a contiguity guard and recompile; contiguous copies of these (R, T) tensors cost nothing.
+        logprobs, old_logprobs, advantages, mask = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
+        ref_logprobs = ref_logprobs.contiguous() if ref_logprobs is not None else None
     return fn(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef, kl_estimator,
               loss_agg, ratio_level, norm_length, num_tokens)
 
@@ -1352,14 +1374,15 @@ def length_batches(prompt_lengths: torch.Tensor, completion_lengths: torch.Tenso
 def wrap_model(model: torch.nn.Module, strategy: str = "ddp", device: torch.device | None = None):
     """DDP for small models (a full copy per rank), FSDP2 `fully_shard` per decoder layer for large ones.
 
-    A no-op in one process. Mixed precision (set_precision) carries over: DDP runs the model's autocast forward and
+    A no-op in one process without a process group (with one, even of size 1, it wraps: bench/grpo_run.py times
+    FSDP2 on one GPU that way). Mixed precision (set_precision) carries over: DDP runs the model's autocast forward and
     all-reduces its fp32 gradients; under FSDP2 the autocast is replaced by MixedPrecisionPolicy(param_dtype=compute,
     reduce_dtype=fp32): each layer is gathered in bf16, its gradients reduce-scattered in fp32 into the fp32 shards
     (a frozen model is stored in the compute dtype, which is what that policy computes with anyway).
     FSDP2's root keeps its parameters unsharded between forward and backward, which token_logprobs relies on: its
     fused head uses the output embedding inside the root's forward.
     """
-    if not is_distributed() or strategy == "none":
+    if strategy == "none" or not (dist.is_available() and dist.is_initialized()):  # a group of 1 still wraps
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
