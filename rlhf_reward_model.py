@@ -136,7 +136,11 @@ class Args:
     device: str = "auto"
     """'auto' (this rank's GPU, else CPU), 'cpu', 'cuda', ..."""
     dtype: str = "auto"
-    """'auto' (bf16 on GPU, fp32 on CPU), 'float32', 'bfloat16'"""
+    """compute dtype (the forward's matmuls): 'auto' (bf16 on GPU, fp32 on CPU), 'float32', 'bfloat16'; weights,
+    gradients and AdamW state stay in --master-dtype"""
+    master_dtype: str = "float32"
+    """dtype of the weights (what checkpoints hold), gradients and AdamW state. --dtype bfloat16 --master-dtype
+    bfloat16 is pure bf16: half the weight memory, but AdamW updates below bf16's resolution round away"""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """under torchrun: DDP (a full copy per rank) or FSDP2 (sharded)"""
     threads: int = 0
@@ -338,13 +342,14 @@ def tokenize(tokenizer, texts: list[str], max_length: int, device) -> tuple[torc
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_reward_model(name_or_path: str, *, device="auto", dtype="auto"):
+def load_reward_model(name_or_path: str, *, device="auto", dtype="auto", master_dtype="float32", frozen=False):
     """(model, tokenizer): AutoModelForSequenceClassification with one output. From a causal-LM checkpoint the
-    backbone is reused and the head starts random; from a trained reward model everything loads."""
+    backbone is reused and the head starts random; from a trained reward model everything loads. dtype computes,
+    master_dtype holds the weights (kernels.load_model); frozen: a scorer, with bf16 matmul weights only."""
     from transformers import AutoModelForSequenceClassification
 
     model, tokenizer = load_model(name_or_path, model_class=AutoModelForSequenceClassification, num_labels=1,
-                                  device=device, dtype=dtype)
+                                  device=device, dtype=dtype, master_dtype=master_dtype, frozen=frozen)
     if not hasattr(model, "score"):
         raise ValueError(f"{name_or_path}: expected a sequence-classification head named 'score' (Llama, Qwen, "
                          f"Mistral, Gemma, GPT-2 style); this architecture names it differently.")
@@ -394,7 +399,7 @@ class RewardModelScorer:
     def __init__(self, path: str, *, device: str = "auto", batch_size: int = 64, normalize: bool = False,
                  template: str | None = None, max_length: int = 2048, dtype: str = "auto"):
         self.device = resolve_device(device)
-        self.model, self.tokenizer = load_reward_model(path, device=self.device, dtype=dtype)
+        self.model, self.tokenizer = load_reward_model(path, device=self.device, dtype=dtype, frozen=True)
         self.model.eval().requires_grad_(False)
         self.template = template or getattr(self.model.config, "reward_template", "chat")
         self.batch_size, self.max_length = batch_size, max_length
@@ -448,7 +453,7 @@ def main(args: Args) -> RunResult:
     use_margin = any("margin" in p for p in train_pairs)
     print0(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
 
-    model, tokenizer = load_reward_model(args.model, device=device, dtype=args.dtype)
+    model, tokenizer = load_reward_model(args.model, device=device, dtype=args.dtype, master_dtype=args.master_dtype)
     set_cpu_threads(args.threads, model)
     model.config.reward_template = args.template          # the scorer renders text the same way
     model = wrap_model(model, args.strategy, device)
