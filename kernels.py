@@ -219,13 +219,16 @@ def set_precision(model: torch.nn.Module, dtype: str | torch.dtype | None = "aut
         next(plain.parameters())
     compute, master = resolve_precision(dtype, weights.dtype, weights.device)
     if frozen and compute != master:
+        head = plain.get_output_embeddings() if hasattr(plain, "get_output_embeddings") else None
         for module, name in _matmul_params(plain):
+            if module is head:  # kept as it is (often tied to the input embedding); head_logits rounds it anyway
+                continue
             tensor = getattr(module, name)
             module._parameters[name] = torch.nn.Parameter(tensor.detach().to(compute), requires_grad=False)
     plain._rl_compute_dtype = compute
     plain._rl_frozen = frozen
     if compute != master and "forward" not in plain.__dict__:
-        plain.forward = _autocast_forward(plain.forward, compute)
+        plain.forward = _AutocastForward(plain.forward, compute)
     return model
 
 
@@ -236,15 +239,18 @@ def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     return dtype if dtype is not None else next(plain.parameters()).dtype
 
 
-def _autocast_forward(forward, dtype: torch.dtype):
-    """The bound forward of a model, run under torch.autocast(dtype) on the model's device (as accelerate does)."""
-    @functools.wraps(forward)
-    def autocast_forward(*args, **kwargs):
-        with torch.autocast(next(forward.__self__.parameters()).device.type, dtype=dtype):
-            return forward(*args, **kwargs)
+class _AutocastForward:
+    """A model's bound forward, run under torch.autocast(dtype) on the model's device (as accelerate does). A class
+    rather than a closure, so that deepcopy and pickle rebind it to the copied model."""
+    _rl_autocast = True
 
-    autocast_forward._rl_autocast = True
-    return autocast_forward
+    def __init__(self, forward, dtype: torch.dtype):
+        functools.update_wrapper(self, forward)  # inspect.signature (transformers reads it) sees forward's own
+        self.forward, self.dtype = forward, dtype
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(next(self.forward.__self__.parameters()).device.type, dtype=self.dtype):
+            return self.forward(*args, **kwargs)
 
 
 def sampled_logprobs_exact(model: torch.nn.Module) -> bool:
@@ -494,7 +500,11 @@ def _last_logits(model, compute: torch.dtype, autocast: torch.dtype | None, **in
 class _Generation:
     """What generate keeps on a model between calls: the rollout copy of its weights and a small dict of decode
     states (KV caches), one per use (training rollout, greedy and sampled evaluation), so that the compiled decode
-    step meets the same few shapes for a whole run. free_decode_state releases their memory."""
+    step meets the same few shapes for a whole run. free_decode_state releases their memory. A copied or pickled
+    model starts afresh (the states' compiled steps belong to the original)."""
+
+    def __reduce__(self):
+        return _Generation, ()
 
     def __init__(self):
         self.copy = None             # the module decoding runs on when it is not the model itself
@@ -647,6 +657,8 @@ class _DecodeState:
                                       "layers. Use transformers' model.generate for it.")
         for layer in self.cache.layers:
             _casting_cache_layer(layer)
+        if device.type == "cuda":
+            _cuda_out_dtype_ok()  # probed here, eagerly: the compiled step then only reads the answer
 
         def step(input_ids, position_ids, attention_mask):  # (R, 1), (R, 1), (R, L) -> fp32 logits (R, V)
             return _last_logits(model, compute, autocast, input_ids=input_ids, position_ids=position_ids,

@@ -1,6 +1,7 @@
 """Mixed precision on CPU (bf16 autocast stands in for a GPU's): fp32 master weights that learn at real-LLM learning
 rates, bf16 compute, fp32 log-probs from the output layer in the sampler and the trainer, fp32 checkpoints."""
 
+import copy
 import os
 
 import pytest
@@ -58,6 +59,10 @@ def test_load_model_keeps_fp32_masters_and_computes_in_bf16(tmp_path):
     handle.remove()
     assert seen == [torch.bfloat16]
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+    clone = copy.deepcopy(model)  # its autocast forward runs the clone, not the original
+    with torch.no_grad():
+        clone.model.norm.weight.mul_(2)
+        assert not torch.equal(clone(ids).logits, model(ids).logits) and clone(ids).logits.dtype == torch.bfloat16
     path = K.save_checkpoint(str(tmp_path), 1, model)
     assert {v.dtype for v in _weights(path).values()} == {torch.float32}
     again, _ = K.load_model(path, dtype="bfloat16", device="cpu")
@@ -70,12 +75,15 @@ def test_load_model_keeps_fp32_masters_and_computes_in_bf16(tmp_path):
 
 
 def test_frozen_model_computes_what_the_trainable_one_does():
-    """A frozen model (a KL reference) keeps only bf16 matmul weights, yet under autocast its log-probs are the
-    fp32-master model's exactly: autocast rounds the same weights to bf16 the same way. So beta*KL starts at 0."""
+    """A frozen model (a KL reference) keeps only bf16 matmul weights (the tied output layer aside), yet under
+    autocast its log-probs are the fp32-master model's exactly: autocast rounds the same weights to bf16 the same
+    way. So beta*KL starts at 0, and grpo's reference reset copies parameter to parameter."""
     trainable, _ = K.load_model(TOY, dtype="bfloat16", device="cpu")
     frozen, _ = K.load_model(TOY, dtype="bfloat16", device="cpu", frozen=True)
     assert frozen.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert frozen.model.embed_tokens.weight.dtype == torch.float32
+    assert frozen.lm_head.weight is frozen.model.embed_tokens.weight  # still tied: parameters() pair up one to one
+    assert [n for n, _ in frozen.named_parameters()] == [n for n, _ in trainable.named_parameters()]
     ids, mask = left_padded_batch([12, 7, 10], vocab_size=100)
     with torch.no_grad():
         assert torch.equal(K.token_logprobs(trainable, ids, mask), K.token_logprobs(frozen, ids, mask))
