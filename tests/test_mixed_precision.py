@@ -150,3 +150,21 @@ def test_fused_bf16_gradients_match_the_fp32_head_reference():
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
     for a, b in zip(out[0][1], out[1][1]):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_bf16_reference_starts_and_resets_at_zero_kl(tmp_path):
+    """GRPO in bf16 compute with a KL reference reset from the policy after every step: the frozen reference (bf16
+    matmul weights) computes what the fp32-master policy computes, so the KL is 0 at the first step and again after
+    each reset (the reset copies parameter to parameter). REINFORCE++'s k1 KL in the reward runs too, with pi_old
+    recomputed by the trainer (the bf16 sampler's numerics are not the trainer's)."""
+    from test_grpo import small_args
+    from test_decoding import _tiny_model_dir
+
+    model_dir = _tiny_model_dir(tmp_path / "model")
+    grpo.main(small_args(model_dir, tmp_path / "grpo", dtype="bfloat16", kl_coef=0.04, ref_reset_every=1,
+                         max_steps=2, eval_every=0, rewards=("tag_count", "task"), reward_weights=(1.0, 1.0)))
+    rows = K.read_metrics(str(tmp_path / "grpo"))
+    assert [r["train/kl"] for r in rows] == [pytest.approx(0.0, abs=1e-6)] * 2
+    grpo.main(small_args(model_dir, tmp_path / "rpp", preset="reinforce_pp", dtype="bfloat16", max_steps=1,
+                         eval_every=0))
+    assert K.read_metrics(str(tmp_path / "rpp"))[-1]["step"] == 1
