@@ -58,8 +58,8 @@ Launch:
         --template chat --prompts-per-step 64 --num-generations 16 --max-new-tokens 1024 --lr 1e-6 --strategy fsdp
 
 Result of `python grpo.py` (toy world, seed 0, 80 steps, 55 s on a 2-core CPU): held-out greedy accuracy
-33.5% -> 85.5%, pass@1 (4 samples, T=1) 33.6% -> 80.1%, reasoning share 26% -> 100%, response length 11.3 ->
-23.9 tokens: accuracy, reasoning and length rise together, as in R1-Zero. Details in README.md "Results".
+33.5% -> 85.5%, pass@1 (4 samples, T=1) 33.6% -> 78.2%, reasoning share 26% -> 100%, response length 11.3 ->
+24.0 tokens: accuracy, reasoning and length rise together, as in R1-Zero. Details in README.md "Results".
 """
 
 from __future__ import annotations
