@@ -58,8 +58,8 @@ Launch:
         --template chat --prompts-per-step 64 --num-generations 16 --max-new-tokens 1024 --lr 1e-6 --strategy fsdp
 
 Result of `python grpo.py` (toy world, seed 0, 80 steps, 55 s on a 2-core CPU): held-out greedy accuracy
-33.5% -> 85.5%, pass@1 (4 samples, T=1) 33.6% -> 80.1%, reasoning share 26% -> 100%, response length 11.3 ->
-23.9 tokens: accuracy, reasoning and length rise together, as in R1-Zero. Details in README.md "Results".
+33.5% -> 85.5%, pass@1 (4 samples, T=1) 33.6% -> 78.2%, reasoning share 26% -> 100%, response length 11.3 ->
+24.0 tokens: accuracy, reasoning and length rise together, as in R1-Zero. Details in README.md "Results".
 """
 
 from __future__ import annotations
@@ -140,7 +140,10 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: this rank's GPU if there is one, else the CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: bf16 on a GPU, fp32 on the CPU"""
+    """compute dtype (the forward's matmuls); auto: bf16 on a GPU, fp32 on the CPU"""
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the weights (what checkpoints hold), gradients and AdamW state; --dtype bfloat16 --master-dtype
+    bfloat16 is pure bf16: half the memory, but updates below bf16's resolution (lr 1e-6) round away"""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """torchrun data parallelism: DDP (small models) or FSDP2 (large ones)"""
     prompts_per_step: int = 16
@@ -448,11 +451,12 @@ def resolve_rewards(args: Args) -> tuple[list, tuple[float, ...]]:
 def load_models(args: Args, info: K.DistInfo):
     """(policy, the frozen reference or None, tokenizer): the policy wrapped for DDP/FSDP2; the reference loaded
     only when beta > 0, and sharded like the policy under FSDP."""
-    model, tokenizer = K.load_model(args.model, dtype=args.dtype, device=info.device)
+    model, tokenizer = K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=info.device)
     K.set_cpu_threads(args.threads, model)
     ref_model = None
-    if args.kl_coef > 0:
-        ref_model, _ = K.load_model(args.model, dtype=args.dtype, device=info.device)
+    if args.kl_coef > 0:  # frozen: bf16 matmul weights only, computing what the policy computes at equal weights
+        ref_model, _ = K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype,
+                                    device=info.device, frozen=True)
         ref_model.eval().requires_grad_(False)
         if args.strategy == "fsdp":  # sharded like the policy: no full copy per rank
             ref_model = K.wrap_model(ref_model, "fsdp", info.device)
@@ -530,6 +534,9 @@ def main(args: Args) -> K.RunResult:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, K.warmup_schedule(args.warmup_steps))
         state = {"cursor": 0, "skipped": 0, "nan_streak": 0}  # cursor: position in the shuffled prompt stream
         start_step = restore(args, run.checkpoint, policy, ref_model, optimizer, scheduler, state)
+        if args.compile:  # compiled decoding: one cache length for the whole run
+            K.set_generation_length(policy, env.longest_prompt(tokenizer, train_rows + eval_rows, args.template,
+                                                               args.system_prompt), args.max_new_tokens)
         K.save_args(args.out_dir, args)
         logger = K.MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
                                  report_to=args.report_to, config=dataclasses.asdict(args))
@@ -568,6 +575,7 @@ def main(args: Args) -> K.RunResult:
             except env.Interrupted:  # a signal during a slow reward: drop this step, save the ones done
                 state.update(snapshot)
                 return stop(step)
+            K.free_decode_state(policy)                        # the update needs the KV caches' memory
             policy.train()
             batch = rollout.batch()                            # prompt_ids (R, P), tokens and mask (R, N)
             batch["loss_mask"] = rollout.gen.mask.clone()
@@ -576,7 +584,8 @@ def main(args: Args) -> K.RunResult:
             with timer("logprobs"):
                 logprob_pass = functools.partial(K.rollout_logprobs, batch=batch, temperature=args.temperature,
                                                  max_tokens=args.micro_batch_tokens)
-                if not (args.num_iterations == 1 and args.num_minibatches == 1):
+                if not (args.num_iterations == 1 and args.num_minibatches == 1) or (
+                        args.kl_in_reward and not K.sampled_logprobs_exact(policy)):  # bf16: the sampler's differ
                     batch["old_logprobs"] = logprob_pass(policy)           # (R, N) pi_old, fixed for mu passes
                 if ref_model is not None:
                     batch["ref_logprobs"] = logprob_pass(ref_model)        # (R, N) pi_ref
@@ -607,6 +616,7 @@ def main(args: Args) -> K.RunResult:
             metrics["perf/gen_tokens_per_s"] = (int(rollout.gen.mask.sum()) * info.world_size
                                                 / max(times.get("generate", 1e-9), 1e-9))
             metrics["perf/step_s"] = time.perf_counter() - t0
+            metrics["perf/peak_mem_gb"] = K.peak_memory_gb(info.device)
             metrics["train/skipped_updates"] = state["skipped"]
             metrics["train/lr"] = scheduler.get_last_lr()[0]
             done = step + 1

@@ -138,7 +138,10 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: this rank's GPU if there is one, else the CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: bf16 on a GPU, fp32 on the CPU"""
+    """compute dtype (the forward's matmuls); auto: bf16 on a GPU, fp32 on the CPU"""
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the weights (what checkpoints hold), gradients and AdamW state; --dtype bfloat16 --master-dtype
+    bfloat16 is pure bf16: half the memory, but updates below bf16's resolution round away"""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """under torchrun: DDP (a full copy per rank) or FSDP2 (sharded)"""
     report_to: tuple[Literal["none", "wandb", "tensorboard"], ...] = ("none",)
@@ -344,13 +347,14 @@ def tokenize(tokenizer, texts: list[str], max_length: int, device) -> tuple[torc
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_reward_model(name_or_path: str, *, device="auto", dtype="auto"):
+def load_reward_model(name_or_path: str, *, device="auto", dtype="auto", master_dtype="float32", frozen=False):
     """(model, tokenizer): AutoModelForSequenceClassification with one output. From a causal-LM checkpoint the
-    backbone is reused and the head starts random; from a trained reward model everything loads."""
+    backbone is reused and the head starts random; from a trained reward model everything loads. dtype computes,
+    master_dtype holds the weights (kernels.load_model); frozen: a scorer, with bf16 matmul weights only."""
     from transformers import AutoModelForSequenceClassification
 
     model, tokenizer = load_model(name_or_path, model_class=AutoModelForSequenceClassification, num_labels=1,
-                                  device=device, dtype=dtype)
+                                  device=device, dtype=dtype, master_dtype=master_dtype, frozen=frozen)
     if not hasattr(model, "score"):
         raise ValueError(f"{name_or_path}: expected a sequence-classification head named 'score' (Llama, Qwen, "
                          f"Mistral, Gemma, GPT-2 style); this architecture names it differently.")
@@ -400,7 +404,7 @@ class RewardModelScorer:
     def __init__(self, path: str, *, device: str = "auto", batch_size: int = 64, normalize: bool = False,
                  template: str | None = None, max_length: int = 2048, dtype: str = "auto"):
         self.device = resolve_device(device)
-        self.model, self.tokenizer = load_reward_model(path, device=self.device, dtype=dtype)
+        self.model, self.tokenizer = load_reward_model(path, device=self.device, dtype=dtype, frozen=True)
         self.model.eval().requires_grad_(False)
         self.template = template or getattr(self.model.config, "reward_template", "chat")
         self.batch_size, self.max_length = batch_size, max_length
@@ -465,7 +469,8 @@ def main(args: Args) -> RunResult:
     with kernels.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps) as run:
         if run.finished:
             return finish(final_dir=run.checkpoint)
-        model, tokenizer = load_reward_model(args.model, device=device, dtype=args.dtype)
+        model, tokenizer = load_reward_model(args.model, device=device, dtype=args.dtype,
+                                             master_dtype=args.master_dtype)
         set_cpu_threads(args.threads, model)
         model.config.reward_template = args.template          # the scorer renders text the same way
         model = wrap_model(model, args.strategy, device)

@@ -1030,6 +1030,14 @@ def render_prompt(tokenizer, prompt, template: str = "auto", system_prompt: str 
     return R1_TEMPLATE.format(prompt=prompt) if template == "r1" else prompt
 
 
+def longest_prompt(tokenizer, rows: list[dict], template: str = "auto", system_prompt: str | None = None) -> int:
+    """The most tokens any row's prompt takes once rendered: with max_new_tokens, the KV cache a compiled decoder needs
+    for the whole run (kernels.set_generation_length)."""
+    texts = [render_prompt(tokenizer, row["prompt"], template, system_prompt) for row in rows]
+    chat = bool(rows) and uses_chat_template(tokenizer, rows[0]["prompt"], template)
+    return max((len(ids) for ids in tokenizer(texts, add_special_tokens=not chat)["input_ids"]), default=1)
+
+
 def encode_prompts(tokenizer, texts: list[str], device, add_special_tokens: bool = False) -> tuple:
     """Rendered prompts -> (input_ids, attention_mask), each (B, P), left-padded as the tokenizer is set up.
     add_special_tokens: the tokenizer's own BOS and the like, for text that no chat template has rendered."""
@@ -1252,17 +1260,23 @@ def evaluate(model, tokenizer, rows: list[dict], *, max_new_tokens: int, samples
     """Held-out metrics of a policy: greedy accuracy, response length and reasoning share, and (samples > 0) pass@1
     averaged over `samples` completions at `temperature`. Rows are sharded over ranks; every rank runs as many
     generate calls (collectives under FSDP), topping its share up with rows that are not counted. The sampling
-    noise is keyed by the row's index, so the result does not depend on the number of ranks."""
+    noise is keyed by the row's index, so the result does not depend on the number of ranks. Compiled decoding gets
+    fixed shapes: every batch is topped up to batch_size rows, and the KV cache fits the longest prompt."""
     was_training = model.training
     model.eval()
     rank, world = K.get_rank(), K.get_world_size()
     mine = rows[rank::world]
     real = len(mine)
     mine = mine + rows[:1] * (-(-len(rows) // world) - real)
+    fixed = compile if compile is not None else next(K.unwrap(model).parameters()).is_cuda  # generate's default
+    if fixed and rows:  # a new row count or cache length would recompile the decode step
+        K.set_generation_length(model, longest_prompt(tokenizer, rows, template, system_prompt), max_new_tokens)
     counts = EvalCounts()
     settings = [(0.0, 1)] + ([(temperature, samples)] if samples else [])
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]
+        if fixed:
+            batch = batch + rows[:1] * (batch_size - len(batch))  # rows beyond `counted` are not counted
         counted = max(0, min(len(batch), real - start))  # rows of this batch that count
         global_rows = [rank + (start + i) * world for i in range(len(batch))]
         for temp, n in settings:

@@ -138,7 +138,10 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: this rank's GPU if there is one, else the CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """weights dtype for --model (auto: bf16 on a capable GPU, else fp32); a random init is fp32"""
+    """compute dtype (the forward's matmuls); auto: bf16 on a capable GPU, else fp32"""
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the weights (what checkpoints hold), gradients and AdamW state; --dtype bfloat16 --master-dtype
+    bfloat16 is pure bf16: half the memory, but updates below bf16's resolution round away"""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """under torchrun: 'ddp' (a copy per rank) or 'fsdp' (FSDP2, sharded)"""
     report_to: tuple[Literal["none", "wandb", "tensorboard"], ...] = ("none",)
@@ -429,17 +432,18 @@ def completion_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor, num_tokens=
 def load_or_init(args: Args, device: torch.device):
     """(model, tokenizer) from --model, or random weights from --init-from-config (seeded by --seed)."""
     if args.model:
-        return kernels.load_model(args.model, dtype=args.dtype, device=device)
+        return kernels.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=device)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = kernels.load_tokenizer(args.tokenizer) if args.tokenizer else build_toy_tokenizer()
     config = (toy_model_config(tokenizer) if args.init_from_config == "toy"
               else AutoConfig.from_pretrained(args.init_from_config))
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=kernels.resolve_precision(args.dtype, args.master_dtype,
+                                                                                     device)[1])
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    return model.to(device), tokenizer
+    return kernels.set_precision(model.to(device), args.dtype), tokenizer
 
 
 @torch.no_grad()
