@@ -1553,20 +1553,18 @@ def _optimizer_state(model, optimizer) -> dict:
 
 
 def save_checkpoint(out_dir: str, step: int, model, tokenizer=None, optimizer=None, scheduler=None,
-                    extra: dict | None = None, generators: dict[str, torch.Generator] | None = None,
-                    name: str | None = None, keep_last: int | None = None,
+                    extra: dict | None = None, name: str | None = None,
                     tensor_files: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
     """Write DIR/checkpoint-STEP/ (or DIR/name/): model in safetensors (transformers layout), tokenizer, and
-    trainer_state.pt (step, optimizer, scheduler, extra) plus rng_rankR.pt per rank (python/torch/cuda RNGs
-    and the named torch.Generators), and tensor_files ({"reference.safetensors": full state dict, ...}; a
+    trainer_state.pt (step, optimizer, scheduler, extra) plus rng_rankR.pt per rank (python/torch/cuda RNGs),
+    and tensor_files ({"reference.safetensors": full state dict, ...}; a
     tied weight is stored once). Written to a temporary name and renamed when complete, so a crash
     mid-save never leaves a checkpoint that looks whole. Collective: every rank must call it.
     """
     name = name or f"{CHECKPOINT_PREFIX}{step}"
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp-{name}")
     try:
-        return _save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, extra, generators, name,
-                                keep_last, tensor_files, final, tmp)
+        return _save_checkpoint(step, model, tokenizer, optimizer, scheduler, extra, tensor_files, final, tmp)
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -1577,8 +1575,7 @@ def save_checkpoint(out_dir: str, step: int, model, tokenizer=None, optimizer=No
                            if previous else "free some space and rerun.")) from error
 
 
-def _save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, extra, generators, name, keep_last,
-                     tensor_files, final, tmp) -> str:
+def _save_checkpoint(step, model, tokenizer, optimizer, scheduler, extra, tensor_files, final, tmp) -> str:
     rank = get_rank()
     state_dict = full_state_dict(model)            # collective under FSDP
     optim_state = _optimizer_state(model, optimizer) if optimizer is not None else None
@@ -1601,16 +1598,12 @@ def _save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, extr
                     unique[k] = v.contiguous()
             save_file(unique, os.path.join(tmp, file_name))
     barrier()
-    gens = {k: g.get_state() for k, g in (generators or {}).items()}
-    torch.save({"rng": rng_state(), "generators": gens}, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    torch.save({"rng": rng_state()}, os.path.join(tmp, f"rng_rank{rank}.pt"))
     barrier()
     if rank == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        if keep_last:
-            for old in list_checkpoints(out_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
@@ -1673,8 +1666,7 @@ def set_full_state_dict(model: torch.nn.Module, state: dict, source: str = "the 
         plain.tie_weights()
 
 
-def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None,
-                    generators: dict[str, torch.Generator] | None = None) -> dict:
+def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None) -> dict:
     """Restore what save_checkpoint wrote; returns {"step", "extra"}. Loads with weights_only=True."""
     if model is not None:
         load_model_weights(model, path)
@@ -1693,9 +1685,6 @@ def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None,
     if os.path.exists(rng_file):
         rng = torch.load(rng_file, weights_only=True)
         set_rng_state(rng["rng"])
-        for k, g in (generators or {}).items():
-            if k in rng["generators"]:
-                g.set_state(rng["generators"][k])
     return {"step": state["step"], "extra": state["extra"]}
 
 
@@ -1704,7 +1693,8 @@ def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None,
 # ----------------------------------------------------------------------------------------------------------
 
 
-def seed_everything(seed: int, deterministic: bool = False):
+def seed_everything(seed: int):
+    """Seed Python's, torch's (every device's) and numpy's global generators."""
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     try:
@@ -1713,8 +1703,6 @@ def seed_everything(seed: int, deterministic: bool = False):
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
