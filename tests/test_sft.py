@@ -210,20 +210,21 @@ def test_toy_tokenizer_round_trips_through_save_and_auto_tokenizer(tmp_path):
 
 def test_toy_corpus_traces_follow_the_task_and_errors_propagate():
     """Error-free traces equal rlvr_rewards' steps; every reasoning completion's answer is its last step's value;
-    the 'arithmetic' dataset holds only correct traces."""
+    the 'arithmetic' dataset holds only correct, readable traces."""
     for row in rlvr_rewards.make_dataset("arithmetic", split="train", n=200, seed=5):
         operands, ops = sft.parse_arithmetic(row["prompt"])
         assert sft.arithmetic_trace(operands, ops) == row["steps"]
     wrong = sft.arithmetic_trace([7, 3, 4, 2], ["+", "*", "-"], error_step=0, error=1)
     assert wrong == ["3*4=13", "7+13=20", "20-2=18"]
-    rows = sft.toy_corpus(400, seed=0)
+    rows = [r for r in sft.toy_corpus(400, seed=0) if r["answer"] is not None]  # arithmetic, not general prompts
     reasoning = [r for r in rows if sft.is_reasoning(r["completion"])]
     assert 0.2 < len(reasoning) / len(rows) < 0.8
-    for r in reasoning:
-        steps = r["completion"].split("<think>")[1].split("</think>")[0].split(",")
-        assert rlvr_rewards.extract_answer(r["completion"]) == steps[-1].split("=")[1]
+    for r in reasoning:  # the last step's value, in either number language, is the answer
+        steps = [s for s in r["completion"].split("<think>")[1].split("</think>")[0].split(",") if "=" in s]
+        assert rlvr_rewards.read_number(steps[-1].split("=")[1]) == int(rlvr_rewards.extract_answer(r["completion"]))
     clean = sft.toy_corpus(100, seed=0, reasoning_only=True)
     assert all(rlvr_rewards.accuracy_reward([r["completion"]], answer=[r["answer"]]) == [1.0] for r in clean)
+    assert all(rlvr_rewards.is_readable(r["completion"]) for r in clean)
 
 
 def test_committed_toy_base_loads_and_meets_its_targets():
