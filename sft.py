@@ -38,8 +38,15 @@ arithmetic task ("7+3*4-2", 3-4 operands 1..9) rendered with the chat template, 
 problem. Each completion is either reasoning, "<think>3*4=12,7+12=19,19-2=17</think><answer>17</answer>",
 with a step that is off by a little in some traces (the error propagates), or a direct "<answer>…</answer>",
 right only sometimes (else the left-to-right value that ignores precedence, or off by a little). Reasoning is
-likelier on longer problems and where a '*' follows another operator (TOY_RECIPE). The result is a base model
-for R1-Zero: usually answers directly and is often wrong, sometimes reasons, and is much better when it does.
+likelier on longer problems and where a '*' follows another operator. So that each DeepSeek-R1 stage has
+something to act on (r1_pipeline.py), the traces also carry, at the rates of TOY_RECIPE: a second language for
+numbers (letters a-j for 0-9, "bc" = 12; some traces switch language halfway, and those traces err less often,
+the toy's premise for why RL on accuracy alone drifts into mixing), messiness (a repeated step, junk, two steps
+merged into one long step), a summary before the answer in half of them ("...</think>7+3*4-2=17<answer>"), and
+rare self-corrections ("3*4=13,wait,3*4=12"); and 15% of the rows are general prompts (greetings, "make 12",
+"bigger: 7 or 12") with responses of mixed quality that rlvr_rewards' hidden gold preference ranks. The result is
+a base model for R1-Zero: usually answers directly and is often wrong, sometimes reasons, and is much better when
+it does. `--init-from-config toy-student` pretrains the smaller student (toy/student) on the same corpus.
 
 Launch:
     python sft.py                                          # builds toy/base (~7 min with OMP_NUM_THREADS=1)
@@ -160,15 +167,19 @@ def build_toy_tokenizer():
     """Character-level tokenizer over printable ASCII and newline; <|endoftext|> is EOS and pad; chat roles and
     the R1 tags are single tokens. The tags are *not* special, so decode(skip_special_tokens=True) keeps them.
     Chat template: <|system|>{content} <|user|>{content} <|assistant|>{content}<|endoftext|>, each turn
-    rendered in order with no separators; the generation prompt is <|assistant|>."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    rendered in order with no separators; the generation prompt is <|assistant|>. Space and newline are stored
+    under their byte-level names "Ġ" and "Ċ" (same ids): transformers 5's AutoTokenizer loads any qwen2
+    checkpoint's tokenizer as the byte-level Qwen2Tokenizer, which would otherwise drop them."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    chars = ["Ċ", "Ġ"] + [chr(c) for c in range(33, 127)]  # newline, space, then printable ASCII
     vocab = {token: i for i, token in enumerate(TOY_SPECIAL + TOY_TAGS + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(" ", "Ġ"), normalizers.Replace("\n", "Ċ")])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
-    tok.decoder = decoders.Fuse()  # join the characters back without spaces
+    tok.decoder = decoders.Sequence([decoders.Replace("Ġ", " "), decoders.Replace("Ċ", "\n"),
+                                     decoders.Fuse()])  # join the characters back without spaces
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOY_SPECIAL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOY_TAGS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
@@ -210,7 +221,7 @@ def toy_model_config(tokenizer, size: str = "toy"):
 # expressions and comparisons), a think block before them with probability general_reasoning, and that reasoning
 # holds a banned word half the time (what R1's harmlessness check on the whole response is for).
 TOY_RECIPE = dict(reason_base=0.15, reason_per_operand=0.2, reason_precedence=0.3, direct_correct=0.3,
-                  letters=0.08, mixed=0.12, step_error=0.1, other_language_step_error=0.03, reflection=0.04,
+                  letters=0.15, mixed=0.1, step_error=0.15, other_language_step_error=0.0, reflection=0.06,
                   repeat=0.05, junk=0.05, merged=0.05, summary=0.5, general=0.15, general_reasoning=0.1)
 # What the toy base model must show (toy_stats.json), and what an implicit export to toy/base requires.
 TOY_TARGETS = dict(greedy_accuracy=(0.2, 0.5), reasoning_share=(0.15, 0.5), greedy_reasoning_share=(0.02, 0.9),

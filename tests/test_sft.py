@@ -187,7 +187,8 @@ def test_jsonl_accepts_prompt_completion_messages_and_conversational_forms(tmp_p
 
 def test_toy_tokenizer_round_trips_through_save_and_auto_tokenizer(tmp_path):
     """Characters and the tags encode and decode exactly, tags are single non-special tokens, and the saved
-    tokenizer reloads with AutoTokenizer with the same ids, chat template, EOS/pad and left padding."""
+    tokenizer reloads with AutoTokenizer with the same ids, chat template, EOS/pad and left padding, also beside a
+    qwen2 config.json (where transformers 5 loads it as the byte-level Qwen2Tokenizer: spaces must survive)."""
     from transformers import AutoTokenizer
 
     tokenizer = sft.build_toy_tokenizer()
@@ -199,7 +200,9 @@ def test_toy_tokenizer_round_trips_through_save_and_auto_tokenizer(tmp_path):
         assert len(tokenizer(tag)["input_ids"]) == 1
     assert tokenizer("é")["input_ids"] == [tokenizer.unk_token_id]
     tokenizer.save_pretrained(tmp_path)
+    sft.toy_model_config(tokenizer).save_pretrained(tmp_path)  # as in a checkpoint: model_type qwen2
     loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded("hello, i am ana")["input_ids"] == tokenizer("hello, i am ana")["input_ids"]
     assert loaded(text)["input_ids"] == ids and loaded.decode(ids) == text
     assert loaded.eos_token == loaded.pad_token == "<|endoftext|>" and loaded.padding_side == "left"
     messages = [{"role": "user", "content": "7+3"}]
