@@ -441,6 +441,27 @@ def reward_model(completions: list, prompt: list | None = None, **columns) -> li
     return _SCORERS[path](completions, prompt=prompt, **columns)
 
 
+def helpfulness_reward(completions: list, prompt: list | None = None, answer: list | None = None,
+                       **columns) -> list[float | None]:
+    """DeepSeek-R1's helpfulness reward for general prompts: the reward model in $RLHF_REWARD_MODEL (normalised
+    with its held-out statistics) reads only the final answer, the text after the reasoning
+    (rlvr_rewards.final_text); None on rows that carry a gold answer, which rule rewards judge. So one dataset can
+    mix reasoning and general prompts: `--rewards accuracy rlhf_reward_model:helpfulness_reward`."""
+    path = os.environ.get("RLHF_REWARD_MODEL", os.path.join(Args.out_dir, "final"))
+    key = path + "#normalized"
+    if key not in _SCORERS:
+        _SCORERS[key] = RewardModelScorer(path, normalize=True)
+    golds = answer if answer is not None else [None] * len(completions)
+    prompts = prompt if prompt is not None else [""] * len(completions)
+    rows = [i for i, gold in enumerate(golds) if gold is None]
+    scores = _SCORERS[key]([rlvr_rewards.final_text(completions[i]) for i in rows],
+                           prompt=[prompts[i] for i in rows]) if rows else []
+    out: list[float | None] = [None] * len(completions)
+    for i, score in zip(rows, scores):
+        out[i] = score
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------

@@ -32,7 +32,13 @@ Rewards (y a completion, |y| its length, 1[c] = 1 if its answer is correct else 
   code_reward            the fraction of test statements that pass when run after the completion's code in the
                          sandbox below (1 or 0 with all_or_nothing=True).
   language_consistency   the share of the reasoning's words (think block, else the whole text) written in the
-                         target language's script (DeepSeek-R1); None when there are no words.
+                         target language's script (DeepSeek-R1); None when there are no words. The toy world's
+                         codes "digits" and "letters" count its number words ("12" vs "bc").
+  summary_format         R1's format after its cold start, <think>…</think>summary<answer>…</answer> with a
+                         non-blank summary: 1 or 0; None on rows whose answer column is None (general prompts).
+  harmlessness           -1 for a banned word anywhere in the response, reasoning included, else 0 (toy world).
+  gold_win               the toy world's hidden gold preference against the row's reference response: 1 / 0.5 / 0
+                         (a measurement; log it with weight 0).
   lcpo_exact_reward      r = 1[c] - α·|n_target - |y||                 α = 3e-4          (L1, LCPO-Exact)
   lcpo_max_reward        r = 1[c]·clip(α·(n_target - |y|) + δ, 0, 1)   α = 3e-4, δ = 0.5 (L1, LCPO-Max)
   kimi_length_reward     λ_i = 0.5 - (|y_i| - min_len)/(max_len - min_len) within each group of G samples;
@@ -71,6 +77,15 @@ prompt is 0 mod 5, so the splits never share a problem:
               checked by countdown_reward.
   code        prompt "Write f(x) returning x+3.", answer a reference solution, tests (assert statements);
               checked by code_reward.
+  general     the toy world's non-reasoning prompts: greetings ("hello, i am ana"), "make 12" (write an expression
+              equal to 12), "bigger: 7 or 12"; answer None, kind, and a reference response of middling quality.
+              No verifier: a hidden gold preference (gold_score) ranks responses, and gold_win_reward measures
+              a response against the reference. r1_pipeline.py trains a reward model on pairs it labels.
+
+The toy world (section "the toy world"): numbers in reasoning have two languages, digits and letters a-j
+(language_consistency_reward with language="digits" measures mixing); readability_problems checks a trace
+against R1's readable format <think>3*4=12,7+12=19,19-2=17</think>7+3*4-2=17<answer>17</answer> (step grammar,
+no repeated step, no junk, a summary); reflects() spots a self-correction ("wait"); harmful() a banned word.
 """
 
 import ast
@@ -321,6 +336,23 @@ def format_reward(completions: list[str], *, strict: bool = True, **kwargs) -> l
     return [float(isinstance(text, str) and check(text)) for text in completions]
 
 
+def _summary_format(text: str) -> bool:
+    if any(text.count(tag) != 1 for tag in _TAGS):
+        return False
+    a, b, c, d = (text.find(tag) for tag in _TAGS)
+    return a < b < c < d and not text[:a].strip() and bool(text[b + 8 : c].strip()) and not text[d + 9 :].strip()
+
+
+def summary_format_reward(completions: list[str], answer: list | None = None, **kwargs) -> list[float | None]:
+    """DeepSeek-R1's output format after its cold start, reasoning then a summary for the reader:
+    <think>…</think>summary<answer>…</answer>, each tag once, the summary not blank; 1.0 if it holds, else 0.0.
+    None on rows of an `answer` column that have no gold answer (in a dataset that mixes reasoning and general
+    prompts, general prompts are not held to a reasoning format)."""
+    golds = answer if isinstance(answer, (list, tuple)) else [""] * len(completions)
+    return [None if gold is None else float(isinstance(text, str) and _summary_format(text))
+            for text, gold in zip(completions, golds)]
+
+
 def tag_count_reward(completions: list[str], **kwargs) -> list[float]:
     """Partial credit for the template: 0.25 for each of the four tags that appears exactly once."""
     return [0.25 * sum(isinstance(text, str) and text.count(tag) == 1 for tag in _TAGS) for text in completions]
@@ -340,21 +372,35 @@ def _reasoning(text: str) -> str:
     return text[start + 7 : end] if end != -1 else text
 
 
+# The toy world's two number languages (the arithmetic task's reasoning): digits, the prompt's, and letters a-j for
+# 0-9 ("bc" = 12). Its words are the numbers: runs of digits, and runs of letters made only of a-j ("wait" is none).
+TOY_LANGUAGES = {"digits": re.compile(r"[0-9]+"), "letters": re.compile(r"[a-j]+")}
+_TOY_WORD = re.compile(r"[0-9]+|[a-z]+")
+
+
+def number_words(text: str) -> list[str]:
+    """The toy world's number words in a text, in order: "3*4=12,wait,d+e=h" -> ['3', '4', '12', 'd', 'e', 'h']."""
+    return [w for w in _TOY_WORD.findall(text) if w.isdigit() or TOY_LANGUAGES["letters"].fullmatch(w)]
+
+
 def language_consistency_reward(completions: list[str], *, language="en", max_chars: int = 200_000,
                                 **kwargs) -> list[float | None]:
     """DeepSeek-R1: the share of the reasoning's words written in the target language's script (en, zh, ja,
-    ko, ru); `language` is one code or a column. None when there are no words or no language. Reads max_chars
-    at most."""
+    ko, ru), or for the toy world's codes "digits" and "letters" the share of the reasoning's number words
+    written in that number language; `language` is one code or a column. None when there are no words or no
+    language. Reads max_chars at most."""
     languages = language if isinstance(language, (list, tuple)) else [language] * len(completions)
     rewards = []
     for text, lang in zip(completions, languages):
         if lang is None:  # a row without a target language: the reward does not apply
             rewards.append(None)
             continue
-        if lang not in _SCRIPTS:
-            raise ValueError(f"language must be one of {sorted(_SCRIPTS)}, not {lang!r}")
-        words = _WORD.findall(_reasoning(text)[:max_chars]) if isinstance(text, str) else []
-        rewards.append(sum(bool(_SCRIPTS[lang].fullmatch(w)) for w in words) / len(words) if words else None)
+        if lang not in _SCRIPTS and lang not in TOY_LANGUAGES:
+            raise ValueError(f"language must be one of {sorted(_SCRIPTS) + sorted(TOY_LANGUAGES)}, not {lang!r}")
+        reasoning = _reasoning(text)[:max_chars] if isinstance(text, str) else ""
+        target = _SCRIPTS.get(lang) or TOY_LANGUAGES[lang]
+        words = number_words(reasoning) if lang in TOY_LANGUAGES else _WORD.findall(reasoning)
+        rewards.append(sum(bool(target.fullmatch(w)) for w in words) / len(words) if words else None)
     return rewards
 
 
@@ -548,6 +594,151 @@ def code_reward(completions: list[str], tests: list, *, all_or_nothing: bool = F
         return list(pool.map(score, zip(completions, tests)))
 
 
+# ------------------------------------------------------------------------------------------------ the toy world
+# What the toy world (toy/base, sft.py's corpus) adds to the arithmetic task, so that each DeepSeek-R1 stage has
+# something to measure (r1_pipeline.py). A readable trace in R1's format is
+#     <think>3*4=12,7+12=19,19-2=17</think>7+3*4-2=17<answer>17</answer>
+# steps "a op b=c" joined by commas, a self-correction written "wait" and the step redone, then a summary (the
+# problem and its value), then the answer. Numbers inside the reasoning have two languages, digits (the prompt's,
+# the target) and letters a-j for 0-9 ("bc" = 12, "-g" = -6); a trace that uses both mixes languages.
+# General prompts (make_dataset("general")) have no gold answer; a hidden gold preference ranks their responses.
+
+LETTERS = "abcdefghij"
+_NUM = r"(?:[0-9]+|[a-j]+)"
+_STEP = re.compile(rf"(-?{_NUM})([-+*])(-?{_NUM})=(-?{_NUM})")
+_LONG_STEP = re.compile(rf"-?{_NUM}(?:[-+*]-?{_NUM}){{2,}}=-?{_NUM}")  # two operations or more in one step
+_SUMMARY = re.compile(r"[0-9]+(?:[-+*][0-9]+)+=-?[0-9]+")
+_R1_LAYOUT = re.compile(r"\s*<think>(.*)</think>(.*)<answer>(.*)</answer>\s*", re.S)
+READABILITY_PROBLEMS = ("layout", "junk", "long step", "repeat", "no summary")
+
+
+def to_letters(number: int) -> str:
+    """A number in the toy's second language: 12 -> 'bc', -6 -> '-g'."""
+    return ("-" if number < 0 else "") + "".join(LETTERS[int(d)] for d in str(abs(number)))
+
+
+def read_number(word: str) -> int | None:
+    """'12', 'bc', '-g' -> 12, 12, -6; None for anything else."""
+    sign, body = (-1, word[1:]) if word.startswith("-") else (1, word)
+    if body.isascii() and body.isdigit():
+        return sign * int(body)
+    if body and all(c in LETTERS for c in body):
+        return sign * int("".join(str(LETTERS.index(c)) for c in body))
+    return None
+
+
+def parse_step(step: str) -> tuple[int, str, int, int] | None:
+    """'7+bc=bj' -> (7, '+', 12, 19): a step of the grammar in either language (not checked for correctness)."""
+    match = _STEP.fullmatch(step)
+    if match is None:
+        return None
+    a, op, b, c = match.groups()
+    return read_number(a), op, read_number(b), read_number(c)
+
+
+def readability_problems(text: str) -> list[str]:
+    """Why a response is not a readable chain of thought in R1's format; [] when it is. "layout": not exactly
+    <think>reasoning</think>summary<answer>answer</answer> (a direct answer has no reasoning to read); "junk": a
+    reasoning item outside the step grammar or a summary that is not "problem=value"; "long step": two operations
+    or more in one step; "repeat": a step written twice; "no summary": nothing between </think> and <answer>.
+    Language is measured apart (language_consistency_reward with language="digits")."""
+    if not isinstance(text, str) or any(text.count(tag) != 1 for tag in _TAGS) or len(text) > 10_000:
+        return ["layout"]
+    match = _R1_LAYOUT.fullmatch(text)
+    if match is None:
+        return ["layout"]
+    reasoning, summary = match.group(1), match.group(2).strip()
+    items = reasoning.split(",")
+    kinds = ["wait" if s == "wait" else "step" if _STEP.fullmatch(s) else "long step" if _LONG_STEP.fullmatch(s)
+             else "junk" for s in items]
+    steps = [s for s, kind in zip(items, kinds) if kind != "wait"]
+    problems = [p for p in ("junk", "long step") if p in kinds]
+    if len(set(steps)) < len(steps):
+        problems.append("repeat")
+    if not summary:
+        problems.append("no summary")
+    elif not _SUMMARY.fullmatch(summary) and "junk" not in problems:
+        problems.append("junk")
+    return problems
+
+
+def is_readable(text: str) -> bool:
+    """A readable chain of thought: readability_problems finds nothing."""
+    return not readability_problems(text)
+
+
+BANNED_WORDS = ("idiot", "stupid", "hate")
+_POLITE = re.compile(r"\b(?:hello|hi|hey|greetings|welcome|nice to meet you|how can i help|good (?:morning|evening))\b")
+_RUDE = re.compile(r"\b(?:what\?|go away|not now|whatever)")
+_NAMES = ("ana", "bo", "cy", "dee", "eli", "fay", "gus", "hal", "ivy", "jo", "kai", "lu", "max", "ned", "ola",
+          "pat", "ray", "sam", "tess", "uma", "vic", "wes", "yan", "zoe", "al", "em", "finn", "rosa", "tom", "una",
+          "ben", "cleo", "dan", "eva", "flo", "gil", "hana", "ian", "jen", "kim", "leo", "mia", "nora", "otto",
+          "pia", "rob", "sue", "ted", "val", "will")
+_GREETINGS = ("hi", "hello", "hey", "good morning", "good evening", "greetings")
+
+
+def harmful(text: str) -> bool:
+    """A banned word anywhere in the response, reasoning included (R1 judged harmlessness on the whole response)."""
+    return isinstance(text, str) and any(word in text.lower() for word in BANNED_WORDS)
+
+
+def final_text(text: str) -> str:
+    """What a reader of the answer sees: the text after the reasoning (the summary and the answer block), or all of
+    it when there is no </think>. R1's helpfulness reward model read only this part."""
+    return text.rpartition("</think>")[2] if "</think>" in text else text
+
+
+def general_kind(prompt: str) -> str | None:
+    """'greeting' ("hello, i am ana"), 'expression' ("make 12"), 'comparison' ("bigger: 7 or 12"), or None."""
+    if prompt.startswith("make "):
+        return "expression"
+    if prompt.startswith("bigger: "):
+        return "comparison"
+    return "greeting" if ", i am " in prompt else None
+
+
+def gold_score(prompt: str, response: str) -> tuple[int, int, int]:
+    """The toy world's hidden gold preference, as a key to compare (higher is better): harmless beats harmful;
+    then the task's quality (greeting: polite 1 > neither 0 > rude -1; "make N": an expression equal to N 1 >
+    another expression 0 > anything else -1; "bigger: a or b": the larger number first 1 > the other 0 > no number
+    -1); then the shorter answer. It reads the answer block (else the text after the reasoning)."""
+    if not isinstance(response, str):
+        return (0, -1, 0)
+    answer = (_answer_block(response) or final_text(response)).strip().lower()[:1000]
+    kind, quality = general_kind(prompt), -1
+    if kind == "greeting":
+        quality = -1 if _RUDE.search(answer) else 1 if _POLITE.search(answer) else 0
+    elif kind == "expression":
+        value = evaluate_expression(answer)
+        quality = -1 if value is None else int(value == int(prompt.split()[1]))
+    elif kind == "comparison":
+        numbers, given = re.findall(r"\d+", answer), [int(n) for n in re.findall(r"\d+", prompt)]
+        quality = -1 if not numbers else int(int(numbers[0]) == max(given))
+    return (0 if harmful(response) else 1, quality, -len(answer))
+
+
+def gold_preference(prompt: str, a: str, b: str) -> int:
+    """1 if the gold preference ranks response a above b, -1 if below, 0 for a tie."""
+    key_a, key_b = gold_score(prompt, a), gold_score(prompt, b)
+    return (key_a > key_b) - (key_a < key_b)
+
+
+def harmlessness_reward(completions: list[str], **kwargs) -> list[float]:
+    """-1.0 for a response with a banned word anywhere, reasoning included, else 0.0 (the toy world's stand-in for
+    R1's harmlessness reward model, which read the whole response)."""
+    return [-1.0 if harmful(text) else 0.0 for text in completions]
+
+
+def gold_win_reward(completions: list[str], prompt: list | None = None, reference: list | None = None,
+                    **kwargs) -> list[float | None]:
+    """The toy world's gold win-rate against the row's reference response: 1.0 better, 0.5 tie, 0.0 worse; None on
+    rows without a reference. A measurement of the hidden preference: give it weight 0 to log it."""
+    prompts = prompt if prompt is not None else [None] * len(completions)
+    references = reference if reference is not None else [None] * len(completions)
+    return [None if ref is None or not isinstance(p, str) else (gold_preference(p, text, ref) + 1) / 2
+            for text, p, ref in zip(completions, prompts, references)]
+
+
 # ------------------------------------------------------------------------------------------------ combining
 
 REWARDS = {
@@ -555,7 +746,8 @@ REWARDS = {
     "language_consistency": language_consistency_reward, "lcpo_exact": lcpo_exact_reward,
     "lcpo_max": lcpo_max_reward, "kimi_length": kimi_length_reward, "cosine_length": cosine_length_reward,
     "soft_overlong": soft_overlong_reward, "repetition_penalty": repetition_penalty_reward,
-    "countdown": countdown_reward,
+    "countdown": countdown_reward, "summary_format": summary_format_reward, "harmlessness": harmlessness_reward,
+    "gold_win": gold_win_reward,
 }
 TASK_REWARDS = {"arithmetic": accuracy_reward, "countdown": countdown_reward, "code": code_reward}
 
@@ -775,15 +967,43 @@ def _code_row(rng: random.Random, split: str | None = None) -> dict | None:
     return {"prompt": prompt.format(**fill), "answer": solution, "tests": tests}
 
 
+@functools.lru_cache(maxsize=8)
+def general_prompts(kind: str, split: str) -> tuple[str, ...]:
+    """Every general prompt of a kind ('greeting', 'expression', 'comparison') in a split."""
+    prompts = {"greeting": [f"{g}, i am {name}" for g in _GREETINGS for name in _NAMES],
+               "expression": [f"make {n}" for n in range(3, 151)],
+               "comparison": [f"bigger: {a} or {b}" for a in range(1, 100) for b in range(1, 100) if a != b]}[kind]
+    return tuple(p for p in prompts if _split_of(p) == split)
+
+
+def general_row(prompt: str) -> dict:
+    """A general prompt's row: no gold answer, its kind, and a fixed reference response of middling quality (polite
+    but long, correct but long) that the gold win-rate compares against."""
+    kind = general_kind(prompt)
+    if kind == "greeting":
+        reference = f"hello {prompt.split(', i am ')[1]}! how can i help?"
+    elif kind == "expression":
+        reference = f"1+{int(prompt.split()[1]) - 2}+1"
+    else:
+        reference = f"{max(int(n) for n in re.findall(r'[0-9]+', prompt))} is bigger"
+    return {"prompt": prompt, "answer": None, "kind": kind, "reference": f"<answer>{reference}</answer>"}
+
+
+def _general_row(rng: random.Random, split: str) -> dict:
+    return general_row(rng.choice(general_prompts(rng.choice(("greeting", "expression", "comparison")), split)))
+
+
 def _split_of(prompt: str) -> str:
     """A stable hash of the problem text decides its split, so train and test never share a problem."""
     return "test" if int(hashlib.md5(prompt.encode()).hexdigest(), 16) % 5 == 0 else "train"
 
 
 def make_dataset(name: str, split: str = "train", n: int = 1000, seed: int = 0) -> list[dict]:
-    """n distinct rows {prompt, answer, ...} of a built-in task ("arithmetic", "countdown", "code") from the
-    split ("train" or "test", about 80% and 20% of all problems, by prompt hash); the same for the same seed."""
-    makers = {"arithmetic": _arithmetic_row, "countdown": _countdown_row, "code": lambda rng: _code_row(rng, split)}
+    """n distinct rows {prompt, answer, ...} of a built-in task ("arithmetic", "countdown", "code", or the toy
+    world's "general" prompts, whose answer is None) from the split ("train" or "test", about 80% and 20% of all
+    problems, by prompt hash); the same for the same seed."""
+    makers = {"arithmetic": _arithmetic_row, "countdown": _countdown_row, "code": lambda rng: _code_row(rng, split),
+              "general": lambda rng: _general_row(rng, split)}
     if name not in makers or split not in ("train", "test"):
         raise ValueError(f"make_dataset takes a name in {sorted(makers)} and split 'train' or 'test', "
                          f"not {name!r}, {split!r}")

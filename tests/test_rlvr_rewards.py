@@ -385,6 +385,16 @@ def test_make_dataset_is_deterministic_and_splits_are_disjoint(name):
     assert R.make_dataset(name, "test", n=0) == []
 
 
+def test_general_prompts_split_by_hash_and_carry_a_reference():
+    """The toy world's general prompts: deterministic, train and test disjoint, no gold answer, every kind, and a
+    reference response the gold preference can rank."""
+    train, test = R.make_dataset("general", "train", n=200, seed=1), R.make_dataset("general", "test", n=60, seed=1)
+    assert train == R.make_dataset("general", "train", n=200, seed=1)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert {r["kind"] for r in train} == {"greeting", "expression", "comparison"}
+    assert all(r["answer"] is None and R.gold_score(r["prompt"], r["reference"])[:2] == (1, 1) for r in train + test)
+
+
 def test_arithmetic_rows_are_consistent():
     """The answer is the last step's value and the prompt's value (with precedence); steps stay in range."""
     for row in R.make_dataset("arithmetic", "train", n=500):
