@@ -70,6 +70,7 @@ train_wall_s) on cores shared with heavier jobs (load 5-9).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import operator
@@ -79,12 +80,11 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import transformers
 import tyro
-from tqdm import tqdm
 
 import kernels
 import rlvr_rewards
@@ -110,7 +110,9 @@ class Args:
     eval_size: int = 256
     """held-out rows for eval/loss and eval/accuracy (and the final toy table)"""
     out_dir: str = "runs/sft"
-    """where args.json, metrics.jsonl, checkpoint-STEP/ and final/ go"""
+    """where args.json, metrics.jsonl, checkpoint-STEP/ and final/ go (one run per directory)"""
+    overwrite: bool = False
+    """replace the run already in --out-dir (without it, a used --out-dir is refused unless --resume)"""
     export_dir: Optional[str] = None
     """also save the final model here; default: toy/base for the toy recipe, if the model meets TOY_TARGETS"""
     seed: int = 1
@@ -140,13 +142,20 @@ class Args:
     save_every: int = 500
     """steps between checkpoints (0: only at the end)"""
     resume: bool = False
-    """continue from the newest checkpoint in --out-dir"""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda', 'cuda:1', ..."""
-    dtype: str = "auto"
-    """weights dtype for --model ('auto': bf16 on a capable GPU, else fp32); a random init is fp32"""
-    strategy: str = "ddp"
+    """continue from the newest checkpoint in --out-dir (a finished run: nothing to do)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: this rank's GPU if there is one, else the CPU"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """compute dtype (the forward's matmuls); auto: bf16 on a capable GPU, else fp32"""
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the weights (what checkpoints hold), gradients and AdamW state; --dtype bfloat16 --master-dtype
+    bfloat16 is pure bf16: half the memory, but updates below bf16's resolution round away"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     """under torchrun: 'ddp' (a copy per rank) or 'fsdp' (FSDP2, sharded)"""
+    report_to: tuple[Literal["none", "wandb", "tensorboard"], ...] = ("none",)
+    """where metrics go besides metrics.jsonl (several allowed)"""
+    dist_timeout_s: float = 600.0
+    """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -556,9 +565,7 @@ def load_data(args: Args) -> tuple[list[dict], list[dict]]:
     rows = rlvr_rewards.read_jsonl(args.dataset, sft_row)
     if args.eval_dataset:
         return rows, rlvr_rewards.read_jsonl(args.eval_dataset, sft_row)
-    order = random.Random(args.seed).sample(range(len(rows)), len(rows))
-    held = set(order[:min(args.eval_size, len(rows) // 10)])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    return rlvr_rewards.hold_out(rows, args.eval_size, args.seed)
 
 
 def collate(examples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -592,17 +599,18 @@ def completion_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor, num_tokens=
 def load_or_init(args: Args, device: torch.device):
     """(model, tokenizer) from --model, or random weights from --init-from-config (seeded by --seed)."""
     if args.model:
-        return kernels.load_model(args.model, dtype=args.dtype, device=device)
+        return kernels.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=device)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = kernels.load_tokenizer(args.tokenizer) if args.tokenizer else build_toy_tokenizer()
     config = (toy_model_config(tokenizer, args.init_from_config) if args.init_from_config in TOY_SIZES
               else AutoConfig.from_pretrained(args.init_from_config))
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=kernels.resolve_precision(args.dtype, args.master_dtype,
+                                                                                     device)[1])
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    return model.to(device), tokenizer
+    return kernels.set_precision(model.to(device), args.dtype), tokenizer
 
 
 @torch.no_grad()
@@ -646,54 +654,71 @@ def main(args: Args) -> kernels.RunResult:
     """Train; returns the out dir, final/ and the held-out metrics before and after (eval/, and for the built-in
     data the toy world's numbers, toy/)."""
     t0 = time.time()
-    transformers.utils.logging.disable_progress_bar()  # checkpoint saves would draw bars inside ours
-    dist_info = kernels.init_distributed(args.device)
+    kernels.quiet_transformers()  # checkpoint saves would draw bars inside ours
+    dist_info = kernels.init_distributed(args.device, args.dist_timeout_s)
     device, world = dist_info.device, dist_info.world_size
+    kernels.check_settings(args)
     micro_batch, remainder = divmod(args.batch_size, world * args.grad_accum)
     if remainder or micro_batch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of ranks * --grad-accum = "
-                         f"{world * args.grad_accum}.")
-    if args.strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"--strategy must be 'ddp' or 'fsdp', not {args.strategy!r}.")
+        raise kernels.UserError(f"--batch-size {args.batch_size} must be a multiple of ranks * --grad-accum = "
+                                f"{world * args.grad_accum}.")
     kernels.seed_everything(args.seed)
     train_rows, eval_rows = load_data(args)  # malformed data stops here, before any model is loaded
-    model, tokenizer = load_or_init(args, device)
+    if args.model:
+        kernels.check_model_source(args.model)
+    total_steps = math.ceil(args.epochs * len(train_rows) / args.batch_size) if args.epochs else args.max_steps
+    finish = functools.partial(kernels.finish_run, args.out_dir, t_start=t0, panels=[
+        ("loss", [("train/loss", "train"), ("eval/loss", "held-out")], "completion NLL per token"),
+        ("held-out (greedy)", [("eval/accuracy", "accuracy"), ("eval/reasoning_share", "reasoning share")],
+         "share")], title=f"sft.py --model {args.model or args.init_from_config} --dataset {args.dataset}")
 
-    def encode(rows):
-        examples = [build_sft_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
-        return [{k: v[:args.max_length] for k, v in e.items()} for e in examples]
+    with kernels.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=total_steps) as run:
+        if run.finished:
+            return finish(final_dir=run.checkpoint)
+        model, tokenizer = load_or_init(args, device)
+        context = getattr(model.config, "max_position_embeddings", None) or args.max_length
+        max_length = min(args.max_length, context)
 
-    train, held_out = encode(train_rows), encode(eval_rows)
-    total_steps = math.ceil(args.epochs * len(train) / args.batch_size) if args.epochs else args.max_steps
-    model = kernels.wrap_model(model, args.strategy, device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kernels.warmup_schedule(args.warmup_steps, total_steps,
-                                                                                      args.min_lr_ratio))
-    start_step = 0
-    checkpoint = kernels.latest_checkpoint(args.out_dir) if args.resume else None
-    if checkpoint:
-        start_step = kernels.load_checkpoint(checkpoint, model, optimizer, scheduler)["step"]
-        kernels.print0(f"Resuming from {checkpoint} at step {start_step}.")
-    kernels.save_args(args.out_dir, args)
-    logger = kernels.MetricsLogger(args.out_dir, resume_step=start_step if checkpoint else None,
-                                   config=dataclasses.asdict(args))
-    kernels.print0(f"SFT: {len(train)} examples, {len(held_out)} held out, {total_steps} steps of {args.batch_size} "
-                   f"on {world} x {device}; outputs in {args.out_dir}")
+        def encode(rows):
+            examples = [build_sft_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
+            unknown = [i for i, e in enumerate(examples) if tokenizer.unk_token_id in e["input_ids"]]
+            if unknown and tokenizer.unk_token_id is not None:
+                kernels.print0(f"Warning: {len(unknown)} example(s) hold characters the tokenizer cannot represent "
+                               f"(mapped to {tokenizer.unk_token}), e.g. row {unknown[0]}: "
+                               f"{str(rows[unknown[0]]['prompt'])[:40]!r} -> {rows[unknown[0]]['completion'][:40]!r}")
+            cut = sum(len(e["input_ids"]) > max_length for e in examples)
+            if cut:
+                kernels.print0(f"Cut {cut} of {len(examples)} examples to {max_length} tokens (--max-length "
+                               f"{args.max_length}, the model's context {context}): their completions lose their end.")
+            return [{k: v[:max_length] for k, v in e.items()} for e in examples]
 
-    def save(step, name=None):
-        return kernels.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler, name=name,
-                                       extra={"samples_seen": step * args.batch_size})
+        train, held_out = encode(train_rows), encode(eval_rows)
+        model = kernels.wrap_model(model, args.strategy, device)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kernels.warmup_schedule(
+            args.warmup_steps, total_steps, args.min_lr_ratio))
+        start_step = 0
+        if run.checkpoint:
+            start_step = kernels.load_checkpoint(run.checkpoint, model, optimizer, scheduler)["step"]
+            kernels.print0(f"Resuming from {run.checkpoint} at step {start_step}.")
+        kernels.save_args(args.out_dir, args)
+        logger = kernels.MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
+                                       report_to=args.report_to, config=dataclasses.asdict(args))
+        kernels.print0(f"SFT: {len(train)} examples, {len(held_out)} held out, {total_steps} steps of "
+                       f"{args.batch_size} on {world} x {device}; outputs in {args.out_dir}")
 
-    def run_eval() -> dict:
-        return evaluate(model, tokenizer, held_out, eval_rows, args.max_new_tokens, args.batch_size)
+        def save(step, name=None):
+            return kernels.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler, name=name,
+                                           extra={"samples_seen": step * args.batch_size})
 
-    metrics, step, before = {}, start_step, {}
-    if held_out and args.eval_every and start_step == 0:
-        before = run_eval()
-        logger.log(0, before)
-    with kernels.StopSignal() as stop:
-        bar = tqdm(range(start_step, total_steps), desc="sft", disable=not dist_info.is_main, dynamic_ncols=True)
+        def run_eval() -> dict:
+            return evaluate(model, tokenizer, held_out, eval_rows, args.max_new_tokens, args.batch_size)
+
+        metrics, step, skipped = {}, start_step, 0
+        if held_out and args.eval_every and start_step == 0:
+            logger.log(0, run_eval())
+        bar = kernels.progress(range(start_step, total_steps), desc="sft", total=total_steps, initial=start_step)
         for step in bar:
             # ---- one optimizer step: this rank's share of the batch, in micro-batches ----
             tick = time.perf_counter()
@@ -703,7 +728,7 @@ def main(args: Args) -> kernels.RunResult:
                            key=lambda e: len(e["input_ids"]))
             mine = batch[dist_info.rank::world]
             num_tokens = sum(sum(e["loss_mask"][1:]) for e in batch)  # the whole batch's target tokens
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for m in range(args.grad_accum):
                 input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(
                     mine[m * micro_batch:(m + 1) * micro_batch], tokenizer.pad_token_id))
@@ -712,15 +737,15 @@ def main(args: Args) -> kernels.RunResult:
                     logprobs = kernels.token_logprobs(model, input_ids, attention_mask)  # (b, T-1)
                     loss = completion_loss(logprobs, loss_mask[:, 1:], num_tokens)
                     (loss * world).backward()  # DDP/FSDP average gradients over ranks; the sum is what we want
-                loss_sum += loss.item()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                         if args.max_grad_norm > 0 else torch.tensor(0.0))
+                loss_sum = loss_sum + loss.detach()
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            values, stepped = kernels.guarded_step(model, optimizer, args.max_grad_norm, {"loss": loss_sum})
+            skipped += not stepped
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            metrics = {"train/loss": kernels.all_reduce_mean(loss_sum) * world, "train/lr": lr,
-                       "train/grad_norm": float(grad_norm), "train/epoch": (step + 1) * args.batch_size / len(train),
+            metrics = {"train/loss": kernels.all_reduce_mean(values["loss"]) * world, "train/lr": lr,
+                       "train/grad_norm": values["grad_norm"] if args.max_grad_norm > 0 else 0.0,
+                       "train/epoch": (step + 1) * args.batch_size / len(train), "train/skipped_updates": skipped,
                        "perf/tokens_per_s": sum(len(e["input_ids"]) for e in batch) / (time.perf_counter() - tick)}
             done = step + 1
             if held_out and (args.eval_every and done % args.eval_every == 0 or done == total_steps):
@@ -730,53 +755,49 @@ def main(args: Args) -> kernels.RunResult:
                 {"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
             if args.save_every and done % args.save_every == 0 or done == total_steps:
                 save(done)
-            if stop.should_stop():
+            if run.should_stop():
                 save(done)
                 kernels.print0(f"Stopped at step {done}; resume with --resume --out-dir {args.out_dir}.")
                 logger.close()
-                return kernels.RunResult(args.out_dir, None, before, {}, done, time.time() - t0)
-        bar.close()
+                return finish(final_dir=None, stopped_at=done, signal=run.signal)
 
-    # ---- the final model, and for the built-in tasks the toy world's numbers ----
-    step = max(total_steps, start_step)
-    final_dir = save(step, name="final")
+        # ---- the final model, and for the built-in tasks the toy world's numbers ----
+        step = max(total_steps, start_step)
+        final_dir = save(step, name="final")
+        if dist_info.is_main and args.dataset in ("toy", "arithmetic"):
+            toy_world_report(args, final_dir, tokenizer, device, logger, step, time.time() - t0)
+        kernels.barrier()
+        logger.close()
+    kernels.print0(f"Done in {time.time() - t0:.0f} s; final model in {final_dir}")
+    return finish(final_dir=final_dir, signal=run.signal)
+
+
+def toy_world_report(args: Args, final_dir: str, tokenizer, device, logger, step: int, wall_s: float):
+    """The toy world's numbers for a model trained on the built-in data (toy/ metrics and final/toy_stats.json), and
+    the export: to --export-dir, or for the default toy recipe to toy/base when the model meets TOY_TARGETS."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).to(device)
+    stats = evaluate_toy(plain, tokenizer, n=args.eval_size, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    logger.log(step, {f"toy/{k}": v for k, v in stats.items()})
+    with open(os.path.join(final_dir, "toy_stats.json"), "w") as f:
+        json.dump({**stats, "train_wall_s": round(wall_s), "torch": torch.__version__,
+                   "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+                   "args": dataclasses.asdict(args)}, f, indent=2)
+    samples = stats["n_samples"] // stats["n_problems"]
+    print(f"\nOn {stats['n_problems']} held-out problems, {samples} samples each at T=1:")
+    print("\n".join(f"  {label:<38} {100 * stats[key]:5.1f}%" for label, key in TOY_TABLE))
     export_dir = args.export_dir
-    if dist_info.is_main and args.dataset in ("toy", "arithmetic"):
-        from transformers import AutoModelForCausalLM
-
-        plain = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).to(device)
-        stats = evaluate_toy(plain, tokenizer, n=args.eval_size, seed=args.seed, max_new_tokens=args.max_new_tokens)
-        del plain
-        metrics.update({f"toy/{k}": v for k, v in stats.items()})
-        logger.log(step, {f"toy/{k}": v for k, v in stats.items()})
-        with open(os.path.join(final_dir, "toy_stats.json"), "w") as f:
-            json.dump({**stats, "train_wall_s": round(time.time() - t0), "torch": torch.__version__,
-                       "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
-                       "args": dataclasses.asdict(args)}, f, indent=2)
-        samples = stats["n_samples"] // stats["n_problems"]
-        print(f"\nOn {stats['n_problems']} held-out problems, {samples} samples each at T=1:")
-        print("\n".join(f"  {label:<38} {100 * stats[key]:5.1f}%" for label, key in TOY_TABLE))
-        if export_dir is None and args.dataset == "toy" and args.model is None and args.init_from_config == "toy":
-            missed = toy_targets_missed(stats)
-            export_dir = TOY_BASE if not missed else None
-            if missed:
-                print(f"Not exported to {TOY_BASE}: it misses the toy targets ({'; '.join(missed)}). "
-                      "Pass --export-dir to write it anyway.")
-    if dist_info.is_main and export_dir:
+    if export_dir is None and args.dataset == "toy" and args.model is None and args.init_from_config == "toy":
+        missed = toy_targets_missed(stats)
+        export_dir = TOY_BASE if not missed else None
+        if missed:
+            print(f"Not exported to {TOY_BASE}: it misses the toy targets ({'; '.join(missed)}). "
+                  "Pass --export-dir to write it anyway.")
+    if export_dir:
         export_model(final_dir, export_dir)
         print(f"Exported the final model to {export_dir}")
-    kernels.barrier()
-    logger.close()
-    if dist_info.is_main:
-        kernels.plot_metrics(args.out_dir, [
-            ("loss", [("train/loss", "train"), ("eval/loss", "held-out")], "completion NLL per token"),
-            ("held-out (greedy)", [("eval/accuracy", "accuracy"), ("eval/reasoning_share", "reasoning share")],
-             "share")], title=f"sft.py --model {args.model or args.init_from_config} --dataset {args.dataset}")
-    kernels.print0(f"Done in {time.time() - t0:.0f} s; final model in {final_dir}")
-    after = {k: v for k, v in metrics.items() if k.startswith(("eval/", "toy/"))}
-    return kernels.RunResult(args.out_dir, final_dir, before, after, None, time.time() - t0)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
-    kernels.close_distributed()
+    kernels.run_cli(main, tyro.cli(Args))

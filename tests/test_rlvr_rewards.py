@@ -6,7 +6,6 @@ import os
 import random
 import re
 import sys
-import textwrap
 import threading
 import time
 
@@ -14,16 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlvr_rewards as R  # noqa: E402
-
-import sandbox as S  # noqa: E402
-
-PLAN = S._probe_sandbox()
-AS_ROOT = PLAN is not None and PLAN.as_root
-needs_sandbox = pytest.mark.skipif(PLAN is None, reason="no working code sandbox on this machine")
-
-
-def program(source: str) -> str:
-    return textwrap.dedent(source).strip() + "\n"
+from test_sandbox import PLAN, needs_sandbox  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ extraction
