@@ -62,7 +62,6 @@ import json
 import os
 import random
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -161,6 +160,10 @@ class Args:
 
 class Stopped(RuntimeError):
     """A run inside a stage stopped on a signal after saving a checkpoint; rerunning continues it."""
+
+    def __init__(self, message: str, signal: int | None = None):
+        super().__init__(message)
+        self.signal = signal
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,13 +264,10 @@ def run(main, script_args) -> str:
     final = os.path.join(script_args.out_dir, "final")
     if os.path.isdir(final):
         return final
-    if kernels.latest_checkpoint(script_args.out_dir):
-        script_args = dataclasses.replace(script_args, resume=True)
-    elif os.path.exists(script_args.out_dir):
-        shutil.rmtree(script_args.out_dir)
-    result = main(script_args)
+    resume = kernels.latest_checkpoint(script_args.out_dir) is not None
+    result = main(dataclasses.replace(script_args, resume=resume, overwrite=not resume))
     if result.stopped_at is not None:
-        raise Stopped(f"{script_args.out_dir} stopped at step {result.stopped_at}")
+        raise Stopped(f"{script_args.out_dir} stopped at step {result.stopped_at}", result.signal)
     return result.final_dir
 
 
@@ -488,13 +488,13 @@ def main(args: Args) -> list[dict]:
     """Run the requested stages in order, skipping complete ones, then write and print the stage table."""
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"--stages: unknown stage {unknown[0]!r}; the stages are {' '.join(STAGES)}.")
+        raise kernels.UserError(f"--stages: unknown stage {unknown[0]!r}; the stages are {' '.join(STAGES)}.")
     done = {name: record for name in STAGES if (record := load_done(args, name))}
     for name in args.stages:
         needs = () if name == "reasoning_rl" and args.no_cold_start else NEEDS.get(name, ())
         missing = [n for n in needs if n not in done and n not in args.stages]
         if missing and name not in done:
-            raise ValueError(f"stage {name} needs stage {missing[0]}: add it to --stages, or pass --inputs-from an "
+            raise kernels.UserError(f"stage {name} needs stage {missing[0]}: add it to --stages, or pass --inputs-from an "
                              f"out dir where it is complete.")
     for name in STAGES:
         if name in args.stages and name not in done:
@@ -502,8 +502,14 @@ def main(args: Args) -> list[dict]:
     return stage_table(args, done)
 
 
-if __name__ == "__main__":
+def cli(args: Args) -> None:
+    """A stop inside a stage exits 128 + its signal (after the stage's run saved), and says how to continue."""
     try:
-        main(tyro.cli(Args))
+        main(args)
     except Stopped as stop:
-        raise SystemExit(f"Stopped ({stop}); run the same command again to continue where it stopped.")
+        print(f"Stopped ({stop}); run the same command again to continue where it stopped.", flush=True)
+        raise SystemExit(128 + (stop.signal or 15))
+
+
+if __name__ == "__main__":
+    kernels.run_cli(cli, tyro.cli(Args))
