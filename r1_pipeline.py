@@ -304,7 +304,7 @@ def load_done(args: Args, name: str) -> dict | None:
         path = os.path.join(stage_dir(root, name), "STAGE_DONE.json")
         if os.path.exists(path):
             with open(path) as f:
-                return json.load(f)
+                return {**json.load(f), "from": None if root == args.out_dir else root}
     return None
 
 
@@ -465,7 +465,8 @@ def stage_table(args: Args, done: dict) -> list[dict]:
         if scorer is not None:
             scores = scorer([env.final_text(t) for t in record["metrics"]["general_responses"]], prompt=prompts)
             metrics["eval/rm_score"] = sum(scores) / len(scores)
-        table.append({"stage": name, **metrics, "wall_s": record.get("wall_s"), "paper": PAPER.get(name, {})})
+        table.append({"stage": name, **metrics, "wall_s": record.get("wall_s"), "paper": PAPER.get(name, {}),
+                      "from": record.get("from") if isinstance(record, dict) else None})
     for path, content in ((cache_file, cache), (os.path.join(args.out_dir, "stages.json"), table)):
         with open(path, "w") as f:
             json.dump(content, f, indent=1)
@@ -475,9 +476,12 @@ def stage_table(args: Args, done: dict) -> list[dict]:
         return ("–" if value is None else fmt.format(value)) + (f" ({row['paper'][key]})" if key in row["paper"] else "")
 
     text = "\n".join(["| stage | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-                     + [f"| {row['stage']} | " + " | ".join(cell(row, k) for k in COLUMNS) + " |" for row in table])
+                     + [f"| {row['stage']}{' *' if row['from'] else ''} | " + " | ".join(cell(row, k) for k in COLUMNS)
+                        + " |" for row in table])
     text += ("\n\nIn parentheses: the direction DeepSeek-R1 reports for the stage against the row before it (R1-Zero "
              "against the base, the cold start against R1-Zero, the student rows against the teacher).\n")
+    if any(row["from"] for row in table):
+        text += f"* run in {args.inputs_from} (--inputs-from), not in this out dir.\n"
     with open(os.path.join(args.out_dir, "stages.md"), "w") as f:
         f.write(text)
     print("\n" + text + f"\nWritten: {args.out_dir}/stages.json, {args.out_dir}/stages.md")
