@@ -1092,7 +1092,9 @@ def _is_empty(prompt) -> bool:
 
 def check_prompt_row(row, where: str, required=()) -> dict:
     """An RL dataset row: an object with a non-empty 'prompt' (a string or chat messages) and every field in
-    `required` (those the rewards read: answer, tests, ...); a DataError starting with `where` otherwise."""
+    `required` (those the rewards read: answer, tests, ...); a DataError starting with `where` otherwise. A field
+    given as null is present: that row has no gold, and the rewards that need one skip it (a dataset that mixes
+    verifiable and general prompts, as R1's stage 4)."""
     if not isinstance(row, dict) or "prompt" not in row:
         raise DataError(f"{where}each row must be an object with a 'prompt' (--prompt-column names another column).")
     if not (isinstance(row["prompt"], str) or is_messages(row["prompt"])):
@@ -1100,7 +1102,7 @@ def check_prompt_row(row, where: str, required=()) -> dict:
                         "{\"role\": str, \"content\": str}.")
     if _is_empty(row["prompt"]):
         raise DataError(f"{where}the prompt is empty; remove the row or give it a prompt.")
-    missing = [name for name in required if row.get(name) is None]
+    missing = [name for name in required if name not in row]
     if missing:
         raise DataError(f"{where}no {missing[0]!r}, which the rewards need (fields here: {sorted(row)}).")
     return row
@@ -1377,7 +1379,7 @@ def check_rewards(reward_fns, rows: list[dict], source: str):
     for name, fn in reward_fns:
         needed = required_columns(fn)
         for i, row in enumerate(rows):
-            missing = sorted(column for column in needed if row.get(column) is None)
+            missing = sorted(column for column in needed if column not in row)  # null: no gold here, skipped
             if missing:
                 raise DataError(f"{source}, row {i}: reward '{name}' needs the field(s) {missing}, which this row does "
                                 f"not have (its fields: {sorted(row)}).")

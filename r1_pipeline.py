@@ -1,0 +1,519 @@
+"""r1_pipeline.py: the DeepSeek-R1 recipe end to end, stage by stage, each stage's effect measured in the toy world.
+
+The recipe (DeepSeek-R1, arXiv 2501.12948, and its Nature 2025 version), and what each stage is here. Every stage
+calls the other scripts' main() (grpo.main, sft.main, rlhf_reward_model.main); no training loop lives in this file.
+
+    stage               the paper                                        here (toy world)
+    0 r1_zero           GRPO on the base, accuracy + format rewards,     grpo on toy/base: accuracy + 0.1 format
+                        no neural reward model
+    1 cold_start        SFT of the base on thousands of long readable    correct R1-Zero samples rewritten readably by a
+                        CoTs, "reasoning | summary": few-shot prompting, formatter that plays the annotator (digits only,
+                        readable R1-Zero outputs post-processed by       junk and repeated steps dropped, summary added),
+                        humans                                           plus a few written by rule; sft of toy/base
+    2 reasoning_rl      GRPO: accuracy + format + language consistency   grpo from stage 1: accuracy + 0.1 summary
+                        (share of the CoT's words in the target          format + language consistency (share of the
+                        language), summed                                reasoning's numbers written in digits)
+    3 rejection_sft     sample from stage 2, keep correct and readable   k samples per problem from stage 2; filters:
+                        (no mixed languages, long paragraphs, code       correct, one language, no long step, no junk,
+                        blocks) ~600k, + ~200k non-reasoning samples;    no repeat, a summary (each filter's removals
+                        SFT of the *base* for 2 epochs                   logged); + general prompts answered without
+                                                                         reasoning (1 part in 4); sft of toy/base, 2 ep.
+    4 all_scenarios     GRPO: rules on reasoning data, reward models on  a Bradley-Terry reward model (rlhf_reward_model)
+                        general data (helpfulness on the summary only,   on gold-labelled pairs, reading the answer only;
+                        harmlessness on the whole response), preference  a banned-word rule on the whole response; grpo
+                        rewards only in the last ~400 steps              on mixed prompts, the reward model only in the
+                                                                         last `rm_last_steps` (a second grpo run)
+    5 distill           SFT of small students on the 800k samples; RL    sft of toy/student (smaller) on stage 3's data,
+                        straight on the small base does worse            beside R1-Zero (grpo) on toy/student
+
+The toy world (sft.py's corpus, rlvr_rewards' "toy world" section): arithmetic reasoning where numbers in the
+reasoning come in two languages (digits, the target, and letters a-j for 0-9; some base traces switch), traces
+are sometimes messy (repeated steps, junk, two steps merged, no summary) and rarely self-correct ("wait"), and
+general prompts (greetings, "make 12", "bigger: 7 or 12") whose responses a hidden gold preference ranks.
+
+Held-out metrics of every stage's model (names as in metrics.jsonl): eval/accuracy (greedy) and
+eval/pass@1_k4_t1.0 on 200 test problems; eval/language_consistency (mean share of digits among the greedy
+reasoning's numbers), eval/readability (share of greedy responses that are readable R1-format chains of
+thought), eval/reflection_share, eval/response_length (tokens); on 90 general test prompts, eval/rm_score (the
+stage-4 reward model, normalised) and eval/gold_win_rate (the gold preference against each prompt's reference).
+
+Deviations: the language reward is weighted 0.5 rather than summed at 1 (in the toy a full-weight reward costs
+more accuracy than R1's "slight degradation"); harmlessness is a rule (R1 used a reward model); the capped
+reward-model phase is a second grpo run from the first's final weights (a fresh optimizer and 5 warmup steps);
+comparable compute for the student baseline means comparable wall time, not FLOPs.
+
+Launch:
+    python r1_pipeline.py                                        # every stage, toy world, CPU (~15 min)
+    python r1_pipeline.py --stages r1_zero cold_start            # a subset; a rerun skips complete stages
+    python r1_pipeline.py --out-dir runs/r1_no_lc --inputs-from runs/r1_pipeline --stages reasoning_rl \\
+        --reasoning-rl.language-weight 0                          # ablation: no consistency reward
+    python r1_pipeline.py --out-dir runs/r1_no_cs --inputs-from runs/r1_pipeline --stages reasoning_rl --no-cold-start
+    python r1_pipeline.py --out-dir runs/r1_no_cap --inputs-from runs/r1_pipeline --stages all_scenarios \\
+        --all-scenarios.rm-last-steps 60                          # ablation: the reward model on every step
+
+Outputs: OUT/<i>_<stage>/ per stage (its runs, data, STAGE_DONE.json with its metrics), OUT/stages.json and
+OUT/stages.md (the table). Result: see README.md, "The DeepSeek-R1 recipe".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import tyro
+
+import grpo
+import kernels
+import rlhf_reward_model
+import rlvr_rewards as env
+import sft
+
+STAGES = ("r1_zero", "cold_start", "reasoning_rl", "rejection_sft", "all_scenarios", "distill")
+NEEDS = {"cold_start": ("r1_zero",), "reasoning_rl": ("cold_start",), "rejection_sft": ("reasoning_rl",),
+         "all_scenarios": ("rejection_sft",), "distill": ("rejection_sft", "all_scenarios")}
+KINDS = ("greeting", "expression", "comparison")
+
+
+@dataclass
+class R1Zero:
+    steps: int = 80  # GRPO steps, 16 prompts x 8 samples each
+    lr: float = 2e-4  # learning rate
+
+
+@dataclass
+class ColdStart:
+    prompts: int = 400  # training problems sampled 4 times each from the R1-Zero model
+    size: int = 300  # readable chains of thought kept from those samples, one per problem
+    rule_written: int = 60  # more written by rule (R1's few-shot prompting), every third with a self-correction
+    epochs: float = 3  # SFT epochs
+    lr: float = 1e-3  # SFT learning rate
+
+
+@dataclass
+class ReasoningRL:
+    steps: int = 60  # GRPO steps
+    lr: float = 2e-4  # learning rate
+    language_weight: float = 0.5  # weight of the language-consistency reward (0: the ablation; still logged)
+
+
+@dataclass
+class RejectionSFT:
+    prompts: int = 1500  # training problems, each sampled `samples` times from the stage-2 model at T=1
+    samples: int = 4  # samples per problem
+    general_share: float = 0.25  # share of the SFT data that is general prompts answered without reasoning
+    epochs: float = 2  # SFT epochs (of the base model, as R1)
+    lr: float = 1e-3  # SFT learning rate
+
+
+@dataclass
+class AllScenarios:
+    rm_steps: int = 300  # reward-model training steps, 16 pairs each
+    rm_pairs: int = 3000  # gold-labelled preference pairs on general training prompts
+    steps: int = 60  # GRPO steps in all
+    rm_last_steps: int = 15  # the cap: the reward model rewards only the last this many steps (>= steps: all)
+    general_share: float = 0.25  # share of the RL prompts that are general prompts
+    lr: float = 2e-4  # learning rate
+
+
+@dataclass
+class Distill:
+    student: str = os.path.join(os.path.dirname(kernels.TOY_BASE), "student")  # the smaller pretrained student
+    epochs: float = 3  # SFT epochs on stage 3's data
+    lr: float = 2e-3  # SFT learning rate
+    rl_steps: int = 40  # GRPO steps of the baseline, R1-Zero on the student: about the distillation's trained tokens
+
+
+@dataclass
+class Args:
+    out_dir: str = "runs/r1_pipeline"
+    """a subdirectory per stage; stages.json and stages.md"""
+    base: str = "toy"
+    """the base model ('toy': toy/base)"""
+    stages: tuple[str, ...] = STAGES
+    """the stages to run; the others they need must be complete here or in --inputs-from"""
+    inputs_from: Optional[str] = None
+    """an earlier out dir whose complete stages stand in for the ones not run here (ablations)"""
+    no_cold_start: bool = False
+    """ablation: reasoning RL starts from the base model instead of the cold-start model"""
+    seed: int = 0
+    """seeds every run and every sample"""
+    max_new_tokens: int = 72
+    """response length cap in every stage and evaluation"""
+    eval_size: int = 200
+    """held-out arithmetic problems"""
+    general_eval_size: int = 90
+    """held-out general prompts, a third of each kind"""
+    r1_zero: R1Zero = field(default_factory=R1Zero)
+    cold_start: ColdStart = field(default_factory=ColdStart)
+    reasoning_rl: ReasoningRL = field(default_factory=ReasoningRL)
+    rejection_sft: RejectionSFT = field(default_factory=RejectionSFT)
+    all_scenarios: AllScenarios = field(default_factory=AllScenarios)
+    distill: Distill = field(default_factory=Distill)
+
+
+class Stopped(RuntimeError):
+    """A run inside a stage stopped on a signal after saving a checkpoint; rerunning continues it."""
+
+    def __init__(self, message: str, signal: int | None = None):
+        super().__init__(message)
+        self.signal = signal
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The toy recipe's pieces: the annotator, the rejection filters, data, measurements
+# ----------------------------------------------------------------------------------------------------------
+
+def annotate(prompt: str, completion: str) -> str | None:
+    """R1's human annotator as a rule: a correct sample rewritten readably (numbers in digits, junk and repeated
+    steps dropped, "wait" kept, the summary added); None when a step cannot be read (a long step)."""
+    steps = []
+    for item in completion.partition("<think>")[2].partition("</think>")[0].split(","):
+        cleaned = item if item == "wait" else re.sub(r"[^0-9a-j+\-*=]", "", item)
+        step = env.parse_step(cleaned)
+        if cleaned not in ("", "wait") and step is None:
+            return None
+        text = "{}{}{}={}".format(*step) if step else cleaned
+        if text and (text == "wait" or text not in steps):
+            steps.append(text)
+    answer = env.extract_answer(completion)
+    trace = f"<think>{','.join(steps)}</think>{prompt}={answer}<answer>{answer}</answer>"
+    return trace if env.is_readable(trace) else None
+
+
+def rejection_filter(completion: str, answer: str) -> str | None:
+    """The first of stage 3's filters a sample fails ('wrong', 'mixed language', 'long step', 'junk', 'repeat',
+    'no summary'; a response that is not a chain of thought in R1's layout counts as junk), or None: kept."""
+    if env.accuracy_reward([completion], answer=[answer])[0] != 1.0:
+        return "wrong"
+    if (env.language_consistency_reward([completion], language="digits")[0] or 0.0) < 1.0:
+        return "mixed language"
+    problems = ["junk" if p == "layout" else p for p in env.readability_problems(completion)]
+    return next((p for p in ("long step", "junk", "repeat", "no summary") if p in problems), None)
+
+
+def reasoning_rows(split: str, n: int, seed: int) -> list[dict]:
+    return [{"prompt": r["prompt"], "answer": r["answer"], "language": "digits", "reference": None}
+            for r in env.make_dataset("arithmetic", split, n, seed)]
+
+
+def general_rows(split: str, n: int, seed: int) -> list[dict]:
+    """n general prompts, a third of each kind, distinct while a kind has enough (no target language: the
+    consistency reward does not apply)."""
+    rng, counts = random.Random(f"general/{split}/{seed}"), [n // 3 + (i < n % 3) for i in range(3)]
+    pools = [env.general_prompts(k, split) for k in KINDS]
+    prompts = [p for pool, k in zip(pools, counts) for p in (rng.sample(pool, k) if k <= len(pool) else
+                                                               rng.choices(pool, k=k))]
+    return [{**env.general_row(p), "language": None} for p in prompts]
+
+
+def sft_row(prompt: str, completion: str, answer=None) -> dict:
+    return {"prompt": [{"role": "user", "content": prompt}], "completion": completion, "answer": answer}
+
+
+def write_jsonl(path: str, rows: list[dict]) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+@torch.no_grad()
+def sample(model_path: str, rows: list[dict], k: int, args: Args, temperature: float = 1.0):
+    """(model, tokenizer, k completions per row): sampled from a seeded generator, or greedy at temperature 0."""
+    model, tokenizer = kernels.load_model(model_path)
+    kernels.set_cpu_threads(0, model)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
+    return model, tokenizer, env.sample(model, tokenizer, rows, num_samples=k, max_new_tokens=args.max_new_tokens,
+                                        temperature=temperature, generator=generator).completions
+
+
+def measure(args: Args, model_path: str) -> dict:
+    """The held-out metrics of a model for the stage table: reasoning prompts greedy (and pass@1 over 4 samples),
+    general prompts 4 samples each at T=1 (eval/rm_score is added when the table is made)."""
+    rows, general = reasoning_rows("test", args.eval_size, args.seed), general_rows("test", args.general_eval_size,
+                                                                                      args.seed)
+    model, tokenizer, texts = sample(model_path, general, 4, args)
+    greedy = env.sample(model, tokenizer, rows, num_samples=1, max_new_tokens=args.max_new_tokens,
+                        temperature=0.0).completions
+    metrics = env.evaluate(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, samples=4, seed=args.seed)
+    languages = [v for v in env.language_consistency_reward(greedy, language="digits") if v is not None]
+    wins = env.gold_win_reward(texts, prompt=[r["prompt"] for r in general for _ in range(4)],
+                               reference=[r["reference"] for r in general for _ in range(4)])
+    return {**metrics, "eval/language_consistency": sum(languages) / max(1, len(languages)),
+            "eval/readability": sum(map(env.is_readable, greedy)) / len(greedy),
+            "eval/reflection_share": sum(map(env.reflects, greedy)) / len(greedy),
+            "eval/gold_win_rate": sum(wins) / len(wins), "eval/harmful_share": sum(map(env.harmful, texts)) / len(texts),
+            "general_responses": texts}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running the scripts' main(), and stage bookkeeping
+# ----------------------------------------------------------------------------------------------------------
+
+def run(main, script_args) -> str:
+    """A script's main on its own out dir: a finished run (final/) is not repeated, a stopped one resumes from its
+    checkpoint, one that died before its first checkpoint starts afresh. Returns final/."""
+    final = os.path.join(script_args.out_dir, "final")
+    if os.path.isdir(final):
+        return final
+    resume = kernels.latest_checkpoint(script_args.out_dir) is not None
+    result = main(dataclasses.replace(script_args, resume=resume, overwrite=not resume))
+    if result.stopped_at is not None:
+        raise Stopped(f"{script_args.out_dir} stopped at step {result.stopped_at}", result.signal)
+    return result.final_dir
+
+
+def grpo_run(args: Args, out_dir: str, model: str, steps: int, lr: float, dataset: str, rewards: dict) -> str:
+    return run(grpo.main, grpo.Args(
+        model=model, dataset=dataset, eval_dataset=data_file(args, "reasoning_test"), rewards=tuple(rewards),
+        reward_weights=tuple(rewards.values()), out_dir=out_dir, seed=args.seed, max_steps=steps, lr=lr,
+        max_new_tokens=args.max_new_tokens, eval_every=20, eval_samples=0, eval_size=args.eval_size, save_every=10,
+        plot=False))
+
+
+def sft_run(args: Args, out_dir: str, model: str, dataset: str, epochs: float, lr: float) -> str:
+    return run(sft.main, sft.Args(model=model, dataset=dataset, out_dir=out_dir, export_dir="", seed=args.seed,
+                                  epochs=epochs, lr=lr, batch_size=32, grad_accum=1, warmup_steps=5, eval_every=0,
+                                  eval_size=32, save_every=25, max_new_tokens=args.max_new_tokens))
+
+
+def data_file(args: Args, name: str) -> str:
+    """The shared arithmetic prompts (train and held-out test) with their target language, written once."""
+    path = os.path.join(args.out_dir, "data", f"{name}.jsonl")
+    if not os.path.exists(path):
+        write_jsonl(path, reasoning_rows(*(("test", args.eval_size) if name == "reasoning_test" else ("train", 8000)),
+                                         args.seed))
+    return path
+
+
+def stage_dir(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, f"{STAGES.index(name)}_{name}")
+
+
+def load_done(args: Args, name: str) -> dict | None:
+    """A complete stage's record: from this out dir, or for a stage not run here, from --inputs-from."""
+    for root in (args.out_dir,) + ((args.inputs_from,) if args.inputs_from and name not in args.stages else ()):
+        path = os.path.join(stage_dir(root, name), "STAGE_DONE.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return {**json.load(f), "from": None if root == args.out_dir else root}
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stages: each returns {"model": its final model, ...}; run_stage measures it and marks it complete
+# ----------------------------------------------------------------------------------------------------------
+
+def r1_zero(args: Args, path: str, done: dict, model: str | None = None, steps: int | None = None) -> dict:
+    """Stage 0 (and stage 5's baseline): GRPO on a base model, accuracy + format, no reward model. Language
+    consistency is logged with weight 0, to watch the languages mix."""
+    rewards = {"accuracy": 1.0, "format": 0.1, "language_consistency": 0.0}
+    return {"model": grpo_run(args, os.path.join(path, "grpo"), model or args.base, steps or args.r1_zero.steps,
+                              args.r1_zero.lr, data_file(args, "reasoning_train"), rewards)}
+
+
+def cold_start(args: Args, path: str, done: dict) -> dict:
+    """Stage 1: SFT of the base on readable chains of thought, mostly correct R1-Zero samples rewritten by the
+    annotator, a few written by rule."""
+    c, data = args.cold_start, os.path.join(path, "data.jsonl")
+    if not os.path.exists(data):
+        rows = env.make_dataset("arithmetic", "train", c.prompts, args.seed + 1)
+        chosen = {}
+        for i, text in enumerate(sample(done["r1_zero"]["model"], rows, 4, args)[2]):
+            row = rows[i // 4]
+            readable = env.accuracy_reward([text], answer=[row["answer"]])[0] and annotate(row["prompt"], text)
+            if readable and row["prompt"] not in chosen and len(chosen) < c.size:
+                chosen[row["prompt"]] = sft_row(row["prompt"], readable, row["answer"])
+        written = [sft_row(r["prompt"], sft.readable_trace(r["prompt"], 0 if i % 3 == 0 else None), r["answer"])
+                   for i, r in enumerate(env.make_dataset("arithmetic", "train", c.rule_written, args.seed + 2))]
+        write_jsonl(data, list(chosen.values()) + written)
+        print(f"cold start: {len(chosen)} annotated R1-Zero samples + {len(written)} written by rule")
+    return {"model": sft_run(args, os.path.join(path, "sft"), args.base, data, c.epochs, c.lr)}
+
+
+def reasoning_rl(args: Args, path: str, done: dict) -> dict:
+    """Stage 2: GRPO with accuracy + R1's format with a summary + language consistency, summed."""
+    start = args.base if args.no_cold_start else done["cold_start"]["model"]
+    rewards = {"accuracy": 1.0, "summary_format": 0.1, "language_consistency": args.reasoning_rl.language_weight}
+    return {"model": grpo_run(args, os.path.join(path, "grpo"), start, args.reasoning_rl.steps, args.reasoning_rl.lr,
+                              data_file(args, "reasoning_train"), rewards)}
+
+
+def rejection_sft(args: Args, path: str, done: dict) -> dict:
+    """Stage 3: samples of stage 2 that pass the filters, plus general prompts answered without reasoning (the base
+    corpus's responses, harmless); SFT of the base model."""
+    c, data, stats_file = args.rejection_sft, os.path.join(path, "data.jsonl"), os.path.join(path, "filters.json")
+    if not os.path.exists(data):
+        rows = env.make_dataset("arithmetic", "train", c.prompts, args.seed + 3)
+        stats, kept = {"samples": c.prompts * c.samples, "removed_by": {}}, {}
+        for i, text in enumerate(sample(done["reasoning_rl"]["model"], rows, c.samples, args)[2]):
+            row, reason = rows[i // c.samples], rejection_filter(text, rows[i // c.samples]["answer"])
+            stats["removed_by"][reason] = stats["removed_by"].get(reason, 0) + 1
+            kept.setdefault((row["prompt"], text), sft_row(row["prompt"], text, row["answer"])) if not reason else None
+        stats["kept"], stats["distinct_kept"] = stats["removed_by"].pop(None, 0), len(kept)
+        rng, n = random.Random(args.seed), max(1, round(len(kept) * c.general_share / (1 - c.general_share)))
+        general = [sft_row(r["prompt"], sft.toy_general_completion(r["prompt"], rng, reasoning=False, harmful=False))
+                   for r in general_rows("train", n, args.seed)]
+        write_jsonl(data, list(kept.values()) + general)
+        with open(stats_file, "w") as f:
+            json.dump({**stats, "general": len(general)}, f, indent=1)
+    with open(stats_file) as f:
+        filters = json.load(f)
+    print(f"rejection sampling: {json.dumps(filters)}")
+    return {"model": sft_run(args, os.path.join(path, "sft"), args.base, data, c.epochs, c.lr), "filters": filters,
+            "data": data}
+
+
+def preference_pairs(path: str, split: str, n: int, seed: int) -> str:
+    """n pairs of base-corpus responses to general prompts, labelled by the gold preference on the answer alone
+    (helpfulness: harm in the reasoning is the harmlessness rule's business), ties dropped."""
+    rng, lines = random.Random(f"{split}/{seed}"), []
+    while len(lines) < n:
+        prompt = rng.choice(env.general_prompts(rng.choice(KINDS), split))
+        a, b = (env.final_text(sft.toy_general_completion(prompt, rng)) for _ in range(2))
+        order = env.gold_preference(prompt, a, b)
+        if order:
+            lines.append({"prompt": prompt, "chosen": a if order > 0 else b, "rejected": b if order > 0 else a})
+    return write_jsonl(os.path.join(path, f"preferences_{split}.jsonl"), lines)
+
+
+def all_scenarios(args: Args, path: str, done: dict) -> dict:
+    """Stage 4: a reward model for general prompts; GRPO on mixed prompts with rules for reasoning, the harmlessness
+    rule on whole responses, and the reward model (answer only) in the last rm_last_steps only."""
+    c = args.all_scenarios
+    reward_model = run(rlhf_reward_model.main, rlhf_reward_model.Args(
+        model=args.base, dataset=preference_pairs(path, "train", c.rm_pairs, args.seed), eval_dataset=preference_pairs(
+            path, "test", c.rm_pairs // 10, args.seed), out_dir=os.path.join(path, "reward_model"), seed=args.seed,
+        max_steps=c.rm_steps, eval_every=0, save_every=100))
+    os.environ["RLHF_REWARD_MODEL"] = reward_model  # what rlhf_reward_model.helpfulness_reward loads
+    prompts = os.path.join(path, "prompts.jsonl")
+    write_jsonl(prompts, reasoning_rows("train", 6000, args.seed) + general_rows(
+        "train", round(6000 * c.general_share / (1 - c.general_share)), args.seed))
+    rules = {"accuracy": 1.0, "summary_format": 0.1, "language_consistency": args.reasoning_rl.language_weight,
+             "harmlessness": 1.0, "gold_win": 0.0}  # gold_win: the hidden preference, logged and never rewarded
+    model, rule_steps = done["rejection_sft"]["model"], max(0, c.steps - c.rm_last_steps)
+    if rule_steps:
+        model = grpo_run(args, os.path.join(path, "grpo_rules"), model, rule_steps, c.lr, prompts, rules)
+    if c.steps > rule_steps:
+        model = grpo_run(args, os.path.join(path, "grpo_reward_model"), model, c.steps - rule_steps, c.lr, prompts,
+                         {**rules, "rlhf_reward_model:helpfulness_reward": 1.0})
+    return {"model": model, "reward_model": reward_model}
+
+
+def distill(args: Args, path: str, done: dict) -> dict:
+    """Stage 5: SFT of the smaller student on stage 3's data; beside it the paper's baseline, R1-Zero straight on
+    the student, measured as a row of its own."""
+    model = sft_run(args, os.path.join(path, "sft"), args.distill.student, done["rejection_sft"]["data"],
+                    args.distill.epochs, args.distill.lr)
+    t0 = time.time()
+    baseline = r1_zero(args, os.path.join(path, "student_rl"), done, args.distill.student, args.distill.rl_steps)
+    return {"model": model, "student_rl": {"metrics": measure(args, baseline["model"]), "wall_s": time.time() - t0}}
+
+
+def run_stage(args: Args, name: str, done: dict) -> dict:
+    """Run a stage, measure its model, and mark it complete: STAGE_DONE.json holds its record."""
+    path, t0 = stage_dir(args.out_dir, name), time.time()
+    print(f"\n==== stage {STAGES.index(name)}: {name} -> {path}", flush=True)
+    record = globals()[name](args, path, done)
+    record.update(stage=name, metrics=measure(args, record["model"]),
+                  wall_s=time.time() - t0 - record.get("student_rl", {}).get("wall_s", 0.0))
+    write_jsonl(os.path.join(path, "STAGE_DONE.json"), [record])
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage table, with the direction the R1 paper reports beside each value
+# ----------------------------------------------------------------------------------------------------------
+
+COLUMNS = {"eval/accuracy": "accuracy", "eval/pass@1_k4_t1.0": "pass@1", "eval/language_consistency": "language",
+           "eval/readability": "readable", "eval/reflection_share": "reflect", "eval/response_length": "length",
+           "eval/rm_score": "RM score", "eval/gold_win_rate": "gold win", "wall_s": "wall s"}
+# Each stage against the row before it (R1-Zero against the base, the cold start against R1-Zero, the student
+# rows against the teacher): DeepSeek-R1, arXiv 2501.12948 and its Nature 2025 table; REFERENCE.md sections 7, 11.
+PAPER = {"r1_zero": {"eval/accuracy": "↑", "eval/response_length": "↑", "eval/readability": "poor",
+                     "eval/language_consistency": "mixes", "eval/reflection_share": "↑"},
+         "cold_start": {"eval/accuracy": "↓", "eval/readability": "↑"},
+         "reasoning_rl": {"eval/accuracy": "↑", "eval/language_consistency": "↑, costs a little accuracy"},
+         "rejection_sft": {"eval/accuracy": "↑", "eval/readability": "kept"},
+         "all_scenarios": {"eval/accuracy": "kept", "eval/rm_score": "↑", "eval/gold_win_rate": "↑"},
+         "distill": {"eval/accuracy": "most of the teacher's"}, "student_rl": {"eval/accuracy": "< distilled"}}
+
+
+def stage_table(args: Args, done: dict) -> list[dict]:
+    """stages.json (one object per stage, and the base models) and stages.md; printed."""
+    rows = [("base", args.base)] + [(name, done[name]) for name in STAGES if name in done]
+    rows += [("student_base", args.distill.student), ("student_rl", done["distill"]["student_rl"])] \
+        if "distill" in done else []
+    cache_file = os.path.join(args.out_dir, "base_models.json")
+    cache = json.load(open(cache_file)) if os.path.exists(cache_file) else {}
+    reward_model = done.get("all_scenarios", {}).get("reward_model")
+    scorer = rlhf_reward_model.RewardModelScorer(reward_model, normalize=True) if reward_model else None
+    prompts = [r["prompt"] for r in general_rows("test", args.general_eval_size, args.seed) for _ in range(4)]
+    table = []
+    for name, record in rows:
+        if isinstance(record, str):  # a base model: measured once
+            record = cache[name] = cache.get(name) or {"metrics": measure(args, record)}
+        metrics = {k: v for k, v in record["metrics"].items() if k != "general_responses"}
+        if scorer is not None:
+            scores = scorer([env.final_text(t) for t in record["metrics"]["general_responses"]], prompt=prompts)
+            metrics["eval/rm_score"] = sum(scores) / len(scores)
+        table.append({"stage": name, **metrics, "wall_s": record.get("wall_s"), "paper": PAPER.get(name, {}),
+                      "from": record.get("from") if isinstance(record, dict) else None})
+    for path, content in ((cache_file, cache), (os.path.join(args.out_dir, "stages.json"), table)):
+        with open(path, "w") as f:
+            json.dump(content, f, indent=1)
+
+    def cell(row, key):
+        value, fmt = row.get(key), {"wall_s": "{:.0f}", "eval/response_length": "{:.1f}"}.get(key, "{:.3f}")
+        return ("–" if value is None else fmt.format(value)) + (f" ({row['paper'][key]})" if key in row["paper"] else "")
+
+    text = "\n".join(["| stage | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+                     + [f"| {row['stage']}{' *' if row['from'] else ''} | " + " | ".join(cell(row, k) for k in COLUMNS)
+                        + " |" for row in table])
+    text += ("\n\nIn parentheses: the direction DeepSeek-R1 reports for the stage against the row before it (R1-Zero "
+             "against the base, the cold start against R1-Zero, the student rows against the teacher).\n")
+    if any(row["from"] for row in table):
+        text += f"* run in {args.inputs_from} (--inputs-from), not in this out dir.\n"
+    with open(os.path.join(args.out_dir, "stages.md"), "w") as f:
+        f.write(text)
+    print("\n" + text + f"\nWritten: {args.out_dir}/stages.json, {args.out_dir}/stages.md")
+    return table
+
+
+def main(args: Args) -> list[dict]:
+    """Run the requested stages in order, skipping complete ones, then write and print the stage table."""
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        raise kernels.UserError(f"--stages: unknown stage {unknown[0]!r}; the stages are {' '.join(STAGES)}.")
+    done = {name: record for name in STAGES if (record := load_done(args, name))}
+    for name in args.stages:
+        needs = () if name == "reasoning_rl" and args.no_cold_start else NEEDS.get(name, ())
+        missing = [n for n in needs if n not in done and n not in args.stages]
+        if missing and name not in done:
+            raise kernels.UserError(f"stage {name} needs stage {missing[0]}: add it to --stages, or pass --inputs-from an "
+                             f"out dir where it is complete.")
+    for name in STAGES:
+        if name in args.stages and name not in done:
+            done[name] = run_stage(args, name, done)
+    return stage_table(args, done)
+
+
+def cli(args: Args) -> None:
+    """A stop inside a stage exits 128 + its signal (after the stage's run saved), and says how to continue."""
+    try:
+        main(args)
+    except Stopped as stop:
+        print(f"Stopped ({stop}); run the same command again to continue where it stopped.", flush=True)
+        raise SystemExit(128 + (stop.signal or 15))
+
+
+if __name__ == "__main__":
+    kernels.run_cli(cli, tyro.cli(Args))
