@@ -1512,6 +1512,14 @@ def wrap_model(model: torch.nn.Module, strategy: str = "ddp", device: torch.devi
     raise ValueError(f"strategy must be 'ddp', 'fsdp' or 'none', got {strategy!r}.")
 
 
+def adamw(params, *, lr: float, weight_decay: float, device: torch.device, strategy: str = "ddp",
+          betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW as the RL scripts use it: fused (one kernel per step instead of ~10 passes per parameter, 10x faster
+    on 100M parameters on a CPU) wherever it can be, i.e. on CPU and CUDA outside FSDP2's sharded tensors."""
+    fused = device.type in ("cpu", "cuda") and not (is_distributed() and strategy == "fsdp")
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
+
+
 def full_state_dict(model: torch.nn.Module) -> dict:
     """A full (unsharded) CPU state dict of the plain model, on every rank; DDP/FSDP aware."""
     model = unwrap(model)
@@ -1951,6 +1959,14 @@ class Timer:
     def pop(self) -> dict[str, float]:
         out, self.totals = self.totals, {}
         return out
+
+    def step_metrics(self, t0: float, gen_tokens: int, device) -> dict:
+        """The perf/ keys of an RL step that began at perf_counter() t0 and generated gen_tokens tokens on every
+        rank: seconds per phase, generation throughput, the step's seconds and the peak accelerator memory."""
+        times = self.pop()
+        return {**{f"perf/{k}_s": v for k, v in times.items()},
+                "perf/gen_tokens_per_s": gen_tokens / max(times.get("generate", 1e-9), 1e-9),
+                "perf/step_s": time.perf_counter() - t0, "perf/peak_mem_gb": peak_memory_gb(device)}
 
 
 # ----------------------------------------------------------------------------------------------------------
