@@ -450,7 +450,8 @@ PAPER = {"r1_zero": {"eval/accuracy": "↑", "eval/response_length": "↑", "eva
 def stage_table(args: Args, done: dict) -> list[dict]:
     """stages.json (one object per stage, and the base models) and stages.md; printed."""
     rows = [("base", args.base)] + [(name, done[name]) for name in STAGES if name in done]
-    rows += [("student_base", args.distill.student), ("student_rl", done["distill"]["student_rl"])] \
+    rows += [("student_base", args.distill.student), ("student_rl", {**done["distill"]["student_rl"],
+                                                                     "from": done["distill"].get("from")})] \
         if "distill" in done else []
     cache_file = os.path.join(args.out_dir, "base_models.json")
     cache = json.load(open(cache_file)) if os.path.exists(cache_file) else {}

@@ -56,14 +56,13 @@ JSONL (UTF-8): one object a line, {"prompt": str | messages, "chosen": str | mes
 "margin": finite float (optional)} or {"prompt": ..., "responses": [best, ..., worst]} (no margin: one number
 cannot fit all its pairs); messages are {"role": str, "content": str} objects.
 
-Result (`python rlhf_reward_model.py`, seed 0, 800 steps of 16 pairs, 2-core CPU shared with other jobs,
-141-203 s wall): held-out pairwise accuracy 0.947 on 900 pairs (correct 0.840, format 1.000, concise 1.000),
-mean margin 3.87. On the toy base model's own samples it ranks a correct answer above a wrong one for the
-same prompt 87% of the time, mostly because it likes reasoning. As grpo.py's only reward it is hacked, as
-the consistency caveat above predicts: greedy accuracy 33.5% -> 2.5% while the reasoning share goes 26% ->
-100%, e.g. "4-9-2" -> <think>1-9=-6,-6-5=-1</think><answer>-1</answer>; as a 0.1-weight term beside the
-verifiable reward (--rewards task rlhf_reward_model:reward_model --reward-weights 1 0.1) the run ends at
-83.0%, against 85.5% for the default task + format rewards.
+Result (`python rlhf_reward_model.py`, seed 0, 800 steps of 16 pairs, 2-core CPU shared with four other jobs,
+1,035 s wall): held-out pairwise accuracy 0.979 on 900 pairs (correct 0.937, format 1.000, concise 1.000), mean
+margin 4.78. As grpo.py's only reward it is hacked, as the consistency caveat above predicts: greedy accuracy
+39.0% -> 16.0% while the reasoning share goes 26% -> 100%, e.g. "5+4+4*4" ->
+<think>4*4=14,5+4=10,10+14=44</think><answer>44</answer>; as a 0.1-weight term beside the verifiable reward
+(--rewards task rlhf_reward_model:reward_model --reward-weights 1 0.1) the run ends at 88.0%, against 89.5% for
+the default task + format rewards.
 """
 
 from __future__ import annotations
