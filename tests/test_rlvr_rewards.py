@@ -422,3 +422,18 @@ def test_code_rows_reference_solutions_pass_their_tests():
     rows = R.make_dataset("code", "train", n=16)
     assert R.code_reward([row["answer"] for row in rows], [row["tests"] for row in rows]) == [1.0] * 16
     assert R.code_reward(["def f(*args):\n    return None"] * 16, [row["tests"] for row in rows]) == [0.0] * 16
+
+
+def test_a_null_answer_marks_a_row_without_gold_and_a_missing_one_is_refused(tmp_path):
+    """A mixed dataset (R1's stage 4: reasoning prompts with answers, general prompts with "answer": null) loads,
+    and the accuracy reward skips its general rows; a row with no answer field at all is still a named error."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"prompt": "2+2", "answer": "4"}\n{"prompt": "hello, i am ana", "answer": null}\n')
+    fns = R.resolve_rewards(("accuracy",), str(path))
+    rows = R.load_prompts(str(path), required=R.required_fields(fns))
+    R.check_rewards(fns, rows, str(path))
+    assert R.accuracy_reward(["<answer>4</answer>", "<answer>hi</answer>"], answer=[r["answer"] for r in rows]) == [
+        1.0, None]
+    path.write_text('{"prompt": "2+2", "answer": "4"}\n{"prompt": "hello"}\n')
+    with pytest.raises(R.DataError, match="line 2: no 'answer'"):
+        R.load_prompts(str(path), required=R.required_fields(fns))
