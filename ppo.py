@@ -55,7 +55,7 @@ Deliberate choices:
   - A critic from a causal LM gets a new head, N(0, 0.001^2) with bias 0, so values start near 0; from a reward model
     it keeps the reward head (InstructGPT), so values start at the reward model's score of each prefix.
   - pi_old, pi_ref and V_old are computed once per rollout in fp32 at the sampling temperature, over length-sorted
-    micro-batches. Minibatches are strided over each rank's prompts (the same rows on any number of ranks), their
+    micro-batches; pi_old only when needed (several epochs or minibatches, or a KL in the reward). Minibatches are strided over each rank's prompts (the same rows on any number of ranks), their
     order reshuffled every epoch. Sampling noise is keyed as in grpo.py: same seed, same prompts and first samples.
   - A NaN/inf in either loss or gradient norm skips the optimizer step of both models; nan_patience in a row stops.
 
@@ -442,7 +442,9 @@ def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict,
                     with K.no_grad_sync(models["policy"], skip=skip_sync):
                         logprobs, entropy = K.completion_logprobs(models["policy"], part, temperature=args.temperature,
                                                                   with_entropy=True)  # (r, n) each
-                        old = part["old_logprobs"]
+                        # one epoch of one minibatch: pi_old is pi_theta, the ratio exactly 1, yet its gradient is
+                        # REINFORCE's; the detached log-probs serve and no pass over the rollout was needed
+                        old = part["old_logprobs"] if "old_logprobs" in part else logprobs.detach()
                         if args.log_ratio_clamp:  # verl: no exp overflow, and no gradient beyond the clamp
                             logprobs = old + (logprobs - old).clamp(-args.log_ratio_clamp, args.log_ratio_clamp)
                         loss, part_stats = K.policy_loss(
@@ -665,9 +667,10 @@ def main(args: Args) -> K.RunResult:
 
             # ---- passes, once per rollout: pi_old, pi_ref and V_old at every response token, (R, N) each
             logprob_pass = dict(batch=batch, temperature=args.temperature, max_tokens=args.micro_batch_tokens)
-            with timer("policy_pass"):
-                batch["old_logprobs"] = K.rollout_logprobs(policy, **logprob_pass)
             ref_logprobs = None
+            if ref is not None or args.num_epochs > 1 or args.num_minibatches > 1:  # else pi_old = pi_theta: no pass
+                with timer("policy_pass"):
+                    batch["old_logprobs"] = K.rollout_logprobs(policy, **logprob_pass)
             if ref is not None:
                 with timer("reference_pass"):
                     ref_logprobs = K.rollout_logprobs(ref, **logprob_pass)
@@ -676,7 +679,7 @@ def main(args: Args) -> K.RunResult:
 
             # ---- advantages: the KL in the reward, GAE, whitening over every rank's tokens
             beta = kl_ctl.value
-            rewards = token_rewards(scores, batch["old_logprobs"], ref_logprobs, mask, beta, args.kl_estimator,
+            rewards = token_rewards(scores, batch.get("old_logprobs"), ref_logprobs, mask, beta, args.kl_estimator,
                                     args.log_ratio_clamp)                                      # (R, N)
             batch["advantages"], batch["returns"], advantages = compute_advantages(args, rewards, batch["values"], mask)
 
@@ -689,7 +692,7 @@ def main(args: Args) -> K.RunResult:
             timer.totals["update"] = time.perf_counter() - t1
 
             # ---- KL controller: fed this rollout's per-sequence KL and its number of responses
-            kl_stats = kl_metrics(batch["old_logprobs"], ref_logprobs, mask)
+            kl_stats = kl_metrics(batch.get("old_logprobs"), ref_logprobs, mask)
             if kl_stats:
                 kl_ctl.update(K.all_reduce_mean(kl_stats["train/kl_seq"]), args.prompts_per_step * args.num_generations)
             state["kl_coef"] = kl_ctl.value
