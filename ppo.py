@@ -53,7 +53,7 @@ Deliberate choices:
   - Two optimizers, as OpenRLHF and verl (N+ had one loss pg + c_v * vf): with two models, the critic's learning rate
     plays c_v's part. Dropout is off in every model (N+ details).
   - A critic from a causal LM gets a new head, N(0, 0.001^2) with bias 0, so values start near 0; from a reward model
-    it keeps the reward head (InstructGPT), so values start at the reward model's score of each prefix.
+    it keeps the reward head (InstructGPT), normalised as the scores are, so values start at each prefix's score.
   - pi_old, pi_ref and V_old are computed once per rollout in fp32 at the sampling temperature, over length-sorted
     micro-batches; pi_old only when needed (several epochs or minibatches, or a KL in the reward). Minibatches are strided over each rank's prompts (the same rows on any number of ranks), their
     order reshuffled every epoch. Sampling noise is keyed as in grpo.py: same seed, same prompts and first samples.
@@ -382,6 +382,9 @@ def load_critic(args: Args, device) -> torch.nn.Module:
             critic.score.bias.zero_()
         if not arch.endswith(("ForTokenClassification", "ForSequenceClassification")):
             critic.score.weight.normal_(0.0, 1e-3)
+        elif arch.endswith("ForSequenceClassification") and getattr(config, "reward_std", None):
+            critic.score.weight.div_(config.reward_std)  # scores are normalised (resolve_rewards), so are values
+            critic.score.bias.fill_(-config.reward_mean / config.reward_std)
     return dropout_off(critic)
 
 
@@ -497,11 +500,12 @@ def check_args(args: Args, info: K.DistInfo):
                          f"rank(s), and each rank's share into --num-minibatches {args.num_minibatches}.")
     if args.temperature <= 0:
         raise ValueError(f"--temperature {args.temperature}: training samples and log-probs need a temperature > 0.")
-    if min(args.num_epochs, args.num_minibatches, args.num_generations) < 1 or args.critic_epochs < 0:
-        raise ValueError("--num-epochs, --num-minibatches and --num-generations must be at least 1, --critic-epochs "
-                         "at least 0.")
-    if not (0 < args.gamma <= 1 and 0 <= args.lam <= 1 and (args.actor_lam == -1 or 0 <= args.actor_lam <= 1)):
-        raise ValueError("--gamma must be in (0, 1], --lam and --actor-lam in [0, 1] (--actor-lam -1: --lam's).")
+    if min(args.num_epochs, args.num_minibatches, args.num_generations) < 1:
+        raise ValueError("--num-epochs, --num-minibatches and --num-generations must be at least 1.")
+    if not (0 < args.gamma <= 1 and 0 <= args.lam <= 1 and (args.actor_lam == -1 or 0 <= args.actor_lam <= 1)
+            and args.critic_epochs >= 0):
+        raise ValueError("--gamma must be in (0, 1], --lam and --actor-lam in [0, 1] (--actor-lam -1: --lam's), "
+                         "--critic-epochs >= 0.")
     if args.kl_target and (args.kl_coef <= 0 or args.kl_horizon <= 0):
         raise ValueError("--kl-target (the adaptive controller) needs --kl-coef > 0 and --kl-horizon > 0.")
     if len(args.rewards) != len(args.reward_weights):
@@ -600,16 +604,6 @@ def collect_rollout(args: Args, policy, tokenizer, reward_fns, train_rows: list[
     return rollout
 
 
-def kl_metrics(logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None, mask: torch.Tensor) -> dict:
-    """KL(pi_old || pi_ref) of a rollout: per sequence (k1 summed over each response: what the controller sees) and per
-    token (k1, k3). Empty without a reference."""
-    if ref_logprobs is None:
-        return {}
-    log_ratio = torch.where(mask.bool(), logprobs - ref_logprobs, 0.0)
-    return {"train/kl_seq": log_ratio.sum(-1).mean().item(), "train/kl_token_k1": K.masked_mean(log_ratio, mask).item(),
-            "train/kl_token_k3": K.masked_mean(torch.expm1(-log_ratio) + log_ratio, mask).item()}
-
-
 def main(args: Args) -> K.RunResult:
     """Train with PPO (or the preset's variant); returns where the run wrote and the held-out metrics before and
     after (K.RunResult)."""
@@ -691,9 +685,13 @@ def main(args: Args) -> K.RunResult:
                 schedulers[name].step()
             timer.totals["update"] = time.perf_counter() - t1
 
-            # ---- KL controller: fed this rollout's per-sequence KL and its number of responses
-            kl_stats = kl_metrics(batch.get("old_logprobs"), ref_logprobs, mask)
-            if kl_stats:
+            # ---- KL(pi_old || pi_ref) per sequence (sum over the response: what the controller sees) and per token
+            kl_stats = {}
+            if ref is not None:
+                log_ratio = torch.where(mask.bool(), batch["old_logprobs"] - ref_logprobs, 0.0)  # k1 per token
+                kl_stats = {"train/kl_seq": log_ratio.sum(-1).mean().item(),
+                            "train/kl_token_k1": K.masked_mean(log_ratio, mask).item(),
+                            "train/kl_token_k3": K.masked_mean(torch.expm1(-log_ratio) + log_ratio, mask).item()}
                 kl_ctl.update(K.all_reduce_mean(kl_stats["train/kl_seq"]), args.prompts_per_step * args.num_generations)
             state["kl_coef"] = kl_ctl.value
 

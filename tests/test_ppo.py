@@ -260,7 +260,9 @@ def test_critic_heads_start_small_or_from_the_reward_model(tiny_dirs):
     assert new.config.classifier_dropout == 0.0 and not any(isinstance(m, torch.nn.Dropout) and m.p
                                                             for m in new.modules())
     from_rm = ppo.load_critic(ppo.Args(model=policy_dir, reward_model=rm_dir, critic="reward_model"), "cpu")
-    assert torch.equal(from_rm.score.weight, load_file(os.path.join(rm_dir, "model.safetensors"))["score.weight"])
+    rm_head = load_file(os.path.join(rm_dir, "model.safetensors"))["score.weight"]  # normalised as the scores are:
+    assert torch.allclose(from_rm.score.weight * 2.0, rm_head) and torch.allclose(from_rm.score.bias, torch.tensor(
+        [-0.1 / 2.0]))  # (r - mean) / std with the reward model's saved mean 0.1 and std 2.0
 
 
 # ---------------------------------------------------------------------------------------------------------
