@@ -138,11 +138,15 @@ def main(args: Args):
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"grpo": "tab:blue", "ppo": "tab:red", "ppo_lam0.95": "tab:orange"}
-    for (name, seed), points in curves.items():
-        label = name if seed == args.seeds[0] else None
+    for (name, seed), points in curves.items():  # each seed thin, the mean over seeds bold
         for ax, x in zip(axes, (0, 1)):
-            ax.plot([p[x] for p in points], [p[2] for p in points], "o-", color=colors.get(name), alpha=0.9 if
-                    seed == args.seeds[0] else 0.4, markersize=3, label=label)
+            ax.plot([p[x] for p in points], [p[2] for p in points], "-", color=colors.get(name), alpha=0.3, lw=1)
+    for name in args.runs:
+        runs = [curves[(name, seed)] for seed in args.seeds]
+        mean = [[statistics.mean(r[i][k] for r in runs) for k in range(3)] for i in range(min(map(len, runs)))]
+        for ax, x in zip(axes, (0, 1)):
+            ax.plot([p[x] for p in mean], [p[2] for p in mean], "o-", color=colors.get(name), markersize=3,
+                    label=f"{name} (mean of {len(runs)} seeds)")
     for ax, xlabel in zip(axes, ("step", "training seconds (evaluations excluded)")):
         ax.set_xlabel(xlabel), ax.set_ylabel("held-out greedy accuracy"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
     fig.suptitle(f"PPO vs GRPO in the toy world (seeds {', '.join(map(str, args.seeds))})", fontsize=10)
