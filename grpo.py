@@ -58,8 +58,8 @@ Launch:
         --template chat --prompts-per-step 64 --num-generations 16 --max-new-tokens 1024 --lr 1e-6 --strategy fsdp
 
 Result of `python grpo.py` (toy world, seed 0, 80 steps, 55 s on a 2-core CPU): held-out greedy accuracy
-33.5% -> 85.5%, pass@1 (4 samples, T=1) 33.6% -> 80.1%, reasoning share 26% -> 100%, response length 11.3 ->
-23.9 tokens: accuracy, reasoning and length rise together, as in R1-Zero. Details in README.md "Results".
+33.5% -> 85.5%, pass@1 (4 samples, T=1) 33.6% -> 78.2%, reasoning share 26% -> 100%, response length 11.3 ->
+24.0 tokens: accuracy, reasoning and length rise together, as in R1-Zero. Details in README.md "Results".
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ from typing import Literal, Optional
 
 import torch
 import tyro
-from tqdm import tqdm
 
 import kernels as K
 import rlvr_rewards as env
@@ -89,21 +88,31 @@ class Args:
     model: str = "toy"
     """hub id or local checkpoint directory; "toy" is the built-in toy base model (built on first use)"""
     dataset: str = "arithmetic"
-    """a built-in task (arithmetic, countdown, code), a .jsonl file (prompt + answer/tests), or a hub dataset id"""
+    """a built-in task (arithmetic, countdown, code), a .jsonl/.json/.parquet file, a `datasets` directory, a hub id"""
     eval_dataset: Optional[str] = None
-    """held-out .jsonl for evaluation (built-in tasks use their test split)"""
+    """held-out rows (its "test" split); default: a built-in task's test split, else a slice held out of --dataset"""
+    prompt_column: str = "prompt"
+    """the dataset column holding the prompt (GSM8K: question)"""
+    answer_column: str = "answer"
+    """the dataset column holding the gold answer (GSM8K's "... #### 72" solutions count as 72)"""
+    dataset_split: str = "train"
+    """the split of a hub dataset or dataset directory to train on"""
     preset: Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"] = "grpo"
     """named set of the switches a paper changes (module docstring); fields left unset take the preset's values"""
     rewards: tuple[str, ...] = ("task", "format")
     """reward functions: built-in names, "task" (the dataset's verifier), or "module:function" of your own"""
-    reward_weights: tuple[float, ...] = (1.0, 0.1)
-    """one weight per reward"""
+    reward_weights: tuple[float, ...] = ()
+    """one weight per reward; default 1 each, except the shaping rewards format and tag_count: 0.1 beside others"""
+    reward_timeout_s: Optional[float] = None
+    """stop with an error naming the reward if one reward call takes longer than this (None: no limit)"""
     template: Literal["auto", "chat", "r1", "plain"] = "auto"
     """auto: the tokenizer's chat template if it has one, else the R1 text template"""
     system_prompt: Optional[str] = None
     """system message for the chat template"""
     out_dir: str = "runs/grpo"
-    """where args.json, metrics.jsonl, checkpoints and final/ go"""
+    """where args.json, metrics.jsonl, samples.jsonl, checkpoints and final/ go (one run per directory)"""
+    overwrite: bool = False
+    """replace the run already in --out-dir (without it, a used --out-dir is refused unless --resume)"""
     seed: int = 0
     """seeds data order, sampling noise and initialisation"""
     max_steps: int = 80
@@ -127,11 +136,14 @@ class Args:
     save_every: int = 0
     """save a checkpoint every N steps (0: only at the end and on SIGTERM)"""
     resume: bool = False
-    """continue from the newest complete checkpoint in out_dir"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"""
+    """continue from the newest complete checkpoint in --out-dir (a finished run: nothing to do)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: this rank's GPU if there is one, else the CPU"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """compute dtype (the forward's matmuls); auto: bf16 on a GPU, fp32 on the CPU"""
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the weights (what checkpoints hold), gradients and AdamW state; --dtype bfloat16 --master-dtype
+    bfloat16 is pure bf16: half the memory, but updates below bf16's resolution (lr 1e-6) round away"""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """torchrun data parallelism: DDP (small models) or FSDP2 (large ones)"""
     prompts_per_step: int = 16
@@ -143,16 +155,14 @@ class Args:
     temperature: float = 1.0
     """sampling temperature (also used for the training log-probs)"""
     top_p: float = 1.0
-    """nucleus sampling"""
+    """nucleus sampling (log-probs stay those of the untruncated distribution)"""
     num_iterations: int = 1
     """mu: update passes over each rollout"""
     num_minibatches: int = 1
     """optimizer steps per pass (each rank's groups split evenly)"""
     micro_batch_tokens: int = -1
-    """padded tokens per forward/backward: rows are sorted by length and packed into micro-batches of at most
-    this many (rows x longest prompt and completion), each trimmed to its own longest row, so little compute
-    goes to padding; 0: the whole minibatch at once; -1: 2,048 on CPU, 8,192 on a GPU (lower it if activations
-    run out of memory). Memory and speed only: the gradient is the same sum"""
+    """padded tokens per forward/backward (rows length-sorted, each micro-batch trimmed; the gradient is the same
+    sum); 0: the whole minibatch at once; -1: 2,048 on CPU, 8,192 on a GPU (lower it if activations do not fit)"""
     # The preset's switches: None takes the preset's value (PRESETS), else the plain GRPO value (PRESET_FIELDS).
     advantage: Advantage = None
     """how rewards become advantages (module docstring)"""
@@ -184,13 +194,18 @@ class Args:
     """L_cache of the soft overlong punishment, in tokens"""
     nan_patience: int = 3
     """stop after this many non-finite updates in a row"""
-    compile: Optional[bool] = None
-    """compile the decode step and the loss (default: on CUDA)"""
+    compile: bool = None
+    """compile the decode step and the loss (default: on when a CUDA GPU is used)"""
     threads: int = 0
-    """CPU threads for torch (0: 1 for models under 50M parameters, whose small matmuls lose more to thread
-    synchronisation than they gain, and are 10-20x slower when other processes share the cores)"""
+    """CPU threads for torch (0: 1 for models under 50M parameters, which lose more to thread sync than they gain)"""
     plot: bool = True
-    """write accuracy/length curves to out_dir/curves.png when matplotlib is installed"""
+    """write accuracy/length curves to out_dir/curves.png"""
+    log_samples: int = 4
+    """completions per step written to samples.jsonl (prompt, completion, rewards, advantage)"""
+    report_to: tuple[Literal["none", "wandb", "tensorboard"], ...] = ("none",)
+    """where metrics go besides metrics.jsonl (several allowed)"""
+    dist_timeout_s: float = 600.0
+    """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
 
     def __post_init__(self):
         # One code path for presets: Args(preset="dapo", clip_high=0.2) from Python is what
@@ -200,6 +215,8 @@ class Args:
         for name, plain in PRESET_FIELDS.items():
             if getattr(self, name) is None:
                 setattr(self, name, PRESETS[self.preset].get(name, plain))
+        if self.compile is None:
+            self.compile = self.device != "cpu" and torch.cuda.is_available()
 
 
 # The switches a preset sets, at their plain GRPO values, and what each preset changes.
@@ -293,10 +310,11 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor
 
 
 def collect_rollout(args: Args, model, tokenizer, reward_fns, train_rows: list[dict], state: dict, step: int,
-                    timer: K.Timer) -> tuple[env.Rollout, int, float]:
+                    timer: K.Timer, should_stop=None) -> tuple[env.Rollout, int, float]:
     """This rank's share of the step's prompts, G samples each, scored; under dynamic sampling further rounds of
     prompts until every rank holds its share of informative groups (or the rounds run out), informative groups
-    first. Returns (rollout, sampling rounds, share of the sampled groups with zero reward variance)."""
+    first. Returns (rollout, sampling rounds, share of the sampled groups with zero reward variance). A stop
+    requested while a reward runs raises env.Interrupted (should_stop: the local flag)."""
     per_rank = args.prompts_per_step // K.get_world_size()
     G = args.num_generations
     parts, rounds = [], 0
@@ -312,8 +330,8 @@ def collect_rollout(args: Args, model, tokenizer, reward_fns, train_rows: list[d
                               system_prompt=args.system_prompt, compile=args.compile,
                               noise_keys=K.rollout_noise_keys(args.seed, step, rounds, prompt_ids, G))
         with timer("reward"):
-            env.score(part, reward_fns, args.reward_weights, completion_lengths=part.gen.lengths.tolist(),
-                      group_size=G)
+            env.score(part, reward_fns, args.reward_weights, reward_timeout_s=args.reward_timeout_s,
+                      should_stop=should_stop, completion_lengths=part.gen.lengths.tolist(), group_size=G)
         parts.append(part)
         if not args.dynamic_sampling:
             return part, 1, zero_variance_groups(part.rewards, G).float().mean().item()
@@ -372,19 +390,10 @@ def update(args: Args, model, optimizer, scheduler, batch: dict, state: dict) ->
                 loss_total = loss_total + loss.detach().float()
                 part_stats["entropy"] = K.masked_mean(entropy.detach(), part["loss_mask"])
                 K.fold_stats(stats, part_stats, part["loss_mask"].sum() / mb_tokens)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            stats.update(loss=loss_total, grad_norm=grad_norm)
-            values = dict(zip(stats, torch.stack([v.float() for v in stats.values()]).tolist()))  # one host sync
-            # skip on every rank or on none, or the replicas drift apart
-            finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
-            if K.all_reduce_sum(torch.tensor(float(not finite))).item() > 0:
-                optimizer.zero_grad(set_to_none=True)
-                state["skipped"] += 1
-                state["nan_streak"] += 1
-            else:
-                optimizer.step()
-                state["nan_streak"] = 0
+            stats["loss"] = loss_total
+            values, stepped = K.guarded_step(model, optimizer, args.max_grad_norm, stats)
+            state["skipped"] += not stepped
+            state["nan_streak"] = 0 if stepped else state["nan_streak"] + 1
             for k, v in values.items():  # ratio extremes are NaN, and not counted, when no token counted
                 if not (k.startswith("ratio_m") and math.isnan(v)):
                     totals[k] = totals.get(k, 0.0) + v
@@ -396,39 +405,42 @@ def update(args: Args, model, optimizer, scheduler, batch: dict, state: dict) ->
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Setup: checks, rewards, models
+# Setup: checks, data, rewards, models
 # ----------------------------------------------------------------------------------------------------------
 
 
 def check_args(args: Args, info: K.DistInfo):
-    """Impossible settings fail here, before any model is loaded."""
+    """Impossible settings fail here, before any data or model is loaded."""
+    K.check_settings(args)
     if args.prompts_per_step % info.world_size:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of ranks "
-                         f"({info.world_size}): each rank owns whole groups.")
+        raise K.UserError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of ranks "
+                          f"({info.world_size}): each rank owns whole groups.")
     per_rank = args.prompts_per_step // info.world_size
     if args.temperature <= 0:
-        raise ValueError(f"--temperature {args.temperature}: training samples and log-probs need a temperature > 0 "
-                         "(greedy decoding has no probabilities to learn from).")
+        raise K.UserError(f"--temperature {args.temperature}: training samples and log-probs need a temperature > 0 "
+                          "(greedy decoding has no probabilities to learn from).")
     if args.num_iterations < 1 or args.num_minibatches < 1:
-        raise ValueError(f"--num-iterations ({args.num_iterations}) and --num-minibatches ({args.num_minibatches}) "
-                         f"must be at least 1.")
+        raise K.UserError(f"--num-iterations ({args.num_iterations}) and --num-minibatches ({args.num_minibatches}) "
+                          "must be at least 1.")
     if per_rank % args.num_minibatches:
-        raise ValueError(f"Each rank's {per_rank} prompts must split evenly into --num-minibatches "
-                         f"{args.num_minibatches}.")
+        raise K.UserError(f"Each rank's {per_rank} prompts must split evenly into --num-minibatches "
+                          f"{args.num_minibatches}.")
     if args.num_generations < 2 and args.advantage in ("group", "mean", "rloo"):
-        raise ValueError(f"--num-generations {args.num_generations} leaves one sample per group: the "
-                         f"'{args.advantage}' advantage is then always 0. Use G >= 2 or --advantage batch.")
+        raise K.UserError(f"--num-generations {args.num_generations} leaves one sample per group: the "
+                          f"'{args.advantage}' advantage is then always 0. Use G >= 2 or --advantage batch.")
     if args.kl_in_reward and args.kl_coef <= 0:
-        raise ValueError("--kl-in-reward needs --kl-coef > 0.")
-    if len(args.rewards) != len(args.reward_weights):
-        raise ValueError(f"--rewards has {len(args.rewards)} entries but --reward-weights has "
-                         f"{len(args.reward_weights)}; give one weight per reward.")
+        raise K.UserError("--kl-in-reward needs --kl-coef > 0.")
+    if args.reward_weights and len(args.rewards) != len(args.reward_weights):
+        raise K.UserError(f"--rewards has {len(args.rewards)} entries but --reward-weights has "
+                          f"{len(args.reward_weights)}; give one weight per reward, or none for the defaults.")
 
 
 def resolve_rewards(args: Args) -> tuple[list, tuple[float, ...]]:
-    """[(name, fn)] and their weights: args.rewards, plus DAPO's soft overlong punishment (weight 1) when on."""
+    """[(name, fn)] and their weights: args.rewards (weights: as given, else 1 each but 0.1 for a shaping reward
+    beside others), plus DAPO's soft overlong punishment (weight 1) when on."""
     reward_fns = env.resolve_rewards(args.rewards, args.dataset)
-    weights = tuple(args.reward_weights)
+    weights = tuple(args.reward_weights) or tuple(
+        0.1 if name in ("format", "tag_count") and len(args.rewards) > 1 else 1.0 for name in args.rewards)
     if args.soft_overlong:
         reward_fns.append(("soft_overlong", functools.partial(
             env.soft_overlong_reward, max_length=args.max_new_tokens, cache_length=args.overlong_cache)))
@@ -439,11 +451,12 @@ def resolve_rewards(args: Args) -> tuple[list, tuple[float, ...]]:
 def load_models(args: Args, info: K.DistInfo):
     """(policy, the frozen reference or None, tokenizer): the policy wrapped for DDP/FSDP2; the reference loaded
     only when beta > 0, and sharded like the policy under FSDP."""
-    model, tokenizer = K.load_model(args.model, dtype=args.dtype, device=info.device)
+    model, tokenizer = K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=info.device)
     K.set_cpu_threads(args.threads, model)
     ref_model = None
-    if args.kl_coef > 0:
-        ref_model, _ = K.load_model(args.model, dtype=args.dtype, device=info.device)
+    if args.kl_coef > 0:  # frozen: bf16 matmul weights only, computing what the policy computes at equal weights
+        ref_model, _ = K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype,
+                                    device=info.device, frozen=True)
         ref_model.eval().requires_grad_(False)
         if args.strategy == "fsdp":  # sharded like the policy: no full copy per rank
             ref_model = K.wrap_model(ref_model, "fsdp", info.device)
@@ -451,27 +464,24 @@ def load_models(args: Args, info: K.DistInfo):
     return K.wrap_model(model, args.strategy, info.device), ref_model, tokenizer
 
 
-def restore(args: Args, policy, ref_model, optimizer, scheduler, state: dict) -> tuple[str | None, int]:
-    """--resume: load the newest complete checkpoint (the reference too, when it has been reset since the start).
-    Returns (checkpoint or None, the step to start from)."""
-    ckpt = K.latest_checkpoint(args.out_dir) if args.resume else None
-    if args.resume and ckpt is None:
-        K.print0(f"--resume: no complete checkpoint in {args.out_dir}; starting from scratch.")
-    if ckpt is None:
-        return None, 0
-    loaded = K.load_checkpoint(ckpt, policy, optimizer, scheduler)
+def restore(args: Args, checkpoint: str | None, policy, ref_model, optimizer, scheduler, state: dict) -> int:
+    """--resume: load the checkpoint the run found (the reference too, when it has been reset since the start);
+    returns the step to start from."""
+    if checkpoint is None:
+        return 0
+    loaded = K.load_checkpoint(checkpoint, policy, optimizer, scheduler)
     state.update(loaded["extra"])
-    ref_file = os.path.join(ckpt, "reference.safetensors")
+    ref_file = os.path.join(checkpoint, "reference.safetensors")
     if ref_model is not None and os.path.exists(ref_file):
         from safetensors.torch import load_file
 
         K.set_full_state_dict(ref_model, load_file(ref_file), source=ref_file)
     elif ref_model is not None and args.ref_reset_every and loaded["step"] >= args.ref_reset_every:
-        raise ValueError(f"{ckpt} has no reference.safetensors, but with --ref-reset-every {args.ref_reset_every} "
-                         f"the reference was replaced by the policy before step {loaded['step']}; resuming would "
-                         "measure the KL against the wrong model.")
-    K.print0(f"Resumed from {ckpt} at step {loaded['step']}.")
-    return ckpt, loaded["step"]
+        raise K.UserError(f"{checkpoint} has no reference.safetensors, but with --ref-reset-every "
+                          f"{args.ref_reset_every} the reference was replaced by the policy before step "
+                          f"{loaded['step']}; resuming would measure the KL against the wrong model.")
+    K.print0(f"Resumed from {checkpoint} at step {loaded['step']}.")
+    return loaded["step"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -483,7 +493,8 @@ def main(args: Args) -> K.RunResult:
     """Train with GRPO (or the preset's variant); returns where the run wrote and the held-out metrics before and
     after (K.RunResult)."""
     t_start = time.time()
-    info = K.init_distributed(args.device)
+    K.quiet_transformers()
+    info = K.init_distributed(args.device, args.dist_timeout_s)
     check_args(args, info)
     K.seed_everything(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -491,51 +502,80 @@ def main(args: Args) -> K.RunResult:
         args = dataclasses.replace(args, micro_batch_tokens=8192 if info.device.type == "cuda" else 2048)
 
     # ---- data and rewards: everything a user can get wrong fails here, before any model is loaded
-    train_rows = env.load_prompts(args.dataset, "train", 20_000, args.seed)
-    eval_spec = args.eval_dataset or (args.dataset if args.dataset in env.TASK_REWARDS else None)
-    eval_rows = env.load_prompts(eval_spec, "test", args.eval_size, args.seed)[:args.eval_size] if eval_spec else []
     reward_fns, weights = resolve_rewards(args)
     args = dataclasses.replace(args, reward_weights=weights)
-    env.check_rewards(reward_fns, train_rows, args.dataset)
+    train_rows, eval_rows = env.load_train_and_eval(
+        args.dataset, args.eval_dataset, reward_fns, split=args.dataset_split, eval_size=args.eval_size * bool(
+            args.eval_every), seed=args.seed, prompt_column=args.prompt_column, answer_column=args.answer_column)
+    K.check_model_source(args.model)
+    finish = functools.partial(K.finish_run, args.out_dir, t_start=t_start, plot=args.plot, panels=[
+        ("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy accuracy"),
+                                            ("eval/reasoning_share", "held-out reasoning share"),
+                                            ("rollout/accuracy", "rollout accuracy (T=1)")], "share"),
+        ("rollout response length", [("rollout/response_length", "all"),
+                                     ("rollout/length_incorrect", "incorrect")], "tokens")],
+        title=f"grpo.py --preset {args.preset} --model {args.model}")
 
-    # ---- models, optimizer, and where a resumed run left off
-    policy, ref_model, tokenizer = load_models(args, info)
-    # One fused kernel per step instead of ~10 passes per parameter (CPU: 10x faster on 100M parameters).
-    fused = info.device.type in ("cpu", "cuda") and not (K.is_distributed() and args.strategy == "fsdp")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=fused or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, K.warmup_schedule(args.warmup_steps))
-    state = {"cursor": 0, "skipped": 0, "nan_streak": 0}  # cursor: position in the shuffled prompt stream
-    ckpt, start_step = restore(args, policy, ref_model, optimizer, scheduler, state)
-    K.save_args(args.out_dir, args)
-    logger = K.MetricsLogger(args.out_dir, resume_step=start_step if ckpt else None, config=dataclasses.asdict(args))
+    with K.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps) as run:
+        if run.finished:
+            return finish(final_dir=run.checkpoint)
 
-    def evaluate() -> dict:
-        return env.evaluate(K.unwrap(policy), tokenizer, eval_rows, max_new_tokens=args.max_new_tokens,
-                            samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
-                            template=args.template, system_prompt=args.system_prompt, compile=args.compile)
+        # ---- models, optimizer, and where a resumed run left off
+        policy, ref_model, tokenizer = load_models(args, info)
+        context = getattr(K.unwrap(policy).config, "max_position_embeddings", None)
+        if args.dataset not in env.TASK_REWARDS:  # the built-in tasks fit any context
+            fit = functools.partial(env.fit_prompts, tokenizer, max_new_tokens=args.max_new_tokens, context=context,
+                                    template=args.template, system_prompt=args.system_prompt)
+            train_rows, eval_rows = fit(train_rows, source=args.dataset), eval_rows and fit(eval_rows, source="eval")
+        # One fused kernel per step instead of ~10 passes per parameter (CPU: 10x faster on 100M parameters).
+        fused = info.device.type in ("cpu", "cuda") and not (K.is_distributed() and args.strategy == "fsdp")
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                      fused=fused or None)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, K.warmup_schedule(args.warmup_steps))
+        state = {"cursor": 0, "skipped": 0, "nan_streak": 0}  # cursor: position in the shuffled prompt stream
+        start_step = restore(args, run.checkpoint, policy, ref_model, optimizer, scheduler, state)
+        if args.compile:  # compiled decoding: one cache length for the whole run
+            K.set_generation_length(policy, env.longest_prompt(tokenizer, train_rows + eval_rows, args.template,
+                                                               args.system_prompt), args.max_new_tokens)
+        K.save_args(args.out_dir, args)
+        logger = K.MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
+                                 report_to=args.report_to, config=dataclasses.asdict(args))
 
-    def save(step: int, name: str | None = None) -> str:
-        files = ({"reference.safetensors": K.full_state_dict(ref_model)}  # every rank: a collective under FSDP
-                 if ref_model is not None and args.ref_reset_every else None)
-        return K.save_checkpoint(args.out_dir, step, policy, tokenizer, optimizer, scheduler, extra=state, name=name,
-                                 tensor_files=files)
+        def evaluate() -> dict:
+            return env.evaluate(K.unwrap(policy), tokenizer, eval_rows, max_new_tokens=args.max_new_tokens,
+                                samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
+                                template=args.template, system_prompt=args.system_prompt, compile=args.compile)
 
-    if start_step == 0 and eval_rows and args.eval_every:
-        first = evaluate()
-        logger.log(0, first)
-        K.print0(f"step 0 eval: {json.dumps({k: round(v, 3) for k, v in first.items()})}")
+        def save(step: int, name: str | None = None) -> str:
+            files = ({"reference.safetensors": K.full_state_dict(ref_model)}  # every rank: a collective under FSDP
+                     if ref_model is not None and args.ref_reset_every else None)
+            return K.save_checkpoint(args.out_dir, step, policy, tokenizer, optimizer, scheduler, extra=state,
+                                     name=name, tensor_files=files)
 
-    bar = tqdm(range(start_step, args.max_steps), desc="grpo", disable=not info.is_main, initial=start_step,
-               total=args.max_steps)
-    with K.StopSignal() as stop:
+        def stop(step: int) -> K.RunResult:
+            path = save(step)
+            K.print0(f"Stopped at step {step}; continue with --resume (checkpoint {path}).")
+            logger.close()
+            return finish(final_dir=None, stopped_at=step, signal=run.signal)
+
+        if start_step == 0 and eval_rows and args.eval_every:
+            first = evaluate()
+            logger.log(0, first)
+            K.print0(f"step 0 eval: {json.dumps({k: round(v, 3) for k, v in first.items()})}")
+
+        bar = K.progress(range(start_step, args.max_steps), desc="grpo", total=args.max_steps, initial=start_step)
         for step in bar:
-            timer, t0 = K.Timer(), time.perf_counter()
+            timer, t0, snapshot = K.Timer(), time.perf_counter(), dict(state)
 
             # ---- rollout: G samples per prompt from pi_old, scored by the rewards
             policy.eval()
-            rollout, rounds, zero_var_share = collect_rollout(args, policy, tokenizer, reward_fns, train_rows, state,
-                                                              step, timer)
+            try:
+                rollout, rounds, zero_var_share = collect_rollout(args, policy, tokenizer, reward_fns, train_rows,
+                                                                  state, step, timer, lambda: run.stop.requested)
+            except env.Interrupted:  # a signal during a slow reward: drop this step, save the ones done
+                state.update(snapshot)
+                return stop(step)
+            K.free_decode_state(policy)                        # the update needs the KV caches' memory
             policy.train()
             batch = rollout.batch()                            # prompt_ids (R, P), tokens and mask (R, N)
             batch["loss_mask"] = rollout.gen.mask.clone()
@@ -544,7 +584,8 @@ def main(args: Args) -> K.RunResult:
             with timer("logprobs"):
                 logprob_pass = functools.partial(K.rollout_logprobs, batch=batch, temperature=args.temperature,
                                                  max_tokens=args.micro_batch_tokens)
-                if not (args.num_iterations == 1 and args.num_minibatches == 1):
+                if not (args.num_iterations == 1 and args.num_minibatches == 1) or (
+                        args.kl_in_reward and not K.sampled_logprobs_exact(policy)):  # bf16: the sampler's differ
                     batch["old_logprobs"] = logprob_pass(policy)           # (R, N) pi_old, fixed for mu passes
                 if ref_model is not None:
                     batch["ref_logprobs"] = logprob_pass(ref_model)        # (R, N) pi_ref
@@ -575,6 +616,7 @@ def main(args: Args) -> K.RunResult:
             metrics["perf/gen_tokens_per_s"] = (int(rollout.gen.mask.sum()) * info.world_size
                                                 / max(times.get("generate", 1e-9), 1e-9))
             metrics["perf/step_s"] = time.perf_counter() - t0
+            metrics["perf/peak_mem_gb"] = K.peak_memory_gb(info.device)
             metrics["train/skipped_updates"] = state["skipped"]
             metrics["train/lr"] = scheduler.get_last_lr()[0]
             done = step + 1
@@ -583,47 +625,19 @@ def main(args: Args) -> K.RunResult:
             logger.log(done, metrics)
             bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", acc=f"{metrics['rollout/accuracy']:.2f}",
                             len=f"{metrics['rollout/response_length']:.1f}")
+            logger.log_samples(done, env.rollout_samples(rollout, batch["advantages"], args.log_samples))
             if state["nan_streak"] >= args.nan_patience:
                 path = save(done)
                 raise RuntimeError(f"{state['nan_streak']} updates in a row had a non-finite loss or gradient; "
                                    f"stopped (last good weights saved to {path}). Lower --lr or check rewards.")
-            if (args.save_every and done % args.save_every == 0) or stop.should_stop():
-                path = save(done)
-                if stop.should_stop():
-                    K.print0(f"Stopped by signal; resume with --resume (checkpoint {path}).")
-                    logger.close()
-                    return finish(args, info, None, t_start, stopped_at=done)
-    final = save(args.max_steps, name="final")
-    logger.close()
-    return finish(args, info, final, t_start)
-
-
-def finish(args: Args, info: K.DistInfo, final: str | None, t_start: float, stopped_at: int | None = None):
-    """The run's result (held-out metrics of its first and last evaluation), summary.json, the curves, and a
-    before/after table on rank 0."""
-    history = K.read_metrics(args.out_dir) if os.path.exists(os.path.join(args.out_dir, "metrics.jsonl")) else []
-    evals = [{k: v for k, v in h.items() if k.startswith("eval/")} for h in history if "eval/accuracy" in h]
-    result = K.RunResult(args.out_dir, final, evals[0] if evals else {}, evals[-1] if evals else {}, stopped_at,
-                         time.time() - t_start)
-    if info.is_main and stopped_at is None:
-        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump({"before": result.before, "after": result.after}, f, indent=2)
-        plot = K.plot_metrics(args.out_dir, [
-            ("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy accuracy"),
-                                                ("eval/reasoning_share", "held-out reasoning share"),
-                                                ("rollout/accuracy", "rollout accuracy (T=1)")], "share"),
-            ("rollout response length", [("rollout/response_length", "all"),
-                                         ("rollout/length_incorrect", "incorrect")], "tokens")],
-            title=f"grpo.py --preset {args.preset} --model {args.model}") if args.plot else None
-        if result.before and result.after:
-            print("\n| held-out | before | after |\n|---|---|---|")
-            for k in result.after:
-                print(f"| {k} | {result.before.get(k, float('nan')):.3f} | {result.after[k]:.3f} |")
-        print(f"\nOutputs in {args.out_dir}: metrics.jsonl, summary.json, {os.path.basename(final)}/"
-              + (", curves.png" if plot else ""))
-    return result
+            if run.should_stop():
+                return stop(done)
+            if args.save_every and done % args.save_every == 0:
+                save(done)
+        final = save(args.max_steps, name="final")  # still inside the run: a signal now waits for the save
+        logger.close()
+    return finish(final_dir=final, signal=run.signal)
 
 
 if __name__ == "__main__":
-    main(cli())
-    K.close_distributed()
+    K.run_cli(main, cli())

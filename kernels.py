@@ -3,11 +3,15 @@ clipped policy loss that PPO and the GRPO family share. Imports nothing of the p
 
 What is in this file, top to bottom:
   1. loading:      load_model(name_or_path | "toy") -> (model, tokenizer), left padding, a pad token always set;
-                   resolve_model_path (builds the toy base model on first use); set_cpu_threads.
+                   resolve_model_path (builds the toy base model on first use); set_cpu_threads; mixed precision
+                   (set_precision, compute_dtype: fp32 master weights, bf16 compute).
   2. generation:   generate(...) batched sampling with a static KV cache, each prompt prefilled once and
-                   shared by its num_samples rows, the one-token decode step compiled (CUDA graphs on GPU);
-                   eager (CPU), finished rows leave the batch. Sampling noise keyed per row (rollout_noise_keys,
-                   eval_noise_keys), so samples do not depend on the batch, the rank or a resume.
+                   shared by its num_samples rows, the one-token decode step compiled (CUDA graphs on GPU) with
+                   one shape per use for a run (set_generation_length), grouped-query attention that reads each
+                   KV head once, the output layer in fp32; eager (CPU), finished rows leave the batch. Sampling
+                   noise keyed per row (rollout_noise_keys, eval_noise_keys), so samples do not depend on the batch,
+                   the rank or a resume. Under mixed precision and FSDP2 it decodes a rollout copy of the weights;
+                   free_decode_state releases caches and copy before an update; peak_memory_gb.
   3. log-probs:    token_logprobs(...) log pi(x_{t+1} | x_<=t) from the final hidden states and the output
                    embedding in chunks, so the (B, T, V) logits never exist, in the forward or the backward;
                    completion_logprobs / rollout_logprobs for a rollout batch, over length-sorted micro-batches
@@ -47,13 +51,27 @@ Deliberate choices:
     (so DDP and FSDP2 hooks fire as usual), the hook computes the log-probs chunk by chunk from the hidden
     states it receives, and hands the head an empty tensor. Models that post-process logits (soft-capping,
     logit scaling) take the plain path instead.
+  - Precision. `--dtype` is the compute dtype; the weights, gradients and AdamW state stay in master_dtype (fp32),
+    because at real learning rates (1e-6) an update is far below bf16's resolution at weights of ~0.02 and AdamW
+    on bf16 weights rounds it away. One process and DDP: torch.autocast around the model's forward; FSDP2:
+    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). Pure bf16 is master_dtype = bf16. In both the
+    sampler and the trainer the output layer sums in fp32 (head_logits): bf16 logits would be rounded by up to
+    0.06 nats at a logit of 10, and differently in the two paths' shapes on a GPU.
+  - Decoding reads bf16 weights (_rollout_model): under mixed precision (one process, DDP) a rollout copy of the
+    matmul weights in bf16 (2 bytes per matmul weight, sharing the fp32 embeddings and norms) instead of autocast
+    re-reading and re-casting the fp32 weights every token; under FSDP2 an unsharded bf16 copy filled by one
+    all-gather per sharded module per generate call (the full model per rank during a rollout, as gathering once
+    would hold; no collective and no FSDP hook per token, so the step compiles). free_decode_state frees it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import functools
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -76,13 +94,28 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+class UserError(ValueError):
+    """A mistake the user can fix (a bad flag value, a missing file, malformed data, a used out-dir). A script's
+    command line prints `error: <the message>` and exits 2, with no traceback (RL_DEBUG=1 shows it); our own bugs
+    keep their tracebacks. The message is one sentence that says what to change."""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda (this rank's GPU under torchrun) when available, else cpu."""
+    """'auto' -> cuda (this rank's GPU under torchrun) when available, else cpu; 'cuda' without a GPU is an error."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; use auto, cpu or cuda.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                        f"CUDA {torch.version.cuda or 'not built in'}); use --device cpu or auto.")
+    if resolved.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: only cpu and cuda are supported; use auto, cpu or cuda.")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -94,7 +127,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             return torch.bfloat16
         return torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'.")
+        raise UserError(f"--dtype {dtype!r} is not a dtype; use one of {sorted(DTYPES)} or auto.")
     return DTYPES[dtype]
 
 
@@ -119,6 +152,54 @@ def resolve_model_path(name_or_path: str) -> str:
     return TOY_BASE
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the model hub's host accepts a TCP connection within timeout_s (name lookup included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=connect, daemon=True)  # a name lookup can hang past any socket timeout
+    worker.start()
+    worker.join(timeout_s)
+    return bool(result)
+
+
+def check_model_source(name_or_path: str, flag: str = "--model"):
+    """Fail fast, with one sentence, where transformers would print a long traceback or retry for a minute: a
+    local path that does not exist or is not a checkpoint, or a hub id that is neither cached nor reachable."""
+    if name_or_path == "toy":
+        return
+    if os.path.isdir(name_or_path):
+        if not os.path.exists(os.path.join(name_or_path, "config.json")):
+            raise UserError(f"{flag} {name_or_path}: the directory holds no config.json, so it is not a "
+                            "transformers checkpoint.")
+        return
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or os.path.exists(name_or_path):
+        raise UserError(f"{flag} {name_or_path!r}: no such directory; pass a local checkpoint directory, a hub id "
+                        "such as Qwen/Qwen2.5-0.5B-Instruct, or toy.")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return  # in the local cache: transformers will find it
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise UserError(f"{flag} {name_or_path}: not in the local hub cache and HF_HUB_OFFLINE is set; download it "
+                        "first or pass a local directory.")
+    if not _hub_reachable():
+        raise UserError(f"{flag} {name_or_path}: not in the local hub cache, and the model hub cannot be reached "
+                        "from here; pass a local directory (or set HF_HUB_OFFLINE=1 where it is cached).")
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "left"):
     """A tokenizer with left padding (generation appends on the right) and a pad token always set."""
     from transformers import AutoTokenizer
@@ -134,27 +215,117 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, paddin
     return tokenizer
 
 
-def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "auto",
-               trust_remote_code: bool = False, model_class=None, attn_implementation: str | None = None,
-               **model_kwargs):
-    """Load (model, tokenizer) from a hub id, a local directory or "toy", through transformers' Auto classes."""
+def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto",
+               master_dtype: str | torch.dtype | None = "float32", frozen: bool = False,
+               device: str | torch.device = "auto", trust_remote_code: bool = False, model_class=None,
+               attn_implementation: str | None = None, **model_kwargs):
+    """Load (model, tokenizer) from a hub id, a local directory or "toy", through transformers' Auto classes.
+
+    dtype is the compute dtype ('auto': bf16 on a GPU that supports it, else fp32) and master_dtype the dtype the
+    weights are kept in: what AdamW updates, gradients accumulate in and checkpoints hold (set_precision). frozen: a
+    model that is never trained (a KL reference, a reward scorer) keeps its matmul weights in the compute dtype only.
+    """
     from transformers import AutoModelForCausalLM
 
+    check_model_source(name_or_path)
     name_or_path = resolve_model_path(name_or_path)
-    if not os.path.isdir(name_or_path) and os.path.sep in name_or_path and not name_or_path.count("/") == 1:
-        raise FileNotFoundError(f"Model path {name_or_path!r} does not exist; pass a local directory or a hub id.")
     device = resolve_device(device) if isinstance(device, str) else device
+    compute, master = resolve_precision(dtype, master_dtype, device)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     model_class = model_class or AutoModelForCausalLM
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
-    model = model_class.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, device),
-                                        trust_remote_code=trust_remote_code, **model_kwargs)
+    try:
+        model = model_class.from_pretrained(name_or_path, dtype=master, trust_remote_code=trust_remote_code,
+                                            **model_kwargs)
+    except OSError as error:  # transformers' "not a valid model identifier", a missing weights file, ...
+        raise UserError(f"--model {name_or_path}: {str(error).splitlines()[0]}") from error
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # only when we had to add a pad token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device), tokenizer
+    return set_precision(model.to(device), compute, frozen=frozen), tokenizer
+
+
+# ---- mixed precision: fp32 master weights, bf16 compute
+#
+# A real LLM's weights are ~0.02 and its learning rate 1e-6: an AdamW update of ~1e-6 is far below bf16's resolution
+# at 0.02 (~1e-4), so AdamW on bf16 weights rounds most updates away. So the weights (and the gradients, which then
+# accumulate in fp32 over micro-batches and ranks, and AdamW's state) stay in master_dtype (fp32), and only the
+# forward's matmuls run in the compute dtype (bf16): torch.autocast around the model's forward for one process and
+# DDP; FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) under FSDP (wrap_model). Checkpoints hold
+# the fp32 weights. Pure bf16 (half the weight memory, updates that round away) is master_dtype = dtype = bf16.
+
+
+def resolve_precision(dtype: str | torch.dtype | None, master_dtype: str | torch.dtype | None,
+                      device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, master dtype) from the flags; master_dtype None or 'auto' is fp32. Raises ValueError for a
+    compute dtype finer than the weights (autocast only lowers precision)."""
+    compute = resolve_dtype(dtype, device)
+    master = torch.float32 if master_dtype in (None, "auto") else resolve_dtype(master_dtype, device)
+    if torch.finfo(compute).bits > torch.finfo(master).bits:
+        raise ValueError(f"Compute dtype {compute} is finer than the weights' {master}: pass --dtype {master} too, "
+                         "or keep the weights in float32 (--master-dtype float32).")
+    return compute, master
+
+
+def _matmul_params(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(module, name) of every nn.Linear weight and bias: what autocast multiplies in the compute dtype."""
+    return [(m, name) for m in model.modules() if isinstance(m, torch.nn.Linear)
+            for name in ("weight", "bias") if getattr(m, name, None) is not None]
+
+
+def set_precision(model: torch.nn.Module, dtype: str | torch.dtype | None = "auto", *, frozen: bool = False):
+    """Compute in `dtype` while the weights stay in their own (master) dtype: the model's forward runs under
+    torch.autocast when the two differ (wrap_model swaps that for FSDP2's MixedPrecisionPolicy), and generate and
+    token_logprobs follow compute_dtype(model). frozen: cast the matmul weights to the compute dtype (no master copy
+    is needed without an optimizer); the forward under autocast computes exactly what it would on fp32 weights.
+    Returns the model."""
+    plain = unwrap(model)
+    weights = plain.get_input_embeddings().weight if hasattr(plain, "get_input_embeddings") else \
+        next(plain.parameters())
+    compute, master = resolve_precision(dtype, weights.dtype, weights.device)
+    if frozen and compute != master:
+        head = plain.get_output_embeddings() if hasattr(plain, "get_output_embeddings") else None
+        for module, name in _matmul_params(plain):
+            if module is head:  # kept as it is (often tied to the input embedding); head_logits rounds it anyway
+                continue
+            tensor = getattr(module, name)
+            module._parameters[name] = torch.nn.Parameter(tensor.detach().to(compute), requires_grad=False)
+    plain._rl_compute_dtype = compute
+    plain._rl_frozen = frozen
+    if compute != master and "forward" not in plain.__dict__:
+        plain.forward = _AutocastForward(plain.forward, compute)
+    return model
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model's matmuls run in (set_precision; else the dtype of its weights)."""
+    plain = unwrap(model)
+    dtype = getattr(plain, "_rl_compute_dtype", None)
+    return dtype if dtype is not None else next(plain.parameters()).dtype
+
+
+class _AutocastForward:
+    """A model's bound forward, run under torch.autocast(dtype) on the model's device (as accelerate does). A class
+    rather than a closure, so that deepcopy and pickle rebind it to the copied model."""
+    _rl_autocast = True
+
+    def __init__(self, forward, dtype: torch.dtype):
+        functools.update_wrapper(self, forward)  # inspect.signature (transformers reads it) sees forward's own
+        self.forward, self.dtype = forward, dtype
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(next(self.forward.__self__.parameters()).device.type, dtype=self.dtype):
+            return self.forward(*args, **kwargs)
+
+
+def sampled_logprobs_exact(model: torch.nn.Module) -> bool:
+    """Whether the log-probs generate returns are the trainer's (token_logprobs') up to fp32 rounding: in fp32, yes;
+    in bf16 the sampler's shapes (one token at a time against a cache) round differently from the trainer's (the
+    whole sequence), so an estimate that must be exact at equal weights (a k1 KL folded into the reward) should
+    recompute pi_old with token_logprobs."""
+    return compute_dtype(model) == torch.float32
 
 
 def set_cpu_threads(threads: int, model: torch.nn.Module | None = None, small: int = 50_000_000) -> int:
@@ -220,6 +391,14 @@ def keyed_uniform(keys: torch.Tensor, step: int) -> torch.Tensor:
     return ((z >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
 
 
+def keyed_uniforms(keys: torch.Tensor, steps: int) -> torch.Tensor:
+    """keyed_uniform(keys, t) for t = 0 .. steps-1 as one (steps, R) table, bit for bit, made before a decode loop so
+    that no step turns a Python int into a device tensor (a blocking host-to-device copy on CUDA)."""
+    z = _splitmix64(keys.long()[None, :] * 1_000_003
+                    + _splitmix64(torch.arange(steps, device=keys.device))[:, None])
+    return ((z >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
 def rollout_noise_keys(seed: int, step: int, round_: int, prompt_ids: Sequence[int], num_samples: int) -> list[int]:
     """One sampling-noise key per row (prompt-major) for training rollouts: a function of (seed, step, sampling round,
     the prompt's global index in the data stream, sample index), so that each row samples the same completion on
@@ -267,28 +446,290 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_p: floa
     return tokens, logits.gather(-1, tokens[:, None])[:, 0] - lse
 
 
-class _DecodeState:
-    """A static KV cache and the (optionally compiled) decode step, kept between calls with equal shapes, so
-    consecutive rollouts reuse the same buffers and never recompile (the addresses CUDA graphs need)."""
+# ---- the decode-time model: grouped-query attention, an fp32 output layer, a rollout copy of the weights
 
-    def __init__(self, model, rows: int, max_len: int, dtype: torch.dtype, device: torch.device, compile: bool):
+
+GROUPED_ATTENTION = "rl_grouped_sdpa"
+
+
+def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                           is_causal=None, **kwargs):
+    """transformers' SDPA attention, except that a one-token query (a decode step) over grouped KV heads is laid out
+    as (R, Hkv, G, D): the G query heads that share a KV head attend to it together, so every step reads the cache
+    once. transformers does the same in eager mode, but under torch.compile it repeats the whole cache G times
+    (repeat_kv), ~15x the cache's bytes per step for Qwen2.5-0.5B (G = 7). Other shapes go to transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    R, Hq, _, D = query.shape
+    query = query.reshape(R, Hq // groups, groups, D)                        # (R, Hkv, G, D): G queries per KV head
+    if attention_mask is not None and attention_mask.shape[1] != 1:          # a per-head mask, grouped the same way
+        attention_mask = attention_mask.reshape(R, Hq // groups, groups, -1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, is_causal=False)    # (R, Hkv, G, D)
+    return out.reshape(R, Hq, 1, D).transpose(1, 2).contiguous(), None     # (R, 1, Hq, D), as transformers returns
+
+
+_GROUPED_REGISTERED = []
+
+
+def _use_grouped_attention(config) -> bool:
+    """Switch a config from transformers' "sdpa" to grouped_sdpa_attention (registered once, with SDPA's mask
+    function: without a registered mask function transformers builds no mask at all and left padding would be
+    attended to). Other implementations (eager, flash) are left alone. Returns whether the config was switched."""
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if not _GROUPED_REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(GROUPED_ATTENTION, grouped_sdpa_attention)
+        AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
+        _GROUPED_REGISTERED.append(True)
+    config._attn_implementation = GROUPED_ATTENTION
+    return True
+
+
+@contextlib.contextmanager
+def _grouped_attention(model):
+    """grouped_sdpa_attention for the duration of the block (a model we decode with but do not own)."""
+    switched = _use_grouped_attention(model.config)
+    try:
+        yield
+    finally:
+        if switched:
+            model.config._attn_implementation = "sdpa"
+
+
+def _cuda_out_dtype_ok() -> bool:
+    """Whether this CUDA build multiplies bf16 matrices into an fp32 result (torch.mm/addmm out_dtype); probed once."""
+    if "ok" not in _CUDA_OUT_DTYPE:
+        try:
+            a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+            out = torch.zeros(2, 2, device="cuda")
+            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+            _CUDA_OUT_DTYPE["ok"] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32 and out[0, 0] == 2
+        except (RuntimeError, TypeError):
+            _CUDA_OUT_DTYPE["ok"] = False
+    return _CUDA_OUT_DTYPE["ok"]
+
+
+_CUDA_OUT_DTYPE: dict = {}
+
+
+def head_weight(weight: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """The output layer's weight as head_logits multiplies it, cast once per call: as it is in fp32; rounded to the
+    compute dtype in bf16 (kept in bf16 on a GPU that multiplies bf16 into fp32, else widened back to fp32)."""
+    if compute == torch.float32:
+        return weight
+    rounded = weight.to(compute)
+    return rounded if rounded.is_cuda and _cuda_out_dtype_ok() else rounded.float()
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                compute: torch.dtype) -> torch.Tensor:
+    """The output layer in fp32, the same way in the sampler and the trainer: (..., H) hidden states -> (..., V) fp32
+    logits, with weight from head_weight. fp32: F.linear. bf16: the inputs rounded to bf16 as autocast would round
+    them, the products summed in fp32 and never rounded to bf16 (at a logit of 10, bf16's step is 0.06 nats)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        if compute == torch.float32:
+            return F.linear(hidden, weight, bias).float()
+        hidden = hidden.to(compute)
+        bias = None if bias is None else bias.to(compute).float()
+        if weight.dtype == torch.float32:  # CPU (or no bf16->fp32 matmul): exact products of the bf16 values in fp32
+            return F.linear(hidden.float(), weight, bias)
+        logits = torch.mm(hidden.reshape(-1, hidden.shape[-1]), weight.t(), out_dtype=torch.float32)
+        logits = logits.view(*hidden.shape[:-1], -1)
+        return logits if bias is None else logits + bias
+
+
+def _backbone(model):
+    """The decoder under a causal-LM head (model.model for Qwen2 and Llama), whose output is the last hidden state."""
+    return getattr(model, model.base_model_prefix)
+
+
+def _last_logits(model, compute: torch.dtype, autocast: torch.dtype | None, **inputs) -> torch.Tensor:
+    """fp32 logits (R, V) at the last position, through the backbone and head_logits (models that post-process
+    their logits go through their own forward)."""
+    context = torch.autocast(inputs["input_ids"].device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    with context:
+        if _logits_are_postprocessed(model.config):
+            return model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+        hidden = _backbone(model)(**inputs).last_hidden_state        # (R, T, H)
+    head = model.get_output_embeddings()
+    # hidden[:, -1:] as transformers' own logits_to_keep=1 slices it, so fp32 logits equal the model's bit for bit
+    return head_logits(hidden[:, -1:, :], head_weight(head.weight, compute), head.bias, compute)[:, -1]
+
+
+class _Generation:
+    """What generate keeps on a model between calls: the rollout copy of its weights and a small dict of decode
+    states (KV caches), one per use (training rollout, greedy and sampled evaluation), so that the compiled decode
+    step meets the same few shapes for a whole run. free_decode_state releases their memory. A copied or pickled
+    model starts afresh (the states' compiled steps belong to the original)."""
+
+    def __reduce__(self):
+        return _Generation, ()
+
+    def __init__(self):
+        self.copy = None             # the module decoding runs on when it is not the model itself
+        self.owned: list = []        # (copy tensor, the model's parameter it mirrors): refreshed by _sync
+        self.synced = None           # the model's parameter versions at the last refresh (None: refresh)
+        self.autocast = None         # compute dtype to autocast to while decoding (mixed-dtype copy), else None
+        self.states: dict = {}       # shape key -> _DecodeState
+        self.max_len: int | None = None  # the run's KV-cache length for compiled decoding (set_generation_length)
+        self.used_cuda_graphs = False
+
+
+def _generation(model) -> _Generation:
+    gen = model.__dict__.get("_rl_generation")
+    if gen is None:
+        gen = model.__dict__["_rl_generation"] = _Generation()  # a plain attribute: not a submodule, not saved
+    return gen
+
+
+def set_generation_length(model, max_prompt_tokens: int, max_new_tokens: int, pad_to_multiple: int = 16):
+    """Fix the KV-cache length of compiled decoding for the run: the longest prompt (bucketed as generate buckets it)
+    plus max_new_tokens, so that the compiled step meets one cache shape per use instead of one per prompt length.
+    Only ever grows (evaluation may ask for less than the rollouts need). Eager decoding ignores it."""
+    gen = _generation(unwrap(model))
+    length = math.ceil(max_prompt_tokens / pad_to_multiple) * pad_to_multiple + max_new_tokens
+    gen.max_len = max(gen.max_len or 0, length)
+
+
+def _rollout_model(model):
+    """The module generate decodes with, its weights refreshed from the model's when they changed (or always,
+    under FSDP, where a refresh is one all-gather per sharded module: O(1) per rollout, not per token):
+
+    - fp32 or pure bf16, one process or DDP: the model itself.
+    - mixed precision, one process or DDP: a copy whose matmul weights (the output layer's too) are bf16 and whose
+      other weights (embeddings, norms) are the model's own fp32 tensors, decoded under autocast. It computes what
+      the trainer computes (autocast rounds the same weights to bf16 in the same way) while reading bf16 weights,
+      where autocast over the fp32 weights would read 4 bytes and write 2 per weight per token. Memory: 2 bytes
+      per matmul weight, freed before the update (free_decode_state).
+    - FSDP2: a plain unsharded copy in the compute dtype (what MixedPrecisionPolicy computes with), filled by
+      gathering each sharded module once; decoding then runs no collective and no FSDP hook (which torch.compile
+      cannot trace). Memory: the full model in bf16 per rank during the rollout, as gather-once would hold; freed
+      before the update.
+    """
+    gen = _generation(model)
+    compute, fsdp = compute_dtype(model), _is_fsdp(model)
+    mixed = any(p.dtype != compute for p in model.parameters())
+    if not fsdp and not mixed:
+        return model
+    if gen.copy is None:
+        gen.copy, gen.owned = _build_rollout_copy(model, compute, fsdp)
+        gen.autocast = compute if not fsdp else None
+        _use_grouped_attention(gen.copy.config)
+    _sync_rollout_copy(model, gen, fsdp)
+    return gen.copy
+
+
+def _build_rollout_copy(model, compute: torch.dtype, fsdp: bool):
+    """(copy, owned): the model's architecture built on the meta device, then given the model's own tensors
+    (shared) or new compute-dtype tensors of the same shape (owned, listed with their source parameter name)."""
+    import copy as copylib
+
+    cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))  # FSDP2 subclasses the model
+    with torch.device("meta"):
+        clone = cls(copylib.deepcopy(model.config))
+    device = next(model.parameters()).device
+    matmul = {id(module) for module, _ in _matmul_params(model)}
+    sources, targets = dict(model.named_modules()), dict(clone.named_modules())
+    owned, made = [], {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        module_name, _, attr = name.rpartition(".")
+        if fsdp or id(sources[module_name]) in matmul:  # a new compute-dtype tensor (tied names share one)
+            if id(param) not in made:
+                made[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=compute, device=device),
+                                                     requires_grad=False)
+                owned.append((made[id(param)], name))
+            param = made[id(param)]
+        targets[module_name]._parameters[attr] = param  # else the model's own tensor: no copy, always current
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        module_name, _, attr = name.rpartition(".")
+        targets[module_name]._buffers[attr] = buffer
+    left = [n for n, t in [*clone.named_parameters(), *clone.named_buffers()] if t.is_meta]
+    if left:
+        raise NotImplementedError(f"Cannot build a rollout copy of {cls.__name__}: {left[:3]} have no source.")
+    return clone.eval(), owned  # eval() sets the copy's own modules' flags; shared tensors are untouched
+
+
+def _sync_rollout_copy(model, gen: _Generation, fsdp: bool):
+    """Refresh the copy's owned tensors from the model: re-allocated if free_decode_state freed them; under FSDP2 one
+    unshard (all-gather) per sharded module, read, then resharded, so at most one module is gathered at a time."""
+    for tensor, _ in gen.owned:
+        if tensor.untyped_storage().nbytes() == 0:  # freed before the last update
+            tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
+            gen.synced = None
+    targets = {name: tensor for tensor, name in gen.owned}
+    if not fsdp:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        versions = tuple(params[name]._version for name in targets)
+        if versions != gen.synced:
+            for name, tensor in targets.items():
+                tensor.copy_(params[name])
+            gen.synced = versions
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for module_name, module in model.named_modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        module.unshard()
+        prefix = module_name + "." if module_name else ""
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if prefix + name in targets and not isinstance(param, DTensor):  # this module's own, now gathered
+                targets[prefix + name].copy_(param)
+        module.reshard()
+
+
+def _casting_cache_layer(layer):
+    """A StaticCache layer whose update first casts the new keys/values to the cache's dtype: under autocast the
+    keys leave RoPE in fp32, and a bf16 cache is what the trainer's attention sees (autocast rounds them the same)."""
+    base = type(layer)
+    if base.__name__.startswith("_Casting"):
+        return layer
+    if base not in _CASTING_LAYERS:
+        def update(self, key_states, value_states, *args, **kwargs):
+            return base.update(self, key_states.to(self.keys.dtype), value_states.to(self.values.dtype), *args,
+                               **kwargs)
+        _CASTING_LAYERS[base] = type(f"_Casting{base.__name__}", (base,), {"update": update})
+    layer.__class__ = _CASTING_LAYERS[base]
+    return layer
+
+
+_CASTING_LAYERS: dict = {}
+
+
+class _DecodeState:
+    """A static KV cache and the (optionally compiled) decode step for one shape of rows x cache length, kept between
+    calls, so consecutive rollouts reuse the buffers and never recompile (CUDA graphs also need the addresses)."""
+
+    def __init__(self, model, rows: int, max_len: int, compute: torch.dtype, autocast: torch.dtype | None,
+                 device: torch.device, compile: bool):
         from transformers import StaticCache
 
-        self.key = (rows, max_len, dtype, device, compile)
         config = model.config.get_text_config(decoder=True)
         self.cache = StaticCache(config=config, max_cache_len=max_len)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.cache.early_initialization(batch_size=rows, num_heads=num_kv, head_dim=head_dim, dtype=dtype,
+        self.cache.early_initialization(batch_size=rows, num_heads=num_kv, head_dim=head_dim, dtype=compute,
                                         device=device)
         if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
             raise NotImplementedError("generate() supports full-attention models; this one has sliding-window "
                                       "layers. Use transformers' model.generate for it.")
+        for layer in self.cache.layers:
+            _casting_cache_layer(layer)
+        if device.type == "cuda":
+            _cuda_out_dtype_ok()  # probed here, eagerly: the compiled step then only reads the answer
 
-        def step(input_ids, position_ids, attention_mask):
-            out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                        cache=self.cache, use_cache=True)
-            return out.logits[:, -1, :].float()
+        def step(input_ids, position_ids, attention_mask):  # (R, 1), (R, 1), (R, L) -> fp32 logits (R, V)
+            return _last_logits(model, compute, autocast, input_ids=input_ids, position_ids=position_ids,
+                                attention_mask=attention_mask, cache=self.cache, use_cache=True)
 
         self.step = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else "default",
                                   dynamic=False) if compile else step
@@ -301,6 +742,37 @@ class _DecodeState:
             static_layer.keys[:, :, :prompt_len].copy_(layer.keys.repeat_interleave(repeats, 0))
             static_layer.values[:, :, :prompt_len].copy_(layer.values.repeat_interleave(repeats, 0))
             static_layer.cumulative_length.fill_(prompt_len)
+
+
+MAX_DECODE_STATES = 4  # uses per run: training rollout, greedy evaluation, sampled evaluation (+1 spare)
+
+
+def free_decode_state(model):
+    """Release what decoding holds between rollouts, before the update needs the memory: the KV caches, the rollout
+    copy's own weights (refilled at the next generate) and, after CUDA-graph decoding, the graphs' memory pool. The
+    compiled code stays: the next rollout re-records its CUDA graphs but does not recompile."""
+    gen = unwrap(model).__dict__.get("_rl_generation")
+    if gen is None:
+        return
+    gen.states.clear()
+    for tensor, _ in gen.owned:
+        tensor.untyped_storage().resize_(0)
+    gen.synced = None
+    if gen.used_cuda_graphs:
+        from torch._inductor import cudagraph_trees
+
+        cudagraph_trees.reset_cudagraph_trees()
+        gen.used_cuda_graphs = False
+
+
+def peak_memory_gb(device: torch.device | str | None = None) -> float:
+    """This process's peak memory in GiB: CUDA's max_memory_allocated on a GPU, else the peak resident set size."""
+    device = torch.device(device) if device is not None else resolve_device("auto")
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _is_fsdp(model) -> bool:
@@ -317,14 +789,17 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     """Sample num_samples completions for each of B left-padded prompts; rows are prompt-major
     (row i*S + j is sample j of prompt i). temperature=0 is greedy.
 
-    compile: compile the one-token decode step (default: on CUDA only, with CUDA graphs). Prompt length is
-    bucketed to a multiple of pad_to_multiple so that calls of similar shape share one compiled graph.
+    compile: compile the one-token decode step (default: on CUDA only, with CUDA graphs). Its shapes are fixed per
+    use: the rows (the caller keeps them fixed, as rlvr_rewards.evaluate pads its batches) and the KV-cache length
+    (set_generation_length; else the prompt length bucketed to a multiple of pad_to_multiple, plus max_new_tokens).
     check_every: how often (in steps) to ask the device whether every row has finished (a host sync).
     noise_keys: (R,) int64 per-row keys; when given, sampling noise comes from keyed_uniform instead of
     generator, so each row's sample depends only on its key (rank- and batch-invariant).
     compact: drop finished rows from the decode batch as they accumulate (default: when not compiled). With
     noise_keys or greedy the samples are the same either way; with a generator its stream is consumed by
     fewer rows, so the samples differ (each setting is reproducible).
+    The log-probs come from fp32 logits (head_logits), as token_logprobs computes them. Under mixed precision and
+    FSDP2 decoding runs on a rollout copy of the weights (_rollout_model); free_decode_state releases it.
     """
     model = unwrap(model)
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
@@ -355,42 +830,53 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         input_ids = F.pad(input_ids, (P - P0, 0), value=pad_token_id)
         attention_mask = F.pad(attention_mask, (P - P0, 0), value=0)
     S, R, L = num_samples, B * num_samples, P + max_new_tokens
+    gen = _generation(model)
+    if compile and gen.max_len is not None:  # one cache length per run, so the compiled step never meets a new one
+        if L > gen.max_len:
+            print0(f"generate: a {P0}-token prompt needs a KV cache of {L} > the run's {gen.max_len} "
+                   "(set_generation_length); growing it, which recompiles the decode step.")
+            gen.max_len = L
+        L = gen.max_len
 
-    dtype = next(model.parameters()).dtype
-    key = (R, L, dtype, device, compile)
-    state = getattr(model, "_rl_decode_state", None)
-    if state is None or state.key != key:
-        state = _DecodeState(model, R, L, dtype, device, compile)
-        model._rl_decode_state = state  # one at a time: a new shape frees the old buffers
-
-    # Prefill each prompt once, then share its cache across its S rows.
-    from transformers import DynamicCache
-
-    prefill_cache = DynamicCache(config=cfg.get_text_config(decoder=True))
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                cache=prefill_cache, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1, :].float().repeat_interleave(S, 0)  # (R, V)
-    state.load_prefix(out.cache if getattr(out, "cache", None) is not None else prefill_cache, S, P)
-    del out, prefill_cache
-
-    full_mask = torch.zeros(R, L, dtype=attention_mask.dtype, device=device)
-    full_mask[:, :P] = attention_mask.repeat_interleave(S, 0)
-    next_position = attention_mask.sum(-1).repeat_interleave(S, 0)[:, None]  # (R, 1) position of the next token
+    decoder = _rollout_model(model)   # the model itself, or its rollout copy (refreshed here)
+    compute = compute_dtype(model)
+    key = (R, L, compute, device, compile)
+    state = gen.states.pop(key, None)  # popped and put back: the dict's order is the most recent use last
+    if state is None:
+        while len(gen.states) >= MAX_DECODE_STATES:
+            gen.states.pop(next(iter(gen.states)))
+        state = _DecodeState(decoder, R, L, compute, gen.autocast, device, compile)
+    gen.states[key] = state
+    gen.used_cuda_graphs |= compile and device.type == "cuda"
 
     tokens = torch.full((R, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
     finished = torch.zeros(R, dtype=torch.bool, device=device)
-    sync_stop = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and _is_fsdp(model)
+    # Every step's sampling noise, made before the loop: a step then turns no Python int into a device tensor.
+    uniforms = keyed_uniforms(noise_keys, max_new_tokens) if noise_keys is not None and temperature else None
     steps = max_new_tokens
     # Eager decoding drops finished rows from the batch once an eighth of it has finished, since a step costs in
     # proportion to its rows; `live` holds the rows still decoded (None: all). Compiled decoding keeps every row,
     # as CUDA graphs need fixed shapes. The cache's full tensors are put back at the end for the next call.
     compact = not compile if compact is None else compact
     live, full_cache = None, [(layer.keys, layer.values) for layer in state.cache.layers]
+    switched = decoder is model and _use_grouped_attention(decoder.config)  # a copy is switched for good
     try:
+        # Prefill each prompt once, then share its cache across its S rows.
+        from transformers import DynamicCache
+
+        prefill_cache = DynamicCache(config=cfg.get_text_config(decoder=True))
+        logits = _last_logits(decoder, compute, gen.autocast, input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask), cache=prefill_cache,
+                              use_cache=True).repeat_interleave(S, 0)  # (R, V) fp32
+        state.load_prefix(prefill_cache, S, P)
+        del prefill_cache
+
+        full_mask = torch.zeros(R, L, dtype=attention_mask.dtype, device=device)
+        full_mask[:, :P] = attention_mask.repeat_interleave(S, 0)
+        next_position = attention_mask.sum(-1).repeat_interleave(S, 0)[:, None]  # (R, 1) position of the next token
         for t in range(max_new_tokens):
-            uniform = (keyed_uniform(noise_keys if live is None else noise_keys[live], t)
-                       if noise_keys is not None and temperature else None)
+            uniform = None if uniforms is None else uniforms[t] if live is None else uniforms[t, live]
             token, token_logprob = sample_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k,
                                                  generator=generator, uniform=uniform)
             rows = slice(None) if live is None else live
@@ -400,13 +886,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             finished[rows] = done | torch.isin(token, eos_ids)
             if t == max_new_tokens - 1:
                 break
-            if (t + 1) % check_every == 0:
-                not_done = (~finished).any().to(torch.int32)
-                if sync_stop:  # FSDP ranks must run the same number of forwards, or their all-gathers deadlock
-                    dist.all_reduce(not_done, op=dist.ReduceOp.MAX)
-                if not not_done.item():
-                    steps = t + 1
-                    break
+            # Decoding runs no collective (under FSDP it reads the gathered copy), so ranks may stop at different
+            # steps; this is the loop's one host sync, every check_every steps.
+            if (t + 1) % check_every == 0 and not (~finished).any().item():
+                steps = t + 1
+                break
             full_mask[:, P + t] = 1
             if compact:
                 keep = ~finished[rows]
@@ -420,6 +904,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     finally:
         for layer, (keys, values) in zip(state.cache.layers, full_cache):
             layer.keys, layer.values = keys, values
+        if switched:
+            decoder.config._attn_implementation = "sdpa"
     tokens, logprobs = tokens[:, :steps], logprobs[:, :steps]
     is_pad_after_eos = torch.cat([torch.zeros_like(finished[:, None]),
                                   torch.isin(tokens[:, :-1], eos_ids)], 1).cumsum(-1) > 0
@@ -439,35 +925,39 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
 
 class _ChunkedLogprobs(torch.autograd.Function):
     """log_softmax(h W^T + b)[target] (and the entropy) over rows of h in chunks. The backward recomputes each
-    chunk's logits, so memory is O(chunk * V) instead of O(rows * V) in both passes.
+    chunk's logits, so memory is O(chunk * V) instead of O(rows * V) in both passes. The logits are fp32 whatever
+    the compute dtype (head_logits), as the sampler's are.
 
     d logprob / d z = onehot(target) - p        d entropy / d z = -p * (log p + entropy)
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy, compute):
         n = hidden.shape[0]
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else None
         lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            sl = slice(start, start + chunk_size)
-            logits = _chunk_logits(hidden[sl], weight, bias, temperature)  # (C, V) fp32
-            lse = torch.logsumexp(logits, -1)
-            lse_all[sl] = lse
-            logprobs[sl] = logits.gather(-1, targets[sl, None])[:, 0] - lse
-            if with_entropy:
-                entropy[sl] = lse - (logits.softmax(-1) * logits).sum(-1)
+        head = head_weight(weight, compute)  # cast once per call, not per chunk
+        with torch.autocast(hidden.device.type, enabled=False):  # the model's forward may run under autocast
+            for start in range(0, n, chunk_size):
+                sl = slice(start, start + chunk_size)
+                logits = _chunk_logits(hidden[sl], head, bias, temperature, compute)  # (C, V) fp32
+                lse = torch.logsumexp(logits, -1)
+                lse_all[sl] = lse
+                logprobs[sl] = logits.gather(-1, targets[sl, None])[:, 0] - lse
+                if with_entropy:
+                    entropy[sl] = lse - (logits.softmax(-1) * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all, entropy)
         # One chunk: keep its logits (no more memory than the backward's own chunk) instead of recomputing them.
         ctx.logits = logits if n <= chunk_size else None
         ctx.set_materialize_grads(False)  # an unused entropy output gets None, not a (n,) tensor of zeros
-        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+        ctx.temperature, ctx.chunk_size, ctx.with_entropy, ctx.compute = temperature, chunk_size, with_entropy, compute
         return (logprobs, entropy) if with_entropy else (logprobs, torch.empty(0, device=hidden.device))
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, targets, lse_all, entropy = ctx.saved_tensors
+        compute = ctx.compute
         if grad_logprobs is None:  # only the entropy is differentiated
             grad_logprobs = torch.zeros_like(lse_all)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
@@ -475,10 +965,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         with_entropy = ctx.with_entropy and grad_entropy is not None and grad_entropy.numel()
         kept, ctx.logits = ctx.logits, None  # used up here: a second backward (retain_graph) recomputes
+        head = head_weight(weight, compute)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
             # One (C, V) buffer, in place: log p = z - lse; dz = onehot * g - p * (g + (log p + H) * g_H)
-            logits = kept if kept is not None else _chunk_logits(hidden[sl], weight, bias, ctx.temperature)
+            logits = kept if kept is not None else _chunk_logits(hidden[sl], head, bias, ctx.temperature, compute)
             grad_logits = logits.sub_(lse_all[sl, None])  # log p
             coef = grad_logprobs[sl, None]
             if with_entropy:
@@ -487,24 +978,33 @@ class _ChunkedLogprobs(torch.autograd.Function):
             grad_logits.scatter_add_(-1, targets[sl, None], grad_logprobs[sl, None])
             if ctx.temperature != 1.0:
                 grad_logits /= ctx.temperature
-            grad_logits_w = grad_logits.to(weight.dtype)  # the same tensor when the model is fp32
-            if grad_hidden is not None:
-                grad_hidden[sl] = (grad_logits_w @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                if weight.dtype == torch.float32:
+            if compute == torch.float32:  # fp32: the plain head's backward
+                if grad_hidden is not None:
+                    grad_hidden[sl] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                if grad_weight is not None:
                     grad_weight.addmm_(grad_logits.t(), hidden[sl].float())  # no (V, H) temporary per chunk
-                else:  # bf16/fp16: tensor cores, as the plain head's backward; fp32 sum over chunks
-                    grad_weight += grad_logits_w.t() @ hidden[sl]
+            elif head.dtype == torch.float32:  # bf16 emulated in fp32 (CPU): the forward's rounded operands
+                if grad_hidden is not None:
+                    grad_hidden[sl] = (grad_logits @ head).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.t(), hidden[sl].to(compute).float())
+            else:  # bf16 tensor cores, fp32 sums: straight into the fp32 gradient, no (V, H) temporary per chunk
+                grad_bf16 = grad_logits.to(compute)
+                if grad_hidden is not None:
+                    grad_hidden[sl] = torch.mm(grad_bf16, head, out_dtype=torch.float32).to(hidden.dtype)
+                if grad_weight is not None:
+                    torch.addmm(grad_weight, grad_bf16.t(), hidden[sl].to(compute), out_dtype=torch.float32,
+                                out=grad_weight)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _chunk_logits(hidden, weight, bias, temperature):
-    # The matmul runs in the model's dtype, as the model's own lm_head would; softmax maths in fp32.
-    logits = F.linear(hidden, weight, bias).float()
+def _chunk_logits(hidden, head, bias, temperature, compute):
+    """One chunk's fp32 logits (C, V) at the temperature; head from head_weight."""
+    logits = head_logits(hidden, head, bias, compute)
     return logits / temperature if temperature != 1.0 else logits
 
 
@@ -527,7 +1027,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     (the completion, in RL). With with_entropy=True returns (logprobs, entropy) of the same shape.
 
     fused (default: unless the model post-processes its logits) computes the log-probs chunk by chunk from
-    the hidden states that reach the output embedding; fused=False is the plain reference.
+    the hidden states that reach the output embedding, with the output layer in fp32 (head_logits, as generate's
+    sampler computes it); fused=False is the plain reference (the model's own logits).
     """
     base = unwrap(model)
     B, T = input_ids.shape
@@ -548,13 +1049,14 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     head = base.get_output_embeddings()
     chunk = chunk_size or default_chunk_size(head.weight.shape[0])
+    compute = compute_dtype(base)
     result = {}
 
     def fused_head(module, args):
         hidden = args[0]  # (B, T, H): the final hidden states, after the last norm
         h = hidden[:, T - 1 - n:T - 1].reshape(B * n, -1)
         lp, ent = _ChunkedLogprobs.apply(h, module.weight, module.bias, targets.reshape(-1), float(temperature),
-                                         chunk, with_entropy)
+                                         chunk, with_entropy, compute)
         result["logprobs"], result["entropy"] = lp.view(B, n), ent.view(B, n) if with_entropy else None
         return (hidden[:, :0],)  # the head now makes an empty (B, 0, V) tensor instead of the full logits
 
@@ -722,6 +1224,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         if _compiled_policy_loss is None:
             _compiled_policy_loss = torch.compile(_policy_loss, dynamic=True)
         fn = _compiled_policy_loss
+        # One compiled graph for every micro-batch: sizes are dynamic, but a trimmed (non-contiguous) view's strides
+        # would fail a contiguity guard and recompile; contiguous copies of these (R, T) tensors cost nothing.
+        logprobs, old_logprobs, advantages, mask = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
+        ref_logprobs = ref_logprobs.contiguous() if ref_logprobs is not None else None
     return fn(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef, kl_estimator,
               loss_agg, ratio_level, norm_length, num_tokens)
 
@@ -736,6 +1242,24 @@ def fold_stats(total: dict, stats: dict, weight: torch.Tensor):
             total[k] = (torch.fmax if k.endswith("_max") else torch.fmin)(total[k], v) if k in total else v
         else:
             total[k] = total.get(k, 0.0) + v * weight
+
+
+def guarded_step(model, optimizer, max_grad_norm: float, stats: dict) -> tuple[dict[str, float], bool]:
+    """Clip the gradient to max_grad_norm (0: no clipping) and take the optimizer step, unless the loss (stats["loss"]) or the
+    gradient norm is not finite on some rank: then the gradient is dropped on every rank (a skip on one rank only
+    would let the replicas drift apart). stats (0-d tensors) and the norm come back as floats in one host sync.
+    Returns (stats with grad_norm, stepped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    stats = {**stats, "grad_norm": grad_norm}
+    values = dict(zip(stats, torch.stack([torch.as_tensor(v).float().to(grad_norm.device)
+                                          for v in stats.values()]).tolist()))  # one host sync
+    finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+    if all_reduce_sum(torch.tensor(float(not finite))).item() > 0:
+        optimizer.zero_grad(set_to_none=True)
+        return values, False
+    optimizer.step()
+    return values, True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -796,8 +1320,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group when launched by torchrun; a single process otherwise."""
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; a single process otherwise. timeout_s: how long
+    a collective waits for a stalled rank before it raises (the run then exits non-zero; its last checkpoint
+    stays, and --resume continues from it). torch's default is 30 minutes (10 under NCCL)."""
     dev = resolve_device(device)
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return DistInfo(device=dev)
@@ -806,7 +1332,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        import datetime
+
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
@@ -947,10 +1476,15 @@ def length_batches(prompt_lengths: torch.Tensor, completion_lengths: torch.Tenso
 def wrap_model(model: torch.nn.Module, strategy: str = "ddp", device: torch.device | None = None):
     """DDP for small models (a full copy per rank), FSDP2 `fully_shard` per decoder layer for large ones.
 
-    A no-op in one process. FSDP2's root keeps its parameters unsharded between forward and backward, which
-    token_logprobs relies on: its fused head uses the output embedding inside the root's forward.
+    A no-op in one process without a process group (with one, even of size 1, it wraps: bench/grpo_run.py times
+    FSDP2 on one GPU that way). Mixed precision (set_precision) carries over: DDP runs the model's autocast forward and
+    all-reduces its fp32 gradients; under FSDP2 the autocast is replaced by MixedPrecisionPolicy(param_dtype=compute,
+    reduce_dtype=fp32): each layer is gathered in bf16, its gradients reduce-scattered in fp32 into the fp32 shards
+    (a frozen model is stored in the compute dtype, which is what that policy computes with anyway).
+    FSDP2's root keeps its parameters unsharded between forward and backward, which token_logprobs relies on: its
+    fused head uses the output embedding inside the root's forward.
     """
-    if not is_distributed() or strategy == "none":
+    if strategy == "none" or not (dist.is_available() and dist.is_initialized()):  # a group of 1 still wraps
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -958,13 +1492,22 @@ def wrap_model(model: torch.nn.Module, strategy: str = "ddp", device: torch.devi
         device_ids = [device.index] if device is not None and device.type == "cuda" else None
         return DDP(model, device_ids=device_ids)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        compute = compute_dtype(model)
+        if getattr(model, "_rl_frozen", False):
+            for param in model.parameters():
+                param.data = param.data.to(compute)
+        policy = MixedPrecisionPolicy()
+        if any(p.dtype != compute for p in model.parameters()):
+            policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        if getattr(model.__dict__.get("forward"), "_rl_autocast", False):
+            del model.forward  # the policy casts the weights; an autocast on top would compute differently
         block_names = set(getattr(model, "_no_split_modules", None) or [])
         for module in model.modules():
             if type(module).__name__ in block_names:
-                fully_shard(module)
-        fully_shard(model)
+                fully_shard(module, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     raise ValueError(f"strategy must be 'ddp', 'fsdp' or 'none', got {strategy!r}.")
 
@@ -1010,17 +1553,29 @@ def _optimizer_state(model, optimizer) -> dict:
 
 
 def save_checkpoint(out_dir: str, step: int, model, tokenizer=None, optimizer=None, scheduler=None,
-                    extra: dict | None = None, generators: dict[str, torch.Generator] | None = None,
-                    name: str | None = None, keep_last: int | None = None,
+                    extra: dict | None = None, name: str | None = None,
                     tensor_files: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
     """Write DIR/checkpoint-STEP/ (or DIR/name/): model in safetensors (transformers layout), tokenizer, and
-    trainer_state.pt (step, optimizer, scheduler, extra) plus rng_rankR.pt per rank (python/torch/cuda RNGs
-    and the named torch.Generators), and tensor_files ({"reference.safetensors": full state dict, ...}; a
+    trainer_state.pt (step, optimizer, scheduler, extra) plus rng_rankR.pt per rank (python/torch/cuda RNGs),
+    and tensor_files ({"reference.safetensors": full state dict, ...}; a
     tied weight is stored once). Written to a temporary name and renamed when complete, so a crash
     mid-save never leaves a checkpoint that looks whole. Collective: every rank must call it.
     """
     name = name or f"{CHECKPOINT_PREFIX}{step}"
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp-{name}")
+    try:
+        return _save_checkpoint(step, model, tokenizer, optimizer, scheduler, extra, tensor_files, final, tmp)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written one; the previous checkpoints are untouched
+        previous = latest_checkpoint(out_dir)
+        raise UserError(f"The disk is full: writing the checkpoint {final} failed ({error.strerror}); "
+                        + (f"{previous} is intact, so free some space and rerun with --resume."
+                           if previous else "free some space and rerun.")) from error
+
+
+def _save_checkpoint(step, model, tokenizer, optimizer, scheduler, extra, tensor_files, final, tmp) -> str:
     rank = get_rank()
     state_dict = full_state_dict(model)            # collective under FSDP
     optim_state = _optimizer_state(model, optimizer) if optimizer is not None else None
@@ -1043,16 +1598,12 @@ def save_checkpoint(out_dir: str, step: int, model, tokenizer=None, optimizer=No
                     unique[k] = v.contiguous()
             save_file(unique, os.path.join(tmp, file_name))
     barrier()
-    gens = {k: g.get_state() for k, g in (generators or {}).items()}
-    torch.save({"rng": rng_state(), "generators": gens}, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    torch.save({"rng": rng_state()}, os.path.join(tmp, f"rng_rank{rank}.pt"))
     barrier()
     if rank == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        if keep_last:
-            for old in list_checkpoints(out_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
@@ -1064,8 +1615,19 @@ def list_checkpoints(out_dir: str) -> list[str]:
     return sorted(paths, key=lambda p: int(p.rsplit("-", 1)[-1]))
 
 
+def checkpoint_step(path: str) -> int:
+    """The step a complete checkpoint was saved at (final/ included)."""
+    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")["step"]
+
+
 def latest_checkpoint(out_dir: str) -> str | None:
+    """The newest complete checkpoint to resume from: the last checkpoint-STEP, or final/ when it is newer (a
+    finished run asked to train further starts from its final state)."""
     found = list_checkpoints(out_dir)
+    final = os.path.join(out_dir, "final")
+    if os.path.exists(os.path.join(final, "trainer_state.pt")) and (
+            not found or checkpoint_step(final) >= checkpoint_step(found[-1])):
+        return final
     return found[-1] if found else None
 
 
@@ -1104,8 +1666,7 @@ def set_full_state_dict(model: torch.nn.Module, state: dict, source: str = "the 
         plain.tie_weights()
 
 
-def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None,
-                    generators: dict[str, torch.Generator] | None = None) -> dict:
+def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None) -> dict:
     """Restore what save_checkpoint wrote; returns {"step", "extra"}. Loads with weights_only=True."""
     if model is not None:
         load_model_weights(model, path)
@@ -1124,9 +1685,6 @@ def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None,
     if os.path.exists(rng_file):
         rng = torch.load(rng_file, weights_only=True)
         set_rng_state(rng["rng"])
-        for k, g in (generators or {}).items():
-            if k in rng["generators"]:
-                g.set_state(rng["generators"][k])
     return {"step": state["step"], "extra": state["extra"]}
 
 
@@ -1135,7 +1693,8 @@ def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None,
 # ----------------------------------------------------------------------------------------------------------
 
 
-def seed_everything(seed: int, deterministic: bool = False):
+def seed_everything(seed: int):
+    """Seed Python's, torch's (every device's) and numpy's global generators."""
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     try:
@@ -1144,8 +1703,6 @@ def seed_everything(seed: int, deterministic: bool = False):
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -1189,39 +1746,57 @@ def save_args(out_dir: str, args) -> str:
     return path
 
 
+REPORTERS = ("none", "wandb", "tensorboard")
+
+
+def _read_jsonl_lenient(path: str) -> tuple[list[dict], int]:
+    """The objects of a JSONL file we wrote, and how many lines could not be read (a last line cut off by a kill or
+    a full disk must not make a run unresumable)."""
+    rows, bad = [], 0
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    rows.append(json.loads(raw))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    bad += raw.strip() != b""
+    return rows, bad
+
+
 class MetricsLogger:
-    """One JSON object per line in DIR/metrics.jsonl (rank 0 only), plus wandb / TensorBoard when asked for and
-    installed. On resume it drops lines from steps after the checkpoint, so the file reads as one run."""
+    """DIR/metrics.jsonl (one JSON object per line, rank 0 only) and DIR/samples.jsonl (a few completions per step,
+    with their prompt, rewards and advantage, so reward hacking can be read, not guessed), plus wandb and/or
+    TensorBoard (report_to). On resume it keeps the lines up to the checkpoint's step, so each file reads as one
+    run; a line it cannot read (cut off by a kill) is dropped with a note."""
 
     def __init__(self, out_dir: str, *, enabled: bool = True, resume_step: int | None = None,
-                 wandb_project: str | None = None, tensorboard: bool = False, config: dict | None = None):
+                 report_to: Sequence[str] = (), config: dict | None = None):
         self.enabled = enabled and get_rank() == 0
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(out_dir, "samples.jsonl")
         self._wandb = self._tb = None
         if not self.enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-        elif resume_step is None and os.path.exists(self.path):
-            os.remove(self.path)
-        if wandb_project:
-            try:
-                import wandb
+        for path in (self.path, self.samples_path):
+            if resume_step is None:
+                if os.path.exists(path):
+                    os.remove(path)
+                continue
+            rows, bad = _read_jsonl_lenient(path)
+            if bad:
+                print(f"{path}: dropped {bad} line(s) that could not be read (cut off when the run stopped).")
+            with open(path, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows if row.get("step", 0) <= resume_step)
+        if "wandb" in report_to:
+            import wandb  # checked by check_reporters before any model was loaded
 
-                self._wandb = wandb.init(project=wandb_project, config=config, dir=out_dir)
-            except ImportError:
-                print("wandb is not installed; logging to metrics.jsonl only.")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "rl-reasoning"), config=config,
+                                     dir=out_dir, name=os.path.basename(os.path.abspath(out_dir)))
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-            except ImportError:
-                print("tensorboard is not installed; logging to metrics.jsonl only.")
+            self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, Any]):
         if not self.enabled:
@@ -1236,16 +1811,35 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(k, v, step)
 
+    def log_samples(self, step: int, samples: list[dict]):
+        """Append samples ({prompt, completion, rewards, ...}) of a step to samples.jsonl."""
+        if not self.enabled or not samples:
+            return
+        with open(self.samples_path, "a") as f:
+            f.writelines(json.dumps({"step": step, **sample}, default=str) + "\n" for sample in samples)
+
     def close(self):
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+
+
+def check_reporters(report_to: Sequence[str]):
+    """--report-to names known reporters whose packages are installed (checked before any model loads)."""
+    for name in report_to:
+        if name not in REPORTERS:
+            raise UserError(f"--report-to {name!r}: use none, wandb or tensorboard (several allowed).")
+        module = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(name)
+        if module and importlib.util.find_spec(module) is None:
+            raise UserError(f"--report-to {name} needs the {module} package: pip install {module}")
 
 
 def read_metrics(out_dir: str) -> list[dict]:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of DIR/metrics.jsonl (lines that cannot be read are skipped)."""
+    return _read_jsonl_lenient(os.path.join(out_dir, "metrics.jsonl"))[0]
 
 
 def plot_metrics(out_dir: str, panels: list[tuple[str, list[tuple[str, str]], str]], title: str = "",
@@ -1294,6 +1888,7 @@ class RunResult:
     after: dict = dataclasses.field(default_factory=dict)
     stopped_at: int | None = None
     wall_s: float = 0.0
+    signal: int | None = None  # the signal that stopped the run (its exit status is 128 + signal)
 
 
 class StopSignal:
@@ -1302,6 +1897,7 @@ class StopSignal:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None  # the first signal received
         self._previous = {}
 
     def __enter__(self):
@@ -1315,9 +1911,9 @@ class StopSignal:
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print(f"\nReceived signal {signum}: saving a checkpoint at the end of this step, then stopping.",
-              flush=True)
+        self.requested, self.signum = True, signum
+        print(f"\nReceived signal {signum}: saving a checkpoint at the end of this step, then stopping "
+              "(a second signal stops at once).", flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -1355,3 +1951,199 @@ class Timer:
     def pop(self) -> dict[str, float]:
         out, self.totals = self.totals, {}
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Runs: the out-dir one run owns, its lock, resuming, signals, progress, the command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_settings(args):
+    """The flags every script shares take sensible values (each one present in args is checked): one sentence per
+    mistake, before any data or model is loaded."""
+    positive = ("lr", "max_new_tokens", "batch_size", "prompts_per_step", "num_generations", "grad_accum",
+                "dist_timeout_s")
+    non_negative = ("max_steps", "eval_every", "save_every", "eval_size", "eval_samples", "warmup_steps", "seed",
+                    "max_grad_norm", "weight_decay")
+    for name in positive + non_negative:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in positive):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value}: must be {'positive' if name in positive else 'zero or more'}.")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise UserError("--resume and --overwrite contradict each other: continue the run in --out-dir, or replace it.")
+    check_reporters(getattr(args, "report_to", ()))
+
+
+class Run:
+    """A training run's hold on its out-dir, from the check before any model loads to its last save.
+
+      - An out-dir belongs to one run: a new run refuses a directory that holds another run's files unless
+        resume (continue it) or overwrite (clear it first).
+      - A lock (DIR/.lock, flock) is held while the run lives, so a second process refuses at once instead of
+        interleaving its metrics and checkpoints with ours. The kernel drops it if the process dies.
+      - resume: `checkpoint` is the newest complete checkpoint (None: start from scratch); `finished` when final/
+        already holds the last step, in which case the script says so and changes nothing.
+      - SIGTERM/SIGINT become a flag the loop checks at step boundaries (should_stop), caught until the final save
+        is on disk; the stop's exit status is 128 + the signal (130 for SIGINT, 143 for SIGTERM).
+    Rank 0 decides and the other ranks follow its decision. Use as a context manager around the whole run."""
+
+    def __init__(self, out_dir: str, *, resume: bool = False, overwrite: bool = False, max_steps: int = 0):
+        self.out_dir, self.resume, self.overwrite, self.max_steps = out_dir, resume, overwrite, max_steps
+        self.checkpoint: str | None = None
+        self.start_step = 0
+        self.finished = False
+        self.stop = StopSignal()
+        self._lock = None
+
+    def __enter__(self) -> "Run":
+        decision = self._claim() if get_rank() == 0 else None
+        if is_distributed():
+            box = [decision]
+            dist.broadcast_object_list(box, src=0)
+            decision = box[0]
+        if isinstance(decision, str):  # rank 0's reason to refuse: every rank stops with it
+            self._release()
+            raise UserError(decision)
+        self.checkpoint, self.start_step, self.finished = decision
+        if self.finished:
+            print0(f"{self.out_dir} holds a finished run (final/ at step {self.start_step}); nothing to do. Pass a "
+                   "larger --max-steps to train further, or --overwrite to start again.")
+        elif self.resume and self.checkpoint is None:
+            print0(f"--resume: no complete checkpoint in {self.out_dir}; starting from scratch.")
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.__exit__(*exc)
+        self._release()
+        return False
+
+    def _claim(self):
+        """Rank 0: lock the out-dir and decide (checkpoint, step, finished), or return the reason to refuse."""
+        import fcntl
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        self._lock = open(os.path.join(self.out_dir, ".lock"), "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "another process"
+            return f"{self.out_dir} is in use by a live run (pid {owner}); wait for it to end or choose another --out-dir."
+        self._lock.seek(0), self._lock.truncate(), self._lock.write(str(os.getpid())), self._lock.flush()
+        held = sorted(name for name in os.listdir(self.out_dir) if name != ".lock")
+        if held and not self.resume and not self.overwrite:
+            return (f"{self.out_dir} already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+                    "pass --resume to continue it, or --overwrite to replace it.")
+        if held and self.overwrite:
+            for name in held:
+                path = os.path.join(self.out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        checkpoint = latest_checkpoint(self.out_dir) if self.resume else None
+        step = checkpoint_step(checkpoint) if checkpoint else 0
+        finished = checkpoint is not None and os.path.basename(checkpoint) == "final" and step >= self.max_steps
+        return checkpoint, step, finished
+
+    def _release(self):
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
+
+    def should_stop(self) -> bool:
+        """True on every rank once any rank was signalled (a collective under torchrun)."""
+        return self.stop.should_stop()
+
+    @property
+    def signal(self) -> int | None:
+        return self.stop.signum
+
+
+def finish_run(out_dir: str, *, final_dir: str | None, t_start: float, stopped_at: int | None = None,
+               signal: int | None = None, panels=(), title: str = "", plot: bool = True) -> RunResult:
+    """The end of every script's main: the RunResult (held-out metrics of the run's first and last evaluation,
+    i.e. the eval/* keys of metrics.jsonl), and on rank 0, for a finished run, summary.json, curves.png
+    (plot_metrics with the script's panels) and the before/after table."""
+    evals = [{k: v for k, v in row.items() if k.startswith("eval/")} for row in read_metrics(out_dir)]
+    evals = [e for e in evals if e]
+    result = RunResult(out_dir, final_dir, evals[0] if evals else {}, evals[-1] if evals else {}, stopped_at,
+                       time.time() - t_start, signal)
+    if get_rank() != 0 or final_dir is None:
+        return result
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump({"before": result.before, "after": result.after, "wall_s": result.wall_s}, f, indent=2)
+    curves = plot_metrics(out_dir, list(panels), title) if plot and panels else None
+    if len(evals) > 1:
+        print("\n| held-out | before | after |\n|---|---|---|")
+        for k, v in result.after.items():
+            print(f"| {k} | {result.before.get(k, float('nan')):.3f} | {v:.3f} |")
+    print(f"\nOutputs in {out_dir}: metrics.jsonl, summary.json, {os.path.basename(final_dir)}/"
+          + (", curves.png" if curves else ""), flush=True)
+    return result
+
+
+class _PlainProgress:
+    """tqdm's interface for logs that are not a terminal (CI, nohup, tee): a plain line every `every` seconds and at
+    the end, instead of a wall of carriage returns; every=None prints nothing (ranks other than 0)."""
+
+    def __init__(self, iterable, desc: str, total: int, initial: int, every: float | None = 30.0):
+        self.iterable, self.desc, self.total, self.n, self.every = iterable, desc, total, initial, every
+        self.postfix, self.t0, self.last = "", time.time(), time.time()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+            now = time.time()
+            if self.every is not None and (now - self.last >= self.every or self.n == self.total):
+                self.last = now
+                print(f"{self.desc}: step {self.n}/{self.total}, {now - self.t0:.0f} s {self.postfix}".rstrip(),
+                      flush=True)
+
+    def set_postfix(self, **values):
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self):
+        pass
+
+
+def progress(iterable, *, desc: str, total: int, initial: int = 0):
+    """The loop's progress on rank 0: a tqdm bar on a terminal, a plain line every 30 s elsewhere (CI, nohup)."""
+    import sys
+
+    if get_rank() != 0:
+        return _PlainProgress(iterable, desc, total, initial, every=None)
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, initial=initial, dynamic_ncols=True)
+    return _PlainProgress(iterable, desc, total, initial)
+
+
+def quiet_transformers():
+    """No progress bars of transformers' own inside ours, and no load report for weights we expect to be new (a
+    reward model's or a critic's head on a causal-LM backbone)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def run_cli(main, args) -> None:
+    """A script's `__main__`: main(args); a user's mistake (UserError) prints `error: ...` and exits 2 without a
+    traceback (RL_DEBUG=1 keeps it); a run stopped by a signal exits 128 + the signal after its checkpoint."""
+    import sys
+
+    try:
+        result = main(args)
+    except UserError as error:
+        if os.environ.get("RL_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        close_distributed()
+        sys.exit(2)
+    close_distributed()
+    if isinstance(result, RunResult) and result.signal:
+        sys.exit(128 + result.signal)

@@ -68,6 +68,7 @@ verifiable reward (--rewards task rlhf_reward_model:reward_model --reward-weight
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -80,12 +81,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 import tyro
-from tqdm import tqdm
 
 import kernels
 import rlvr_rewards
-from kernels import (MetricsLogger, RunResult, StopSignal, all_reduce_mean, all_reduce_sum, close_distributed, get_rank,
-                     get_world_size, init_distributed, latest_checkpoint, load_checkpoint, load_model,
+from kernels import (MetricsLogger, RunResult, all_reduce_mean, all_reduce_sum, get_rank,
+                     get_world_size, init_distributed, load_checkpoint, load_model,
                      position_ids_from_mask, print0, resolve_device, save_args, save_checkpoint, seed_everything,
                      set_cpu_threads, unwrap, wrap_model)
 from rlvr_rewards import DataError
@@ -102,7 +102,9 @@ class Args:
     eval_fraction: float = 0.05
     """share of a JSONL dataset's lines held out for evaluation when --eval-dataset is empty"""
     out_dir: str = "runs/rlhf_reward_model"
-    """where args.json, metrics.jsonl, checkpoint-STEP/ and final/ go"""
+    """where args.json, metrics.jsonl, checkpoint-STEP/ and final/ go (one run per directory)"""
+    overwrite: bool = False
+    """replace the run already in --out-dir (without it, a used --out-dir is refused unless --resume)"""
     seed: int = 0
     """seed for the head's initialisation, the data order and the toy data"""
     max_steps: int = 800
@@ -132,13 +134,20 @@ class Args:
     save_every: int = 400
     """write DIR/checkpoint-STEP every N steps; 0: only final/"""
     resume: bool = False
-    """continue from the newest complete checkpoint in --out-dir"""
-    device: str = "auto"
-    """'auto' (this rank's GPU, else CPU), 'cpu', 'cuda', ..."""
-    dtype: str = "auto"
-    """'auto' (bf16 on GPU, fp32 on CPU), 'float32', 'bfloat16'"""
+    """continue from the newest complete checkpoint in --out-dir (a finished run: nothing to do)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: this rank's GPU if there is one, else the CPU"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """compute dtype (the forward's matmuls); auto: bf16 on a GPU, fp32 on the CPU"""
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the weights (what checkpoints hold), gradients and AdamW state; --dtype bfloat16 --master-dtype
+    bfloat16 is pure bf16: half the memory, but updates below bf16's resolution round away"""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """under torchrun: DDP (a full copy per rank) or FSDP2 (sharded)"""
+    report_to: tuple[Literal["none", "wandb", "tensorboard"], ...] = ("none",)
+    """where metrics go besides metrics.jsonl (several allowed)"""
+    dist_timeout_s: float = 600.0
+    """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
     threads: int = 0
     """CPU threads for torch (0: 1 for models under 50M parameters, see kernels.set_cpu_threads)"""
 
@@ -338,13 +347,14 @@ def tokenize(tokenizer, texts: list[str], max_length: int, device) -> tuple[torc
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_reward_model(name_or_path: str, *, device="auto", dtype="auto"):
+def load_reward_model(name_or_path: str, *, device="auto", dtype="auto", master_dtype="float32", frozen=False):
     """(model, tokenizer): AutoModelForSequenceClassification with one output. From a causal-LM checkpoint the
-    backbone is reused and the head starts random; from a trained reward model everything loads."""
+    backbone is reused and the head starts random; from a trained reward model everything loads. dtype computes,
+    master_dtype holds the weights (kernels.load_model); frozen: a scorer, with bf16 matmul weights only."""
     from transformers import AutoModelForSequenceClassification
 
     model, tokenizer = load_model(name_or_path, model_class=AutoModelForSequenceClassification, num_labels=1,
-                                  device=device, dtype=dtype)
+                                  device=device, dtype=dtype, master_dtype=master_dtype, frozen=frozen)
     if not hasattr(model, "score"):
         raise ValueError(f"{name_or_path}: expected a sequence-classification head named 'score' (Llama, Qwen, "
                          f"Mistral, Gemma, GPT-2 style); this architecture names it differently.")
@@ -394,7 +404,7 @@ class RewardModelScorer:
     def __init__(self, path: str, *, device: str = "auto", batch_size: int = 64, normalize: bool = False,
                  template: str | None = None, max_length: int = 2048, dtype: str = "auto"):
         self.device = resolve_device(device)
-        self.model, self.tokenizer = load_reward_model(path, device=self.device, dtype=dtype)
+        self.model, self.tokenizer = load_reward_model(path, device=self.device, dtype=dtype, frozen=True)
         self.model.eval().requires_grad_(False)
         self.template = template or getattr(self.model.config, "reward_template", "chat")
         self.batch_size, self.max_length = batch_size, max_length
@@ -431,6 +441,27 @@ def reward_model(completions: list, prompt: list | None = None, **columns) -> li
     return _SCORERS[path](completions, prompt=prompt, **columns)
 
 
+def helpfulness_reward(completions: list, prompt: list | None = None, answer: list | None = None,
+                       **columns) -> list[float | None]:
+    """DeepSeek-R1's helpfulness reward for general prompts: the reward model in $RLHF_REWARD_MODEL (normalised
+    with its held-out statistics) reads only the final answer, the text after the reasoning
+    (rlvr_rewards.final_text); None on rows that carry a gold answer, which rule rewards judge. So one dataset can
+    mix reasoning and general prompts: `--rewards accuracy rlhf_reward_model:helpfulness_reward`."""
+    path = os.environ.get("RLHF_REWARD_MODEL", os.path.join(Args.out_dir, "final"))
+    key = path + "#normalized"
+    if key not in _SCORERS:
+        _SCORERS[key] = RewardModelScorer(path, normalize=True)
+    golds = answer if answer is not None else [None] * len(completions)
+    prompts = prompt if prompt is not None else [""] * len(completions)
+    rows = [i for i, gold in enumerate(golds) if gold is None]
+    scores = _SCORERS[key]([rlvr_rewards.final_text(completions[i]) for i in rows],
+                           prompt=[prompts[i] for i in rows]) if rows else []
+    out: list[float | None] = [None] * len(completions)
+    for i, score in zip(rows, scores):
+        out[i] = score
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
@@ -439,44 +470,54 @@ def reward_model(completions: list, prompt: list | None = None, **columns) -> li
 def main(args: Args) -> RunResult:
     """Train the reward model; returns the out dir, final/ and the held-out pairwise metrics (eval/) of the initial
     and the final model."""
-    dist_info = init_distributed(args.device)
+    start_time = time.time()
+    kernels.quiet_transformers()   # the new score head is expected: no load report about it
+    dist_info = init_distributed(args.device, args.dist_timeout_s)
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
+    kernels.check_settings(args)
     seed_everything(args.seed)
     if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks.")
+        raise kernels.UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks.")
     train_pairs, eval_pairs = load_pairs(args)            # a bad data file stops here, before any model loads
+    kernels.check_model_source(args.model)
     use_margin = any("margin" in p for p in train_pairs)
     print0(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
+    finish = functools.partial(kernels.finish_run, args.out_dir, t_start=start_time, panels=[
+        ("Bradley-Terry loss", [("train/loss", "train"), ("eval/loss", "held-out")], "loss"),
+        ("pairwise accuracy", [("train/accuracy", "train batch"), ("eval/accuracy", "held-out")], "P(r_w > r_l)")],
+        title=f"rlhf_reward_model.py --model {args.model} --dataset {args.dataset}")
 
-    model, tokenizer = load_reward_model(args.model, device=device, dtype=args.dtype)
-    set_cpu_threads(args.threads, model)
-    model.config.reward_template = args.template          # the scorer renders text the same way
-    model = wrap_model(model, args.strategy, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kernels.warmup_schedule(args.warmup_steps, args.max_steps,
-                                                                                      min_ratio=0.1))
+    with kernels.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps) as run:
+        if run.finished:
+            return finish(final_dir=run.checkpoint)
+        model, tokenizer = load_reward_model(args.model, device=device, dtype=args.dtype,
+                                             master_dtype=args.master_dtype)
+        set_cpu_threads(args.threads, model)
+        model.config.reward_template = args.template          # the scorer renders text the same way
+        model = wrap_model(model, args.strategy, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kernels.warmup_schedule(
+            args.warmup_steps, args.max_steps, min_ratio=0.1))
+        start_step = load_checkpoint(run.checkpoint, model, optimizer, scheduler)["step"] if run.checkpoint else 0
+        save_args(args.out_dir, args)
+        logger = MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
+                               report_to=args.report_to, config=vars(args))
 
-    start_step = 0
-    checkpoint = latest_checkpoint(args.out_dir) if args.resume else None
-    if checkpoint:
-        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler)["step"]
-        print0(f"Resumed from {checkpoint} (step {start_step})")
-    save_args(args.out_dir, args)
-    logger = MetricsLogger(args.out_dir, resume_step=start_step if args.resume else None)
+        def run_eval(step: int) -> dict:
+            metrics = {"step": step, **evaluate(model, tokenizer, eval_pairs, args, device)}
+            unwrap(model).config.reward_mean = metrics["reward_mean"]   # saved with the model: normalize=True
+            unwrap(model).config.reward_std = metrics["reward_std"]
+            logger.log(step, {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
+            return metrics
 
-    def run_eval(step: int) -> dict:
-        metrics = {"step": step, **evaluate(model, tokenizer, eval_pairs, args, device)}
-        unwrap(model).config.reward_mean = metrics["reward_mean"]   # saved with the model, used by normalize=True
-        unwrap(model).config.reward_std = metrics["reward_std"]
-        logger.log(step, {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
-        return metrics
+        def save(step: int, name: str | None = None) -> str:
+            return save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler, name=name)
 
-    start_time, step = time.time(), start_step
-    metrics = run_eval(0) if start_step == 0 and args.eval_every else {"step": None}
-    before = {f"eval/{k}": v for k, v in metrics.items() if k != "step"}
-    model.train()
-    bar = tqdm(range(start_step + 1, args.max_steps + 1), disable=rank != 0, desc="reward model")
-    with StopSignal() as stop:
+        step, skipped = start_step, 0
+        metrics = run_eval(0) if start_step == 0 and args.eval_every else {"step": None}
+        model.train()
+        bar = kernels.progress(range(start_step + 1, args.max_steps + 1), desc="reward model", total=args.max_steps,
+                               initial=start_step)
         for step in bar:
             # ---- this rank's share of the global batch; chosen and rejected in one forward of 2b rows ----
             batch = [train_pairs[i] for i in kernels.stream_indices((step - 1) * args.batch_size, args.batch_size,
@@ -491,42 +532,37 @@ def main(args: Args) -> RunResult:
             loss, stats = bradley_terry_loss(chosen, rejected, margin, args.center_coef)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
+            stats, stepped = kernels.guarded_step(model, optimizer, args.max_grad_norm, stats)
+            skipped += not stepped
             scheduler.step()
 
             # ---- logging, evaluation, checkpoints ----
-            stats = all_reduce_mean({k: v.item() for k, v in stats.items()})
+            grad_norm = stats.pop("grad_norm")
+            stats = all_reduce_mean(stats)
             logger.log(step, {**{f"train/{k}": v for k, v in stats.items()}, "train/lr": scheduler.get_last_lr()[0],
-                              "train/grad_norm": float(grad_norm), "perf/seconds": time.time() - start_time})
+                              "train/grad_norm": grad_norm, "train/skipped_updates": skipped,
+                              "perf/seconds": time.time() - start_time})
             bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
             if args.eval_every and step % args.eval_every == 0:
                 metrics = run_eval(step)
                 print0(f"step {step}: held-out accuracy {metrics['accuracy']:.3f}, margin {metrics['margin']:.2f}")
-            if stop.should_stop():
-                save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler)
+            if run.should_stop():
+                save(step)
                 print0(f"Stopped at step {step}; continue with --resume --out-dir {args.out_dir}")
-                return RunResult(args.out_dir, None, before, {}, step, time.time() - start_time)
+                logger.close()
+                return finish(final_dir=None, stopped_at=step, signal=run.signal)
             if args.save_every and step % args.save_every == 0:
-                save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler)
+                save(step)
 
-    if metrics["step"] != step:
-        metrics = run_eval(step)
-    save_checkpoint(args.out_dir, step, model, tokenizer, name="final")
-    logger.close()
-    if rank == 0:
-        kernels.plot_metrics(args.out_dir, [
-            ("Bradley-Terry loss", [("train/loss", "train"), ("eval/loss", "held-out")], "loss"),
-            ("pairwise accuracy", [("train/accuracy", "train batch"), ("eval/accuracy", "held-out")], "P(r_w > r_l)")],
-            title=f"rlhf_reward_model.py --model {args.model} --dataset {args.dataset}")
+        if metrics["step"] != step:
+            metrics = run_eval(step)
+        final_dir = save(step, name="final")
+        logger.close()
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("accuracy"))
-    print0(f"Held-out: {summary}; margin {metrics['margin']:.2f}; {time.time() - start_time:.0f}s")
-    print0(f"Outputs in {os.path.abspath(args.out_dir)}: args.json, metrics.jsonl, checkpoint-*/, final/ "
-           f"(load it with AutoModelForSequenceClassification.from_pretrained or RewardModelScorer)")
-    after = {f"eval/{k}": v for k, v in metrics.items() if k != "step"}
-    return RunResult(args.out_dir, os.path.join(args.out_dir, "final"), before, after, None, time.time() - start_time)
+    print0(f"Held-out: {summary}; margin {metrics['margin']:.2f}; {time.time() - start_time:.0f}s "
+           f"(load the model with AutoModelForSequenceClassification.from_pretrained or RewardModelScorer)")
+    return finish(final_dir=final_dir, signal=run.signal)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
-    close_distributed()
+    kernels.run_cli(main, tyro.cli(Args))

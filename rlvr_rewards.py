@@ -32,7 +32,13 @@ Rewards (y a completion, |y| its length, 1[c] = 1 if its answer is correct else 
   code_reward            the fraction of test statements that pass when run after the completion's code in the
                          sandbox below (1 or 0 with all_or_nothing=True).
   language_consistency   the share of the reasoning's words (think block, else the whole text) written in the
-                         target language's script (DeepSeek-R1); None when there are no words.
+                         target language's script (DeepSeek-R1); None when there are no words. The toy world's
+                         codes "digits" and "letters" count its number words ("12" vs "bc").
+  summary_format         R1's format after its cold start, <think>…</think>summary<answer>…</answer> with a
+                         non-blank summary: 1 or 0; None on rows whose answer column is None (general prompts).
+  harmlessness           -1 for a banned word anywhere in the response, reasoning included, else 0 (toy world).
+  gold_win               the toy world's hidden gold preference against the row's reference response: 1 / 0.5 / 0
+                         (a measurement; log it with weight 0).
   lcpo_exact_reward      r = 1[c] - α·|n_target - |y||                 α = 3e-4          (L1, LCPO-Exact)
   lcpo_max_reward        r = 1[c]·clip(α·(n_target - |y|) + δ, 0, 1)   α = 3e-4, δ = 0.5 (L1, LCPO-Max)
   kimi_length_reward     λ_i = 0.5 - (|y_i| - min_len)/(max_len - min_len) within each group of G samples;
@@ -71,11 +77,21 @@ prompt is 0 mod 5, so the splits never share a problem:
               checked by countdown_reward.
   code        prompt "Write f(x) returning x+3.", answer a reference solution, tests (assert statements);
               checked by code_reward.
+  general     the toy world's non-reasoning prompts: greetings ("hello, i am ana"), "make 12" (write an expression
+              equal to 12), "bigger: 7 or 12"; answer None, kind, and a reference response of middling quality.
+              No verifier: a hidden gold preference (gold_score) ranks responses, and gold_win_reward measures
+              a response against the reference. r1_pipeline.py trains a reward model on pairs it labels.
+
+The toy world (section "the toy world"): numbers in reasoning have two languages, digits and letters a-j
+(language_consistency_reward with language="digits" measures mixing); readability_problems checks a trace
+against R1's readable format <think>3*4=12,7+12=19,19-2=17</think>7+3*4-2=17<answer>17</answer> (step grammar,
+no repeated step, no junk, a summary); reflects() spots a self-correction ("wait"); harmful() a banned word.
 """
 
 import ast
 import collections
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -85,6 +101,8 @@ import math
 import os
 import random
 import re
+import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -150,10 +168,27 @@ _PRICE = re.compile(r"(?P<sign>[+-]?)\s*(?P<dollar>\\?\$)?\s*(?P<number>[^\s$\\]
                     re.IGNORECASE)
 
 
+def _unwrap(answer: str, max_layers: int = 100) -> str:
+    """Strip redundant outer brackets, "((17))" → "17", while the outer pair encloses everything and holds no
+    top-level comma ("(1, 2)" is a pair, not a wrapped number). A model can wrap a correct answer in dozens of
+    them, which math-verify takes seconds to parse."""
+    for _ in range(max_layers):
+        if len(answer) < 2 or (answer[0], answer[-1]) not in (("(", ")"), ("{", "}"), ("[", "]")):
+            return answer
+        depth = 0
+        for i, char in enumerate(answer[:-1]):
+            depth += 1 if char in "({[" else -1 if char in ")}]" else 0
+            if depth == 0 or (depth == 1 and char == ","):
+                return answer  # the first bracket closes early, or a comma makes it a tuple
+        answer = answer[1:-1].strip()
+    return answer
+
+
 def _clean(answer: str) -> str:
-    """Drop what never changes an answer: outer spaces, surrounding $…$, a sentence's final period, and the
-    currency of a price ("\\$1,000", "-$5", "5 dollars" → "1,000", "-5", "5": they compare as numbers)."""
-    answer = answer.strip().strip("$").strip().removesuffix(".").strip()
+    """Drop what never changes an answer: outer spaces, surrounding $…$, a sentence's final period, redundant
+    outer brackets, and the currency of a price ("\\$1,000", "-$5", "5 dollars" → "1,000", "-5", "5": they
+    compare as numbers)."""
+    answer = _unwrap(answer.strip().strip("$").strip().removesuffix(".").strip())
     price = _PRICE.fullmatch(answer) if len(answer) <= 60 else None
     if price and (price["dollar"] or price["word"]) and _plain_number(price["sign"] + price["number"]):
         return price["sign"] + price["number"]
@@ -301,6 +336,23 @@ def format_reward(completions: list[str], *, strict: bool = True, **kwargs) -> l
     return [float(isinstance(text, str) and check(text)) for text in completions]
 
 
+def _summary_format(text: str) -> bool:
+    if any(text.count(tag) != 1 for tag in _TAGS):
+        return False
+    a, b, c, d = (text.find(tag) for tag in _TAGS)
+    return a < b < c < d and not text[:a].strip() and bool(text[b + 8 : c].strip()) and not text[d + 9 :].strip()
+
+
+def summary_format_reward(completions: list[str], answer: list | None = None, **kwargs) -> list[float | None]:
+    """DeepSeek-R1's output format after its cold start, reasoning then a summary for the reader:
+    <think>…</think>summary<answer>…</answer>, each tag once, the summary not blank; 1.0 if it holds, else 0.0.
+    None on rows of an `answer` column that have no gold answer (in a dataset that mixes reasoning and general
+    prompts, general prompts are not held to a reasoning format)."""
+    golds = answer if isinstance(answer, (list, tuple)) else [""] * len(completions)
+    return [None if gold is None else float(isinstance(text, str) and _summary_format(text))
+            for text, gold in zip(completions, golds)]
+
+
 def tag_count_reward(completions: list[str], **kwargs) -> list[float]:
     """Partial credit for the template: 0.25 for each of the four tags that appears exactly once."""
     return [0.25 * sum(isinstance(text, str) and text.count(tag) == 1 for tag in _TAGS) for text in completions]
@@ -320,21 +372,35 @@ def _reasoning(text: str) -> str:
     return text[start + 7 : end] if end != -1 else text
 
 
+# The toy world's two number languages (the arithmetic task's reasoning): digits, the prompt's, and letters a-j for
+# 0-9 ("bc" = 12). Its words are the numbers: runs of digits, and runs of letters made only of a-j ("wait" is none).
+TOY_LANGUAGES = {"digits": re.compile(r"[0-9]+"), "letters": re.compile(r"[a-j]+")}
+_TOY_WORD = re.compile(r"[0-9]+|[a-z]+")
+
+
+def number_words(text: str) -> list[str]:
+    """The toy world's number words in a text, in order: "3*4=12,wait,d+e=h" -> ['3', '4', '12', 'd', 'e', 'h']."""
+    return [w for w in _TOY_WORD.findall(text) if w.isdigit() or TOY_LANGUAGES["letters"].fullmatch(w)]
+
+
 def language_consistency_reward(completions: list[str], *, language="en", max_chars: int = 200_000,
                                 **kwargs) -> list[float | None]:
     """DeepSeek-R1: the share of the reasoning's words written in the target language's script (en, zh, ja,
-    ko, ru); `language` is one code or a column. None when there are no words or no language. Reads max_chars
-    at most."""
+    ko, ru), or for the toy world's codes "digits" and "letters" the share of the reasoning's number words
+    written in that number language; `language` is one code or a column. None when there are no words or no
+    language. Reads max_chars at most."""
     languages = language if isinstance(language, (list, tuple)) else [language] * len(completions)
     rewards = []
     for text, lang in zip(completions, languages):
         if lang is None:  # a row without a target language: the reward does not apply
             rewards.append(None)
             continue
-        if lang not in _SCRIPTS:
-            raise ValueError(f"language must be one of {sorted(_SCRIPTS)}, not {lang!r}")
-        words = _WORD.findall(_reasoning(text)[:max_chars]) if isinstance(text, str) else []
-        rewards.append(sum(bool(_SCRIPTS[lang].fullmatch(w)) for w in words) / len(words) if words else None)
+        if lang not in _SCRIPTS and lang not in TOY_LANGUAGES:
+            raise ValueError(f"language must be one of {sorted(_SCRIPTS) + sorted(TOY_LANGUAGES)}, not {lang!r}")
+        reasoning = _reasoning(text)[:max_chars] if isinstance(text, str) else ""
+        target = _SCRIPTS.get(lang) or TOY_LANGUAGES[lang]
+        words = number_words(reasoning) if lang in TOY_LANGUAGES else _WORD.findall(reasoning)
+        rewards.append(sum(bool(target.fullmatch(w)) for w in words) / len(words) if words else None)
     return rewards
 
 
@@ -528,6 +594,151 @@ def code_reward(completions: list[str], tests: list, *, all_or_nothing: bool = F
         return list(pool.map(score, zip(completions, tests)))
 
 
+# ------------------------------------------------------------------------------------------------ the toy world
+# What the toy world (toy/base, sft.py's corpus) adds to the arithmetic task, so that each DeepSeek-R1 stage has
+# something to measure (r1_pipeline.py). A readable trace in R1's format is
+#     <think>3*4=12,7+12=19,19-2=17</think>7+3*4-2=17<answer>17</answer>
+# steps "a op b=c" joined by commas, a self-correction written "wait" and the step redone, then a summary (the
+# problem and its value), then the answer. Numbers inside the reasoning have two languages, digits (the prompt's,
+# the target) and letters a-j for 0-9 ("bc" = 12, "-g" = -6); a trace that uses both mixes languages.
+# General prompts (make_dataset("general")) have no gold answer; a hidden gold preference ranks their responses.
+
+LETTERS = "abcdefghij"
+_NUM = r"(?:[0-9]+|[a-j]+)"
+_STEP = re.compile(rf"(-?{_NUM})([-+*])(-?{_NUM})=(-?{_NUM})")
+_LONG_STEP = re.compile(rf"-?{_NUM}(?:[-+*]-?{_NUM}){{2,}}=-?{_NUM}")  # two operations or more in one step
+_SUMMARY = re.compile(r"[0-9]+(?:[-+*][0-9]+)+=-?[0-9]+")
+_R1_LAYOUT = re.compile(r"\s*<think>(.*)</think>(.*)<answer>(.*)</answer>\s*", re.S)
+READABILITY_PROBLEMS = ("layout", "junk", "long step", "repeat", "no summary")
+
+
+def to_letters(number: int) -> str:
+    """A number in the toy's second language: 12 -> 'bc', -6 -> '-g'."""
+    return ("-" if number < 0 else "") + "".join(LETTERS[int(d)] for d in str(abs(number)))
+
+
+def read_number(word: str) -> int | None:
+    """'12', 'bc', '-g' -> 12, 12, -6; None for anything else."""
+    sign, body = (-1, word[1:]) if word.startswith("-") else (1, word)
+    if body.isascii() and body.isdigit():
+        return sign * int(body)
+    if body and all(c in LETTERS for c in body):
+        return sign * int("".join(str(LETTERS.index(c)) for c in body))
+    return None
+
+
+def parse_step(step: str) -> tuple[int, str, int, int] | None:
+    """'7+bc=bj' -> (7, '+', 12, 19): a step of the grammar in either language (not checked for correctness)."""
+    match = _STEP.fullmatch(step)
+    if match is None:
+        return None
+    a, op, b, c = match.groups()
+    return read_number(a), op, read_number(b), read_number(c)
+
+
+def readability_problems(text: str) -> list[str]:
+    """Why a response is not a readable chain of thought in R1's format; [] when it is. "layout": not exactly
+    <think>reasoning</think>summary<answer>answer</answer> (a direct answer has no reasoning to read); "junk": a
+    reasoning item outside the step grammar or a summary that is not "problem=value"; "long step": two operations
+    or more in one step; "repeat": a step written twice; "no summary": nothing between </think> and <answer>.
+    Language is measured apart (language_consistency_reward with language="digits")."""
+    if not isinstance(text, str) or any(text.count(tag) != 1 for tag in _TAGS) or len(text) > 10_000:
+        return ["layout"]
+    match = _R1_LAYOUT.fullmatch(text)
+    if match is None:
+        return ["layout"]
+    reasoning, summary = match.group(1), match.group(2).strip()
+    items = reasoning.split(",")
+    kinds = ["wait" if s == "wait" else "step" if _STEP.fullmatch(s) else "long step" if _LONG_STEP.fullmatch(s)
+             else "junk" for s in items]
+    steps = [s for s, kind in zip(items, kinds) if kind != "wait"]
+    problems = [p for p in ("junk", "long step") if p in kinds]
+    if len(set(steps)) < len(steps):
+        problems.append("repeat")
+    if not summary:
+        problems.append("no summary")
+    elif not _SUMMARY.fullmatch(summary) and "junk" not in problems:
+        problems.append("junk")
+    return problems
+
+
+def is_readable(text: str) -> bool:
+    """A readable chain of thought: readability_problems finds nothing."""
+    return not readability_problems(text)
+
+
+BANNED_WORDS = ("idiot", "stupid", "hate")
+_POLITE = re.compile(r"\b(?:hello|hi|hey|greetings|welcome|nice to meet you|how can i help|good (?:morning|evening))\b")
+_RUDE = re.compile(r"\b(?:what\?|go away|not now|whatever)")
+_NAMES = ("ana", "bo", "cy", "dee", "eli", "fay", "gus", "hal", "ivy", "jo", "kai", "lu", "max", "ned", "ola",
+          "pat", "ray", "sam", "tess", "uma", "vic", "wes", "yan", "zoe", "al", "em", "finn", "rosa", "tom", "una",
+          "ben", "cleo", "dan", "eva", "flo", "gil", "hana", "ian", "jen", "kim", "leo", "mia", "nora", "otto",
+          "pia", "rob", "sue", "ted", "val", "will")
+_GREETINGS = ("hi", "hello", "hey", "good morning", "good evening", "greetings")
+
+
+def harmful(text: str) -> bool:
+    """A banned word anywhere in the response, reasoning included (R1 judged harmlessness on the whole response)."""
+    return isinstance(text, str) and any(word in text.lower() for word in BANNED_WORDS)
+
+
+def final_text(text: str) -> str:
+    """What a reader of the answer sees: the text after the reasoning (the summary and the answer block), or all of
+    it when there is no </think>. R1's helpfulness reward model read only this part."""
+    return text.rpartition("</think>")[2] if "</think>" in text else text
+
+
+def general_kind(prompt: str) -> str | None:
+    """'greeting' ("hello, i am ana"), 'expression' ("make 12"), 'comparison' ("bigger: 7 or 12"), or None."""
+    if prompt.startswith("make "):
+        return "expression"
+    if prompt.startswith("bigger: "):
+        return "comparison"
+    return "greeting" if ", i am " in prompt else None
+
+
+def gold_score(prompt: str, response: str) -> tuple[int, int, int]:
+    """The toy world's hidden gold preference, as a key to compare (higher is better): harmless beats harmful;
+    then the task's quality (greeting: polite 1 > neither 0 > rude -1; "make N": an expression equal to N 1 >
+    another expression 0 > anything else -1; "bigger: a or b": the larger number first 1 > the other 0 > no number
+    -1); then the shorter answer. It reads the answer block (else the text after the reasoning)."""
+    if not isinstance(response, str):
+        return (0, -1, 0)
+    answer = (_answer_block(response) or final_text(response)).strip().lower()[:1000]
+    kind, quality = general_kind(prompt), -1
+    if kind == "greeting":
+        quality = -1 if _RUDE.search(answer) else 1 if _POLITE.search(answer) else 0
+    elif kind == "expression":
+        value = evaluate_expression(answer)
+        quality = -1 if value is None else int(value == int(prompt.split()[1]))
+    elif kind == "comparison":
+        numbers, given = re.findall(r"\d+", answer), [int(n) for n in re.findall(r"\d+", prompt)]
+        quality = -1 if not numbers else int(int(numbers[0]) == max(given))
+    return (0 if harmful(response) else 1, quality, -len(answer))
+
+
+def gold_preference(prompt: str, a: str, b: str) -> int:
+    """1 if the gold preference ranks response a above b, -1 if below, 0 for a tie."""
+    key_a, key_b = gold_score(prompt, a), gold_score(prompt, b)
+    return (key_a > key_b) - (key_a < key_b)
+
+
+def harmlessness_reward(completions: list[str], **kwargs) -> list[float]:
+    """-1.0 for a response with a banned word anywhere, reasoning included, else 0.0 (the toy world's stand-in for
+    R1's harmlessness reward model, which read the whole response)."""
+    return [-1.0 if harmful(text) else 0.0 for text in completions]
+
+
+def gold_win_reward(completions: list[str], prompt: list | None = None, reference: list | None = None,
+                    **kwargs) -> list[float | None]:
+    """The toy world's gold win-rate against the row's reference response: 1.0 better, 0.5 tie, 0.0 worse; None on
+    rows without a reference. A measurement of the hidden preference: give it weight 0 to log it."""
+    prompts = prompt if prompt is not None else [None] * len(completions)
+    references = reference if reference is not None else [None] * len(completions)
+    return [None if ref is None or not isinstance(p, str) else (gold_preference(p, text, ref) + 1) / 2
+            for text, p, ref in zip(completions, prompts, references)]
+
+
 # ------------------------------------------------------------------------------------------------ combining
 
 REWARDS = {
@@ -535,7 +746,8 @@ REWARDS = {
     "language_consistency": language_consistency_reward, "lcpo_exact": lcpo_exact_reward,
     "lcpo_max": lcpo_max_reward, "kimi_length": kimi_length_reward, "cosine_length": cosine_length_reward,
     "soft_overlong": soft_overlong_reward, "repetition_penalty": repetition_penalty_reward,
-    "countdown": countdown_reward,
+    "countdown": countdown_reward, "summary_format": summary_format_reward, "harmlessness": harmlessness_reward,
+    "gold_win": gold_win_reward,
 }
 TASK_REWARDS = {"arithmetic": accuracy_reward, "countdown": countdown_reward, "code": code_reward}
 
@@ -574,9 +786,81 @@ def get_reward(name_or_spec: str):
     raise ValueError(f"unknown reward {name_or_spec!r}: use one of {sorted(REWARDS)} or 'module:function'")
 
 
-def combine_rewards(funcs_and_weights, completions: list[str], **columns):
+class RewardError(K.UserError):
+    """A reward function returned something that is not one finite number (or None) per completion."""
+
+
+class Interrupted(Exception):
+    """A stop was requested (SIGTERM/SIGINT) while a reward was still running: the step is abandoned."""
+
+
+_WARNED_NONE: set = set()
+
+
+def checked_rewards(name: str, values, count: int) -> list[float | None]:
+    """A reward's values as a list of count finite floats or None; anything else raises RewardError naming the
+    reward, the sample and the value (a dict, a string, a wrong length, NaN or inf)."""
+    if isinstance(values, (dict, str, bytes)) or not hasattr(values, "__iter__"):
+        raise RewardError(f"reward {name!r} returned a {type(values).__name__}; a reward returns a list with one "
+                          f"number (or None) per completion ({count} here).")
+    values = list(values)
+    if len(values) != count:
+        raise RewardError(f"reward {name!r} returned {len(values)} values for {count} completions; return one per "
+                          "completion (None where it does not apply).")
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        if isinstance(value, (str, bytes)) or not isinstance(value, (int, float)) and not (
+                hasattr(value, "item") and getattr(value, "ndim", 1) == 0):
+            raise RewardError(f"reward {name!r} gave completion {i} of {count} the value {value!r} "
+                              f"({type(value).__name__}); a reward value is a number or None.")
+        values[i] = float(value)
+        if not math.isfinite(values[i]):
+            raise RewardError(f"reward {name!r} gave completion {i} of {count} the value {values[i]}; rewards must "
+                              "be finite (return None where a reward does not apply).")
+    if count and all(v is None for v in values) and name not in _WARNED_NONE:
+        _WARNED_NONE.add(name)
+        warnings.warn(f"reward {name!r} returned None for all {count} completions of a batch: it applies to none of "
+                      "them (this warning is shown once per reward)", RuntimeWarning, stacklevel=3)
+    return values
+
+
+def call_reward(fn, name: str, completions: list, columns: dict, *, timeout_s: float | None = None,
+                should_stop=None) -> list:
+    """fn(completions, **columns), bounded: past timeout_s a RewardError names the reward; once should_stop()
+    turns true (a SIGTERM arrived) Interrupted is raised within a fraction of a second, however long the reward
+    would still run. The call runs in a daemon thread, which is left behind if it never returns."""
+    if timeout_s is None and should_stop is None:
+        return fn(completions, **columns)
+    result = {}
+
+    def work():
+        try:
+            result["values"] = fn(completions, **columns)
+        except BaseException as error:  # re-raised in the caller's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=work, daemon=True, name=f"reward {name}")
+    thread.start()
+    deadline = time.monotonic() + (timeout_s if timeout_s is not None else math.inf)
+    while thread.is_alive():
+        thread.join(0.1)  # returns at once when the reward does
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"stopped while reward {name!r} was running")
+        if thread.is_alive() and time.monotonic() > deadline:
+            raise RewardError(f"reward {name!r} took longer than {timeout_s} s on {len(completions)} completions; "
+                              "make it faster or raise --reward-timeout-s.")
+    if "error" in result:
+        raise result["error"]
+    return result["values"]
+
+
+def combine_rewards(funcs_and_weights, completions: list[str], *, reward_timeout_s: float | None = None,
+                    should_stop=None, **columns):
     """total_i = Σ_k weight_k·reward_k(i), a None reward adding 0. funcs_and_weights: (reward, weight) pairs or
-    a dict, a reward being a function, a built-in name or "module:function". Returns (total, {name: values})."""
+    a dict, a reward being a function, a built-in name or "module:function". Every value is checked
+    (checked_rewards); each call is bounded by reward_timeout_s and interruptible (call_reward). Returns (total,
+    {name: values})."""
     pairs = funcs_and_weights.items() if isinstance(funcs_and_weights, dict) else funcs_and_weights
     total, per_reward = [0.0] * len(completions), {}
     for reward, weight in pairs:
@@ -584,11 +868,10 @@ def combine_rewards(funcs_and_weights, completions: list[str], **columns):
         name = reward if isinstance(reward, str) else getattr(getattr(fn, "func", fn), "__name__", "reward")
         name = name.removesuffix("_reward") if fn in REWARDS.values() else name
         name = f"{name}_{len(per_reward)}" if name in per_reward else name
-        values = list(fn(completions, **columns))
-        if len(values) != len(completions):
-            raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+        values = checked_rewards(name, call_reward(fn, name, completions, columns, timeout_s=reward_timeout_s,
+                                                   should_stop=should_stop), len(completions))
         per_reward[name] = values
-        total = [t + weight * float(v) if v is not None else t for t, v in zip(total, values)]
+        total = [t + weight * v if v is not None else t for t, v in zip(total, values)]
     return total, per_reward
 
 
@@ -684,15 +967,43 @@ def _code_row(rng: random.Random, split: str | None = None) -> dict | None:
     return {"prompt": prompt.format(**fill), "answer": solution, "tests": tests}
 
 
+@functools.lru_cache(maxsize=8)
+def general_prompts(kind: str, split: str) -> tuple[str, ...]:
+    """Every general prompt of a kind ('greeting', 'expression', 'comparison') in a split."""
+    prompts = {"greeting": [f"{g}, i am {name}" for g in _GREETINGS for name in _NAMES],
+               "expression": [f"make {n}" for n in range(3, 151)],
+               "comparison": [f"bigger: {a} or {b}" for a in range(1, 100) for b in range(1, 100) if a != b]}[kind]
+    return tuple(p for p in prompts if _split_of(p) == split)
+
+
+def general_row(prompt: str) -> dict:
+    """A general prompt's row: no gold answer, its kind, and a fixed reference response of middling quality (polite
+    but long, correct but long) that the gold win-rate compares against."""
+    kind = general_kind(prompt)
+    if kind == "greeting":
+        reference = f"hello {prompt.split(', i am ')[1]}! how can i help?"
+    elif kind == "expression":
+        reference = f"1+{int(prompt.split()[1]) - 2}+1"
+    else:
+        reference = f"{max(int(n) for n in re.findall(r'[0-9]+', prompt))} is bigger"
+    return {"prompt": prompt, "answer": None, "kind": kind, "reference": f"<answer>{reference}</answer>"}
+
+
+def _general_row(rng: random.Random, split: str) -> dict:
+    return general_row(rng.choice(general_prompts(rng.choice(("greeting", "expression", "comparison")), split)))
+
+
 def _split_of(prompt: str) -> str:
     """A stable hash of the problem text decides its split, so train and test never share a problem."""
     return "test" if int(hashlib.md5(prompt.encode()).hexdigest(), 16) % 5 == 0 else "train"
 
 
 def make_dataset(name: str, split: str = "train", n: int = 1000, seed: int = 0) -> list[dict]:
-    """n distinct rows {prompt, answer, ...} of a built-in task ("arithmetic", "countdown", "code") from the
-    split ("train" or "test", about 80% and 20% of all problems, by prompt hash); the same for the same seed."""
-    makers = {"arithmetic": _arithmetic_row, "countdown": _countdown_row, "code": lambda rng: _code_row(rng, split)}
+    """n distinct rows {prompt, answer, ...} of a built-in task ("arithmetic", "countdown", "code", or the toy
+    world's "general" prompts, whose answer is None) from the split ("train" or "test", about 80% and 20% of all
+    problems, by prompt hash); the same for the same seed."""
+    makers = {"arithmetic": _arithmetic_row, "countdown": _countdown_row, "code": lambda rng: _code_row(rng, split),
+              "general": lambda rng: _general_row(rng, split)}
     if name not in makers or split not in ("train", "test"):
         raise ValueError(f"make_dataset takes a name in {sorted(makers)} and split 'train' or 'test', "
                          f"not {name!r}, {split!r}")
@@ -733,7 +1044,7 @@ def reflects(text: str) -> bool:
 # ------------------------------------------------------------------------------------------------ data
 
 
-class DataError(ValueError):
+class DataError(K.UserError):
     """A problem in the user's data; the message names the file and line and says what to change."""
 
 
@@ -774,30 +1085,144 @@ def read_jsonl(path: str, parse_row) -> list:
     return rows
 
 
-def prompt_row(obj, where: str = "", line: int = 0) -> dict:
-    """A JSONL line of an RL dataset: an object with a 'prompt' (a string or chat messages) and any other fields
-    the rewards read (answer, tests, ...)."""
-    if not isinstance(obj, dict) or "prompt" not in obj:
-        raise DataError(f"{where}each line must be a JSON object with a 'prompt'.")
-    if not (isinstance(obj["prompt"], str) or is_messages(obj["prompt"])):
+def _is_empty(prompt) -> bool:
+    texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+    return not any(text.strip() for text in texts)
+
+
+def check_prompt_row(row, where: str, required=()) -> dict:
+    """An RL dataset row: an object with a non-empty 'prompt' (a string or chat messages) and every field in
+    `required` (those the rewards read: answer, tests, ...); a DataError starting with `where` otherwise."""
+    if not isinstance(row, dict) or "prompt" not in row:
+        raise DataError(f"{where}each row must be an object with a 'prompt' (--prompt-column names another column).")
+    if not (isinstance(row["prompt"], str) or is_messages(row["prompt"])):
         raise DataError(f"{where}'prompt' must be a string or a non-empty list of messages "
                         "{\"role\": str, \"content\": str}.")
-    return obj
+    if _is_empty(row["prompt"]):
+        raise DataError(f"{where}the prompt is empty; remove the row or give it a prompt.")
+    missing = [name for name in required if row.get(name) is None]
+    if missing:
+        raise DataError(f"{where}no {missing[0]!r}, which the rewards need (fields here: {sorted(row)}).")
+    return row
 
 
-def load_prompts(spec: str, split: str = "train", n: int = 20_000, seed: int = 0) -> list[dict]:
-    """Rows {prompt, answer, ...} of an RL dataset: a built-in task (its split, n rows), a .jsonl file (every line
-    checked, errors name the line), or a hub dataset id (with the `datasets` package)."""
+def _renamed(row, prompt_column: str, answer_column: str):
+    """The row with its prompt and answer columns named "prompt" and "answer"."""
+    if not isinstance(row, dict):
+        return row
+    row = dict(row)
+    for column, name in ((prompt_column, "prompt"), (answer_column, "answer")):
+        if column != name and column in row:
+            row[name] = row.pop(column)
+    return row
+
+
+def load_prompts(spec: str, split: str = "train", n: int = 20_000, seed: int = 0, *, prompt_column: str = "prompt",
+                 answer_column: str = "answer", required=()) -> list[dict]:
+    """Rows {prompt, answer, ...} of an RL dataset, every row checked (check_prompt_row) before any model loads:
+      a built-in task            its split, n rows (make_dataset)
+      FILE.jsonl / FILE.json     one object a line / a list of objects; errors name the line / the item
+      DIR, FILE.parquet, hub id  through the `datasets` package (load_from_disk for a directory saved with
+                                 save_to_disk; `split` picks the split of a hub dataset)
+    prompt_column / answer_column name the columns that hold the prompt and the gold answer (GSM8K: question,
+    answer; its "... #### 72" solutions are reduced to 72 by the accuracy reward)."""
     if spec in TASK_REWARDS:
         return make_dataset(spec, split=split, n=n, seed=seed)
+
+    def checked(row, where, line=0):
+        return check_prompt_row(_renamed(row, prompt_column, answer_column), where, required)
+
     if spec.endswith(".jsonl"):
-        return read_jsonl(spec, prompt_row)
+        return read_jsonl(spec, checked)
+    if spec.endswith(".json") and os.path.isfile(spec):
+        try:
+            with open(spec, encoding="utf-8-sig") as f:
+                items = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"{spec}: not a JSON list of objects ({error}).") from None
+        if not isinstance(items, list) or not items:
+            raise DataError(f"{spec}: expected a non-empty JSON list of objects (or a .jsonl file).")
+        return [checked(item, f"{spec}, item {i}: ") for i, item in enumerate(items)]
+    local = os.path.exists(spec)
+    if not local and (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "." in os.path.basename(spec)):
+        raise DataError(f"--dataset {spec!r}: no such file or directory; use a built-in task "
+                        f"({', '.join(sorted(TASK_REWARDS))}), a .jsonl/.json/.parquet file, a dataset directory, "
+                        "or a hub id.")
     try:
         import datasets
     except ImportError:
-        raise DataError(f"Dataset {spec!r} is neither a built-in task ({sorted(TASK_REWARDS)}) nor a .jsonl file; "
-                        "for a hub dataset install the `datasets` package.") from None
-    return [dict(row) for row in datasets.load_dataset(spec, split=split)]
+        raise DataError(f"--dataset {spec}: reading a dataset directory, parquet file or hub dataset needs the "
+                        "`datasets` package (pip install datasets); or convert it to .jsonl.") from None
+    try:
+        if os.path.isdir(spec):
+            data = datasets.load_from_disk(spec)
+            data = data[split] if isinstance(data, datasets.DatasetDict) else data
+        elif spec.endswith(".parquet"):
+            data = datasets.load_dataset("parquet", data_files=spec, split="train")
+        else:
+            data = datasets.load_dataset(spec, split=split)
+    except (FileNotFoundError, KeyError, ValueError, ConnectionError, OSError) as error:
+        raise DataError(f"--dataset {spec} (split {split!r}): {str(error).splitlines()[0] if str(error) else error!r}"
+                        ) from None
+    return [checked(dict(row), f"{spec}, row {i}: ") for i, row in enumerate(data)]
+
+
+def fit_prompts(tokenizer, rows: list[dict], *, max_new_tokens: int, context: int | None, source: str,
+                template: str = "auto", system_prompt: str | None = None) -> list[dict]:
+    """The rows whose rendered prompt leaves room for max_new_tokens in the model's context; the others are dropped
+    with a warning naming how many (all of them: DataError). Rows whose text the tokenizer cannot represent (it
+    maps those characters to its unknown token, e.g. "2×3" for the toy's ASCII tokenizer) are named in a warning,
+    never silently changed."""
+    unk, kept, too_long, unknown = getattr(tokenizer, "unk_token_id", None), [], 0, []
+    for i, row in enumerate(rows):
+        ids = tokenizer(render_prompt(tokenizer, row["prompt"], template, system_prompt),
+                        add_special_tokens=False)["input_ids"]
+        if unk is not None and unk in ids:
+            unknown.append(i)
+        if context is not None and len(ids) + max_new_tokens > context:
+            too_long += 1
+        else:
+            kept.append(row)
+    if unknown:
+        warnings.warn(f"{source}: {len(unknown)} prompt(s) hold characters the tokenizer cannot represent (mapped to "
+                      f"{tokenizer.unk_token}), e.g. row {unknown[0]}: {str(rows[unknown[0]]['prompt'])[:60]!r}",
+                      RuntimeWarning, stacklevel=2)
+    if not kept:
+        raise DataError(f"{source}: no prompt fits the model's context of {context} tokens with --max-new-tokens "
+                        f"{max_new_tokens}; shorten the prompts or lower --max-new-tokens.")
+    if too_long:
+        warnings.warn(f"{source}: dropped {too_long} of {len(rows)} prompts that leave no room for --max-new-tokens "
+                      f"{max_new_tokens} in the model's context of {context} tokens", RuntimeWarning, stacklevel=2)
+    return kept
+
+
+def load_train_and_eval(dataset: str, eval_dataset: str | None, reward_fns, *, split: str = "train",
+                        eval_size: int = 200, seed: int = 0, prompt_column: str = "prompt",
+                        answer_column: str = "answer") -> tuple[list[dict], list[dict]]:
+    """An RL script's (train rows, held-out rows), every row checked for the fields the rewards read: the held-out
+    rows come from eval_dataset (its "test" split), a built-in task's test split, or else a seeded slice of the
+    training data (hold_out, announced). eval_size 0: no evaluation."""
+    load = functools.partial(load_prompts, seed=seed, prompt_column=prompt_column, answer_column=answer_column,
+                             required=required_fields(reward_fns))
+    train_rows = load(dataset, split, 20_000)
+    check_rewards(reward_fns, train_rows, dataset)
+    if not eval_size:
+        return train_rows, []
+    if eval_dataset:
+        return train_rows, load(eval_dataset, "test", eval_size)[:eval_size]
+    if dataset in TASK_REWARDS:
+        return train_rows, load(dataset, "test", eval_size)
+    train_rows, eval_rows = hold_out(train_rows, eval_size, seed)
+    K.print0(f"Held out {len(eval_rows)} of {dataset}'s rows for evaluation (seed {seed}; --eval-dataset to choose).")
+    return train_rows, eval_rows
+
+
+def hold_out(rows: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held out): a seeded slice of min(size, a tenth of the rows) for evaluation, when a dataset comes
+    without a held-out set of its own."""
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    held = set(order[:min(size, len(rows) // 10)])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -823,6 +1248,14 @@ def render_prompt(tokenizer, prompt, template: str = "auto", system_prompt: str 
             messages = [{"role": "system", "content": system_prompt}] + messages
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return R1_TEMPLATE.format(prompt=prompt) if template == "r1" else prompt
+
+
+def longest_prompt(tokenizer, rows: list[dict], template: str = "auto", system_prompt: str | None = None) -> int:
+    """The most tokens any row's prompt takes once rendered: with max_new_tokens, the KV cache a compiled decoder needs
+    for the whole run (kernels.set_generation_length)."""
+    texts = [render_prompt(tokenizer, row["prompt"], template, system_prompt) for row in rows]
+    chat = bool(rows) and uses_chat_template(tokenizer, rows[0]["prompt"], template)
+    return max((len(ids) for ids in tokenizer(texts, add_special_tokens=not chat)["input_ids"]), default=1)
 
 
 def encode_prompts(tokenizer, texts: list[str], device, add_special_tokens: bool = False) -> tuple:
@@ -916,7 +1349,10 @@ def resolve_rewards(names, dataset: str) -> list[tuple[str, object]]:
             fn = TASK_REWARDS.get(dataset, accuracy_reward)
             name = getattr(fn, "__name__", "task").removesuffix("_reward")
         else:
-            fn = get_reward(name)
+            try:
+                fn = get_reward(name)
+            except (ValueError, ImportError, AttributeError, TypeError) as error:  # the user's --rewards
+                raise K.UserError(f"--rewards {name}: {error}") from error
         fns.append((name, fn))
     return fns
 
@@ -929,15 +1365,23 @@ def required_columns(fn) -> set[str]:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def required_fields(reward_fns) -> list[str]:
+    """The dataset fields the rewards [(name, fn)] read (load_prompts checks every row holds them)."""
+    return sorted(set().union(*(required_columns(fn) for _, fn in reward_fns)))
+
+
 def check_rewards(reward_fns, rows: list[dict], source: str):
-    """Before any model is loaded: every reward finds the dataset fields it needs, and code can be run (a machine
-    with no working sandbox raises here, not after an hour of loading, and never scores every sample 0)."""
+    """Before any model is loaded: every row holds the fields each reward needs (the first row that does not is
+    named), and code can be run (a machine with no working sandbox raises here, not after an hour of loading,
+    and never scores every sample 0)."""
     for name, fn in reward_fns:
-        missing = required_columns(fn) - set(rows[0])
-        if missing:
-            raise DataError(f"Reward '{name}' needs dataset field(s) {sorted(missing)}, which {source} does not have "
-                            f"(its fields: {sorted(rows[0])}).")
-    if any(fn is code_reward for _, fn in reward_fns) or "tests" in rows[0]:
+        needed = required_columns(fn)
+        for i, row in enumerate(rows):
+            missing = sorted(column for column in needed if row.get(column) is None)
+            if missing:
+                raise DataError(f"{source}, row {i}: reward '{name}' needs the field(s) {missing}, which this row does "
+                                f"not have (its fields: {sorted(row)}).")
+    if any(fn is code_reward for _, fn in reward_fns) or any("tests" in row for row in rows[:1]):
         sandbox.require_sandbox()
 
 
@@ -951,13 +1395,15 @@ def verify(completions: list[str], rows: list[dict]) -> list[bool] | None:
     return None if verifier is None else [v == 1.0 for v in verifier(completions, **columns)]
 
 
-def score(rollout: Rollout, reward_fns, weights, **extra) -> Rollout:
+def score(rollout: Rollout, reward_fns, weights, *, reward_timeout_s: float | None = None, should_stop=None,
+          **extra) -> Rollout:
     """Fill rollout.rewards (weighted total), per_reward and correct (the task's verdicts, reused from the task
-    reward when it is one of the rewards). extra goes to every reward (completion_lengths, group_size, ...)."""
+    reward when it is one of the rewards). extra goes to every reward (completion_lengths, group_size, ...);
+    reward_timeout_s and should_stop bound each reward call (combine_rewards)."""
     rows = rollout.rows
     columns = {k: [row.get(k) for row in rows] for k in rows[0]}
     total, values = combine_rewards([(fn, w) for (_, fn), w in zip(reward_fns, weights)], rollout.completions,
-                                    **columns, **extra)
+                                    reward_timeout_s=reward_timeout_s, should_stop=should_stop, **columns, **extra)
     rollout.per_reward = {name: vals for (name, _), vals in zip(reward_fns, values.values())}
     verifiers = tuple(TASK_REWARDS.values())
     task_values = next((vals for (_, fn), vals in zip(reward_fns, values.values()) if fn in verifiers), None)
@@ -986,6 +1432,8 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     for name, values in rollout.per_reward.items():
         present = [v for v in values if v is not None]
         m[f"rewards/{name}"] = sum(present) / len(present) if present else float("nan")
+    counts = sandbox.stats()  # since the process started: sandboxed runs that failed to clean up, timed out, ...
+    m.update({f"sandbox/{k}": float(counts[k]) for k in ("cleanup_failures", "timeouts", "errors", "math_untried")})
     return m
 
 
@@ -994,6 +1442,16 @@ def finish_reward_std(metrics: dict) -> dict:
     sq = metrics.pop("rollout/reward_sq_mean")
     metrics["rollout/reward_std"] = math.sqrt(max(0.0, sq - metrics["rollout/reward_mean"] ** 2))
     return metrics
+
+
+def rollout_samples(rollout: Rollout, advantages: "torch.Tensor", count: int) -> list[dict]:
+    """A few completions of a scored rollout for samples.jsonl: prompt, completion, each reward, the total, the
+    advantage (a token advantage averaged over the completion) and the verifier's verdict."""
+    advantages = advantages if advantages.dim() == 1 else K.masked_mean(advantages, rollout.gen.mask, dim=-1)
+    return [{"prompt": rollout.rows[i]["prompt"], "completion": rollout.completions[i],
+             "rewards": {name: values[i] for name, values in rollout.per_reward.items()},
+             "reward": rollout.rewards[i].item(), "advantage": advantages[i].item(), "correct": rollout.correct[i]}
+            for i in range(min(count, len(rollout.completions)))]
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -1022,17 +1480,23 @@ def evaluate(model, tokenizer, rows: list[dict], *, max_new_tokens: int, samples
     """Held-out metrics of a policy: greedy accuracy, response length and reasoning share, and (samples > 0) pass@1
     averaged over `samples` completions at `temperature`. Rows are sharded over ranks; every rank runs as many
     generate calls (collectives under FSDP), topping its share up with rows that are not counted. The sampling
-    noise is keyed by the row's index, so the result does not depend on the number of ranks."""
+    noise is keyed by the row's index, so the result does not depend on the number of ranks. Compiled decoding gets
+    fixed shapes: every batch is topped up to batch_size rows, and the KV cache fits the longest prompt."""
     was_training = model.training
     model.eval()
     rank, world = K.get_rank(), K.get_world_size()
     mine = rows[rank::world]
     real = len(mine)
     mine = mine + rows[:1] * (-(-len(rows) // world) - real)
+    fixed = compile if compile is not None else next(K.unwrap(model).parameters()).is_cuda  # generate's default
+    if fixed and rows:  # a new row count or cache length would recompile the decode step
+        K.set_generation_length(model, longest_prompt(tokenizer, rows, template, system_prompt), max_new_tokens)
     counts = EvalCounts()
     settings = [(0.0, 1)] + ([(temperature, samples)] if samples else [])
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]
+        if fixed:
+            batch = batch + rows[:1] * (batch_size - len(batch))  # rows beyond `counted` are not counted
         counted = max(0, min(len(batch), real - start))  # rows of this batch that count
         global_rows = [rank + (start + i) * world for i in range(len(batch))]
         for temp, n in settings:
@@ -1056,3 +1520,75 @@ def evaluate(model, tokenizer, rows: list[dict], *, max_new_tokens: int, samples
     if samples:
         out[f"eval/pass@1_k{samples}_t{temperature}"] = counts.sample_correct / counts.sampled_prompts
     return out
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def score_file(path: str, rewards: list[str], weights: list[float] | None = None, show: int = 10,
+               completion_column: str = "completion", answer_column: str = "answer") -> str:
+    """Score a JSONL of completions (one object a line: the completion plus the fields the rewards read) with
+    named rewards; returns a markdown table: each reward's mean and how often it applies, then the first `show`
+    rows with their scores. For checking a reward before a run."""
+    def row_of(obj, where, line):
+        if not isinstance(obj, dict) or not isinstance(obj.get(completion_column), str):
+            raise DataError(f"{where}each line needs a string {completion_column!r} (--completion-column).")
+        return _renamed(obj, "prompt", answer_column)
+
+    rows = read_jsonl(path, row_of)
+    fns = resolve_rewards(rewards, "")
+    check_rewards(fns, rows, path)
+    weights = list(weights) if weights else [1.0] * len(fns)
+    if len(weights) != len(fns):
+        raise K.UserError(f"--weights has {len(weights)} numbers for {len(fns)} rewards; give one per reward.")
+    completions = [row.pop(completion_column) for row in rows]
+    columns = {k: [row.get(k) for row in rows] for k in set().union(*rows)}
+    total, per_reward = combine_rewards([(fn, w) for (_, fn), w in zip(fns, weights)], completions, **columns)
+    lines = [f"{len(completions)} completions from {path}", "", "| reward | weight | mean | applies to |",
+             "|---|---|---|---|"]
+    for (name, values), weight in zip(per_reward.items(), weights):
+        present = [v for v in values if v is not None]
+        mean = f"{sum(present) / len(present):.4f}" if present else "-"
+        lines.append(f"| {name} | {weight:g} | {mean} | {len(present)} of {len(values)} |")
+    lines.append(f"| **total** | | {sum(total) / len(total):.4f} | |")
+    if show:
+        names = list(per_reward)
+        lines += ["", "| # | completion | " + " | ".join(names) + " | total |", "|---" * (len(names) + 3) + "|"]
+        for i, text in enumerate(completions[:show]):
+            cells = ["-" if per_reward[n][i] is None else f"{per_reward[n][i]:.3g}" for n in names]
+            shown = text.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {i} | {shown[:60] + ('…' if len(shown) > 60 else '')} | " + " | ".join(cells)
+                         + f" | {total[i]:.3g} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None):
+    """`python rlvr_rewards.py FILE.jsonl --rewards accuracy format`: score completions and print a table."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python rlvr_rewards.py", description="Score a JSONL file of completions with named rewards and print "
+        "a table (each reward's mean, then the first rows). Each line: {\"completion\": str, ...the fields the "
+        "rewards read, e.g. \"answer\"}.",
+        epilog=f"rewards: {', '.join(sorted(REWARDS))}, or module:function / path/to/file.py:function of your own")
+    parser.add_argument("path", help="a .jsonl file, one completion per line")
+    parser.add_argument("--rewards", nargs="+", default=["accuracy", "format"], help="reward names (default: "
+                        "accuracy format)")
+    parser.add_argument("--weights", nargs="+", type=float, help="one weight per reward (default: 1 each)")
+    parser.add_argument("--show", type=int, default=10, help="rows to show with their scores (default 10)")
+    parser.add_argument("--completion-column", default="completion")
+    parser.add_argument("--answer-column", default="answer")
+    args = parser.parse_args(argv)
+    try:
+        print(score_file(args.path, args.rewards, args.weights, args.show, args.completion_column,
+                         args.answer_column))
+    except K.UserError as error:
+        if os.environ.get("RL_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

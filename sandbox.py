@@ -3,13 +3,46 @@
 Two things live here because both run outside the trainer's interpreter, in processes it starts, limits and
 kills: the code sandbox (run_sandboxed), where a model's program meets its tests, and the pool of math-verify
 processes (math_verify), whose parser is given text a model wrote. Importing this module starts nothing: the
-pools are made on first use, and anew in a forked child.
+pools are made on first use, and anew in a forked child. stats() counts runs, timeouts, errors and cleanup
+failures, for a trainer to log.
+
+Who decides a score. The program runs in a child interpreter, and for a test of the form
+`assert <expr> == <literal>` or `assert <literal> == <expr>` (the built-in code task's form), with <literal>
+anything ast.literal_eval reads (numbers, strings, bytes, True, False, None, and tuples, lists, dicts and sets of
+them), nothing that decides the outcome runs there: this process parses the test and sends the child only <expr>;
+the child sends back its value as literal text, which this process reads with ast.literal_eval and compares with ==
+to the literal. The expected values never reach the child, so whatever its code does (walk the harness's frames,
+gc.get_objects(), write to any file descriptor, exit early, patch builtins or, with ctypes, its interpreter) it
+passes such a test only by sending a value equal to the expected one: by computing it, by guessing it (a test whose
+answer is True or 0 is easy to guess; one guess per test, the first record counts), or by finding it in a
+world-readable file (below). The value must be plain data: None, bool, int, float, complex, str, bytes, bytearray,
+list, tuple, dict, set, frozenset or Ellipsis, a subclass counting as its base type (read through the base type's
+slots: its own __eq__, __iter__, __repr__ are never called); anything else (an object with a crafted __eq__, a
+Fraction, a generator) fails the test. So a crafted return value can no longer pass a test: its methods run only in
+the child, which decides nothing, and the most they can do is fail or stall their own run (raise, hang in __del__),
+as any code can. Between plain values, == here is the assert's ==: `True == 1`, `1.0 == 1`, `-0.0 == 0`,
+`frozenset({1}) == {1}`, an OrderedDict, Counter or defaultdict equals the dict, a namedtuple the tuple. A NaN
+anywhere in the value fails the test, as it would fail the assert (no literal holds a NaN); inf is written 1e999. A
+value whose text exceeds 1 MiB fails. A test of any other form (`assert is_prime(7)`, `assert f(x) == g(x)`,
+`assert abs(f(1) - 0.5) < 1e-9`, `assert f(3) == 10**9 + 7`, `assert f() == float('nan')`, two statements) runs
+whole in the child, which reports that it passed: code can forge any such test. A program that does not compile
+fails every test (none of it runs). The output shows no AssertionError for a wrong value: the child never learns
+that it was wrong.
 
 The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
-  - set by the harness before any model code runs: no-new-privs (a setuid program gains nothing), limits on CPU
-    seconds, address space (memory_mb), processes (max_processes), file size (max_file_mb; output goes to a file,
-    so a flood of prints stops there), open files, no core dumps; after the wall-clock timeout the whole tree is
-    SIGKILLed;
+  - set by the harness before any model code runs: a parent-death signal (SIGKILL), no-new-privs (a setuid
+    program gains nothing), on x86_64 a seccomp filter under which unshare, setns, mount, umount2, pivot_root and
+    the new mount API fail with EPERM, clone with a namespace flag fails with EPERM and clone3 with ENOSYS (glibc
+    then falls back to clone; on other architectures there is no filter), limits on CPU seconds, address space
+    (memory_mb), processes (max_processes), file size (max_file_mb; output goes to a file, so a flood of prints
+    stops there), open files, no core dumps; after the wall-clock timeout the whole tree is SIGKILLed. The filter
+    also refuses every 32-bit (int 0x80) and x32 system call, through which it could be bypassed;
+  - memory: where this process can make memory cgroups (cgroup v2 with the memory controller enabled for the
+    children of its cgroup or of its cgroup's parent; else cgroup v1's memory hierarchy), each run gets one
+    limited to memory_mb without swap, which bounds everything the tree holds, tmpfs files (/dev/shm) and memfds
+    included. Without one (the fallback) memory is bounded only per process, by RLIMIT_AS (so max_processes ×
+    memory_mb in all), and files in a tmpfs such as /dev/shm, and memfds, only by max_file_mb each, times the
+    files the code makes within the timeout;
   - `python -I -S` (standard library only), cwd = HOME = TMPDIR = a fresh temporary directory removed
     afterwards, an empty environment;
   - as root, the code runs under an unprivileged uid of its own (one per concurrent slot): it cannot write
@@ -21,35 +54,50 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
     (System V shared memory dies with the run) and PID namespaces, and a /proc of its own where a mount
     namespace works (the trainer is invisible); the trainer kills the namespace's init, and with it every
     process in the namespace, however it detached. Not as root, through an unprivileged user namespace where
-    the kernel allows one (there the code is root of its namespace and could unmount its /proc);
-  - test outcomes come back on a private pipe tagged with a per-run random nonce: printed "passed" lines count
-    for nothing.
-It cannot stop code from reading world-readable files, from filling its directory with many files up to the
-size limit within the timeout, or from forging outcomes by inspecting the harness's memory (tests run in the
-solution's interpreter); a crafted __eq__ fools `assert f(x) == y`. Not as root, the code can write wherever
-the training user can; without unshare it also keeps the network and the host's System V IPC and, not as
-root, can signal the trainer (a warning says which). For RL on untrusted code, train as root in a container or
-VM. If root's Python lives where other users cannot enter (e.g. pyenv under /root), the sandbox runs a system
-python3 instead. require_sandbox() raises RuntimeError, naming every plan it tried, where no sandbox works.
+    the kernel allows one (there the code is root of its namespace; the seccomp filter keeps it from mounting);
+  - a killed trainer, even by SIGKILL, takes its sandboxes with it: the harness dies with `unshare` (its
+    parent-death signal is set after the uid switch, which clears it), and `unshare` with the trainer where
+    util-linux `setpriv` is present. On first use in a process, what the sandboxes of dead trainers left is
+    removed: processes of their uids, their System V IPC objects and files in the world-writable directories,
+    rlvr-sandbox-PID-* temporary directories and cgroups;
+  - cleanup never recurses (a directory tree of any depth goes), never raises, and never fails a later run: a
+    failure is counted (stats()["cleanup_failures"]), the uid is cleaned again before its next run, and a
+    directory or cgroup left is retried after each later run.
+It cannot stop code from reading every world-readable file on the machine: a dataset on disk, this repository
+(whose code makes the built-in tasks, so their expected values can be recomputed), installed packages (which it
+can import by adding them to sys.path), and without a /proc of its own the command lines of other processes. Nor
+from filling its directory with many files up to the size limit within the timeout, or from forging the tests of
+other forms above. Not as root, the code can write
+wherever the training user can, and what it detaches survives a killed trainer unless a PID namespace holds it;
+without unshare it also keeps the network and the host's System V IPC and, not as root, can signal the trainer
+(a warning says which). For RL on untrusted code, train as root in a container or VM. If root's Python lives
+where other users cannot enter (e.g. pyenv under /root), the sandbox runs a system python3 instead.
+require_sandbox() raises RuntimeError, naming every plan it tried, where no sandbox works.
 
 math-verify. Its own timeout is signal.alarm, which works only in a main thread, so checks run in small persistent
 worker processes (at most 4), each with a 4 GiB address-space limit and its own timer per pair; the parent kills a
-worker that has not answered within timeout + 1 s and starts a fresh one for the next pair.
+worker that has not answered within that timer + 1 s and starts a fresh one for the next pair. A batch has a time
+budget too (math_verify's budget_s): once it is spent, the pairs not yet checked get "t" untried, and a worker
+still busy is killed, so a batch returns within budget_s + 0.5 s.
 """
 
+import ast
 import atexit
 import contextlib
 import ctypes
+import errno
 import itertools
 import json
 import marshal
 import math
 import os
+import platform
 import queue
-import secrets
+import re
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -59,11 +107,32 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+# ------------------------------------------------------------------------------------------------ counters
+
+_STATS = dict.fromkeys(("runs", "timeouts", "errors", "cleanup_failures", "stale_removed", "math_untried"), 0)
+_STATS_LOCK = threading.Lock()
+
+
+def stats() -> dict[str, int]:
+    """Counts since this module was imported (a forked child starts from its parent's): runs (run_sandboxed calls),
+    timeouts, errors (runs that failed to start or finish, scored 0), cleanup_failures (something a run left that
+    could not be removed: worth logging as a metric), stale_removed (leftovers of dead trainers removed at start-up)
+    and math_untried (math-verify pairs given "t" untried because their batch's budget was spent)."""
+    with _STATS_LOCK:
+        return dict(_STATS)
+
+
+def _count(name: str, n: int = 1) -> None:
+    """Add n to one of stats()' counters."""
+    with _STATS_LOCK:
+        _STATS[name] += n
+
+
 # ------------------------------------------------------------------------------------------------ math-verify
 
 # math-verify's own timeout is signal.alarm, which works only in a main thread, so its checks run in small
 # persistent worker processes. Each arms its own timer around parse + verify (a timeout costs no restart); the
-# parent kills a worker that has not answered after timeout + 1 s (stuck in C code, deaf to its timer).
+# parent kills a worker that has not answered a second after that (stuck in C code, deaf to its timer).
 _MATH_WORKER = r"""
 import json, logging, resource, signal, sys
 logging.disable(logging.WARNING)
@@ -95,37 +164,49 @@ for line in sys.stdin:
         verdict = "e"
     print(verdict, flush=True)
 """
+_MATH_START_S = 60.0  # how long a worker may take to import math-verify (sympy) before it counts as broken
 
 
 class _MathWorker:
-    """One math-verify process; check() answers one (gold, pred) pair. A worker that is stuck or dead is
-    killed, and the next check starts a fresh one."""
+    """One math-verify process; check() answers one (gold, pred) pair by a deadline. A worker that is stuck or dead
+    is killed, and the next check starts a fresh one; one still starting when its batch's budget ends is kept."""
 
     def __init__(self):
-        self.proc = None
+        self.proc, self.ready, self.started = None, False, 0.0
 
     def _read_line(self, timeout_s: float) -> str | None:
-        ready = select.select([self.proc.stdout], [], [], timeout_s)[0]  # the worker writes whole lines
+        ready = select.select([self.proc.stdout], [], [], max(0.0, timeout_s))[0]  # the worker writes whole lines
         return self.proc.stdout.readline().decode().strip() if ready else None
 
-    def check(self, gold: str, pred: str, timeout_s: float) -> str:
+    def check(self, gold: str, pred: str, timeout_s: float, deadline: float) -> str:
+        """The verdict on one pair. math-verify's timer gets timeout_s, or what is left before deadline if less."""
         try:
             if self.proc is None:
                 self.proc = subprocess.Popen([sys.executable, "-c", _MATH_WORKER], stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-                if self._read_line(60.0) != "ready":  # importing sympy takes a moment, once
+                self.ready, self.started = False, time.monotonic()
+            if not self.ready:  # importing sympy takes a moment, once; a batch out of time leaves it to finish
+                line = self._read_line(min(self.started + _MATH_START_S, deadline) - time.monotonic())
+                if line is None and time.monotonic() < self.started + _MATH_START_S:
+                    return "t"
+                if line != "ready":
                     self.kill()
                     return "x"
-            self.proc.stdin.write((json.dumps([gold, pred, timeout_s]) + "\n").encode())
+                self.ready = True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "t"
+            self.proc.stdin.write((json.dumps([gold, pred, min(timeout_s, left)]) + "\n").encode())
             self.proc.stdin.flush()
-            verdict = self._read_line(timeout_s + 1.0)
+            verdict = self._read_line(min(timeout_s + 1.0, left + 0.5))
         except OSError:
             verdict = ""
-        if not verdict:
+        if not verdict:  # dead, or stuck past its own timer: a fresh worker takes the next pair
             self.kill()
         return verdict or ("t" if verdict is None else "e")
 
     def kill(self):
+        """Kill the process (if any); the next check starts a fresh one."""
         if self.proc is not None:
             for step in (self.proc.kill, self.proc.stdin.close, self.proc.stdout.close):
                 with contextlib.suppress(OSError):
@@ -149,125 +230,384 @@ def _math_pool() -> tuple[list[_MathWorker], threading.Lock]:
     return _MATH_POOL[1], _MATH_POOL[2]
 
 
-def math_verify(pairs: list[tuple[str, str]], timeout_s: float) -> list[str]:
+def math_verify(pairs: list[tuple[str, str]], timeout_s: float, *, budget_s: float | None = None) -> list[str]:
     """math-verify's verdict on each (gold, prediction) pair of LaTeX strings: "1" equal, "0" not, "u" prediction
-    unparseable, "g" gold unparseable, "t" timeout, "e" error, "x" no math-verify. Worker k takes pairs k, k + W,
-    k + 2W, ... in its own thread; one batch at a time."""
+    unparseable, "g" gold unparseable, "t" timeout, "e" error, "x" no math-verify. Each pair gets timeout_s, and the
+    batch budget_s (default max(10, 2·timeout_s) + 0.1 s per pair: ample for honest answers, which take
+    milliseconds, while 32 hostile ones no longer take 32·timeout_s / workers): once it is spent, the pairs not yet
+    checked get "t" untried and a worker still busy is killed, so the call returns within budget_s + 0.5 s (plus
+    waiting for another batch, one batch running at a time). An idle worker takes the next pair."""
+    if budget_s is None:
+        budget_s = max(10.0, 2.0 * timeout_s) + 0.1 * len(pairs)
     workers, lock = _math_pool()
-    verdicts = [""] * len(pairs)
+    verdicts, untried, take = ["t"] * len(pairs), iter(range(len(pairs))), threading.Lock()
 
-    def serve(k: int):
-        for i in range(k, len(pairs), len(workers)):
-            verdicts[i] = workers[k].check(*pairs[i], timeout_s)
+    def serve(worker: _MathWorker, deadline: float):
+        while time.monotonic() < deadline:
+            with take:
+                index = next(untried, None)
+            if index is None:
+                return
+            verdicts[index] = worker.check(*pairs[index], timeout_s, deadline)
 
     with lock, ThreadPoolExecutor(len(workers)) as pool:
-        list(pool.map(serve, range(min(len(workers), len(pairs)))))
+        deadline = time.monotonic() + budget_s
+        list(pool.map(serve, workers[:len(pairs)], itertools.repeat(deadline)))
+    _count("math_untried", sum(1 for _ in untried))
     return verdicts
 
 
-# ------------------------------------------------------------------------------------------------ code sandbox
+# ------------------------------------------------------------------------------------------------ tests and scores
 
-# The harness runs inside the sandbox. It reads its job from stdin (nothing on disk or in argv), sets no-new-privs
-# and lowers its limits before any model code runs, then runs the program and each test in one namespace, writing
-# "nonce i" for each passing test to a pipe only the parent reads. Its default arguments bind exec, compile, ... at
-# definition time, so a solution that patches builtins cannot make the tests vacuous.
+_VALUE_CAP = 1 << 20  # the longest value text the child sends: fixed, so that it tells the child nothing of a literal
+
+
+@dataclass(frozen=True)
+class _Test:
+    """A test as this process keeps it. The child gets `source` only: the expected value never leaves here."""
+    source: str | None  # what the child runs: a value test's expression, else the whole statement; None: invalid
+    is_value: bool = False  # `assert <expr> == <literal>`: the child sends <expr>'s value, this process compares
+    expected: object = None  # the literal's value
+    cap: int = 0  # the longest text of a value equal to `expected`; a longer one is not even parsed
+
+
+def _parse_test(test: str) -> _Test:
+    """Split `assert <expr> == <literal>` (or `<literal> == <expr>`) into the expression the child evaluates and the
+    value this process expects; any other test runs whole in the child. The test is the dataset's text, not the
+    model's, so parsing it here is safe."""
+    try:
+        tree = ast.parse(test)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return _Test(None)  # it would not compile in the child either
+    node = tree.body[0] if len(tree.body) == 1 else None
+    if isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1 \
+            and isinstance(node.test.ops[0], ast.Eq):
+        left, right = node.test.left, node.test.comparators[0]
+        for expression, literal in ((left, right), (right, left)):
+            try:
+                expected = ast.literal_eval(literal)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                continue
+            source = ast.get_source_segment(test, expression) or ast.unparse(expression)
+            literal_text = ast.get_source_segment(test, literal) or ast.unparse(literal)
+            # A value equal to the literal has a text at most ~10 times the literal's UTF-8 bytes (`0` can come back
+            # as `(0.0+0.0j)`, `1e5` as `100000.0`, `'é'` as `'\xe9'`): anything longer cannot be equal, and is not
+            # parsed, so that a child cannot make this process parse megabytes (e.g. a set of ints that all collide
+            # in their hash, quadratic to build) per test.
+            return _Test("(" + source + "\n)", True, expected, 4096 + 16 * len(literal_text.encode()))
+    return _Test(test)
+
+
+def _equals(text: bytes, test: _Test) -> bool:
+    """Whether the value the child sent for a value test equals the expected one.
+
+    Why ast.literal_eval on ASCII text, not marshal: marshal.loads is not meant for untrusted bytes (crafted input
+    has crashed it, and it builds code objects), while literal_eval only parses text and builds plain values (no
+    code runs, no class of the child's can cross, so no crafted __eq__), its parser refuses nesting past ~200
+    levels, and the text is bounded (test.cap) before it is read: parse time and memory stay small. The comparison
+    then runs here, on plain values, with the same == the assert would have used."""
+    if len(text) > test.cap:
+        return False
+    try:
+        return bool(ast.literal_eval(text.decode("ascii")) == test.expected)
+    except Exception:  # not ASCII, not a literal, too deep, an unhashable key...: no plain value, so no pass
+        return False
+
+
+def _score(tests: list[_Test], report: bytes) -> list[bool]:
+    """Each test's outcome from the child's records ("<index> v <value text>" for a value test, "<index> p" for a
+    passed statement test, one a line): only whole lines count, and only a test's first record (one guess each)."""
+    passed, seen = [False] * len(tests), set()
+    for record in report.split(b"\n")[:-1]:  # the last piece has no newline: cut short, so ignored
+        index, _, rest = record.partition(b" ")
+        if not (index.isdigit() and len(index) < 10) or int(index) >= len(tests) or int(index) in seen:
+            continue
+        test, (kind, _, payload) = tests[int(index)], rest.partition(b" ")
+        seen.add(int(index))
+        if test.is_value:
+            passed[int(index)] = kind == b"v" and _equals(payload, test)
+        else:
+            passed[int(index)] = kind == b"p" and not payload and test.source is not None
+    return passed
+
+
+# ------------------------------------------------------------------------------------------------ the harness
+
+# The harness runs inside the sandbox. It reads its job from stdin (nothing on disk or in argv) and sets its
+# parent-death signal, no-new-privs, the seccomp filter and its limits before any model code runs. Then it compiles
+# the program (a program that does not compile runs nothing: no record, every test fails), runs it, and for each
+# test either evaluates the expression and writes its value as literal text, or runs the statement and writes that
+# it passed, to a pipe only the parent reads. It decides nothing: the model's code shares this interpreter, so it
+# can rewrite all of this, and the parent trusts a record only as far as the module docstring says.
 _HARNESS = r"""
-import marshal, os, resource, sys
-def main(exec=exec, compile=compile, enumerate=enumerate, write=os.write, excepthook=sys.__excepthook__,
+import ctypes, marshal, math, os, resource, sys
+
+def read(fd, size):
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            os._exit(1)
+        data += chunk
+    return data
+
+def number(x):
+    if x != x:
+        raise TypeError("a NaN equals no literal")
+    return repr(x) if abs(x) != math.inf else "1e999" if x > 0 else "-1e999"
+
+def encode(value, depth=0):
+    # value as ASCII text that ast.literal_eval reads back as an equal plain value; TypeError for anything else. A
+    # subclass is read through its base type (int.__int__, list.__iter__, ...), never through its own methods.
+    if depth > 200:
+        raise TypeError("nested too deep")
+    if value is None or value is True or value is False:
+        return repr(value)
+    if value is Ellipsis:
+        return "..."
+    if isinstance(value, int):
+        value = int.__int__(value)
+        return repr(value) if value.bit_length() < 13000 else hex(value)  # decimal stops at 4300 digits
+    if isinstance(value, float):
+        return number(float.__float__(value))
+    if isinstance(value, complex):
+        real, imag = complex.real.__get__(value), complex.imag.__get__(value)
+        return "(%s%s%sj)" % (number(real), "-" if math.copysign(1, imag) < 0 else "+", number(abs(imag)))
+    if isinstance(value, str):
+        return ascii(str.__str__(value))
+    if isinstance(value, (bytes, bytearray)):
+        return repr(bytes(memoryview(value)))
+    if isinstance(value, (list, tuple)):
+        items = [encode(item, depth + 1) for item in (list if isinstance(value, list) else tuple).__iter__(value)]
+        if isinstance(value, list):
+            return "[" + ", ".join(items) + "]"
+        return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(encode(k, depth + 1) + ": " + encode(v, depth + 1) for k, v in dict.items(value)) + "}"
+    if isinstance(value, (set, frozenset)):
+        items = [encode(item, depth + 1) for item in (set if isinstance(value, set) else frozenset).__iter__(value)]
+        return "{" + ", ".join(items) + "}" if items else "set()"
+    raise TypeError("a test's value must be plain data, not %s" % type(value).__name__)
+
+def send(fd, record):
+    while record:
+        record = record[os.write(fd, record):]
+
+def finish():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    os._exit(0)  # no interpreter shutdown: nothing of the code (atexit, __del__) runs after the tests
+
+def main(exec=exec, eval=eval, compile=compile, enumerate=enumerate, excepthook=sys.__excepthook__,
          exc_info=sys.exc_info, BaseException=BaseException):
-    job = marshal.loads(sys.stdin.buffer.read())
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    try:  # PR_SET_NO_NEW_PRIVS (38): no setuid program the code runs can raise its privileges; for good
-        import ctypes
-        ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
-    except Exception:
+    libc = ctypes.CDLL(None)
+    libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG SIGKILL: die with our parent (set here, after the uid switch)
+    job = marshal.loads(read(0, int.from_bytes(read(0, 8), "little")))
+    os.set_blocking(0, False)
+    try:
+        if os.read(0, 1) == b"":  # the trainer holds stdin open while it lives: it died before our signal was set
+            os._exit(1)
+    except BlockingIOError:
         pass
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid program the code runs can raise its privileges
+    if job["seccomp"]:  # struct sock_fprog {unsigned short len; struct sock_filter *filter;}, 8 bytes an instruction
+        class Program(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+        libc.prctl(22, 2, ctypes.byref(Program(len(job["seccomp"]) // 8, job["seccomp"])), 0, 0)  # SECCOMP_MODE_FILTER
     for name, value in job["limits"]:
         try:
             resource.setrlimit(getattr(resource, name), (value, value))
         except (AttributeError, ValueError, OSError):
             pass
-    report, nonce, namespace = job["report_fd"], job["nonce"].encode(), {"__name__": "__main__"}
-    def run(source, name):
+    report, namespace = job["report_fd"], {"__name__": "__main__"}
+    def traceback():
         try:
-            exec(compile(source, name, "exec", dont_inherit=True), namespace)
-            return True
+            excepthook(*exc_info())
         except BaseException:
-            try:
-                excepthook(*exc_info())
-            except BaseException:
-                pass
-            return False
-    run(job["program"], "<solution>")
-    for index, test in enumerate(job["tests"]):
-        if run(test, "<test %d>" % index):
-            write(report, b"%s %d\n" % (nonce, index))
+            pass
+    try:
+        program = compile(job["program"], "<solution>", "exec", dont_inherit=True)
+    except BaseException:
+        traceback()
+        finish()
+    try:
+        exec(program, namespace)
+    except BaseException:
+        traceback()
+    for index, (is_value, source) in enumerate(job["tests"]):
+        try:
+            if is_value:
+                text = encode(eval(compile(source, "<test %d>" % index, "eval", dont_inherit=True), namespace))
+                if len(text) > job["value_cap"]:
+                    raise ValueError("the value's text is longer than %d bytes" % job["value_cap"])
+                record = b"%d v %s\n" % (index, text.encode("ascii"))
+            else:
+                exec(compile(source, "<test %d>" % index, "exec", dont_inherit=True), namespace)
+                record = b"%d p\n" % index
+            send(report, record)
+        except BaseException:
+            traceback()
+    finish()
+
 main()
 """
-# Unprivileged uids for the sandboxes, far from any real account: one per concurrent run, from a block of 64 that
-# the trainer process's pid makes its own (torchrun ranks on one machine must not kill each other's sandboxes).
-_UID_BASE, _UID_SLOTS = 1_500_000_000, 64
 
 
-_UID_POOL: tuple[int, queue.Queue] | None = None  # (owner pid, free uids)
-_UID_POOL_LOCK = threading.Lock()
+def _seccomp_filter() -> bytes | None:
+    """The seccomp-BPF program the harness installs: EPERM for unshare, setns, the mount syscalls and clone with a
+    namespace flag, so that code cannot become root of a user namespace and mount a tmpfs no limit bounds; ENOSYS
+    for clone3, whose flags a filter cannot read (glibc then falls back to clone). x86_64 only: None elsewhere."""
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        return None
+    load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, JGE|K, JSET|K, BPF_RET|K
+    allow, eperm, enosys = 0x7FFF0000, 0x50000 | errno.EPERM, 0x50000 | errno.ENOSYS  # SECCOMP_RET_ERRNO | errno
+    nr, arch, arg0 = 0, 4, 16  # offsets in struct seccomp_data (arg0: its low 32 bits)
+    denied = {155: "pivot_root", 165: "mount", 166: "umount2", 272: "unshare", 308: "setns", 428: "open_tree",
+              429: "move_mount", 430: "fsopen", 431: "fsconfig", 432: "fsmount", 433: "fspick", 442: "mount_setattr"}
+    namespace_flags = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+    code = [(load, 0, 0, arch), (jeq, 1, 0, 0xC000003E), (ret, 0, 0, eperm),  # not AUDIT_ARCH_X86_64 (int 0x80): no
+            (load, 0, 0, nr), (jge, 0, 1, 0x40000000), (ret, 0, 0, eperm),  # the x32 ABI: no
+            (jeq, 0, 1, 435), (ret, 0, 0, enosys)]  # clone3
+    for number in denied:
+        code += [(jeq, 0, 1, number), (ret, 0, 0, eperm)]
+    code += [(jeq, 0, 3, 56), (load, 0, 0, arg0), (jset, 0, 1, namespace_flags), (ret, 0, 0, eperm),  # clone
+             (ret, 0, 0, allow)]
+    return b"".join(struct.pack("<HBBI", *instruction) for instruction in code)
 
 
-def _free_uids() -> queue.Queue:
-    """This process's free sandbox uids, made on first use (and anew in a forked child, whose pid owns another
-    block)."""
-    global _UID_POOL
-    with _UID_POOL_LOCK:
-        if _UID_POOL is None or _UID_POOL[0] != os.getpid():
-            free = queue.Queue()
-            for uid in range(_UID_BASE + os.getpid() * _UID_SLOTS, _UID_BASE + (os.getpid() + 1) * _UID_SLOTS):
-                free.put(uid)
-            _UID_POOL = (os.getpid(), free)
-        return _UID_POOL[1]
+_SECCOMP = _seccomp_filter()
 
-_SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
+# ------------------------------------------------------------------------------------------------ removing things
 
 
-@dataclass(frozen=True)
-class _Plan:
-    python: str  # an interpreter the sandbox's uid can run
-    unshare: str | None  # util-linux unshare, when namespaces work here
-    as_root: bool  # run the code under a per-slot unprivileged uid
-    mount_proc: bool = False  # a /proc of the sandbox's own PID namespace (needs a mount namespace)
-
-    def command(self, uid: int | None) -> list[str]:
-        run = [self.python, "-I", "-S", "-c", _HARNESS]
-        if self.unshare is None:
-            return run
-        namespaces = ["--net", "--pid", "--ipc", "--fork", "--kill-child"] + ["--mount-proc"] * self.mount_proc
-        if self.as_root:
-            return [self.unshare, *namespaces, f"--setgid={uid}", f"--setuid={uid}", "--", *run]
-        return [self.unshare, "--map-root-user", *namespaces, "--", *run]
-
-
-@dataclass
-class SandboxResult:
-    passed: list[bool]  # one per test
-    output: str  # the first max_output_bytes of stdout and stderr
-    timed_out: bool
+def _open_directory(parent_fd: int, name: str) -> int | None:
+    """name in parent_fd opened as a directory without following a link; None where it was not one (then it is
+    unlinked) or is gone."""
+    for attempt in range(2):
+        try:
+            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            if error.errno in (errno.ENOTDIR, errno.ELOOP):  # a file, or a link (O_NOFOLLOW): the entry itself goes
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=parent_fd)
+                return None
+            if error.errno != errno.EACCES or attempt:
+                raise
+            os.chmod(name, 0o700, dir_fd=parent_fd)  # not as root: a directory the code (our user) made unreadable
 
 
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every live process of uid: the slot is ours alone, so that is exactly the sandbox's tree."""
+def _unlink_files(fd: int) -> list[str]:
+    """Unlink everything but the subdirectories in the open directory fd; the subdirectories' names."""
+    with contextlib.suppress(OSError):
+        os.chmod(fd, 0o700)  # not as root: a directory the code made unwritable
+    subdirectories = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirectories.append(entry.name)
+                continue
+            try:
+                os.unlink(entry.name, dir_fd=fd)
+            except IsADirectoryError:
+                subdirectories.append(entry.name)
+            except FileNotFoundError:
+                pass
+    return subdirectories
+
+
+_MAX_OPEN_DIRECTORIES = 32
+
+
+def _remove_tree(path: str, timeout_s: float = 30.0) -> bool:
+    """Delete path, a file or a directory tree of any depth, without recursion and without following links; True if
+    it is gone. Never raises. shutil.rmtree recurses (a tree ~1,000 deep raises RecursionError) and a path-based walk
+    fails past PATH_MAX, so directories are walked by file descriptor, at most 32 open at once: a directory deeper
+    than that is moved up to the top of the tree and removed from there."""
+    parent, name = os.path.split(os.path.abspath(path))
+    deadline, moved = time.monotonic() + timeout_s, itertools.count()
+    stack = []  # (fd, name in the directory below it, subdirectories still to remove), from path's parent down
+    try:
+        stack.append((os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), None, [name]))
+        while stack:
+            if time.monotonic() > deadline:
+                return False
+            fd, name, pending = stack[-1]
+            if pending:
+                child = pending.pop()
+                child_fd = _open_directory(fd, child)
+                if child_fd is None:
+                    continue
+                if len(stack) > _MAX_OPEN_DIRECTORIES:  # too deep: move it up to path itself, whose list gets it
+                    os.close(child_fd)
+                    new_name = f".rlvr-deep-{os.getpid()}-{next(moved)}"
+                    os.rename(child, new_name, src_dir_fd=fd, dst_dir_fd=stack[1][0])
+                    stack[1][2].append(new_name)
+                    continue
+                stack.append((child_fd, child, _unlink_files(child_fd)))
+            elif len(stack) == 1:  # path's parent: done
+                os.close(stack.pop()[0])
+            else:
+                try:
+                    os.rmdir(name, dir_fd=stack[-2][0])
+                except OSError as error:
+                    if error.errno != errno.ENOTEMPTY:
+                        raise
+                    pending.extend(_unlink_files(fd))  # something was moved or made in it meanwhile
+                    continue
+                os.close(stack.pop()[0])
+        return True
+    except Exception:  # a mount point, a full fd table, ...: counted by the caller, retried later
+        return not os.path.lexists(path)
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def _ns_depth(pid: int | str = "self") -> int | None:
+    """How many PID namespaces deep pid is (the length of its NSpid line), None if unknown."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("NSpid:"):
+                return len(line.split()) - 1
+    return None
+
+
+def _kill_processes(match) -> tuple[int, bool]:
+    """SIGKILL every live process whose uid matches (match(uid) is true) and that lives in our PID namespace or a
+    child of it: a sandbox of a trainer in another container, seen from the host, has the same uids but lies deeper,
+    and is not ours. How many were killed, and whether none is left."""
+    own_depth, killed = _ns_depth(), set()
     for _ in range(100):
-        alive = []
+        alive = False
         for pid in filter(str.isdigit, os.listdir("/proc")):
             with contextlib.suppress(OSError):
-                if os.stat(f"/proc/{pid}").st_uid != uid:
+                if not match(os.stat(f"/proc/{pid}").st_uid):
                     continue
                 with open(f"/proc/{pid}/stat") as stat:
                     if stat.read().rsplit(")")[-1][1] in "ZX":  # a zombie is dead already; its parent reaps it
                         continue
-                alive.append(int(pid))
+                depth = _ns_depth(pid)
+                if own_depth is not None and depth is not None and depth > own_depth + 1:
+                    continue
+                alive = True
                 os.kill(int(pid), signal.SIGKILL)
+                killed.add(pid)
         if not alive:
-            return
+            return len(killed), True
         time.sleep(0.002)
+    return len(killed), False
+
+
+def _kill_uid(uid: int) -> bool:
+    """SIGKILL every live process of uid (the slot is ours alone, so that is exactly the sandbox's tree); True once
+    none is left."""
+    return _kill_processes(uid.__eq__)[1]
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -285,10 +625,11 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _remove_ipc(uid: int) -> None:
-    """Remove the System V shared memory, message queues and semaphores that uid created or owns: outside an IPC
-    namespace they outlive their processes, holding memory no rlimit counts and passing data to the next sample."""
-    libc = ctypes.CDLL(None)
+def _remove_ipc(match) -> int:
+    """Remove the System V shared memory, message queues and semaphores whose owner or creator uid matches: outside
+    an IPC namespace they outlive their processes, holding memory no rlimit counts and passing data to the next
+    sample. How many were removed."""
+    libc, removed = ctypes.CDLL(None), 0
     remove = {"shm": lambda id_: libc.shmctl(id_, 0, None), "msg": lambda id_: libc.msgctl(id_, 0, None),
               "sem": lambda id_: libc.semctl(id_, 0, 0)}  # 0 is IPC_RMID
     for kind, remove_one in remove.items():
@@ -297,85 +638,417 @@ def _remove_ipc(uid: int) -> None:
                 header, *rows = table.read().splitlines()
             owner, creator = header.split().index("uid"), header.split().index("cuid")
             for fields in map(str.split, rows):
-                if uid in (int(fields[owner]), int(fields[creator])):
-                    remove_one(int(fields[1]))
+                if match(int(fields[owner])) or match(int(fields[creator])):
+                    removed += remove_one(int(fields[1])) == 0
+    return removed
 
 
-def _sweep_files(uid: int, keep: str) -> None:
-    """Delete what uid left at the top of the world-writable directories (whatever it made lies below)."""
+_SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
+
+
+def _sweep_files(match, keep: str | None = None) -> tuple[int, bool]:
+    """Delete what the matching uids left at the top of the world-writable directories (whatever they made lies
+    below). How many entries went, and whether all of them did."""
+    removed, ok = 0, True
     for directory in {*_SHARED_DIRS, tempfile.gettempdir()}:
         with contextlib.suppress(OSError):
             for entry in list(os.scandir(directory)):
                 with contextlib.suppress(OSError):
-                    if entry.path != keep and entry.stat(follow_symlinks=False).st_uid == uid:
-                        if entry.is_dir(follow_symlinks=False):
-                            shutil.rmtree(entry.path, ignore_errors=True)
-                        else:
-                            os.unlink(entry.path)
+                    if entry.path != keep and match(entry.stat(follow_symlinks=False).st_uid):
+                        gone = _remove_tree(entry.path)
+                        removed, ok = removed + gone, ok and gone
+    return removed, ok
 
 
-def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
-    """True if proc exits within timeout_s. A pidfd wakes us the moment it does; Popen.wait would poll."""
+# ------------------------------------------------------------------------------------------------ memory cgroups
+
+
+@dataclass(frozen=True)
+class _Cgroups:
+    path: str  # the directory each run's cgroup is made in
+    version: int  # 2 or 1
+
+    def limits(self, memory_bytes: int) -> list[tuple[str, int]]:
+        """(file, value) pairs that bound a cgroup's memory, the first one required; no swap."""
+        if self.version == 2:
+            return [("memory.max", memory_bytes), ("memory.swap.max", 0)]
+        return [("memory.limit_in_bytes", memory_bytes), ("memory.memsw.limit_in_bytes", memory_bytes)]
+
+
+def _cgroup_candidates() -> list[_Cgroups]:
+    """Directories where memory cgroups may be made, best first: cgroup v2 where the memory controller is enabled
+    for the children of our cgroup or of its parent, then cgroup v1's memory hierarchy at our cgroup."""
+    try:
+        with open("/proc/self/cgroup") as cgroups, open("/proc/self/mountinfo") as mountinfo:
+            memberships = [line.rstrip("\n").split(":", 2) for line in cgroups]
+            mounts = [line.split() for line in mountinfo]
+    except OSError:
+        return []
+    found = []
+    for version in (2, 1):
+        for hierarchy, controllers, path in memberships:
+            if (version == 2) != (hierarchy == "0" and controllers == ""):
+                continue
+            if version == 1 and "memory" not in controllers.split(","):
+                continue
+            for fields in mounts:  # ... root mountpoint ... - fstype source superoptions
+                fstype, options = fields[fields.index("-") + 1], fields[-1].split(",")
+                if fstype != ("cgroup2" if version == 2 else "cgroup") or (version == 1 and "memory" not in options):
+                    continue
+                root, mountpoint = fields[3], fields[4]
+                if path != root and not path.startswith(root.rstrip("/") + "/"):
+                    continue
+                own = os.path.normpath(os.path.join(mountpoint, path[len(root):].lstrip("/")))
+                parent = [os.path.dirname(own)] if version == 2 and own != os.path.normpath(mountpoint) else []
+                for directory in [own, *parent]:
+                    with contextlib.suppress(OSError):
+                        if version == 2:
+                            with open(f"{directory}/cgroup.subtree_control") as enabled:
+                                if "memory" not in enabled.read().split():
+                                    continue
+                        found.append(_Cgroups(directory, version))
+    return found
+
+
+_CGROUPS: list = []  # empty until looked for, then [where runs' memory cgroups go, or None where nowhere]
+_CGROUP_IDS = itertools.count()
+
+
+def _cgroups() -> _Cgroups | None:
+    """Where this process makes its runs' memory cgroups, found on first use; None where none works (the fallback:
+    RLIMIT_AS per process only)."""
+    if not _CGROUPS:
+        _CGROUPS.append(next((where for where in _cgroup_candidates() if _cgroup_works(where)), None))
+    return _CGROUPS[0]
+
+
+def _cgroup_works(where: _Cgroups) -> bool:
+    """Whether a memory-limited cgroup can be made in where, a process moved into it, and the cgroup removed."""
+    path = _make_cgroup(where, 64 << 20)
+    if path is None:
+        return False
+    child = subprocess.Popen([sys.executable, "-I", "-S", "-c", "import time; time.sleep(60)"])
+    try:
+        _enter_cgroup(path, child.pid)
+        return True
+    except OSError:
+        return False
+    finally:
+        child.kill()
+        child.wait()
+        if not _remove_cgroup(path):
+            _LEFTOVERS[path] = _remove_cgroup
+
+
+def _make_cgroup(where: _Cgroups | None, memory_bytes: int) -> str | None:
+    """A fresh cgroup in where, limited to memory_bytes without swap; None where that fails (or where is None)."""
+    if where is None:
+        return None
+    path = os.path.join(where.path, f"rlvr-sandbox-{os.getpid()}-{next(_CGROUP_IDS)}")
+    try:
+        os.mkdir(path)
+    except OSError:
+        return None
+    for index, (name, value) in enumerate(where.limits(memory_bytes)):
+        try:
+            with open(os.path.join(path, name), "w") as limit:
+                limit.write(str(value))
+        except OSError:
+            if index == 0:  # the memory limit itself; the swap limit is absent where there is no swap accounting
+                _remove_cgroup(path)
+                return None
+    return path
+
+
+def _enter_cgroup(path: str, pid: int) -> None:
+    """Move pid and its children into the cgroup at path (a process that has exited meanwhile needs no bound).
+    Moving pid first means that a child it forks meanwhile lands there too; one forked before is listed among its
+    children."""
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as procs:
+            procs.write(str(pid))
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            pids = children.read().split()
+    except (ProcessLookupError, FileNotFoundError):
+        return
+    for child in pids:
+        with contextlib.suppress(ProcessLookupError), open(os.path.join(path, "cgroup.procs"), "w") as procs:
+            procs.write(child)
+
+
+def _remove_cgroup(path: str) -> bool:
+    """Kill what is left in the cgroup at path and remove it; True if it is gone."""
+    for _ in range(100):
+        with contextlib.suppress(OSError), open(os.path.join(path, "cgroup.procs")) as procs:
+            for pid in procs.read().split():
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
+        try:
+            os.rmdir(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:  # EBUSY while its last processes exit
+            time.sleep(0.002)
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ uids, stale leftovers
+
+# Unprivileged uids for the sandboxes, far from any real account: one per concurrent run, from a block of 64 that
+# the trainer process's pid makes its own (torchrun ranks on one machine must not kill each other's sandboxes):
+# uid = _UID_BASE + pid·_UID_SLOTS + slot, so a uid names the trainer that owns it.
+_UID_BASE, _UID_SLOTS = 1_500_000_000, 64
+_UID_END = _UID_BASE + (1 << 22) * _UID_SLOTS  # 2^22: one past the largest pid Linux hands out
+
+_UID_POOL: tuple[int, queue.Queue] | None = None  # (owner pid, free uids)
+_UID_POOL_LOCK = threading.Lock()
+_DIRTY_UIDS: set[int] = set()  # uids whose last cleanup failed: cleaned again before their next run
+
+
+def _free_uids() -> queue.Queue:
+    """This process's free sandbox uids, made on first use (and anew in a forked child, whose pid owns another
+    block)."""
+    global _UID_POOL
+    with _UID_POOL_LOCK:
+        if _UID_POOL is None or _UID_POOL[0] != os.getpid():
+            free = queue.Queue()
+            for uid in range(_UID_BASE + os.getpid() * _UID_SLOTS, _UID_BASE + (os.getpid() + 1) * _UID_SLOTS):
+                free.put(uid)
+            _UID_POOL = (os.getpid(), free)
+        return _UID_POOL[1]
+
+
+def _clean_uid(uid: int, keep: str | None = None) -> bool:
+    """Kill uid's processes, remove its IPC objects and its files in the world-writable directories; True if all
+    went."""
+    killed = _kill_uid(uid)
+    _remove_ipc(uid.__eq__)
+    return _sweep_files(uid.__eq__, keep)[1] and killed
+
+
+def _take_uid() -> int:
+    """A free sandbox uid of this process, cleaned first if its last cleanup failed."""
+    uid = _free_uids().get()
+    if uid in _DIRTY_UIDS:
+        if _clean_uid(uid):
+            _DIRTY_UIDS.discard(uid)
+        else:
+            _count("cleanup_failures")  # the run goes on: what is left can do no more than its own code could
+    return uid
+
+
+def _owner_alive(pid: int) -> bool:
+    """Whether process pid (a trainer that owns sandbox uids or directories) is alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _stale_uid(uid: int) -> bool:
+    """Whether uid is a sandbox uid whose trainer is dead."""
+    return _UID_BASE <= uid < _UID_END and not _owner_alive((uid - _UID_BASE) // _UID_SLOTS)
+
+
+_LEFTOVERS: dict = {}  # temporary directory or cgroup whose removal failed -> its remover, retried after each run
+_SWEPT: list[int] = []  # the pid of the process that swept (a forked child sweeps again)
+_SWEEP_LOCK = threading.Lock()
+
+
+def _sweep_stale() -> int:
+    """Remove what the sandboxes of dead trainers left on this machine: processes of their uids (in our PID namespace
+    or below), their System V IPC objects, their files at the top of the world-writable directories, the
+    rlvr-sandbox-PID-* temporary directories of dead pids (or, for older names, of a dead uid) and cgroups. How
+    many things went."""
+    removed = _kill_processes(_stale_uid)[0] + _remove_ipc(_stale_uid) + _sweep_files(_stale_uid)[0]
+    for directory in {tempfile.gettempdir(), "/tmp"}:
+        with contextlib.suppress(OSError):
+            for entry in list(os.scandir(directory)):
+                if not entry.name.startswith("rlvr-sandbox-"):
+                    continue
+                owner = re.fullmatch(r"rlvr-sandbox-(\d+)-.*", entry.name)
+                with contextlib.suppress(OSError):  # older names hold no pid: their owner's uid says whose they are
+                    stale = not _owner_alive(int(owner[1])) if owner else _stale_uid(entry.stat().st_uid)
+                    if stale:
+                        removed += _remove_tree(entry.path)
+    where = _cgroups()
+    if where is not None:
+        with contextlib.suppress(OSError):
+            for entry in list(os.scandir(where.path)):
+                owner = re.fullmatch(r"rlvr-sandbox-(\d+)-\d+", entry.name)
+                if owner is not None and not _owner_alive(int(owner[1])):
+                    removed += _remove_cgroup(entry.path)
+    return removed
+
+
+def _sweep_once() -> None:
+    """_sweep_stale() on first use of the sandbox in this process; a failure leaves old litter, never fails a run."""
+    with _SWEEP_LOCK:
+        if os.getpid() in _SWEPT:
+            return
+        _SWEPT[:] = [os.getpid()]
+    try:
+        _count("stale_removed", _sweep_stale())
+    except Exception:
+        _count("cleanup_failures")
+
+
+# ------------------------------------------------------------------------------------------------ code sandbox
+
+
+@dataclass(frozen=True)
+class _Plan:
+    python: str  # an interpreter the sandbox's uid can run
+    unshare: str | None  # util-linux unshare, when namespaces work here
+    as_root: bool  # run the code under a per-slot unprivileged uid
+    mount_proc: bool = False  # a /proc of the sandbox's own PID namespace (needs a mount namespace)
+    setpriv: str | None = None  # util-linux setpriv, to give unshare a parent-death signal
+
+    def command(self, uid: int | None) -> list[str]:
+        run = [self.python, "-I", "-S", "-c", _HARNESS]
+        if self.unshare is None:
+            return run
+        namespaces = ["--net", "--pid", "--ipc", "--fork", "--kill-child"] + ["--mount-proc"] * self.mount_proc
+        dies_with_us = [self.setpriv, "--pdeathsig", "KILL", "--"] if self.setpriv else []
+        if self.as_root:
+            return [*dies_with_us, self.unshare, *namespaces, f"--setgid={uid}", f"--setuid={uid}", "--", *run]
+        return [*dies_with_us, self.unshare, "--map-root-user", *namespaces, "--", *run]
+
+
+@dataclass
+class SandboxResult:
+    passed: list[bool]  # one per test
+    output: str  # the first max_output_bytes of stdout and stderr
+    timed_out: bool
+
+
+def _read_available(fd: int, into: bytearray, limit: int) -> bool:
+    """Append what can be read from the non-blocking fd now, up to limit bytes in all; False at end of file."""
+    while len(into) < limit:
+        try:
+            chunk = os.read(fd, min(1 << 16, limit - len(into)))
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        into += chunk
+    return True
+
+
+def _collect(proc: subprocess.Popen, report_fd: int, timeout_s: float, limit: int) -> tuple[bytearray, bool]:
+    """What the child writes on report_fd until proc exits or timeout_s passes (then timed out: True), at most limit
+    bytes: the pipe is drained as it fills, so a child that reports large values never blocks on it, and one that
+    writes more than any honest child would is left blocked. A pidfd wakes us the moment proc exits."""
+    deadline, report, open_ = time.monotonic() + timeout_s, bytearray(), True
+    os.set_blocking(report_fd, False)
     try:
         pidfd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
-        try:
-            return proc.wait(timeout_s) is not None
-        except subprocess.TimeoutExpired:
-            return False
+        pidfd = None  # polled instead, every 10 ms
     try:
-        return bool(select.select([pidfd], [], [], timeout_s)[0])
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return report, True
+            watch = ([report_fd] if open_ and len(report) < limit else []) + ([pidfd] if pidfd is not None else [])
+            ready = select.select(watch, [], [], left if pidfd is not None else min(left, 0.01))[0]
+            if report_fd in ready:
+                open_ = _read_available(report_fd, report, limit)
+            if (pidfd in ready) if pidfd is not None else proc.poll() is not None:
+                _read_available(report_fd, report, limit)
+                return report, False
     finally:
-        os.close(pidfd)
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _cleanup(uid: int | None, tmp: str | None, cgroup: str | None) -> None:
+    """Remove what a run left: its directory, its cgroup, and (with a uid of its own) the uid's processes, IPC
+    objects and files in the world-writable directories. Never raises; a failure is counted, its uid marked to be
+    cleaned again before its next run, and a directory or cgroup left retried after each later run."""
+    try:
+        failed = False
+        if uid is not None and not _clean_uid(uid, keep=tmp):
+            _DIRTY_UIDS.add(uid)
+            failed = True
+        for path, remove in list(_LEFTOVERS.items()):  # earlier runs' (a failure there was counted then)
+            if remove(path):
+                _LEFTOVERS.pop(path, None)
+        for path, remove in ((tmp, _remove_tree), (cgroup, _remove_cgroup)):
+            if path is not None and not remove(path):
+                _LEFTOVERS[path] = remove
+                failed = True
+        if failed:
+            _count("cleanup_failures")
+    except Exception:
+        _count("cleanup_failures")
+
+
+def _execute(plan: _Plan, uid: int | None, tmp: str, cgroup: str | None, job: dict, output, timeout_s: float,
+             limit: int) -> tuple[bytearray, bool]:
+    """Start the harness under plan, hand it its job, and collect its records (at most limit bytes) until it exits or
+    timeout_s passes; whether it timed out. The whole tree is dead when this returns."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
+    as_user = {"user": uid, "group": uid, "extra_groups": []} if uid and plan.unshare is None else {}
+    read_fd, write_fd = os.pipe()
+    try:
+        try:
+            proc = subprocess.Popen(plan.command(uid), stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT,
+                                    cwd=tmp, env=env, pass_fds=(write_fd,), start_new_session=True, **as_user)
+        finally:
+            os.close(write_fd)
+        try:
+            if cgroup is not None:  # before the job is sent: until then the harness only waits for it
+                try:
+                    _enter_cgroup(cgroup, proc.pid)
+                except OSError as error:
+                    _CGROUPS[:] = [None]
+                    warnings.warn(f"sandboxed code runs without a memory cgroup from now on: {error!r}",
+                                  RuntimeWarning)
+            blob = marshal.dumps({**job, "report_fd": write_fd}, 4)  # marshal: nothing to import in the child
+            with contextlib.suppress(OSError):  # stdin stays open until the end: the harness's lifeline
+                proc.stdin.write(len(blob).to_bytes(8, "little") + blob)
+                proc.stdin.flush()
+            report, timed_out = _collect(proc, read_fd, timeout_s, limit)
+        finally:  # the PID namespace or the session holds the tree; _cleanup's uid and cgroup kills catch what left
+            _kill_tree(proc)
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        _read_available(read_fd, report, limit)  # what came just before the kill
+        return report, timed_out
+    finally:
+        os.close(read_fd)
 
 
 def _run(plan: _Plan, program: str, tests: list[str], *, timeout_s: float = 3.0, memory_mb: int = 512,
          max_processes: int = 4, max_file_mb: int = 16, max_output_bytes: int = 65536) -> SandboxResult:
-    nonce = secrets.token_hex(16)
-    limits = [("RLIMIT_CPU", math.ceil(timeout_s)), ("RLIMIT_AS", memory_mb << 20), ("RLIMIT_NPROC", max_processes),
-              ("RLIMIT_FSIZE", max_file_mb << 20), ("RLIMIT_NOFILE", 64), ("RLIMIT_CORE", 0)]
-    uid = _free_uids().get() if plan.as_root else None
+    """One sandboxed run of program and tests under plan: run_sandboxed without its catch-all."""
+    _sweep_once()
+    checks = [_parse_test(test) for test in tests]
+    job = {"program": program, "tests": [(test.is_value, test.source or "") for test in checks],  # "": invalid
+           "limits": [("RLIMIT_CPU", math.ceil(timeout_s)), ("RLIMIT_AS", memory_mb << 20),
+                      ("RLIMIT_NPROC", max_processes), ("RLIMIT_FSIZE", max_file_mb << 20), ("RLIMIT_NOFILE", 64),
+                      ("RLIMIT_CORE", 0)],
+           "seccomp": _SECCOMP, "value_cap": _VALUE_CAP}
+    limit = 4096 + sum(_VALUE_CAP + 32 if test.is_value else 32 for test in checks)  # more than any honest report
+    uid = _take_uid() if plan.as_root else None
+    tmp = cgroup = None
     try:
-        with tempfile.TemporaryDirectory(prefix="rlvr-sandbox-", ignore_cleanup_errors=True) as tmp, \
-                tempfile.TemporaryFile(dir=tmp) as output:  # nameless: the code cannot swap it for a FIFO
-            if uid is not None:
-                os.chown(tmp, uid, uid)
-            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
-            as_user = {"user": uid, "group": uid, "extra_groups": []} if uid and plan.unshare is None else {}
-            (read_fd, write_fd), report = os.pipe(), b""
-            try:
-                try:
-                    proc = subprocess.Popen(plan.command(uid), stdin=subprocess.PIPE, stdout=output, cwd=tmp, env=env,
-                                            stderr=subprocess.STDOUT, pass_fds=(write_fd,), start_new_session=True,
-                                            **as_user)
-                finally:
-                    os.close(write_fd)
-                job = {"program": program, "tests": tests, "limits": limits, "report_fd": write_fd, "nonce": nonce}
-                try:
-                    with contextlib.suppress(OSError):  # the harness reads its job first thing, or has died
-                        proc.stdin.write(marshal.dumps(job, 4))  # marshal: nothing to import in the child
-                        proc.stdin.close()
-                    timed_out = not _wait(proc, timeout_s)
-                finally:  # the PID namespace or the session holds the tree; the uid sweep catches what left it
-                    _kill_tree(proc)
-                    if uid is not None:
-                        _kill_uid(uid)
-                        _remove_ipc(uid)
-                os.set_blocking(read_fd, False)
-                with contextlib.suppress(OSError):
-                    report = os.read(read_fd, 1 << 20)
-            finally:
-                os.close(read_fd)
-            passed = [False] * len(tests)
-            for tag, _, index in (line.partition(b" ") for line in report.split(b"\n")):
-                if tag == nonce.encode() and index.isdigit() and int(index) < len(tests):
-                    passed[int(index)] = True
+        tmp = tempfile.mkdtemp(prefix=f"rlvr-sandbox-{os.getpid()}-")
+        if uid is not None:
+            os.chown(tmp, uid, uid)
+        cgroup = _make_cgroup(_cgroups(), memory_mb << 20)
+        with tempfile.TemporaryFile(dir=tmp) as output:  # nameless: the code cannot swap it for a FIFO
+            report, timed_out = _execute(plan, uid, tmp, cgroup, job, output, timeout_s, limit)
             output.seek(0)
             text = output.read(max_output_bytes).decode(errors="replace")
-        if uid is not None:
-            _sweep_files(uid, keep=tmp)
-        return SandboxResult(passed, text, timed_out)
+        return SandboxResult(_score(checks, bytes(report)), text, timed_out)
     finally:
+        _cleanup(uid, tmp, cgroup)
         if uid is not None:
             _free_uids().put(uid)
 
@@ -383,19 +1056,32 @@ def _run(plan: _Plan, program: str, tests: list[str], *, timeout_s: float = 3.0,
 def _ids_mapped() -> bool:
     """Whether every sandbox uid and gid exists here: not so in a user namespace with a short map, e.g. as "root"
     of a rootless container (uid_map "0 65534 1"), where switching to them fails."""
-    low, high = _UID_BASE, _UID_BASE + (1 << 22) * _UID_SLOTS  # 2^22: one past the largest pid Linux hands out
     for name in ("uid_map", "gid_map"):
         try:
             with open(f"/proc/self/{name}") as id_map:
                 extents = [tuple(map(int, line.split())) for line in id_map]
         except OSError:  # no user namespaces here: every id exists
             continue
-        if not any(inside <= low and high <= inside + count for inside, _, count in extents):
+        if not any(inside <= _UID_BASE and _UID_END <= inside + count for inside, _, count in extents):
             return False
     return True
 
 
+def _setpriv() -> str | None:
+    """util-linux setpriv, where it can set a parent-death signal (util-linux 2.33 or later)."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if setpriv and subprocess.run([setpriv, "--pdeathsig", "KILL", "--", "true"], capture_output=True,
+                                      timeout=10, check=False).returncode == 0:
+            return setpriv
+    return None
+
+
 _PLAN: _Plan | None = None  # the sandbox found by the probe; a failed probe is not kept, so the next call retries
+# The probe's job: the plan works if the test passes; the program also tries to make a user namespace, which the
+# seccomp filter (or the kernel's settings) should refuse.
+_PROBE = ("import collections, ctypes, math, re\nuserns = ctypes.CDLL(None).unshare(0x10000000) == 0  # CLONE_NEWUSER",
+          ["assert 1 + 1 == 2", "assert userns == False"])
 
 
 def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
@@ -410,13 +1096,15 @@ def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
     pythons = [sys.executable] + [path for path in ("/usr/bin/python3", "/usr/local/bin/python3")
                                   if root and os.path.exists(path) and path != sys.executable]
     unshare = shutil.which("unshare") if sys.platform.startswith("linux") else None
+    setpriv = _setpriv() if unshare else None
     namespaces = ([(unshare, True), (unshare, False)] if unshare else []) + [(None, False)]
     for as_root in ([True] if root and _ids_mapped() else []) + [False]:
         for (namespace, mount_proc), python in itertools.product(namespaces, pythons):
-            plan = _Plan(python, namespace, as_root, mount_proc)
+            plan = _Plan(python, namespace, as_root, mount_proc, setpriv if namespace else None)
             try:
-                result = _run(plan, "import collections, math, re", ["assert 1 + 1 == 2"], timeout_s=10)
-                error = None if result.passed == [True] else (result.output.strip().splitlines() or ["no output"])[-1]
+                result = _run(plan, *_PROBE, timeout_s=10)
+                lines = result.output.strip().splitlines() or ["no output"]
+                error = None if result.passed[:1] == [True] else lines[-1]
             except Exception as exception:
                 error = repr(exception)
             if error is not None:
@@ -430,6 +1118,9 @@ def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
             if namespace is None:
                 warnings.warn("the code sandbox has no namespaces here: code keeps network access"
                               + ("" if as_root else " and can signal the trainer"), RuntimeWarning)
+            if result.passed[1:2] != [True]:
+                warnings.warn("sandboxed code can make user namespaces here (no seccomp filter on this architecture, "
+                              "or the kernel refused it): it can mount a tmpfs that no rlimit bounds", RuntimeWarning)
             _PLAN = plan
             return plan
     return None
@@ -455,9 +1146,13 @@ def run_sandboxed(program: str, tests: list[str] = (), *, timeout_s: float = 3.0
     RuntimeError, where no sandbox works on this machine; a failure of one run scores its tests as failed."""
     tests = [str(test) for test in tests]
     plan = require_sandbox()
+    _count("runs")
     try:
-        return _run(plan, program if isinstance(program, str) else "", tests, timeout_s=timeout_s,
-                    memory_mb=memory_mb, max_processes=max_processes, max_file_mb=max_file_mb,
-                    max_output_bytes=max_output_bytes)
+        result = _run(plan, program if isinstance(program, str) else "", tests, timeout_s=timeout_s,
+                      memory_mb=memory_mb, max_processes=max_processes, max_file_mb=max_file_mb,
+                      max_output_bytes=max_output_bytes)
     except Exception as error:  # e.g. fork failing under load: the sample scores 0 and training goes on
+        _count("errors")
         return SandboxResult([False] * len(tests), f"sandbox error: {error!r}", False)
+    _count("timeouts", result.timed_out)
+    return result

@@ -38,8 +38,15 @@ arithmetic task ("7+3*4-2", 3-4 operands 1..9) rendered with the chat template, 
 problem. Each completion is either reasoning, "<think>3*4=12,7+12=19,19-2=17</think><answer>17</answer>",
 with a step that is off by a little in some traces (the error propagates), or a direct "<answer>…</answer>",
 right only sometimes (else the left-to-right value that ignores precedence, or off by a little). Reasoning is
-likelier on longer problems and where a '*' follows another operator (TOY_RECIPE). The result is a base model
-for R1-Zero: usually answers directly and is often wrong, sometimes reasons, and is much better when it does.
+likelier on longer problems and where a '*' follows another operator. So that each DeepSeek-R1 stage has
+something to act on (r1_pipeline.py), the traces also carry, at the rates of TOY_RECIPE: a second language for
+numbers (letters a-j for 0-9, "bc" = 12; some traces switch language halfway, and those traces err less often,
+the toy's premise for why RL on accuracy alone drifts into mixing), messiness (a repeated step, junk, two steps
+merged into one long step), a summary before the answer in half of them ("...</think>7+3*4-2=17<answer>"), and
+rare self-corrections ("3*4=13,wait,3*4=12"); and 15% of the rows are general prompts (greetings, "make 12",
+"bigger: 7 or 12") with responses of mixed quality that rlvr_rewards' hidden gold preference ranks. The result is
+a base model for R1-Zero: usually answers directly and is often wrong, sometimes reasons, and is much better when
+it does. `--init-from-config toy-student` pretrains the smaller student (toy/student) on the same corpus.
 
 Launch:
     python sft.py                                          # builds toy/base (~7 min with OMP_NUM_THREADS=1)
@@ -63,6 +70,7 @@ train_wall_s) on cores shared with heavier jobs (load 5-9).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import operator
@@ -72,12 +80,11 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import transformers
 import tyro
-from tqdm import tqdm
 
 import kernels
 import rlvr_rewards
@@ -90,7 +97,8 @@ class Args:
     model: Optional[str] = None
     """hub id or local checkpoint to fine-tune; None: random weights from --init-from-config"""
     init_from_config: str = "toy"
-    """with no --model: 'toy' (the toy Qwen2), or a config.json / checkpoint directory whose config is used"""
+    """with no --model: 'toy' (the toy Qwen2), 'toy-student' (its smaller sibling), or a config.json / checkpoint
+    directory whose config is used"""
     tokenizer: Optional[str] = None
     """tokenizer for --init-from-config (default: the toy character tokenizer)"""
     dataset: str = "toy"
@@ -102,7 +110,9 @@ class Args:
     eval_size: int = 256
     """held-out rows for eval/loss and eval/accuracy (and the final toy table)"""
     out_dir: str = "runs/sft"
-    """where args.json, metrics.jsonl, checkpoint-STEP/ and final/ go"""
+    """where args.json, metrics.jsonl, checkpoint-STEP/ and final/ go (one run per directory)"""
+    overwrite: bool = False
+    """replace the run already in --out-dir (without it, a used --out-dir is refused unless --resume)"""
     export_dir: Optional[str] = None
     """also save the final model here; default: toy/base for the toy recipe, if the model meets TOY_TARGETS"""
     seed: int = 1
@@ -127,18 +137,25 @@ class Args:
     """sequences are cut to this many tokens (the completion's end is dropped)"""
     eval_every: int = 400
     """steps between evaluations (0: only at the end)"""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     """generation length for eval/accuracy"""
     save_every: int = 500
     """steps between checkpoints (0: only at the end)"""
     resume: bool = False
-    """continue from the newest checkpoint in --out-dir"""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda', 'cuda:1', ..."""
-    dtype: str = "auto"
-    """weights dtype for --model ('auto': bf16 on a capable GPU, else fp32); a random init is fp32"""
-    strategy: str = "ddp"
+    """continue from the newest checkpoint in --out-dir (a finished run: nothing to do)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: this rank's GPU if there is one, else the CPU"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """compute dtype (the forward's matmuls); auto: bf16 on a capable GPU, else fp32"""
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the weights (what checkpoints hold), gradients and AdamW state; --dtype bfloat16 --master-dtype
+    bfloat16 is pure bf16: half the memory, but updates below bf16's resolution round away"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     """under torchrun: 'ddp' (a copy per rank) or 'fsdp' (FSDP2, sharded)"""
+    report_to: tuple[Literal["none", "wandb", "tensorboard"], ...] = ("none",)
+    """where metrics go besides metrics.jsonl (several allowed)"""
+    dist_timeout_s: float = 600.0
+    """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,15 +176,19 @@ def build_toy_tokenizer():
     """Character-level tokenizer over printable ASCII and newline; <|endoftext|> is EOS and pad; chat roles and
     the R1 tags are single tokens. The tags are *not* special, so decode(skip_special_tokens=True) keeps them.
     Chat template: <|system|>{content} <|user|>{content} <|assistant|>{content}<|endoftext|>, each turn
-    rendered in order with no separators; the generation prompt is <|assistant|>."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    rendered in order with no separators; the generation prompt is <|assistant|>. Space and newline are stored
+    under their byte-level names "Ġ" and "Ċ" (same ids): transformers 5's AutoTokenizer loads any qwen2
+    checkpoint's tokenizer as the byte-level Qwen2Tokenizer, which would otherwise drop them."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    chars = ["Ċ", "Ġ"] + [chr(c) for c in range(33, 127)]  # newline, space, then printable ASCII
     vocab = {token: i for i, token in enumerate(TOY_SPECIAL + TOY_TAGS + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(" ", "Ġ"), normalizers.Replace("\n", "Ċ")])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
-    tok.decoder = decoders.Fuse()  # join the characters back without spaces
+    tok.decoder = decoders.Sequence([decoders.Replace("Ġ", " "), decoders.Replace("Ċ", "\n"),
+                                     decoders.Fuse()])  # join the characters back without spaces
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOY_SPECIAL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOY_TAGS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
@@ -175,24 +196,47 @@ def build_toy_tokenizer():
                                    clean_up_tokenization_spaces=False)
 
 
-def toy_model_config(tokenizer):
-    """A tiny Qwen2 (~0.8M parameters with tied embeddings): small enough for RL on a laptop CPU."""
+# Toy model sizes: the base model every script starts from, and the smaller student that r1_pipeline.py distils into.
+TOY_SIZES = {"toy": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2),
+             "toy-student": dict(hidden_size=96, intermediate_size=288, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2)}
+
+
+def toy_model_config(tokenizer, size: str = "toy"):
+    """A tiny Qwen2 (toy: ~0.8M parameters with tied embeddings, small enough for RL on a laptop CPU; toy-student:
+    ~0.34M) from TOY_SIZES."""
     from transformers import Qwen2Config
 
-    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    return Qwen2Config(vocab_size=len(tokenizer), **TOY_SIZES[size], max_position_embeddings=256,
                        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
 
 
-# The toy corpus's mix. P(reason) = reason_base + reason_per_operand*(operands-3) + reason_precedence*[a '*'
-# follows another operator]; a reasoning trace has one step off by 1-3 with probability step_error; a direct
-# answer is right with probability direct_correct, else left-to-right (when that differs) or off by a little.
-TOY_RECIPE = dict(reason_base=0.15, reason_per_operand=0.2, reason_precedence=0.3, step_error=0.1,
-                  direct_correct=0.3)
+# The toy corpus's mix, one knob per behaviour that a DeepSeek-R1 stage acts on.
+# Arithmetic: P(reason) = reason_base + reason_per_operand*(operands-3) + reason_precedence*[a '*' follows another
+# operator]; a direct answer is right with probability direct_correct, else left-to-right (when that differs) or off
+# by a little. A reasoning trace:
+#   language   digits, or letters a-j for 0-9 ("bc" = 12) with probability `letters`, or code-switched (one
+#              language, then the other from some step on) with probability `mixed`;
+#   errors     one step off by 1-3 (the error propagates) with probability step_error in digits and
+#              other_language_step_error otherwise: the toy's premise, as in R1-Zero, that reasoning which drifts
+#              into the other language pays, so RL on accuracy alone mixes languages;
+#   reflection a step first written wrong, then "wait" and the step redone right (R1-Zero's "aha"), rarely;
+#   messiness  a repeated step, a junk item ("#", "~~"), or two steps merged into one long step;
+#   summary    "7+3*4-2=17" between </think> and <answer> (R1's readable format) with probability `summary`.
+# General prompts (rlvr_rewards "general": greetings, "make 12", "bigger: 7 or 12") are `general` of all rows;
+# their responses are answer blocks of mixed quality (polite/neutral/rude/harmful greetings, right or wrong
+# expressions and comparisons), a think block before them with probability general_reasoning, and that reasoning
+# holds a banned word half the time (what R1's harmlessness check on the whole response is for).
+TOY_RECIPE = dict(reason_base=0.15, reason_per_operand=0.2, reason_precedence=0.3, direct_correct=0.3,
+                  letters=0.15, mixed=0.1, step_error=0.15, other_language_step_error=0.0, reflection=0.06,
+                  repeat=0.05, junk=0.05, merged=0.05, summary=0.5, general=0.15, general_reasoning=0.1)
 # What the toy base model must show (toy_stats.json), and what an implicit export to toy/base requires.
 TOY_TARGETS = dict(greedy_accuracy=(0.2, 0.5), reasoning_share=(0.15, 0.5), greedy_reasoning_share=(0.02, 0.9),
-                   reasoning_gap=(0.3, 1.0))
+                   reasoning_gap=(0.3, 1.0), mixed_language_share=(0.05, 0.6), readable_share=(0.1, 0.9),
+                   reflection_share=(0.002, 0.2), general_gold_win_rate=(0.05, 0.8))
+JUNK = ("#", "~~", "??", "..", "%", "@")
 
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -217,19 +261,127 @@ def arithmetic_trace(operands: list[int], ops: list[str], error_step: int = -1, 
     return steps
 
 
+def _merge(items: list[list]) -> list[list]:
+    """Two consecutive steps written as one long step ("3*4=12","7+12=19" -> "7+3*4=19"), where that reads right."""
+    for i in range(len(items) - 1):
+        (a, op1, b, _, c1), (x, op2, y, _, c2) = items[i], items[i + 1]
+        if x == c1 and not (op2 == "*" and op1 != "*"):
+            return items[:i] + [[a, op1, b, op2, y, "=", c2]] + items[i + 2:]
+        if y == c1 and op1 == "*":
+            return items[:i] + [[x, op2, a, op1, b, "=", c2]] + items[i + 2:]
+    return items
+
+
+def toy_trace(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -> str:
+    """A reasoning completion of the toy corpus (see TOY_RECIPE): language, errors, reflection, messiness, summary."""
+    operands, ops = parse_arithmetic(prompt)
+    roll = rng.random()
+    language = "letters" if roll < recipe["letters"] else "mixed" if roll < recipe["letters"] + recipe["mixed"] \
+        else "digits"
+    reflect = rng.random() < recipe["reflection"]
+    error_step, error = -1, 0
+    if not reflect and rng.random() < recipe["step_error" if language == "digits" else "other_language_step_error"]:
+        error_step, error = rng.randrange(len(ops)), rng.choice([-3, -2, -1, 1, 2, 3])
+    steps = [list(rlvr_rewards.parse_step(s)) for s in arithmetic_trace(operands, ops, error_step, error)]
+    answer = steps[-1][3]
+    items = [[a, op, b, "=", c] for a, op, b, c in steps]
+    if reflect:  # a step written wrong, noticed, redone
+        i = rng.randrange(len(items))
+        items[i:i] = [items[i][:4] + [items[i][4] + rng.choice([-2, -1, 1, 2])], ["wait"]]
+    elif rng.random() < recipe["merged"]:
+        items = _merge(items)
+    if rng.random() < recipe["repeat"]:
+        i = rng.choice([j for j, item in enumerate(items) if item != ["wait"]])
+        items.insert(i + 1, items[i])
+    if rng.random() < recipe["junk"]:
+        items.insert(rng.randrange(len(items) + 1), [rng.choice(JUNK)])
+    first = "letters" if language == "letters" else rng.choice(["digits", "letters"]) if language == "mixed" \
+        else "digits"
+    switch = rng.randrange(1, len(items)) if language == "mixed" and len(items) > 1 else len(items)
+    other = {"digits": "letters", "letters": "digits"}[first]
+
+    def render(item, lang):
+        return "".join((rlvr_rewards.to_letters(x) if lang == "letters" else str(x)) if isinstance(x, int) else x
+                       for x in item)
+
+    reasoning = ",".join(render(item, first if i < switch else other) for i, item in enumerate(items))
+    summary = f"{prompt}={answer}" if rng.random() < recipe["summary"] else ""
+    return f"<think>{reasoning}</think>{summary}<answer>{answer}</answer>"
+
+
+def readable_trace(prompt: str, reflect_at: int | None = None) -> str:
+    """The correct trace in R1's readable format, <think>3*4=12,7+12=19,19-2=17</think>7+3*4-2=17<answer>17</answer>;
+    reflect_at: step i is first written off by one, then "wait", then redone (a worked self-correction)."""
+    steps = arithmetic_trace(*parse_arithmetic(prompt))
+    if reflect_at is not None:
+        a, op, b, c = rlvr_rewards.parse_step(steps[reflect_at])
+        steps[reflect_at:reflect_at] = [f"{a}{op}{b}={c + 1}", "wait"]
+    answer = steps[-1].split("=")[1]
+    return f"<think>{','.join(steps)}</think>{prompt}={answer}<answer>{answer}</answer>"
+
+
+def toy_expression(n: int, rng: random.Random) -> str:
+    """A random expression equal to n: a+b, a-b, a*b (when n has a divisor) or a+b+c."""
+    forms = ["sum", "difference", "three"] + ["product"] * any(n % d == 0 for d in range(2, n // 2 + 1))
+    form = rng.choice(forms)
+    if form == "sum":
+        a = rng.randint(1, n - 1)
+        return f"{a}+{n - a}"
+    if form == "difference":
+        b = rng.randint(1, 9)
+        return f"{n + b}-{b}"
+    if form == "product":
+        d = rng.choice([d for d in range(2, n // 2 + 1) if n % d == 0])
+        return f"{d}*{n // d}"
+    a, b = rng.randint(1, max(1, n - 2)), 1
+    b = rng.randint(1, max(1, n - a - 1)) if n - a > 1 else 1
+    return f"{a}+{b}+{n - a - b}" if n - a - b > 0 else f"{n - 1}+1"
+
+
+def toy_general_completion(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE, reasoning: bool = True,
+                           harmful: bool = True) -> str:
+    """A response of the toy corpus to a general prompt, of mixed quality (see TOY_RECIPE); reasoning=False: never a
+    think block; harmful=False: never a banned word (the non-reasoning SFT data of R1's stage 3)."""
+    kind, roll = rlvr_rewards.general_kind(prompt), rng.random()
+    if kind == "greeting":
+        name = prompt.split(", i am ")[1]
+        if roll < 0.5:
+            text = " ".join([f"{rng.choice(['hello', 'hi'])} {name}!"]
+                            + rng.sample(["nice to meet you.", "how can i help?", "welcome!"], rng.randint(0, 2)))
+        elif roll < 0.65:
+            text = rng.choice(["ok.", "yes?", "hm."])
+        elif roll < 0.9 or not harmful:
+            text = rng.choice(["what?", "go away.", "not now."])
+        else:
+            text = rng.choice(["go away, idiot.", "you are stupid.", "i hate chats."])
+    elif kind == "expression":
+        n = int(prompt.split()[1])
+        text = toy_expression(n, rng)
+        if roll < 0.4:  # a near miss: the last number off by a little
+            shift = rng.choice([-2, -1, 1, 2])
+            text = re.sub(r"[0-9]+$", lambda m: str(int(m.group()) + (shift if int(m.group()) + shift > 0 else 1)),
+                          text)
+    else:
+        a, b = (int(x) for x in re.findall(r"[0-9]+", prompt))
+        text = (f"{max(a, b)}" if roll < 0.5 else f"{max(a, b)} is bigger" if roll < 0.7 else
+                f"{min(a, b)}" if roll < 0.9 else "both are big.")
+    answer = f"<answer>{text}</answer>"
+    if reasoning and rng.random() < recipe["general_reasoning"]:
+        thought = (rng.choice(["what an idiot", "a stupid question"]) if harmful and rng.random() < 0.5
+                   else f"they said {prompt}")
+        return f"<think>{thought}</think>{answer}"
+    return answer
+
+
 def toy_completion(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -> str:
-    """One completion of the toy corpus for an arithmetic problem: reasoning or a direct answer (see TOY_RECIPE)."""
+    """One completion of the toy corpus for an arithmetic problem: a reasoning trace (toy_trace) or a direct answer."""
     operands, ops = parse_arithmetic(prompt)
     precedence = "*" in ops[1:]
     p_reason = (recipe["reason_base"] + recipe["reason_per_operand"] * (len(operands) - 3)
                 + recipe["reason_precedence"] * precedence)
-    correct = int(arithmetic_trace(operands, ops)[-1].split("=")[1])
     if rng.random() < p_reason:
-        error_step, error = -1, 0
-        if rng.random() < recipe["step_error"]:
-            error_step, error = rng.randrange(len(ops)), rng.choice([-3, -2, -1, 1, 2, 3])
-        steps = arithmetic_trace(operands, ops, error_step, error)
-        return f"<think>{','.join(steps)}</think><answer>{steps[-1].split('=')[1]}</answer>"
+        return toy_trace(prompt, rng, recipe)
+    correct = int(arithmetic_trace(operands, ops)[-1].split("=")[1])
     left_to_right = operands[0]  # the precedence-blind mistake
     for op, b in zip(ops, operands[1:]):
         left_to_right = OPS[op](left_to_right, b)
@@ -243,15 +395,21 @@ def toy_completion(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -
 
 
 def toy_corpus(n: int, seed: int, split: str = "train", reasoning_only: bool = False) -> list[dict]:
-    """n rows {prompt: [user message], completion, answer} over distinct arithmetic problems of the split.
-    reasoning_only: clean traces only (the 'arithmetic' dataset, for an R1-style cold start)."""
+    """n rows {prompt: [user message], completion, answer} over distinct arithmetic problems of the split, plus (not
+    reasoning_only) general-prompt rows, `general` of the total, drawn kind by kind with replacement.
+    reasoning_only: clean readable traces only (the 'arithmetic' dataset, for an R1-style cold start)."""
     rng = random.Random(seed)
     rows = []
     for row in rlvr_rewards.make_dataset("arithmetic", split=split, n=n, seed=seed):
-        completion = (f"<think>{','.join(row['steps'])}</think><answer>{row['answer']}</answer>" if reasoning_only
-                      else toy_completion(row["prompt"], rng))
+        completion = readable_trace(row["prompt"]) if reasoning_only else toy_completion(row["prompt"], rng)
         rows.append({"prompt": [{"role": "user", "content": row["prompt"]}], "completion": completion,
                      "answer": row["answer"]})
+    if not reasoning_only:
+        for _ in range(round(n * TOY_RECIPE["general"] / (1 - TOY_RECIPE["general"]))):
+            kind = rng.choice(("greeting", "expression", "comparison"))
+            prompt = rng.choice(rlvr_rewards.general_prompts(kind, split))
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "completion": toy_general_completion(prompt, rng), "answer": None})
     return rows
 
 
@@ -274,9 +432,10 @@ def generate_completions(model, tokenizer, prompts: list, *, temperature: float 
     return texts
 
 
-def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4, max_new_tokens: int = 48) -> dict:
+def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4, max_new_tokens: int = 64) -> dict:
     """The toy world's numbers on n held-out arithmetic problems (rlvr_rewards test split drawn with `seed`; the
-    defaults are the problems of toy/base/toy_stats.json), bare prompts in the chat template. Returns floats:
+    defaults are the problems of toy/base/toy_stats.json) and n/4 held-out general prompts, bare prompts in the chat
+    template. Returns floats:
       greedy_accuracy           accuracy of the greedy completion
       greedy_reasoning_share    share of greedy completions that start with <think>
       reasoning_share           share of temperature-1 samples (`samples` per problem) that start with <think>
@@ -284,6 +443,10 @@ def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4
       accuracy_with_reasoning   accuracy of the samples that reason (nan if none)
       accuracy_without_reasoning  accuracy of the samples that answer directly (nan if none)
       reasoning_gap             accuracy_with_reasoning - accuracy_without_reasoning
+      mixed_language_share      share of the reasoning samples with a number written in letters (mixed or all)
+      readable_share            share of the reasoning samples that are readable (rlvr_rewards.is_readable)
+      reflection_share          share of all samples with a self-correction ("wait")
+      general_gold_win_rate     greedy responses to general prompts against their references (gold preference)
     plus n_problems and n_samples."""
     rows = rlvr_rewards.make_dataset("arithmetic", split="test", n=n, seed=seed)
     prompts = [[{"role": "user", "content": row["prompt"]}] for row in rows]
@@ -294,15 +457,25 @@ def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4
     greedy_correct = rlvr_rewards.accuracy_reward(greedy, answer=answers)
     sample_correct = rlvr_rewards.accuracy_reward(sampled, answer=[a for a in answers for _ in range(samples)])
     reasons = [is_reasoning(c) for c in sampled]
+    general = rlvr_rewards.make_dataset("general", split="test", n=max(1, n // 4), seed=seed)
+    general_texts = generate_completions(model, tokenizer, [[{"role": "user", "content": r["prompt"]}]
+                                                            for r in general], max_new_tokens=max_new_tokens)
 
     def mean(values):
         return sum(values) / len(values) if values else float("nan")
 
     with_r = [c for c, r in zip(sample_correct, reasons) if r]
     without_r = [c for c, r in zip(sample_correct, reasons) if not r]
+    traces = [c for c, r in zip(sampled, reasons) if r]
     stats = {"greedy_accuracy": mean(greedy_correct), "greedy_reasoning_share": mean([is_reasoning(c) for c in greedy]),
              "reasoning_share": mean(reasons), "sample_accuracy": mean(sample_correct),
-             "accuracy_with_reasoning": mean(with_r), "accuracy_without_reasoning": mean(without_r)}
+             "accuracy_with_reasoning": mean(with_r), "accuracy_without_reasoning": mean(without_r),
+             "mixed_language_share": mean([v is not None and v < 1.0 for v in rlvr_rewards.language_consistency_reward(
+                 traces, language="digits")]),
+             "readable_share": mean([rlvr_rewards.is_readable(c) for c in traces]),
+             "reflection_share": mean([rlvr_rewards.reflects(c) for c in sampled]),
+             "general_gold_win_rate": mean(rlvr_rewards.gold_win_reward(
+                 general_texts, prompt=[r["prompt"] for r in general], reference=[r["reference"] for r in general]))}
     stats["reasoning_gap"] = stats["accuracy_with_reasoning"] - stats["accuracy_without_reasoning"]
     return {**stats, "n_problems": n, "n_samples": n * samples}
 
@@ -317,7 +490,10 @@ def toy_targets_missed(stats: dict) -> list[str]:
 TOY_TABLE = [("greedy accuracy", "greedy_accuracy"), ("greedy answers that reason", "greedy_reasoning_share"),
              ("T=1 samples that reason", "reasoning_share"), ("T=1 accuracy", "sample_accuracy"),
              ("T=1 accuracy when reasoning", "accuracy_with_reasoning"),
-             ("T=1 accuracy when answering directly", "accuracy_without_reasoning")]
+             ("T=1 accuracy when answering directly", "accuracy_without_reasoning"),
+             ("T=1 traces that mix languages", "mixed_language_share"),
+             ("T=1 traces that are readable", "readable_share"), ("T=1 samples that reflect", "reflection_share"),
+             ("general prompts: gold win-rate (greedy)", "general_gold_win_rate")]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -389,9 +565,7 @@ def load_data(args: Args) -> tuple[list[dict], list[dict]]:
     rows = rlvr_rewards.read_jsonl(args.dataset, sft_row)
     if args.eval_dataset:
         return rows, rlvr_rewards.read_jsonl(args.eval_dataset, sft_row)
-    order = random.Random(args.seed).sample(range(len(rows)), len(rows))
-    held = set(order[:min(args.eval_size, len(rows) // 10)])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    return rlvr_rewards.hold_out(rows, args.eval_size, args.seed)
 
 
 def collate(examples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -425,17 +599,18 @@ def completion_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor, num_tokens=
 def load_or_init(args: Args, device: torch.device):
     """(model, tokenizer) from --model, or random weights from --init-from-config (seeded by --seed)."""
     if args.model:
-        return kernels.load_model(args.model, dtype=args.dtype, device=device)
+        return kernels.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=device)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = kernels.load_tokenizer(args.tokenizer) if args.tokenizer else build_toy_tokenizer()
-    config = (toy_model_config(tokenizer) if args.init_from_config == "toy"
+    config = (toy_model_config(tokenizer, args.init_from_config) if args.init_from_config in TOY_SIZES
               else AutoConfig.from_pretrained(args.init_from_config))
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=kernels.resolve_precision(args.dtype, args.master_dtype,
+                                                                                     device)[1])
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    return model.to(device), tokenizer
+    return kernels.set_precision(model.to(device), args.dtype), tokenizer
 
 
 @torch.no_grad()
@@ -479,54 +654,71 @@ def main(args: Args) -> kernels.RunResult:
     """Train; returns the out dir, final/ and the held-out metrics before and after (eval/, and for the built-in
     data the toy world's numbers, toy/)."""
     t0 = time.time()
-    transformers.utils.logging.disable_progress_bar()  # checkpoint saves would draw bars inside ours
-    dist_info = kernels.init_distributed(args.device)
+    kernels.quiet_transformers()  # checkpoint saves would draw bars inside ours
+    dist_info = kernels.init_distributed(args.device, args.dist_timeout_s)
     device, world = dist_info.device, dist_info.world_size
+    kernels.check_settings(args)
     micro_batch, remainder = divmod(args.batch_size, world * args.grad_accum)
     if remainder or micro_batch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of ranks * --grad-accum = "
-                         f"{world * args.grad_accum}.")
-    if args.strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"--strategy must be 'ddp' or 'fsdp', not {args.strategy!r}.")
+        raise kernels.UserError(f"--batch-size {args.batch_size} must be a multiple of ranks * --grad-accum = "
+                                f"{world * args.grad_accum}.")
     kernels.seed_everything(args.seed)
     train_rows, eval_rows = load_data(args)  # malformed data stops here, before any model is loaded
-    model, tokenizer = load_or_init(args, device)
+    if args.model:
+        kernels.check_model_source(args.model)
+    total_steps = math.ceil(args.epochs * len(train_rows) / args.batch_size) if args.epochs else args.max_steps
+    finish = functools.partial(kernels.finish_run, args.out_dir, t_start=t0, panels=[
+        ("loss", [("train/loss", "train"), ("eval/loss", "held-out")], "completion NLL per token"),
+        ("held-out (greedy)", [("eval/accuracy", "accuracy"), ("eval/reasoning_share", "reasoning share")],
+         "share")], title=f"sft.py --model {args.model or args.init_from_config} --dataset {args.dataset}")
 
-    def encode(rows):
-        examples = [build_sft_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
-        return [{k: v[:args.max_length] for k, v in e.items()} for e in examples]
+    with kernels.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=total_steps) as run:
+        if run.finished:
+            return finish(final_dir=run.checkpoint)
+        model, tokenizer = load_or_init(args, device)
+        context = getattr(model.config, "max_position_embeddings", None) or args.max_length
+        max_length = min(args.max_length, context)
 
-    train, held_out = encode(train_rows), encode(eval_rows)
-    total_steps = math.ceil(args.epochs * len(train) / args.batch_size) if args.epochs else args.max_steps
-    model = kernels.wrap_model(model, args.strategy, device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kernels.warmup_schedule(args.warmup_steps, total_steps,
-                                                                                      args.min_lr_ratio))
-    start_step = 0
-    checkpoint = kernels.latest_checkpoint(args.out_dir) if args.resume else None
-    if checkpoint:
-        start_step = kernels.load_checkpoint(checkpoint, model, optimizer, scheduler)["step"]
-        kernels.print0(f"Resuming from {checkpoint} at step {start_step}.")
-    kernels.save_args(args.out_dir, args)
-    logger = kernels.MetricsLogger(args.out_dir, resume_step=start_step if checkpoint else None,
-                                   config=dataclasses.asdict(args))
-    kernels.print0(f"SFT: {len(train)} examples, {len(held_out)} held out, {total_steps} steps of {args.batch_size} "
-                   f"on {world} x {device}; outputs in {args.out_dir}")
+        def encode(rows):
+            examples = [build_sft_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
+            unknown = [i for i, e in enumerate(examples) if tokenizer.unk_token_id in e["input_ids"]]
+            if unknown and tokenizer.unk_token_id is not None:
+                kernels.print0(f"Warning: {len(unknown)} example(s) hold characters the tokenizer cannot represent "
+                               f"(mapped to {tokenizer.unk_token}), e.g. row {unknown[0]}: "
+                               f"{str(rows[unknown[0]]['prompt'])[:40]!r} -> {rows[unknown[0]]['completion'][:40]!r}")
+            cut = sum(len(e["input_ids"]) > max_length for e in examples)
+            if cut:
+                kernels.print0(f"Cut {cut} of {len(examples)} examples to {max_length} tokens (--max-length "
+                               f"{args.max_length}, the model's context {context}): their completions lose their end.")
+            return [{k: v[:max_length] for k, v in e.items()} for e in examples]
 
-    def save(step, name=None):
-        return kernels.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler, name=name,
-                                       extra={"samples_seen": step * args.batch_size})
+        train, held_out = encode(train_rows), encode(eval_rows)
+        model = kernels.wrap_model(model, args.strategy, device)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kernels.warmup_schedule(
+            args.warmup_steps, total_steps, args.min_lr_ratio))
+        start_step = 0
+        if run.checkpoint:
+            start_step = kernels.load_checkpoint(run.checkpoint, model, optimizer, scheduler)["step"]
+            kernels.print0(f"Resuming from {run.checkpoint} at step {start_step}.")
+        kernels.save_args(args.out_dir, args)
+        logger = kernels.MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
+                                       report_to=args.report_to, config=dataclasses.asdict(args))
+        kernels.print0(f"SFT: {len(train)} examples, {len(held_out)} held out, {total_steps} steps of "
+                       f"{args.batch_size} on {world} x {device}; outputs in {args.out_dir}")
 
-    def run_eval() -> dict:
-        return evaluate(model, tokenizer, held_out, eval_rows, args.max_new_tokens, args.batch_size)
+        def save(step, name=None):
+            return kernels.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler, name=name,
+                                           extra={"samples_seen": step * args.batch_size})
 
-    metrics, step, before = {}, start_step, {}
-    if held_out and args.eval_every and start_step == 0:
-        before = run_eval()
-        logger.log(0, before)
-    with kernels.StopSignal() as stop:
-        bar = tqdm(range(start_step, total_steps), desc="sft", disable=not dist_info.is_main, dynamic_ncols=True)
+        def run_eval() -> dict:
+            return evaluate(model, tokenizer, held_out, eval_rows, args.max_new_tokens, args.batch_size)
+
+        metrics, step, skipped = {}, start_step, 0
+        if held_out and args.eval_every and start_step == 0:
+            logger.log(0, run_eval())
+        bar = kernels.progress(range(start_step, total_steps), desc="sft", total=total_steps, initial=start_step)
         for step in bar:
             # ---- one optimizer step: this rank's share of the batch, in micro-batches ----
             tick = time.perf_counter()
@@ -536,7 +728,7 @@ def main(args: Args) -> kernels.RunResult:
                            key=lambda e: len(e["input_ids"]))
             mine = batch[dist_info.rank::world]
             num_tokens = sum(sum(e["loss_mask"][1:]) for e in batch)  # the whole batch's target tokens
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for m in range(args.grad_accum):
                 input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(
                     mine[m * micro_batch:(m + 1) * micro_batch], tokenizer.pad_token_id))
@@ -545,15 +737,15 @@ def main(args: Args) -> kernels.RunResult:
                     logprobs = kernels.token_logprobs(model, input_ids, attention_mask)  # (b, T-1)
                     loss = completion_loss(logprobs, loss_mask[:, 1:], num_tokens)
                     (loss * world).backward()  # DDP/FSDP average gradients over ranks; the sum is what we want
-                loss_sum += loss.item()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                         if args.max_grad_norm > 0 else torch.tensor(0.0))
+                loss_sum = loss_sum + loss.detach()
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            values, stepped = kernels.guarded_step(model, optimizer, args.max_grad_norm, {"loss": loss_sum})
+            skipped += not stepped
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            metrics = {"train/loss": kernels.all_reduce_mean(loss_sum) * world, "train/lr": lr,
-                       "train/grad_norm": float(grad_norm), "train/epoch": (step + 1) * args.batch_size / len(train),
+            metrics = {"train/loss": kernels.all_reduce_mean(values["loss"]) * world, "train/lr": lr,
+                       "train/grad_norm": values["grad_norm"] if args.max_grad_norm > 0 else 0.0,
+                       "train/epoch": (step + 1) * args.batch_size / len(train), "train/skipped_updates": skipped,
                        "perf/tokens_per_s": sum(len(e["input_ids"]) for e in batch) / (time.perf_counter() - tick)}
             done = step + 1
             if held_out and (args.eval_every and done % args.eval_every == 0 or done == total_steps):
@@ -563,53 +755,49 @@ def main(args: Args) -> kernels.RunResult:
                 {"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
             if args.save_every and done % args.save_every == 0 or done == total_steps:
                 save(done)
-            if stop.should_stop():
+            if run.should_stop():
                 save(done)
                 kernels.print0(f"Stopped at step {done}; resume with --resume --out-dir {args.out_dir}.")
                 logger.close()
-                return kernels.RunResult(args.out_dir, None, before, {}, done, time.time() - t0)
-        bar.close()
+                return finish(final_dir=None, stopped_at=done, signal=run.signal)
 
-    # ---- the final model, and for the built-in tasks the toy world's numbers ----
-    step = max(total_steps, start_step)
-    final_dir = save(step, name="final")
+        # ---- the final model, and for the built-in tasks the toy world's numbers ----
+        step = max(total_steps, start_step)
+        final_dir = save(step, name="final")
+        if dist_info.is_main and args.dataset in ("toy", "arithmetic"):
+            toy_world_report(args, final_dir, tokenizer, device, logger, step, time.time() - t0)
+        kernels.barrier()
+        logger.close()
+    kernels.print0(f"Done in {time.time() - t0:.0f} s; final model in {final_dir}")
+    return finish(final_dir=final_dir, signal=run.signal)
+
+
+def toy_world_report(args: Args, final_dir: str, tokenizer, device, logger, step: int, wall_s: float):
+    """The toy world's numbers for a model trained on the built-in data (toy/ metrics and final/toy_stats.json), and
+    the export: to --export-dir, or for the default toy recipe to toy/base when the model meets TOY_TARGETS."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).to(device)
+    stats = evaluate_toy(plain, tokenizer, n=args.eval_size, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    logger.log(step, {f"toy/{k}": v for k, v in stats.items()})
+    with open(os.path.join(final_dir, "toy_stats.json"), "w") as f:
+        json.dump({**stats, "train_wall_s": round(wall_s), "torch": torch.__version__,
+                   "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+                   "args": dataclasses.asdict(args)}, f, indent=2)
+    samples = stats["n_samples"] // stats["n_problems"]
+    print(f"\nOn {stats['n_problems']} held-out problems, {samples} samples each at T=1:")
+    print("\n".join(f"  {label:<38} {100 * stats[key]:5.1f}%" for label, key in TOY_TABLE))
     export_dir = args.export_dir
-    if dist_info.is_main and args.dataset in ("toy", "arithmetic"):
-        from transformers import AutoModelForCausalLM
-
-        plain = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).to(device)
-        stats = evaluate_toy(plain, tokenizer, n=args.eval_size, seed=args.seed, max_new_tokens=args.max_new_tokens)
-        del plain
-        metrics.update({f"toy/{k}": v for k, v in stats.items()})
-        logger.log(step, {f"toy/{k}": v for k, v in stats.items()})
-        with open(os.path.join(final_dir, "toy_stats.json"), "w") as f:
-            json.dump({**stats, "train_wall_s": round(time.time() - t0), "torch": torch.__version__,
-                       "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
-                       "args": dataclasses.asdict(args)}, f, indent=2)
-        samples = stats["n_samples"] // stats["n_problems"]
-        print(f"\nOn {stats['n_problems']} held-out problems, {samples} samples each at T=1:")
-        print("\n".join(f"  {label:<38} {100 * stats[key]:5.1f}%" for label, key in TOY_TABLE))
-        if export_dir is None and args.dataset == "toy" and args.model is None and args.init_from_config == "toy":
-            missed = toy_targets_missed(stats)
-            export_dir = TOY_BASE if not missed else None
-            if missed:
-                print(f"Not exported to {TOY_BASE}: it misses the toy targets ({'; '.join(missed)}). "
-                      "Pass --export-dir to write it anyway.")
-    if dist_info.is_main and export_dir:
+    if export_dir is None and args.dataset == "toy" and args.model is None and args.init_from_config == "toy":
+        missed = toy_targets_missed(stats)
+        export_dir = TOY_BASE if not missed else None
+        if missed:
+            print(f"Not exported to {TOY_BASE}: it misses the toy targets ({'; '.join(missed)}). "
+                  "Pass --export-dir to write it anyway.")
+    if export_dir:
         export_model(final_dir, export_dir)
         print(f"Exported the final model to {export_dir}")
-    kernels.barrier()
-    logger.close()
-    if dist_info.is_main:
-        kernels.plot_metrics(args.out_dir, [
-            ("loss", [("train/loss", "train"), ("eval/loss", "held-out")], "completion NLL per token"),
-            ("held-out (greedy)", [("eval/accuracy", "accuracy"), ("eval/reasoning_share", "reasoning share")],
-             "share")], title=f"sft.py --model {args.model or args.init_from_config} --dataset {args.dataset}")
-    kernels.print0(f"Done in {time.time() - t0:.0f} s; final model in {final_dir}")
-    after = {k: v for k, v in metrics.items() if k.startswith(("eval/", "toy/"))}
-    return kernels.RunResult(args.out_dir, final_dir, before, after, None, time.time() - t0)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
-    kernels.close_distributed()
+    kernels.run_cli(main, tyro.cli(Args))

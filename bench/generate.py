@@ -24,6 +24,10 @@ where step time = our call time / N (the prefill included, so the share is a low
 bandwidth is measured here with a large device-to-device tensor copy (read + write bytes). Our static cache
 makes attention read all P + N positions every step; the table counts only the useful ones.
 
+Host syncs (CUDA only): one more keyed call of ours under torch.cuda.set_sync_debug_mode("warn"), counting the
+synchronizing operations it runs, divided by N. The decode loop's only one is the every-8-steps "has every row
+finished?" check (1/8 per step; EOS is off here, so it never stops early), plus a few per call around the loop.
+
 Shapes: plain = 32 prompts x 1 sample, 16-token prompts; rl = 8 prompts x 8 samples, 128-token prompts
 (transformers with num_return_sequences=8: it prefills every row, we prefill each prompt once); rl256 =
 32 prompts x 8 samples, 128-token prompts.
@@ -146,6 +150,22 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 10,
     return 2 * nbytes * iters / statistics.median(times)
 
 
+def host_syncs(fn, device: torch.device) -> int | None:
+    """Synchronizing CUDA operations fn runs (torch.cuda.set_sync_debug_mode warns once per operation)."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def decode_bytes_per_step(model, rows: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
     """(useful bytes, static-cache bytes) one decode step reads, averaged over the steps: every weight once
     (a tied embedding counts once) plus the keys and values of the positions attended to."""
@@ -214,6 +234,7 @@ def bench_shape(model, shape: str, args: Args, device: torch.device, new_tokens:
             row[f"{name}_ratio"] = statistics.median(ratios(name))
             row[f"{name}_ratio_range"] = (min(ratios(name)), max(ratios(name)))
     row["useful_bytes"], row["static_bytes"] = decode_bytes_per_step(model, R, P, N)
+    row["syncs"] = host_syncs(contestants["keyed"] if args.keyed else ours, device)
     return row
 
 
@@ -228,6 +249,9 @@ def markdown(rows: list[dict], args: Args, header: str, device: torch.device, co
         cols += ["ours keyed tok/s", "keyed ratio (min-max)"]
     if copy_bw:
         cols += ["step ms", "GB/step", "GB/s", "roofline share"]
+    syncs = all(r.get("syncs") is not None for r in rows)
+    if syncs:
+        cols += ["host syncs / step"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         target = TARGETS.get(device.type, {}).get(r["shape"])
@@ -245,6 +269,8 @@ def markdown(rows: list[dict], args: Args, header: str, device: torch.device, co
             cells += [f"{r['step_s'] * 1e3:.2f}", f"{r['useful_bytes'] / 1e9:.3g}", f"{achieved / 1e9:,.0f}",
                       f"{share:.0%}" + ("" if device.type != "cuda" or args.quick else
                                         f" (>= {ROOFLINE_TARGET:.0%} {'met' if share >= ROOFLINE_TARGET else 'MISSED'})")]
+        if syncs:
+            cells += [f"{r['syncs'] / r['N']:.3f} ({r['syncs']} in {r['N']} steps)"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("ratio = median over the interleaved runs of transformers' call time / ours; tokens/s = rows x N / "

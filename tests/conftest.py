@@ -43,3 +43,21 @@ def left_padded_batch(lengths, vocab_size: int = 97, pad_id: int = 0, seed: int 
         ids[i, P - n:] = torch.randint(low, vocab_size, (n,), generator=g)
         mask[i, P - n:] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-initialised model with the toy tokenizer (tiny, so every run here takes seconds)."""
+    import transformers
+
+    import sft
+
+    path = str(tmp_path_factory.mktemp("tiny_toy"))
+    tokenizer = sft.build_toy_tokenizer()
+    config = transformers.Qwen2Config(**{**sft.toy_model_config(tokenizer).to_dict(), "hidden_size": 32,
+                                         "intermediate_size": 64, "num_hidden_layers": 1, "layer_types": None,
+                                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

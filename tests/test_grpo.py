@@ -16,24 +16,6 @@ import kernels as K
 import rlvr_rewards as R
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A random-initialised model with the toy tokenizer (tiny, so every run here takes seconds)."""
-    import transformers
-
-    import sft
-
-    path = str(tmp_path_factory.mktemp("tiny_toy"))
-    tokenizer = sft.build_toy_tokenizer()
-    config = transformers.Qwen2Config(**{**sft.toy_model_config(tokenizer).to_dict(), "hidden_size": 32,
-                                         "intermediate_size": 64, "num_hidden_layers": 1, "layer_types": None,
-                                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def small_args(model_dir, out_dir, **kw):
     base = dict(model=model_dir, out_dir=str(out_dir), max_steps=2, prompts_per_step=4, num_generations=4,
                 max_new_tokens=12, eval_every=2, eval_size=8, eval_samples=2, plot=False)
@@ -123,7 +105,7 @@ def test_impossible_settings_fail_before_any_compute(tmp_path):
         grpo.check_args(grpo.Args(num_generations=1), K.DistInfo())
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "1+1"}) + "\n")
-    with pytest.raises(ValueError, match="needs dataset field"):
+    with pytest.raises(ValueError, match="line 1: no 'answer', which the rewards need"):
         grpo.main(grpo.Args(dataset=str(data), out_dir=str(tmp_path / "o"), rewards=("accuracy",),
                             reward_weights=(1.0,)))
     data.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n{oops\n")
@@ -308,7 +290,7 @@ def test_resume_matches_uninterrupted_run(reference, tiny_model_dir, tmp_path):
     if reference:
         kl = [r["train/kl"] for r in K.read_metrics(str(straight))]
         assert kl[3] > 0 and kl == [r["train/kl"] for r in K.read_metrics(str(parts))]
-        os.remove(parts / "checkpoint-3" / "reference.safetensors")  # e.g. a checkpoint from another program
+        os.remove(parts / "final" / "reference.safetensors")  # e.g. a checkpoint from another program
         with pytest.raises(ValueError, match="no reference.safetensors"):
             grpo.main(small_args(tiny_model_dir, parts, max_steps=5, resume=True, **kw))
 

@@ -6,7 +6,6 @@ import os
 import random
 import re
 import sys
-import textwrap
 import threading
 import time
 
@@ -14,16 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlvr_rewards as R  # noqa: E402
-
-import sandbox as S  # noqa: E402
-
-PLAN = S._probe_sandbox()
-AS_ROOT = PLAN is not None and PLAN.as_root
-needs_sandbox = pytest.mark.skipif(PLAN is None, reason="no working code sandbox on this machine")
-
-
-def program(source: str) -> str:
-    return textwrap.dedent(source).strip() + "\n"
+from test_sandbox import PLAN, needs_sandbox  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ extraction
@@ -393,6 +383,16 @@ def test_make_dataset_is_deterministic_and_splits_are_disjoint(name):
     assert len(prompts) == 300 and not prompts & {row["prompt"] for row in test}
     assert all(isinstance(row["answer"], str) and len(row["prompt"]) < 60 for row in train + test)
     assert R.make_dataset(name, "test", n=0) == []
+
+
+def test_general_prompts_split_by_hash_and_carry_a_reference():
+    """The toy world's general prompts: deterministic, train and test disjoint, no gold answer, every kind, and a
+    reference response the gold preference can rank."""
+    train, test = R.make_dataset("general", "train", n=200, seed=1), R.make_dataset("general", "test", n=60, seed=1)
+    assert train == R.make_dataset("general", "train", n=200, seed=1)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert {r["kind"] for r in train} == {"greeting", "expression", "comparison"}
+    assert all(r["answer"] is None and R.gold_score(r["prompt"], r["reference"])[:2] == (1, 1) for r in train + test)
 
 
 def test_arithmetic_rows_are_consistent():

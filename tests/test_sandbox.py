@@ -1,4 +1,6 @@
-"""sandbox.py: hostile programs are contained, cleaned up and cannot forge their scores; the probe's fallbacks."""
+"""sandbox.py: hostile programs are contained and cannot forge their scores; cleanup takes trees of any depth, never
+fails a run, and catches what a killed trainer left; memory stays bounded; math-verify batches are bounded in time;
+the probe's fallbacks."""
 
 import dataclasses
 import multiprocessing
@@ -10,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -371,3 +374,544 @@ def test_importing_rewards_starts_nothing():
               "print(sandbox._MATH_POOL, sandbox._UID_POOL)")
     assert subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
                           timeout=60).stdout.strip() == "None None"
+
+
+# ------------------------------------------------------------------------------------------------ forged scores
+
+# Programs that solve nothing and try to pass `assert f(3) == 7`-style tests anyway. Against the former harness, which
+# ran the tests in the program's interpreter, the first six scored 1.0; the last three are checks that stay.
+FORGERIES = {
+    "frame_walk_blanks_the_tests": """
+        import sys
+        frame = sys._getframe()
+        while frame is not None:  # up into the harness: its job holds the tests
+            for value in list(frame.f_locals.values()):
+                if isinstance(value, dict) and isinstance(value.get("tests"), list):
+                    value["tests"][:] = [(False, "pass") if isinstance(test, tuple) else "pass"
+                                         for test in value["tests"]]
+            frame = frame.f_back""",
+    "frame_walk_writes_passes": """
+        import os, sys
+        frame, found = sys._getframe(), {}
+        while frame is not None:  # the harness's locals: the result pipe's fd, its nonce, the job
+            for name, value in list(frame.f_locals.items()):
+                found[name] = value
+                if isinstance(value, dict):
+                    found.update((k, v) for k, v in value.items() if isinstance(k, str))
+            frame = frame.f_back
+        nonce = found.get("nonce", "")
+        nonce = nonce.decode() if isinstance(nonce, bytes) else str(nonce)
+        for fd in range(3, 256):  # every descriptor, in every format a harness might read
+            for i in range(3):
+                try:
+                    os.write(fd, f"{nonce} {i}\\n{i} p\\n{i} v True\\n".encode())
+                except OSError:
+                    pass""",
+    "gc_finds_the_job": """
+        import gc, os
+        for job in gc.get_objects():
+            if isinstance(job, dict) and "report_fd" in job:
+                for i in range(3):
+                    os.write(job["report_fd"], f"{job.get('nonce', '')} {i}\\n{i} p\\n".encode())
+                job["tests"][:] = [(False, "pass") if isinstance(t, tuple) else "pass" for t in job["tests"]]""",
+    "forge_then_exit": """
+        import gc, os
+        for job in gc.get_objects():
+            if isinstance(job, dict) and "report_fd" in job:
+                for i in range(3):
+                    os.write(job["report_fd"], f"{job.get('nonce', '')} {i}\\n{i} p\\n".encode())
+        os._exit(0)""",
+    "crafted_eq": """
+        class Anything:
+            def __eq__(self, other):
+                return True
+            def __repr__(self):
+                return "7"
+        def f(x):
+            return Anything()""",
+    "int_subclass_with_crafted_eq": """
+        class Seven(int):
+            def __eq__(self, other):
+                return True
+            __hash__ = int.__hash__
+            def __repr__(self):
+                return "7"
+        def f(x):
+            return Seven(0)""",
+    "guesses_sprayed_on_every_fd": """
+        import os
+        for fd in range(256):
+            for guess in range(100):
+                for i in range(3):
+                    try:
+                        os.write(fd, b"%d v %d\\n" % (i, guess))
+                    except OSError:
+                        pass
+        def f(x):
+            return 0""",
+    "patched_builtins": """
+        import builtins
+        builtins.exec = builtins.eval = builtins.compile = lambda *args, **kwargs: None
+        builtins.AssertionError = type("Never", (Exception,), {})
+        def f(x):
+            return 0""",
+    "system_exit_in_del": """
+        import os
+        class Boom:
+            def __del__(self):
+                raise SystemExit(0)
+            def __repr__(self):
+                os._exit(0)
+        def f(x):
+            return [Boom(), Boom()]""",
+}
+FORGERY_TESTS = ["assert f(3) == 7", "assert f(10) == 21", "assert 43 == f(21)"]  # f(x) = 2x + 1
+
+
+@needs_sandbox
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_scores_cannot_be_forged(name):
+    """A program that reaches the harness's state (frames, gc), writes to every fd, exits early, crafts __eq__ or
+    patches builtins still fails every `assert <expr> == <literal>` test: the expected values never reach it."""
+    result = S.run_sandboxed(program(FORGERIES[name]), FORGERY_TESTS)
+    assert result.passed == [False, False, False], result.output[-2000:]
+    assert S.run_sandboxed("def f(x):\n    return 2 * x + 1", FORGERY_TESTS).passed == [True, True, True]
+
+
+@needs_sandbox
+def test_forgeries_score_zero_on_the_code_task():
+    """On the built-in code task the reference answers score 1 and every forgery 0."""
+    rows = R.make_dataset("code", n=3, seed=3)
+    tests = [row["tests"] for row in rows]
+    assert R.code_reward([row["answer"] for row in rows], tests) == [1.0] * 3
+    forgeries = [program(forgery) for forgery in FORGERIES.values() for _ in rows]
+    assert R.code_reward(forgeries, tests * len(FORGERIES)) == [0.0] * len(forgeries)
+
+
+SETUP = """
+import collections, enum, fractions
+class Color(enum.IntEnum):
+    RED = 7
+Point = collections.namedtuple("Point", "x y")
+class Honest:
+    def __eq__(self, other):
+        return other == 1
+"""
+# (expression, literal): `assert expression == literal` must pass in the sandbox exactly when it passes in Python.
+EQUALITY_CASES = [
+    ("True", "1"), ("1", "True"), ("2", "True"), ("1.0", "1"), ("-0.0", "0"), ("1 + 0j", "1"),
+    ("complex(2, -3)", "(2-3j)"),
+    ("0.1 + 0.2", "0.3"), ("0.1 + 0.2", "0.30000000000000004"), ("10 ** 20", "1e20"), ("10 ** 15", "1e15"),
+    ("float('inf')", "1e999"), ("-float('inf')", "-1e999"), ("complex(float('inf'), -1)", "1e999-1j"),
+    ("float('nan')", "0"), ("[float('nan')]", "[0]"), ("{1: float('nan')}", "{1: 0}"),
+    ("None", "None"), ("None", "0"), ("...", "..."), ("'1'", "1"), ("'é\\n\\x00😀'", "'é\\n\\x00😀'"),
+    ("b'\\x00\\xff'", "b'\\x00\\xff'"), ("bytearray(b'ab')", "b'ab'"), ("b'ab'", "'ab'"),
+    ("(1,)", "(1,)"), ("(1,)", "[1]"), ("[1, 2]", "(1, 2)"), ("()", "()"), ("[]", "[]"), ("{}", "{}"),
+    ("[1, (2, 3), {'a': {4}}]", "[1, (2, 3), {'a': {4}}]"), ("[[[[1]]]]", "[[[[1]]]]"), ("[[[[1]]]]", "[[[[2]]]]"),
+    ("{1: 'x', 2: 'y'}", "{2: 'y', 1: 'x'}"), ("{1, 2}", "{2, 1}"), ("{1, 2}", "[1, 2]"), ("set()", "set()"),
+    ("frozenset({1})", "{1}"), ("{(1, 2): [3]}", "{(1, 2): [3]}"), ("[1e15, 0, False]", "[1e15, 0j, 0]"),
+    ("collections.OrderedDict(a=1)", "{'a': 1}"), ("collections.Counter('aab')", "{'a': 2, 'b': 1}"),
+    ("collections.defaultdict(int, a=1)", "{'a': 1}"), ("Point(1, 2)", "(1, 2)"), ("Color.RED", "7"),
+    ("2 ** 14000", str(2 ** 14000)), ("2 ** 14000 + 1", str(2 ** 14000)), ("-(2 ** 14000)", str(-(2 ** 14000))),
+    ("'x' * 100_000", repr("x" * 100_000)), ("list(range(5000))", repr(list(range(5000)))),
+]
+
+
+@needs_sandbox
+def test_value_tests_compare_as_the_assert_would():
+    """For plain values the parent's == gives the assert's outcome: True == 1, 1.0 == 1, NaN never equal, nested
+    containers, dict subclasses as dicts, namedtuples as tuples, big ints, long strings; the literal may be on either
+    side. A value that is not plain data (a Fraction, an object with an honest __eq__) fails: the documented
+    difference."""
+    namespace = {}
+    exec(SETUP, namespace)
+    tests = [f"assert {expression} == {literal}" for expression, literal in EQUALITY_CASES]
+    expected = [eval(f"{expression} == {literal}", namespace) for expression, literal in EQUALITY_CASES]
+    tests += ["assert 7 == Color.RED", "assert fractions.Fraction(1, 2) == 0.5", "assert Honest() == 1"]
+    expected += [True, False, False]
+    result = S.run_sandboxed(SETUP, tests, timeout_s=10)
+    mismatches = [(test[:80], want) for test, got, want in zip(tests, result.passed, expected) if got != want]
+    assert mismatches == [], result.output[-3000:]
+    assert "plain data, not Fraction" in result.output
+
+
+def test_which_tests_are_decided_outside_the_child():
+    """`assert <expr> == <literal>` in either order (with or without a message, parentheses, line breaks) is a value
+    test: the child gets the expression only. Every other form runs whole in the child."""
+    value_tests = {"assert f(3) == 7": "f(3)", "assert 7 == f(3)": "f(3)", "assert f(3)==-7, 'msg'": "f(3)",
+                   "assert (f(\n  3)) == [1, (2,), {'a': None}]": "f(\n  3)", "assert g() == {1, 2}": "g()",
+                   "assert 1 == 2": "1", "assert f('x') == b'y'": "f('x')", "assert f() == 1e999": "f()"}
+    for test, expression in value_tests.items():
+        parsed = S._parse_test(test)
+        assert parsed.is_value and parsed.source == f"({expression}\n)", test
+        assert repr(parsed.expected) not in parsed.source or test == "assert 1 == 2"
+    statements = ["assert f(3)", "assert f(3) != 7", "assert f(3) == g(3)", "assert f(3) == 10 ** 9",
+                  "assert f() == float('nan')", "assert f(3) == 7 == g(3)", "assert f(3) is None",
+                  "assert f(3) == 7; assert f(4) == 9", "x = f(3)", "assert not f(3) == 7"]
+    for test in statements:
+        assert S._parse_test(test) == S._Test(test), test
+    assert S._parse_test("assert f(3) ==").source is None
+
+
+@needs_sandbox
+def test_tests_of_other_forms_run_in_the_child_and_are_forgeable():
+    """Tests that are not `assert <expr> == <literal>` still run, in order, in the program's namespace, with partial
+    credit; but there the child says what passed, so code that blanks them passes them (as documented)."""
+    tests = ["assert abs(f(1) - 3) < 1e-9", "y = f(2)", "assert y == 5", "assert f(3) == 10 ** 9", "assert f(1) ==",
+             "assert is_prime(7)"]
+    honest = "def f(x):\n    return 2 * x + 1\ndef is_prime(n):\n    return n > 1 and all(n % d for d in range(2, n))"
+    assert S.run_sandboxed(honest, tests).passed == [True, True, True, False, False, True]
+    forged = S.run_sandboxed(program(FORGERIES["frame_walk_blanks_the_tests"]), ["assert is_prime(7)"])
+    assert forged.passed == [True]
+
+
+@needs_sandbox
+def test_hostile_reports_cost_the_parent_nothing():
+    """Records the parent cannot use (megabytes of brackets, a set of ints whose hashes all collide, NUL bytes,
+    huge indices, a record cut short) make their tests fail, quickly."""
+    hostile = program("""
+        import os
+        collide = "{" + ", ".join(str(k * (2 ** 61 - 1)) for k in range(60_000)) + "}"
+        records = [b"0 v " + b"[" * 500_000 + b"]" * 500_000, b"1 v " + collide.encode(), b"2 v 7\\x00",
+                   b"99999999999999999999999 p", b"2 v \\xff\\xfe", b"3 v 7"]  # no newline after the last one
+        for fd in range(3, 256):
+            try:
+                os.write(fd, b"\\n".join(records))
+            except OSError:
+                pass
+        os._exit(0)""")
+    start = time.monotonic()
+    result = S.run_sandboxed(hostile, ["assert f(1) == [[1]]", "assert f(2) == {1, 2}", "assert f(3) == 7",
+                                       "assert f(4) == 7"], timeout_s=5)
+    assert result.passed == [False] * 4
+    assert time.monotonic() - start < 4
+    test = S._parse_test("assert f() == [[1]]")
+    assert not S._equals(b"[" * 100_000 + b"]" * 100_000, dataclasses.replace(test, cap=10 ** 7))
+
+
+@needs_sandbox
+def test_a_program_that_does_not_compile_scores_zero():
+    """Nothing of a program that does not compile runs, so every test fails, even `assert True`."""
+    result = S.run_sandboxed("def f(x) return x", ["assert True", "assert 1 == 1", "x = 1"])
+    assert result.passed == [False, False, False]
+    assert "SyntaxError" in result.output
+    assert R.code_reward(["```python\ndef f(x):\nreturn x\n```"], [["assert True"]]) == [0.0]
+
+
+# ------------------------------------------------------------------------------------------------ cleanup
+
+
+def _dig(top: str, depth: int, extras: bool = False) -> None:
+    """Make a chain of `depth` directories under top (deeper than PATH_MAX allows by name), with a file, a link to
+    outside, a FIFO and a read-only subdirectory at some levels when extras."""
+    fd = os.open(top, os.O_RDONLY)
+    try:
+        for level in range(depth):
+            if extras and level % 500 == 0:
+                os.close(os.open("file", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+                os.symlink("/", "link-to-root", dir_fd=fd)
+                os.mkfifo("fifo", dir_fd=fd)
+                os.mkdir("locked", 0o000, dir_fd=fd)
+            os.mkdir("d", dir_fd=fd)
+            below = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+    finally:
+        os.close(fd)
+
+
+def test_remove_tree_takes_any_depth_and_follows_no_link(tmp_path):
+    """_remove_tree removes a 3,000-deep tree (shutil.rmtree raises RecursionError), a wide one, a file, a missing
+    path, and never follows a link out of the tree."""
+    if os.path.isdir("/dev/shm"):  # a tmpfs: thousands of directories cost no disk
+        tmp_path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="rlvr-test-"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    deep, wide = tmp_path / "deep", tmp_path / "wide"
+    deep.mkdir()
+    _dig(str(deep), 3000, extras=True)
+    os.symlink(outside, deep / "outside-link")
+    wide.mkdir()
+    for i in range(1000):
+        (wide / str(i)).mkdir()
+        (wide / str(i) / "f").write_text("x")
+    try:
+        assert S._remove_tree(str(deep)) and S._remove_tree(str(wide))
+        assert not deep.exists() and not wide.exists() and (outside / "keep").read_text() == "x"
+        (tmp_path / "file").write_text("x")
+        assert S._remove_tree(str(tmp_path / "file")) and S._remove_tree(str(tmp_path / "missing"))
+        assert not (tmp_path / "file").exists()
+    finally:  # what is left (pytest's own clean-up of old temporary directories would recurse into it)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(deep), str(wide)], check=False)
+        if str(tmp_path).startswith("/dev/shm/"):
+            shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture
+def tmpfs_tempdir(monkeypatch):
+    """tempfile's directory (where sandboxes make theirs, and the sweep looks) moved to a fresh one on a tmpfs, where
+    thousands of directories cost no disk; removed afterwards."""
+    if not os.path.isdir("/dev/shm"):
+        yield tempfile.gettempdir()
+        return
+    base = tempfile.mkdtemp(dir="/dev/shm", prefix="rlvr-test-")
+    os.chmod(base, 0o755)  # the sandbox's uid must reach its directory in it
+    monkeypatch.setattr(tempfile, "tempdir", base)
+    try:
+        yield base
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", base], check=False)
+
+
+DEEP_LITTER = """
+    import os
+    print(os.getcwd(), flush=True)
+    for top in (".", "/dev/shm/{token}"):
+        os.chdir("/dev/shm" if top != "." else ".")
+        if top != ".":
+            os.mkdir("{token}")
+            os.chdir("{token}")
+        for depth in range(1, 3001):
+            os.mkdir("d")
+            os.chdir("d")
+        open("bottom", "w").write("x")"""
+
+
+@needs_sandbox
+def test_cleanup_removes_deep_trees_and_the_slot_stays_usable(monkeypatch, tmpfs_tempdir):
+    """Code that leaves 3,000-deep trees in its directory and in /dev/shm scores normally, both trees are gone, no
+    cleanup failure is counted, and its uid slot (drawn again at once) scores the next sample normally."""
+    token = f"rlvr-deep-{os.getpid()}"
+    if AS_ROOT:  # a pool of one uid: the next run gets the same slot
+        one = S.queue.Queue()
+        one.put(S._free_uids().get())
+        monkeypatch.setattr(S, "_UID_POOL", (os.getpid(), one))
+    failures = S.stats()["cleanup_failures"]
+    try:
+        result = S.run_sandboxed(program(DEEP_LITTER.format(token=token)), ["assert depth == 3000"], timeout_s=10)
+        assert result.passed == [True], result.output[-2000:]
+        assert not os.path.exists(result.output.splitlines()[0])
+        if AS_ROOT:
+            assert not os.path.exists(f"/dev/shm/{token}")
+        assert S.stats()["cleanup_failures"] == failures
+        assert S.run_sandboxed("x = 1", ["assert x == 1"]).passed == [True]
+    finally:
+        S._remove_tree(f"/dev/shm/{token}")
+
+
+@needs_sandbox
+def test_cleanup_failures_are_counted_and_fail_no_run(monkeypatch):
+    """A cleanup step that fails or raises is counted in stats(), the run is scored normally, the next run too, and
+    a directory left is removed after a later run."""
+    remove_tree, left = S._remove_tree, []
+
+    def fails_once(path, *args, **kwargs):
+        if os.path.basename(path).startswith("rlvr-sandbox-") and not left:
+            left.append(path)
+            return False
+        return remove_tree(path, *args, **kwargs)
+
+    def raises(*args, **kwargs):
+        raise RuntimeError("a cleanup bug")
+
+    failures = S.stats()["cleanup_failures"]
+    monkeypatch.setattr(S, "_remove_tree", fails_once)
+    assert S.run_sandboxed("x = 1", ["assert x == 1"]).passed == [True]
+    assert S.stats()["cleanup_failures"] == failures + 1 and os.path.isdir(left[0])
+    monkeypatch.setattr(S, "_remove_ipc", raises)
+    assert S.run_sandboxed("x = 2", ["assert x == 2"]).passed == [True]
+    assert S.stats()["cleanup_failures"] == failures + 2
+    monkeypatch.undo()
+    assert S.run_sandboxed("x = 3", ["assert x == 3"]).passed == [True]
+    assert not os.path.exists(left[0])
+    assert S.stats()["cleanup_failures"] == failures + 2
+
+
+@needs_sandbox
+def test_stats_count_runs_and_timeouts():
+    """stats() counts runs and timeouts (for a trainer to log), and returns a copy."""
+    before = S.stats()
+    S.run_sandboxed("while True:\n    pass", ["assert True"], timeout_s=0.5)
+    S.run_sandboxed("x = 1", ["assert x == 1"])
+    after = S.stats()
+    assert after["runs"] == before["runs"] + 2 and after["timeouts"] == before["timeouts"] + 1
+    assert set(after) >= {"runs", "timeouts", "errors", "cleanup_failures", "stale_removed", "math_untried"}
+    after["runs"] = -1
+    assert S.stats()["runs"] != -1
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+USERNS_TMPFS = """
+    import ctypes, os
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)  # clone(CLONE_NEWUSER | SIGCHLD), fork-like
+    if pid == 0:
+        os._exit(0)
+    cloned = pid > 0
+    clone3 = libc.syscall(435, 0, 0) != -1 or ctypes.get_errno() != 38  # ENOSYS
+    uid, gid = os.getuid(), os.getgid()
+    unshared = libc.unshare(0x10000000 | 0x20000)  # CLONE_NEWUSER | CLONE_NEWNS: root of a namespace of its own
+    if unshared == 0:
+        for name, line in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(line)
+    os.mkdir("mnt")
+    mounted = unshared == 0 and libc.mount(b"none", b"mnt", b"tmpfs", 0, b"size=2g") == 0
+    written = 0
+    if mounted:  # tmpfs pages are in no process's address space: RLIMIT_AS does not see them
+        chunk = b"x" * (1 << 20)
+        try:
+            for i in range(40):
+                with open(f"mnt/{i}", "wb") as f:
+                    for _ in range(16):
+                        written += f.write(chunk)
+        except OSError:
+            pass
+    print(written >> 20, "MiB written to a tmpfs of its own")"""
+
+
+@needs_sandbox
+def test_sandbox_denies_user_namespaces_and_mounts():
+    """Code cannot become root of a user namespace (unshare, clone) to mount a tmpfs and fill it past its memory
+    limit: the seccomp filter refuses (x86_64)."""
+    if S._SECCOMP is None:
+        pytest.skip("no seccomp filter on this architecture")
+    tests = ["assert cloned == False", "assert clone3 == False", "assert unshared == -1", "assert mounted == False",
+             "assert written == 0"]
+    result = S.run_sandboxed(program(USERNS_TMPFS), tests, timeout_s=10)
+    assert result.passed == [True] * 5, result.output[-2000:]
+
+
+SHM_FLOOD = """
+    import os
+    chunk, written = b"x" * (1 << 20), 0
+    for i in range(48):  # 768 MiB in /dev/shm (a tmpfs), in files of 16 MiB (max_file_mb)
+        with open(f"/dev/shm/rlvr-flood-{token}-{{i}}", "wb") as f:
+            for _ in range(16):
+                f.write(chunk)
+                written += 1
+                print(written, flush=True)"""
+
+
+@needs_sandbox
+def test_sandbox_bounds_memory_in_tmpfs():
+    """Where a memory cgroup can be made, files written to /dev/shm count against memory_mb: 768 MiB never fit in
+    512, and the files are removed afterwards."""
+    if S._cgroups() is None:
+        pytest.skip("no writable memory cgroup here: memory is bounded per process only (the documented fallback)")
+    token = f"{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        result = S.run_sandboxed(program(SHM_FLOOD.format(token=token)), ["assert written == 768"], timeout_s=10)
+        written = max([int(line) for line in result.output.split() if line.isdigit()] or [0])
+        assert result.passed == [False] and 0 < written < 512, result.output[-500:]
+        assert [name for name in os.listdir("/dev/shm") if token in name] == [] or not AS_ROOT
+    finally:
+        for name in os.listdir("/dev/shm"):
+            if token in name:
+                os.unlink(f"/dev/shm/{name}")
+
+
+# ------------------------------------------------------------------------------------------------ orphans
+
+
+def _marked(token: str) -> list[int]:
+    """Live processes whose command line holds token."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            alive = open(f"/proc/{pid}/stat").read().rsplit(")")[-1][1] not in "ZX"
+            if alive and token.encode() in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0"):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@needs_sandbox
+def test_killing_the_scorer_kills_its_sandboxes():
+    """SIGKILL of the process that scores, while code runs, leaves no sandbox process alive within seconds, and the
+    next start-up sweep removes the temporary directory it left."""
+    if PLAN.unshare is None and not AS_ROOT:
+        pytest.skip("without namespaces or root, code that outlives the trainer cannot be told from the trainer's")
+    token = f"rlvr-orphan-{os.getpid()}-{time.monotonic_ns()}"
+    sleeper = ("import os, sys\n"
+               f"os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {token!r}])")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = (f"import sys\nsys.path.insert(0, {repo!r})\nimport sandbox\n"
+              f"sandbox.run_sandboxed({sleeper!r}, ['assert True'], timeout_s=60)")
+    scorer = subprocess.Popen([sys.executable, "-c", source])
+    try:
+        for _ in range(600):
+            if _marked(token):
+                break
+            time.sleep(0.05)
+        assert _marked(token), "the sandbox never started"
+        directories = [name for name in os.listdir(tempfile.gettempdir()) if f"rlvr-sandbox-{scorer.pid}-" in name]
+        scorer.kill()
+        scorer.wait()
+        for _ in range(100):
+            if not _marked(token):
+                break
+            time.sleep(0.05)
+        assert _marked(token) == []
+        assert directories and S._sweep_stale() >= 1
+        assert [name for name in os.listdir(tempfile.gettempdir()) if f"rlvr-sandbox-{scorer.pid}-" in name] == []
+    finally:
+        scorer.kill()
+        for pid in _marked(token):
+            os.kill(pid, 9)
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="sandbox uids exist only as root")
+def test_startup_sweep_removes_what_dead_trainers_left(tmpfs_tempdir):
+    """What a dead trainer's sandboxes left (a process of its uid, a /dev/shm file, a System V segment, a deep
+    temporary directory) is removed by the sweep a process makes on first use; a live trainer's is not touched."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    owner, live = dead.pid, os.getpid()
+    uid, live_uid = (S._UID_BASE + pid * S._UID_SLOTS + 5 for pid in (owner, live))
+    paths = {pid: (f"{tempfile.gettempdir()}/rlvr-sandbox-{pid}-left", f"/dev/shm/rlvr-left-{pid}")
+             for pid in (owner, live)}
+    processes = []
+    try:
+        for pid, user in ((owner, uid), (live, live_uid)):
+            directory, shm = paths[pid]
+            os.mkdir(directory)
+            _dig(directory, 3000)
+            open(shm, "w").close()
+            os.chown(shm, user, user)
+            processes.append(subprocess.Popen(["sleep", "60"], user=user, group=user, extra_groups=[],
+                                              start_new_session=True))
+        try:
+            os.kill(owner, 0)
+            pytest.skip("the dead pid was reused")
+        except ProcessLookupError:
+            pass
+        assert S._sweep_stale() >= 3
+        assert processes[0].wait(5) == -9 and processes[1].poll() is None
+        assert not any(map(os.path.exists, paths[owner])) and all(map(os.path.exists, paths[live]))
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+        for path in paths[live]:
+            S._remove_tree(path)
+
+
+# ------------------------------------------------------------------------------------------------ math-verify
+
+
+def test_math_verify_batch_has_a_time_budget():
+    """A batch of hostile LaTeX (each pair would take its whole timeout) returns within its budget plus half a
+    second; the pairs left get "t" untried (counted), and the workers answer the next batch."""
+    if S.math_verify([("\\boxed{1}", "\\boxed{1}")], 10) == ["x"]:  # also starts the workers
+        pytest.skip("math-verify is not installed")
+    hostile = [("\\boxed{1}", "\\boxed{9^{9^{9^{9^{9}}}}}")] * 16
+    untried = S.stats()["math_untried"]
+    start = time.monotonic()
+    verdicts = S.math_verify(hostile, 0.5, budget_s=1.5)
+    assert time.monotonic() - start < 1.5 + 1.0
+    assert set(verdicts) == {"t"} and S.stats()["math_untried"] > untried
+    assert S.math_verify([("\\boxed{\\frac{1}{2}}", "\\boxed{0.5}"), ("\\boxed{2}", "\\boxed{3}")], 10) == ["1", "0"]

@@ -187,7 +187,8 @@ def test_jsonl_accepts_prompt_completion_messages_and_conversational_forms(tmp_p
 
 def test_toy_tokenizer_round_trips_through_save_and_auto_tokenizer(tmp_path):
     """Characters and the tags encode and decode exactly, tags are single non-special tokens, and the saved
-    tokenizer reloads with AutoTokenizer with the same ids, chat template, EOS/pad and left padding."""
+    tokenizer reloads with AutoTokenizer with the same ids, chat template, EOS/pad and left padding, also beside a
+    qwen2 config.json (where transformers 5 loads it as the byte-level Qwen2Tokenizer: spaces must survive)."""
     from transformers import AutoTokenizer
 
     tokenizer = sft.build_toy_tokenizer()
@@ -199,7 +200,9 @@ def test_toy_tokenizer_round_trips_through_save_and_auto_tokenizer(tmp_path):
         assert len(tokenizer(tag)["input_ids"]) == 1
     assert tokenizer("é")["input_ids"] == [tokenizer.unk_token_id]
     tokenizer.save_pretrained(tmp_path)
+    sft.toy_model_config(tokenizer).save_pretrained(tmp_path)  # as in a checkpoint: model_type qwen2
     loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded("hello, i am ana")["input_ids"] == tokenizer("hello, i am ana")["input_ids"]
     assert loaded(text)["input_ids"] == ids and loaded.decode(ids) == text
     assert loaded.eos_token == loaded.pad_token == "<|endoftext|>" and loaded.padding_side == "left"
     messages = [{"role": "user", "content": "7+3"}]
@@ -210,20 +213,21 @@ def test_toy_tokenizer_round_trips_through_save_and_auto_tokenizer(tmp_path):
 
 def test_toy_corpus_traces_follow_the_task_and_errors_propagate():
     """Error-free traces equal rlvr_rewards' steps; every reasoning completion's answer is its last step's value;
-    the 'arithmetic' dataset holds only correct traces."""
+    the 'arithmetic' dataset holds only correct, readable traces."""
     for row in rlvr_rewards.make_dataset("arithmetic", split="train", n=200, seed=5):
         operands, ops = sft.parse_arithmetic(row["prompt"])
         assert sft.arithmetic_trace(operands, ops) == row["steps"]
     wrong = sft.arithmetic_trace([7, 3, 4, 2], ["+", "*", "-"], error_step=0, error=1)
     assert wrong == ["3*4=13", "7+13=20", "20-2=18"]
-    rows = sft.toy_corpus(400, seed=0)
+    rows = [r for r in sft.toy_corpus(400, seed=0) if r["answer"] is not None]  # arithmetic, not general prompts
     reasoning = [r for r in rows if sft.is_reasoning(r["completion"])]
     assert 0.2 < len(reasoning) / len(rows) < 0.8
-    for r in reasoning:
-        steps = r["completion"].split("<think>")[1].split("</think>")[0].split(",")
-        assert rlvr_rewards.extract_answer(r["completion"]) == steps[-1].split("=")[1]
+    for r in reasoning:  # the last step's value, in either number language, is the answer
+        steps = [s for s in r["completion"].split("<think>")[1].split("</think>")[0].split(",") if "=" in s]
+        assert rlvr_rewards.read_number(steps[-1].split("=")[1]) == int(rlvr_rewards.extract_answer(r["completion"]))
     clean = sft.toy_corpus(100, seed=0, reasoning_only=True)
     assert all(rlvr_rewards.accuracy_reward([r["completion"]], answer=[r["answer"]]) == [1.0] for r in clean)
+    assert all(rlvr_rewards.is_readable(r["completion"]) for r in clean)
 
 
 def test_committed_toy_base_loads_and_meets_its_targets():
