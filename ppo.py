@@ -54,10 +54,16 @@ Deliberate choices:
     plays c_v's part. Dropout is off in every model (N+ details).
   - A critic from a causal LM gets a new head, N(0, 0.001^2) with bias 0, so values start near 0; from a reward model
     it keeps the reward head (InstructGPT), normalised as the scores are, so values start at each prefix's score.
-  - pi_old, pi_ref and V_old are computed once per rollout in fp32 at the sampling temperature, over length-sorted
-    micro-batches; pi_old only when needed (several epochs or minibatches, or a KL in the reward). Minibatches are strided over each rank's prompts (the same rows on any number of ranks), their
-    order reshuffled every epoch. Sampling noise is keyed as in grpo.py: same seed, same prompts and first samples.
-  - A NaN/inf in either loss or gradient norm skips the optimizer step of both models; nan_patience in a row stops.
+  - pi_ref and V_old are computed once per rollout at the sampling temperature, over length-sorted micro-batches;
+    pi_old too when several epochs or minibatches need it, or when the k1 in the reward needs it exact and the
+    sampler's log-probs are not (bf16: kernels.sampled_logprobs_exact); else the sampler's log-probs serve.
+    Minibatches are strided over each rank's prompts (the same rows on any number of ranks), their order
+    reshuffled every epoch. Sampling noise is keyed as in grpo.py: same seed, same prompts and first samples.
+  - The run's life is grpo.py's (kernels.Run): one run per --out-dir (--resume, --overwrite), SIGTERM/SIGINT save
+    and exit 128 + the signal, a slow reward interrupted by one drops its step; mixed precision as grpo.py (the
+    reference and the reward model frozen in the compute dtype, the critic trained over fp32 master weights).
+  - A NaN/inf in either loss or gradient norm skips the optimizer step of both models (kernels.guarded_step on
+    both); nan_patience in a row saves and stops.
 
 Launch:
     python ppo.py                                            # verifiable rewards in the toy world, CPU
@@ -77,6 +83,7 @@ Results in the toy world (seed 0, 80 steps of 16 prompts x 8 samples; README.md 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -86,7 +93,6 @@ from typing import Literal, Optional
 
 import torch
 import tyro
-from tqdm import tqdm
 
 import kernels as K
 import rlvr_rewards as env
@@ -100,11 +106,21 @@ class Args:
     model: str = "toy"
     """policy: hub id or local checkpoint directory; "toy" is the built-in toy base model (built on first use)"""
     dataset: str = "arithmetic"
-    """a built-in task (arithmetic, countdown, code), a .jsonl file (prompt + answer/tests), or a hub dataset id"""
+    """a built-in task (arithmetic, countdown, code), a .jsonl/.json/.parquet file, a `datasets` directory, a hub id"""
     eval_dataset: Optional[str] = None
-    """held-out .jsonl for evaluation (built-in tasks use their test split)"""
+    """held-out rows (its "test" split); default: a built-in task's test split, else a slice held out of --dataset"""
+    prompt_column: str = "prompt"
+    """the dataset column holding the prompt (GSM8K: question)"""
+    answer_column: str = "answer"
+    """the dataset column holding the gold answer (GSM8K's "... #### 72" solutions count as 72)"""
+    dataset_split: str = "train"
+    """the split of a hub dataset or dataset directory to train on"""
     preset: Literal["ppo", "rlhf", "ziegler", "orz", "vapo"] = "ppo"
     """named set of the switches a paper changes (module docstring); fields left unset take the preset's values"""
+    reward_weights: tuple[float, ...] = ()
+    """one weight per reward; default 1 each, except the shaping rewards format and tag_count: 0.1 beside others"""
+    reward_timeout_s: Optional[float] = None
+    """stop with an error naming the reward if one reward call takes longer than this (None: no limit)"""
     reward_model: str = "runs/rlhf_reward_model/final"
     """reward model (rlhf_reward_model.py's output) behind the "reward_model" reward and --critic reward_model"""
     template: Literal["auto", "chat", "r1", "plain"] = "auto"
@@ -112,7 +128,9 @@ class Args:
     system_prompt: Optional[str] = None
     """system message for the chat template"""
     out_dir: str = "runs/ppo"
-    """where args.json, metrics.jsonl, checkpoints and final/ (the critic in final/critic/) go"""
+    """where args.json, metrics.jsonl, samples.jsonl, checkpoints and final/ (the critic in final/critic/) go"""
+    overwrite: bool = False
+    """replace the run already in --out-dir (without it, a used --out-dir is refused unless --resume)"""
     seed: int = 0
     """seeds data order, sampling noise and initialisation"""
     max_steps: int = 80
@@ -123,6 +141,8 @@ class Args:
     """critic AdamW learning rate (toy model; real LLMs: 2e-6 to 1e-5)"""
     warmup_steps: int = 5
     """linear warmup steps of each model's learning rate, constant after"""
+    weight_decay: float = 0.0
+    """AdamW weight decay, both models"""
     max_grad_norm: float = 1.0
     """gradient clipping norm, each model"""
     eval_every: int = 10
@@ -130,15 +150,20 @@ class Args:
     eval_size: int = 200
     """held-out prompts per evaluation"""
     eval_samples: int = 4
-    """k samples per prompt at temperature 1 for pass@1 averaged over k (0: greedy only)"""
+    """k samples per prompt for pass@1 averaged over k (0: greedy only)"""
+    eval_temperature: float = 1.0
+    """temperature of the k evaluation samples"""
     save_every: int = 0
     """save a checkpoint every N steps (0: only at the end and on SIGTERM)"""
     resume: bool = False
-    """continue from the newest complete checkpoint in out_dir (policy, critic, optimizers, KL controller)"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"""
+    """continue from the newest complete checkpoint in --out-dir (policy, critic, both optimizers, the KL
+    coefficient; a finished run: nothing to do)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: this rank's GPU if there is one, else the CPU"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """compute dtype (the forward's matmuls); auto: bf16 on a GPU, fp32 on the CPU"""
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the policy's and the critic's weights (what checkpoints hold), gradients and AdamW state"""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """torchrun data parallelism of the policy and the critic (FSDP2 also shards the reference)"""
     prompts_per_step: int = 16
@@ -161,17 +186,21 @@ class Args:
     to [-c, c]; 0: off"""
     nan_patience: int = 3
     """stop after this many non-finite updates in a row"""
-    compile: Optional[bool] = None
-    """compile the decode step and the loss (default: on CUDA)"""
+    compile: bool = None
+    """compile the decode step and the loss (default: on when a CUDA GPU is used)"""
     threads: int = 0
     """CPU threads for torch (0: 1 for models under 50M parameters)"""
     plot: bool = True
-    """write the curves to out_dir/curves.png when matplotlib is installed"""
+    """write the curves to out_dir/curves.png"""
+    log_samples: int = 4
+    """completions per step written to samples.jsonl (prompt, completion, rewards, mean token advantage)"""
+    report_to: tuple[Literal["none", "wandb", "tensorboard"], ...] = ("none",)
+    """where metrics go besides metrics.jsonl (several allowed)"""
+    dist_timeout_s: float = 600.0
+    """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
     # The preset's switches: None takes the preset's value (PRESETS), else the plain PPO value (PRESET_FIELDS).
     rewards: tuple[str, ...] = None
     """reward functions: built-in names, "task" (the dataset's verifier), "reward_model", or "module:function\""""
-    reward_weights: tuple[float, ...] = None
-    """one weight per reward"""
     critic: str = None
     """where the critic starts: "policy" (ORZ), "reward_model" (InstructGPT) or a checkpoint path"""
     gamma: float = None
@@ -214,28 +243,37 @@ class Args:
     """the score of a response that never emitted EOS, replacing its reward (N+: -1; ORZ: 0); nan: keep its reward"""
 
     def __post_init__(self):
+        # Args(preset="rlhf", lam=1.0) from Python is what `--preset rlhf --lam 1.0` gives on the command line.
         if self.preset not in PRESETS:
             raise ValueError(f"Unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
         for name, plain in PRESET_FIELDS.items():
             if getattr(self, name) is None:
                 setattr(self, name, PRESETS[self.preset].get(name, plain))
+        if self.compile is None:
+            self.compile = self.device != "cpu" and torch.cuda.is_available()
 
 
 # The switches a preset sets, at their plain PPO values, and what each preset changes.
-PRESET_FIELDS = dict(rewards=("task", "format"), reward_weights=(1.0, 0.1), critic="policy", gamma=1.0, lam=1.0,
-                     actor_lam=-1.0, actor_lam_alpha=0.0, kl_coef=0.0, kl_estimator="k1", kl_target=0.0,
-                     kl_horizon=10_000, value_clip=0.2, clip_low=0.2, clip_high=0.2, loss_agg="token-mean",
-                     num_epochs=1, critic_epochs=0, critic_warmup_steps=0, whiten_rewards=False,
-                     normalize_scores=False, score_clip=0.0, missing_eos_score=math.nan)
-_RLHF = dict(rewards=("reward_model",), reward_weights=(1.0,), critic="reward_model", lam=0.95, kl_coef=0.05,
-             num_epochs=4, missing_eos_score=-1.0)
+PRESET_FIELDS = dict(rewards=("task", "format"), critic="policy", gamma=1.0, lam=1.0, actor_lam=-1.0,
+                     actor_lam_alpha=0.0, kl_coef=0.0, kl_estimator="k1", kl_target=0.0, kl_horizon=10_000,
+                     value_clip=0.2, clip_low=0.2, clip_high=0.2, loss_agg="token-mean", num_epochs=1,
+                     critic_epochs=0, critic_warmup_steps=0, whiten_rewards=False, normalize_scores=False,
+                     score_clip=0.0, missing_eos_score=math.nan)
+_RLHF = dict(rewards=("reward_model",), critic="reward_model", lam=0.95, kl_coef=0.05, num_epochs=4,
+             missing_eos_score=-1.0)
 PRESETS: dict[str, dict] = {
     "ppo": {},
     "rlhf": _RLHF,
     "ziegler": {**_RLHF, "kl_coef": 0.15, "kl_target": 6.0, "whiten_rewards": True},
-    "orz": dict(rewards=("task",), reward_weights=(1.0,), missing_eos_score=0.0, critic_epochs=12),
+    "orz": dict(rewards=("task",), missing_eos_score=0.0, critic_epochs=12),
     "vapo": dict(critic_warmup_steps=50, actor_lam_alpha=0.05, clip_high=0.28),
 }
+PANELS = [("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy accuracy"),
+                                               ("rollout/accuracy", "rollout accuracy (T=1)"),
+                                               ("rollout/eos_rate", "rollout EOS rate")], "share"),
+          ("score and KL", [("rollout/score_mean", "score"), ("train/kl_seq", "KL per sequence"),
+                            ("train/kl_coef", "beta")], "score / nats"),
+          ("critic", [("train/explained_variance", "explained variance"), ("train/value_loss", "value loss")], "")]
 
 
 def cli(argv: list[str] | None = None) -> Args:
@@ -380,9 +418,9 @@ def load_critic(args: Args, device) -> torch.nn.Module:
     config.classifier_dropout = 0.0  # transformers' token-classification head defaults to 0.1
     arch = (config.architectures or [""])[0]
     critic, _ = K.load_model(path, model_class=AutoModelForTokenClassification, config=config, dtype=args.dtype,
-                             device=device)
+                             master_dtype=args.master_dtype, device=device)
     if not isinstance(getattr(critic, "score", None), torch.nn.Linear):
-        raise ValueError(f"{path}: expected a token-classification head named 'score' (Llama, Qwen, Mistral style).")
+        raise K.UserError(f"{path}: expected a token-classification head named 'score' (Llama, Qwen, Mistral style).")
     with torch.no_grad():
         if not arch.endswith("ForTokenClassification") and critic.score.bias is not None:
             critic.score.bias.zero_()
@@ -429,7 +467,7 @@ def minibatch_order(seed: int, step: int, epoch: int, count: int) -> list[int]:
 def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict, step: int, train_policy: bool) -> dict:
     """Epochs x minibatches of optimizer steps of the policy (unless critic-only) and the critic, each a sum over
     length-sorted micro-batches; returns the averaged train/ stats. batch: prompt_ids, prompt_mask, tokens, mask,
-    old_logprobs, advantages, values, returns."""
+    advantages, values, returns, and old_logprobs when pi_old was recomputed."""
     G, nmb = args.num_generations, args.num_minibatches
     prompts = batch["mask"].shape[0] // G
     epochs = {"policy": args.num_epochs if train_policy else 0, "critic": args.critic_epochs or args.num_epochs}
@@ -473,19 +511,13 @@ def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict,
                         vloss.backward()
                     losses["value_loss"] = losses.get("value_loss", 0.0) + vloss.detach()
                 K.fold_stats(stats, part_stats, part["mask"].sum() / mb_tokens)
-            stats.update(losses)
-            for name in trained:
-                norm = torch.nn.utils.clip_grad_norm_(models[name].parameters(), args.max_grad_norm)
-                stats[f"{name}_grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            values = dict(zip(stats, torch.stack([v.float() for v in stats.values()]).tolist()))  # one host sync
-            finite = all(math.isfinite(v) for k, v in values.items() if k.endswith(("loss", "grad_norm")))
-            if K.all_reduce_sum(torch.tensor(float(not finite))).item() > 0:  # skip on every rank or on none
-                state["skipped"] += 1
-                state["nan_streak"] += 1
-            else:
-                for name in trained:
-                    optimizers[name].step()
-                state["nan_streak"] = 0
+            # both models step, or (a NaN/inf loss or gradient norm on any rank) neither does
+            values, stepped = K.guarded_step([models[n] for n in trained], [optimizers[n] for n in trained],
+                                             args.max_grad_norm, {**stats, **losses, "loss": sum(losses.values())},
+                                             names=trained)
+            del values["loss"]  # the sum of the two losses, logged each on its own
+            state["skipped"] += not stepped
+            state["nan_streak"] = 0 if stepped else state["nan_streak"] + 1
             for k, v in values.items():  # ratio extremes are NaN, and not counted, when no token counted
                 if not (k.startswith("ratio_m") and math.isnan(v)):
                     totals[k] = totals.get(k, 0.0) + v
@@ -499,32 +531,36 @@ def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict,
 
 
 def check_args(args: Args, info: K.DistInfo):
-    """Impossible settings fail here, before any model is loaded."""
+    """Impossible settings fail here, before any data or model is loaded."""
+    K.check_settings(args)
     per_rank = args.prompts_per_step // info.world_size
     if args.prompts_per_step % info.world_size or per_rank % args.num_minibatches:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must split evenly over the {info.world_size} "
-                         f"rank(s), and each rank's share into --num-minibatches {args.num_minibatches}.")
+        raise K.UserError(f"--prompts-per-step {args.prompts_per_step} must split evenly over the {info.world_size} "
+                          f"rank(s), and each rank's share into --num-minibatches {args.num_minibatches}.")
     if args.temperature <= 0:
-        raise ValueError(f"--temperature {args.temperature}: training samples and log-probs need a temperature > 0.")
-    if min(args.num_epochs, args.num_minibatches, args.num_generations) < 1:
-        raise ValueError("--num-epochs, --num-minibatches and --num-generations must be at least 1.")
+        raise K.UserError(f"--temperature {args.temperature}: training samples and log-probs need a temperature > 0.")
+    if not args.critic_lr > 0 or min(args.num_epochs, args.num_minibatches) < 1:
+        raise K.UserError("--critic-lr must be positive; --num-epochs and --num-minibatches at least 1.")
     if not (0 < args.gamma <= 1 and 0 <= args.lam <= 1 and (args.actor_lam == -1 or 0 <= args.actor_lam <= 1)
             and args.critic_epochs >= 0):
-        raise ValueError("--gamma must be in (0, 1], --lam and --actor-lam in [0, 1] (--actor-lam -1: --lam's), "
-                         "--critic-epochs >= 0.")
+        raise K.UserError("--gamma must be in (0, 1], --lam and --actor-lam in [0, 1] (--actor-lam -1: --lam's), "
+                          "--critic-epochs >= 0.")
     if args.kl_target and (args.kl_coef <= 0 or args.kl_horizon <= 0):
-        raise ValueError("--kl-target (the adaptive controller) needs --kl-coef > 0 and --kl-horizon > 0.")
-    if len(args.rewards) != len(args.reward_weights):
-        raise ValueError(f"--rewards has {len(args.rewards)} entries but --reward-weights has "
-                         f"{len(args.reward_weights)}; give one weight per reward.")
+        raise K.UserError("--kl-target (the adaptive controller) needs --kl-coef > 0 and --kl-horizon > 0.")
+    if args.reward_weights and len(args.rewards) != len(args.reward_weights):
+        raise K.UserError(f"--rewards has {len(args.rewards)} entries but --reward-weights has "
+                          f"{len(args.reward_weights)}; give one weight per reward, or none for the defaults.")
     if ("reward_model" in args.rewards or args.critic == "reward_model") and not os.path.isdir(args.reward_model):
-        raise ValueError(f"--reward-model {args.reward_model!r} does not exist; train one with `python "
-                         "rlhf_reward_model.py` or pass the directory of a trained reward model.")
+        raise K.UserError(f"--reward-model {args.reward_model!r} does not exist; train one with `python "
+                          "rlhf_reward_model.py` or pass the directory of a trained reward model.")
+    if args.critic not in ("policy", "reward_model"):
+        K.check_model_source(args.critic, "--critic")
 
 
-def resolve_rewards(args: Args, device=None) -> list:
-    """[(name, fn)] for args.rewards; "reward_model" becomes a RewardModelScorer (loaded only when device is given),
-    normalised by the held-out mean and std its training saved, when it saved them."""
+def resolve_rewards(args: Args, device=None) -> tuple[list, tuple[float, ...]]:
+    """([(name, fn)], weights) for args.rewards: weights as given, else 1 each but 0.1 for a shaping reward beside
+    others. "reward_model" becomes a RewardModelScorer (loaded only when device is given: the data checks before
+    any model loads go without it), normalised by the held-out mean and std its training saved, if it saved them."""
     fns = []
     for name in args.rewards:
         if name != "reward_model":
@@ -533,18 +569,22 @@ def resolve_rewards(args: Args, device=None) -> list:
             from transformers import AutoConfig
 
             saved = getattr(AutoConfig.from_pretrained(args.reward_model), "reward_std", None) is not None
-            fns.append(("reward_model", RewardModelScorer(args.reward_model, device=device, normalize=saved)))
-    return fns
+            fns.append(("reward_model", RewardModelScorer(args.reward_model, device=device, normalize=saved,
+                                                          dtype=args.dtype)))
+    weights = tuple(args.reward_weights) or tuple(
+        0.1 if name in ("format", "tag_count") and len(args.rewards) > 1 else 1.0 for name in args.rewards)
+    return fns, weights
 
 
 def load_models(args: Args, info: K.DistInfo) -> tuple[dict, object]:
-    """({"policy", "critic", "ref"}, tokenizer): policy and critic wrapped for DDP/FSDP2; the frozen reference (sharded
-    under FSDP) only when beta > 0, the controller is on, or --track-kl."""
-    policy, tokenizer = K.load_model(args.model, dtype=args.dtype, device=info.device)
+    """({"policy", "critic", "ref"}, tokenizer): policy and critic wrapped for DDP/FSDP2; the frozen reference (in the
+    compute dtype, sharded under FSDP) only when beta > 0, the controller is on, or --track-kl."""
+    precision = dict(dtype=args.dtype, master_dtype=args.master_dtype, device=info.device)
+    policy, tokenizer = K.load_model(args.model, **precision)
     K.set_cpu_threads(args.threads, policy)
     ref = None
     if args.kl_coef > 0 or args.kl_target or args.track_kl:
-        ref = dropout_off(K.load_model(args.model, dtype=args.dtype, device=info.device)[0]).eval().requires_grad_(False)
+        ref = dropout_off(K.load_model(args.model, frozen=True, **precision)[0]).eval().requires_grad_(False)
         ref = K.wrap_model(ref, "fsdp", info.device) if args.strategy == "fsdp" else ref
     critic = load_critic(args, info.device)
     return {"policy": K.wrap_model(dropout_off(policy).train(), args.strategy, info.device),
@@ -567,23 +607,20 @@ def save(args: Args, step: int, models: dict, tokenizer, optimizers: dict, sched
     return path
 
 
-def restore(args: Args, models: dict, optimizers: dict, schedulers: dict, state: dict) -> tuple[str | None, int]:
-    """--resume: the newest complete checkpoint's policy, critic, both optimizers and schedulers, data position and
-    KL coefficient. Returns (checkpoint or None, the step to start from)."""
-    ckpt = K.latest_checkpoint(args.out_dir) if args.resume else None
-    if args.resume and ckpt is None:
-        K.print0(f"--resume: no complete checkpoint in {args.out_dir}; starting from scratch.")
-    if ckpt is None:
-        return None, 0
-    beside = os.path.join(args.out_dir, f".critic-{os.path.basename(ckpt)}")  # a save cut off before the move
-    critic = next((d for d in (os.path.join(ckpt, "critic"), beside) if os.path.isdir(d)), None)
+def restore(checkpoint: str | None, models: dict, optimizers: dict, schedulers: dict, state: dict) -> int:
+    """--resume: the checkpoint's policy, critic, both optimizers and schedulers, data position and KL coefficient.
+    Returns the step to start from."""
+    if checkpoint is None:
+        return 0
+    beside = os.path.join(os.path.dirname(checkpoint), f".critic-{os.path.basename(checkpoint)}")  # a cut-off move
+    critic = next((d for d in (os.path.join(checkpoint, "critic"), beside) if os.path.isdir(d)), None)
     if critic is None:
-        raise ValueError(f"{ckpt} has no critic/ (not written by ppo.py?); PPO cannot resume from it.")
+        raise K.UserError(f"{checkpoint} has no critic/ (not written by ppo.py?); PPO cannot resume from it.")
     K.load_checkpoint(critic, models["critic"], optimizers["critic"], schedulers["critic"])
-    loaded = K.load_checkpoint(ckpt, models["policy"], optimizers["policy"], schedulers["policy"])  # its RNG wins
+    loaded = K.load_checkpoint(checkpoint, models["policy"], optimizers["policy"], schedulers["policy"])  # its RNG wins
     state.update(loaded["extra"])
-    K.print0(f"Resumed from {ckpt} at step {loaded['step']}.")
-    return ckpt, loaded["step"]
+    K.print0(f"Resumed from {checkpoint} at step {loaded['step']}.")
+    return loaded["step"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -592,9 +629,10 @@ def restore(args: Args, models: dict, optimizers: dict, schedulers: dict, state:
 
 
 def collect_rollout(args: Args, policy, tokenizer, reward_fns, train_rows: list[dict], state: dict, step: int,
-                    timer: K.Timer) -> env.Rollout:
+                    timer: K.Timer, should_stop=None) -> env.Rollout:
     """This rank's share of the step's prompts (the next global slice of the shuffled stream), G samples each, scored:
-    the prompts and sampling noise of grpo.py at the same seed and step."""
+    the prompts and sampling noise of grpo.py at the same seed and step. A stop requested while a reward runs raises
+    env.Interrupted."""
     per_rank = args.prompts_per_step // K.get_world_size()
     first = state["cursor"] + K.get_rank() * per_rank
     state["cursor"] += args.prompts_per_step
@@ -605,7 +643,8 @@ def collect_rollout(args: Args, policy, tokenizer, reward_fns, train_rows: list[
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              template=args.template, system_prompt=args.system_prompt, compile=args.compile)
     with timer("reward"):
-        env.score(rollout, reward_fns, args.reward_weights, completion_lengths=rollout.gen.lengths.tolist(),
+        env.score(rollout, reward_fns, args.reward_weights, reward_timeout_s=args.reward_timeout_s,
+                  should_stop=should_stop, completion_lengths=rollout.gen.lengths.tolist(),
                   group_size=args.num_generations)
     return rollout
 
@@ -614,63 +653,97 @@ def main(args: Args) -> K.RunResult:
     """Train with PPO (or the preset's variant); returns where the run wrote and the held-out metrics before and
     after (K.RunResult)."""
     t_start = time.time()
-    info = K.init_distributed(args.device)
+    K.quiet_transformers()
+    info = K.init_distributed(args.device, args.dist_timeout_s)
     check_args(args, info)
     K.seed_everything(args.seed)
     if args.micro_batch_tokens < 0:
         args = dataclasses.replace(args, micro_batch_tokens=8192 if info.device.type == "cuda" else 2048)
 
     # ---- data and rewards: everything a user can get wrong fails here, before any model is loaded
-    train_rows = env.load_prompts(args.dataset, "train", 20_000, args.seed)
-    eval_spec = args.eval_dataset or (args.dataset if args.dataset in env.TASK_REWARDS else None)
-    eval_rows = env.load_prompts(eval_spec, "test", args.eval_size, args.seed)[:args.eval_size] if eval_spec else []
-    env.check_rewards(resolve_rewards(args), train_rows, args.dataset)
+    reward_fns, weights = resolve_rewards(args)
+    args = dataclasses.replace(args, reward_weights=weights)
+    train_rows, eval_rows = env.load_train_and_eval(
+        args.dataset, args.eval_dataset, reward_fns, split=args.dataset_split, eval_size=args.eval_size * bool(
+            args.eval_every), seed=args.seed, prompt_column=args.prompt_column, answer_column=args.answer_column)
+    K.check_model_source(args.model)
+    finish = functools.partial(K.finish_run, args.out_dir, t_start=t_start, plot=args.plot, panels=PANELS,
+                               title=f"ppo.py --preset {args.preset} --model {args.model}")
 
-    # ---- models, one optimizer each, the KL controller, and where a resumed run left off
-    models, tokenizer = load_models(args, info)
-    policy, critic, ref = models["policy"], models["critic"], models["ref"]
-    reward_fns = resolve_rewards(args, info.device)
-    fused = info.device.type in ("cpu", "cuda") and not (K.is_distributed() and args.strategy == "fsdp")
-    optimizers = {name: torch.optim.AdamW(models[name].parameters(), lr=lr, weight_decay=0.0, fused=fused or None)
-                  for name, lr in (("policy", args.lr), ("critic", args.critic_lr))}
-    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, K.warmup_schedule(args.warmup_steps))
-                  for name, opt in optimizers.items()}
-    state = {"cursor": 0, "skipped": 0, "nan_streak": 0, "kl_coef": args.kl_coef}
-    ckpt, start_step = restore(args, models, optimizers, schedulers, state)
-    kl_ctl = AdaptiveKLController(state["kl_coef"], args.kl_target, args.kl_horizon)
-    K.save_args(args.out_dir, args)
-    logger = K.MetricsLogger(args.out_dir, resume_step=start_step if ckpt else None, config=dataclasses.asdict(args))
+    with K.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps) as run:
+        if run.finished:
+            return finish(final_dir=run.checkpoint)
 
-    def evaluate() -> dict:
-        return env.evaluate(K.unwrap(policy), tokenizer, eval_rows, max_new_tokens=args.max_new_tokens,
-                            samples=args.eval_samples, temperature=1.0, seed=args.seed,
-                            template=args.template, system_prompt=args.system_prompt, compile=args.compile)
+        # ---- models, one optimizer each, the KL controller, and where a resumed run left off
+        models, tokenizer = load_models(args, info)
+        policy, critic, ref = models["policy"], models["critic"], models["ref"]
+        reward_fns = resolve_rewards(args, info.device)[0]
+        if args.dataset not in env.TASK_REWARDS:  # the built-in tasks fit any context
+            fit = functools.partial(env.fit_prompts, tokenizer, max_new_tokens=args.max_new_tokens,
+                                    context=getattr(K.unwrap(policy).config, "max_position_embeddings", None),
+                                    template=args.template, system_prompt=args.system_prompt)
+            train_rows, eval_rows = fit(train_rows, source=args.dataset), eval_rows and fit(eval_rows, source="eval")
+        fused = info.device.type in ("cpu", "cuda") and not (K.is_distributed() and args.strategy == "fsdp")
+        optimizers = {name: torch.optim.AdamW(models[name].parameters(), lr=lr, weight_decay=args.weight_decay,
+                                              fused=fused or None)
+                      for name, lr in (("policy", args.lr), ("critic", args.critic_lr))}
+        schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, K.warmup_schedule(args.warmup_steps))
+                      for name, opt in optimizers.items()}
+        state = {"cursor": 0, "skipped": 0, "nan_streak": 0, "kl_coef": args.kl_coef}
+        start_step = restore(run.checkpoint, models, optimizers, schedulers, state)
+        kl_ctl = AdaptiveKLController(state["kl_coef"], args.kl_target, args.kl_horizon)
+        if args.compile:  # compiled decoding: one cache length for the whole run
+            K.set_generation_length(policy, env.longest_prompt(tokenizer, train_rows + eval_rows, args.template,
+                                                               args.system_prompt), args.max_new_tokens)
+        K.save_args(args.out_dir, args)
+        logger = K.MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
+                                 report_to=args.report_to, config=dataclasses.asdict(args))
+        checkpoint = functools.partial(save, args, models=models, tokenizer=tokenizer, optimizers=optimizers,
+                                       schedulers=schedulers, state=state)
 
-    if start_step == 0 and eval_rows and args.eval_every:
-        first = evaluate()
-        logger.log(0, first)
-        K.print0(f"step 0 eval: {json.dumps({k: round(v, 3) for k, v in first.items()})}")
+        def evaluate() -> dict:
+            return env.evaluate(K.unwrap(policy), tokenizer, eval_rows, max_new_tokens=args.max_new_tokens,
+                                samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
+                                template=args.template, system_prompt=args.system_prompt, compile=args.compile)
 
-    bar = tqdm(range(start_step, args.max_steps), desc=f"ppo ({args.preset})", disable=not info.is_main,
-               initial=start_step, total=args.max_steps)
-    with K.StopSignal() as stop:
+        def stop(step: int) -> K.RunResult:
+            path = checkpoint(step)
+            K.print0(f"Stopped at step {step}; continue with --resume (checkpoint {path}).")
+            logger.close()
+            return finish(final_dir=None, stopped_at=step, signal=run.signal)
+
+        if start_step == 0 and eval_rows and args.eval_every:
+            first = evaluate()
+            logger.log(0, first)
+            K.print0(f"step 0 eval: {json.dumps({k: round(v, 3) for k, v in first.items()})}")
+
+        bar = K.progress(range(start_step, args.max_steps), desc=f"ppo ({args.preset})", total=args.max_steps,
+                         initial=start_step)
         for step in bar:
-            timer, t0 = K.Timer(), time.perf_counter()
+            timer, t0, snapshot = K.Timer(), time.perf_counter(), dict(state)
 
             # ---- rollout: G samples per prompt from pi_old, scored; each response's score
             policy.eval()
-            rollout = collect_rollout(args, policy, tokenizer, reward_fns, train_rows, state, step, timer)
+            try:
+                rollout = collect_rollout(args, policy, tokenizer, reward_fns, train_rows, state, step, timer,
+                                          lambda: run.stop.requested)
+            except env.Interrupted:  # a signal during a slow reward: drop this step, save the ones done
+                state.update(snapshot)
+                return stop(step)
+            K.free_decode_state(policy)                              # the update needs the KV caches' memory
             policy.train()
             batch = rollout.batch()                                  # prompt_ids (R, P), tokens and mask (R, N)
             mask = batch["mask"]
             scores = shape_scores(args, rollout.rewards, rollout.gen.truncated).to(mask.device)  # (R,)
 
-            # ---- passes, once per rollout: pi_old, pi_ref and V_old at every response token, (R, N) each
+            # ---- passes, once per rollout: pi_old (when needed), pi_ref and V_old at every response token, (R, N)
             logprob_pass = dict(batch=batch, temperature=args.temperature, max_tokens=args.micro_batch_tokens)
-            ref_logprobs = None
-            if ref is not None or args.num_epochs > 1 or args.num_minibatches > 1:  # else pi_old = pi_theta: no pass
+            if args.num_epochs > 1 or args.num_minibatches > 1 or (
+                    ref is not None and not K.sampled_logprobs_exact(policy)):  # bf16: the sampler's differ
                 with timer("policy_pass"):
                     batch["old_logprobs"] = K.rollout_logprobs(policy, **logprob_pass)
+            old_logprobs = batch.get("old_logprobs", rollout.gen.logprobs.to(mask.device).float())
+            ref_logprobs = None
             if ref is not None:
                 with timer("reference_pass"):
                     ref_logprobs = K.rollout_logprobs(ref, **logprob_pass)
@@ -679,7 +752,7 @@ def main(args: Args) -> K.RunResult:
 
             # ---- advantages: the KL in the reward, GAE, whitening over every rank's tokens
             beta = kl_ctl.value
-            rewards = token_rewards(scores, batch.get("old_logprobs"), ref_logprobs, mask, beta, args.kl_estimator,
+            rewards = token_rewards(scores, old_logprobs, ref_logprobs, mask, beta, args.kl_estimator,
                                     args.log_ratio_clamp)                                      # (R, N)
             batch["advantages"], batch["returns"], advantages = compute_advantages(args, rewards, batch["values"], mask)
 
@@ -694,7 +767,7 @@ def main(args: Args) -> K.RunResult:
             # ---- KL(pi_old || pi_ref) per sequence (sum over the response: what the controller sees) and per token
             kl_stats = {}
             if ref is not None:
-                log_ratio = torch.where(mask.bool(), batch["old_logprobs"] - ref_logprobs, 0.0)  # k1 per token
+                log_ratio = torch.where(mask.bool(), old_logprobs - ref_logprobs, 0.0)  # k1 per token
                 kl_stats = {"train/kl_seq": log_ratio.sum(-1).mean().item(),
                             "train/kl_token_k1": K.masked_mean(log_ratio, mask).item(),
                             "train/kl_token_k3": K.masked_mean(torch.expm1(-log_ratio) + log_ratio, mask).item()}
@@ -717,55 +790,28 @@ def main(args: Args) -> K.RunResult:
             metrics.update({f"perf/{k}_s": v for k, v in times.items()})
             metrics["perf/gen_tokens_per_s"] = int(mask.sum()) * info.world_size / max(times["generate"], 1e-9)
             metrics["perf/step_s"] = time.perf_counter() - t0
+            metrics["perf/peak_mem_gb"] = K.peak_memory_gb(info.device)
             metrics["train/skipped_updates"] = state["skipped"]
+            metrics["train/lr"] = schedulers["policy"].get_last_lr()[0]
             done = step + 1
             if eval_rows and args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
                 metrics.update(evaluate())
             logger.log(done, metrics)
             bar.set_postfix(score=f"{metrics['rollout/score_mean']:.3f}", acc=f"{metrics['rollout/accuracy']:.2f}",
                             ev=f"{metrics['train/explained_variance']:.2f}")
+            logger.log_samples(done, env.rollout_samples(rollout, batch["advantages"], args.log_samples))
             if state["nan_streak"] >= args.nan_patience:
-                path = save(args, done, models, tokenizer, optimizers, schedulers, state)
+                path = checkpoint(done)
                 raise RuntimeError(f"{state['nan_streak']} updates in a row had a non-finite loss or gradient; "
                                    f"stopped (last good weights saved to {path}). Lower --lr or --critic-lr.")
-            if (args.save_every and done % args.save_every == 0) or stop.should_stop():
-                path = save(args, done, models, tokenizer, optimizers, schedulers, state)
-                if stop.should_stop():
-                    K.print0(f"Stopped by signal; resume with --resume (checkpoint {path}).")
-                    logger.close()
-                    return finish(args, info, None, t_start, stopped_at=done)
-    final = save(args, args.max_steps, models, tokenizer, optimizers, schedulers, state, name="final")
-    logger.close()
-    return finish(args, info, final, t_start)
-
-
-def finish(args: Args, info: K.DistInfo, final: str | None, t_start: float, stopped_at: int | None = None):
-    """The run's result (held-out metrics of its first and last evaluation), summary.json, the curves, and a
-    before/after table on rank 0."""
-    history = K.read_metrics(args.out_dir) if os.path.exists(os.path.join(args.out_dir, "metrics.jsonl")) else []
-    evals = [{k: v for k, v in h.items() if k.startswith("eval/")} for h in history if "eval/accuracy" in h]
-    result = K.RunResult(args.out_dir, final, evals[0] if evals else {}, evals[-1] if evals else {}, stopped_at,
-                         time.time() - t_start)
-    if info.is_main and stopped_at is None:
-        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump({"before": result.before, "after": result.after}, f, indent=2)
-        plot = K.plot_metrics(args.out_dir, [
-            ("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy accuracy"),
-                                                ("rollout/accuracy", "rollout accuracy (T=1)"),
-                                                ("rollout/eos_rate", "rollout EOS rate")], "share"),
-            ("score and KL", [("rollout/score_mean", "score"), ("train/kl_seq", "KL per sequence"),
-                              ("train/kl_coef", "beta")], "score / nats"),
-            ("critic", [("train/explained_variance", "explained variance"), ("train/value_loss", "value loss")], "")],
-            title=f"ppo.py --preset {args.preset} --model {args.model}") if args.plot else None
-        if result.before and result.after:
-            print("\n| held-out | before | after |\n|---|---|---|")
-            for k in result.after:
-                print(f"| {k} | {result.before.get(k, float('nan')):.3f} | {result.after[k]:.3f} |")
-        print(f"\nOutputs in {args.out_dir}: metrics.jsonl, summary.json, final/ (the critic in final/critic/)"
-              + (", curves.png" if plot else ""))
-    return result
+            if run.should_stop():
+                return stop(done)
+            if args.save_every and done % args.save_every == 0:
+                checkpoint(done)
+        final = checkpoint(args.max_steps, name="final")  # still inside the run: a signal now waits for the save
+        logger.close()
+    return finish(final_dir=final, signal=run.signal)
 
 
 if __name__ == "__main__":
-    main(cli())
-    K.close_distributed()
+    K.run_cli(main, cli())

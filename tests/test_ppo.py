@@ -299,13 +299,14 @@ def test_impossible_settings_fail_before_any_model_loads(tmp_path):
     cases = [(dict(prompts_per_step=6, num_minibatches=4), "split evenly"), (dict(lam=1.5), "--lam"),
              (dict(kl_target=6.0), "--kl-coef > 0"), (dict(rewards=("task",), reward_weights=(1.0, 2.0)), "one weight"),
              (dict(preset="rlhf", reward_model=str(tmp_path / "nope")), "does not exist"),
-             (dict(temperature=0.0), "temperature > 0")]
+             (dict(temperature=0.0), "temperature > 0"), (dict(critic_lr=0.0), "--critic-lr must be positive"),
+             (dict(lr=-1.0), "--lr -1.0: must be positive")]
     for kw, message in cases:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(K.UserError, match=message):
             ppo.check_args(ppo.Args(**kw), K.DistInfo())
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "1+1"}) + "\n")
-    with pytest.raises(ValueError, match="needs dataset field"):
+    with pytest.raises(K.UserError, match="no 'answer', which the rewards need"):
         ppo.main(ppo.Args(dataset=str(data), out_dir=str(tmp_path / "o"), rewards=("accuracy",), reward_weights=(1.0,)))
 
 
