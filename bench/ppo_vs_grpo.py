@@ -59,7 +59,7 @@ def run(command: list[str], out_dir: str, rerun: bool = False) -> dict:
     record = os.path.join(out_dir, "process.json")
     if not rerun and os.path.exists(os.path.join(out_dir, "summary.json")) and os.path.exists(record):
         return json.load(open(record))
-    argv = [sys.executable, *command, "--out-dir", out_dir]
+    argv = [sys.executable, *command, "--out-dir", out_dir, "--overwrite"]  # a cut-off run starts again
     print("$ OMP_NUM_THREADS=1", " ".join(argv[1:]), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
