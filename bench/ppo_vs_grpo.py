@@ -16,7 +16,8 @@ steps and against training seconds.
     python bench/ppo_vs_grpo.py --seeds 0 1 2              # the lambda question over three seeds
     python bench/ppo_vs_grpo.py --runs grpo ppo --seeds 1  # a subset
 
-A run whose out dir already holds summary.json is read, not rerun (--rerun to redo it), so a cut-off sweep resumes.
+A run whose out dir already holds summary.json is read, not rerun (--rerun to redo it), so a cut-off sweep resumes; a
+run cut off before its summary starts again (--overwrite).
 Writes docs/ppo_vs_grpo.md (the table) and docs/ppo_vs_grpo.png.
 """
 
