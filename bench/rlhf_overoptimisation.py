@@ -14,6 +14,7 @@ Every run: seed 0, 16 prompts x 8 samples per step, 80 steps, held-out greedy ac
 (writes runs/rlhf_reward_model/final). A finished run is read, not rerun (--rerun to redo it).
 
     python bench/rlhf_overoptimisation.py                     # ~30 min on an idle 2-core CPU
+    python bench/rlhf_overoptimisation.py --steps 40          # the README's runs: half as long
 Writes docs/rlhf_overoptimisation.md (the table) and docs/rlhf_overoptimisation.png: the reward model's score, the
 true held-out accuracy and the KL to the reference against steps, and the true accuracy against sqrt(KL).
 """
@@ -57,7 +58,7 @@ def main(args: Args):
               "--eval-every", "5", "--eval-samples", "0"]
     runs = {"beta0": ["--kl-coef", "0", "--track-kl"], "fixed": [],
             "adaptive": ["--kl-target", str(args.kl_target), "--kl-horizon", str(args.kl_horizon)]}
-    rows = ["| run | beta (start -> end) | RM score (step 1 -> 80) | held-out accuracy: before | peak (step, KL/seq) | "
+    rows = [f"| run | beta (start -> end) | RM score (step 1 -> {args.steps}) | held-out accuracy: before | peak (step, KL/seq) | "
             "after | KL per sequence after | rollout EOS rate after |", "|---|---|---|---|---|---|---|---|"]
     histories = {}
     for name, extra in runs.items():
