@@ -1244,21 +1244,30 @@ def fold_stats(total: dict, stats: dict, weight: torch.Tensor):
             total[k] = total.get(k, 0.0) + v * weight
 
 
-def guarded_step(model, optimizer, max_grad_norm: float, stats: dict) -> tuple[dict[str, float], bool]:
+def guarded_step(model, optimizer, max_grad_norm: float, stats: dict,
+                 names: Sequence[str] | None = None) -> tuple[dict[str, float], bool]:
     """Clip the gradient to max_grad_norm (0: no clipping) and take the optimizer step, unless the loss (stats["loss"]) or the
     gradient norm is not finite on some rank: then the gradient is dropped on every rank (a skip on one rank only
     would let the replicas drift apart). stats (0-d tensors) and the norm come back as floats in one host sync.
-    Returns (stats with grad_norm, stepped)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-    stats = {**stats, "grad_norm": grad_norm}
-    values = dict(zip(stats, torch.stack([torch.as_tensor(v).float().to(grad_norm.device)
+    model and optimizer may be parallel lists (PPO's policy and critic): each model is clipped on its own, its norm
+    reported as f"{name}_grad_norm" (names), and all of them step or none does. Returns (stats with the norms, stepped)."""
+    pairs = list(zip(model, optimizer)) if isinstance(model, (list, tuple)) else [(model, optimizer)]
+    keys = [f"{name}_grad_norm" for name in names] if names is not None else ["grad_norm"]
+    assert len(keys) == len(pairs), "one name per model"
+    stats = dict(stats)
+    for key, (m, _) in zip(keys, pairs):
+        norm = torch.nn.utils.clip_grad_norm_(m.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+        stats[key] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    device = stats[keys[0]].device
+    values = dict(zip(stats, torch.stack([torch.as_tensor(v).float().to(device)
                                           for v in stats.values()]).tolist()))  # one host sync
-    finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+    finite = all(math.isfinite(values[k]) for k in ("loss", *keys))
     if all_reduce_sum(torch.tensor(float(not finite))).item() > 0:
-        optimizer.zero_grad(set_to_none=True)
+        for _, opt in pairs:
+            opt.zero_grad(set_to_none=True)
         return values, False
-    optimizer.step()
+    for _, opt in pairs:
+        opt.step()
     return values, True
 
 

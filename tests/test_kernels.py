@@ -519,3 +519,25 @@ def test_warmup_schedule():
     assert cosine(6) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
     assert cosine(10) == pytest.approx(0.1) and cosine(50) == pytest.approx(0.1)
     assert K.warmup_schedule(0)(0) == 1.0
+
+
+def test_guarded_step_steps_all_models_or_none():
+    """With two models (PPO's policy and critic), a non-finite gradient in either drops both steps and both
+    gradients; finite ones step both, each clipped on its own and reported under its name."""
+    models = [torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1.0) for m in models]
+    before = [[p.detach().clone() for p in m.parameters()] for m in models]
+    for m, grad in zip(models, (1.0, math.nan)):
+        for p in m.parameters():
+            p.grad = torch.full_like(p, grad)
+    values, stepped = K.guarded_step(models, optimizers, 1.0, {"loss": torch.tensor(0.5)}, names=["policy", "critic"])
+    assert not stepped and math.isnan(values["critic_grad_norm"]) and values["policy_grad_norm"] == pytest.approx(3 ** 0.5)
+    assert all(p.grad is None for m in models for p in m.parameters())
+    assert all(torch.equal(p, q) for m, b in zip(models, before) for p, q in zip(m.parameters(), b))
+    for m in models:
+        for p in m.parameters():
+            p.grad = torch.full_like(p, 3.0)
+    values, stepped = K.guarded_step(models, optimizers, 1.0, {"loss": torch.tensor(0.5)}, names=["policy", "critic"])
+    assert stepped and values["critic_grad_norm"] == pytest.approx(3 * 3 ** 0.5)
+    for m, b in zip(models, before):  # each clipped to norm 1: every entry moved by 1/sqrt(3)
+        assert all(torch.allclose(q - p, torch.full_like(p, 3 ** -0.5)) for p, q in zip(m.parameters(), b))

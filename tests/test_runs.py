@@ -19,6 +19,7 @@ from conftest import ROOT
 
 import grpo
 import kernels as K
+import ppo
 import rlhf_reward_model
 import rlvr_rewards as R
 import sft
@@ -302,6 +303,10 @@ MISTAKES = [
     ("sft", ["--lr", "-1"], "--lr -1.0: must be positive", {}),
     ("rlhf_reward_model", ["--model", "/nonexistent/model"], "no such directory", {}),
     ("rlhf_reward_model", ["--batch-size", "0"], "--batch-size 0: must be positive", {}),
+    ("ppo", ["--model", "/nonexistent/model"], "--model '/nonexistent/model': no such directory", {}),
+    ("ppo", ["--critic-lr", "0"], "--critic-lr must be positive", {}),
+    ("ppo", ["--preset", "rlhf", "--reward-model", "/nonexistent/rm"], "train one with `python rlhf_reward_model.py`",
+     {}),
 ]
 
 
@@ -313,11 +318,11 @@ def test_a_user_mistake_gets_one_sentence_and_exit_2_fast(script, flags, sentenc
     loads (run in-process here, as `__main__` runs it)."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    module = {"grpo": grpo, "sft": sft, "rlhf_reward_model": rlhf_reward_model}[script]
+    module = {"grpo": grpo, "sft": sft, "rlhf_reward_model": rlhf_reward_model, "ppo": ppo}[script]
     argv = [*flags, "--out-dir", str(tmp_path / "out")]
     start = time.monotonic()
     with pytest.raises(SystemExit) as stop:
-        parsed = grpo.cli(argv) if module is grpo else __import__("tyro").cli(module.Args, args=argv)
+        parsed = module.cli(argv) if hasattr(module, "cli") else __import__("tyro").cli(module.Args, args=argv)
         K.run_cli(module.main, parsed)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in err and sentence in err, err[-2000:]
@@ -366,13 +371,14 @@ def test_help_shows_switches_and_choices(capsys, monkeypatch):
 
     monkeypatch.setenv("COLUMNS", "200")
     for name, parse in (("grpo", lambda: grpo.cli(["--help"])), ("sft", lambda: tyro.cli(sft.Args, args=["--help"])),
-                        ("rlhf", lambda: tyro.cli(rlhf_reward_model.Args, args=["--help"]))):
+                        ("rlhf", lambda: tyro.cli(rlhf_reward_model.Args, args=["--help"])),
+                        ("ppo", lambda: ppo.cli(["--help"]))):
         with pytest.raises(SystemExit):
             parse()
         out = capsys.readouterr().out
         assert "{auto,cpu,cuda}" in out and "{auto,float32,bfloat16,float16}" in out, name
         assert "--report-to" in out and "--overwrite" in out, name
-        if name == "grpo":
+        if name in ("grpo", "ppo"):
             assert "--compile, --no-compile" in out
 
 
@@ -456,3 +462,48 @@ def test_logs_off_a_terminal_are_plain_lines(tiny_model_dir, tmp_path, capsys):
                                                   eval_every=0, save_every=0))
     captured = capsys.readouterr()
     assert "LOAD REPORT" not in captured.out + captured.err and "\r" not in captured.out + captured.err
+
+
+# ---------------------------------------------------------------------------------------------- ppo.py's run
+
+def ppo_flags(model_dir, reward: str) -> list[str]:
+    return ["ppo.py", "--model", model_dir, "--max-steps", "4", "--prompts-per-step", "2", "--num-generations", "2",
+            "--max-new-tokens", "8", "--eval-every", "0", "--no-plot", "--rewards", reward]
+
+
+@pytest.mark.slow
+def test_ppo_stops_on_a_signal_during_a_slow_reward_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """ppo.py under the same lifecycle: SIGTERM during a reward drops the step, saves the two done (the critic
+    inside the checkpoint) and exits 143; resuming ends with the policy and critic of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    (tmp_path / "slow_reward.py").write_text(SIGNALLING_REWARD.format(when=3, sig="SIGTERM"))
+    flags = ppo_flags(tiny_model_dir, f"{tmp_path}/slow_reward.py:reward")
+    stopped, seconds = run_script([*flags, "--out-dir", str(tmp_path / "run")], timeout=100)
+    assert stopped.returncode == 143 and seconds < 40, stopped.stderr[-2000:]
+    checkpoint = K.latest_checkpoint(str(tmp_path / "run"))
+    assert checkpoint.endswith("checkpoint-2") and os.path.isdir(os.path.join(checkpoint, "critic"))
+    (tmp_path / "slow_reward.py").write_text(SIGNALLING_REWARD.format(when=-1, sig="SIGTERM"))
+    resumed, _ = run_script([*flags, "--out-dir", str(tmp_path / "run"), "--resume"])
+    straight, _ = run_script([*flags, "--out-dir", str(tmp_path / "straight")])
+    assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr[-2000:] + straight.stderr[-2000:]
+    for part in ("model.safetensors", "critic/model.safetensors"):
+        a, b = (load_file(tmp_path / run / "final" / part) for run in ("run", "straight"))
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_ppo_owns_its_out_dir_and_a_finished_run_changes_nothing(tiny_model_dir, tmp_path):
+    """ppo.main refuses a used out-dir, says a finished run is finished on --resume (rewriting nothing), and logs
+    samples.jsonl with each response's mean token advantage."""
+    args = dict(model=tiny_model_dir, out_dir=str(tmp_path), max_steps=2, prompts_per_step=2, num_generations=2,
+                max_new_tokens=8, eval_every=0, plot=False, log_samples=2)
+    ppo.main(ppo.Args(**args))
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert [s["step"] for s in samples] == [1, 1, 2, 2] and set(samples[0]["rewards"]) == {"accuracy", "format"}
+    assert all(math.isfinite(s["advantage"]) for s in samples)
+    with pytest.raises(K.UserError, match="already holds a run"):
+        ppo.main(ppo.Args(**args))
+    mtime = os.path.getmtime(tmp_path / "final" / "critic" / "model.safetensors")
+    result = ppo.main(ppo.Args(**args, resume=True))
+    assert result.final_dir.endswith("final") and result.stopped_at is None
+    assert os.path.getmtime(tmp_path / "final" / "critic" / "model.safetensors") == mtime

@@ -1,0 +1,818 @@
+"""ppo.py: PPO with a critic in one file: classic RLHF on a reward model, and Open-Reasoner-Zero on verifiable rewards.
+
+For each prompt q sample G responses o from pi_old and score each (verifiable rewards, a learned reward model, or a
+weighted mix). The score becomes per-token rewards with a KL penalty to a frozen reference; a critic V estimates the
+value of every prefix; GAE turns rewards and values into advantages; mu epochs of clipped steps then train the policy
+and the critic, each with its own optimizer and learning rate (Ouyang et al. 2022; Schulman et al. 2017):
+
+    r_t     = -beta * (log pi_old(o_t) - log pi_ref(o_t)) + [t = last real token] * score(q, o)     (k1; k3 optional)
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),     V after the last real token = 0
+    A_t     = sum_l (gamma * lam)^l delta_{t+l},     R_t = A_t + V(s_t)                            (GAE, Schulman 2016)
+    A_t    <- (A_t - mean) / std over every response token of the batch, all ranks
+    L_pi    = token-mean[ -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t) ],  rho_t = pi_theta / pi_old
+    L_V     = 1/2 token-mean[ max((V_t - R_t)^2, (clip(V_t, V_old,t - eps_v, V_old,t + eps_v) - R_t)^2) ]
+
+    symbol        meaning                                                          Args
+    G             samples per prompt (PPO needs no group: 1 works)                 num_generations
+    score         weighted sum of the rewards; "reward_model" is the reward        rewards, reward_weights,
+                  model at --reward-model, normalised by its held-out mean, std    reward_model
+    beta          KL coefficient, fixed or Ziegler's adaptive controller           kl_coef (kl_target, kl_horizon)
+    gamma, lam    discount; GAE lambda of the critic's returns R_t                 gamma, lam
+    lam_actor     the actor's lambda (VC-PPO), or 1 - 1/(alpha |o|) (VAPO)         actor_lam, actor_lam_alpha
+    eps_low/high  policy clip (clip-higher: eps_high > eps_low)                    clip_low, clip_high
+    eps_v         value clip                                                       value_clip
+    mu            epochs over each rollout, policy and critic                      num_epochs, critic_epochs
+    V             the critic: a transformers token-classification model            critic, critic_lr
+
+KL units: per token in the reward. The controller sees the per-SEQUENCE KL, sum_t k1_t averaged over the responses
+(Ziegler's target of 6 nats is per sequence), with n_steps = responses per step; logged as train/kl_seq, with the
+per-token train/kl_token_k1 and train/kl_token_k3, and beta as train/kl_coef.
+Alignment: V(s_t), the value of the state before token t, is read at the position that predicts token t (the last
+prompt token for t = 0), where kernels.token_logprobs reads log pi(o_t). The score sits on each row's last real token:
+its EOS (in the mask even when EOS == PAD) or, if truncated, its last token (TRL's removed PPO was one off at EOS).
+Shapes: B prompts, G samples each, R = B*G rows (prompt-major), P prompt tokens, N response tokens.
+
+Presets (`--preset NAME` sets the switches you leave unset; any flag you pass wins, even at the plain value):
+    ppo      (default) verifiable rewards task + 0.1 format (as grpo.py), critic from the policy, gamma = lam = 1,
+             no KL, 1 epoch, value clip 0.2.
+    rlhf     InstructGPT / "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024): the reward model's
+             score alone, critic from the reward model (its head too), lam 0.95, fixed beta 0.05 (k1), 4 epochs, a
+             response without EOS scores -1.
+    ziegler  Ziegler et al. 2019: rlhf with the adaptive controller (beta_0 0.15, target 6 nats per sequence, horizon
+             10,000 responses) and whitened rewards (token rewards divided by their std over the batch).
+    orz      Open-Reasoner-Zero (Hu et al. 2025): reward 1 only for a correct answer that stopped on its own (no format
+             reward, a truncated response scores 0), gamma = lam = 1, no KL and no reference, critic from the policy,
+             1 policy epoch and 12 critic epochs per rollout.
+    vapo     VAPO (Yue et al. 2025): 50 critic-only steps first (value pretraining), decoupled GAE with the critic's
+             lam 1 (VC-PPO, Yuan et al. 2025) and the length-adaptive actor lam = 1 - 1/(0.05 |o|), clip-higher
+             0.2/0.28 (DAPO), token-level loss, no KL. Left out: its group sampling and its LM loss on correct samples.
+More from the literature: --kl-estimator k3, --whiten-rewards, --normalize-scores, --score-clip (OpenRLHF),
+--missing-eos-score (N+: -1, ORZ: 0), --log-ratio-clamp (verl, OpenRLHF), --critic-warmup-steps (verl).
+
+Deliberate choices:
+  - Two optimizers, as OpenRLHF and verl (N+ had one loss pg + c_v * vf): with two models, the critic's learning rate
+    plays c_v's part. Dropout is off in every model (N+ details).
+  - A critic from a causal LM gets a new head, N(0, 0.001^2) with bias 0, so values start near 0; from a reward model
+    it keeps the reward head (InstructGPT), normalised as the scores are, so values start at each prefix's score.
+  - pi_ref and V_old are computed once per rollout at the sampling temperature, over length-sorted micro-batches;
+    pi_old too when several epochs or minibatches need it, or when the k1 in the reward needs it exact and the
+    sampler's log-probs are not (bf16: kernels.sampled_logprobs_exact); else the sampler's log-probs serve.
+    Minibatches are strided over each rank's prompts (the same rows on any number of ranks), their order
+    reshuffled every epoch. Sampling noise is keyed as in grpo.py: same seed, same prompts and first samples.
+  - The run's life is grpo.py's (kernels.Run): one run per --out-dir (--resume, --overwrite), SIGTERM/SIGINT save
+    and exit 128 + the signal, a slow reward interrupted by one drops its step; mixed precision as grpo.py (the
+    reference and the reward model frozen in the compute dtype, the critic trained over fp32 master weights).
+  - A NaN/inf in either loss or gradient norm skips the optimizer step of both models (kernels.guarded_step on
+    both); nan_patience in a row saves and stops.
+
+Launch:
+    python ppo.py                                            # verifiable rewards in the toy world, CPU
+    python rlhf_reward_model.py && python ppo.py --preset rlhf --track-kl    # classic RLHF on the toy reward model
+    torchrun --nproc_per_node 8 ppo.py --preset orz --model Qwen/Qwen2.5-0.5B-Instruct --dataset data.jsonl \\
+        --template chat --lr 1e-6 --critic-lr 5e-6 --max-new-tokens 1024 --strategy fsdp
+
+Results in the toy world (rebuilt toy/base, seed 0, 80 steps of 16 prompts x 8 samples; README.md "PPO" has the
+tables and plots):
+    python ppo.py     held-out greedy accuracy 39.0% -> 89.0% (grpo.py, same world and seed: 89.5%), pass@1 25.6% ->
+                      78.1%, reasoning share 26% -> 100%; 1.9x grpo.py's seconds per step (the critic's passes).
+    --lam 0.95        slower at first (59.5% against 66.0% at step 10), then the same (88.5% at the end).
+    --preset rlhf     on the toy reward model alone (40 steps): the true accuracy peaks at 72% (0.5 nats) and then
+                      falls to 3.5% with beta = 0 (KL 23 nats per sequence), holds at 72% with beta 0.05, 65.5%
+                      with the controller at a 4-nat target, while the reward model's score rises under all three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import tyro
+
+import kernels as K
+import rlvr_rewards as env
+from rlhf_reward_model import RewardModelScorer
+
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+@dataclass
+class Args:
+    model: str = "toy"
+    """policy: hub id or local checkpoint directory; "toy" is the built-in toy base model (built on first use)"""
+    dataset: str = "arithmetic"
+    """a built-in task (arithmetic, countdown, code), a .jsonl/.json/.parquet file, a `datasets` directory, a hub id"""
+    eval_dataset: Optional[str] = None
+    """held-out rows (its "test" split); default: a built-in task's test split, else a slice held out of --dataset"""
+    prompt_column: str = "prompt"
+    """the dataset column holding the prompt (GSM8K: question)"""
+    answer_column: str = "answer"
+    """the dataset column holding the gold answer (GSM8K's "... #### 72" solutions count as 72)"""
+    dataset_split: str = "train"
+    """the split of a hub dataset or dataset directory to train on"""
+    preset: Literal["ppo", "rlhf", "ziegler", "orz", "vapo"] = "ppo"
+    """named set of the switches a paper changes (module docstring); fields left unset take the preset's values"""
+    reward_weights: tuple[float, ...] = ()
+    """one weight per reward; default 1 each, except the shaping rewards format and tag_count: 0.1 beside others"""
+    reward_timeout_s: Optional[float] = None
+    """stop with an error naming the reward if one reward call takes longer than this (None: no limit)"""
+    reward_model: str = "runs/rlhf_reward_model/final"
+    """reward model (rlhf_reward_model.py's output) behind the "reward_model" reward and --critic reward_model"""
+    template: Literal["auto", "chat", "r1", "plain"] = "auto"
+    """auto: the tokenizer's chat template if it has one, else the R1 text template"""
+    system_prompt: Optional[str] = None
+    """system message for the chat template"""
+    out_dir: str = "runs/ppo"
+    """where args.json, metrics.jsonl, samples.jsonl, checkpoints and final/ (the critic in final/critic/) go"""
+    overwrite: bool = False
+    """replace the run already in --out-dir (without it, a used --out-dir is refused unless --resume)"""
+    seed: int = 0
+    """seeds data order, sampling noise and initialisation"""
+    max_steps: int = 80
+    """number of rollout + update steps (critic warm-up steps included)"""
+    lr: float = 2e-4
+    """policy AdamW learning rate (toy model; real LLMs: 1e-6 to 3e-6)"""
+    critic_lr: float = 5e-4
+    """critic AdamW learning rate (toy model; real LLMs: 2e-6 to 1e-5)"""
+    warmup_steps: int = 5
+    """linear warmup steps of each model's learning rate, constant after"""
+    weight_decay: float = 0.0
+    """AdamW weight decay, both models"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm, each model"""
+    eval_every: int = 10
+    """evaluate every N steps (and at the start and end); 0 disables"""
+    eval_size: int = 200
+    """held-out prompts per evaluation"""
+    eval_samples: int = 4
+    """k samples per prompt for pass@1 averaged over k (0: greedy only)"""
+    eval_temperature: float = 1.0
+    """temperature of the k evaluation samples"""
+    save_every: int = 0
+    """save a checkpoint every N steps (0: only at the end and on SIGTERM)"""
+    resume: bool = False
+    """continue from the newest complete checkpoint in --out-dir (policy, critic, both optimizers, the KL
+    coefficient; a finished run: nothing to do)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: this rank's GPU if there is one, else the CPU"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """compute dtype (the forward's matmuls); auto: bf16 on a GPU, fp32 on the CPU"""
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the policy's and the critic's weights (what checkpoints hold), gradients and AdamW state"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """torchrun data parallelism of the policy and the critic (FSDP2 also shards the reference)"""
+    prompts_per_step: int = 16
+    """B: prompts per step over all ranks"""
+    num_generations: int = 8
+    """G: samples per prompt"""
+    max_new_tokens: int = 48
+    """response length cap"""
+    temperature: float = 1.0
+    """sampling temperature (divides the logits of every log-prob pass too; no top-k/top-p: the log-probs are those of
+    the distribution sampled from)"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch (each rank's prompts split evenly)"""
+    micro_batch_tokens: int = -1
+    """padded tokens per forward/backward (length-sorted micro-batches); 0: one pass; -1: 2,048 on CPU, 8,192 on GPU"""
+    track_kl: bool = False
+    """load the reference even when beta = 0, to log the KL to it (one more forward per step)"""
+    log_ratio_clamp: float = 20.0
+    """clamp log(pi/pi_old) in the loss (verl: 20, no gradient beyond) and log(pi_old/pi_ref) in the KL (OpenRLHF: 10)
+    to [-c, c]; 0: off"""
+    nan_patience: int = 3
+    """stop after this many non-finite updates in a row"""
+    compile: bool = None
+    """compile the decode step and the loss (default: on when a CUDA GPU is used)"""
+    threads: int = 0
+    """CPU threads for torch (0: 1 for models under 50M parameters)"""
+    plot: bool = True
+    """write the curves to out_dir/curves.png"""
+    log_samples: int = 4
+    """completions per step written to samples.jsonl (prompt, completion, rewards, mean token advantage)"""
+    report_to: tuple[Literal["none", "wandb", "tensorboard"], ...] = ("none",)
+    """where metrics go besides metrics.jsonl (several allowed)"""
+    dist_timeout_s: float = 600.0
+    """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
+    # The preset's switches: None takes the preset's value (PRESETS), else the plain PPO value (PRESET_FIELDS).
+    rewards: tuple[str, ...] = None
+    """reward functions: built-in names, "task" (the dataset's verifier), "reward_model", or "module:function\""""
+    critic: str = None
+    """where the critic starts: "policy" (ORZ), "reward_model" (InstructGPT) or a checkpoint path"""
+    gamma: float = None
+    """discount"""
+    lam: float = None
+    """GAE lambda of the critic's returns (and of the actor's advantages unless --actor-lam is set)"""
+    actor_lam: float = None
+    """GAE lambda of the actor's advantages (VC-PPO's decoupled GAE); -1: the same as --lam"""
+    actor_lam_alpha: float = None
+    """VAPO's length-adaptive actor lambda 1 - 1/(alpha * response length), floored at 0; 0: off"""
+    kl_coef: float = None
+    """beta: the per-token KL coefficient in the reward (the initial one with --kl-target)"""
+    kl_estimator: Literal["k1", "k3"] = None
+    """the KL estimator in the reward (Schulman)"""
+    kl_target: float = None
+    """Ziegler's adaptive controller: target KL in nats PER SEQUENCE (0: fixed beta)"""
+    kl_horizon: int = None
+    """the adaptive controller's horizon, in responses"""
+    value_clip: float = None
+    """eps_v (0: no value clipping)"""
+    clip_low: float = None
+    """eps_low"""
+    clip_high: float = None
+    """eps_high (clip-higher: 0.28)"""
+    loss_agg: LossAgg = None
+    """policy-loss aggregation (verl's names)"""
+    num_epochs: int = None
+    """mu: policy epochs over each rollout"""
+    critic_epochs: int = None
+    """critic epochs over each rollout (0: the same as --num-epochs)"""
+    critic_warmup_steps: int = None
+    """first steps that train only the critic (VAPO's value pretraining, verl's critic_warmup)"""
+    whiten_rewards: bool = None
+    """divide the token rewards by their std over the batch (mean kept) before GAE"""
+    normalize_scores: bool = None
+    """standardise the scores over the batch (all ranks)"""
+    score_clip: float = None
+    """clip the scores to [-c, c] after normalisation (0: off)"""
+    missing_eos_score: float = None
+    """the score of a response that never emitted EOS, replacing its reward (N+: -1; ORZ: 0); nan: keep its reward"""
+
+    def __post_init__(self):
+        # Args(preset="rlhf", lam=1.0) from Python is what `--preset rlhf --lam 1.0` gives on the command line.
+        if self.preset not in PRESETS:
+            raise ValueError(f"Unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
+        for name, plain in PRESET_FIELDS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, PRESETS[self.preset].get(name, plain))
+        if self.compile is None:
+            self.compile = self.device != "cpu" and torch.cuda.is_available()
+
+
+# The switches a preset sets, at their plain PPO values, and what each preset changes.
+PRESET_FIELDS = dict(rewards=("task", "format"), critic="policy", gamma=1.0, lam=1.0, actor_lam=-1.0,
+                     actor_lam_alpha=0.0, kl_coef=0.0, kl_estimator="k1", kl_target=0.0, kl_horizon=10_000,
+                     value_clip=0.2, clip_low=0.2, clip_high=0.2, loss_agg="token-mean", num_epochs=1,
+                     critic_epochs=0, critic_warmup_steps=0, whiten_rewards=False, normalize_scores=False,
+                     score_clip=0.0, missing_eos_score=math.nan)
+_RLHF = dict(rewards=("reward_model",), critic="reward_model", lam=0.95, kl_coef=0.05, num_epochs=4,
+             missing_eos_score=-1.0)
+PRESETS: dict[str, dict] = {
+    "ppo": {},
+    "rlhf": _RLHF,
+    "ziegler": {**_RLHF, "kl_coef": 0.15, "kl_target": 6.0, "whiten_rewards": True},
+    "orz": dict(rewards=("task",), missing_eos_score=0.0, critic_epochs=12),
+    "vapo": dict(critic_warmup_steps=50, actor_lam_alpha=0.05, clip_high=0.28),
+}
+PANELS = [("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy accuracy"),
+                                               ("rollout/accuracy", "rollout accuracy (T=1)"),
+                                               ("rollout/eos_rate", "rollout EOS rate")], "share"),
+          ("score and KL", [("rollout/score_mean", "score"), ("train/kl_seq", "KL per sequence"),
+                            ("train/kl_coef", "beta")], "score / nats"),
+          ("critic", [("train/explained_variance", "explained variance"), ("train/value_loss", "value loss")], "")]
+
+
+def cli(argv: list[str] | None = None) -> Args:
+    """The command line on top of Args(preset=...), so --help shows the preset's values and every flag given wins."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="ppo", choices=sorted(PRESETS))
+    return tyro.cli(Args, default=Args(preset=pre.parse_known_args(argv)[0].preset), args=argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The maths: pure functions. R responses, N response tokens; mask (R, N) is 1 on real tokens (EOS included).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
+                  mask: torch.Tensor, kl_coef: float, kl_estimator: str = "k1", clamp: float = 0.0) -> torch.Tensor:
+    """Per-token rewards with the KL in the reward (Ziegler et al. 2019 eq. 2; InstructGPT eq. 2): -kl_coef * KL_t
+    at every response token (k1 = log pi - log pi_ref, or k3; clamp: the log-ratio to [-clamp, clamp]), plus each
+    row's score at its last real token. (R, N), 0 where mask is 0; ref_logprobs None: the scores alone."""
+    live = mask.bool()
+    rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if ref_logprobs is not None and kl_coef:
+        log_ratio = torch.where(live, logprobs - ref_logprobs, 0.0).float()
+        log_ratio = log_ratio.clamp(-clamp, clamp) if clamp else log_ratio
+        rewards = torch.where(live, -kl_coef * K.kl_penalty(log_ratio, torch.zeros_like(log_ratio), kl_estimator), 0.0)
+    rows = torch.nonzero(live.any(-1))[:, 0]
+    last = (torch.arange(mask.shape[1], device=mask.device) * live).argmax(-1)  # (R,) each row's last real token
+    rewards[rows, last[rows]] += scores.to(rewards)[rows]
+    return rewards
+
+
+def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), right to left over each row:
+    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1}, with V and A past the last real token 0.
+    Masked positions are skipped (the next real token's V and A pass through them), so nothing at a masked position
+    reaches a real one. lam: a float or one per row (R,). Returns (advantages, returns = advantages + values), (R, N)
+    each, 0 where mask is 0; not whitened."""
+    live = mask.bool()
+    lam = torch.as_tensor(lam, dtype=values.dtype, device=values.device).expand(values.shape[0])
+    advantages = torch.zeros_like(values)
+    next_value = next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        advantage = token_rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_advantage
+        advantages[:, t] = torch.where(live[:, t], advantage, 0.0)
+        next_value = torch.where(live[:, t], values[:, t], next_value)
+        next_advantage = torch.where(live[:, t], advantage, next_advantage)
+    return advantages, torch.where(live, advantages + values, 0.0)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float | None, num_tokens: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss (OpenAI baselines' cliprange_value; N+ details): 1/2 token-mean of
+    max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2), and the share of tokens where the clipped term is
+    the larger. clip None or 0: unclipped. num_tokens: the token-mean's denominator (default: mask's tokens)."""
+    live = mask.bool()
+    values, old_values, returns = (torch.where(live, x, 0.0) for x in (values, old_values, returns))
+    per_token = unclipped = (values - returns).square()
+    clip_frac = torch.zeros((), device=values.device)
+    if clip:
+        clipped = (torch.clamp(values, old_values - clip, old_values + clip) - returns).square()
+        per_token = torch.maximum(unclipped, clipped)
+        clip_frac = ((clipped > unclipped) & live).sum() / live.sum().clamp_min(1)
+    denom = torch.as_tensor(live.sum() if num_tokens is None else num_tokens, dtype=values.dtype)
+    return 0.5 * (per_token * live).sum() / denom.clamp_min(1.0), clip_frac
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, section 2.2: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon),
+    KL the per-sequence KL of the last rollout and n_steps the responses it held. target None or 0: beta stays."""
+
+    def __init__(self, init_kl_coef: float, target: float | None, horizon: int):
+        self.value, self.target, self.horizon = float(init_kl_coef), target, horizon
+
+    def update(self, current_kl: float, n_steps: int):
+        if self.target:
+            self.value *= 1.0 + min(max(current_kl / self.target - 1.0, -0.2), 0.2) * n_steps / self.horizon
+
+
+def length_adaptive_lam(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """VAPO (Yue et al. 2025, eq. 7): the actor's lambda 1 - 1 / (alpha * |o|) per response (R,), floored at 0."""
+    return (1.0 - 1.0 / (alpha * lengths.float().clamp_min(1.0))).clamp_min(0.0)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the response tokens of every rank: 1 a perfect critic, 0 a constant, < 0 worse."""
+    live = mask.bool()
+    r, err = torch.where(live, returns, 0.0).double(), torch.where(live, returns - values, 0.0).double()
+    n, sr, srr, se, see = K.all_reduce_sum(torch.stack([live.sum().double(), r.sum(), r.square().sum(), err.sum(),
+                                                        err.square().sum()])).tolist()
+    var_r, var_e = srr / max(n, 1) - (sr / max(n, 1)) ** 2, see / max(n, 1) - (se / max(n, 1)) ** 2
+    return 1.0 - var_e / var_r if var_r > 1e-12 else math.nan
+
+
+def shape_scores(args: Args, rewards: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """The score of each response (R,): its reward, replaced where it never emitted EOS (--missing-eos-score),
+    standardised over the batch (--normalize-scores), clipped (--score-clip)."""
+    scores = rewards.float().clone()
+    if not math.isnan(args.missing_eos_score):
+        scores[truncated.to(scores.device)] = args.missing_eos_score
+    if args.normalize_scores:
+        scores = K.masked_whiten(scores, torch.ones_like(scores), all_ranks=True)
+    return scores.clamp(-args.score_clip, args.score_clip) if args.score_clip else scores
+
+
+def compute_advantages(args: Args, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+    """(whitened actor advantages, the critic's returns, the raw advantages), (R, N) each: GAE with the critic's lambda
+    gives the returns, GAE with the actor's (the same unless --actor-lam or --actor-lam-alpha) the advantages."""
+    if args.whiten_rewards:  # Ziegler: scale the token rewards, keep their mean
+        rewards = K.masked_whiten(rewards, mask, shift_mean=False, all_ranks=True) * mask
+    advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
+    if args.actor_lam_alpha or args.actor_lam not in (-1, args.lam):
+        actor_lam = length_adaptive_lam(mask.sum(-1), args.actor_lam_alpha) if args.actor_lam_alpha else args.actor_lam
+        advantages = gae(rewards, values, mask, args.gamma, actor_lam)[0]
+    return K.masked_whiten(advantages, mask, all_ranks=True) * mask, returns, advantages
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The critic: a token-classification model with one output, read where the policy's log-probs are
+# ----------------------------------------------------------------------------------------------------------
+
+
+def dropout_off(model: torch.nn.Module) -> torch.nn.Module:
+    """No dropout anywhere (N+ details): PPO compares log-probs and values across passes, which dropout makes noisy."""
+    model.config.update({k: 0.0 for k, v in model.config.to_dict().items() if "drop" in k and isinstance(v, float)})
+    for module in model.modules():
+        for attr in ("p", "attention_dropout") if isinstance(module, torch.nn.Dropout) else ("attention_dropout",):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    return model
+
+
+def load_critic(args: Args, device) -> torch.nn.Module:
+    """AutoModelForTokenClassification with one output, from the policy, the reward model or a path; a head that is
+    not a trained value or reward head starts at N(0, 0.001^2), a bias at 0."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    path = K.resolve_model_path({"policy": args.model, "reward_model": args.reward_model}.get(args.critic, args.critic))
+    config = AutoConfig.from_pretrained(path, num_labels=1)
+    config.classifier_dropout = 0.0  # transformers' token-classification head defaults to 0.1
+    arch = (config.architectures or [""])[0]
+    critic, _ = K.load_model(path, model_class=AutoModelForTokenClassification, config=config, dtype=args.dtype,
+                             master_dtype=args.master_dtype, device=device)
+    if not isinstance(getattr(critic, "score", None), torch.nn.Linear):
+        raise K.UserError(f"{path}: expected a token-classification head named 'score' (Llama, Qwen, Mistral style).")
+    with torch.no_grad():
+        if not arch.endswith("ForTokenClassification") and critic.score.bias is not None:
+            critic.score.bias.zero_()
+        if not arch.endswith(("ForTokenClassification", "ForSequenceClassification")):
+            critic.score.weight.normal_(0.0, 1e-3)
+        elif arch.endswith("ForSequenceClassification") and getattr(config, "reward_std", None):
+            critic.score.weight.div_(config.reward_std)  # scores are normalised (resolve_rewards), so are values
+            critic.score.bias.fill_(-config.reward_mean / config.reward_std)
+    return dropout_off(critic)
+
+
+def critic_values(critic, batch: dict) -> torch.Tensor:
+    """V(s_t) at every response token (r, n) in fp32: the critic's output at the position that predicts token t (the
+    last prompt token for t = 0), where token_logprobs reads log pi(o_t)."""
+    ids = torch.cat([batch["prompt_ids"], batch["tokens"]], 1)           # (r, P + n)
+    mask = torch.cat([batch["prompt_mask"], batch["mask"]], 1)
+    out = critic(input_ids=ids, attention_mask=mask, position_ids=K.position_ids_from_mask(mask), use_cache=False)
+    return out.logits[:, -batch["tokens"].shape[1] - 1:-1, 0].float()
+
+
+@torch.no_grad()
+def rollout_values(critic, batch: dict, max_tokens: int) -> torch.Tensor:
+    """V_old at every response token of a rollout batch (R, N), over length-sorted micro-batches, without gradients."""
+    out = torch.zeros(batch["mask"].shape, dtype=torch.float32, device=batch["mask"].device)
+    for rows, part in K.micro_batches(batch, max_tokens):
+        values = critic_values(critic, part)
+        out[rows, :values.shape[1]] = values
+    if hasattr(critic, "reshard"):  # FSDP2 leaves the root unsharded after a forward with no backward
+        critic.reshard()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Update: epochs x minibatches of the clipped surrogate (policy) and the clipped value loss (critic)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def minibatch_order(seed: int, step: int, epoch: int, count: int) -> list[int]:
+    """The order of the minibatches in one epoch: a permutation that is a function of (seed, step, epoch) alone."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + epoch)
+    return torch.randperm(count, generator=generator).tolist()
+
+
+def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict, step: int, train_policy: bool) -> dict:
+    """Epochs x minibatches of optimizer steps of the policy (unless critic-only) and the critic, each a sum over
+    length-sorted micro-batches; returns the averaged train/ stats. batch: prompt_ids, prompt_mask, tokens, mask,
+    advantages, values, returns, and old_logprobs when pi_old was recomputed."""
+    G, nmb = args.num_generations, args.num_minibatches
+    prompts = batch["mask"].shape[0] // G
+    epochs = {"policy": args.num_epochs if train_policy else 0, "critic": args.critic_epochs or args.num_epochs}
+    totals, counts = {}, {}
+    for epoch in range(max(epochs.values())):
+        trained = [name for name in ("policy", "critic") if epoch < epochs[name]]
+        for mb in minibatch_order(args.seed, step, epoch, nmb):
+            rows = torch.tensor([j * G + g for j in range(mb, prompts, nmb) for g in range(G)])  # strided prompts
+            minibatch = K.slice_rows(batch, rows.to(batch["mask"].device))
+            # token-mean over the whole minibatch of every rank (DDP then averages the ranks' gradients)
+            num_tokens = K.all_reduce_sum(minibatch["mask"].sum().double()) / K.get_world_size()
+            stats, losses, mb_tokens = {}, {}, minibatch["mask"].sum().clamp_min(1)
+            for name in trained:
+                optimizers[name].zero_grad(set_to_none=True)
+            parts = K.micro_batches(minibatch, args.micro_batch_tokens)
+            for i, (_, part) in enumerate(parts):
+                part_stats, skip_sync = {}, i < len(parts) - 1  # DDP all-reduces in the last backward only
+                if "policy" in trained:
+                    with K.no_grad_sync(models["policy"], skip=skip_sync):
+                        logprobs, entropy = K.completion_logprobs(models["policy"], part, temperature=args.temperature,
+                                                                  with_entropy=True)  # (r, n) each
+                        # one epoch of one minibatch: pi_old is pi_theta, the ratio exactly 1, yet its gradient is
+                        # REINFORCE's; the detached log-probs serve and no pass over the rollout was needed
+                        old = part["old_logprobs"] if "old_logprobs" in part else logprobs.detach()
+                        if args.log_ratio_clamp:  # verl: no exp overflow, and no gradient beyond the clamp
+                            logprobs = old + (logprobs - old).clamp(-args.log_ratio_clamp, args.log_ratio_clamp)
+                        loss, part_stats = K.policy_loss(
+                            logprobs, old, part["advantages"], part["mask"], clip_low=args.clip_low,
+                            clip_high=args.clip_high, loss_agg=args.loss_agg, norm_length=args.max_new_tokens,
+                            num_tokens=num_tokens, compile=args.compile)
+                        if args.loss_agg != "token-mean":  # sequence means: weight micro-batches by their rows
+                            loss = loss * part["mask"].shape[0] / len(rows)
+                        loss.backward()
+                    losses["policy_loss"] = losses.get("policy_loss", 0.0) + loss.detach()  # the parts add up
+                    part_stats["entropy"] = K.masked_mean(entropy.detach(), part["mask"])
+                if "critic" in trained:
+                    with K.no_grad_sync(models["critic"], skip=skip_sync):
+                        vloss, part_stats["value_clip_frac"] = value_loss(
+                            critic_values(models["critic"], part), part["values"], part["returns"], part["mask"],
+                            args.value_clip, num_tokens)
+                        vloss.backward()
+                    losses["value_loss"] = losses.get("value_loss", 0.0) + vloss.detach()
+                K.fold_stats(stats, part_stats, part["mask"].sum() / mb_tokens)
+            # both models step, or (a NaN/inf loss or gradient norm on any rank) neither does
+            values, stepped = K.guarded_step([models[n] for n in trained], [optimizers[n] for n in trained],
+                                             args.max_grad_norm, {**stats, **losses, "loss": sum(losses.values())},
+                                             names=trained)
+            del values["loss"]  # the sum of the two losses, logged each on its own
+            state["skipped"] += not stepped
+            state["nan_streak"] = 0 if stepped else state["nan_streak"] + 1
+            for k, v in values.items():  # ratio extremes are NaN, and not counted, when no token counted
+                if not (k.startswith("ratio_m") and math.isnan(v)):
+                    totals[k] = totals.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+    return {f"train/{k}": v / counts[k] for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Setup: checks, rewards, models, checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_args(args: Args, info: K.DistInfo):
+    """Impossible settings fail here, before any data or model is loaded."""
+    K.check_settings(args)
+    per_rank = args.prompts_per_step // info.world_size
+    if args.prompts_per_step % info.world_size or per_rank % args.num_minibatches:
+        raise K.UserError(f"--prompts-per-step {args.prompts_per_step} must split evenly over the {info.world_size} "
+                          f"rank(s), and each rank's share into --num-minibatches {args.num_minibatches}.")
+    if args.temperature <= 0:
+        raise K.UserError(f"--temperature {args.temperature}: training samples and log-probs need a temperature > 0.")
+    if not args.critic_lr > 0 or min(args.num_epochs, args.num_minibatches) < 1:
+        raise K.UserError("--critic-lr must be positive; --num-epochs and --num-minibatches at least 1.")
+    if not (0 < args.gamma <= 1 and 0 <= args.lam <= 1 and (args.actor_lam == -1 or 0 <= args.actor_lam <= 1)
+            and args.critic_epochs >= 0):
+        raise K.UserError("--gamma must be in (0, 1], --lam and --actor-lam in [0, 1] (--actor-lam -1: --lam's), "
+                          "--critic-epochs >= 0.")
+    if args.kl_target and (args.kl_coef <= 0 or args.kl_horizon <= 0):
+        raise K.UserError("--kl-target (the adaptive controller) needs --kl-coef > 0 and --kl-horizon > 0.")
+    if args.reward_weights and len(args.rewards) != len(args.reward_weights):
+        raise K.UserError(f"--rewards has {len(args.rewards)} entries but --reward-weights has "
+                          f"{len(args.reward_weights)}; give one weight per reward, or none for the defaults.")
+    if ("reward_model" in args.rewards or args.critic == "reward_model") and not os.path.isdir(args.reward_model):
+        raise K.UserError(f"--reward-model {args.reward_model!r} does not exist; train one with `python "
+                          "rlhf_reward_model.py` or pass the directory of a trained reward model.")
+    if args.critic not in ("policy", "reward_model"):
+        K.check_model_source(args.critic, "--critic")
+
+
+def resolve_rewards(args: Args, device=None) -> tuple[list, tuple[float, ...]]:
+    """([(name, fn)], weights) for args.rewards: weights as given, else 1 each but 0.1 for a shaping reward beside
+    others. "reward_model" becomes a RewardModelScorer (loaded only when device is given: the data checks before
+    any model loads go without it), normalised by the held-out mean and std its training saved, if it saved them."""
+    fns = []
+    for name in args.rewards:
+        if name != "reward_model":
+            fns += env.resolve_rewards([name], args.dataset)
+        elif device is not None:
+            from transformers import AutoConfig
+
+            saved = getattr(AutoConfig.from_pretrained(args.reward_model), "reward_std", None) is not None
+            fns.append(("reward_model", RewardModelScorer(args.reward_model, device=device, normalize=saved,
+                                                          dtype=args.dtype)))
+    weights = tuple(args.reward_weights) or tuple(
+        0.1 if name in ("format", "tag_count") and len(args.rewards) > 1 else 1.0 for name in args.rewards)
+    return fns, weights
+
+
+def load_models(args: Args, info: K.DistInfo) -> tuple[dict, object]:
+    """({"policy", "critic", "ref"}, tokenizer): policy and critic wrapped for DDP/FSDP2; the frozen reference (in the
+    compute dtype, sharded under FSDP) only when beta > 0, the controller is on, or --track-kl."""
+    precision = dict(dtype=args.dtype, master_dtype=args.master_dtype, device=info.device)
+    policy, tokenizer = K.load_model(args.model, **precision)
+    K.set_cpu_threads(args.threads, policy)
+    ref = None
+    if args.kl_coef > 0 or args.kl_target or args.track_kl:
+        ref = dropout_off(K.load_model(args.model, frozen=True, **precision)[0]).eval().requires_grad_(False)
+        ref = K.wrap_model(ref, "fsdp", info.device) if args.strategy == "fsdp" else ref
+    critic = load_critic(args, info.device)
+    return {"policy": K.wrap_model(dropout_off(policy).train(), args.strategy, info.device),
+            "critic": K.wrap_model(critic.train(), args.strategy, info.device), "ref": ref}, tokenizer
+
+
+def save(args: Args, step: int, models: dict, tokenizer, optimizers: dict, schedulers: dict, state: dict,
+         name: str | None = None) -> str:
+    """The critic (a transformers checkpoint with its optimizer and scheduler) first, then the policy's checkpoint,
+    each written atomically; then the critic moves into CKPT/critic. A crash anywhere leaves no checkpoint without
+    its critic (restore looks beside it for .critic-NAME)."""
+    name = name or f"{K.CHECKPOINT_PREFIX}{step}"
+    K.save_checkpoint(args.out_dir, step, models["critic"], tokenizer, optimizers["critic"], schedulers["critic"],
+                      name=f".critic-{name}")
+    path = K.save_checkpoint(args.out_dir, step, models["policy"], tokenizer, optimizers["policy"],
+                             schedulers["policy"], extra=state, name=name)
+    if K.get_rank() == 0:
+        os.replace(os.path.join(args.out_dir, f".critic-{name}"), os.path.join(path, "critic"))
+    K.barrier()
+    return path
+
+
+def restore(checkpoint: str | None, models: dict, optimizers: dict, schedulers: dict, state: dict) -> int:
+    """--resume: the checkpoint's policy, critic, both optimizers and schedulers, data position and KL coefficient.
+    Returns the step to start from."""
+    if checkpoint is None:
+        return 0
+    beside = os.path.join(os.path.dirname(checkpoint), f".critic-{os.path.basename(checkpoint)}")  # a cut-off move
+    critic = next((d for d in (os.path.join(checkpoint, "critic"), beside) if os.path.isdir(d)), None)
+    if critic is None:
+        raise K.UserError(f"{checkpoint} has no critic/ (not written by ppo.py?); PPO cannot resume from it.")
+    K.load_checkpoint(critic, models["critic"], optimizers["critic"], schedulers["critic"])
+    loaded = K.load_checkpoint(checkpoint, models["policy"], optimizers["policy"], schedulers["policy"])  # its RNG wins
+    state.update(loaded["extra"])
+    K.print0(f"Resumed from {checkpoint} at step {loaded['step']}.")
+    return loaded["step"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def collect_rollout(args: Args, policy, tokenizer, reward_fns, train_rows: list[dict], state: dict, step: int,
+                    timer: K.Timer, should_stop=None) -> env.Rollout:
+    """This rank's share of the step's prompts (the next global slice of the shuffled stream), G samples each, scored:
+    the prompts and sampling noise of grpo.py at the same seed and step. A stop requested while a reward runs raises
+    env.Interrupted."""
+    per_rank = args.prompts_per_step // K.get_world_size()
+    first = state["cursor"] + K.get_rank() * per_rank
+    state["cursor"] += args.prompts_per_step
+    rows = [train_rows[i] for i in K.stream_indices(first, per_rank, len(train_rows), args.seed)]
+    keys = K.rollout_noise_keys(args.seed, step, 0, range(first, first + per_rank), args.num_generations)
+    with timer("generate"):
+        rollout = env.sample(policy, tokenizer, rows, num_samples=args.num_generations, noise_keys=keys,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             template=args.template, system_prompt=args.system_prompt, compile=args.compile)
+    with timer("reward"):
+        env.score(rollout, reward_fns, args.reward_weights, reward_timeout_s=args.reward_timeout_s,
+                  should_stop=should_stop, completion_lengths=rollout.gen.lengths.tolist(),
+                  group_size=args.num_generations)
+    return rollout
+
+
+def main(args: Args) -> K.RunResult:
+    """Train with PPO (or the preset's variant); returns where the run wrote and the held-out metrics before and
+    after (K.RunResult)."""
+    t_start = time.time()
+    K.quiet_transformers()
+    info = K.init_distributed(args.device, args.dist_timeout_s)
+    check_args(args, info)
+    K.seed_everything(args.seed)
+    if args.micro_batch_tokens < 0:
+        args = dataclasses.replace(args, micro_batch_tokens=8192 if info.device.type == "cuda" else 2048)
+
+    # ---- data and rewards: everything a user can get wrong fails here, before any model is loaded
+    reward_fns, weights = resolve_rewards(args)
+    args = dataclasses.replace(args, reward_weights=weights)
+    train_rows, eval_rows = env.load_train_and_eval(
+        args.dataset, args.eval_dataset, reward_fns, split=args.dataset_split, eval_size=args.eval_size * bool(
+            args.eval_every), seed=args.seed, prompt_column=args.prompt_column, answer_column=args.answer_column)
+    K.check_model_source(args.model)
+    finish = functools.partial(K.finish_run, args.out_dir, t_start=t_start, plot=args.plot, panels=PANELS,
+                               title=f"ppo.py --preset {args.preset} --model {args.model}")
+
+    with K.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps) as run:
+        if run.finished:
+            return finish(final_dir=run.checkpoint)
+
+        # ---- models, one optimizer each, the KL controller, and where a resumed run left off
+        models, tokenizer = load_models(args, info)
+        policy, critic, ref = models["policy"], models["critic"], models["ref"]
+        reward_fns = resolve_rewards(args, info.device)[0]
+        if args.dataset not in env.TASK_REWARDS:  # the built-in tasks fit any context
+            fit = functools.partial(env.fit_prompts, tokenizer, max_new_tokens=args.max_new_tokens,
+                                    context=getattr(K.unwrap(policy).config, "max_position_embeddings", None),
+                                    template=args.template, system_prompt=args.system_prompt)
+            train_rows, eval_rows = fit(train_rows, source=args.dataset), eval_rows and fit(eval_rows, source="eval")
+        fused = info.device.type in ("cpu", "cuda") and not (K.is_distributed() and args.strategy == "fsdp")
+        optimizers = {name: torch.optim.AdamW(models[name].parameters(), lr=lr, weight_decay=args.weight_decay,
+                                              fused=fused or None)
+                      for name, lr in (("policy", args.lr), ("critic", args.critic_lr))}
+        schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, K.warmup_schedule(args.warmup_steps))
+                      for name, opt in optimizers.items()}
+        state = {"cursor": 0, "skipped": 0, "nan_streak": 0, "kl_coef": args.kl_coef}
+        start_step = restore(run.checkpoint, models, optimizers, schedulers, state)
+        kl_ctl = AdaptiveKLController(state["kl_coef"], args.kl_target, args.kl_horizon)
+        if args.compile:  # compiled decoding: one cache length for the whole run
+            K.set_generation_length(policy, env.longest_prompt(tokenizer, train_rows + eval_rows, args.template,
+                                                               args.system_prompt), args.max_new_tokens)
+        K.save_args(args.out_dir, args)
+        logger = K.MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
+                                 report_to=args.report_to, config=dataclasses.asdict(args))
+        checkpoint = functools.partial(save, args, models=models, tokenizer=tokenizer, optimizers=optimizers,
+                                       schedulers=schedulers, state=state)
+
+        def evaluate() -> dict:
+            return env.evaluate(K.unwrap(policy), tokenizer, eval_rows, max_new_tokens=args.max_new_tokens,
+                                samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
+                                template=args.template, system_prompt=args.system_prompt, compile=args.compile)
+
+        def stop(step: int) -> K.RunResult:
+            path = checkpoint(step)
+            K.print0(f"Stopped at step {step}; continue with --resume (checkpoint {path}).")
+            logger.close()
+            return finish(final_dir=None, stopped_at=step, signal=run.signal)
+
+        if start_step == 0 and eval_rows and args.eval_every:
+            first = evaluate()
+            logger.log(0, first)
+            K.print0(f"step 0 eval: {json.dumps({k: round(v, 3) for k, v in first.items()})}")
+
+        bar = K.progress(range(start_step, args.max_steps), desc=f"ppo ({args.preset})", total=args.max_steps,
+                         initial=start_step)
+        for step in bar:
+            timer, t0, snapshot = K.Timer(), time.perf_counter(), dict(state)
+
+            # ---- rollout: G samples per prompt from pi_old, scored; each response's score
+            policy.eval()
+            try:
+                rollout = collect_rollout(args, policy, tokenizer, reward_fns, train_rows, state, step, timer,
+                                          lambda: run.stop.requested)
+            except env.Interrupted:  # a signal during a slow reward: drop this step, save the ones done
+                state.update(snapshot)
+                return stop(step)
+            K.free_decode_state(policy)                              # the update needs the KV caches' memory
+            policy.train()
+            batch = rollout.batch()                                  # prompt_ids (R, P), tokens and mask (R, N)
+            mask = batch["mask"]
+            scores = shape_scores(args, rollout.rewards, rollout.gen.truncated).to(mask.device)  # (R,)
+
+            # ---- passes, once per rollout: pi_old (when needed), pi_ref and V_old at every response token, (R, N)
+            logprob_pass = dict(batch=batch, temperature=args.temperature, max_tokens=args.micro_batch_tokens)
+            if args.num_epochs > 1 or args.num_minibatches > 1 or (
+                    ref is not None and not K.sampled_logprobs_exact(policy)):  # bf16: the sampler's differ
+                with timer("policy_pass"):
+                    batch["old_logprobs"] = K.rollout_logprobs(policy, **logprob_pass)
+            old_logprobs = batch.get("old_logprobs", rollout.gen.logprobs.to(mask.device).float())
+            ref_logprobs = None
+            if ref is not None:
+                with timer("reference_pass"):
+                    ref_logprobs = K.rollout_logprobs(ref, **logprob_pass)
+            with timer("critic_pass"):
+                batch["values"] = rollout_values(critic, batch, args.micro_batch_tokens)
+
+            # ---- advantages: the KL in the reward, GAE, whitening over every rank's tokens
+            beta = kl_ctl.value
+            rewards = token_rewards(scores, old_logprobs, ref_logprobs, mask, beta, args.kl_estimator,
+                                    args.log_ratio_clamp)                                      # (R, N)
+            batch["advantages"], batch["returns"], advantages = compute_advantages(args, rewards, batch["values"], mask)
+
+            # ---- update: epochs x minibatches of both models (the critic alone during its warm-up)
+            t1 = time.perf_counter()
+            train_policy = step >= args.critic_warmup_steps
+            train_stats = update(args, models, optimizers, batch, state, step, train_policy)
+            for name in ("policy", "critic") if train_policy else ("critic",):  # a schedule counts its model's steps
+                schedulers[name].step()
+            timer.totals["update"] = time.perf_counter() - t1
+
+            # ---- KL(pi_old || pi_ref) per sequence (sum over the response: what the controller sees) and per token
+            kl_stats = {}
+            if ref is not None:
+                log_ratio = torch.where(mask.bool(), old_logprobs - ref_logprobs, 0.0)  # k1 per token
+                kl_stats = {"train/kl_seq": log_ratio.sum(-1).mean().item(),
+                            "train/kl_token_k1": K.masked_mean(log_ratio, mask).item(),
+                            "train/kl_token_k3": K.masked_mean(torch.expm1(-log_ratio) + log_ratio, mask).item()}
+                kl_ctl.update(K.all_reduce_mean(kl_stats["train/kl_seq"]), args.prompts_per_step * args.num_generations)
+            state["kl_coef"] = kl_ctl.value
+
+            # ---- log / evaluate / save
+            metrics = {**env.rollout_metrics(rollout), **kl_stats, **train_stats,
+                       "rollout/eos_rate": 1.0 - rollout.gen.truncated.float().mean().item(),
+                       "rollout/score_mean": scores.mean().item(),
+                       "train/value_mean": K.masked_mean(batch["values"], mask).item(),
+                       "train/advantage_mean": K.masked_mean(advantages, mask).item(),
+                       "train/advantage_std": K.masked_var(advantages, mask).sqrt().item(),
+                       "train/return_mean": K.masked_mean(batch["returns"], mask).item(),
+                       "train/return_std": K.masked_var(batch["returns"], mask).sqrt().item()}
+            metrics = env.finish_reward_std(K.reduce_metrics(metrics))
+            metrics["train/explained_variance"] = explained_variance(batch["values"], batch["returns"], mask)
+            metrics["train/kl_coef"] = beta
+            times = timer.pop()
+            metrics.update({f"perf/{k}_s": v for k, v in times.items()})
+            metrics["perf/gen_tokens_per_s"] = int(mask.sum()) * info.world_size / max(times["generate"], 1e-9)
+            metrics["perf/step_s"] = time.perf_counter() - t0
+            metrics["perf/peak_mem_gb"] = K.peak_memory_gb(info.device)
+            metrics["train/skipped_updates"] = state["skipped"]
+            metrics["train/lr"] = schedulers["policy"].get_last_lr()[0]
+            done = step + 1
+            if eval_rows and args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
+                metrics.update(evaluate())
+            logger.log(done, metrics)
+            bar.set_postfix(score=f"{metrics['rollout/score_mean']:.3f}", acc=f"{metrics['rollout/accuracy']:.2f}",
+                            ev=f"{metrics['train/explained_variance']:.2f}")
+            logger.log_samples(done, env.rollout_samples(rollout, batch["advantages"], args.log_samples))
+            if state["nan_streak"] >= args.nan_patience:
+                path = checkpoint(done)
+                raise RuntimeError(f"{state['nan_streak']} updates in a row had a non-finite loss or gradient; "
+                                   f"stopped (last good weights saved to {path}). Lower --lr or --critic-lr.")
+            if run.should_stop():
+                return stop(done)
+            if args.save_every and done % args.save_every == 0:
+                checkpoint(done)
+        final = checkpoint(args.max_steps, name="final")  # still inside the run: a signal now waits for the save
+        logger.close()
+    return finish(final_dir=final, signal=run.signal)
+
+
+if __name__ == "__main__":
+    K.run_cli(main, cli())
