@@ -47,12 +47,21 @@ Launch:
     python r1_pipeline.py --stages r1_zero cold_start            # a subset; a rerun skips complete stages
     python r1_pipeline.py --out-dir runs/r1_no_lc --inputs-from runs/r1_pipeline --stages reasoning_rl \\
         --reasoning-rl.language-weight 0                          # ablation: no consistency reward
-    python r1_pipeline.py --out-dir runs/r1_no_cs --inputs-from runs/r1_pipeline --stages reasoning_rl --no-cold-start
+    python r1_pipeline.py --out-dir runs/r1_no_cs --stages reasoning_rl --no-cold-start    # ablation: no cold start
+    python r1_pipeline.py --out-dir runs/r1_no_cs_lc --stages reasoning_rl --no-cold-start \
+        --reasoning-rl.language-weight 0                          # ... and no consistency reward
     python r1_pipeline.py --out-dir runs/r1_no_cap --inputs-from runs/r1_pipeline --stages all_scenarios \\
         --all-scenarios.rm-last-steps 60                          # ablation: the reward model on every step
 
 Outputs: OUT/<i>_<stage>/ per stage (its runs, data, STAGE_DONE.json with its metrics), OUT/stages.json and
-OUT/stages.md (the table). Result: see README.md, "The DeepSeek-R1 recipe".
+OUT/stages.md (the table).
+
+Result (seed 0; README.md, "The DeepSeek-R1 recipe", has the table and the ablations): R1-Zero 39.0% -> 91.5%
+greedy with longer, unreadable responses; the cold start makes 98.5% readable at 8 points of accuracy; reasoning
+RL 85.0%; rejection-sampling SFT 89.5%, readable; all-scenario RL lifts the general prompts' gold win-rate 28.5%
+-> 50.7% (87.5% on reasoning), and without the cap the reward model's score keeps rising while the win-rate falls
+to 30.0%; the distilled student reaches 84.0% greedy and 74.1% pass@1, against 87.5% and 61.1% for R1-Zero on the
+student. The toy does not show reflection growing ("aha"), nor a benefit of the cold start.
 """
 
 from __future__ import annotations
