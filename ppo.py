@@ -684,9 +684,8 @@ def main(args: Args) -> K.RunResult:
                                     context=getattr(K.unwrap(policy).config, "max_position_embeddings", None),
                                     template=args.template, system_prompt=args.system_prompt)
             train_rows, eval_rows = fit(train_rows, source=args.dataset), eval_rows and fit(eval_rows, source="eval")
-        fused = info.device.type in ("cpu", "cuda") and not (K.is_distributed() and args.strategy == "fsdp")
-        optimizers = {name: torch.optim.AdamW(models[name].parameters(), lr=lr, weight_decay=args.weight_decay,
-                                              fused=fused or None)
+        optimizers = {name: K.adamw(models[name].parameters(), lr=lr, weight_decay=args.weight_decay,
+                                    device=info.device, strategy=args.strategy)
                       for name, lr in (("policy", args.lr), ("critic", args.critic_lr))}
         schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, K.warmup_schedule(args.warmup_steps))
                       for name, opt in optimizers.items()}
@@ -787,11 +786,7 @@ def main(args: Args) -> K.RunResult:
             metrics = env.finish_reward_std(K.reduce_metrics(metrics))
             metrics["train/explained_variance"] = explained_variance(batch["values"], batch["returns"], mask)
             metrics["train/kl_coef"] = beta
-            times = timer.pop()
-            metrics.update({f"perf/{k}_s": v for k, v in times.items()})
-            metrics["perf/gen_tokens_per_s"] = int(mask.sum()) * info.world_size / max(times["generate"], 1e-9)
-            metrics["perf/step_s"] = time.perf_counter() - t0
-            metrics["perf/peak_mem_gb"] = K.peak_memory_gb(info.device)
+            metrics.update(timer.step_metrics(t0, int(mask.sum()) * info.world_size, info.device))
             metrics["train/skipped_updates"] = state["skipped"]
             metrics["train/lr"] = schedulers["policy"].get_last_lr()[0]
             done = step + 1
