@@ -24,13 +24,13 @@ def _weights(path: str) -> dict:
 
 @pytest.mark.slow
 def test_bf16_run_at_a_real_llm_learning_rate_moves_the_weights_like_fp32(tmp_path):
-    """GRPO on the toy model at lr 1e-6 for 3 steps: the bf16 run (fp32 master weights) changes the weights by the
-    fp32 run's amount (norm within 2x) in its direction, and its checkpoint holds fp32 weights; the control, pure
-    bf16 (AdamW on bf16 weights), rounds the ~1e-6 updates to whole bf16 steps of weights of ~0.02 (a change ~65x
-    too large, cosine ~0). The direction bound is 0.5, not higher: AdamW's first updates are about lr * sign(g),
-    so every weight whose gradient is below bf16's rounding noise moves by a full lr in a random direction (on the
-    toy base, cosine 0.67 against 0.00 for the control)."""
-    kw = dict(model="toy", max_steps=3, prompts_per_step=8, num_generations=4, max_new_tokens=32, eval_every=0,
+    """GRPO on the toy model at lr 1e-6 for 4 steps of 16 prompts x 8 samples: the bf16 run (fp32 master weights)
+    changes the weights by the fp32 run's amount (norm within 2x) in its direction (cosine >= 0.9), and its
+    checkpoint holds fp32 weights; the control, pure bf16 (AdamW on bf16 weights), rounds the ~1e-6 updates to whole
+    bf16 steps of weights of ~0.02 (cosine ~0, a change far too large). The batch is the default run's: AdamW's first
+    updates are about lr * sign(g), so each weight whose gradient is below bf16's rounding noise moves a full lr in a
+    random direction, and with 8 x 4 samples on the rebuilt toy base that alone held the cosine at 0.67."""
+    kw = dict(model="toy", max_steps=4, prompts_per_step=16, num_generations=8, max_new_tokens=32, eval_every=0,
               lr=1e-6, warmup_steps=0, device="cpu", plot=False)
     runs = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
             "pure_bf16": dict(dtype="bfloat16", master_dtype="bfloat16")}
@@ -49,7 +49,7 @@ def test_bf16_run_at_a_real_llm_learning_rate_moves_the_weights_like_fp32(tmp_pa
                 for name in ("bfloat16", "pure_bf16")}
     print("cosine and norm ratio of the weight changes against fp32:", measured)
     cosine, ratio = measured["bfloat16"]
-    assert cosine >= 0.5 and 0.5 <= ratio <= 2.0
+    assert cosine >= 0.9 and 0.5 <= ratio <= 2.0
     control_cosine, control_ratio = measured["pure_bf16"]
     assert control_cosine < 0.2 and not 0.5 <= control_ratio <= 2.0  # what the bounds above tell apart
 
