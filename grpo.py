@@ -439,8 +439,7 @@ def resolve_rewards(args: Args) -> tuple[list, tuple[float, ...]]:
     """[(name, fn)] and their weights: args.rewards (weights: as given, else 1 each but 0.1 for a shaping reward
     beside others), plus DAPO's soft overlong punishment (weight 1) when on."""
     reward_fns = env.resolve_rewards(args.rewards, args.dataset)
-    weights = tuple(args.reward_weights) or tuple(
-        0.1 if name in ("format", "tag_count") and len(args.rewards) > 1 else 1.0 for name in args.rewards)
+    weights = env.reward_weights(args.rewards, args.reward_weights)
     if args.soft_overlong:
         reward_fns.append(("soft_overlong", functools.partial(
             env.soft_overlong_reward, max_length=args.max_new_tokens, cache_length=args.overlong_cache)))

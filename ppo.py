@@ -572,9 +572,7 @@ def resolve_rewards(args: Args, device=None) -> tuple[list, tuple[float, ...]]:
             saved = getattr(AutoConfig.from_pretrained(args.reward_model), "reward_std", None) is not None
             fns.append(("reward_model", RewardModelScorer(args.reward_model, device=device, normalize=saved,
                                                           dtype=args.dtype)))
-    weights = tuple(args.reward_weights) or tuple(
-        0.1 if name in ("format", "tag_count") and len(args.rewards) > 1 else 1.0 for name in args.rewards)
-    return fns, weights
+    return fns, env.reward_weights(args.rewards, args.reward_weights)
 
 
 def load_models(args: Args, info: K.DistInfo) -> tuple[dict, object]:

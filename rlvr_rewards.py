@@ -1342,6 +1342,15 @@ def sample(model, tokenizer, rows: list[dict], *, num_samples: int, max_new_toke
 # ------------------------------------------------------------------------------------------------ scoring
 
 
+SHAPING_REWARDS = ("format", "tag_count")
+
+
+def reward_weights(names, weights=()) -> tuple[float, ...]:
+    """The weights of the rewards `names`: as given, else 1 each, except a shaping reward (format, tag_count)
+    beside others, 0.1: a nudge toward the template that must not outweigh being right."""
+    return tuple(weights) or tuple(0.1 if name in SHAPING_REWARDS and len(names) > 1 else 1.0 for name in names)
+
+
 def resolve_rewards(names, dataset: str) -> list[tuple[str, object]]:
     """[(name, fn)] for reward names: built-ins, "module:function", and "task" = the dataset's own verifier
     (accuracy for a dataset that is not a built-in task)."""

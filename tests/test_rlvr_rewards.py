@@ -437,3 +437,12 @@ def test_a_null_answer_marks_a_row_without_gold_and_a_missing_one_is_refused(tmp
     path.write_text('{"prompt": "2+2", "answer": "4"}\n{"prompt": "hello"}\n')
     with pytest.raises(R.DataError, match="line 2: no 'answer'"):
         R.load_prompts(str(path), required=R.required_fields(fns))
+
+
+def test_default_reward_weights_are_one_each_with_shaping_rewards_at_a_tenth_beside_others():
+    """grpo.py and ppo.py share this rule: weights as given, else 1 each, but format / tag_count at 0.1 beside
+    another reward (alone, a shaping reward is the whole signal and keeps weight 1)."""
+    assert R.reward_weights(("task", "format")) == (1.0, 0.1)
+    assert R.reward_weights(("accuracy", "tag_count", "format")) == (1.0, 0.1, 0.1)
+    assert R.reward_weights(("format",)) == (1.0,)
+    assert R.reward_weights(("task", "format"), (2.0, 0.5)) == (2.0, 0.5)
