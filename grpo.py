@@ -52,7 +52,7 @@ Deliberate choices:
     row saves a checkpoint and stops with a clear message.
 
 Launch:
-    python grpo.py                                   # R1-Zero in the toy world, CPU, ~1 minute
+    python grpo.py                                   # R1-Zero in the toy world, CPU, ~3 minutes
     python grpo.py --preset dapo --out-dir runs/dapo
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset data.jsonl \\
         --template chat --prompts-per-step 64 --num-generations 16 --max-new-tokens 1024 --lr 1e-6 --strategy fsdp
