@@ -76,7 +76,7 @@ from typing import Literal, Optional
 import torch
 import tyro
 
-import kernels as K
+import rl_kernels as K
 import rlvr_rewards as env
 
 Advantage = Literal["group", "mean", "rloo", "batch"]

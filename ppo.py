@@ -28,7 +28,7 @@ KL units: per token in the reward. The controller sees the per-SEQUENCE KL, sum_
 (Ziegler's target of 6 nats is per sequence), with n_steps = responses per step; logged as train/kl_seq, with the
 per-token train/kl_token_k1 and train/kl_token_k3, and beta as train/kl_coef.
 Alignment: V(s_t), the value of the state before token t, is read at the position that predicts token t (the last
-prompt token for t = 0), where kernels.token_logprobs reads log pi(o_t). The score sits on each row's last real token:
+prompt token for t = 0), where rl_kernels.token_logprobs reads log pi(o_t). The score sits on each row's last real token:
 its EOS (in the mask even when EOS == PAD) or, if truncated, its last token (TRL's removed PPO was one off at EOS).
 Shapes: B prompts, G samples each, R = B*G rows (prompt-major), P prompt tokens, N response tokens.
 
@@ -56,13 +56,13 @@ Deliberate choices:
     it keeps the reward head (InstructGPT), normalised as the scores are, so values start at each prefix's score.
   - pi_ref and V_old are computed once per rollout at the sampling temperature, over length-sorted micro-batches;
     pi_old too when several epochs or minibatches need it, or when the k1 in the reward needs it exact and the
-    sampler's log-probs are not (bf16: kernels.sampled_logprobs_exact); else the sampler's log-probs serve.
+    sampler's log-probs are not (bf16: rl_kernels.sampled_logprobs_exact); else the sampler's log-probs serve.
     Minibatches are strided over each rank's prompts (the same rows on any number of ranks), their order
     reshuffled every epoch. Sampling noise is keyed as in grpo.py: same seed, same prompts and first samples.
-  - The run's life is grpo.py's (kernels.Run): one run per --out-dir (--resume, --overwrite), SIGTERM/SIGINT save
+  - The run's life is grpo.py's (rl_kernels.Run): one run per --out-dir (--resume, --overwrite), SIGTERM/SIGINT save
     and exit 128 + the signal, a slow reward interrupted by one drops its step; mixed precision as grpo.py (the
     reference and the reward model frozen in the compute dtype, the critic trained over fp32 master weights).
-  - A NaN/inf in either loss or gradient norm skips the optimizer step of both models (kernels.guarded_step on
+  - A NaN/inf in either loss or gradient norm skips the optimizer step of both models (rl_kernels.guarded_step on
     both); nan_patience in a row saves and stops.
 
 Launch:
@@ -95,7 +95,7 @@ from typing import Literal, Optional
 import torch
 import tyro
 
-import kernels as K
+import rl_kernels as K
 import rlvr_rewards as env
 from rlhf_reward_model import RewardModelScorer
 

@@ -79,7 +79,7 @@ import torch
 import tyro
 
 import grpo
-import kernels
+import rl_kernels
 import rlhf_reward_model
 import rlvr_rewards as env
 import sft
@@ -133,7 +133,7 @@ class AllScenarios:
 
 @dataclass
 class Distill:
-    student: str = os.path.join(os.path.dirname(kernels.TOY_BASE), "student")  # the smaller pretrained student
+    student: str = os.path.join(os.path.dirname(rl_kernels.TOY_BASE), "student")  # the smaller pretrained student
     epochs: float = 3  # SFT epochs on stage 3's data
     lr: float = 2e-3  # SFT learning rate
     rl_steps: int = 40  # GRPO steps of the baseline, R1-Zero on the student: about the distillation's trained tokens
@@ -242,8 +242,8 @@ def write_jsonl(path: str, rows: list[dict]) -> str:
 @torch.no_grad()
 def sample(model_path: str, rows: list[dict], k: int, args: Args, temperature: float = 1.0):
     """(model, tokenizer, k completions per row): sampled from a seeded generator, or greedy at temperature 0."""
-    model, tokenizer = kernels.load_model(model_path)
-    kernels.set_cpu_threads(0, model)
+    model, tokenizer = rl_kernels.load_model(model_path)
+    rl_kernels.set_cpu_threads(0, model)
     generator = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
     return model, tokenizer, env.sample(model, tokenizer, rows, num_samples=k, max_new_tokens=args.max_new_tokens,
                                         temperature=temperature, generator=generator).completions
@@ -278,7 +278,7 @@ def run(main, script_args) -> str:
     final = os.path.join(script_args.out_dir, "final")
     if os.path.isdir(final):
         return final
-    resume = kernels.latest_checkpoint(script_args.out_dir) is not None
+    resume = rl_kernels.latest_checkpoint(script_args.out_dir) is not None
     result = main(dataclasses.replace(script_args, resume=resume, overwrite=not resume))
     if result.stopped_at is not None:
         raise Stopped(f"{script_args.out_dir} stopped at step {result.stopped_at}", result.signal)
@@ -504,13 +504,13 @@ def main(args: Args) -> list[dict]:
     """Run the requested stages in order, skipping complete ones, then write and print the stage table."""
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
-        raise kernels.UserError(f"--stages: unknown stage {unknown[0]!r}; the stages are {' '.join(STAGES)}.")
+        raise rl_kernels.UserError(f"--stages: unknown stage {unknown[0]!r}; the stages are {' '.join(STAGES)}.")
     done = {name: record for name in STAGES if (record := load_done(args, name))}
     for name in args.stages:
         needs = () if name == "reasoning_rl" and args.no_cold_start else NEEDS.get(name, ())
         missing = [n for n in needs if n not in done and n not in args.stages]
         if missing and name not in done:
-            raise kernels.UserError(f"stage {name} needs stage {missing[0]}: add it to --stages, or pass --inputs-from an "
+            raise rl_kernels.UserError(f"stage {name} needs stage {missing[0]}: add it to --stages, or pass --inputs-from an "
                              f"out dir where it is complete.")
     for name in STAGES:
         if name in args.stages and name not in done:
@@ -528,4 +528,4 @@ def cli(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    kernels.run_cli(cli, tyro.cli(Args))
+    rl_kernels.run_cli(cli, tyro.cli(Args))

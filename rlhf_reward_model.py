@@ -40,8 +40,8 @@ Deliberate choices:
     pairs back, so they are left out: the toy reward model checks
     consistency, not arithmetic, and a consistently wrong trace fools it (reward hacking in miniature; the
     verifiable rewards of rlvr_rewards.py do not have this hole).
-  - --model toy is the toy base model (kernels.load_model builds it on first use); the toy pairs come from
-    rlvr_rewards' arithmetic task. This file imports kernels and rlvr_rewards only, never another algorithm file.
+  - --model toy is the toy base model (rl_kernels.load_model builds it on first use); the toy pairs come from
+    rlvr_rewards' arithmetic task. This file imports rl_kernels and rlvr_rewards only, never another algorithm file.
 
 Launch:
     python rlhf_reward_model.py                                       # toy world, CPU, about 2.5 minutes
@@ -81,9 +81,9 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-import kernels
+import rl_kernels
 import rlvr_rewards
-from kernels import (MetricsLogger, RunResult, all_reduce_mean, all_reduce_sum, get_rank,
+from rl_kernels import (MetricsLogger, RunResult, all_reduce_mean, all_reduce_sum, get_rank,
                      get_world_size, init_distributed, load_checkpoint, load_model,
                      position_ids_from_mask, print0, resolve_device, save_args, save_checkpoint, seed_everything,
                      set_cpu_threads, unwrap, wrap_model)
@@ -148,7 +148,7 @@ class Args:
     dist_timeout_s: float = 600.0
     """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
     threads: int = 0
-    """CPU threads for torch (0: 1 for models under 50M parameters, see kernels.set_cpu_threads)"""
+    """CPU threads for torch (0: 1 for models under 50M parameters, see rl_kernels.set_cpu_threads)"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,7 +349,7 @@ def tokenize(tokenizer, texts: list[str], max_length: int, device) -> tuple[torc
 def load_reward_model(name_or_path: str, *, device="auto", dtype="auto", master_dtype="float32", frozen=False):
     """(model, tokenizer): AutoModelForSequenceClassification with one output. From a causal-LM checkpoint the
     backbone is reused and the head starts random; from a trained reward model everything loads. dtype computes,
-    master_dtype holds the weights (kernels.load_model); frozen: a scorer, with bf16 matmul weights only."""
+    master_dtype holds the weights (rl_kernels.load_model); frozen: a scorer, with bf16 matmul weights only."""
     from transformers import AutoModelForSequenceClassification
 
     model, tokenizer = load_model(name_or_path, model_class=AutoModelForSequenceClassification, num_labels=1,
@@ -470,23 +470,23 @@ def main(args: Args) -> RunResult:
     """Train the reward model; returns the out dir, final/ and the held-out pairwise metrics (eval/) of the initial
     and the final model."""
     start_time = time.time()
-    kernels.quiet_transformers()   # the new score head is expected: no load report about it
+    rl_kernels.quiet_transformers()   # the new score head is expected: no load report about it
     dist_info = init_distributed(args.device, args.dist_timeout_s)
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
-    kernels.check_settings(args)
+    rl_kernels.check_settings(args)
     seed_everything(args.seed)
     if args.batch_size % world:
-        raise kernels.UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks.")
+        raise rl_kernels.UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks.")
     train_pairs, eval_pairs = load_pairs(args)            # a bad data file stops here, before any model loads
-    kernels.check_model_source(args.model)
+    rl_kernels.check_model_source(args.model)
     use_margin = any("margin" in p for p in train_pairs)
     print0(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
-    finish = functools.partial(kernels.finish_run, args.out_dir, t_start=start_time, panels=[
+    finish = functools.partial(rl_kernels.finish_run, args.out_dir, t_start=start_time, panels=[
         ("Bradley-Terry loss", [("train/loss", "train"), ("eval/loss", "held-out")], "loss"),
         ("pairwise accuracy", [("train/accuracy", "train batch"), ("eval/accuracy", "held-out")], "P(r_w > r_l)")],
         title=f"rlhf_reward_model.py --model {args.model} --dataset {args.dataset}")
 
-    with kernels.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps) as run:
+    with rl_kernels.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps) as run:
         if run.finished:
             return finish(final_dir=run.checkpoint)
         model, tokenizer = load_reward_model(args.model, device=device, dtype=args.dtype,
@@ -495,7 +495,7 @@ def main(args: Args) -> RunResult:
         model.config.reward_template = args.template          # the scorer renders text the same way
         model = wrap_model(model, args.strategy, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kernels.warmup_schedule(
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rl_kernels.warmup_schedule(
             args.warmup_steps, args.max_steps, min_ratio=0.1))
         start_step = load_checkpoint(run.checkpoint, model, optimizer, scheduler)["step"] if run.checkpoint else 0
         save_args(args.out_dir, args)
@@ -515,11 +515,11 @@ def main(args: Args) -> RunResult:
         step, skipped = start_step, 0
         metrics = run_eval(0) if start_step == 0 and args.eval_every else {"step": None}
         model.train()
-        bar = kernels.progress(range(start_step + 1, args.max_steps + 1), desc="reward model", total=args.max_steps,
+        bar = rl_kernels.progress(range(start_step + 1, args.max_steps + 1), desc="reward model", total=args.max_steps,
                                initial=start_step)
         for step in bar:
             # ---- this rank's share of the global batch; chosen and rejected in one forward of 2b rows ----
-            batch = [train_pairs[i] for i in kernels.stream_indices((step - 1) * args.batch_size, args.batch_size,
+            batch = [train_pairs[i] for i in rl_kernels.stream_indices((step - 1) * args.batch_size, args.batch_size,
                                                                     len(train_pairs), args.seed)][rank::world]
             texts = [render(tokenizer, p["prompt"], p[side], args.template) for side in ("chosen", "rejected")
                      for p in batch]
@@ -531,7 +531,7 @@ def main(args: Args) -> RunResult:
             loss, stats = bradley_terry_loss(chosen, rejected, margin, args.center_coef)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            stats, stepped = kernels.guarded_step(model, optimizer, args.max_grad_norm, stats)
+            stats, stepped = rl_kernels.guarded_step(model, optimizer, args.max_grad_norm, stats)
             skipped += not stepped
             scheduler.step()
 
@@ -564,4 +564,4 @@ def main(args: Args) -> RunResult:
 
 
 if __name__ == "__main__":
-    kernels.run_cli(main, tyro.cli(Args))
+    rl_kernels.run_cli(main, tyro.cli(Args))

@@ -2,7 +2,7 @@
 built-in tasks they verify, and the harness around them: one JSONL reader (read_jsonl), prompt rendering
 (render_prompt: chat template or R1's text template), sampling a rollout (sample -> Rollout), resolving and
 combining rewards and scoring a rollout (score, rollout_metrics), and evaluating a policy on held-out rows
-(evaluate: greedy accuracy, pass@1 over k samples, lengths, reasoning share). Imports kernels and sandbox.
+(evaluate: greedy accuracy, pass@1 over k samples, lengths, reasoning share). Imports rl_kernels and sandbox.
 
 A reward is a plain function of the same shape as TRL's reward functions, so users can bring theirs:
 
@@ -109,7 +109,7 @@ from fractions import Fraction
 
 import torch
 
-import kernels as K
+import rl_kernels as K
 import sandbox
 
 # ------------------------------------------------------------------------------------------------ extraction
@@ -1254,7 +1254,7 @@ def render_prompt(tokenizer, prompt, template: str = "auto", system_prompt: str 
 
 def longest_prompt(tokenizer, rows: list[dict], template: str = "auto", system_prompt: str | None = None) -> int:
     """The most tokens any row's prompt takes once rendered: with max_new_tokens, the KV cache a compiled decoder needs
-    for the whole run (kernels.set_generation_length)."""
+    for the whole run (rl_kernels.set_generation_length)."""
     texts = [render_prompt(tokenizer, row["prompt"], template, system_prompt) for row in rows]
     chat = bool(rows) and uses_chat_template(tokenizer, rows[0]["prompt"], template)
     return max((len(ids) for ids in tokenizer(texts, add_special_tokens=not chat)["input_ids"]), default=1)
@@ -1325,8 +1325,8 @@ def decode(tokenizer, gen: K.Generation) -> list[str]:
 def sample(model, tokenizer, rows: list[dict], *, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, template: str = "auto", system_prompt: str | None = None, noise_keys=None,
            generator: torch.Generator | None = None, compile: bool | None = None) -> Rollout:
-    """num_samples completions for each row's prompt: render, tokenize, kernels.generate (each prompt prefilled
-    once), decode. noise_keys: one int per row of the result (kernels.rollout_noise_keys), or else a generator."""
+    """num_samples completions for each row's prompt: render, tokenize, rl_kernels.generate (each prompt prefilled
+    once), decode. noise_keys: one int per row of the result (rl_kernels.rollout_noise_keys), or else a generator."""
     texts = [render_prompt(tokenizer, row["prompt"], template, system_prompt) for row in rows]
     device = next(K.unwrap(model).parameters()).device
     chat = uses_chat_template(tokenizer, rows[0]["prompt"], template)
@@ -1427,7 +1427,7 @@ def score(rollout: Rollout, reward_fns, weights, *, reward_timeout_s: float | No
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     """The diagnostics every run should log for a scored rollout (this rank's; all-reduce with
-    kernels.reduce_metrics): reward, accuracy, lengths split by correctness, truncation, reasoning and reflection
+    rl_kernels.reduce_metrics): reward, accuracy, lengths split by correctness, truncation, reasoning and reflection
     shares, and each reward's mean. rollout/reward_sq_mean is there so that the std can be formed after the mean."""
     gen, rewards = rollout.gen, rollout.rewards
     lengths = gen.mask.sum(-1).float().cpu()

@@ -25,7 +25,7 @@ Deliberate choices:
     Chat data render the prompt with the tokenizer's chat template and the generation prompt; the completion
     is whatever the template adds for the assistant turn (its end-of-turn token included). Only the last
     assistant turn of a `messages` row is a target.
-  - Log-probs come from kernels.token_logprobs (chunked, fused): the (B, T, V) logits never exist.
+  - Log-probs come from rl_kernels.token_logprobs (chunked, fused): the (B, T, V) logits never exist.
   - The data order is a seeded permutation per epoch and a step's samples are a function of the step, so
     --resume needs only the step to continue exactly where it stopped (bit for bit on CPU).
   - Each step's batch is sorted by length before it is split over ranks and micro-batches, so short direct
@@ -86,10 +86,10 @@ import torch
 import transformers
 import tyro
 
-import kernels
+import rl_kernels
 import rlvr_rewards
 
-TOY_BASE = kernels.TOY_BASE  # where the toy recipe's model goes (kernels.load_model("toy") loads it)
+TOY_BASE = rl_kernels.TOY_BASE  # where the toy recipe's model goes (rl_kernels.load_model("toy") loads it)
 
 
 @dataclass
@@ -422,7 +422,7 @@ def generate_completions(model, tokenizer, prompts: list, *, temperature: float 
                          max_new_tokens: int = 48, batch_size: int = 256, seed: int = 0) -> list[str]:
     """Completions (prompt-major, num_samples per prompt) for plain or chat prompts, as SFT renders them (a string
     as it is, messages through the chat template), sampled from one torch.Generator seeded with `seed`."""
-    device = next(kernels.unwrap(model).parameters()).device
+    device = next(rl_kernels.unwrap(model).parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     texts = []
     for start in range(0, len(prompts), batch_size):
@@ -599,18 +599,18 @@ def completion_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor, num_tokens=
 def load_or_init(args: Args, device: torch.device):
     """(model, tokenizer) from --model, or random weights from --init-from-config (seeded by --seed)."""
     if args.model:
-        return kernels.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=device)
+        return rl_kernels.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=device)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer = kernels.load_tokenizer(args.tokenizer) if args.tokenizer else build_toy_tokenizer()
+    tokenizer = rl_kernels.load_tokenizer(args.tokenizer) if args.tokenizer else build_toy_tokenizer()
     config = (toy_model_config(tokenizer, args.init_from_config) if args.init_from_config in TOY_SIZES
               else AutoConfig.from_pretrained(args.init_from_config))
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=kernels.resolve_precision(args.dtype, args.master_dtype,
+    model = AutoModelForCausalLM.from_config(config, dtype=rl_kernels.resolve_precision(args.dtype, args.master_dtype,
                                                                                      device)[1])
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    return kernels.set_precision(model.to(device), args.dtype), tokenizer
+    return rl_kernels.set_precision(model.to(device), args.dtype), tokenizer
 
 
 @torch.no_grad()
@@ -619,8 +619,8 @@ def evaluate(model, tokenizer, examples: list[dict], rows: list[dict], max_new_t
     """eval/loss on every held-out example; on the rows with an answer, rlvr_rewards.evaluate's greedy metrics
     (eval/accuracy, eval/response_length, eval/reasoning_share). Each rank takes every world-th example; under FSDP
     every forward is a collective, so a short share is topped up with examples that are not counted."""
-    rank, world = kernels.get_rank(), kernels.get_world_size()
-    device = next(kernels.unwrap(model).parameters()).device
+    rank, world = rl_kernels.get_rank(), rl_kernels.get_world_size()
+    device = next(rl_kernels.unwrap(model).parameters()).device
     model.eval()
     share = examples[rank::world]
     share += [{"input_ids": examples[0]["input_ids"]}] * (math.ceil(len(examples) / world) - len(share))  # no loss_mask
@@ -628,10 +628,10 @@ def evaluate(model, tokenizer, examples: list[dict], rows: list[dict], max_new_t
     for start in range(0, len(share), batch_size):
         input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(share[start:start + batch_size],
                                                                               tokenizer.pad_token_id))
-        logprobs = kernels.token_logprobs(model, input_ids, attention_mask)  # (B, T-1)
+        logprobs = rl_kernels.token_logprobs(model, input_ids, attention_mask)  # (B, T-1)
         sums += torch.tensor([-(logprobs * loss_mask[:, 1:]).sum().item(), loss_mask[:, 1:].sum().item()],
                              dtype=torch.float64)
-    sums = kernels.all_reduce_sum(sums)
+    sums = rl_kernels.all_reduce_sum(sums)
     metrics = {"eval/loss": (sums[0] / sums[1].clamp_min(1)).item()}
     answered = [r for r in rows if r.get("answer") is not None]
     if answered:  # the same list on every rank: rlvr_rewards.evaluate shards it
@@ -650,29 +650,29 @@ def export_model(final_dir: str, export_dir: str):
     os.replace(tmp, export_dir)
 
 
-def main(args: Args) -> kernels.RunResult:
+def main(args: Args) -> rl_kernels.RunResult:
     """Train; returns the out dir, final/ and the held-out metrics before and after (eval/, and for the built-in
     data the toy world's numbers, toy/)."""
     t0 = time.time()
-    kernels.quiet_transformers()  # checkpoint saves would draw bars inside ours
-    dist_info = kernels.init_distributed(args.device, args.dist_timeout_s)
+    rl_kernels.quiet_transformers()  # checkpoint saves would draw bars inside ours
+    dist_info = rl_kernels.init_distributed(args.device, args.dist_timeout_s)
     device, world = dist_info.device, dist_info.world_size
-    kernels.check_settings(args)
+    rl_kernels.check_settings(args)
     micro_batch, remainder = divmod(args.batch_size, world * args.grad_accum)
     if remainder or micro_batch == 0:
-        raise kernels.UserError(f"--batch-size {args.batch_size} must be a multiple of ranks * --grad-accum = "
+        raise rl_kernels.UserError(f"--batch-size {args.batch_size} must be a multiple of ranks * --grad-accum = "
                                 f"{world * args.grad_accum}.")
-    kernels.seed_everything(args.seed)
+    rl_kernels.seed_everything(args.seed)
     train_rows, eval_rows = load_data(args)  # malformed data stops here, before any model is loaded
     if args.model:
-        kernels.check_model_source(args.model)
+        rl_kernels.check_model_source(args.model)
     total_steps = math.ceil(args.epochs * len(train_rows) / args.batch_size) if args.epochs else args.max_steps
-    finish = functools.partial(kernels.finish_run, args.out_dir, t_start=t0, panels=[
+    finish = functools.partial(rl_kernels.finish_run, args.out_dir, t_start=t0, panels=[
         ("loss", [("train/loss", "train"), ("eval/loss", "held-out")], "completion NLL per token"),
         ("held-out (greedy)", [("eval/accuracy", "accuracy"), ("eval/reasoning_share", "reasoning share")],
          "share")], title=f"sft.py --model {args.model or args.init_from_config} --dataset {args.dataset}")
 
-    with kernels.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=total_steps) as run:
+    with rl_kernels.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=total_steps) as run:
         if run.finished:
             return finish(final_dir=run.checkpoint)
         model, tokenizer = load_or_init(args, device)
@@ -683,33 +683,33 @@ def main(args: Args) -> kernels.RunResult:
             examples = [build_sft_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
             unknown = [i for i, e in enumerate(examples) if tokenizer.unk_token_id in e["input_ids"]]
             if unknown and tokenizer.unk_token_id is not None:
-                kernels.print0(f"Warning: {len(unknown)} example(s) hold characters the tokenizer cannot represent "
+                rl_kernels.print0(f"Warning: {len(unknown)} example(s) hold characters the tokenizer cannot represent "
                                f"(mapped to {tokenizer.unk_token}), e.g. row {unknown[0]}: "
                                f"{str(rows[unknown[0]]['prompt'])[:40]!r} -> {rows[unknown[0]]['completion'][:40]!r}")
             cut = sum(len(e["input_ids"]) > max_length for e in examples)
             if cut:
-                kernels.print0(f"Cut {cut} of {len(examples)} examples to {max_length} tokens (--max-length "
+                rl_kernels.print0(f"Cut {cut} of {len(examples)} examples to {max_length} tokens (--max-length "
                                f"{args.max_length}, the model's context {context}): their completions lose their end.")
             return [{k: v[:max_length] for k, v in e.items()} for e in examples]
 
         train, held_out = encode(train_rows), encode(eval_rows)
-        model = kernels.wrap_model(model, args.strategy, device)
+        model = rl_kernels.wrap_model(model, args.strategy, device)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kernels.warmup_schedule(
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rl_kernels.warmup_schedule(
             args.warmup_steps, total_steps, args.min_lr_ratio))
         start_step = 0
         if run.checkpoint:
-            start_step = kernels.load_checkpoint(run.checkpoint, model, optimizer, scheduler)["step"]
-            kernels.print0(f"Resuming from {run.checkpoint} at step {start_step}.")
-        kernels.save_args(args.out_dir, args)
-        logger = kernels.MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
+            start_step = rl_kernels.load_checkpoint(run.checkpoint, model, optimizer, scheduler)["step"]
+            rl_kernels.print0(f"Resuming from {run.checkpoint} at step {start_step}.")
+        rl_kernels.save_args(args.out_dir, args)
+        logger = rl_kernels.MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
                                        report_to=args.report_to, config=dataclasses.asdict(args))
-        kernels.print0(f"SFT: {len(train)} examples, {len(held_out)} held out, {total_steps} steps of "
+        rl_kernels.print0(f"SFT: {len(train)} examples, {len(held_out)} held out, {total_steps} steps of "
                        f"{args.batch_size} on {world} x {device}; outputs in {args.out_dir}")
 
         def save(step, name=None):
-            return kernels.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler, name=name,
+            return rl_kernels.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler, name=name,
                                            extra={"samples_seen": step * args.batch_size})
 
         def run_eval() -> dict:
@@ -718,12 +718,12 @@ def main(args: Args) -> kernels.RunResult:
         metrics, step, skipped = {}, start_step, 0
         if held_out and args.eval_every and start_step == 0:
             logger.log(0, run_eval())
-        bar = kernels.progress(range(start_step, total_steps), desc="sft", total=total_steps, initial=start_step)
+        bar = rl_kernels.progress(range(start_step, total_steps), desc="sft", total=total_steps, initial=start_step)
         for step in bar:
             # ---- one optimizer step: this rank's share of the batch, in micro-batches ----
             tick = time.perf_counter()
             # Sorted by length, so each micro-batch pads to similar lengths (short direct answers together).
-            batch = sorted((train[i] for i in kernels.stream_indices(step * args.batch_size, args.batch_size,
+            batch = sorted((train[i] for i in rl_kernels.stream_indices(step * args.batch_size, args.batch_size,
                                                                       len(train), args.seed)),
                            key=lambda e: len(e["input_ids"]))
             mine = batch[dist_info.rank::world]
@@ -733,17 +733,17 @@ def main(args: Args) -> kernels.RunResult:
                 input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(
                     mine[m * micro_batch:(m + 1) * micro_batch], tokenizer.pad_token_id))
                 # DDP/FSDP2 sync gradients once, in the last micro-batch's backward
-                with kernels.no_grad_sync(model, skip=m < args.grad_accum - 1):
-                    logprobs = kernels.token_logprobs(model, input_ids, attention_mask)  # (b, T-1)
+                with rl_kernels.no_grad_sync(model, skip=m < args.grad_accum - 1):
+                    logprobs = rl_kernels.token_logprobs(model, input_ids, attention_mask)  # (b, T-1)
                     loss = completion_loss(logprobs, loss_mask[:, 1:], num_tokens)
                     (loss * world).backward()  # DDP/FSDP average gradients over ranks; the sum is what we want
                 loss_sum = loss_sum + loss.detach()
             lr = scheduler.get_last_lr()[0]
-            values, stepped = kernels.guarded_step(model, optimizer, args.max_grad_norm, {"loss": loss_sum})
+            values, stepped = rl_kernels.guarded_step(model, optimizer, args.max_grad_norm, {"loss": loss_sum})
             skipped += not stepped
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            metrics = {"train/loss": kernels.all_reduce_mean(values["loss"]) * world, "train/lr": lr,
+            metrics = {"train/loss": rl_kernels.all_reduce_mean(values["loss"]) * world, "train/lr": lr,
                        "train/grad_norm": values["grad_norm"] if args.max_grad_norm > 0 else 0.0,
                        "train/epoch": (step + 1) * args.batch_size / len(train), "train/skipped_updates": skipped,
                        "perf/tokens_per_s": sum(len(e["input_ids"]) for e in batch) / (time.perf_counter() - tick)}
@@ -757,7 +757,7 @@ def main(args: Args) -> kernels.RunResult:
                 save(done)
             if run.should_stop():
                 save(done)
-                kernels.print0(f"Stopped at step {done}; resume with --resume --out-dir {args.out_dir}.")
+                rl_kernels.print0(f"Stopped at step {done}; resume with --resume --out-dir {args.out_dir}.")
                 logger.close()
                 return finish(final_dir=None, stopped_at=done, signal=run.signal)
 
@@ -766,9 +766,9 @@ def main(args: Args) -> kernels.RunResult:
         final_dir = save(step, name="final")
         if dist_info.is_main and args.dataset in ("toy", "arithmetic"):
             toy_world_report(args, final_dir, tokenizer, device, logger, step, time.time() - t0)
-        kernels.barrier()
+        rl_kernels.barrier()
         logger.close()
-    kernels.print0(f"Done in {time.time() - t0:.0f} s; final model in {final_dir}")
+    rl_kernels.print0(f"Done in {time.time() - t0:.0f} s; final model in {final_dir}")
     return finish(final_dir=final_dir, signal=run.signal)
 
 
@@ -800,4 +800,4 @@ def toy_world_report(args: Args, final_dir: str, tokenizer, device, logger, step
 
 
 if __name__ == "__main__":
-    kernels.run_cli(main, tyro.cli(Args))
+    rl_kernels.run_cli(main, tyro.cli(Args))

@@ -1,4 +1,4 @@
-"""bench/generate.py: kernels.generate against transformers' model.generate, tokens/s side by side.
+"""bench/generate.py: rl_kernels.generate against transformers' model.generate, tokens/s side by side.
 
 What is measured: the wall time of one whole call (prefill + every decode step + sampling), for the same
 random-initialised model, the same left-padded prompts, the same sampling settings (temperature 1, top-p 1,
@@ -8,9 +8,9 @@ EOS, ours gets eos_token_id=-1), so both always make exactly R*N tokens; the scr
     tokens/s = R * N / call time            R = B prompts * S samples per prompt
     ratio    = median over runs of (their call time / our call time), each pair timed back to back
 
-A third contestant, "ours keyed", is kernels.generate with noise_keys (per-row keyed sampling noise), the
+A third contestant, "ours keyed", is rl_kernels.generate with noise_keys (per-row keyed sampling noise), the
 way grpo.py samples. Each run times every contestant once, the order rotating and reversing from run to run,
-after one untimed warm-up each, so a noisy shared machine slows all sides alike. On CUDA our decode step is compiled with CUDA graphs (kernels.generate's default);
+after one untimed warm-up each, so a noisy shared machine slows all sides alike. On CUDA our decode step is compiled with CUDA graphs (rl_kernels.generate's default);
 the warm-up call pays for the compile and the graph capture, and the table reports how many graphs were
 compiled during the timed runs (should be 0: same shapes every call).
 
@@ -49,7 +49,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kernels  # noqa: E402
+import rl_kernels  # noqa: E402
 
 
 @dataclass
@@ -65,10 +65,10 @@ class Args:
     runs: int = 0
     """timed runs per side, after one warm-up each (0: 2 with --quick, 5 on CPU, 3 on CUDA)"""
     threads: int = 0
-    """torch CPU threads (0: kernels.set_cpu_threads' rule, as the training scripts: 1 for a CPU model under 50M
+    """torch CPU threads (0: rl_kernels.set_cpu_threads' rule, as the training scripts: 1 for a CPU model under 50M
     parameters, else torch's default); on a busy shared machine 1 gives far steadier timings"""
     compile: bool | None = None
-    """compile our decode step (None: kernels.generate's default, i.e. on CUDA only)"""
+    """compile our decode step (None: rl_kernels.generate's default, i.e. on CUDA only)"""
     keyed: bool = True
     """also time ours with keyed noise (noise_keys), the way grpo.py samples"""
     roofline: bool | None = None
@@ -189,7 +189,7 @@ def bench_shape(model, shape: str, args: Args, device: torch.device, new_tokens:
     keys = torch.arange(R, device=device)  # grpo.py's per-row sampling keys
 
     def ours(noise_keys=None):
-        out = kernels.generate(model, input_ids, attention_mask, max_new_tokens=N, num_samples=S,
+        out = rl_kernels.generate(model, input_ids, attention_mask, max_new_tokens=N, num_samples=S,
                                temperature=1.0, top_p=1.0, top_k=0, eos_token_id=-1, pad_token_id=0,
                                noise_keys=noise_keys, compile=args.compile)
         assert out.tokens.shape == (R, N) and bool(out.mask.all()), "ours made a different number of tokens"
@@ -276,7 +276,7 @@ def markdown(rows: list[dict], args: Args, header: str, device: torch.device, co
     lines.append("ratio = median over the interleaved runs of transformers' call time / ours; tokens/s = rows x N / "
                  "median call time (prefill included).")
     if keyed:
-        lines.append("ours keyed = kernels.generate with noise_keys (one keyed uniform per row and step), the way grpo.py "
+        lines.append("ours keyed = rl_kernels.generate with noise_keys (one keyed uniform per row and step), the way grpo.py "
                      "samples; the plain columns use the default torch.Generator noise.")
     if copy_bw:
         lines.append(f"Copy bandwidth measured here: {copy_bw / 1e9:,.0f} GB/s (read + write). GB/step = weights + "
@@ -311,10 +311,10 @@ def main(args: Args):
     dtype = torch.bfloat16 if gpu else torch.float32
 
     model = build_model(model_name, device, dtype, args.seed)
-    kernels.set_cpu_threads(args.threads, model)
+    rl_kernels.set_cpu_threads(args.threads, model)
     params = sum(p.numel() for p in model.parameters())
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} thread(s)"
-    header = (f"### generate: kernels.generate vs transformers generate ({where})\n\n"
+    header = (f"### generate: rl_kernels.generate vs transformers generate ({where})\n\n"
               f"`python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`: random Qwen2 `{model_name}` "
               f"({params / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}), temperature 1, top-p 1, "
               f"EOS off, {runs} interleaved runs after a warm-up; torch {torch.__version__}, transformers "

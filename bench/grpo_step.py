@@ -24,7 +24,7 @@ vocabularies it practically never samples EOS), so both sides decode N steps eac
 mean completion length of each side so any difference in work shows.
 
 Timing. Ours: grpo.main(max_steps = warmup + steps, eval_every 0) and its per-step `perf/*_s` from metrics.jsonl
-(generate: templating + kernels.generate + decoding; reward; log-prob passes: pi_old / pi_ref recomputation, none
+(generate: templating + rl_kernels.generate + decoding; reward; log-prob passes: pi_old / pi_ref recomputation, none
 here since mu = 1 and beta = 0; update: forward + backward + optimizer). TRL: trainer.train() with a
 TrainerCallback timing on_step_begin -> on_step_end, and its phases by wrapping the trainer's `_generate` (tokenise,
 model.generate, decode) and `_calculate_rewards`; the rest of `_generate_and_score_completions` (padding,
@@ -33,7 +33,7 @@ The first `warmup` steps of every run are discarded (lazy initialisation; on GPU
 Runs alternate (ours, TRL, TRL, ours, ...) over `rounds`, so a noisy shared machine slows both alike; the tables
 give the seconds as medians over every kept step, and the ratio TRL / ours per round (each side's median step in
 that round; the two runs of a round are back to back) and its median over the rounds, the headline number.
-grpo.main's final checkpoint is skipped (kernels.save_checkpoint is swapped for a stub during our runs): saving is
+grpo.main's final checkpoint is skipped (rl_kernels.save_checkpoint is swapped for a stub during our runs): saving is
 not part of a step and would write gigabytes for the larger models.
 
 Models (all Qwen2, tied embeddings, the toy character-level tokenizer of sft.py; embedding rows beyond the
@@ -68,7 +68,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
-import kernels  # noqa: E402
+import rl_kernels  # noqa: E402
 import rlvr_rewards  # noqa: E402
 import sft  # noqa: E402
 
@@ -181,12 +181,12 @@ def synchronize():
 @contextlib.contextmanager
 def no_checkpoints():
     """grpo.main always writes a final checkpoint; it is not part of a step, so skip it while timing."""
-    real = kernels.save_checkpoint
-    kernels.save_checkpoint = lambda out_dir, step, *a, name=None, **k: os.path.join(out_dir, name or str(step))
+    real = rl_kernels.save_checkpoint
+    rl_kernels.save_checkpoint = lambda out_dir, step, *a, name=None, **k: os.path.join(out_dir, name or str(step))
     try:
         yield
     finally:
-        kernels.save_checkpoint = real
+        rl_kernels.save_checkpoint = real
 
 
 def run_ours(path: str, size: tuple, args: Args, out_dir: str, dtype: str) -> tuple[list[dict], list[float]]:
@@ -197,7 +197,7 @@ def run_ours(path: str, size: tuple, args: Args, out_dir: str, dtype: str) -> tu
                          max_new_tokens=N, temperature=1.0, top_p=1.0, compile=args.compile, plot=False)
     with no_checkpoints():
         grpo.main(run_args)
-    rows = [r for r in kernels.read_metrics(out_dir) if "perf/step_s" in r]
+    rows = [r for r in rl_kernels.read_metrics(out_dir) if "perf/step_s" in r]
     kept = [{**{p: r.get(f"perf/{p}_s", 0.0) for p in PHASES}, "length": r["rollout/response_length"]}
             for r in rows[args.warmup:]]
     return kept, [r["perf/step_s"] for r in rows[:args.warmup]]
@@ -221,7 +221,7 @@ def run_trl(path: str, size: tuple, args: Args, out_dir: str, dtype: torch.dtype
         save_strategy="no", gradient_checkpointing=False, bf16=gpu, fp16=False, use_cpu=not gpu, seed=args.seed,
         disable_tqdm=True, dataloader_num_workers=0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = kernels.load_tokenizer(path)
+    tokenizer = rl_kernels.load_tokenizer(path)
     steps_out: list[dict] = []
     current: dict = {}
 

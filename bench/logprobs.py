@@ -1,10 +1,10 @@
-"""bench/logprobs.py: chunked kernels.token_logprobs against the naive full-logits log-softmax, forward + backward.
+"""bench/logprobs.py: chunked rl_kernels.token_logprobs against the naive full-logits log-softmax, forward + backward.
 
 What is measured, for B x T tokens (B rows of T tokens) and the 151,936-token Qwen2.5 vocabulary V:
 
     step  = token_logprobs(model, ids, mask) -> (B, T-1);  loss = sum(logprobs * weights);  loss.backward()
-    naive = kernels.token_logprobs(..., fused=False): the model's (B, T, V) logits, log_softmax, gather
-    ours  = kernels.token_logprobs(...) (fused): the head applied chunk by chunk, logits recomputed in the backward
+    naive = rl_kernels.token_logprobs(..., fused=False): the model's (B, T, V) logits, log_softmax, gather
+    ours  = rl_kernels.token_logprobs(...) (fused): the head applied chunk by chunk, logits recomputed in the backward
 
 The model body is small (2 layers) so the V-wide head dominates, as it does for a 0.5B model at RL lengths.
 
@@ -39,7 +39,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kernels  # noqa: E402
+import rl_kernels  # noqa: E402
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Args:
     runs: int = 0
     """timed runs per side, after a warm-up (0: 2 with --quick, 3 on CPU, 5 on CUDA)"""
     threads: int = 0
-    """torch CPU threads (0: kernels.set_cpu_threads' rule, as the training scripts: 1 for a CPU model under 50M
+    """torch CPU threads (0: rl_kernels.set_cpu_threads' rule, as the training scripts: 1 for a CPU model under 50M
     parameters, else torch's default); on a busy shared machine 1 gives far steadier timings"""
     quick: bool = False
     """a fast sanity run: two small token counts, two runs"""
@@ -71,7 +71,7 @@ class Args:
     """internal: 'naive:TOKENS' or 'chunked:TOKENS' measures one peak in this process and prints it as JSON"""
 
 
-METHODS = {"naive": False, "chunked": True}  # name -> the fused= argument of kernels.token_logprobs
+METHODS = {"naive": False, "chunked": True}  # name -> the fused= argument of rl_kernels.token_logprobs
 
 
 def build_model(args: Args, device: torch.device, dtype: torch.dtype):
@@ -107,7 +107,7 @@ def make_inputs(args: Args, tokens: int, device: torch.device):
 def step(model, inputs, fused: bool) -> torch.Tensor:
     """One forward + backward of sum(logprobs * weights); returns the detached log-probs."""
     input_ids, attention_mask, weights = inputs
-    logprobs = kernels.token_logprobs(model, input_ids, attention_mask, fused=fused)  # (B, T-1)
+    logprobs = rl_kernels.token_logprobs(model, input_ids, attention_mask, fused=fused)  # (B, T-1)
     (logprobs * weights).sum().backward()
     return logprobs.detach()
 
@@ -148,7 +148,7 @@ def measure_in_this_process(args: Args, device: torch.device, dtype: torch.dtype
     method, tokens = args.measure.split(":")
     fused = METHODS[method]
     model = build_model(args, device, dtype)
-    kernels.set_cpu_threads(args.threads, model)
+    rl_kernels.set_cpu_threads(args.threads, model)
     step(model, make_inputs(args, 8 * args.batch, device), fused)  # library initialisation, untimed, unmeasured
     inputs = make_inputs(args, int(tokens), device)
     print(json.dumps({"peak_extra_bytes": peak_extra_bytes(model, inputs, fused, device)}))
@@ -200,14 +200,14 @@ def main(args: Args):
     runs = args.runs or (2 if args.quick else 5 if gpu else 3)
 
     model = build_model(args, device, dtype)
-    kernels.set_cpu_threads(args.threads, model)
+    rl_kernels.set_cpu_threads(args.threads, model)
     params = sum(p.numel() for p in model.parameters())
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} thread(s)"
     header = (f"### token_logprobs: chunked vs naive full logits, forward + backward ({where})\n\n"
               f"`python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`: random Qwen2, {args.layers} layers, "
               f"hidden {args.hidden}, V = {args.vocab:,} ({params / 1e6:.0f}M parameters, "
               f"{str(dtype).replace('torch.', '')}), B = {args.batch}, chunk "
-              f"{kernels.default_chunk_size(args.vocab)} rows; {runs} interleaved runs; torch {torch.__version__}.")
+              f"{rl_kernels.default_chunk_size(args.vocab)} rows; {runs} interleaved runs; torch {torch.__version__}.")
     print(header, flush=True)
 
     rows = []

@@ -2,7 +2,7 @@
 
 A rollout is ragged: G samples of one prompt stop at different lengths, and one padded (R, P + N) pass spends
 much of its compute on padding. grpo.update packs rows sorted by length into micro-batches of at most
---micro-batch-tokens padded tokens, each cut to its own longest prompt and completion (kernels.length_batches);
+--micro-batch-tokens padded tokens, each cut to its own longest prompt and completion (rl_kernels.length_batches);
 the gradient is the same sum. This script takes the rollouts of real grpo.py steps on the committed toy base
 model (the first step, when short direct answers and long reasoning traces mix, and a later one), and times
 grpo.update on each batch at several budgets, interleaved, with a learning rate of 0 so every repeat sees the
@@ -29,7 +29,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
-import kernels  # noqa: E402
+import rl_kernels  # noqa: E402
 
 
 @dataclass
@@ -56,7 +56,7 @@ def capture_batches(steps: tuple[int, ...], device: str, out_dir: str) -> dict[i
     def spy(args, model, optimizer, scheduler, batch, state):
         seen[0] += 1
         if seen[0] in steps:
-            kept[seen[0]] = (copy.deepcopy(kernels.unwrap(model)), {k: v for k, v in batch.items()})
+            kept[seen[0]] = (copy.deepcopy(rl_kernels.unwrap(model)), {k: v for k, v in batch.items()})
         return real_update(args, model, optimizer, scheduler, batch, state)
 
     grpo.update = spy
@@ -94,7 +94,7 @@ def main(args: Args):
         for repeat in range(args.repeats + 1):
             for budget in args.budgets:
                 run_args = grpo.Args(micro_batch_tokens=budget)
-                parts = kernels.micro_batches(batch, budget)
+                parts = rl_kernels.micro_batches(batch, budget)
                 shape[budget] = (len(parts), sum(p["prompt_ids"].numel() + p["tokens"].numel() for _, p in parts))
                 state = {"skipped": 0, "nan_streak": 0}
                 grpo.update(run_args, model, optimizer, scheduler, batch, state)  # untimed: same shapes, warm

@@ -1,4 +1,4 @@
-"""Helper for test_decoding: kernels.generate on a tiny GQA model under torchrun with FSDP2, or in one process
+"""Helper for test_decoding: rl_kernels.generate on a tiny GQA model under torchrun with FSDP2, or in one process
 (strategy none), each rank sampling its share of the prompts; saves the samples and the all-gathers each call ran."""
 import os
 import sys
@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernels as K  # noqa: E402
+import rl_kernels as K  # noqa: E402
 from conftest import left_padded_batch, tiny_causal_lm  # noqa: E402
 
 strategy, out_dir = sys.argv[1], sys.argv[2]

@@ -1,8 +1,8 @@
-"""Helper for test_kernels: two AdamW steps on a fixed batch, each rank taking its share of the rows.
+"""Helper for test_rl_kernels: two AdamW steps on a fixed batch, each rank taking its share of the rows.
 
 Run under torchrun (strategy ddp | fsdp) or as one process (strategy none); saves the full parameters.
 A third argument "micro" makes each rank accumulate its rows one micro-batch at a time, syncing gradients only in
-the last backward (kernels.no_grad_sync).
+the last backward (rl_kernels.no_grad_sync).
 """
 import os
 import sys
@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernels as K  # noqa: E402
+import rl_kernels as K  # noqa: E402
 from conftest import left_padded_batch, tiny_causal_lm  # noqa: E402
 
 strategy, out_dir = sys.argv[1], sys.argv[2]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import left_padded_batch, tiny_causal_lm
 
-import kernels as K
+import rl_kernels as K
 
 pytestmark = pytest.mark.cuda
 

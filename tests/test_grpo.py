@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 
 import grpo
-import kernels as K
+import rl_kernels as K
 import rlvr_rewards as R
 
 

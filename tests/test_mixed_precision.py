@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import left_padded_batch, tiny_causal_lm
 
 import grpo
-import kernels as K
+import rl_kernels as K
 import rlvr_rewards as R
 
 TOY = K.TOY_BASE

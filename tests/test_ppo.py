@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, left_padded_batch, tiny_causal_lm
 
-import kernels as K
+import rl_kernels as K
 import ppo
 
 # ---------------------------------------------------------------------------------------------------------

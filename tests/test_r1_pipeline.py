@@ -5,7 +5,7 @@ import random
 import pytest
 
 import grpo
-import kernels
+import rl_kernels
 import r1_pipeline as P
 import rlvr_rewards as R
 import sft
@@ -129,12 +129,12 @@ def test_the_toy_corpus_has_each_feature_and_its_traces_are_consistent():
 # ---------------------------------------------------------------------------------------------- the pipeline
 
 def tiny_args(out_dir, **overrides) -> P.Args:
-    student = os.path.join(os.path.dirname(kernels.TOY_BASE), "student")
+    student = os.path.join(os.path.dirname(rl_kernels.TOY_BASE), "student")
     kwargs = dict(out_dir=str(out_dir), eval_size=8, general_eval_size=6, max_new_tokens=64,
                   r1_zero=P.R1Zero(steps=2), cold_start=P.ColdStart(prompts=8, size=6, rule_written=6, epochs=1),
                   reasoning_rl=P.ReasoningRL(steps=2), rejection_sft=P.RejectionSFT(prompts=8, samples=2, epochs=1),
                   all_scenarios=P.AllScenarios(rm_steps=2, rm_pairs=40, steps=2, rm_last_steps=1),
-                  distill=P.Distill(student=student if os.path.isdir(student) else kernels.TOY_BASE, epochs=1,
+                  distill=P.Distill(student=student if os.path.isdir(student) else rl_kernels.TOY_BASE, epochs=1,
                                     rl_steps=1))
     kwargs.update(overrides)
     return P.Args(**kwargs)
@@ -167,19 +167,19 @@ def test_a_pipeline_stopped_mid_stage_resumes_in_that_stage(tmp_path, monkeypatc
         calls["n"] += 1
         return calls["n"] == 2
 
-    monkeypatch.setattr(kernels.StopSignal, "should_stop", stop_at_the_second_step)
+    monkeypatch.setattr(rl_kernels.StopSignal, "should_stop", stop_at_the_second_step)
     with pytest.raises(P.Stopped):
         P.main(args)
     run_dir = os.path.join(P.stage_dir(str(tmp_path), "r1_zero"), "grpo")
-    assert kernels.latest_checkpoint(run_dir).endswith("checkpoint-2")
+    assert rl_kernels.latest_checkpoint(run_dir).endswith("checkpoint-2")
     assert not os.path.exists(os.path.join(P.stage_dir(str(tmp_path), "r1_zero"), "STAGE_DONE.json"))
-    monkeypatch.setattr(kernels.StopSignal, "should_stop", lambda self: False)
+    monkeypatch.setattr(rl_kernels.StopSignal, "should_stop", lambda self: False)
     resumed = []
     real_main = grpo.main
     monkeypatch.setattr(grpo, "main", lambda a: resumed.append(a.resume) or real_main(a))
     P.main(args)
     assert resumed == [True]  # only the interrupted run, resumed; nothing else in stage 0 ran again
-    assert [m["step"] for m in kernels.read_metrics(run_dir) if "train/loss" in m] == [1, 2, 3]
+    assert [m["step"] for m in rl_kernels.read_metrics(run_dir) if "train/loss" in m] == [1, 2, 3]
     assert os.path.exists(os.path.join(P.stage_dir(str(tmp_path), "cold_start"), "STAGE_DONE.json"))
 
 

@@ -271,7 +271,7 @@ def test_scorer_has_the_project_reward_signature(trained):
 def test_grpo_accepts_the_reward_model_as_a_named_reward(tmp_path, backbone, trained, monkeypatch):
     """grpo.py takes the trained reward model through --rewards rlhf_reward_model:reward_model and runs a step."""
     grpo = pytest.importorskip("grpo")
-    from kernels import read_metrics
+    from rl_kernels import read_metrics
 
     monkeypatch.setenv("RLHF_REWARD_MODEL", str(trained / "final"))
     spec = "rlhf_reward_model:reward_model"

@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT
 
 import grpo
-import kernels as K
+import rl_kernels as K
 import ppo
 import rlhf_reward_model
 import rlvr_rewards as R
@@ -146,7 +146,7 @@ def test_a_sigterm_during_the_final_save_still_leaves_a_finished_run(tiny_model_
     driver = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {ROOT!r})
-        import grpo, kernels as K
+        import grpo, rl_kernels as K
         save = K.save_checkpoint
         def save_and_signal(*args, name=None, **kwargs):
             if name == "final":
@@ -194,7 +194,7 @@ def test_a_stalled_rank_stops_the_others_after_the_timeout(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {ROOT!r})
-        import kernels as K
+        import rl_kernels as K
         info = K.init_distributed("cpu", timeout_s=3)
         if info.rank == 1:
             time.sleep(40)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import rl_kernels
 import rlvr_rewards
 import sft
 
@@ -55,10 +55,10 @@ def test_completion_loss_on_a_model_equals_nll_of_completion_tokens():
     examples = [sft.build_sft_example(tokenizer, "7+3*4", "<answer>19</answer>"),
                 sft.build_sft_example(tokenizer, [{"role": "user", "content": "2-1"}], "<answer>1</answer>")]
     input_ids, attention_mask, loss_mask = sft.collate(examples, tokenizer.pad_token_id)
-    logprobs = kernels.token_logprobs(model, input_ids, attention_mask)
+    logprobs = rl_kernels.token_logprobs(model, input_ids, attention_mask)
     loss = sft.completion_loss(logprobs, loss_mask[:, 1:])
 
-    position_ids = kernels.position_ids_from_mask(attention_mask)
+    position_ids = rl_kernels.position_ids_from_mask(attention_mask)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, :-1]
     nll, count = 0.0, 0
     for i, e in enumerate(examples):
@@ -109,10 +109,10 @@ def test_an_empty_prompt_never_makes_the_first_token_a_target():
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(sft.toy_model_config(tokenizer)).eval()
     with torch.no_grad():
-        batched = -(kernels.token_logprobs(model, input_ids, attention_mask) * loss_mask[:, 1:]).sum(-1)
+        batched = -(rl_kernels.token_logprobs(model, input_ids, attention_mask) * loss_mask[:, 1:]).sum(-1)
         for e, loss in zip(examples, batched):
             ids, mask, alone_mask = sft.collate([e], tokenizer.pad_token_id)
-            alone = -(kernels.token_logprobs(model, ids, mask) * alone_mask[:, 1:]).sum()
+            alone = -(rl_kernels.token_logprobs(model, ids, mask) * alone_mask[:, 1:]).sum()
             assert loss.item() == pytest.approx(alone.item(), rel=1e-5)
 
 
@@ -235,7 +235,7 @@ def test_committed_toy_base_loads_and_meets_its_targets():
     greedy accuracy re-measured here agrees with the stored one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = kernels.resolve_model_path("toy")  # present, so nothing is built
+    path = rl_kernels.resolve_model_path("toy")  # present, so nothing is built
     assert path == sft.TOY_BASE and os.path.exists(os.path.join(path, "config.json"))
     size_mb = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
     assert size_mb < 10
@@ -267,7 +267,7 @@ def test_two_step_run_writes_args_metrics_and_a_loadable_checkpoint(tmp_path):
     result = sft.main(args)
     out = args.out_dir
     assert json.load(open(os.path.join(out, "args.json")))["max_steps"] == 2
-    metrics = kernels.read_metrics(out)
+    metrics = rl_kernels.read_metrics(out)
     assert [m["step"] for m in metrics] == [0, 1, 2]  # step 0: the held-out metrics before training
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/accuracy"} <= set(metrics[-1])
     assert result.after["eval/loss"] == metrics[-1]["eval/loss"] and result.final_dir.endswith("final")
@@ -293,16 +293,16 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         calls["n"] += 1
         return calls["n"] == 2
 
-    monkeypatch.setattr(kernels.StopSignal, "should_stop", stop_after_two_steps)
+    monkeypatch.setattr(rl_kernels.StopSignal, "should_stop", stop_after_two_steps)
     interrupted = sft.main(tiny_args(tmp_path, dataset=data, out_dir=str(tmp_path / "resumed"), max_steps=4,
                                      save_every=0, eval_every=0))
-    assert interrupted.stopped_at == 2 and kernels.latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-2")
+    assert interrupted.stopped_at == 2 and rl_kernels.latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-2")
     resumed = sft.main(tiny_args(tmp_path, dataset=data, out_dir=str(tmp_path / "resumed"), max_steps=4,
                                  save_every=0, eval_every=0, resume=True))
     a = load_file(os.path.join(straight.final_dir, "model.safetensors"))
     b = load_file(os.path.join(resumed.final_dir, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    losses = [[m["train/loss"] for m in kernels.read_metrics(d) if "train/loss" in m]
+    losses = [[m["train/loss"] for m in rl_kernels.read_metrics(d) if "train/loss" in m]
               for d in (straight.out_dir, resumed.out_dir)]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
 
@@ -310,19 +310,19 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 def test_evaluate_runs_as_many_generate_calls_as_the_busiest_rank(monkeypatch):
     """evaluate shares the answered prompts out over the ranks, the short shares topped up, so FSDP ranks run the
     same number of generate calls whatever their share of answers; the filler changes no metric."""
-    model, tokenizer = kernels.load_model(sft.TOY_BASE, device="cpu", dtype="float32")
+    model, tokenizer = rl_kernels.load_model(sft.TOY_BASE, device="cpu", dtype="float32")
     problems = rlvr_rewards.make_dataset("arithmetic", split="test", n=5, seed=1)
     rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "completion": f"<answer>{p['answer']}</answer>",
              "answer": p["answer"] if i % 2 == 0 else None} for i, p in enumerate(problems)]  # 3 answered
     examples = [sft.build_sft_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
-    batch_sizes, generate = [], kernels.generate
-    monkeypatch.setattr(kernels, "generate", lambda model, ids, *a, **k: batch_sizes.append(len(ids)) or
+    batch_sizes, generate = [], rl_kernels.generate
+    monkeypatch.setattr(rl_kernels, "generate", lambda model, ids, *a, **k: batch_sizes.append(len(ids)) or
                         generate(model, ids, *a, **k))
     alone = sft.evaluate(model, tokenizer, examples, rows, max_new_tokens=24, batch_size=2)
     assert batch_sizes == [2, 1]
     batch_sizes.clear()
-    monkeypatch.setattr(kernels, "get_world_size", lambda: 2)  # as rank 0 of 2: rows 0 and 2 of the 3 answered
-    monkeypatch.setattr(kernels, "all_reduce_sum", lambda t: t)
+    monkeypatch.setattr(rl_kernels, "get_world_size", lambda: 2)  # as rank 0 of 2: rows 0 and 2 of the 3 answered
+    monkeypatch.setattr(rl_kernels, "all_reduce_sum", lambda t: t)
     busy = sft.evaluate(model, tokenizer, examples, rows, max_new_tokens=24, batch_size=2)
     assert batch_sizes == [2]  # rank 1 (one answered row) would run one call of 2 rows too: its row and a filler
     assert busy.keys() == alone.keys() == {"eval/loss", "eval/accuracy", "eval/reasoning_share",
@@ -391,7 +391,7 @@ def test_torchrun_fsdp_evaluation_with_uneven_answers_matches_one_process(tmp_pa
     sft.main(tiny_args(tmp_path, model=sft.TOY_BASE, dataset=train, eval_dataset=held_out, max_steps=1, batch_size=2,
                        grad_accum=2, lr=1e-6, eval_every=0, save_every=0, max_new_tokens=24,
                        out_dir=str(tmp_path / "one")))
-    last = {d: kernels.read_metrics(str(tmp_path / d))[-1] for d in ("one", "two")}
+    last = {d: rl_kernels.read_metrics(str(tmp_path / d))[-1] for d in ("one", "two")}
     keys = {"eval/loss", "eval/accuracy", "eval/reasoning_share"}
     assert keys <= set(last["one"]) and keys <= set(last["two"])
     assert all(last["two"][k] == pytest.approx(last["one"][k], abs=1e-5) for k in keys)

@@ -1,4 +1,4 @@
-"""kernels.py: every fast path against its plain reference, and the loss maths against hand computations."""
+"""rl_kernels.py: every fast path against its plain reference, and the loss maths against hand computations."""
 
 import math
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, left_padded_batch, tiny_causal_lm
 
-import kernels as K
+import rl_kernels as K
 
 # ---------------------------------------------------------------------------------------------------------
 # generate

@@ -1,4 +1,4 @@
-"""kernels.py: the shared mechanics every algorithm file runs on. No algorithm choices live here beyond the
+"""rl_kernels.py: the shared mechanics every algorithm file runs on. No algorithm choices live here beyond the
 clipped policy loss that PPO and the GRPO family share. Imports nothing of the project's.
 
 What is in this file, top to bottom:
