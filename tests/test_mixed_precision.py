@@ -98,16 +98,32 @@ def test_frozen_model_computes_what_the_trainable_one_does():
         assert torch.equal(K.token_logprobs(trainable, ids, mask), K.token_logprobs(frozen, ids, mask))
 
 
-def test_bf16_log_probs_come_from_fp32_logits_in_the_sampler_and_the_trainer():
-    """In bf16 compute, generate's and token_logprobs' log-probs equal log_softmax of fp32 logits from the same
-    hidden states (the head's inputs rounded to bf16, their products summed in fp32) within 1e-4 nats, and each
-    other within 1e-4 (bound stated here: 1e-3). bf16 logits (the old head) are off by up to a bf16 step at the
-    logit's size: ~0.03-0.06 nats on the toy model, which is what makes pi_old and pi_theta disagree on a GPU,
-    where the two paths' kernels round differently."""
+def test_bf16_log_probs_come_from_fp32_logits_in_the_sampler_and_the_trainer(monkeypatch):
+    """In bf16 compute, generate's and token_logprobs' log-probs come from fp32 logits, never rounded to bf16.
+
+    The trainer's equal log_softmax of fp32 logits from the same hidden states (the head's inputs rounded to bf16,
+    their products summed in fp32) within 1e-4 nats: the same forward, the same kernels. The sampler's each step
+    are log_softmax of the fp32 logits it sampled from, and those logits are not bf16 values. Sampler and trainer
+    then differ only where the KV-cache decode path's bf16 kernels round the hidden states differently from the
+    full forward's, which depends on the CPU (this machine, AMD EPYC with avx512_bf16: 9.1e-4 nats). So that gap is
+    bounded by what the same CPU's bf16 costs: an eighth of the error of bf16-rounded logits (here 4.1e-2, ~0.03-0.06
+    on the toy model). That rounding, the old head's, is what makes pi_old and pi_theta disagree on a GPU."""
+    calls = []
+    sample_tokens = K.sample_tokens
+
+    def recorded(logits, **kw):
+        token, logprob = sample_tokens(logits, **kw)
+        calls.append((logits.clone(), token, logprob))
+        return token, logprob
+
+    monkeypatch.setattr(K, "sample_tokens", recorded)
     model, tokenizer = K.load_model(TOY, dtype="bfloat16", device="cpu")
     rows = R.load_prompts("arithmetic", "train", 64, 0)[:8]
     rollout = R.sample(model, tokenizer, rows, num_samples=4, max_new_tokens=32, temperature=1.0,
                        noise_keys=K.rollout_noise_keys(0, 0, 0, list(range(8)), 4))
+    for logits, token, logprob in calls:  # temperature 1, no truncation: log_softmax of the logits as they are
+        assert logits.dtype == torch.float32 and (logits != logits.to(torch.bfloat16).float()).float().mean() > 0.5
+        assert torch.allclose(logprob, logits.log_softmax(-1).gather(-1, token[:, None])[:, 0], rtol=0, atol=1e-5)
     gen, n = rollout.gen, rollout.gen.tokens.shape[1]
     ids = torch.cat([rollout.prompt_ids, gen.tokens], 1)
     mask = torch.cat([rollout.prompt_mask, gen.mask], 1)
@@ -128,7 +144,8 @@ def test_bf16_log_probs_come_from_fp32_logits_in_the_sampler_and_the_trainer():
     print(f"max |error| nats: trainer {trainer_error:.2e}, sampler {sampler_error:.2e}, sampler vs trainer "
           f"{sampler_vs_trainer:.2e}; bf16 logits would be off by {bf16_logits_error:.2e}")
     assert bf16_logits_error > 1e-2  # the rounding the fp32 head avoids is visible at this model's logits
-    assert trainer_error < 1e-4 and sampler_error < 1e-4 and sampler_vs_trainer < 1e-3
+    assert trainer_error < 1e-4
+    assert sampler_error < bf16_logits_error / 8 and sampler_vs_trainer < bf16_logits_error / 8
 
 
 def _round_bf16(x):
