@@ -1316,6 +1316,38 @@ class Rollout:
                     mask=self.gen.mask)
 
 
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (Qwen's <|im_end|>, Llama 3's <|eot_id|>,
+    Gemma's <end_of_turn>), found by rendering one assistant turn and reading the token after its content; None
+    when there is no template, or what follows the content is not one special token."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    marker = "ENDOFTURNPROBE"
+    turn = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+    except Exception:  # noqa: BLE001 (a template may refuse this conversation: it then has no end of turn to find)
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    ids = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return ids[0] if ids and ids[0] in special | set(tokenizer.all_special_ids) else None
+
+
+def stop_token_ids(tokenizer, model=None, chat: bool = False) -> list[int]:
+    """Every id that ends a response: the model's generation_config.eos_token_id (one id or a list: Qwen2.5-Instruct
+    lists <|im_end|> and <|endoftext|>), the tokenizer's EOS, and under a chat template the token that closes an
+    assistant turn. Decoding stops at whichever comes first; the row's mask ends there and a score sits there."""
+    config = getattr(K.unwrap(model), "generation_config", None) if model is not None else None
+    ids = getattr(config, "eos_token_id", None)
+    if ids is None and model is not None:
+        ids = K.unwrap(model).config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    ids += [tokenizer.eos_token_id] + ([end_of_turn_id(tokenizer)] if chat else [])
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def decode(tokenizer, gen: K.Generation) -> list[str]:
     """The completions' text, EOS and padding dropped."""
     return tokenizer.batch_decode(gen.tokens.masked_fill(gen.mask == 0, tokenizer.pad_token_id),
@@ -1326,15 +1358,17 @@ def sample(model, tokenizer, rows: list[dict], *, num_samples: int, max_new_toke
            top_p: float = 1.0, template: str = "auto", system_prompt: str | None = None, noise_keys=None,
            generator: torch.Generator | None = None, compile: bool | None = None) -> Rollout:
     """num_samples completions for each row's prompt: render, tokenize, rl_kernels.generate (each prompt prefilled
-    once), decode. noise_keys: one int per row of the result (rl_kernels.rollout_noise_keys), or else a generator."""
+    once, each row stopped at the first of stop_token_ids), decode. noise_keys: one int per row of the result
+    (rl_kernels.rollout_noise_keys), or else a generator."""
     texts = [render_prompt(tokenizer, row["prompt"], template, system_prompt) for row in rows]
     device = next(K.unwrap(model).parameters()).device
     chat = uses_chat_template(tokenizer, rows[0]["prompt"], template)
     ids, mask = encode_prompts(tokenizer, texts, device, add_special_tokens=not chat)      # (B, P)
     keys = None if noise_keys is None else torch.tensor(noise_keys, device=device)         # (R,)
     gen = K.generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     num_samples=num_samples, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                     noise_keys=keys, generator=generator, compile=compile)                # (R, N)
+                     num_samples=num_samples, eos_token_id=stop_token_ids(tokenizer, model, chat),
+                     pad_token_id=tokenizer.pad_token_id, noise_keys=keys, generator=generator,
+                     compile=compile)                                                      # (R, N)
     return Rollout(ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0), gen,
                    decode(tokenizer, gen), [row for row in rows for _ in range(num_samples)])
 
