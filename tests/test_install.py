@@ -75,3 +75,16 @@ def test_transformers_model_code_imports_with_our_folder_first_on_the_path():
     done = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Qwen2ForCausalLM torch.Size([1, 2, 32])" in done.stdout
+
+
+def test_the_floors_file_pins_exactly_the_floors_of_requirements_txt():
+    """.ci/floors.txt (what the README's floor run installs) names every requirement at its floor, so the versions
+    the README says the suite passed with cannot drift from requirements.txt."""
+    from packaging.version import Version
+
+    def entries(name, sep):
+        lines = open(os.path.join(ROOT, name)).read().splitlines()
+        pairs = [line.split("#")[0].strip().split(sep) for line in lines if line.split("#")[0].strip()]
+        return {package.split("[")[0].strip().lower(): Version(version) for package, version in pairs}
+
+    assert entries(".ci/floors.txt", "==") == entries("requirements.txt", ">=")
