@@ -347,6 +347,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def eos_token_ids(model) -> list[int]:
+    """The ids the model itself ends on: its generation_config.eos_token_id (one id or a list), else its config's."""
+    model = unwrap(model)
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = model.config.eos_token_id if ids is None else ids
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Left padding: real tokens count positions from 0, pads get position 0 (as transformers' generate)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -815,7 +823,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     if eos_token_id is None:
-        eos_token_id = getattr(model.generation_config, "eos_token_id", None) or cfg.eos_token_id
+        eos_token_id = eos_token_ids(model)
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [-1]),
                            device=device)
     if compile is None:

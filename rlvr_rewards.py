@@ -1335,16 +1335,11 @@ def end_of_turn_id(tokenizer) -> int | None:
     return ids[0] if ids and ids[0] in special | set(tokenizer.all_special_ids) else None
 
 
-def stop_token_ids(tokenizer, model=None, chat: bool = False) -> list[int]:
-    """Every id that ends a response: the model's generation_config.eos_token_id (one id or a list: Qwen2.5-Instruct
+def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
+    """Every id that ends a response: the model's own (rl_kernels.eos_token_ids: Qwen2.5-Instruct's generation config
     lists <|im_end|> and <|endoftext|>), the tokenizer's EOS, and under a chat template the token that closes an
     assistant turn. Decoding stops at whichever comes first; the row's mask ends there and a score sits there."""
-    config = getattr(K.unwrap(model), "generation_config", None) if model is not None else None
-    ids = getattr(config, "eos_token_id", None)
-    if ids is None and model is not None:
-        ids = K.unwrap(model).config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    ids += [tokenizer.eos_token_id] + ([end_of_turn_id(tokenizer)] if chat else [])
+    ids = K.eos_token_ids(model) + [tokenizer.eos_token_id] + ([end_of_turn_id(tokenizer)] if chat else [])
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 

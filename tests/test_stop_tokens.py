@@ -122,6 +122,10 @@ def test_stop_token_ids_read_every_source():
     assert R.end_of_turn_id(tokenizer) == 151645
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}t1{% endfor %}"  # a plain token follows
     assert R.end_of_turn_id(tokenizer) is None
+    model.generation_config.eos_token_id = 0  # id 0 is an id, not "unset": the config's 151643 must not replace it
+    assert K.eos_token_ids(model) == [0]
+    model.generation_config.eos_token_id = None
+    assert K.eos_token_ids(model) == [151643]
 
 
 @pytest.mark.slow
