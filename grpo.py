@@ -57,26 +57,23 @@ Launch:
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset data.jsonl \\
         --template chat --prompts-per-step 64 --num-generations 16 --max-new-tokens 1024 --lr 1e-6 --strategy fsdp
 
-Result of `python grpo.py` (toy world, seed 0, 80 steps, 2-core CPU; wall time in README.md): held-out greedy accuracy
-39.0% -> 89.5%, pass@1 (4 samples, T=1) 25.6% -> 78.8%, reasoning share 26% -> 100%, response length 13.0 ->
-23.9 tokens: accuracy, reasoning and length rise together, as in R1-Zero. Details in README.md "Results".
+Result of `python grpo.py` (toy world, seed 0, 80 steps, 2-core CPU; wall time in docs/grpo.md): held-out greedy
+accuracy 39.0% -> 89.0%, pass@1 (4 samples, T=1) 25.6% -> 77.4%, reasoning share 26% -> 100%, response length
+13.0 -> 23.9 tokens (2026-12-06, a 2-core AMD EPYC; 89.5% and 78.8% on the CPU of the earlier runs, whose kernels
+round differently): accuracy, reasoning and length rise together, as in R1-Zero. More in docs/grpo.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import math
 import os
-import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
-import tyro
 
 import rl_kernels as K
+import rl_runs as runs
 import rlvr_rewards as env
 
 Advantage = Literal["group", "mean", "rloo", "batch"]
@@ -84,86 +81,11 @@ LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 
 
 @dataclass
-class Args:
-    model: str = "toy"
-    """hub id or local checkpoint directory; "toy" is the built-in toy base model (built on first use)"""
-    dataset: str = "arithmetic"
-    """a built-in task (arithmetic, countdown, code), a .jsonl/.json/.parquet file, a `datasets` directory, a hub id"""
-    eval_dataset: Optional[str] = None
-    """held-out rows (its "test" split); default: a built-in task's test split, else a slice held out of --dataset"""
-    prompt_column: str = "prompt"
-    """the dataset column holding the prompt (GSM8K: question)"""
-    answer_column: str = "answer"
-    """the dataset column holding the gold answer (GSM8K's "... #### 72" solutions count as 72)"""
-    dataset_split: str = "train"
-    """the split of a hub dataset or dataset directory to train on"""
+class GRPOArgs:
+    """GRPO's own flags: the preset and its switches, the rewards, the update."""
+    # The preset and its switches (None: the preset's value, PRESETS; else the plain GRPO value)
     preset: Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"] = "grpo"
     """named set of the switches a paper changes (module docstring); fields left unset take the preset's values"""
-    rewards: tuple[str, ...] = ("task", "format")
-    """reward functions: built-in names, "task" (the dataset's verifier), or "module:function" of your own"""
-    reward_weights: tuple[float, ...] = ()
-    """one weight per reward; default 1 each, except the shaping rewards format and tag_count: 0.1 beside others"""
-    reward_timeout_s: Optional[float] = None
-    """stop with an error naming the reward if one reward call takes longer than this (None: no limit)"""
-    template: Literal["auto", "chat", "r1", "plain"] = "auto"
-    """auto: the tokenizer's chat template if it has one, else the R1 text template"""
-    system_prompt: Optional[str] = None
-    """system message for the chat template"""
-    out_dir: str = "runs/grpo"
-    """where args.json, metrics.jsonl, samples.jsonl, checkpoints and final/ go (one run per directory)"""
-    overwrite: bool = False
-    """replace the run already in --out-dir (without it, a used --out-dir is refused unless --resume)"""
-    seed: int = 0
-    """seeds data order, sampling noise and initialisation"""
-    max_steps: int = 80
-    """number of rollout + update steps"""
-    lr: float = 2e-4
-    """AdamW learning rate (toy model: 1e-3 collapses after ~10 steps; real LLMs: 1e-6 to 3e-6)"""
-    warmup_steps: int = 5
-    """linear warmup steps, constant after"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm"""
-    eval_every: int = 10
-    """evaluate every N steps (and at the start and end); 0 disables"""
-    eval_size: int = 200
-    """held-out prompts per evaluation"""
-    eval_samples: int = 4
-    """k samples per prompt for pass@1 averaged over k (0: greedy only)"""
-    eval_temperature: float = 1.0
-    """temperature of the k evaluation samples"""
-    save_every: int = 0
-    """save a checkpoint every N steps (0: only at the end and on SIGTERM)"""
-    resume: bool = False
-    """continue from the newest complete checkpoint in --out-dir (a finished run: nothing to do)"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto: this rank's GPU if there is one, else the CPU"""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """compute dtype (the forward's matmuls); auto: bf16 on a GPU, fp32 on the CPU"""
-    master_dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the weights (what checkpoints hold), gradients and AdamW state; --dtype bfloat16 --master-dtype
-    bfloat16 is pure bf16: half the memory, but updates below bf16's resolution (lr 1e-6) round away"""
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    """torchrun data parallelism: DDP (small models) or FSDP2 (large ones)"""
-    prompts_per_step: int = 16
-    """B: prompts per step over all ranks"""
-    num_generations: int = 8
-    """G: samples per prompt"""
-    max_new_tokens: int = 48
-    """response length cap L_max"""
-    temperature: float = 1.0
-    """sampling temperature (also used for the training log-probs)"""
-    top_p: float = 1.0
-    """nucleus sampling (log-probs stay those of the untruncated distribution)"""
-    num_iterations: int = 1
-    """mu: update passes over each rollout"""
-    num_minibatches: int = 1
-    """optimizer steps per pass (each rank's groups split evenly)"""
-    micro_batch_tokens: int = -1
-    """padded tokens per forward/backward (rows length-sorted, each micro-batch trimmed; the gradient is the same
-    sum); 0: the whole minibatch at once; -1: 2,048 on CPU, 8,192 on a GPU (lower it if activations do not fit)"""
-    # The preset's switches: None takes the preset's value (PRESETS), else the plain GRPO value (PRESET_FIELDS).
     advantage: Advantage = None
     """how rewards become advantages (module docstring)"""
     loss_agg: LossAgg = None
@@ -186,37 +108,39 @@ class Args:
     """DAPO: mask truncated responses out of the loss"""
     soft_overlong: bool = None
     """DAPO: add the soft overlong punishment to the reward"""
+    # Rollouts, rewards and the update
+    top_p: float = 1.0
+    """nucleus sampling (log-probs stay those of the untruncated distribution)"""
+    rewards: tuple[str, ...] = ("task", "format")
+    """reward functions: built-in names, "task" (the dataset's verifier), or "module:function" of your own"""
+    num_iterations: int = 1
+    """mu: update passes over each rollout"""
+    num_minibatches: int = 1
+    """optimizer steps per pass (each rank's groups split evenly)"""
+    lr: float = 2e-4
+    """AdamW learning rate (toy model: 1e-3 collapses after ~10 steps; real LLMs: 1e-6 to 3e-6)"""
+    warmup_steps: int = 5
+    """linear warmup steps, constant after"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0: off)"""
     ref_reset_every: int = 0
     """replace the reference by the current policy every N steps (DeepSeek-R1: 400); 0 never"""
     dynamic_sampling_rounds: int = 3
     """extra sampling rounds at most per step"""
     overlong_cache: int = 16
     """L_cache of the soft overlong punishment, in tokens"""
-    nan_patience: int = 3
-    """stop after this many non-finite updates in a row"""
-    compile: bool = None
-    """compile the decode step and the loss (default: on when a CUDA GPU is used)"""
-    threads: int = 0
-    """CPU threads for torch (0: 1 for models under 50M parameters, which lose more to thread sync than they gain)"""
-    plot: bool = True
-    """write accuracy/length curves to out_dir/curves.png"""
-    log_samples: int = 4
-    """completions per step written to samples.jsonl (prompt, completion, rewards, advantage)"""
-    report_to: tuple[Literal["none", "wandb", "tensorboard"], ...] = ("none",)
-    """where metrics go besides metrics.jsonl (several allowed)"""
-    dist_timeout_s: float = 600.0
-    """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
+
+
+@dataclass
+class Args(runs.RunArgs, env.RLArgs, GRPOArgs):
+    """grpo.py's command line, in --help's order: GRPO's flags (GRPOArgs), those every RL script shares
+    (rlvr_rewards.RLArgs: the policy, the task, rollouts, evaluation), and the run's (rl_runs.RunArgs)."""
+    out_dir: str = "runs/grpo"
 
     def __post_init__(self):
-        # One code path for presets: Args(preset="dapo", clip_high=0.2) from Python is what
-        # `--preset dapo --clip-high 0.2` gives on the command line (cli() starts from Args(preset=...)).
-        if self.preset not in PRESETS:
-            raise ValueError(f"Unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
-        for name, plain in PRESET_FIELDS.items():
-            if getattr(self, name) is None:
-                setattr(self, name, PRESETS[self.preset].get(name, plain))
-        if self.compile is None:
-            self.compile = self.device != "cpu" and torch.cuda.is_available()
+        runs.apply_preset(self, PRESETS, PRESET_FIELDS)
 
 
 # The switches a preset sets, at their plain GRPO values, and what each preset changes.
@@ -235,14 +159,9 @@ PRESETS: dict[str, dict] = {
 
 
 def cli(argv: list[str] | None = None) -> Args:
-    """The command line, parsed on top of Args(preset=...) (so --help shows the preset's values, and every flag
-    given wins: --preset dapo --no-dynamic-sampling turns DAPO's dynamic sampling off)."""
-    import argparse
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="grpo", choices=sorted(PRESETS))
-    preset = pre.parse_known_args(argv)[0].preset
-    return tyro.cli(Args, default=Args(preset=preset), args=argv)
+    """The command line on top of Args(preset=...): --help shows the preset's values, and every flag given wins
+    (--preset dapo --no-dynamic-sampling turns DAPO's dynamic sampling off)."""
+    return runs.preset_cli(Args, PRESETS, "grpo", argv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,34 +223,24 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor
     return (r.max(-1).values - r.min(-1).values) < 1e-9
 
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Rollout: sample, score, (DAPO) sample more until the batch is informative
 # ----------------------------------------------------------------------------------------------------------
 
 
 def collect_rollout(args: Args, model, tokenizer, reward_fns, train_rows: list[dict], state: dict, step: int,
-                    timer: K.Timer, should_stop=None) -> tuple[env.Rollout, int, float]:
+                    timer: runs.Timer, should_stop=None) -> tuple[env.Rollout, int, float]:
     """This rank's share of the step's prompts, G samples each, scored; under dynamic sampling further rounds of
     prompts until every rank holds its share of informative groups (or the rounds run out), informative groups
     first. Returns (rollout, sampling rounds, share of the sampled groups with zero reward variance). A stop
-    requested while a reward runs raises env.Interrupted (should_stop: the local flag)."""
-    per_rank = args.prompts_per_step // K.get_world_size()
-    G = args.num_generations
+    requested while a reward runs raises rlvr_rewards.Interrupted (should_stop: the local flag)."""
+    per_rank, G = args.prompts_per_step // K.get_world_size(), args.num_generations
     parts, rounds = [], 0
     while True:
-        # The step's prompts are the next global slice of the shuffled stream; this rank takes its share.
-        first = state["cursor"] + K.get_rank() * per_rank
-        state["cursor"] += args.prompts_per_step
-        prompt_ids = list(range(first, first + per_rank))
-        rows = [train_rows[i] for i in K.stream_indices(first, per_rank, len(train_rows), args.seed)]
-        with timer("generate"):
-            part = env.sample(model, tokenizer, rows, num_samples=G, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, template=args.template,
-                              system_prompt=args.system_prompt, compile=args.compile,
-                              noise_keys=K.rollout_noise_keys(args.seed, step, rounds, prompt_ids, G))
-        with timer("reward"):
-            env.score(part, reward_fns, args.reward_weights, reward_timeout_s=args.reward_timeout_s,
-                      should_stop=should_stop, completion_lengths=part.gen.lengths.tolist(), group_size=G)
+        rows, positions = runs.next_rows(train_rows, state, args.prompts_per_step, args.seed)
+        keys = K.rollout_noise_keys(args.seed, step, rounds, positions, G)
+        part = env.rollout(args, model, tokenizer, rows, reward_fns, keys, timer, should_stop)
         parts.append(part)
         if not args.dynamic_sampling:
             return part, 1, zero_variance_groups(part.rewards, G).float().mean().item()
@@ -355,63 +264,45 @@ def collect_rollout(args: Args, model, tokenizer, reward_fns, train_rows: list[d
 
 
 def update(args: Args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
-    """mu passes over the rollout, each split into num_minibatches optimizer steps, each a sum over length-sorted
-    micro-batches; returns the averaged train/ stats. batch: prompt_ids, prompt_mask, tokens, mask, loss_mask,
-    advantages, and old_logprobs (unless mu = 1 with one minibatch) and ref_logprobs (beta > 0)."""
-    rows = batch["mask"].shape[0]
-    mb_rows = rows // args.num_minibatches
+    """mu passes over the rollout, each split into num_minibatches optimizer steps of the clipped surrogate (each a
+    sum over length-sorted micro-batches: rl_kernels.accumulate_gradients); returns the averaged train/ stats. batch:
+    prompt_ids, prompt_mask, tokens, mask, loss_mask, advantages, and old_logprobs (unless mu = 1 with one
+    minibatch) and ref_logprobs (beta > 0)."""
     # With one pass and one minibatch pi_old is the current policy: the ratio is exactly 1, yet its gradient is
     # REINFORCE's; so the detached log-probs serve as old_logprobs and no extra pass is needed.
     on_policy = args.num_iterations == 1 and args.num_minibatches == 1
-    totals, counts = {}, {}
+    ref_in_loss = not args.kl_in_reward  # REINFORCE++ has its KL in the reward instead
+
+    def micro_loss(part: dict, share: K.Share):
+        logprobs, entropy = K.completion_logprobs(model, part, temperature=args.temperature,
+                                                  with_entropy=True)                      # (r, n) each
+        ref = part.get("ref_logprobs") if ref_in_loss else None
+        loss, stats = K.policy_loss(
+            logprobs, logprobs.detach() if on_policy else part["old_logprobs"], part["advantages"], part["loss_mask"],
+            clip_low=args.clip_low, clip_high=args.clip_high, ref_logprobs=ref,
+            kl_coef=args.kl_coef if ref is not None else 0.0, kl_estimator=args.kl_estimator, loss_agg=args.loss_agg,
+            ratio_level=args.ratio_level, norm_length=args.max_new_tokens, num_tokens=share.tokens,
+            num_rows=share.rows, compile=args.compile)
+        return loss, {**stats, "entropy": K.masked_mean(entropy.detach(), part["loss_mask"])}
+
+    means = K.StepMeans()
     for _ in range(args.num_iterations):
-        for mb in range(args.num_minibatches):
-            minibatch = K.slice_rows(batch, slice(mb * mb_rows, (mb + 1) * mb_rows))
-            loss_mask = minibatch["loss_mask"]
-            # token-mean over the whole minibatch of every rank (DDP then averages the ranks' gradients)
-            num_tokens = K.all_reduce_sum(loss_mask.sum().double()) / K.get_world_size()
-            optimizer.zero_grad(set_to_none=True)
-            loss_total, stats, mb_tokens = 0.0, {}, loss_mask.sum().clamp_min(1)
-            parts = K.micro_batches(minibatch, args.micro_batch_tokens)
-            for i, (_, part) in enumerate(parts):
-                with K.no_grad_sync(model, skip=i < len(parts) - 1):  # DDP all-reduces in the last backward only
-                    logprobs, entropy = K.completion_logprobs(model, part, temperature=args.temperature,
-                                                              with_entropy=True)  # (r, n) each
-                    old = logprobs.detach() if on_policy else part["old_logprobs"]
-                    ref = part.get("ref_logprobs") if not args.kl_in_reward else None
-                    loss, part_stats = K.policy_loss(
-                        logprobs, old, part["advantages"], part["loss_mask"], clip_low=args.clip_low,
-                        clip_high=args.clip_high, ref_logprobs=ref, kl_coef=args.kl_coef if ref is not None else 0.0,
-                        kl_estimator=args.kl_estimator, loss_agg=args.loss_agg, ratio_level=args.ratio_level,
-                        norm_length=args.max_new_tokens, num_tokens=num_tokens, compile=args.compile)
-                    if args.loss_agg != "token-mean":  # sequence means: weight micro-batches by their rows
-                        loss = loss * part["mask"].shape[0] / mb_rows
-                    loss.backward()
-                loss_total = loss_total + loss.detach().float()
-                part_stats["entropy"] = K.masked_mean(entropy.detach(), part["loss_mask"])
-                K.fold_stats(stats, part_stats, part["loss_mask"].sum() / mb_tokens)
-            stats["loss"] = loss_total
-            values, stepped = K.guarded_step(model, optimizer, args.max_grad_norm, stats)
-            state["skipped"] += not stepped
-            state["nan_streak"] = 0 if stepped else state["nan_streak"] + 1
-            for k, v in values.items():  # ratio extremes are NaN, and not counted, when no token counted
-                if not (k.startswith("ratio_m") and math.isnan(v)):
-                    totals[k] = totals.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
+        for minibatch in K.split_rows(batch, args.num_minibatches):
+            stats = K.accumulate_gradients(model, minibatch, micro_loss, max_tokens=args.micro_batch_tokens,
+                                           mask="loss_mask")
+            means.add(K.guarded_step(model, optimizer, args.max_grad_norm, stats, state=state)[0])
     scheduler.step()  # the schedule counts rollout steps
-    for k in ("ratio_max", "ratio_min"):  # no loss token on this rank: NaN, so every rank reports the same keys
-        totals.setdefault(k, math.nan)
-    return {f"train/{k}": v / counts.get(k, 1) for k, v in totals.items()}
+    return means.result(always=("ratio_max", "ratio_min"))  # NaN without a loss token: every rank the same keys
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Setup: checks, data, rewards, models
+# Setup: checks, rewards, models
 # ----------------------------------------------------------------------------------------------------------
 
 
-def check_args(args: Args, info: K.DistInfo):
+def check_args(args: Args, info: runs.DistInfo):
     """Impossible settings fail here, before any data or model is loaded."""
-    K.check_settings(args)
+    runs.check_settings(args)
     if args.prompts_per_step % info.world_size:
         raise K.UserError(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of ranks "
                           f"({info.world_size}): each rank owns whole groups.")
@@ -430,12 +321,10 @@ def check_args(args: Args, info: K.DistInfo):
                           f"'{args.advantage}' advantage is then always 0. Use G >= 2 or --advantage batch.")
     if args.kl_in_reward and args.kl_coef <= 0:
         raise K.UserError("--kl-in-reward needs --kl-coef > 0.")
-    if args.reward_weights and len(args.rewards) != len(args.reward_weights):
-        raise K.UserError(f"--rewards has {len(args.rewards)} entries but --reward-weights has "
-                          f"{len(args.reward_weights)}; give one weight per reward, or none for the defaults.")
+    env.check_reward_weights(args.rewards, args.reward_weights)
 
 
-def resolve_rewards(args: Args) -> tuple[list, tuple[float, ...]]:
+def reward_functions(args: Args) -> tuple[list, tuple[float, ...]]:
     """[(name, fn)] and their weights: args.rewards (weights: as given, else 1 each but 0.1 for a shaping reward
     beside others), plus DAPO's soft overlong punishment (weight 1) when on."""
     reward_fns = env.resolve_rewards(args.rewards, args.dataset)
@@ -447,7 +336,7 @@ def resolve_rewards(args: Args) -> tuple[list, tuple[float, ...]]:
     return reward_fns, weights
 
 
-def load_models(args: Args, info: K.DistInfo):
+def load_models(args: Args, info: runs.DistInfo):
     """(policy, the frozen reference or None, tokenizer): the policy wrapped for DDP/FSDP2; the reference loaded
     only when beta > 0, and sharded like the policy under FSDP."""
     model, tokenizer = K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=info.device)
@@ -463,24 +352,24 @@ def load_models(args: Args, info: K.DistInfo):
     return K.wrap_model(model, args.strategy, info.device), ref_model, tokenizer
 
 
-def restore(args: Args, checkpoint: str | None, policy, ref_model, optimizer, scheduler, state: dict) -> int:
-    """--resume: load the checkpoint the run found (the reference too, when it has been reset since the start);
-    returns the step to start from."""
-    if checkpoint is None:
-        return 0
-    loaded = K.load_checkpoint(checkpoint, policy, optimizer, scheduler)
-    state.update(loaded["extra"])
+def restore_reference(args: Args, ref_model, checkpoint: str):
+    """--resume: the reference the checkpoint holds when it has been reset since the start (--ref-reset-every)."""
     ref_file = os.path.join(checkpoint, "reference.safetensors")
     if ref_model is not None and os.path.exists(ref_file):
         from safetensors.torch import load_file
 
         K.set_full_state_dict(ref_model, load_file(ref_file), source=ref_file)
-    elif ref_model is not None and args.ref_reset_every and loaded["step"] >= args.ref_reset_every:
+    elif ref_model is not None and args.ref_reset_every and runs.checkpoint_step(checkpoint) >= args.ref_reset_every:
         raise K.UserError(f"{checkpoint} has no reference.safetensors, but with --ref-reset-every "
                           f"{args.ref_reset_every} the reference was replaced by the policy before step "
-                          f"{loaded['step']}; resuming would measure the KL against the wrong model.")
-    K.print0(f"Resumed from {checkpoint} at step {loaded['step']}.")
-    return loaded["step"]
+                          f"{runs.checkpoint_step(checkpoint)}; resuming would measure the KL against the wrong model.")
+
+
+PANELS = [("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy accuracy"),
+                                               ("eval/reasoning_share", "held-out reasoning share"),
+                                               ("rollout/accuracy", "rollout accuracy (T=1)")], "share"),
+          ("rollout response length", [("rollout/response_length", "all"),
+                                       ("rollout/length_incorrect", "incorrect")], "tokens")]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,90 +377,42 @@ def restore(args: Args, checkpoint: str | None, policy, ref_model, optimizer, sc
 # ----------------------------------------------------------------------------------------------------------
 
 
-def main(args: Args) -> K.RunResult:
+def main(args: Args) -> runs.RunResult:
     """Train with GRPO (or the preset's variant); returns where the run wrote and the held-out metrics before and
-    after (K.RunResult)."""
-    t_start = time.time()
-    K.quiet_transformers()
-    info = K.init_distributed(args.device, args.dist_timeout_s)
-    check_args(args, info)
-    K.seed_everything(args.seed)
+    after (rl_runs.RunResult)."""
+    session = runs.Session(args, check=check_args, desc="grpo", panels=PANELS,
+                           title=f"grpo.py --preset {args.preset} --model {args.model}")
+    info = session.info
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args.micro_batch_tokens < 0:
-        args = dataclasses.replace(args, micro_batch_tokens=8192 if info.device.type == "cuda" else 2048)
+    reward_fns, weights = reward_functions(args)  # a user's mistake in the data or rewards stops here
+    args, train_rows, eval_rows = env.load_task(args, reward_fns, weights, info.device)
 
-    # ---- data and rewards: everything a user can get wrong fails here, before any model is loaded
-    reward_fns, weights = resolve_rewards(args)
-    args = dataclasses.replace(args, reward_weights=weights)
-    train_rows, eval_rows = env.load_train_and_eval(
-        args.dataset, args.eval_dataset, reward_fns, split=args.dataset_split, eval_size=args.eval_size * bool(
-            args.eval_every), seed=args.seed, prompt_column=args.prompt_column, answer_column=args.answer_column)
-    K.check_model_source(args.model)
-    finish = functools.partial(K.finish_run, args.out_dir, t_start=t_start, plot=args.plot, panels=[
-        ("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy accuracy"),
-                                            ("eval/reasoning_share", "held-out reasoning share"),
-                                            ("rollout/accuracy", "rollout accuracy (T=1)")], "share"),
-        ("rollout response length", [("rollout/response_length", "all"),
-                                     ("rollout/length_incorrect", "incorrect")], "tokens")],
-        title=f"grpo.py --preset {args.preset} --model {args.model}")
-
-    with K.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps) as run:
-        if run.finished:
-            return finish(final_dir=run.checkpoint)
-
-        # ---- models, optimizer, and where a resumed run left off
+    with session:
+        if session.finished:
+            return session.result()
         policy, ref_model, tokenizer = load_models(args, info)
-        context = getattr(K.unwrap(policy).config, "max_position_embeddings", None)
-        if args.dataset not in env.TASK_REWARDS:  # the built-in tasks fit any context
-            fit = functools.partial(env.fit_prompts, tokenizer, max_new_tokens=args.max_new_tokens, context=context,
-                                    template=args.template, system_prompt=args.system_prompt)
-            train_rows, eval_rows = fit(train_rows, source=args.dataset), eval_rows and fit(eval_rows, source="eval")
+        train_rows, eval_rows = env.fit_task(args, policy, tokenizer, train_rows, eval_rows)
         optimizer = K.adamw(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, device=info.device,
                             strategy=args.strategy)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, K.warmup_schedule(args.warmup_steps))
-        state = {"cursor": 0, "skipped": 0, "nan_streak": 0}  # cursor: position in the shuffled prompt stream
-        start_step = restore(args, run.checkpoint, policy, ref_model, optimizer, scheduler, state)
-        if args.compile:  # compiled decoding: one cache length for the whole run
-            K.set_generation_length(policy, env.longest_prompt(tokenizer, train_rows + eval_rows, args.template,
-                                                               args.system_prompt), args.max_new_tokens)
-        K.save_args(args.out_dir, args)
-        logger = K.MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
-                                 report_to=args.report_to, config=dataclasses.asdict(args))
-
-        def evaluate() -> dict:
-            return env.evaluate(K.unwrap(policy), tokenizer, eval_rows, max_new_tokens=args.max_new_tokens,
-                                samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
-                                template=args.template, system_prompt=args.system_prompt, compile=args.compile)
-
-        def save(step: int, name: str | None = None) -> str:
-            files = ({"reference.safetensors": K.full_state_dict(ref_model)}  # every rank: a collective under FSDP
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, runs.warmup_schedule(args.warmup_steps))
+        state = session.state
+        state["cursor"] = 0  # the position in the shuffled prompt stream
+        reference = ((lambda: {"reference.safetensors": K.full_state_dict(ref_model)})  # it changes: checkpoint it
                      if ref_model is not None and args.ref_reset_every else None)
-            return K.save_checkpoint(args.out_dir, step, policy, tokenizer, optimizer, scheduler, extra=state,
-                                     name=name, tensor_files=files)
-
-        def stop(step: int) -> K.RunResult:
-            path = save(step)
-            K.print0(f"Stopped at step {step}; continue with --resume (checkpoint {path}).")
-            logger.close()
-            return finish(final_dir=None, stopped_at=step, signal=run.signal)
-
-        if start_step == 0 and eval_rows and args.eval_every:
-            first = evaluate()
-            logger.log(0, first)
-            K.print0(f"step 0 eval: {json.dumps({k: round(v, 3) for k, v in first.items()})}")
-
-        bar = K.progress(range(start_step, args.max_steps), desc="grpo", total=args.max_steps, initial=start_step)
-        for step in bar:
-            timer, t0, snapshot = K.Timer(), time.perf_counter(), dict(state)
+        steps = session.start(args, model=policy, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                              evaluate=env.evaluator(args, policy, tokenizer, eval_rows),
+                              tensor_files=reference,
+                              on_restore=functools.partial(restore_reference, args, ref_model))
+        for step in steps:
+            timer = runs.Timer()
 
             # ---- rollout: G samples per prompt from pi_old, scored by the rewards
             policy.eval()
             try:
                 rollout, rounds, zero_var_share = collect_rollout(args, policy, tokenizer, reward_fns, train_rows,
-                                                                  state, step, timer, lambda: run.stop.requested)
+                                                                  state, step, timer, session.stop_requested)
             except env.Interrupted:  # a signal during a slow reward: drop this step, save the ones done
-                state.update(snapshot)
-                return stop(step)
+                session.drop_step(step)
             K.free_decode_state(policy)                        # the update needs the KV caches' memory
             policy.train()
             batch = rollout.batch()                            # prompt_ids (R, P), tokens and mask (R, N)
@@ -595,41 +436,22 @@ def main(args: Args) -> K.RunResult:
                                                      batch["mask"], kl)  # (R,) or (R, N)
 
             # ---- update
-            t1 = time.perf_counter()
-            train_stats = update(args, policy, optimizer, scheduler, batch, state)
-            timer.totals["update"] = time.perf_counter() - t1
+            with timer("update"):
+                train_stats = update(args, policy, optimizer, scheduler, batch, state)
             if ref_model is not None and args.ref_reset_every and (step + 1) % args.ref_reset_every == 0:
-                with torch.no_grad():  # shard to shard under FSDP2 (the reference reshards after its forwards)
-                    for ref_param, param in zip(K.unwrap(ref_model).parameters(), K.unwrap(policy).parameters()):
-                        ref_param.copy_(param)
+                K.copy_weights(ref_model, policy)              # DeepSeek-R1: the reference becomes the policy
 
             # ---- log / evaluate / save
-            metrics = env.rollout_metrics(rollout)
-            metrics["rollout/zero_variance_group_share"] = zero_var_share
-            metrics["rollout/sampling_rounds"] = rounds
+            metrics = {**env.rollout_metrics(rollout), "rollout/zero_variance_group_share": zero_var_share,
+                       "rollout/sampling_rounds": rounds}
             metrics = env.finish_reward_std(K.reduce_metrics({**metrics, **train_stats}))
-            metrics.update(timer.step_metrics(t0, int(rollout.gen.mask.sum()) * info.world_size, info.device))
-            metrics["train/skipped_updates"] = state["skipped"]
+            metrics.update(timer.step_metrics(int(rollout.gen.mask.sum()) * info.world_size, info.device))
             metrics["train/lr"] = scheduler.get_last_lr()[0]
-            done = step + 1
-            if eval_rows and args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
-                metrics.update(evaluate())
-            logger.log(done, metrics)
-            bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}", acc=f"{metrics['rollout/accuracy']:.2f}",
-                            len=f"{metrics['rollout/response_length']:.1f}")
-            logger.log_samples(done, env.rollout_samples(rollout, batch["advantages"], args.log_samples))
-            if state["nan_streak"] >= args.nan_patience:
-                path = save(done)
-                raise RuntimeError(f"{state['nan_streak']} updates in a row had a non-finite loss or gradient; "
-                                   f"stopped (last good weights saved to {path}). Lower --lr or check rewards.")
-            if run.should_stop():
-                return stop(done)
-            if args.save_every and done % args.save_every == 0:
-                save(done)
-        final = save(args.max_steps, name="final")  # still inside the run: a signal now waits for the save
-        logger.close()
-    return finish(final_dir=final, signal=run.signal)
+            samples = env.rollout_samples(rollout, batch["advantages"], args.log_samples)
+            session.end_step(step + 1, metrics, samples=samples, postfix=dict(
+                reward="rollout/reward_mean", acc="rollout/accuracy", len="rollout/response_length"))
+    return session.result()
 
 
 if __name__ == "__main__":
-    K.run_cli(main, cli())
+    runs.run_cli(main, cli())

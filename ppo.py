@@ -71,10 +71,11 @@ Launch:
     torchrun --nproc_per_node 8 ppo.py --preset orz --model Qwen/Qwen2.5-0.5B-Instruct --dataset data.jsonl \\
         --template chat --lr 1e-6 --critic-lr 5e-6 --max-new-tokens 1024 --strategy fsdp
 
-Results in the toy world (rebuilt toy/base, seed 0, 80 steps of 16 prompts x 8 samples; README.md "PPO" has the
+Results in the toy world (rebuilt toy/base, seed 0, 80 steps of 16 prompts x 8 samples; docs/ppo.md has the
 tables and plots):
     python ppo.py     held-out greedy accuracy 39.0% -> 89.0% (grpo.py, same world and seed: 89.5%), pass@1 25.6% ->
                       78.1%, reasoning share 26% -> 100%; 1.9x grpo.py's seconds per step (the critic's passes).
+                      On the 2-core AMD EPYC of 2026-12-06: 89.5% and 77.5% (grpo.py: 89.0%), a gap within noise.
     --lam 0.95        slower at first (59.5% against 66.0% at step 10), then the same (88.5% at the end).
     --preset rlhf     on the toy reward model alone (40 steps): the true accuracy peaks at 72% (0.5 nats) and then
                       falls to 3.5% with beta = 0 (KL 23 nats per sequence), holds at 72% with beta 0.05, 65.5%
@@ -83,123 +84,28 @@ tables and plots):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
 import os
-import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
-import tyro
 
 import rl_kernels as K
+import rl_runs as runs
+import rlhf_reward_model
 import rlvr_rewards as env
-from rlhf_reward_model import RewardModelScorer
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 @dataclass
-class Args:
-    model: str = "toy"
-    """policy: hub id or local checkpoint directory; "toy" is the built-in toy base model (built on first use)"""
-    dataset: str = "arithmetic"
-    """a built-in task (arithmetic, countdown, code), a .jsonl/.json/.parquet file, a `datasets` directory, a hub id"""
-    eval_dataset: Optional[str] = None
-    """held-out rows (its "test" split); default: a built-in task's test split, else a slice held out of --dataset"""
-    prompt_column: str = "prompt"
-    """the dataset column holding the prompt (GSM8K: question)"""
-    answer_column: str = "answer"
-    """the dataset column holding the gold answer (GSM8K's "... #### 72" solutions count as 72)"""
-    dataset_split: str = "train"
-    """the split of a hub dataset or dataset directory to train on"""
+class PPOArgs:
+    """PPO's own flags: the preset and its switches, the critic, the KL, the update."""
+    # The preset and its switches (None: the preset's value, PRESETS; else the plain PPO value)
     preset: Literal["ppo", "rlhf", "ziegler", "orz", "vapo"] = "ppo"
     """named set of the switches a paper changes (module docstring); fields left unset take the preset's values"""
-    reward_weights: tuple[float, ...] = ()
-    """one weight per reward; default 1 each, except the shaping rewards format and tag_count: 0.1 beside others"""
-    reward_timeout_s: Optional[float] = None
-    """stop with an error naming the reward if one reward call takes longer than this (None: no limit)"""
-    reward_model: str = "runs/rlhf_reward_model/final"
-    """reward model (rlhf_reward_model.py's output) behind the "reward_model" reward and --critic reward_model"""
-    template: Literal["auto", "chat", "r1", "plain"] = "auto"
-    """auto: the tokenizer's chat template if it has one, else the R1 text template"""
-    system_prompt: Optional[str] = None
-    """system message for the chat template"""
-    out_dir: str = "runs/ppo"
-    """where args.json, metrics.jsonl, samples.jsonl, checkpoints and final/ (the critic in final/critic/) go"""
-    overwrite: bool = False
-    """replace the run already in --out-dir (without it, a used --out-dir is refused unless --resume)"""
-    seed: int = 0
-    """seeds data order, sampling noise and initialisation"""
-    max_steps: int = 80
-    """number of rollout + update steps (critic warm-up steps included)"""
-    lr: float = 2e-4
-    """policy AdamW learning rate (toy model; real LLMs: 1e-6 to 3e-6)"""
-    critic_lr: float = 5e-4
-    """critic AdamW learning rate (toy model; real LLMs: 2e-6 to 1e-5)"""
-    warmup_steps: int = 5
-    """linear warmup steps of each model's learning rate, constant after"""
-    weight_decay: float = 0.0
-    """AdamW weight decay, both models"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm, each model"""
-    eval_every: int = 10
-    """evaluate every N steps (and at the start and end); 0 disables"""
-    eval_size: int = 200
-    """held-out prompts per evaluation"""
-    eval_samples: int = 4
-    """k samples per prompt for pass@1 averaged over k (0: greedy only)"""
-    eval_temperature: float = 1.0
-    """temperature of the k evaluation samples"""
-    save_every: int = 0
-    """save a checkpoint every N steps (0: only at the end and on SIGTERM)"""
-    resume: bool = False
-    """continue from the newest complete checkpoint in --out-dir (policy, critic, both optimizers, the KL
-    coefficient; a finished run: nothing to do)"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto: this rank's GPU if there is one, else the CPU"""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """compute dtype (the forward's matmuls); auto: bf16 on a GPU, fp32 on the CPU"""
-    master_dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the policy's and the critic's weights (what checkpoints hold), gradients and AdamW state"""
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    """torchrun data parallelism of the policy and the critic (FSDP2 also shards the reference)"""
-    prompts_per_step: int = 16
-    """B: prompts per step over all ranks"""
-    num_generations: int = 8
-    """G: samples per prompt"""
-    max_new_tokens: int = 48
-    """response length cap"""
-    temperature: float = 1.0
-    """sampling temperature (divides the logits of every log-prob pass too; no top-k/top-p: the log-probs are those of
-    the distribution sampled from)"""
-    num_minibatches: int = 1
-    """optimizer steps per epoch (each rank's prompts split evenly)"""
-    micro_batch_tokens: int = -1
-    """padded tokens per forward/backward (length-sorted micro-batches); 0: one pass; -1: 2,048 on CPU, 8,192 on GPU"""
-    track_kl: bool = False
-    """load the reference even when beta = 0, to log the KL to it (one more forward per step)"""
-    log_ratio_clamp: float = 20.0
-    """clamp log(pi/pi_old) in the loss (verl: 20, no gradient beyond) and log(pi_old/pi_ref) in the KL (OpenRLHF: 10)
-    to [-c, c]; 0: off"""
-    nan_patience: int = 3
-    """stop after this many non-finite updates in a row"""
-    compile: bool = None
-    """compile the decode step and the loss (default: on when a CUDA GPU is used)"""
-    threads: int = 0
-    """CPU threads for torch (0: 1 for models under 50M parameters)"""
-    plot: bool = True
-    """write the curves to out_dir/curves.png"""
-    log_samples: int = 4
-    """completions per step written to samples.jsonl (prompt, completion, rewards, mean token advantage)"""
-    report_to: tuple[Literal["none", "wandb", "tensorboard"], ...] = ("none",)
-    """where metrics go besides metrics.jsonl (several allowed)"""
-    dist_timeout_s: float = 600.0
-    """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
-    # The preset's switches: None takes the preset's value (PRESETS), else the plain PPO value (PRESET_FIELDS).
     rewards: tuple[str, ...] = None
     """reward functions: built-in names, "task" (the dataset's verifier), "reward_model", or "module:function\""""
     critic: str = None
@@ -242,16 +148,36 @@ class Args:
     """clip the scores to [-c, c] after normalisation (0: off)"""
     missing_eos_score: float = None
     """the score of a response that never emitted EOS, replacing its reward (N+: -1; ORZ: 0); nan: keep its reward"""
+    # Rollouts, rewards and the update
+    reward_model: str = "runs/rlhf_reward_model/final"
+    """reward model (rlhf_reward_model.py's output) behind the "reward_model" reward and --critic reward_model"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch (each rank's prompts split evenly)"""
+    lr: float = 2e-4
+    """policy AdamW learning rate (toy model; real LLMs: 1e-6 to 3e-6)"""
+    critic_lr: float = 5e-4
+    """critic AdamW learning rate (toy model; real LLMs: 2e-6 to 1e-5)"""
+    warmup_steps: int = 5
+    """linear warmup steps of each model's learning rate, constant after"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0: off)"""
+    log_ratio_clamp: float = 20.0
+    """clamp log(pi/pi_old) in the loss (verl: 20, no gradient beyond) and log(pi_old/pi_ref) in the KL (OpenRLHF: 10)
+    to [-c, c]; 0: off"""
+    track_kl: bool = False
+    """load the reference even when beta = 0, to log the KL to it (one more forward per step)"""
+
+
+@dataclass
+class Args(runs.RunArgs, env.RLArgs, PPOArgs):
+    """ppo.py's command line, in --help's order: PPO's flags (PPOArgs), those every RL script shares
+    (rlvr_rewards.RLArgs: the policy, the task, rollouts, evaluation), and the run's (rl_runs.RunArgs)."""
+    out_dir: str = "runs/ppo"
 
     def __post_init__(self):
-        # Args(preset="rlhf", lam=1.0) from Python is what `--preset rlhf --lam 1.0` gives on the command line.
-        if self.preset not in PRESETS:
-            raise ValueError(f"Unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
-        for name, plain in PRESET_FIELDS.items():
-            if getattr(self, name) is None:
-                setattr(self, name, PRESETS[self.preset].get(name, plain))
-        if self.compile is None:
-            self.compile = self.device != "cpu" and torch.cuda.is_available()
+        runs.apply_preset(self, PRESETS, PRESET_FIELDS)
 
 
 # The switches a preset sets, at their plain PPO values, and what each preset changes.
@@ -278,12 +204,8 @@ PANELS = [("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy
 
 
 def cli(argv: list[str] | None = None) -> Args:
-    """The command line on top of Args(preset=...), so --help shows the preset's values and every flag given wins."""
-    import argparse
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="ppo", choices=sorted(PRESETS))
-    return tyro.cli(Args, default=Args(preset=pre.parse_known_args(argv)[0].preset), args=argv)
+    """The command line on top of Args(preset=...): --help shows the preset's values, and every flag given wins."""
+    return runs.preset_cli(Args, PRESETS, "ppo", argv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -465,65 +387,48 @@ def minibatch_order(seed: int, step: int, epoch: int, count: int) -> list[int]:
     return torch.randperm(count, generator=generator).tolist()
 
 
+
 def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict, step: int, train_policy: bool) -> dict:
     """Epochs x minibatches of optimizer steps of the policy (unless critic-only) and the critic, each a sum over
-    length-sorted micro-batches; returns the averaged train/ stats. batch: prompt_ids, prompt_mask, tokens, mask,
-    advantages, values, returns, and old_logprobs when pi_old was recomputed."""
+    length-sorted micro-batches (rl_kernels.accumulate_gradients); returns the averaged train/ stats. batch:
+    prompt_ids, prompt_mask, tokens, mask, advantages, values, returns, and old_logprobs when pi_old was recomputed."""
     G, nmb = args.num_generations, args.num_minibatches
     prompts = batch["mask"].shape[0] // G
     epochs = {"policy": args.num_epochs if train_policy else 0, "critic": args.critic_epochs or args.num_epochs}
-    totals, counts = {}, {}
+    means = K.StepMeans()
     for epoch in range(max(epochs.values())):
         trained = [name for name in ("policy", "critic") if epoch < epochs[name]]
+
+        def micro_loss(part: dict, share: K.Share):
+            losses, stats = {}, {}
+            if "policy" in trained:
+                logprobs, entropy = K.completion_logprobs(models["policy"], part, temperature=args.temperature,
+                                                          with_entropy=True)  # (r, n) each
+                # one epoch of one minibatch: pi_old is pi_theta, the ratio exactly 1, yet its gradient is REINFORCE's;
+                # the detached log-probs serve and no pass over the rollout was needed
+                old = part["old_logprobs"] if "old_logprobs" in part else logprobs.detach()
+                if args.log_ratio_clamp:  # verl: no exp overflow, and no gradient beyond the clamp
+                    logprobs = old + (logprobs - old).clamp(-args.log_ratio_clamp, args.log_ratio_clamp)
+                losses["policy_loss"], stats = K.policy_loss(
+                    logprobs, old, part["advantages"], part["mask"], clip_low=args.clip_low, clip_high=args.clip_high,
+                    loss_agg=args.loss_agg, norm_length=args.max_new_tokens, num_tokens=share.tokens,
+                    num_rows=share.rows, compile=args.compile)
+                stats["entropy"] = K.masked_mean(entropy.detach(), part["mask"])
+            if "critic" in trained:
+                losses["value_loss"], stats["value_clip_frac"] = value_loss(
+                    critic_values(models["critic"], part), part["values"], part["returns"], part["mask"],
+                    args.value_clip, share.tokens)
+            return losses, stats
+
         for mb in minibatch_order(args.seed, step, epoch, nmb):
             rows = torch.tensor([j * G + g for j in range(mb, prompts, nmb) for g in range(G)])  # strided prompts
             minibatch = K.slice_rows(batch, rows.to(batch["mask"].device))
-            # token-mean over the whole minibatch of every rank (DDP then averages the ranks' gradients)
-            num_tokens = K.all_reduce_sum(minibatch["mask"].sum().double()) / K.get_world_size()
-            stats, losses, mb_tokens = {}, {}, minibatch["mask"].sum().clamp_min(1)
-            for name in trained:
-                optimizers[name].zero_grad(set_to_none=True)
-            parts = K.micro_batches(minibatch, args.micro_batch_tokens)
-            for i, (_, part) in enumerate(parts):
-                part_stats, skip_sync = {}, i < len(parts) - 1  # DDP all-reduces in the last backward only
-                if "policy" in trained:
-                    with K.no_grad_sync(models["policy"], skip=skip_sync):
-                        logprobs, entropy = K.completion_logprobs(models["policy"], part, temperature=args.temperature,
-                                                                  with_entropy=True)  # (r, n) each
-                        # one epoch of one minibatch: pi_old is pi_theta, the ratio exactly 1, yet its gradient is
-                        # REINFORCE's; the detached log-probs serve and no pass over the rollout was needed
-                        old = part["old_logprobs"] if "old_logprobs" in part else logprobs.detach()
-                        if args.log_ratio_clamp:  # verl: no exp overflow, and no gradient beyond the clamp
-                            logprobs = old + (logprobs - old).clamp(-args.log_ratio_clamp, args.log_ratio_clamp)
-                        loss, part_stats = K.policy_loss(
-                            logprobs, old, part["advantages"], part["mask"], clip_low=args.clip_low,
-                            clip_high=args.clip_high, loss_agg=args.loss_agg, norm_length=args.max_new_tokens,
-                            num_tokens=num_tokens, compile=args.compile)
-                        if args.loss_agg != "token-mean":  # sequence means: weight micro-batches by their rows
-                            loss = loss * part["mask"].shape[0] / len(rows)
-                        loss.backward()
-                    losses["policy_loss"] = losses.get("policy_loss", 0.0) + loss.detach()  # the parts add up
-                    part_stats["entropy"] = K.masked_mean(entropy.detach(), part["mask"])
-                if "critic" in trained:
-                    with K.no_grad_sync(models["critic"], skip=skip_sync):
-                        vloss, part_stats["value_clip_frac"] = value_loss(
-                            critic_values(models["critic"], part), part["values"], part["returns"], part["mask"],
-                            args.value_clip, num_tokens)
-                        vloss.backward()
-                    losses["value_loss"] = losses.get("value_loss", 0.0) + vloss.detach()
-                K.fold_stats(stats, part_stats, part["mask"].sum() / mb_tokens)
+            stats = K.accumulate_gradients([models[n] for n in trained], minibatch, micro_loss,
+                                           max_tokens=args.micro_batch_tokens)
             # both models step, or (a NaN/inf loss or gradient norm on any rank) neither does
-            values, stepped = K.guarded_step([models[n] for n in trained], [optimizers[n] for n in trained],
-                                             args.max_grad_norm, {**stats, **losses, "loss": sum(losses.values())},
-                                             names=trained)
-            del values["loss"]  # the sum of the two losses, logged each on its own
-            state["skipped"] += not stepped
-            state["nan_streak"] = 0 if stepped else state["nan_streak"] + 1
-            for k, v in values.items():  # ratio extremes are NaN, and not counted, when no token counted
-                if not (k.startswith("ratio_m") and math.isnan(v)):
-                    totals[k] = totals.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
-    return {f"train/{k}": v / counts[k] for k, v in totals.items()}
+            means.add(K.guarded_step([models[n] for n in trained], [optimizers[n] for n in trained],
+                                     args.max_grad_norm, stats, names=trained, state=state)[0])
+    return means.result()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -531,9 +436,9 @@ def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict,
 # ----------------------------------------------------------------------------------------------------------
 
 
-def check_args(args: Args, info: K.DistInfo):
+def check_args(args: Args, info: runs.DistInfo):
     """Impossible settings fail here, before any data or model is loaded."""
-    K.check_settings(args)
+    runs.check_settings(args)
     per_rank = args.prompts_per_step // info.world_size
     if args.prompts_per_step % info.world_size or per_rank % args.num_minibatches:
         raise K.UserError(f"--prompts-per-step {args.prompts_per_step} must split evenly over the {info.world_size} "
@@ -548,9 +453,7 @@ def check_args(args: Args, info: K.DistInfo):
                           "--critic-epochs >= 0.")
     if args.kl_target and (args.kl_coef <= 0 or args.kl_horizon <= 0):
         raise K.UserError("--kl-target (the adaptive controller) needs --kl-coef > 0 and --kl-horizon > 0.")
-    if args.reward_weights and len(args.rewards) != len(args.reward_weights):
-        raise K.UserError(f"--rewards has {len(args.rewards)} entries but --reward-weights has "
-                          f"{len(args.reward_weights)}; give one weight per reward, or none for the defaults.")
+    env.check_reward_weights(args.rewards, args.reward_weights)
     if ("reward_model" in args.rewards or args.critic == "reward_model") and not os.path.isdir(args.reward_model):
         raise K.UserError(f"--reward-model {args.reward_model!r} does not exist; train one with `python "
                           "rlhf_reward_model.py` or pass the directory of a trained reward model.")
@@ -558,7 +461,7 @@ def check_args(args: Args, info: K.DistInfo):
         K.check_model_source(args.critic, "--critic")
 
 
-def resolve_rewards(args: Args, device=None) -> tuple[list, tuple[float, ...]]:
+def reward_functions(args: Args, device=None) -> tuple[list, tuple[float, ...]]:
     """([(name, fn)], weights) for args.rewards: weights as given, else 1 each but 0.1 for a shaping reward beside
     others. "reward_model" becomes a RewardModelScorer (loaded only when device is given: the data checks before
     any model loads go without it), normalised by the held-out mean and std its training saved, if it saved them."""
@@ -570,12 +473,12 @@ def resolve_rewards(args: Args, device=None) -> tuple[list, tuple[float, ...]]:
             from transformers import AutoConfig
 
             saved = getattr(AutoConfig.from_pretrained(args.reward_model), "reward_std", None) is not None
-            fns.append(("reward_model", RewardModelScorer(args.reward_model, device=device, normalize=saved,
-                                                          dtype=args.dtype)))
+            fns.append(("reward_model", rlhf_reward_model.RewardModelScorer(
+                args.reward_model, device=device, normalize=saved, dtype=args.dtype)))
     return fns, env.reward_weights(args.rewards, args.reward_weights)
 
 
-def load_models(args: Args, info: K.DistInfo) -> tuple[dict, object]:
+def load_models(args: Args, info: runs.DistInfo) -> tuple[dict, object]:
     """({"policy", "critic", "ref"}, tokenizer): policy and critic wrapped for DDP/FSDP2; the frozen reference (in the
     compute dtype, sharded under FSDP) only when beta > 0, the controller is on, or --track-kl."""
     precision = dict(dtype=args.dtype, master_dtype=args.master_dtype, device=info.device)
@@ -595,31 +498,38 @@ def save(args: Args, step: int, models: dict, tokenizer, optimizers: dict, sched
     """The critic (a transformers checkpoint with its optimizer and scheduler) first, then the policy's checkpoint,
     each written atomically; then the critic moves into CKPT/critic. A crash anywhere leaves no checkpoint without
     its critic (restore looks beside it for .critic-NAME)."""
-    name = name or f"{K.CHECKPOINT_PREFIX}{step}"
-    K.save_checkpoint(args.out_dir, step, models["critic"], tokenizer, optimizers["critic"], schedulers["critic"],
-                      name=f".critic-{name}")
-    path = K.save_checkpoint(args.out_dir, step, models["policy"], tokenizer, optimizers["policy"],
-                             schedulers["policy"], extra=state, name=name)
+    name = name or f"{runs.CHECKPOINT_PREFIX}{step}"
+    runs.save_checkpoint(args.out_dir, step, models["critic"], tokenizer, optimizers["critic"], schedulers["critic"],
+                         name=f".critic-{name}")
+    path = runs.save_checkpoint(args.out_dir, step, models["policy"], tokenizer, optimizers["policy"],
+                                schedulers["policy"], extra=state, name=name)
     if K.get_rank() == 0:
         os.replace(os.path.join(args.out_dir, f".critic-{name}"), os.path.join(path, "critic"))
     K.barrier()
     return path
 
 
-def restore(checkpoint: str | None, models: dict, optimizers: dict, schedulers: dict, state: dict) -> int:
+def restore(checkpoint: str, models: dict, optimizers: dict, schedulers: dict, state: dict) -> int:
     """--resume: the checkpoint's policy, critic, both optimizers and schedulers, data position and KL coefficient.
     Returns the step to start from."""
-    if checkpoint is None:
-        return 0
     beside = os.path.join(os.path.dirname(checkpoint), f".critic-{os.path.basename(checkpoint)}")  # a cut-off move
     critic = next((d for d in (os.path.join(checkpoint, "critic"), beside) if os.path.isdir(d)), None)
     if critic is None:
         raise K.UserError(f"{checkpoint} has no critic/ (not written by ppo.py?); PPO cannot resume from it.")
-    K.load_checkpoint(critic, models["critic"], optimizers["critic"], schedulers["critic"])
-    loaded = K.load_checkpoint(checkpoint, models["policy"], optimizers["policy"], schedulers["policy"])  # its RNG wins
+    runs.load_checkpoint(critic, models["critic"], optimizers["critic"], schedulers["critic"])
+    loaded = runs.load_checkpoint(checkpoint, models["policy"], optimizers["policy"], schedulers["policy"])  # RNG: its
     state.update(loaded["extra"])
-    K.print0(f"Resumed from {checkpoint} at step {loaded['step']}.")
     return loaded["step"]
+
+
+def kl_stats(mask: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None) -> dict:
+    """KL(pi_old || pi_ref): per sequence (the sum over the response, what the adaptive controller sees) and per
+    token, k1 and k3; {} without a reference."""
+    if ref_logprobs is None:
+        return {}
+    log_ratio = torch.where(mask.bool(), old_logprobs - ref_logprobs, 0.0)  # k1 per token
+    return {"train/kl_seq": log_ratio.sum(-1).mean().item(), "train/kl_token_k1": K.masked_mean(log_ratio, mask).item(),
+            "train/kl_token_k3": K.masked_mean(torch.expm1(-log_ratio) + log_ratio, mask).item()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -627,107 +537,45 @@ def restore(checkpoint: str | None, models: dict, optimizers: dict, schedulers: 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def collect_rollout(args: Args, policy, tokenizer, reward_fns, train_rows: list[dict], state: dict, step: int,
-                    timer: K.Timer, should_stop=None) -> env.Rollout:
-    """This rank's share of the step's prompts (the next global slice of the shuffled stream), G samples each, scored:
-    the prompts and sampling noise of grpo.py at the same seed and step. A stop requested while a reward runs raises
-    env.Interrupted."""
-    per_rank = args.prompts_per_step // K.get_world_size()
-    first = state["cursor"] + K.get_rank() * per_rank
-    state["cursor"] += args.prompts_per_step
-    rows = [train_rows[i] for i in K.stream_indices(first, per_rank, len(train_rows), args.seed)]
-    keys = K.rollout_noise_keys(args.seed, step, 0, range(first, first + per_rank), args.num_generations)
-    with timer("generate"):
-        rollout = env.sample(policy, tokenizer, rows, num_samples=args.num_generations, noise_keys=keys,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             template=args.template, system_prompt=args.system_prompt, compile=args.compile)
-    with timer("reward"):
-        env.score(rollout, reward_fns, args.reward_weights, reward_timeout_s=args.reward_timeout_s,
-                  should_stop=should_stop, completion_lengths=rollout.gen.lengths.tolist(),
-                  group_size=args.num_generations)
-    return rollout
-
-
-def main(args: Args) -> K.RunResult:
+def main(args: Args) -> runs.RunResult:
     """Train with PPO (or the preset's variant); returns where the run wrote and the held-out metrics before and
-    after (K.RunResult)."""
-    t_start = time.time()
-    K.quiet_transformers()
-    info = K.init_distributed(args.device, args.dist_timeout_s)
-    check_args(args, info)
-    K.seed_everything(args.seed)
-    if args.micro_batch_tokens < 0:
-        args = dataclasses.replace(args, micro_batch_tokens=8192 if info.device.type == "cuda" else 2048)
+    after (rl_runs.RunResult)."""
+    session = runs.Session(args, check=check_args, desc=f"ppo ({args.preset})", panels=PANELS,
+                           title=f"ppo.py --preset {args.preset} --model {args.model}")
+    info = session.info
+    reward_fns, weights = reward_functions(args)  # a user's mistake in the data or rewards stops here
+    args, train_rows, eval_rows = env.load_task(args, reward_fns, weights, info.device)
 
-    # ---- data and rewards: everything a user can get wrong fails here, before any model is loaded
-    reward_fns, weights = resolve_rewards(args)
-    args = dataclasses.replace(args, reward_weights=weights)
-    train_rows, eval_rows = env.load_train_and_eval(
-        args.dataset, args.eval_dataset, reward_fns, split=args.dataset_split, eval_size=args.eval_size * bool(
-            args.eval_every), seed=args.seed, prompt_column=args.prompt_column, answer_column=args.answer_column)
-    K.check_model_source(args.model)
-    finish = functools.partial(K.finish_run, args.out_dir, t_start=t_start, plot=args.plot, panels=PANELS,
-                               title=f"ppo.py --preset {args.preset} --model {args.model}")
-
-    with K.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps) as run:
-        if run.finished:
-            return finish(final_dir=run.checkpoint)
-
-        # ---- models, one optimizer each, the KL controller, and where a resumed run left off
+    with session:
+        if session.finished:
+            return session.result()
         models, tokenizer = load_models(args, info)
         policy, critic, ref = models["policy"], models["critic"], models["ref"]
-        reward_fns = resolve_rewards(args, info.device)[0]
-        if args.dataset not in env.TASK_REWARDS:  # the built-in tasks fit any context
-            fit = functools.partial(env.fit_prompts, tokenizer, max_new_tokens=args.max_new_tokens,
-                                    context=getattr(K.unwrap(policy).config, "max_position_embeddings", None),
-                                    template=args.template, system_prompt=args.system_prompt)
-            train_rows, eval_rows = fit(train_rows, source=args.dataset), eval_rows and fit(eval_rows, source="eval")
+        reward_fns = reward_functions(args, info.device)[0]
+        train_rows, eval_rows = env.fit_task(args, policy, tokenizer, train_rows, eval_rows)
         optimizers = {name: K.adamw(models[name].parameters(), lr=lr, weight_decay=args.weight_decay,
                                     device=info.device, strategy=args.strategy)
                       for name, lr in (("policy", args.lr), ("critic", args.critic_lr))}
-        schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, K.warmup_schedule(args.warmup_steps))
+        schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, runs.warmup_schedule(args.warmup_steps))
                       for name, opt in optimizers.items()}
-        state = {"cursor": 0, "skipped": 0, "nan_streak": 0, "kl_coef": args.kl_coef}
-        start_step = restore(run.checkpoint, models, optimizers, schedulers, state)
+        state = session.state
+        state.update(cursor=0, kl_coef=args.kl_coef)  # the prompt stream's position; beta (the controller moves it)
+        parts = dict(models=models, optimizers=optimizers, schedulers=schedulers, state=state)
+        steps = session.start(args, evaluate=env.evaluator(args, policy, tokenizer, eval_rows),
+                              save=functools.partial(save, args, tokenizer=tokenizer, **parts),
+                              restore=lambda checkpoint: restore(checkpoint, **parts))
         kl_ctl = AdaptiveKLController(state["kl_coef"], args.kl_target, args.kl_horizon)
-        if args.compile:  # compiled decoding: one cache length for the whole run
-            K.set_generation_length(policy, env.longest_prompt(tokenizer, train_rows + eval_rows, args.template,
-                                                               args.system_prompt), args.max_new_tokens)
-        K.save_args(args.out_dir, args)
-        logger = K.MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
-                                 report_to=args.report_to, config=dataclasses.asdict(args))
-        checkpoint = functools.partial(save, args, models=models, tokenizer=tokenizer, optimizers=optimizers,
-                                       schedulers=schedulers, state=state)
-
-        def evaluate() -> dict:
-            return env.evaluate(K.unwrap(policy), tokenizer, eval_rows, max_new_tokens=args.max_new_tokens,
-                                samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
-                                template=args.template, system_prompt=args.system_prompt, compile=args.compile)
-
-        def stop(step: int) -> K.RunResult:
-            path = checkpoint(step)
-            K.print0(f"Stopped at step {step}; continue with --resume (checkpoint {path}).")
-            logger.close()
-            return finish(final_dir=None, stopped_at=step, signal=run.signal)
-
-        if start_step == 0 and eval_rows and args.eval_every:
-            first = evaluate()
-            logger.log(0, first)
-            K.print0(f"step 0 eval: {json.dumps({k: round(v, 3) for k, v in first.items()})}")
-
-        bar = K.progress(range(start_step, args.max_steps), desc=f"ppo ({args.preset})", total=args.max_steps,
-                         initial=start_step)
-        for step in bar:
-            timer, t0, snapshot = K.Timer(), time.perf_counter(), dict(state)
+        for step in steps:
+            timer = runs.Timer()
 
             # ---- rollout: G samples per prompt from pi_old, scored; each response's score
             policy.eval()
             try:
-                rollout = collect_rollout(args, policy, tokenizer, reward_fns, train_rows, state, step, timer,
-                                          lambda: run.stop.requested)
+                rows, positions = runs.next_rows(train_rows, state, args.prompts_per_step, args.seed)
+                keys = K.rollout_noise_keys(args.seed, step, 0, positions, args.num_generations)
+                rollout = env.rollout(args, policy, tokenizer, rows, reward_fns, keys, timer, session.stop_requested)
             except env.Interrupted:  # a signal during a slow reward: drop this step, save the ones done
-                state.update(snapshot)
-                return stop(step)
+                session.drop_step(step)
             K.free_decode_state(policy)                              # the update needs the KV caches' memory
             policy.train()
             batch = rollout.batch()                                  # prompt_ids (R, P), tokens and mask (R, N)
@@ -755,25 +603,18 @@ def main(args: Args) -> K.RunResult:
             batch["advantages"], batch["returns"], advantages = compute_advantages(args, rewards, batch["values"], mask)
 
             # ---- update: epochs x minibatches of both models (the critic alone during its warm-up)
-            t1 = time.perf_counter()
             train_policy = step >= args.critic_warmup_steps
-            train_stats = update(args, models, optimizers, batch, state, step, train_policy)
+            with timer("update"):
+                train_stats = update(args, models, optimizers, batch, state, step, train_policy)
             for name in ("policy", "critic") if train_policy else ("critic",):  # a schedule counts its model's steps
                 schedulers[name].step()
-            timer.totals["update"] = time.perf_counter() - t1
-
-            # ---- KL(pi_old || pi_ref) per sequence (sum over the response: what the controller sees) and per token
-            kl_stats = {}
-            if ref is not None:
-                log_ratio = torch.where(mask.bool(), old_logprobs - ref_logprobs, 0.0)  # k1 per token
-                kl_stats = {"train/kl_seq": log_ratio.sum(-1).mean().item(),
-                            "train/kl_token_k1": K.masked_mean(log_ratio, mask).item(),
-                            "train/kl_token_k3": K.masked_mean(torch.expm1(-log_ratio) + log_ratio, mask).item()}
-                kl_ctl.update(K.all_reduce_mean(kl_stats["train/kl_seq"]), args.prompts_per_step * args.num_generations)
+            kl = kl_stats(mask, old_logprobs, ref_logprobs)
+            if kl:
+                kl_ctl.update(K.all_reduce_mean(kl["train/kl_seq"]), args.prompts_per_step * args.num_generations)
             state["kl_coef"] = kl_ctl.value
 
             # ---- log / evaluate / save
-            metrics = {**env.rollout_metrics(rollout), **kl_stats, **train_stats,
+            metrics = {**env.rollout_metrics(rollout), **kl, **train_stats,
                        "rollout/eos_rate": 1.0 - rollout.gen.truncated.float().mean().item(),
                        "rollout/score_mean": scores.mean().item(),
                        "train/value_mean": K.masked_mean(batch["values"], mask).item(),
@@ -784,28 +625,13 @@ def main(args: Args) -> K.RunResult:
             metrics = env.finish_reward_std(K.reduce_metrics(metrics))
             metrics["train/explained_variance"] = explained_variance(batch["values"], batch["returns"], mask)
             metrics["train/kl_coef"] = beta
-            metrics.update(timer.step_metrics(t0, int(mask.sum()) * info.world_size, info.device))
-            metrics["train/skipped_updates"] = state["skipped"]
+            metrics.update(timer.step_metrics(int(mask.sum()) * info.world_size, info.device))
             metrics["train/lr"] = schedulers["policy"].get_last_lr()[0]
-            done = step + 1
-            if eval_rows and args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
-                metrics.update(evaluate())
-            logger.log(done, metrics)
-            bar.set_postfix(score=f"{metrics['rollout/score_mean']:.3f}", acc=f"{metrics['rollout/accuracy']:.2f}",
-                            ev=f"{metrics['train/explained_variance']:.2f}")
-            logger.log_samples(done, env.rollout_samples(rollout, batch["advantages"], args.log_samples))
-            if state["nan_streak"] >= args.nan_patience:
-                path = checkpoint(done)
-                raise RuntimeError(f"{state['nan_streak']} updates in a row had a non-finite loss or gradient; "
-                                   f"stopped (last good weights saved to {path}). Lower --lr or --critic-lr.")
-            if run.should_stop():
-                return stop(done)
-            if args.save_every and done % args.save_every == 0:
-                checkpoint(done)
-        final = checkpoint(args.max_steps, name="final")  # still inside the run: a signal now waits for the save
-        logger.close()
-    return finish(final_dir=final, signal=run.signal)
+            samples = env.rollout_samples(rollout, batch["advantages"], args.log_samples)
+            session.end_step(step + 1, metrics, samples=samples, postfix=dict(
+                score="rollout/score_mean", acc="rollout/accuracy", ev="train/explained_variance"))
+    return session.result()
 
 
 if __name__ == "__main__":
-    K.run_cli(main, cli())
+    runs.run_cli(main, cli())

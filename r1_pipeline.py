@@ -26,7 +26,7 @@ calls the other scripts' main() (grpo.main, sft.main, rlhf_reward_model.main); n
     5 distill           SFT of small students on the 800k samples; RL    sft of toy/student (smaller) on stage 3's data,
                         straight on the small base does worse            beside R1-Zero (grpo) on toy/student
 
-The toy world (sft.py's corpus, rlvr_rewards' "toy world" section): arithmetic reasoning where numbers in the
+The toy world (toy_world.py's corpus, rlvr_rewards' "toy world" section): arithmetic reasoning where numbers in the
 reasoning come in two languages (digits, the target, and letters a-j for 0-9; some base traces switch), traces
 are sometimes messy (repeated steps, junk, two steps merged, no summary) and rarely self-correct ("wait"), and
 general prompts (greetings, "make 12", "bigger: 7 or 12") whose responses a hidden gold preference ranks.
@@ -56,7 +56,7 @@ Launch:
 Outputs: OUT/<i>_<stage>/ per stage (its runs, data, STAGE_DONE.json with its metrics), OUT/stages.json and
 OUT/stages.md (the table).
 
-Result (seed 0; README.md, "The DeepSeek-R1 recipe", has the table and the ablations): R1-Zero 39.0% -> 91.5%
+Result (seed 0; docs/r1_pipeline.md has the table and the ablations): R1-Zero 39.0% -> 91.5%
 greedy with longer, unreadable responses; the cold start makes 98.5% readable at 8 points of accuracy; reasoning
 RL 85.0%; rejection-sampling SFT 89.5%, readable; all-scenario RL lifts the general prompts' gold win-rate 28.5%
 -> 50.7% (87.5% on reasoning), and without the cap the reward model's score keeps rising while the win-rate falls
@@ -79,10 +79,12 @@ import torch
 import tyro
 
 import grpo
-import rl_kernels
+import rl_kernels as K
+import rl_runs as runs
 import rlhf_reward_model
 import rlvr_rewards as env
 import sft
+import toy_world as toy
 
 STAGES = ("r1_zero", "cold_start", "reasoning_rl", "rejection_sft", "all_scenarios", "distill")
 NEEDS = {"cold_start": ("r1_zero",), "reasoning_rl": ("cold_start",), "rejection_sft": ("reasoning_rl",),
@@ -133,7 +135,7 @@ class AllScenarios:
 
 @dataclass
 class Distill:
-    student: str = os.path.join(os.path.dirname(rl_kernels.TOY_BASE), "student")  # the smaller pretrained student
+    student: str = os.path.join(os.path.dirname(toy.TOY_BASE), "student")  # the smaller pretrained student
     epochs: float = 3  # SFT epochs on stage 3's data
     lr: float = 2e-3  # SFT learning rate
     rl_steps: int = 40  # GRPO steps of the baseline, R1-Zero on the student: about the distillation's trained tokens
@@ -242,8 +244,8 @@ def write_jsonl(path: str, rows: list[dict]) -> str:
 @torch.no_grad()
 def sample(model_path: str, rows: list[dict], k: int, args: Args, temperature: float = 1.0):
     """(model, tokenizer, k completions per row): sampled from a seeded generator, or greedy at temperature 0."""
-    model, tokenizer = rl_kernels.load_model(model_path)
-    rl_kernels.set_cpu_threads(0, model)
+    model, tokenizer = K.load_model(model_path)
+    K.set_cpu_threads(0, model)
     generator = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
     return model, tokenizer, env.sample(model, tokenizer, rows, num_samples=k, max_new_tokens=args.max_new_tokens,
                                         temperature=temperature, generator=generator).completions
@@ -278,7 +280,7 @@ def run(main, script_args) -> str:
     final = os.path.join(script_args.out_dir, "final")
     if os.path.isdir(final):
         return final
-    resume = rl_kernels.latest_checkpoint(script_args.out_dir) is not None
+    resume = runs.latest_checkpoint(script_args.out_dir) is not None
     result = main(dataclasses.replace(script_args, resume=resume, overwrite=not resume))
     if result.stopped_at is not None:
         raise Stopped(f"{script_args.out_dir} stopped at step {result.stopped_at}", result.signal)
@@ -346,7 +348,7 @@ def cold_start(args: Args, path: str, done: dict) -> dict:
             readable = env.accuracy_reward([text], answer=[row["answer"]])[0] and annotate(row["prompt"], text)
             if readable and row["prompt"] not in chosen and len(chosen) < c.size:
                 chosen[row["prompt"]] = sft_row(row["prompt"], readable, row["answer"])
-        written = [sft_row(r["prompt"], sft.readable_trace(r["prompt"], 0 if i % 3 == 0 else None), r["answer"])
+        written = [sft_row(r["prompt"], toy.readable_trace(r["prompt"], 0 if i % 3 == 0 else None), r["answer"])
                    for i, r in enumerate(env.make_dataset("arithmetic", "train", c.rule_written, args.seed + 2))]
         write_jsonl(data, list(chosen.values()) + written)
         print(f"cold start: {len(chosen)} annotated R1-Zero samples + {len(written)} written by rule")
@@ -374,7 +376,7 @@ def rejection_sft(args: Args, path: str, done: dict) -> dict:
             kept.setdefault((row["prompt"], text), sft_row(row["prompt"], text, row["answer"])) if not reason else None
         stats["kept"], stats["distinct_kept"] = stats["removed_by"].pop(None, 0), len(kept)
         rng, n = random.Random(args.seed), max(1, round(len(kept) * c.general_share / (1 - c.general_share)))
-        general = [sft_row(r["prompt"], sft.toy_general_completion(r["prompt"], rng, reasoning=False, harmful=False))
+        general = [sft_row(r["prompt"], toy.toy_general_completion(r["prompt"], rng, reasoning=False, harmful=False))
                    for r in general_rows("train", n, args.seed)]
         write_text(stats_file, json.dumps({**stats, "general": len(general)}, indent=1))
         write_jsonl(data, list(kept.values()) + general)  # last: its presence marks the data complete
@@ -391,7 +393,7 @@ def preference_pairs(path: str, split: str, n: int, seed: int) -> str:
     rng, lines = random.Random(f"{split}/{seed}"), []
     while len(lines) < n:
         prompt = rng.choice(env.general_prompts(rng.choice(KINDS), split))
-        a, b = (env.final_text(sft.toy_general_completion(prompt, rng)) for _ in range(2))
+        a, b = (env.final_text(toy.toy_general_completion(prompt, rng)) for _ in range(2))
         order = env.gold_preference(prompt, a, b)
         if order:
             lines.append({"prompt": prompt, "chosen": a if order > 0 else b, "rejected": b if order > 0 else a})
@@ -504,13 +506,13 @@ def main(args: Args) -> list[dict]:
     """Run the requested stages in order, skipping complete ones, then write and print the stage table."""
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
-        raise rl_kernels.UserError(f"--stages: unknown stage {unknown[0]!r}; the stages are {' '.join(STAGES)}.")
+        raise K.UserError(f"--stages: unknown stage {unknown[0]!r}; the stages are {' '.join(STAGES)}.")
     done = {name: record for name in STAGES if (record := load_done(args, name))}
     for name in args.stages:
         needs = () if name == "reasoning_rl" and args.no_cold_start else NEEDS.get(name, ())
         missing = [n for n in needs if n not in done and n not in args.stages]
         if missing and name not in done:
-            raise rl_kernels.UserError(f"stage {name} needs stage {missing[0]}: add it to --stages, or pass --inputs-from an "
+            raise K.UserError(f"stage {name} needs stage {missing[0]}: add it to --stages, or pass --inputs-from an "
                              f"out dir where it is complete.")
     for name in STAGES:
         if name in args.stages and name not in done:
@@ -528,4 +530,4 @@ def cli(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    rl_kernels.run_cli(cli, tyro.cli(Args))
+    runs.run_cli(cli, tyro.cli(Args))

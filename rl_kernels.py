@@ -1,31 +1,29 @@
-"""rl_kernels.py: the shared mechanics every algorithm file runs on. No algorithm choices live here beyond the
-clipped policy loss that PPO and the GRPO family share. Imports nothing of the project's.
+"""rl_kernels.py: the engine, i.e. what touches tensors and the model on the device. No algorithm choices live here
+beyond the clipped policy loss that PPO and the GRPO family share; the engine knows nothing of runs (rl_runs.py:
+files, processes, the clock) and imports nothing of the project's.
 
 What is in this file, top to bottom:
-  1. loading:      load_model(name_or_path | "toy") -> (model, tokenizer), left padding, a pad token always set;
-                   resolve_model_path (builds the toy base model on first use); set_cpu_threads; mixed precision
-                   (set_precision, compute_dtype: fp32 master weights, bf16 compute).
-  2. generation:   generate(...) batched sampling with a static KV cache, each prompt prefilled once and
+  1. the loss:     policy_loss(...) the clipped surrogate with per-token beta*KL, four aggregation modes and
+                   token- or sequence-level (GSPO) ratios; compiled with torch.compile on GPU, eager elsewhere.
+  2. loading:      load_model(name_or_path | "toy") -> (model, tokenizer), left padding, a pad token always set;
+                   check_model_source (one sentence for a bad path or an unreachable hub); set_cpu_threads; mixed
+                   precision (set_precision, compute_dtype: fp32 master weights, bf16 compute).
+  3. generation:   generate(...) batched sampling with a static KV cache, each prompt prefilled once and
                    shared by its num_samples rows, the one-token decode step compiled (CUDA graphs on GPU) with
                    one shape per use for a run (set_generation_length), grouped-query attention that reads each
                    KV head once, the output layer in fp32; eager (CPU), finished rows leave the batch. Sampling
                    noise keyed per row (rollout_noise_keys, eval_noise_keys), so samples do not depend on the batch,
                    the rank or a resume. Under mixed precision and FSDP2 it decodes a rollout copy of the weights;
                    free_decode_state releases caches and copy before an update; peak_memory_gb.
-  3. log-probs:    token_logprobs(...) log pi(x_{t+1} | x_<=t) from the final hidden states and the output
+  4. log-probs:    token_logprobs(...) log pi(x_{t+1} | x_<=t) from the final hidden states and the output
                    embedding in chunks, so the (B, T, V) logits never exist, in the forward or the backward;
                    completion_logprobs / rollout_logprobs for a rollout batch, over length-sorted micro-batches
                    that come back trimmed (micro_batches).
-  4. the loss:     policy_loss(...) the clipped surrogate with per-token beta*KL, four aggregation modes and
-                   token- or sequence-level (GSPO) ratios; compiled with torch.compile on GPU, eager elsewhere;
-                   fold_stats (its stats over micro-batches, on the device).
   5. reductions:   masked_sum / masked_mean / masked_var / masked_whiten.
-  6. distributed:  init_distributed / wrap_model (DDP or FSDP2 fully_shard) / all_reduce_* / reduce_metrics /
-                   print0; length_batches (length-sorted micro-batches) and no_grad_sync (DDP: accumulate, sync once).
-  7. checkpoints:  save_checkpoint / load_checkpoint / latest_checkpoint, atomic (temp dir + rename).
-  8. bookkeeping:  seed_everything, the data order (epoch_order, stream_indices), warmup_schedule, MetricsLogger
-                   (metrics.jsonl + optional wandb/TensorBoard), plot_metrics (a run's curves), StopSignal, Timer,
-                   RunResult (what every script's main returns).
+  6. collectives:  all_reduce_* / reduce_metrics / print0 / barrier; wrap_model (DDP or FSDP2 fully_shard), adamw,
+                   full_state_dict; length_batches (length-sorted micro-batches), no_grad_sync (DDP: sync once).
+  7. accumulation: accumulate_gradients (one optimizer step's gradients over trimmed micro-batches, the algorithm
+                   giving one micro-batch's loss), fold_stats, guarded_step (no step on a NaN/inf), StepMeans.
 
 Shapes (declared once): B prompts, S samples per prompt (R = B*S rows), P prompt length, N new tokens,
 T sequence length, H hidden size, V vocabulary size.
@@ -57,37 +55,145 @@ Deliberate choices:
     MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). Pure bf16 is master_dtype = bf16. In both the
     sampler and the trainer the output layer sums in fp32 (head_logits): bf16 logits would be rounded by up to
     0.06 nats at a logit of 10, and differently in the two paths' shapes on a GPU.
-  - Decoding reads bf16 weights (_rollout_model): under mixed precision (one process, DDP) a rollout copy of the
-    matmul weights in bf16 (2 bytes per matmul weight, sharing the fp32 embeddings and norms) instead of autocast
-    re-reading and re-casting the fp32 weights every token; under FSDP2 an unsharded bf16 copy filled by one
-    all-gather per sharded module per generate call (the full model per rank during a rollout, as gathering once
-    would hold; no collective and no FSDP hook per token, so the step compiles). free_decode_state frees it.
+  - Decoding reads bf16 weights under mixed precision and FSDP2: a rollout copy (_rollout_model says how).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
 import functools
-import glob
-import importlib.util
-import json
 import math
 import os
-import random
-import shutil
-import signal
-import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Loading
+# 1. The clipped policy loss (PPO and the GRPO family share it)
+# ----------------------------------------------------------------------------------------------------------
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate at sampled tokens, log r = ref - logprobs (Schulman 2020)."""
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.square()
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}.")
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: float | None = None,
+                   num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce per-token losses (R, T) to a scalar by one of LOSS_AGGREGATIONS (verl's names).
+
+    num_tokens overrides token-mean's denominator, for when a batch is split over ranks or micro-batches
+    and the mean must be over the whole batch's tokens.
+    """
+    mask = mask.to(loss.dtype)
+    if mode == "token-mean":
+        denom = mask.sum() if num_tokens is None else num_tokens
+        return (loss * mask).sum() / torch.clamp_min(torch.as_tensor(denom, dtype=loss.dtype), 1.0)
+    if mode == "seq-mean-token-mean":
+        return ((loss * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)).mean()
+    if mode == "seq-mean-token-sum":
+        return (loss * mask).sum(-1).mean()
+    if mode == "seq-mean-token-sum-norm":
+        return (loss * mask).sum() / (loss.shape[0] * (norm_length or loss.shape[-1]))
+    raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {mode!r}.")
+
+
+def _policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef,
+                 kl_estimator, loss_agg, ratio_level, norm_length, num_tokens):
+    maskf = mask.to(logprobs.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logprobs)
+    # Padded positions may hold anything (a pad token's log-prob of -200 against a stored 0): zero them before
+    # any exp, or inf * 0 would turn the loss and the gradient into NaN.
+    live = mask.bool()
+    log_ratio = torch.where(live, logprobs - old_logprobs, 0.0)
+    if ratio_level == "sequence":  # GSPO: one length-normalised ratio per sequence, shared by its tokens
+        seq_log_ratio = (log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp_min(1.0)
+        log_ratio = seq_log_ratio[:, None].expand_as(logprobs)
+    elif ratio_level != "token":
+        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}.")
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    stats = {}
+    if ref_logprobs is not None:
+        kl = kl_penalty(logprobs, torch.where(live, ref_logprobs, logprobs.detach()), kl_estimator)
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = _mean(kl.detach(), maskf)
+    loss = aggregate_loss(per_token, mask, loss_agg, norm_length, num_tokens)
+    with torch.no_grad():
+        stats["clip_frac"] = _mean((clipped > unclipped).to(maskf.dtype), maskf)
+        stats["approx_kl"] = _mean(torch.expm1(-log_ratio) + log_ratio, maskf)  # k3 of pi_old vs pi
+        big = torch.finfo(ratio.dtype).max
+        stats["ratio_mean"] = _mean(ratio, maskf)
+        stats["ratio_max"] = torch.where(live, ratio, -big).max()
+        stats["ratio_min"] = torch.where(live, ratio, big).min()
+    return loss, stats
+
+
+def _mean(x, maskf):
+    return (x * maskf).sum() / maskf.sum().clamp_min(1.0)
+
+
+_compiled_policy_loss = None
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                *, clip_low: float = 0.2, clip_high: float = 0.2, ref_logprobs: torch.Tensor | None = None,
+                kl_coef: float = 0.0, kl_estimator: str = "k3", loss_agg: str = "token-mean",
+                ratio_level: str = "token", norm_length: float | None = None,
+                num_tokens: float | torch.Tensor | None = None, num_rows: int | None = None,
+                compile: bool | None = None):
+    """The clipped surrogate plus beta*KL, aggregated; returns (loss, stats) with stats as detached 0-d tensors
+    (clip_frac, approx_kl to pi_old, kl to pi_ref when given, ratio_mean/max/min), so no host sync happens here.
+
+    logprobs, old_logprobs, mask, ref_logprobs: (R, T); advantages: (R,) or (R, T).
+    num_tokens / num_rows: the token-mean's / the sequence means' denominators when these rows are one micro-batch
+    of a larger minibatch (accumulate_gradients' Share), so that the micro-batches' losses add up to its loss.
+    compile: torch.compile the whole thing (default: on CUDA, where fusing the elementwise ops pays).
+    """
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}.")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}.")
+    if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same shape.")
+    if compile is None:
+        compile = logprobs.is_cuda
+    fn = _policy_loss
+    if compile:
+        global _compiled_policy_loss
+        if _compiled_policy_loss is None:
+            _compiled_policy_loss = torch.compile(_policy_loss, dynamic=True)
+        fn = _compiled_policy_loss
+        # One compiled graph for every micro-batch: sizes are dynamic, but a trimmed (non-contiguous) view's strides
+        # would fail a contiguity guard and recompile; contiguous copies of these (R, T) tensors cost nothing.
+        logprobs, old_logprobs, advantages, mask = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
+        ref_logprobs = ref_logprobs.contiguous() if ref_logprobs is not None else None
+    loss, stats = fn(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef,
+                     kl_estimator, loss_agg, ratio_level, norm_length, num_tokens)
+    if num_rows is not None and loss_agg != "token-mean":  # these rows' part of a mean over num_rows sequences
+        loss = loss * logprobs.shape[0] / num_rows
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Loading
 # ----------------------------------------------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -135,20 +241,13 @@ TOY_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "base
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """"toy" -> the toy world's base model directory, built first by `python sft.py` (in a process of its own, by
-    rank 0 while the other ranks wait) if it is missing; any other name is returned as it is."""
+    """"toy" -> the toy world's base model directory (toy/base, committed; `python sft.py --preset toy_base` rebuilds
+    it); any other name is returned as it is."""
     if name_or_path != "toy":
         return name_or_path
-    if get_rank() == 0 and not os.path.exists(os.path.join(TOY_BASE, "config.json")):
-        import subprocess
-        import sys
-
-        print(f"No toy base model at {TOY_BASE}: building it with `python sft.py` (a few minutes).", flush=True)
-        root = os.path.dirname(os.path.abspath(__file__))
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-        subprocess.run([sys.executable, os.path.join(root, "sft.py"), "--export-dir", TOY_BASE,
-                        "--out-dir", os.path.join(root, "runs", "sft-toy")], check=True, env=env)
-    barrier()
+    if not os.path.exists(os.path.join(TOY_BASE, "config.json")):
+        raise UserError(f"No toy base model at {TOY_BASE}: restore it with `git checkout -- toy/base`, or rebuild it "
+                        "with `python sft.py --preset toy_base` (about an hour on one CPU core).")
     return TOY_BASE
 
 
@@ -247,14 +346,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto",
     return set_precision(model.to(device), compute, frozen=frozen), tokenizer
 
 
-# ---- mixed precision: fp32 master weights, bf16 compute
-#
-# A real LLM's weights are ~0.02 and its learning rate 1e-6: an AdamW update of ~1e-6 is far below bf16's resolution
-# at 0.02 (~1e-4), so AdamW on bf16 weights rounds most updates away. So the weights (and the gradients, which then
-# accumulate in fp32 over micro-batches and ranks, and AdamW's state) stay in master_dtype (fp32), and only the
-# forward's matmuls run in the compute dtype (bf16): torch.autocast around the model's forward for one process and
-# DDP; FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) under FSDP (wrap_model). Checkpoints hold
-# the fp32 weights. Pure bf16 (half the weight memory, updates that round away) is master_dtype = dtype = bf16.
+# ---- mixed precision: fp32 master weights, bf16 compute (the module docstring's "Precision" says why)
 
 
 def resolve_precision(dtype: str | torch.dtype | None, master_dtype: str | torch.dtype | None,
@@ -361,7 +453,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Generation with a static KV cache
+# 3. Generation with a static KV cache
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -375,7 +467,6 @@ class Generation:
     @property
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(-1)
-
 
 
 def _i64(x: int) -> int:
@@ -927,7 +1018,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Chunked fused log-probs: never the (B, T, V) logits
+# 4. Chunked fused log-probs: never the (B, T, V) logits
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -1093,6 +1184,17 @@ def slice_rows(batch: dict, rows) -> dict:
     return {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == R else v) for k, v in batch.items()}
 
 
+def split_rows(batch: dict, parts: int) -> list[dict]:
+    """A batch dict cut into `parts` minibatches of consecutive rows (the rows must split evenly)."""
+    rows = batch["mask"].shape[0] // parts
+    return [slice_rows(batch, slice(i * rows, (i + 1) * rows)) for i in range(parts)]
+
+
+def micro_batch_tokens(requested: int, device: torch.device) -> int:
+    """--micro-batch-tokens, -1 meaning the default: 8,192 padded tokens per forward/backward on a GPU, 2,048 on CPU."""
+    return requested if requested >= 0 else 8192 if device.type == "cuda" else 2048
+
+
 def micro_batches(batch: dict, max_tokens: int) -> list[tuple[torch.Tensor, dict]]:
     """A rollout batch in length-sorted micro-batches (length_batches), each trimmed to its own longest row:
     prompt_* columns to its longest prompt (left padding), other (R, N) columns to its longest completion.
@@ -1123,160 +1225,6 @@ def rollout_logprobs(model, batch: dict, *, temperature: float = 1.0, max_tokens
     if hasattr(model, "reshard"):  # FSDP2 leaves the root unsharded after a forward with no backward
         model.reshard()
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. The clipped policy loss
-# ----------------------------------------------------------------------------------------------------------
-
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate at sampled tokens, log r = ref - logprobs (Schulman 2020)."""
-    log_r = ref_logprobs - logprobs
-    if estimator == "k1":
-        return -log_r
-    if estimator == "k2":
-        return 0.5 * log_r.square()
-    if estimator == "k3":
-        return torch.expm1(log_r) - log_r
-    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}.")
-
-
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: float | None = None,
-                   num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
-    """Reduce per-token losses (R, T) to a scalar by one of LOSS_AGGREGATIONS (verl's names).
-
-    num_tokens overrides token-mean's denominator, for when a batch is split over ranks or micro-batches
-    and the mean must be over the whole batch's tokens.
-    """
-    mask = mask.to(loss.dtype)
-    if mode == "token-mean":
-        denom = mask.sum() if num_tokens is None else num_tokens
-        return (loss * mask).sum() / torch.clamp_min(torch.as_tensor(denom, dtype=loss.dtype), 1.0)
-    if mode == "seq-mean-token-mean":
-        return ((loss * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)).mean()
-    if mode == "seq-mean-token-sum":
-        return (loss * mask).sum(-1).mean()
-    if mode == "seq-mean-token-sum-norm":
-        return (loss * mask).sum() / (loss.shape[0] * (norm_length or loss.shape[-1]))
-    raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {mode!r}.")
-
-
-def _policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef,
-                 kl_estimator, loss_agg, ratio_level, norm_length, num_tokens):
-    maskf = mask.to(logprobs.dtype)
-    if advantages.dim() == 1:
-        advantages = advantages[:, None].expand_as(logprobs)
-    # Padded positions may hold anything (a pad token's log-prob of -200 against a stored 0): zero them before
-    # any exp, or inf * 0 would turn the loss and the gradient into NaN.
-    live = mask.bool()
-    log_ratio = torch.where(live, logprobs - old_logprobs, 0.0)
-    if ratio_level == "sequence":  # GSPO: one length-normalised ratio per sequence, shared by its tokens
-        seq_log_ratio = (log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp_min(1.0)
-        log_ratio = seq_log_ratio[:, None].expand_as(logprobs)
-    elif ratio_level != "token":
-        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}.")
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    stats = {}
-    if ref_logprobs is not None:
-        kl = kl_penalty(logprobs, torch.where(live, ref_logprobs, logprobs.detach()), kl_estimator)
-        per_token = per_token + kl_coef * kl
-        stats["kl"] = _mean(kl.detach(), maskf)
-    loss = aggregate_loss(per_token, mask, loss_agg, norm_length, num_tokens)
-    with torch.no_grad():
-        stats["clip_frac"] = _mean((clipped > unclipped).to(maskf.dtype), maskf)
-        stats["approx_kl"] = _mean(torch.expm1(-log_ratio) + log_ratio, maskf)  # k3 of pi_old vs pi
-        big = torch.finfo(ratio.dtype).max
-        stats["ratio_mean"] = _mean(ratio, maskf)
-        stats["ratio_max"] = torch.where(live, ratio, -big).max()
-        stats["ratio_min"] = torch.where(live, ratio, big).min()
-    return loss, stats
-
-
-def _mean(x, maskf):
-    return (x * maskf).sum() / maskf.sum().clamp_min(1.0)
-
-
-_compiled_policy_loss = None
-
-
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                *, clip_low: float = 0.2, clip_high: float = 0.2, ref_logprobs: torch.Tensor | None = None,
-                kl_coef: float = 0.0, kl_estimator: str = "k3", loss_agg: str = "token-mean",
-                ratio_level: str = "token", norm_length: float | None = None,
-                num_tokens: float | torch.Tensor | None = None, compile: bool | None = None):
-    """The clipped surrogate plus beta*KL, aggregated; returns (loss, stats) with stats as detached 0-d tensors
-    (clip_frac, approx_kl to pi_old, kl to pi_ref when given, ratio_mean/max/min), so no host sync happens here.
-
-    logprobs, old_logprobs, mask, ref_logprobs: (R, T); advantages: (R,) or (R, T).
-    compile: torch.compile the whole thing (default: on CUDA, where fusing the elementwise ops pays).
-    """
-    if loss_agg not in LOSS_AGGREGATIONS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}.")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}.")
-    if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
-        raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
-                         f"{tuple(mask.shape)} must have the same shape.")
-    if compile is None:
-        compile = logprobs.is_cuda
-    fn = _policy_loss
-    if compile:
-        global _compiled_policy_loss
-        if _compiled_policy_loss is None:
-            _compiled_policy_loss = torch.compile(_policy_loss, dynamic=True)
-        fn = _compiled_policy_loss
-        # One compiled graph for every micro-batch: sizes are dynamic, but a trimmed (non-contiguous) view's strides
-        # would fail a contiguity guard and recompile; contiguous copies of these (R, T) tensors cost nothing.
-        logprobs, old_logprobs, advantages, mask = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
-        ref_logprobs = ref_logprobs.contiguous() if ref_logprobs is not None else None
-    return fn(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef, kl_estimator,
-              loss_agg, ratio_level, norm_length, num_tokens)
-
-
-def fold_stats(total: dict, stats: dict, weight: torch.Tensor):
-    """Fold one micro-batch's loss stats (0-d tensors) into a running total, on the device (no host sync): means
-    weighted by the micro-batch's share of the tokens, `*_max` / `*_min` by fmax / fmin (NaN where a micro-batch has
-    no token, which fmax / fmin ignore)."""
-    for k, v in stats.items():
-        if k.endswith(("_max", "_min")):
-            v = torch.where(weight > 0, v, torch.nan)
-            total[k] = (torch.fmax if k.endswith("_max") else torch.fmin)(total[k], v) if k in total else v
-        else:
-            total[k] = total.get(k, 0.0) + v * weight
-
-
-def guarded_step(model, optimizer, max_grad_norm: float, stats: dict,
-                 names: Sequence[str] | None = None) -> tuple[dict[str, float], bool]:
-    """Clip the gradient to max_grad_norm (0: no clipping) and take the optimizer step, unless the loss (stats["loss"]) or the
-    gradient norm is not finite on some rank: then the gradient is dropped on every rank (a skip on one rank only
-    would let the replicas drift apart). stats (0-d tensors) and the norm come back as floats in one host sync.
-    model and optimizer may be parallel lists (PPO's policy and critic): each model is clipped on its own, its norm
-    reported as f"{name}_grad_norm" (names), and all of them step or none does. Returns (stats with the norms, stepped)."""
-    pairs = list(zip(model, optimizer)) if isinstance(model, (list, tuple)) else [(model, optimizer)]
-    keys = [f"{name}_grad_norm" for name in names] if names is not None else ["grad_norm"]
-    assert len(keys) == len(pairs), "one name per model"
-    stats = dict(stats)
-    for key, (m, _) in zip(keys, pairs):
-        norm = torch.nn.utils.clip_grad_norm_(m.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
-        stats[key] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-    device = stats[keys[0]].device
-    values = dict(zip(stats, torch.stack([torch.as_tensor(v).float().to(device)
-                                          for v in stats.values()]).tolist()))  # one host sync
-    finite = all(math.isfinite(values[k]) for k in ("loss", *keys))
-    if all_reduce_sum(torch.tensor(float(not finite))).item() > 0:
-        for _, opt in pairs:
-            opt.zero_grad(set_to_none=True)
-        return values, False
-    for _, opt in pairs:
-        opt.step()
-    return values, True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1321,51 +1269,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Distributed (torchrun): gloo on CPU, nccl on GPU
+# 6. Collectives and data parallelism (torchrun: gloo on CPU, nccl on GPU)
 # ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun; a single process otherwise. timeout_s: how long
-    a collective waits for a stalled rank before it raises (the run then exits non-zero; its last checkpoint
-    stays, and --resume continues from it). torch's default is 30 minutes (10 under NCCL)."""
-    dev = resolve_device(device)
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return DistInfo(device=dev)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        import datetime
-
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
-
-
-def close_distributed():
-    """End of a torchrun program: wait for every rank, then destroy the process group while Python is still
-    alive. Left to interpreter exit, gloo's worker threads can outlive it and abort the process (SIGABRT,
-    "terminate called without an active exception") after a run that succeeded. A no-op in one process."""
-    if dist.is_available() and dist.is_initialized():
-        import gc
-
-        gc.collect()  # FSDP2's pending collectives hold tensors: release them first
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
@@ -1547,129 +1452,11 @@ def full_state_dict(model: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 7. Checkpoints: a transformers directory + trainer state, written atomically
-# ----------------------------------------------------------------------------------------------------------
-
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _optimizer_state(model, optimizer) -> dict:
-    if _is_fsdp(unwrap(model)):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(unwrap(model), optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
-
-
-def save_checkpoint(out_dir: str, step: int, model, tokenizer=None, optimizer=None, scheduler=None,
-                    extra: dict | None = None, name: str | None = None,
-                    tensor_files: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
-    """Write DIR/checkpoint-STEP/ (or DIR/name/): model in safetensors (transformers layout), tokenizer, and
-    trainer_state.pt (step, optimizer, scheduler, extra) plus rng_rankR.pt per rank (python/torch/cuda RNGs),
-    and tensor_files ({"reference.safetensors": full state dict, ...}; a
-    tied weight is stored once). Written to a temporary name and renamed when complete, so a crash
-    mid-save never leaves a checkpoint that looks whole. Collective: every rank must call it.
-    """
-    name = name or f"{CHECKPOINT_PREFIX}{step}"
-    final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp-{name}")
-    try:
-        return _save_checkpoint(step, model, tokenizer, optimizer, scheduler, extra, tensor_files, final, tmp)
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # the half-written one; the previous checkpoints are untouched
-        previous = latest_checkpoint(out_dir)
-        raise UserError(f"The disk is full: writing the checkpoint {final} failed ({error.strerror}); "
-                        + (f"{previous} is intact, so free some space and rerun with --resume."
-                           if previous else "free some space and rerun.")) from error
-
-
-def _save_checkpoint(step, model, tokenizer, optimizer, scheduler, extra, tensor_files, final, tmp) -> str:
-    rank = get_rank()
-    state_dict = full_state_dict(model)            # collective under FSDP
-    optim_state = _optimizer_state(model, optimizer) if optimizer is not None else None
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        unwrap(model).save_pretrained(tmp, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optim_state,
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
-        from safetensors.torch import save_file
-
-        for file_name, tensors in (tensor_files or {}).items():
-            stored, unique = set(), {}
-            for k, v in tensors.items():  # safetensors refuses tensors that share memory (tied embeddings)
-                if v.data_ptr() not in stored:
-                    stored.add(v.data_ptr())
-                    unique[k] = v.contiguous()
-            save_file(unique, os.path.join(tmp, file_name))
-    barrier()
-    torch.save({"rng": rng_state()}, os.path.join(tmp, f"rng_rank{rank}.pt"))
-    barrier()
-    if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    barrier()
-    return final
-
-
-def list_checkpoints(out_dir: str) -> list[str]:
-    """Complete checkpoints (temporary ones never match), oldest first."""
-    paths = [p for p in glob.glob(os.path.join(out_dir, f"{CHECKPOINT_PREFIX}*"))
-             if p.rsplit("-", 1)[-1].isdigit() and os.path.exists(os.path.join(p, "trainer_state.pt"))]
-    return sorted(paths, key=lambda p: int(p.rsplit("-", 1)[-1]))
-
-
-def checkpoint_step(path: str) -> int:
-    """The step a complete checkpoint was saved at (final/ included)."""
-    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")["step"]
-
-
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The newest complete checkpoint to resume from: the last checkpoint-STEP, or final/ when it is newer (a
-    finished run asked to train further starts from its final state)."""
-    found = list_checkpoints(out_dir)
-    final = os.path.join(out_dir, "final")
-    if os.path.exists(os.path.join(final, "trainer_state.pt")) and (
-            not found or checkpoint_step(final) >= checkpoint_step(found[-1])):
-        return final
-    return found[-1] if found else None
-
-
-def load_model_weights(model: torch.nn.Module, path: str):
-    """Load a transformers checkpoint directory's safetensors weights into an existing (wrapped) model: the files
-    model.safetensors or model-0000i-of-0000n.safetensors name, and no other (a trainer may keep, say, its
-    reference model's weights beside them)."""
-    from safetensors.torch import load_file
-
-    files = sorted(glob.glob(os.path.join(path, "model.safetensors"))
-                   or glob.glob(os.path.join(path, "model-*-of-*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"No model.safetensors weights in {path}.")
-    state = {}
-    for f in files:
-        state.update(load_file(f))
-    set_full_state_dict(model, state, source=path)
+@torch.no_grad()
+def copy_weights(target: torch.nn.Module, source: torch.nn.Module):
+    """target's parameters := source's (same architecture, same wrapping): shard to shard under FSDP2."""
+    for target_param, param in zip(unwrap(target).parameters(), unwrap(source).parameters()):
+        target_param.copy_(param)
 
 
 def set_full_state_dict(model: torch.nn.Module, state: dict, source: str = "the state dict"):
@@ -1691,492 +1478,105 @@ def set_full_state_dict(model: torch.nn.Module, state: dict, source: str = "the 
         plain.tie_weights()
 
 
-def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None) -> dict:
-    """Restore what save_checkpoint wrote; returns {"step", "extra"}. Loads with weights_only=True."""
-    if model is not None:
-        load_model_weights(model, path)
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")
-    if optimizer is not None and state["optimizer"] is not None:
-        if _is_fsdp(unwrap(model)):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+# ----------------------------------------------------------------------------------------------------------
+# 7. Gradient accumulation and the guarded optimizer step
+# ----------------------------------------------------------------------------------------------------------
 
-            set_optimizer_state_dict(unwrap(model), optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+
+def fold_stats(total: dict, stats: dict, weight: torch.Tensor):
+    """Fold one micro-batch's loss stats (0-d tensors) into a running total, on the device (no host sync): means
+    weighted by the micro-batch's share of the tokens, `*_max` / `*_min` by fmax / fmin (NaN where a micro-batch has
+    no token, which fmax / fmin ignore)."""
+    for k, v in stats.items():
+        if k.endswith(("_max", "_min")):
+            v = torch.where(weight > 0, v, torch.nan)
+            total[k] = (torch.fmax if k.endswith("_max") else torch.fmin)(total[k], v) if k in total else v
         else:
-            optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    rng_file = os.path.join(path, f"rng_rank{get_rank()}.pt")
-    if os.path.exists(rng_file):
-        rng = torch.load(rng_file, weights_only=True)
-        set_rng_state(rng["rng"])
-    return {"step": state["step"], "extra": state["extra"]}
+            total[k] = total.get(k, 0.0) + v * weight
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 8. Bookkeeping: seeds, metrics, signals
-# ----------------------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int):
-    """Seed Python's, torch's (every device's) and numpy's global generators."""
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The data order of one epoch: a permutation of range(n) that is a function of (seed, epoch) alone, so any
-    position of the endless stream epoch 0, epoch 1, ... can be found again after a resume without replaying it."""
-    key = (n, seed, epoch)
-    if _EPOCH_CACHE.get("key") != key:  # a step's rows almost always come from one epoch: keep the last one
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        _EPOCH_CACHE.update(key=key, order=torch.randperm(n, generator=generator).tolist())
-    return _EPOCH_CACHE["order"]
-
-
-_EPOCH_CACHE: dict = {}
-
-
-def stream_indices(start: int, count: int, n: int, seed: int) -> list[int]:
-    """Rows start, start + 1, ..., start + count - 1 of the endless shuffled stream over n rows (epoch_order)."""
-    return [epoch_order(n, seed, position // n)[position % n] for position in range(start, start + count)]
-
-
-def warmup_schedule(warmup_steps: int, total_steps: int = 0, min_ratio: float = 1.0):
-    """The learning-rate multiplier at an optimizer step: linear warmup over warmup_steps, then cosine from 1 down
-    to min_ratio at total_steps (min_ratio = 1: constant after the warmup). For torch's LambdaLR."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if min_ratio == 1.0:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
-def save_args(out_dir: str, args) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "args.json")
-    if get_rank() == 0:
-        with open(path, "w") as f:
-            json.dump(dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args), f, indent=2,
-                      default=str)
-    return path
-
-
-REPORTERS = ("none", "wandb", "tensorboard")
-
-
-def _read_jsonl_lenient(path: str) -> tuple[list[dict], int]:
-    """The objects of a JSONL file we wrote, and how many lines could not be read (a last line cut off by a kill or
-    a full disk must not make a run unresumable)."""
-    rows, bad = [], 0
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            for raw in f:
-                try:
-                    rows.append(json.loads(raw))
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    bad += raw.strip() != b""
-    return rows, bad
-
-
-class MetricsLogger:
-    """DIR/metrics.jsonl (one JSON object per line, rank 0 only) and DIR/samples.jsonl (a few completions per step,
-    with their prompt, rewards and advantage, so reward hacking can be read, not guessed), plus wandb and/or
-    TensorBoard (report_to). On resume it keeps the lines up to the checkpoint's step, so each file reads as one
-    run; a line it cannot read (cut off by a kill) is dropped with a note."""
-
-    def __init__(self, out_dir: str, *, enabled: bool = True, resume_step: int | None = None,
-                 report_to: Sequence[str] = (), config: dict | None = None):
-        self.enabled = enabled and get_rank() == 0
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        self.samples_path = os.path.join(out_dir, "samples.jsonl")
-        self._wandb = self._tb = None
-        if not self.enabled:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        for path in (self.path, self.samples_path):
-            if resume_step is None:
-                if os.path.exists(path):
-                    os.remove(path)
-                continue
-            rows, bad = _read_jsonl_lenient(path)
-            if bad:
-                print(f"{path}: dropped {bad} line(s) that could not be read (cut off when the run stopped).")
-            with open(path, "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows if row.get("step", 0) <= resume_step)
-        if "wandb" in report_to:
-            import wandb  # checked by check_reporters before any model was loaded
-
-            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "rl-reasoning"), config=config,
-                                     dir=out_dir, name=os.path.basename(os.path.abspath(out_dir)))
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-
-    def log(self, step: int, metrics: dict[str, Any]):
-        if not self.enabled:
-            return
-        row = {"step": step, **{k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self._wandb is not None:
-            self._wandb.log(row, step=step)
-        if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(k, v, step)
-
-    def log_samples(self, step: int, samples: list[dict]):
-        """Append samples ({prompt, completion, rewards, ...}) of a step to samples.jsonl."""
-        if not self.enabled or not samples:
-            return
-        with open(self.samples_path, "a") as f:
-            f.writelines(json.dumps({"step": step, **sample}, default=str) + "\n" for sample in samples)
-
-    def close(self):
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-
-def check_reporters(report_to: Sequence[str]):
-    """--report-to names known reporters whose packages are installed (checked before any model loads)."""
-    for name in report_to:
-        if name not in REPORTERS:
-            raise UserError(f"--report-to {name!r}: use none, wandb or tensorboard (several allowed).")
-        module = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(name)
-        if module and importlib.util.find_spec(module) is None:
-            raise UserError(f"--report-to {name} needs the {module} package: pip install {module}")
-
-
-def read_metrics(out_dir: str) -> list[dict]:
-    """The rows of DIR/metrics.jsonl (lines that cannot be read are skipped)."""
-    return _read_jsonl_lenient(os.path.join(out_dir, "metrics.jsonl"))[0]
-
-
-def plot_metrics(out_dir: str, panels: list[tuple[str, list[tuple[str, str]], str]], title: str = "",
-                 file_name: str = "curves.png") -> str | None:
-    """Draw a run's curves from DIR/metrics.jsonl into DIR/file_name: one panel per (title, [(metric key, label)],
-    y label), each metric against its steps (keys absent from the run are skipped). Returns the path, or None
-    without matplotlib or data. Every script calls it at the end of a run, so every run leaves a picture."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    path = os.path.join(out_dir, "metrics.jsonl")
-    history = read_metrics(out_dir) if os.path.exists(path) else []
-    drawn = [(name, [(k, label) for k, label in curves if any(k in h for h in history)], ylabel)
-             for name, curves, ylabel in panels]
-    drawn = [panel for panel in drawn if panel[1]]
-    if not drawn:
-        return None
-    fig, axes = plt.subplots(1, len(drawn), figsize=(5 * len(drawn), 3.6), squeeze=False)
-    for ax, (name, curves, ylabel) in zip(axes[0], drawn):
-        for key, label in curves:
-            points = [(h["step"], h[key]) for h in history if key in h]
-            style = "o-" if len(points) <= 25 else "-"
-            ax.plot([s for s, _ in points], [v for _, v in points], style, markersize=3, label=label)
-        ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.set_title(name), ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = os.path.join(out_dir, file_name)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+def guarded_step(model, optimizer, max_grad_norm: float, stats: dict, names: Sequence[str] | None = None,
+                 state: dict | None = None) -> tuple[dict[str, float], bool]:
+    """Clip the gradient to max_grad_norm (0: no clipping) and take the optimizer step, unless a loss (stats["loss"],
+    stats["*_loss"]) or the gradient norm is not finite on some rank: then the gradient is dropped on every rank (a
+    skip on one rank only would let the replicas drift apart). stats (0-d tensors) and the norm come back as floats
+    in one host sync. model and optimizer may be parallel lists (PPO's policy and critic): each model is clipped on
+    its own, its norm reported as f"{name}_grad_norm" (names), and all of them step or none does. state: the run's
+    counters, updated here: skipped (every skipped step) and nan_streak (skipped in a row, for --nan-patience).
+    Returns (stats with the norms, stepped)."""
+    pairs = list(zip(model, optimizer)) if isinstance(model, (list, tuple)) else [(model, optimizer)]
+    keys = [f"{name}_grad_norm" for name in names] if names is not None else ["grad_norm"]
+    assert len(keys) == len(pairs), "one name per model"
+    stats = dict(stats)
+    for key, (m, _) in zip(keys, pairs):
+        norm = torch.nn.utils.clip_grad_norm_(m.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+        stats[key] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    device = stats[keys[0]].device
+    values = dict(zip(stats, torch.stack([torch.as_tensor(v).float().to(device)
+                                          for v in stats.values()]).tolist()))  # one host sync
+    finite = all(math.isfinite(v) for k, v in values.items() if k in keys or k == "loss" or k.endswith("_loss"))
+    stepped = all_reduce_sum(torch.tensor(float(not finite))).item() == 0
+    for _, opt in pairs:
+        opt.step() if stepped else opt.zero_grad(set_to_none=True)
+    if state is not None:
+        state["skipped"] = state.get("skipped", 0) + (not stepped)
+        state["nan_streak"] = 0 if stepped else state.get("nan_streak", 0) + 1
+    return values, stepped
 
 
 @dataclass
-class RunResult:
-    """What every script's main(args) returns, so that a pipeline can chain them: where the run wrote, its final
-    checkpoint (None if it stopped early), the held-out metrics before and after training (named as in
-    metrics.jsonl), and the step a signal stopped it at (None if it finished)."""
-    out_dir: str
-    final_dir: str | None = None
-    before: dict = dataclasses.field(default_factory=dict)
-    after: dict = dataclasses.field(default_factory=dict)
-    stopped_at: int | None = None
-    wall_s: float = 0.0
-    signal: int | None = None  # the signal that stopped the run (its exit status is 128 + signal)
+class Share:
+    """What one micro-batch's loss is a share of: the minibatch's loss tokens over every rank divided by the ranks
+    (a token-mean's denominator, since DDP then averages the ranks' gradients) and the minibatch's rows on this rank
+    (a sequence-mean's)."""
+    tokens: torch.Tensor
+    rows: int
 
 
-class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the training loop checks at a step boundary (to save, then exit);
-    a second signal exits at once."""
+def accumulate_gradients(models, minibatch: dict, micro_loss, *, max_tokens: int, mask: str = "mask") -> dict:
+    """The gradients of one optimizer step over a rollout minibatch, in length-sorted micro-batches of at most
+    max_tokens padded tokens, each trimmed to its own longest row (micro_batches).
 
-    def __init__(self):
-        self.requested = False
-        self.signum: int | None = None  # the first signal received
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-        print(f"\nReceived signal {signum}: saving a checkpoint at the end of this step, then stopping "
-              "(a second signal stops at once).", flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    def should_stop(self) -> bool:
-        """True on every rank if any rank was signalled."""
-        flag = torch.tensor(float(self.requested))
-        return bool(all_reduce_sum(flag).item() > 0) if is_distributed() else self.requested
+    micro_loss(part, share) -> (loss, stats) is one micro-batch's part of the minibatch's loss (normalised by
+    share.tokens or share.rows, so that the micro-batches' gradients add up to the minibatch's); loss may be a dict
+    {name: loss} (PPO's policy and value losses, each its own model's). Under DDP the gradients are all-reduced once,
+    in the last micro-batch's backward; FSDP2 reduce-scatters each. Returns the stats (0-d tensors, no host sync)
+    folded over micro-batches by fold_stats, each weighted by its share of the minibatch's `mask` tokens, and each
+    loss summed ("loss" when micro_loss returns one tensor)."""
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    for model in models:
+        model.zero_grad(set_to_none=True)
+    tokens = minibatch[mask].sum()
+    share = Share(all_reduce_sum(tokens.double()) / get_world_size(), minibatch[mask].shape[0])
+    stats, losses = {}, {}
+    parts = micro_batches(minibatch, max_tokens)
+    for i, (_, part) in enumerate(parts):
+        with contextlib.ExitStack() as no_sync:
+            for model in models:  # DDP all-reduces in the last backward only
+                no_sync.enter_context(no_grad_sync(model, skip=i < len(parts) - 1))
+            loss, part_stats = micro_loss(part, share)
+            named = loss if isinstance(loss, dict) else {"loss": loss}
+            sum(named.values()).backward()
+        for name, value in named.items():
+            losses[name] = losses.get(name, 0.0) + value.detach().float()
+        fold_stats(stats, part_stats, part[mask].sum() / tokens.clamp_min(1))
+    return {**stats, **losses}
 
 
-class Timer:
-    """with timer("generate"): ... accumulates wall seconds per name (CUDA-synchronised)."""
+class StepMeans:
+    """An update's train/ metrics: each stat of its optimizer steps (guarded_step's values) averaged over the steps;
+    a ratio extreme that is NaN (no loss token in that step) is left out of its mean."""
 
     def __init__(self):
-        self.totals: dict[str, float] = {}
+        self.totals, self.counts = {}, {}
 
-    def __call__(self, name: str):
-        timer = self
+    def add(self, values: dict[str, float]):
+        for k, v in values.items():
+            if not (k.startswith("ratio_m") and math.isnan(v)):
+                self.totals[k] = self.totals.get(k, 0.0) + v
+                self.counts[k] = self.counts.get(k, 0) + 1
 
-        class _Ctx:
-            def __enter__(self):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Ctx()
-
-    def pop(self) -> dict[str, float]:
-        out, self.totals = self.totals, {}
-        return out
-
-    def step_metrics(self, t0: float, gen_tokens: int, device) -> dict:
-        """The perf/ keys of an RL step that began at perf_counter() t0 and generated gen_tokens tokens on every
-        rank: seconds per phase, generation throughput, the step's seconds and the peak accelerator memory."""
-        times = self.pop()
-        return {**{f"perf/{k}_s": v for k, v in times.items()},
-                "perf/gen_tokens_per_s": gen_tokens / max(times.get("generate", 1e-9), 1e-9),
-                "perf/step_s": time.perf_counter() - t0, "perf/peak_mem_gb": peak_memory_gb(device)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 9. Runs: the out-dir one run owns, its lock, resuming, signals, progress, the command line
-# ----------------------------------------------------------------------------------------------------------
-
-
-def check_settings(args):
-    """The flags every script shares take sensible values (each one present in args is checked): one sentence per
-    mistake, before any data or model is loaded."""
-    positive = ("lr", "max_new_tokens", "batch_size", "prompts_per_step", "num_generations", "grad_accum",
-                "dist_timeout_s")
-    non_negative = ("max_steps", "eval_every", "save_every", "eval_size", "eval_samples", "warmup_steps", "seed",
-                    "max_grad_norm", "weight_decay")
-    for name in positive + non_negative:
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if not math.isfinite(value) or value < 0 or (value == 0 and name in positive):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} {value}: must be {'positive' if name in positive else 'zero or more'}.")
-    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
-        raise UserError("--resume and --overwrite contradict each other: continue the run in --out-dir, or replace it.")
-    check_reporters(getattr(args, "report_to", ()))
-
-
-class Run:
-    """A training run's hold on its out-dir, from the check before any model loads to its last save.
-
-      - An out-dir belongs to one run: a new run refuses a directory that holds another run's files unless
-        resume (continue it) or overwrite (clear it first).
-      - A lock (DIR/.lock, flock) is held while the run lives, so a second process refuses at once instead of
-        interleaving its metrics and checkpoints with ours. The kernel drops it if the process dies.
-      - resume: `checkpoint` is the newest complete checkpoint (None: start from scratch); `finished` when final/
-        already holds the last step, in which case the script says so and changes nothing.
-      - SIGTERM/SIGINT become a flag the loop checks at step boundaries (should_stop), caught until the final save
-        is on disk; the stop's exit status is 128 + the signal (130 for SIGINT, 143 for SIGTERM).
-    Rank 0 decides and the other ranks follow its decision. Use as a context manager around the whole run."""
-
-    def __init__(self, out_dir: str, *, resume: bool = False, overwrite: bool = False, max_steps: int = 0):
-        self.out_dir, self.resume, self.overwrite, self.max_steps = out_dir, resume, overwrite, max_steps
-        self.checkpoint: str | None = None
-        self.start_step = 0
-        self.finished = False
-        self.stop = StopSignal()
-        self._lock = None
-
-    def __enter__(self) -> "Run":
-        decision = self._claim() if get_rank() == 0 else None
-        if is_distributed():
-            box = [decision]
-            dist.broadcast_object_list(box, src=0)
-            decision = box[0]
-        if isinstance(decision, str):  # rank 0's reason to refuse: every rank stops with it
-            self._release()
-            raise UserError(decision)
-        self.checkpoint, self.start_step, self.finished = decision
-        if self.finished:
-            print0(f"{self.out_dir} holds a finished run (final/ at step {self.start_step}); nothing to do. Pass a "
-                   "larger --max-steps to train further, or --overwrite to start again.")
-        elif self.resume and self.checkpoint is None:
-            print0(f"--resume: no complete checkpoint in {self.out_dir}; starting from scratch.")
-        self.stop.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.__exit__(*exc)
-        self._release()
-        return False
-
-    def _claim(self):
-        """Rank 0: lock the out-dir and decide (checkpoint, step, finished), or return the reason to refuse."""
-        import fcntl
-
-        os.makedirs(self.out_dir, exist_ok=True)
-        self._lock = open(os.path.join(self.out_dir, ".lock"), "a+")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.seek(0)
-            owner = self._lock.read().strip() or "another process"
-            return f"{self.out_dir} is in use by a live run (pid {owner}); wait for it to end or choose another --out-dir."
-        self._lock.seek(0), self._lock.truncate(), self._lock.write(str(os.getpid())), self._lock.flush()
-        held = sorted(name for name in os.listdir(self.out_dir) if name != ".lock")
-        if held and not self.resume and not self.overwrite:
-            return (f"{self.out_dir} already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
-                    "pass --resume to continue it, or --overwrite to replace it.")
-        if held and self.overwrite:
-            for name in held:
-                path = os.path.join(self.out_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-        checkpoint = latest_checkpoint(self.out_dir) if self.resume else None
-        step = checkpoint_step(checkpoint) if checkpoint else 0
-        finished = checkpoint is not None and os.path.basename(checkpoint) == "final" and step >= self.max_steps
-        return checkpoint, step, finished
-
-    def _release(self):
-        if self._lock is not None:
-            self._lock.close()  # closing the file releases the flock
-            self._lock = None
-
-    def should_stop(self) -> bool:
-        """True on every rank once any rank was signalled (a collective under torchrun)."""
-        return self.stop.should_stop()
-
-    @property
-    def signal(self) -> int | None:
-        return self.stop.signum
-
-
-def finish_run(out_dir: str, *, final_dir: str | None, t_start: float, stopped_at: int | None = None,
-               signal: int | None = None, panels=(), title: str = "", plot: bool = True) -> RunResult:
-    """The end of every script's main: the RunResult (held-out metrics of the run's first and last evaluation,
-    i.e. the eval/* keys of metrics.jsonl), and on rank 0, for a finished run, summary.json, curves.png
-    (plot_metrics with the script's panels) and the before/after table."""
-    evals = [{k: v for k, v in row.items() if k.startswith("eval/")} for row in read_metrics(out_dir)]
-    evals = [e for e in evals if e]
-    result = RunResult(out_dir, final_dir, evals[0] if evals else {}, evals[-1] if evals else {}, stopped_at,
-                       time.time() - t_start, signal)
-    if get_rank() != 0 or final_dir is None:
-        return result
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"before": result.before, "after": result.after, "wall_s": result.wall_s}, f, indent=2)
-    curves = plot_metrics(out_dir, list(panels), title) if plot and panels else None
-    if len(evals) > 1:
-        print("\n| held-out | before | after |\n|---|---|---|")
-        for k, v in result.after.items():
-            print(f"| {k} | {result.before.get(k, float('nan')):.3f} | {v:.3f} |")
-    print(f"\nOutputs in {out_dir}: metrics.jsonl, summary.json, {os.path.basename(final_dir)}/"
-          + (", curves.png" if curves else ""), flush=True)
-    return result
-
-
-class _PlainProgress:
-    """tqdm's interface for logs that are not a terminal (CI, nohup, tee): a plain line every `every` seconds and at
-    the end, instead of a wall of carriage returns; every=None prints nothing (ranks other than 0)."""
-
-    def __init__(self, iterable, desc: str, total: int, initial: int, every: float | None = 30.0):
-        self.iterable, self.desc, self.total, self.n, self.every = iterable, desc, total, initial, every
-        self.postfix, self.t0, self.last = "", time.time(), time.time()
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.n += 1
-            now = time.time()
-            if self.every is not None and (now - self.last >= self.every or self.n == self.total):
-                self.last = now
-                print(f"{self.desc}: step {self.n}/{self.total}, {now - self.t0:.0f} s {self.postfix}".rstrip(),
-                      flush=True)
-
-    def set_postfix(self, **values):
-        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
-
-    def close(self):
-        pass
-
-
-def progress(iterable, *, desc: str, total: int, initial: int = 0):
-    """The loop's progress on rank 0: a tqdm bar on a terminal, a plain line every 30 s elsewhere (CI, nohup)."""
-    import sys
-
-    if get_rank() != 0:
-        return _PlainProgress(iterable, desc, total, initial, every=None)
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(iterable, desc=desc, total=total, initial=initial, dynamic_ncols=True)
-    return _PlainProgress(iterable, desc, total, initial)
-
-
-def quiet_transformers():
-    """No progress bars of transformers' own inside ours, and no load report for weights we expect to be new (a
-    reward model's or a critic's head on a causal-LM backbone)."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
-def run_cli(main, args) -> None:
-    """A script's `__main__`: main(args); a user's mistake (UserError) prints `error: ...` and exits 2 without a
-    traceback (RL_DEBUG=1 keeps it); a run stopped by a signal exits 128 + the signal after its checkpoint."""
-    import sys
-
-    try:
-        result = main(args)
-    except UserError as error:
-        if os.environ.get("RL_DEBUG", "0") not in ("", "0"):
-            raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        close_distributed()
-        sys.exit(2)
-    close_distributed()
-    if isinstance(result, RunResult) and result.signal:
-        sys.exit(128 + result.signal)
+    def result(self, always: Sequence[str] = ()) -> dict[str, float]:
+        """{"train/NAME": mean}; `always`: keys reported as NaN when no step had them (every rank the same keys)."""
+        means = {f"train/{k}": v / self.counts[k] for k, v in self.totals.items()}
+        return {**means, **{f"train/{k}": math.nan for k in always if k not in self.totals}}

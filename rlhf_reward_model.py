@@ -67,7 +67,6 @@ the default task + format rewards.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import os
@@ -75,23 +74,38 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 import tyro
 
-import rl_kernels
-import rlvr_rewards
-from rl_kernels import (MetricsLogger, RunResult, all_reduce_mean, all_reduce_sum, get_rank,
-                     get_world_size, init_distributed, load_checkpoint, load_model,
-                     position_ids_from_mask, print0, resolve_device, save_args, save_checkpoint, seed_everything,
-                     set_cpu_threads, unwrap, wrap_model)
-from rlvr_rewards import DataError
+import rl_kernels as K
+import rl_runs as runs
+import rlvr_rewards as env
+import toy_world as toy
 
 
 @dataclass
-class Args:
+class RewardModelArgs:
+    """The reward model's own flags: the loss, the backbone and the preference data."""
+    # The loss and the update
+    center_coef: float = 0.01
+    """c: weight of the centering term (r_w + r_l)^2 (0.01 in Eisenstein et al. 2023)"""
+    batch_size: int = 16
+    """preference pairs per step, all ranks together (each pair is two sequences)"""
+    lr: float = 1e-3
+    """peak AdamW learning rate (about 1e-5 for a real 0.5B-7B model)"""
+    warmup_steps: int = 20
+    """linear warmup, then cosine decay to 10% of --lr"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0: off)"""
+    max_length: int = 512
+    """tokens per sequence; longer ones lose their beginning"""
+    template: str = "chat"
+    """'chat' (tokenizer's chat template), 'plain' (prompt + response), or a format with {prompt} and {completion}"""
+    # The model and the data
     model: str = "toy"
     """backbone: a hub id, a local causal-LM or reward-model directory, or 'toy' (the toy base model)"""
     dataset: str = "toy"
@@ -100,55 +114,22 @@ class Args:
     """held-out .jsonl; empty: the toy test split, or --eval-fraction of the dataset's lines"""
     eval_fraction: float = 0.05
     """share of a JSONL dataset's lines held out for evaluation when --eval-dataset is empty"""
-    out_dir: str = "runs/rlhf_reward_model"
-    """where args.json, metrics.jsonl, checkpoint-STEP/ and final/ go (one run per directory)"""
-    overwrite: bool = False
-    """replace the run already in --out-dir (without it, a used --out-dir is refused unless --resume)"""
-    seed: int = 0
-    """seed for the head's initialisation, the data order and the toy data"""
-    max_steps: int = 800
-    """optimizer steps"""
-    batch_size: int = 16
-    """preference pairs per step, all ranks together (each pair is two sequences)"""
-    lr: float = 1e-3
-    """peak AdamW learning rate (about 1e-5 for a real 0.5B-7B model)"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    warmup_steps: int = 20
-    """linear warmup, then cosine decay to 10% of --lr"""
-    max_grad_norm: float = 1.0
-    """gradient clipping"""
-    center_coef: float = 0.01
-    """c: weight of the centering term (r_w + r_l)^2 (0.01 in Eisenstein et al. 2023)"""
-    max_length: int = 512
-    """tokens per sequence; longer ones lose their beginning"""
-    template: str = "chat"
-    """'chat' (tokenizer's chat template), 'plain' (prompt + response), or a format with {prompt} and {completion}"""
     toy_train_prompts: int = 2500
     """toy dataset: arithmetic prompts for training (three pairs each: correctness, format, concision)"""
     toy_eval_prompts: int = 300
     """toy dataset: held-out prompts from the task's test split"""
+    # Evaluation
     eval_every: int = 200
-    """evaluate every N steps (and at the end); 0: only at the end"""
+    """evaluate every N steps, at the start and at the end (0: only at the end)"""
+
+
+@dataclass
+class Args(runs.RunArgs, RewardModelArgs):
+    """rlhf_reward_model.py's command line, in --help's order: the reward model's flags (RewardModelArgs), then
+    the run's (rl_runs.RunArgs)."""
+    out_dir: str = "runs/rlhf_reward_model"
+    max_steps: int = 800
     save_every: int = 400
-    """write DIR/checkpoint-STEP every N steps; 0: only final/"""
-    resume: bool = False
-    """continue from the newest complete checkpoint in --out-dir (a finished run: nothing to do)"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto: this rank's GPU if there is one, else the CPU"""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """compute dtype (the forward's matmuls); auto: bf16 on a GPU, fp32 on the CPU"""
-    master_dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the weights (what checkpoints hold), gradients and AdamW state; --dtype bfloat16 --master-dtype
-    bfloat16 is pure bf16: half the memory, but updates below bf16's resolution round away"""
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    """under torchrun: DDP (a full copy per rank) or FSDP2 (sharded)"""
-    report_to: tuple[Literal["none", "wandb", "tensorboard"], ...] = ("none",)
-    """where metrics go besides metrics.jsonl (several allowed)"""
-    dist_timeout_s: float = 600.0
-    """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
-    threads: int = 0
-    """CPU threads for torch (0: 1 for models under 50M parameters, see rl_kernels.set_cpu_threads)"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,7 +152,7 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 def expand_rankings(prompt, responses: list, where: str = "") -> list[dict]:
     """All C(K, 2) pairs of a best-first ranking: responses[i] is chosen over responses[j] for every i < j."""
     if not isinstance(responses, list) or len(responses) < 2:
-        raise DataError(f"{where}'responses' must be a list of at least two responses, best first.")
+        raise env.DataError(f"{where}'responses' must be a list of at least two responses, best first.")
     return [{"prompt": prompt, "chosen": better, "rejected": worse}
             for better, worse in itertools.combinations(responses, 2)]
 
@@ -184,14 +165,14 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """r(x, y) per row (B,), read from the score head at the last real token (found from attention_mask)."""
-    head = unwrap(model).score
+    head = K.unwrap(model).score
     captured = {}
     # transformers pools at "the last token that is not pad_token_id", wrong when EOS == pad appears in the text;
     # the head scores every position inside the model's forward (so DDP/FSDP hooks fire as usual), we keep ours.
     handle = head.register_forward_hook(lambda module, inputs, output: captured.update(scores=output))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+              position_ids=K.position_ids_from_mask(attention_mask), use_cache=False)
     finally:
         handle.remove()
     scores = captured["scores"][..., 0]                                          # (B, T)
@@ -220,25 +201,25 @@ def _check_text(value, field: str, where: str):
     if isinstance(value, str):
         return
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}'{field}' must be a string or a non-empty list of chat messages "
+        raise env.DataError(f"{where}'{field}' must be a string or a non-empty list of chat messages "
                         f"({{\"role\": str, \"content\": str}}), got {repr(value)[:80]}.")
     for number, message in enumerate(value, 1):
-        if not rlvr_rewards.is_messages([message]):
-            raise DataError(f"{where}message {number} of '{field}' must be an object with a string 'role' and a "
+        if not env.is_messages([message]):
+            raise env.DataError(f"{where}message {number} of '{field}' must be an object with a string 'role' and a "
                             f"string 'content', got {repr(message)[:80]}.")
 
 
 def pairs_from_row(row, where: str) -> list[dict]:
-    """One JSONL object -> its preference pairs, or a DataError that says what to change."""
+    """One JSONL object -> its preference pairs, or a rlvr_rewards.DataError that says what to change."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}expected a JSON object, got {type(row).__name__}.")
+        raise env.DataError(f"{where}expected a JSON object, got {type(row).__name__}.")
     if "prompt" not in row:
-        raise DataError(f"{where}missing field 'prompt' (each line needs prompt, chosen and rejected, "
+        raise env.DataError(f"{where}missing field 'prompt' (each line needs prompt, chosen and rejected, "
                         f"or prompt and a best-first 'responses' list).")
     _check_text(row["prompt"], "prompt", where)
     if "responses" in row:
         if "margin" in row:   # one number cannot say how far apart each of the C(K, 2) pairs is
-            raise DataError(f"{where}'margin' applies to a chosen/rejected pair, not to a 'responses' ranking; "
+            raise env.DataError(f"{where}'margin' applies to a chosen/rejected pair, not to a 'responses' ranking; "
                             f"drop it, or write the pairs as chosen/rejected lines, each with its own margin.")
         pairs = expand_rankings(row["prompt"], row["responses"], where)
         for number, response in enumerate(row["responses"]):
@@ -246,19 +227,19 @@ def pairs_from_row(row, where: str) -> list[dict]:
     else:
         for field in ("chosen", "rejected"):
             if field not in row:
-                raise DataError(f"{where}missing field '{field}' (each line needs prompt, chosen and rejected).")
+                raise env.DataError(f"{where}missing field '{field}' (each line needs prompt, chosen and rejected).")
         pairs = [{"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}]
         if "margin" in row:
             margin = row["margin"]   # json reads NaN and Infinity, which would make the loss nan
             number = isinstance(margin, (int, float)) and not isinstance(margin, bool)
             if not number or not abs(margin) <= sys.float_info.max:   # false for nan, inf and a 400-digit int
-                raise DataError(f"{where}'margin' must be a finite number, got {repr(margin)[:40]}.")
+                raise env.DataError(f"{where}'margin' must be a finite number, got {repr(margin)[:40]}.")
             pairs[0]["margin"] = float(margin)
     for pair in pairs:
         _check_text(pair["chosen"], "chosen", where)
         _check_text(pair["rejected"], "rejected", where)
         if pair["chosen"] == pair["rejected"]:
-            raise DataError(f"{where}chosen and rejected are identical; a preference pair needs two different "
+            raise env.DataError(f"{where}chosen and rejected are identical; a preference pair needs two different "
                             f"responses (remove the line or fix one side).")
     return pairs
 
@@ -268,45 +249,15 @@ def load_preference_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Preference file {path!r} does not exist; pass --dataset toy or a .jsonl path.")
 
-    return rlvr_rewards.read_jsonl(path, lambda row, where, line: [dict(pair, line=line)
+    return env.read_jsonl(path, lambda row, where, line: [dict(pair, line=line)
                                                                    for pair in pairs_from_row(row, where)])
 
 
-def _toy_response(steps: list[str], answer: str) -> str:
-    return f"<think>{','.join(steps)}</think><answer>{answer}</answer>"
-
-
-def toy_pair(row: dict, kind: str, rng: random.Random) -> dict:
-    """One toy preference pair from an arithmetic row; kind 'correct', 'format' or 'concise'. The chosen side is
-    the correct reasoning trace in R1's template, <think>3*4=12,7+12=19,19-2=17</think><answer>17</answer>."""
-    steps, answer = row["steps"], row["answer"]
-    chosen, body = _toy_response(steps, answer), f"<think>{','.join(steps)}</think>"
-    if kind == "correct":   # a wrong answer that ignores the (correct) reasoning before it
-        rejected = _toy_response(steps, str(int(answer) + rng.choice([-10, -3, -2, -1, 1, 2, 3, 10])))
-    elif kind == "format":   # the same correct answer, outside the template
-        rejected = rng.choice([f"{body}{answer}", f"{body}<answer>{answer}", f"<answer>{answer}</answer>{body}",
-                               f"{body}<answer>{answer}</answer><answer>{answer}</answer>",
-                               f"<think>{','.join(steps)}<answer>{answer}</answer>",
-                               f"{body}<answer>{answer}</answer>{answer}", f"<answer>{answer}</answer>", answer])
-    else:   # concise: the same correct reasoning, padded by repeating steps
-        repeats = [s for s in steps for _ in range(rng.randint(1, 3))]
-        repeats = repeats if len(repeats) > len(steps) else steps * rng.randint(2, 3)
-        rejected = _toy_response(repeats, answer)
-    return {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "kind": kind}
-
-
-def toy_preference_pairs(split: str, num_prompts: int, seed: int) -> list[dict]:
-    """Three pairs (correct, format, concise) for each arithmetic prompt of the task's train or test split."""
-    rows = rlvr_rewards.make_dataset("arithmetic", split=split, n=num_prompts, seed=seed)
-    rng = random.Random(f"toy-preferences-{split}-{seed}")
-    return [toy_pair(row, kind, rng) for row in rows for kind in ("correct", "format", "concise")]
-
-
 def load_pairs(args: Args) -> tuple[list[dict], list[dict]]:
-    """(train pairs, held-out pairs) for --dataset / --eval-dataset; raises DataError before any training."""
+    """(train pairs, held-out pairs) for --dataset / --eval-dataset; raises rlvr_rewards.DataError before any training."""
     if args.dataset == "toy":
-        return (toy_preference_pairs("train", args.toy_train_prompts, args.seed),
-                toy_preference_pairs("test", args.toy_eval_prompts, args.seed))
+        return (toy.toy_preference_pairs("train", args.toy_train_prompts, args.seed),
+                toy.toy_preference_pairs("test", args.toy_eval_prompts, args.seed))
     pairs = load_preference_jsonl(args.dataset)
     if args.eval_dataset:
         return pairs, load_preference_jsonl(args.eval_dataset)
@@ -316,7 +267,7 @@ def load_pairs(args: Args) -> tuple[list[dict], list[dict]]:
     held_out = set(lines[:max(1, round(args.eval_fraction * len(lines)))])
     train = [p for p in pairs if p["line"] not in held_out]
     if not train:
-        raise DataError(f"{args.dataset}: too few lines to hold out {args.eval_fraction:.0%} for evaluation; "
+        raise env.DataError(f"{args.dataset}: too few lines to hold out {args.eval_fraction:.0%} for evaluation; "
                         f"pass --eval-dataset or a smaller --eval-fraction.")
     return train, [p for p in pairs if p["line"] in held_out]
 
@@ -326,7 +277,7 @@ def render(tokenizer, prompt, response, template: str = "chat") -> str:
     if isinstance(response, list):
         response = "".join(m["content"] for m in response)
     if template == "chat" and getattr(tokenizer, "chat_template", None):
-        return rlvr_rewards.render_prompt(tokenizer, prompt, "chat") + response
+        return env.render_prompt(tokenizer, prompt, "chat") + response
     if isinstance(prompt, list):
         prompt = "\n".join(m["content"] for m in prompt)
     if template in ("chat", "plain"):
@@ -352,7 +303,7 @@ def load_reward_model(name_or_path: str, *, device="auto", dtype="auto", master_
     master_dtype holds the weights (rl_kernels.load_model); frozen: a scorer, with bf16 matmul weights only."""
     from transformers import AutoModelForSequenceClassification
 
-    model, tokenizer = load_model(name_or_path, model_class=AutoModelForSequenceClassification, num_labels=1,
+    model, tokenizer = K.load_model(name_or_path, model_class=AutoModelForSequenceClassification, num_labels=1,
                                   device=device, dtype=dtype, master_dtype=master_dtype, frozen=frozen)
     if not hasattr(model, "score"):
         raise ValueError(f"{name_or_path}: expected a sequence-classification head named 'score' (Llama, Qwen, "
@@ -375,7 +326,7 @@ def score_texts(model, tokenizer, texts: list[str], *, batch_size: int, max_leng
 
 def evaluate(model, tokenizer, pairs: list[dict], args: Args, device) -> dict:
     """Held-out metrics; each rank scores an equal share (FSDP needs the same number of forwards on every rank)."""
-    world, rank = get_world_size(), get_rank()
+    world, rank = K.get_world_size(), K.get_rank()
     per_rank = math.ceil(len(pairs) / world)
     shard = pairs[rank * per_rank:(rank + 1) * per_rank]
     valid = len(shard)
@@ -385,7 +336,7 @@ def evaluate(model, tokenizer, pairs: list[dict], args: Args, device) -> dict:
                           device=device).view(2, -1)[:, :valid]   # (2, valid)
     gathered = torch.zeros(2, len(pairs))
     gathered[:, rank * per_rank:rank * per_rank + valid] = rewards
-    gathered = all_reduce_sum(gathered.to(device)).cpu()         # every rank now holds every pair's rewards
+    gathered = K.all_reduce_sum(gathered.to(device)).cpu()         # every rank now holds every pair's rewards
     kinds = [p["kind"] for p in pairs] if all("kind" in p for p in pairs) else None
     return preference_metrics(gathered[0], gathered[1], kinds)
 
@@ -402,7 +353,7 @@ class RewardModelScorer:
 
     def __init__(self, path: str, *, device: str = "auto", batch_size: int = 64, normalize: bool = False,
                  template: str | None = None, max_length: int = 2048, dtype: str = "auto"):
-        self.device = resolve_device(device)
+        self.device = K.resolve_device(device)
         self.model, self.tokenizer = load_reward_model(path, device=self.device, dtype=dtype, frozen=True)
         self.model.eval().requires_grad_(False)
         self.template = template or getattr(self.model.config, "reward_template", "chat")
@@ -453,7 +404,7 @@ def helpfulness_reward(completions: list, prompt: list | None = None, answer: li
     golds = answer if answer is not None else [None] * len(completions)
     prompts = prompt if prompt is not None else [""] * len(completions)
     rows = [i for i, gold in enumerate(golds) if gold is None]
-    scores = _SCORERS[key]([rlvr_rewards.final_text(completions[i]) for i in rows],
+    scores = _SCORERS[key]([env.final_text(completions[i]) for i in rows],
                            prompt=[prompts[i] for i in rows]) if rows else []
     out: list[float | None] = [None] * len(completions)
     for i, score in zip(rows, scores):
@@ -466,61 +417,53 @@ def helpfulness_reward(completions: list, prompt: list | None = None, answer: li
 # ----------------------------------------------------------------------------------------------------------
 
 
-def main(args: Args) -> RunResult:
+def check_args(args: Args, info: runs.DistInfo):
+    """Impossible settings fail here, before any data or model is loaded."""
+    runs.check_settings(args)
+    if args.batch_size % info.world_size:
+        raise K.UserError(f"--batch-size {args.batch_size} must be divisible by the {info.world_size} ranks.")
+
+
+PANELS = [("Bradley-Terry loss", [("train/loss", "train"), ("eval/loss", "held-out")], "loss"),
+          ("pairwise accuracy", [("train/accuracy", "train batch"), ("eval/accuracy", "held-out")], "P(r_w > r_l)")]
+
+
+def main(args: Args) -> runs.RunResult:
     """Train the reward model; returns the out dir, final/ and the held-out pairwise metrics (eval/) of the initial
     and the final model."""
-    start_time = time.time()
-    rl_kernels.quiet_transformers()   # the new score head is expected: no load report about it
-    dist_info = init_distributed(args.device, args.dist_timeout_s)
-    device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
-    rl_kernels.check_settings(args)
-    seed_everything(args.seed)
-    if args.batch_size % world:
-        raise rl_kernels.UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks.")
+    session = runs.Session(args, check=check_args, desc="reward model", panels=PANELS,
+                           title=f"rlhf_reward_model.py --model {args.model} --dataset {args.dataset}")
+    device, rank, world = session.info.device, session.info.rank, session.info.world_size
     train_pairs, eval_pairs = load_pairs(args)            # a bad data file stops here, before any model loads
-    rl_kernels.check_model_source(args.model)
+    K.check_model_source(args.model)
     use_margin = any("margin" in p for p in train_pairs)
-    print0(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
-    finish = functools.partial(rl_kernels.finish_run, args.out_dir, t_start=start_time, panels=[
-        ("Bradley-Terry loss", [("train/loss", "train"), ("eval/loss", "held-out")], "loss"),
-        ("pairwise accuracy", [("train/accuracy", "train batch"), ("eval/accuracy", "held-out")], "P(r_w > r_l)")],
-        title=f"rlhf_reward_model.py --model {args.model} --dataset {args.dataset}")
+    K.print0(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
 
-    with rl_kernels.Run(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps) as run:
-        if run.finished:
-            return finish(final_dir=run.checkpoint)
+    with session:
+        if session.finished:
+            return session.result()
         model, tokenizer = load_reward_model(args.model, device=device, dtype=args.dtype,
                                              master_dtype=args.master_dtype)
-        set_cpu_threads(args.threads, model)
+        K.set_cpu_threads(args.threads, model)
         model.config.reward_template = args.template          # the scorer renders text the same way
-        model = wrap_model(model, args.strategy, device)
+        model = K.wrap_model(model, args.strategy, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rl_kernels.warmup_schedule(
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, runs.warmup_schedule(
             args.warmup_steps, args.max_steps, min_ratio=0.1))
-        start_step = load_checkpoint(run.checkpoint, model, optimizer, scheduler)["step"] if run.checkpoint else 0
-        save_args(args.out_dir, args)
-        logger = MetricsLogger(args.out_dir, resume_step=start_step if run.checkpoint else None,
-                               report_to=args.report_to, config=vars(args))
 
-        def run_eval(step: int) -> dict:
-            metrics = {"step": step, **evaluate(model, tokenizer, eval_pairs, args, device)}
-            unwrap(model).config.reward_mean = metrics["reward_mean"]   # saved with the model: normalize=True
-            unwrap(model).config.reward_std = metrics["reward_std"]
-            logger.log(step, {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
-            return metrics
+        def run_eval() -> dict:
+            metrics = evaluate(model, tokenizer, eval_pairs, args, device)
+            K.unwrap(model).config.reward_mean = metrics["reward_mean"]   # saved with the model: normalize=True
+            K.unwrap(model).config.reward_std = metrics["reward_std"]
+            return {f"eval/{k}": v for k, v in metrics.items()}
 
-        def save(step: int, name: str | None = None) -> str:
-            return save_checkpoint(args.out_dir, step, model, tokenizer, optimizer, scheduler, name=name)
-
-        step, skipped = start_step, 0
-        metrics = run_eval(0) if start_step == 0 and args.eval_every else {"step": None}
+        steps = session.start(args, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                              evaluate=run_eval)
         model.train()
-        bar = rl_kernels.progress(range(start_step + 1, args.max_steps + 1), desc="reward model", total=args.max_steps,
-                               initial=start_step)
-        for step in bar:
+        for step in steps:
             # ---- this rank's share of the global batch; chosen and rejected in one forward of 2b rows ----
-            batch = [train_pairs[i] for i in rl_kernels.stream_indices((step - 1) * args.batch_size, args.batch_size,
-                                                                    len(train_pairs), args.seed)][rank::world]
+            batch = [train_pairs[i] for i in runs.stream_indices(step * args.batch_size, args.batch_size,
+                                                                 len(train_pairs), args.seed)][rank::world]
             texts = [render(tokenizer, p["prompt"], p[side], args.template) for side in ("chosen", "rejected")
                      for p in batch]
             input_ids, attention_mask = tokenize(tokenizer, texts, args.max_length, device)   # (2b, T)
@@ -531,37 +474,21 @@ def main(args: Args) -> RunResult:
             loss, stats = bradley_terry_loss(chosen, rejected, margin, args.center_coef)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            stats, stepped = rl_kernels.guarded_step(model, optimizer, args.max_grad_norm, stats)
-            skipped += not stepped
+            stats, _ = K.guarded_step(model, optimizer, args.max_grad_norm, stats, state=session.state)
             scheduler.step()
 
-            # ---- logging, evaluation, checkpoints ----
+            # ---- log, evaluate, save ----
             grad_norm = stats.pop("grad_norm")
-            stats = all_reduce_mean(stats)
-            logger.log(step, {**{f"train/{k}": v for k, v in stats.items()}, "train/lr": scheduler.get_last_lr()[0],
-                              "train/grad_norm": grad_norm, "train/skipped_updates": skipped,
-                              "perf/seconds": time.time() - start_time})
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
-            if args.eval_every and step % args.eval_every == 0:
-                metrics = run_eval(step)
-                print0(f"step {step}: held-out accuracy {metrics['accuracy']:.3f}, margin {metrics['margin']:.2f}")
-            if run.should_stop():
-                save(step)
-                print0(f"Stopped at step {step}; continue with --resume --out-dir {args.out_dir}")
-                logger.close()
-                return finish(final_dir=None, stopped_at=step, signal=run.signal)
-            if args.save_every and step % args.save_every == 0:
-                save(step)
-
-        if metrics["step"] != step:
-            metrics = run_eval(step)
-        final_dir = save(step, name="final")
-        logger.close()
-    summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("accuracy"))
-    print0(f"Held-out: {summary}; margin {metrics['margin']:.2f}; {time.time() - start_time:.0f}s "
-           f"(load the model with AutoModelForSequenceClassification.from_pretrained or RewardModelScorer)")
-    return finish(final_dir=final_dir, signal=run.signal)
+            metrics = {**{f"train/{k}": v for k, v in K.all_reduce_mean(stats).items()},
+                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+                       "perf/seconds": time.time() - session.t_start}
+            session.end_step(step + 1, metrics, postfix=dict(loss="train/loss", acc="train/accuracy"))
+    result = session.result()
+    K.print0(f"Held-out: accuracy {result.after.get('eval/accuracy', float('nan')):.3f}, margin "
+             f"{result.after.get('eval/margin', float('nan')):.2f} (load the model with "
+             "AutoModelForSequenceClassification.from_pretrained or RewardModelScorer)")
+    return result
 
 
 if __name__ == "__main__":
-    rl_kernels.run_cli(main, tyro.cli(Args))
+    runs.run_cli(main, tyro.cli(Args))

@@ -105,7 +105,9 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import Literal, Optional
 
 import torch
 
@@ -1380,6 +1382,13 @@ def reward_weights(names, weights=()) -> tuple[float, ...]:
     return tuple(weights) or tuple(0.1 if name in SHAPING_REWARDS and len(names) > 1 else 1.0 for name in names)
 
 
+def check_reward_weights(names, weights):
+    """One weight per reward, or none (the defaults): else one sentence, before anything loads."""
+    if weights and len(names) != len(weights):
+        raise K.UserError(f"--rewards has {len(names)} entries but --reward-weights has {len(weights)}; give one "
+                          "weight per reward, or none for the defaults.")
+
+
 def resolve_rewards(names, dataset: str) -> list[tuple[str, object]]:
     """[(name, fn)] for reward names: built-ins, "module:function", and "task" = the dataset's own verifier
     (accuracy for a dataset that is not a built-in task)."""
@@ -1492,6 +1501,110 @@ def rollout_samples(rollout: Rollout, advantages: "torch.Tensor", count: int) ->
              "rewards": {name: values[i] for name, values in rollout.per_reward.items()},
              "reward": rollout.rewards[i].item(), "advantage": advantages[i].item(), "correct": rollout.correct[i]}
             for i in range(min(count, len(rollout.completions)))]
+
+
+# ------------------------------------------------------------------------------------------------ an RL run's task
+# grpo.py and ppo.py share these: their Args inherit RLArgs, which these functions read (and seed, top_p if any).
+
+
+@dataclass
+class RLArgs:
+    """The flags grpo.py and ppo.py share: the policy, the task and its data, the rollouts and the held-out evaluation
+    (what load_task, fit_task, evaluator and rollout read)."""
+    model: str = "toy"
+    """the policy: a hub id or a local checkpoint directory; "toy" is the toy world's base model (toy/base)"""
+    dataset: str = "arithmetic"
+    """a built-in task (arithmetic, countdown, code), a .jsonl/.json/.parquet file, a `datasets` directory, a hub id"""
+    eval_dataset: Optional[str] = None
+    """held-out rows (its "test" split); default: a built-in task's test split, else a slice held out of --dataset"""
+    prompt_column: str = "prompt"
+    """the dataset column holding the prompt (GSM8K: question)"""
+    answer_column: str = "answer"
+    """the dataset column holding the gold answer (GSM8K's "... #### 72" solutions count as 72)"""
+    dataset_split: str = "train"
+    """the split of a hub dataset or dataset directory to train on"""
+    template: Literal["auto", "chat", "r1", "plain"] = "auto"
+    """auto: the tokenizer's chat template if it has one, else the R1 text template"""
+    system_prompt: Optional[str] = None
+    """system message for the chat template"""
+    num_generations: int = 8
+    """G: samples per prompt"""
+    prompts_per_step: int = 16
+    """B: prompts per step over all ranks"""
+    max_new_tokens: int = 48
+    """response length cap L_max"""
+    temperature: float = 1.0
+    """sampling temperature (it divides the logits of every log-prob pass too)"""
+    reward_weights: tuple[float, ...] = ()
+    """one weight per reward; default 1 each, except the shaping rewards format and tag_count: 0.1 beside others"""
+    reward_timeout_s: Optional[float] = None
+    """stop with an error naming the reward if one reward call takes longer than this (None: no limit)"""
+    eval_every: int = 10
+    """evaluate every N steps, at the start and at the end (0: no evaluation, no held-out rows)"""
+    eval_size: int = 200
+    """held-out prompts per evaluation"""
+    eval_samples: int = 4
+    """k samples per prompt for pass@1 averaged over k (0: greedy only)"""
+    eval_temperature: float = 1.0
+    """temperature of the k evaluation samples"""
+    log_samples: int = 4
+    """completions per step written to samples.jsonl (prompt, completion, rewards, advantage)"""
+    micro_batch_tokens: int = -1
+    """padded tokens per forward/backward (rows length-sorted, each micro-batch trimmed; the gradient is the same
+    sum); 0: the whole minibatch at once; -1: 2,048 on CPU, 8,192 on a GPU (lower it if activations do not fit)"""
+    compile: bool = None
+    """compile the decode step and the loss (default: on when a CUDA GPU is used)"""
+
+
+def load_task(args, reward_fns, weights: tuple[float, ...], device) -> tuple[object, list[dict], list[dict]]:
+    """An RL run's (args, train rows, held-out rows): args with the reward weights and the micro-batch size on this
+    device resolved (as args.json records them), the rows checked against what the rewards read, and --model's
+    source checked: everything a user can get wrong fails here, before any model is loaded."""
+    args = dataclasses.replace(args, reward_weights=weights,
+                               micro_batch_tokens=K.micro_batch_tokens(args.micro_batch_tokens, device))
+    train_rows, eval_rows = load_train_and_eval(
+        args.dataset, args.eval_dataset, reward_fns, split=args.dataset_split,
+        eval_size=args.eval_size * bool(args.eval_every), seed=args.seed, prompt_column=args.prompt_column,
+        answer_column=args.answer_column)
+    K.check_model_source(args.model)
+    return args, train_rows, eval_rows
+
+
+def fit_task(args, policy, tokenizer, train_rows: list[dict], eval_rows: list[dict]) -> tuple[list, list]:
+    """The prompts that leave room for --max-new-tokens in the policy's context (a built-in task fits any), and under
+    --compile the run's one KV-cache length (rl_kernels.set_generation_length)."""
+    if args.dataset not in TASK_REWARDS:
+        fit = functools.partial(fit_prompts, tokenizer, max_new_tokens=args.max_new_tokens,
+                                context=getattr(K.unwrap(policy).config, "max_position_embeddings", None),
+                                template=args.template, system_prompt=args.system_prompt)
+        train_rows, eval_rows = fit(train_rows, source=args.dataset), eval_rows and fit(eval_rows, source="eval")
+    if args.compile:
+        K.set_generation_length(policy, longest_prompt(tokenizer, train_rows + eval_rows, args.template,
+                                                       args.system_prompt), args.max_new_tokens)
+    return train_rows, eval_rows
+
+
+def evaluator(args, policy, tokenizer, eval_rows: list[dict]):
+    """evaluate() of the policy on the held-out rows with the run's settings (None without held-out rows)."""
+    if not eval_rows:
+        return None
+    return lambda: evaluate(K.unwrap(policy), tokenizer, eval_rows, max_new_tokens=args.max_new_tokens,
+                            samples=args.eval_samples, temperature=args.eval_temperature, seed=args.seed,
+                            template=args.template, system_prompt=args.system_prompt, compile=args.compile)
+
+
+def rollout(args, policy, tokenizer, rows: list[dict], reward_fns, noise_keys, timer, should_stop=None) -> Rollout:
+    """args.num_generations samples for each row (noise keyed by rl_kernels.rollout_noise_keys), scored; timer
+    (rl_runs.Timer) takes the "generate" and "reward" seconds. A stop requested while a reward runs raises
+    Interrupted (should_stop: the local flag)."""
+    with timer("generate"):
+        part = sample(policy, tokenizer, rows, num_samples=args.num_generations, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=getattr(args, "top_p", 1.0), template=args.template,
+                      system_prompt=args.system_prompt, compile=args.compile, noise_keys=noise_keys)
+    with timer("reward"):
+        score(part, reward_fns, args.reward_weights, reward_timeout_s=args.reward_timeout_s, should_stop=should_stop,
+              completion_lengths=part.gen.lengths.tolist(), group_size=args.num_generations)
+    return part
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -49,7 +49,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import rl_kernels  # noqa: E402
+import rl_kernels as K  # noqa: E402
 
 
 @dataclass
@@ -189,7 +189,7 @@ def bench_shape(model, shape: str, args: Args, device: torch.device, new_tokens:
     keys = torch.arange(R, device=device)  # grpo.py's per-row sampling keys
 
     def ours(noise_keys=None):
-        out = rl_kernels.generate(model, input_ids, attention_mask, max_new_tokens=N, num_samples=S,
+        out = K.generate(model, input_ids, attention_mask, max_new_tokens=N, num_samples=S,
                                temperature=1.0, top_p=1.0, top_k=0, eos_token_id=-1, pad_token_id=0,
                                noise_keys=noise_keys, compile=args.compile)
         assert out.tokens.shape == (R, N) and bool(out.mask.all()), "ours made a different number of tokens"
@@ -276,7 +276,7 @@ def markdown(rows: list[dict], args: Args, header: str, device: torch.device, co
     lines.append("ratio = median over the interleaved runs of transformers' call time / ours; tokens/s = rows x N / "
                  "median call time (prefill included).")
     if keyed:
-        lines.append("ours keyed = rl_kernels.generate with noise_keys (one keyed uniform per row and step), the way grpo.py "
+        lines.append("ours keyed = K.generate with noise_keys (one keyed uniform per row and step), the way grpo.py "
                      "samples; the plain columns use the default torch.Generator noise.")
     if copy_bw:
         lines.append(f"Copy bandwidth measured here: {copy_bw / 1e9:,.0f} GB/s (read + write). GB/step = weights + "
@@ -311,10 +311,10 @@ def main(args: Args):
     dtype = torch.bfloat16 if gpu else torch.float32
 
     model = build_model(model_name, device, dtype, args.seed)
-    rl_kernels.set_cpu_threads(args.threads, model)
+    K.set_cpu_threads(args.threads, model)
     params = sum(p.numel() for p in model.parameters())
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} thread(s)"
-    header = (f"### generate: rl_kernels.generate vs transformers generate ({where})\n\n"
+    header = (f"### generate: K.generate vs transformers generate ({where})\n\n"
               f"`python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`: random Qwen2 `{model_name}` "
               f"({params / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}), temperature 1, top-p 1, "
               f"EOS off, {runs} interleaved runs after a warm-up; torch {torch.__version__}, transformers "

@@ -32,7 +32,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
-import rl_kernels  # noqa: E402
+import rl_runs as runs  # noqa: E402
 from grpo_step import make_model_dir, no_checkpoints  # noqa: E402
 
 
@@ -98,7 +98,7 @@ def main(args: Args):
     with no_checkpoints():
         grpo.main(run)
     wall = time.perf_counter() - start
-    rows = [r for r in rl_kernels.read_metrics(run.out_dir) if "perf/step_s" in r]
+    rows = [r for r in runs.read_metrics(run.out_dir) if "perf/step_s" in r]
 
     import transformers
 

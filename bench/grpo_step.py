@@ -33,12 +33,12 @@ The first `warmup` steps of every run are discarded (lazy initialisation; on GPU
 Runs alternate (ours, TRL, TRL, ours, ...) over `rounds`, so a noisy shared machine slows both alike; the tables
 give the seconds as medians over every kept step, and the ratio TRL / ours per round (each side's median step in
 that round; the two runs of a round are back to back) and its median over the rounds, the headline number.
-grpo.main's final checkpoint is skipped (rl_kernels.save_checkpoint is swapped for a stub during our runs): saving is
+grpo.main's final checkpoint is skipped (rl_runs.save_checkpoint is swapped for a stub during our runs): saving is
 not part of a step and would write gigabytes for the larger models.
 
 Models (all Qwen2, tied embeddings, the toy character-level tokenizer of sft.py; embedding rows beyond the
 tokenizer's 105 tokens are never in a prompt and decode to nothing, which is fine for timing):
-    toy            sft.TOY_BASE when it exists (the trained toy base), else a random model of sft.toy_model_config
+    toy            toy_world.TOY_BASE when it exists (the trained toy base), else a random model of toy_world.toy_model_config
     100m           hidden 768, 12 layers, 12 heads, 4 KV heads, MLP 2048, vocabulary 32,768: 100.7M parameters
     qwen2.5-0.5b   Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocabulary 151,936
 
@@ -68,9 +68,10 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
-import rl_kernels  # noqa: E402
-import rlvr_rewards  # noqa: E402
-import sft  # noqa: E402
+import rl_kernels as K  # noqa: E402
+import rl_runs as runs  # noqa: E402
+import rlvr_rewards as env  # noqa: E402
+import toy_world as toy  # noqa: E402
 
 
 @dataclass
@@ -134,11 +135,11 @@ def make_model_dir(name: str, root: str, seed: int) -> tuple[str, str]:
     """A transformers checkpoint directory both sides load; returns (path, description)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    if name == "toy" and os.path.exists(os.path.join(sft.TOY_BASE, "config.json")):
-        return sft.TOY_BASE, "the committed toy base model (sft.TOY_BASE)"
-    tokenizer = sft.build_toy_tokenizer()
+    if name == "toy" and os.path.exists(os.path.join(toy.TOY_BASE, "config.json")):
+        return toy.TOY_BASE, "the committed toy base model (toy.TOY_BASE)"
+    tokenizer = toy.build_toy_tokenizer()
     if name == "toy":
-        config, what = sft.toy_model_config(tokenizer), "random-initialised toy model (sft.toy_model_config)"
+        config, what = toy.toy_model_config(tokenizer), "random-initialised toy model (toy.toy_model_config)"
     elif name in SHAPES:
         config = Qwen2Config(**SHAPES[name], tie_word_embeddings=True, max_position_embeddings=4096,
                              bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
@@ -161,11 +162,11 @@ def _texts(completions) -> list[str]:
 
 
 def accuracy(completions, answer, **kwargs):
-    return rlvr_rewards.accuracy_reward(_texts(completions), answer)
+    return env.accuracy_reward(_texts(completions), answer)
 
 
 def format_(completions, **kwargs):
-    return rlvr_rewards.format_reward(_texts(completions))
+    return env.format_reward(_texts(completions))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,12 +182,12 @@ def synchronize():
 @contextlib.contextmanager
 def no_checkpoints():
     """grpo.main always writes a final checkpoint; it is not part of a step, so skip it while timing."""
-    real = rl_kernels.save_checkpoint
-    rl_kernels.save_checkpoint = lambda out_dir, step, *a, name=None, **k: os.path.join(out_dir, name or str(step))
+    real = runs.save_checkpoint
+    runs.save_checkpoint = lambda out_dir, step, *a, name=None, **k: os.path.join(out_dir, name or str(step))
     try:
         yield
     finally:
-        rl_kernels.save_checkpoint = real
+        runs.save_checkpoint = real
 
 
 def run_ours(path: str, size: tuple, args: Args, out_dir: str, dtype: str) -> tuple[list[dict], list[float]]:
@@ -197,7 +198,7 @@ def run_ours(path: str, size: tuple, args: Args, out_dir: str, dtype: str) -> tu
                          max_new_tokens=N, temperature=1.0, top_p=1.0, compile=args.compile, plot=False)
     with no_checkpoints():
         grpo.main(run_args)
-    rows = [r for r in rl_kernels.read_metrics(out_dir) if "perf/step_s" in r]
+    rows = [r for r in runs.read_metrics(out_dir) if "perf/step_s" in r]
     kept = [{**{p: r.get(f"perf/{p}_s", 0.0) for p in PHASES}, "length": r["rollout/response_length"]}
             for r in rows[args.warmup:]]
     return kept, [r["perf/step_s"] for r in rows[:args.warmup]]
@@ -210,7 +211,7 @@ def run_trl(path: str, size: tuple, args: Args, out_dir: str, dtype: torch.dtype
 
     B, G, N, steps = size
     gpu = args.device == "cuda"
-    rows = rlvr_rewards.make_dataset("arithmetic", "train", n=max(256, 4 * B * (args.warmup + steps)), seed=args.seed)
+    rows = env.make_dataset("arithmetic", "train", n=max(256, 4 * B * (args.warmup + steps)), seed=args.seed)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                               for r in rows])
     config = GRPOConfig(
@@ -221,7 +222,7 @@ def run_trl(path: str, size: tuple, args: Args, out_dir: str, dtype: torch.dtype
         save_strategy="no", gradient_checkpointing=False, bf16=gpu, fp16=False, use_cpu=not gpu, seed=args.seed,
         disable_tqdm=True, dataloader_num_workers=0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = rl_kernels.load_tokenizer(path)
+    tokenizer = K.load_tokenizer(path)
     steps_out: list[dict] = []
     current: dict = {}
 

@@ -39,7 +39,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import rl_kernels  # noqa: E402
+import rl_kernels as K  # noqa: E402
 
 
 @dataclass
@@ -107,7 +107,7 @@ def make_inputs(args: Args, tokens: int, device: torch.device):
 def step(model, inputs, fused: bool) -> torch.Tensor:
     """One forward + backward of sum(logprobs * weights); returns the detached log-probs."""
     input_ids, attention_mask, weights = inputs
-    logprobs = rl_kernels.token_logprobs(model, input_ids, attention_mask, fused=fused)  # (B, T-1)
+    logprobs = K.token_logprobs(model, input_ids, attention_mask, fused=fused)  # (B, T-1)
     (logprobs * weights).sum().backward()
     return logprobs.detach()
 
@@ -148,7 +148,7 @@ def measure_in_this_process(args: Args, device: torch.device, dtype: torch.dtype
     method, tokens = args.measure.split(":")
     fused = METHODS[method]
     model = build_model(args, device, dtype)
-    rl_kernels.set_cpu_threads(args.threads, model)
+    K.set_cpu_threads(args.threads, model)
     step(model, make_inputs(args, 8 * args.batch, device), fused)  # library initialisation, untimed, unmeasured
     inputs = make_inputs(args, int(tokens), device)
     print(json.dumps({"peak_extra_bytes": peak_extra_bytes(model, inputs, fused, device)}))
@@ -160,8 +160,8 @@ def measure_in_subprocess(args: Args, method: str, tokens: int) -> int | str:
            "--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab),
            "--threads", str(args.threads), "--seed", str(args.seed), "--measure", f"{method}:{tokens}"]
     # Blocks over 64 KiB come from mmap and go back to the OS on free: the resident set follows live tensors.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    environ = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=environ)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-2000:])
         return "killed (out of memory?)" if proc.returncode < 0 else f"failed (exit {proc.returncode})"
@@ -200,14 +200,14 @@ def main(args: Args):
     runs = args.runs or (2 if args.quick else 5 if gpu else 3)
 
     model = build_model(args, device, dtype)
-    rl_kernels.set_cpu_threads(args.threads, model)
+    K.set_cpu_threads(args.threads, model)
     params = sum(p.numel() for p in model.parameters())
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} thread(s)"
     header = (f"### token_logprobs: chunked vs naive full logits, forward + backward ({where})\n\n"
               f"`python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`: random Qwen2, {args.layers} layers, "
               f"hidden {args.hidden}, V = {args.vocab:,} ({params / 1e6:.0f}M parameters, "
               f"{str(dtype).replace('torch.', '')}), B = {args.batch}, chunk "
-              f"{rl_kernels.default_chunk_size(args.vocab)} rows; {runs} interleaved runs; torch {torch.__version__}.")
+              f"{K.default_chunk_size(args.vocab)} rows; {runs} interleaved runs; torch {torch.__version__}.")
     print(header, flush=True)
 
     rows = []

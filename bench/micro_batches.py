@@ -29,7 +29,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
-import rl_kernels  # noqa: E402
+import rl_kernels as K  # noqa: E402
 
 
 @dataclass
@@ -56,7 +56,7 @@ def capture_batches(steps: tuple[int, ...], device: str, out_dir: str) -> dict[i
     def spy(args, model, optimizer, scheduler, batch, state):
         seen[0] += 1
         if seen[0] in steps:
-            kept[seen[0]] = (copy.deepcopy(rl_kernels.unwrap(model)), {k: v for k, v in batch.items()})
+            kept[seen[0]] = (copy.deepcopy(K.unwrap(model)), {k: v for k, v in batch.items()})
         return real_update(args, model, optimizer, scheduler, batch, state)
 
     grpo.update = spy
@@ -94,7 +94,7 @@ def main(args: Args):
         for repeat in range(args.repeats + 1):
             for budget in args.budgets:
                 run_args = grpo.Args(micro_batch_tokens=budget)
-                parts = rl_kernels.micro_batches(batch, budget)
+                parts = K.micro_batches(batch, budget)
                 shape[budget] = (len(parts), sum(p["prompt_ids"].numel() + p["tokens"].numel() for _, p in parts))
                 state = {"skipped": 0, "nan_streak": 0}
                 grpo.update(run_args, model, optimizer, scheduler, batch, state)  # untimed: same shapes, warm

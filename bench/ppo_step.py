@@ -47,9 +47,10 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rl_kernels  # noqa: E402
 import ppo  # noqa: E402
-import rlvr_rewards  # noqa: E402
+import rl_kernels as K  # noqa: E402
+import rl_runs as runs  # noqa: E402
+import rlvr_rewards as env  # noqa: E402
 from grpo_step import make_model_dir, median  # noqa: E402
 
 SIZES = {"toy": (64, 48, 4), "100m": (16, 32, 3)}  # R rows, N new tokens, timed steps
@@ -88,7 +89,7 @@ def make_reward_model_dir(policy_dir: str, root: str, seed: int) -> str:
     torch.manual_seed(seed + 1)
     path = os.path.join(root, f"rm-{os.path.basename(policy_dir)}")
     AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
-    rl_kernels.load_tokenizer(policy_dir).save_pretrained(path)
+    K.load_tokenizer(policy_dir).save_pretrained(path)
     return path
 
 
@@ -106,7 +107,7 @@ def run_ours(path, rm, size, args, out_dir) -> list[dict]:
         ppo.main(ppo_args(path, rm, size, args, out_dir, args.warmup + size[2]))
     finally:
         ppo.save = real_save
-    rows = [r for r in rl_kernels.read_metrics(out_dir) if "perf/step_s" in r]
+    rows = [r for r in runs.read_metrics(out_dir) if "perf/step_s" in r]
     return [{p: r.get(f"perf/{p}_s", 0.0) for p in PHASES} for r in rows[args.warmup:]]
 
 
@@ -117,9 +118,9 @@ def run_trl(path, rm, size, args, out_dir) -> list[dict]:
     from trl.experimental.ppo import ppo_trainer as module
 
     R, N, steps = size
-    tokenizer = rl_kernels.load_tokenizer(path)
-    rows = rlvr_rewards.make_dataset("arithmetic", "train", n=R * (args.warmup + steps + 2), seed=args.seed)
-    texts = [rlvr_rewards.render_prompt(tokenizer, r["prompt"]) for r in rows]
+    tokenizer = K.load_tokenizer(path)
+    rows = env.make_dataset("arithmetic", "train", n=R * (args.warmup + steps + 2), seed=args.seed)
+    texts = [env.render_prompt(tokenizer, r["prompt"]) for r in rows]
     data = Dataset.from_dict({"input_ids": [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]})
     config = PPOConfig(output_dir=out_dir, per_device_train_batch_size=R, gradient_accumulation_steps=1,
                        num_mini_batches=1, local_rollout_forward_batch_size=R, total_episodes=R * (args.warmup + steps),

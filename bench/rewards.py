@@ -11,7 +11,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rlvr_rewards as R  # noqa: E402
+import rlvr_rewards as env  # noqa: E402
 import sandbox  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main():
     rng, n = random.Random(0), args.n
 
     # Numbers (the arithmetic task): every check takes the Fraction fast path.
-    rows = R.make_dataset("arithmetic", "test", n=n)
+    rows = env.make_dataset("arithmetic", "test", n=n)
     numeric = [f"<think>{' '.join(r['steps'])}</think><answer>{int(r['answer']) + rng.choice((0, 0, 1))}</answer>"
                for r in rows]
     numeric_gold = [r["answer"] for r in rows]
@@ -39,19 +39,19 @@ def main():
     latex = [f"so \\boxed{{\\frac{{{a * k}}}{{{b * k}}}}}" for (a, b), k in zip(pairs, scales)]
     latex_gold = [f"{a}/{b}" if rng.random() < 0.5 else f"{a + 1}/{b}" for a, b in pairs]
     # Code: the reference solutions of the code task (all pass) and broken ones (all fail).
-    code_rows = R.make_dataset("code", "test", n=n)
+    code_rows = env.make_dataset("code", "test", n=n)
     broken = "```python\ndef f(*args):\n    return None\n```"
     code = [f"```python\n{row['answer']}```" if i % 2 else broken for i, row in enumerate(code_rows)]
     tests = [r["tests"] for r in code_rows]
 
-    _, pool_start = timed(R.accuracy_reward, ["\\boxed{\\frac{1}{2}}"], ["0.5"])  # starts the math-verify workers
+    _, pool_start = timed(env.accuracy_reward, ["\\boxed{\\frac{1}{2}}"], ["0.5"])  # starts the math-verify workers
     _, probe = timed(sandbox._probe_sandbox)
     cases = [
-        ("accuracy_reward", "numbers (fast path)", lambda: R.accuracy_reward(numeric, numeric_gold)),
-        ("accuracy_reward", "LaTeX (math-verify)", lambda: R.accuracy_reward(latex, latex_gold)),
-        ("format_reward", "R1 template", lambda: R.format_reward(numeric)),
+        ("accuracy_reward", "numbers (fast path)", lambda: env.accuracy_reward(numeric, numeric_gold)),
+        ("accuracy_reward", "LaTeX (math-verify)", lambda: env.accuracy_reward(latex, latex_gold)),
+        ("format_reward", "R1 template", lambda: env.format_reward(numeric)),
         ("code_reward", f"4 asserts, workers={args.workers or min(32, 4 * os.cpu_count())}",
-         lambda: R.code_reward(code, tests, max_workers=args.workers)),
+         lambda: env.code_reward(code, tests, max_workers=args.workers)),
     ]
     print(f"CPUs: {os.cpu_count()}   math-verify workers: {len(sandbox._math_pool()[0])} (start {pool_start:.2f} s)   "
           f"sandbox: {sandbox._probe_sandbox()} (probe {probe:.2f} s)\n")

@@ -14,7 +14,7 @@ Every run: seed 0, 16 prompts x 8 samples per step, 80 steps, held-out greedy ac
 (writes runs/rlhf_reward_model/final). A finished run is read, not rerun (--rerun to redo it).
 
     python bench/rlhf_overoptimisation.py                     # ~30 min on an idle 2-core CPU
-    python bench/rlhf_overoptimisation.py --steps 40          # the README's runs: half as long
+    python bench/rlhf_overoptimisation.py --steps 40          # docs/ppo.md's runs: half as long
 Writes docs/rlhf_overoptimisation.md (the table) and docs/rlhf_overoptimisation.png: the reward model's score, the
 true held-out accuracy and the KL to the reference against steps, and the true accuracy against sqrt(KL).
 """
@@ -56,12 +56,12 @@ def main(args: Args):
         raise SystemExit(f"No reward model at {args.reward_model}: train it first with `python rlhf_reward_model.py`.")
     common = ["ppo.py", "--preset", "rlhf", "--reward-model", args.reward_model, "--max-steps", str(args.steps),
               "--eval-every", "5", "--eval-samples", "0"]
-    runs = {"beta0": ["--kl-coef", "0", "--track-kl"], "fixed": [],
+    variants = {"beta0": ["--kl-coef", "0", "--track-kl"], "fixed": [],
             "adaptive": ["--kl-target", str(args.kl_target), "--kl-horizon", str(args.kl_horizon)]}
     rows = [f"| run | beta (start -> end) | RM score (step 1 -> {args.steps}) | held-out accuracy: before | peak (step, KL/seq) | "
             "after | KL per sequence after | rollout EOS rate after |", "|---|---|---|---|---|---|---|---|"]
     histories = {}
-    for name, extra in runs.items():
+    for name, extra in variants.items():
         out_dir = os.path.join(args.root, name)
         run([*common, *extra], out_dir, args.rerun)
         history = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
@@ -76,7 +76,7 @@ def main(args: Args):
                     f"{train[-1]['train/kl_seq']:.1f} | {train[-1]['rollout/eos_rate']:.0%} |")
         print(rows[-1], flush=True)
     text = (f"`python bench/rlhf_overoptimisation.py {' '.join(sys.argv[1:])}`; commands: "
-            + "; ".join(f"{k}: `python {' '.join(common + v)}`" for k, v in runs.items()) + "\n\n" + "\n".join(rows) + "\n")
+            + "; ".join(f"{k}: `python {' '.join(common + v)}`" for k, v in variants.items()) + "\n\n" + "\n".join(rows) + "\n")
     print("\n" + text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+import toy_world as toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -50,11 +51,9 @@ def tiny_model_dir(tmp_path_factory):
     """A random-initialised model with the toy tokenizer (tiny, so every run here takes seconds)."""
     import transformers
 
-    import sft
-
     path = str(tmp_path_factory.mktemp("tiny_toy"))
-    tokenizer = sft.build_toy_tokenizer()
-    config = transformers.Qwen2Config(**{**sft.toy_model_config(tokenizer).to_dict(), "hidden_size": 32,
+    tokenizer = toy.build_toy_tokenizer()
+    config = transformers.Qwen2Config(**{**toy.toy_model_config(tokenizer).to_dict(), "hidden_size": 32,
                                          "intermediate_size": 64, "num_hidden_layers": 1, "layer_types": None,
                                          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
     torch.manual_seed(0)

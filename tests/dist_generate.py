@@ -9,10 +9,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rl_kernels as K  # noqa: E402
+import rl_runs as runs  # noqa: E402
 from conftest import left_padded_batch, tiny_causal_lm  # noqa: E402
 
 strategy, out_dir = sys.argv[1], sys.argv[2]
-info = K.init_distributed("cpu")
+info = runs.init_distributed("cpu")
 gathers = []
 for name in ("all_gather_single", "all_gather_into_tensor", "all_gather"):  # FSDP2 unshards with the first there is
     if not hasattr(dist, name):  # torch 2.11 has no all_gather_single
@@ -38,4 +39,4 @@ K.free_decode_state(model)
 out["fsdp_modules"] = sum(type(m).__name__.startswith("FSDP") for m in model.modules())
 out["sharded_after"] = all(type(p).__name__ == "DTensor" for p in model.parameters()) if strategy == "fsdp" else None
 torch.save(out, os.path.join(out_dir, f"generate_{strategy}_rank{info.rank}.pt"))
-K.close_distributed()
+runs.close_distributed()

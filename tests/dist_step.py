@@ -12,10 +12,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rl_kernels as K  # noqa: E402
+import rl_runs as runs  # noqa: E402
 from conftest import left_padded_batch, tiny_causal_lm  # noqa: E402
 
 strategy, out_dir = sys.argv[1], sys.argv[2]
-info = K.init_distributed("cpu")
+info = runs.init_distributed("cpu")
 model = tiny_causal_lm(tie=True).train()
 model = K.wrap_model(model, strategy)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -39,4 +40,4 @@ state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone
          for n, p in K.unwrap(model).named_parameters()}
 torch.save(state, os.path.join(out_dir, f"params_{strategy}{'_micro' if micro else ''}_rank{info.rank}.pt"))
 del model, opt, lp, loss
-K.close_distributed()
+runs.close_distributed()

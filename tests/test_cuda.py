@@ -6,6 +6,7 @@ import torch
 from conftest import left_padded_batch, tiny_causal_lm
 
 import rl_kernels as K
+import toy_world as toy
 
 pytestmark = pytest.mark.cuda
 
@@ -63,18 +64,18 @@ def test_bf16_fused_logprobs_match_the_fp32_head():
         assert torch.allclose(a, b, atol=5e-2, rtol=5e-2)
 
 
-TOY = K.TOY_BASE
+TOY = toy.TOY_BASE
 
 
 def test_mixed_precision_sampler_and_trainer_agree_under_cuda_graphs():
     """fp32 master weights, bf16 compute, the decode step compiled with CUDA graphs from the bf16 rollout copy: the
     sampler's log-probs and token_logprobs' differ by less than 2e-2 nats at most and 1e-3 on average (bound stated
     for a GPU, where the two paths' bf16 matmuls round differently; on CPU they agree to 3e-6)."""
-    import rlvr_rewards as R
+    import rlvr_rewards as env
 
     model, tokenizer = K.load_model(TOY, dtype="bfloat16", device="cuda")
-    rows = R.load_prompts("arithmetic", "train", 64, 0)[:16]
-    rollout = R.sample(model, tokenizer, rows, num_samples=8, max_new_tokens=48, temperature=1.0, compile=True,
+    rows = env.load_prompts("arithmetic", "train", 64, 0)[:16]
+    rollout = env.sample(model, tokenizer, rows, num_samples=8, max_new_tokens=48, temperature=1.0, compile=True,
                        noise_keys=K.rollout_noise_keys(0, 0, 0, list(range(16)), 8))
     gen = rollout.gen
     ids = torch.cat([rollout.prompt_ids, gen.tokens], 1)

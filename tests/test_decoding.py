@@ -12,6 +12,8 @@ import torch
 from conftest import ROOT, left_padded_batch, tiny_causal_lm
 
 import rl_kernels as K
+import rl_runs as runs
+import toy_world as toy
 
 
 def test_keyed_noise_table_is_the_per_step_noise_bit_for_bit():
@@ -77,11 +79,11 @@ def test_fsdp_rollouts_equal_one_process_and_gather_once_per_call(tmp_path):
     """2-rank gloo FSDP2: each rank's keyed samples equal one process's for the same rows, and a generate call
     all-gathers each sharded module once, however many tokens it decodes (4 or 16), instead of once per token."""
     script = os.path.join(ROOT, "tests", "dist_generate.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          script, "fsdp", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+                          script, "fsdp", str(tmp_path)], env=environ, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = subprocess.run([sys.executable, script, "none", str(tmp_path)], env=env, capture_output=True, text=True,
+    one = subprocess.run([sys.executable, script, "none", str(tmp_path)], env=environ, capture_output=True, text=True,
                          timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     single = torch.load(tmp_path / "generate_none_rank0.pt")
@@ -153,7 +155,7 @@ def test_a_compiled_run_recompiles_at_most_twice(tmp_path):
     finally:
         logger.removeHandler(counter)
         torch._logging.set_logs()
-    rows = K.read_metrics(str(tmp_path / "run"))
+    rows = runs.read_metrics(str(tmp_path / "run"))
     assert sum("eval/accuracy" in r for r in rows) >= 3 and rows[-1]["step"] == 6
     for message in counter.messages:
         print(message)
@@ -164,10 +166,8 @@ def _tiny_model_dir(path) -> str:
     """test_grpo's tiny model with the toy tokenizer, saved under path."""
     import transformers
 
-    import sft
-
-    tokenizer = sft.build_toy_tokenizer()
-    config = transformers.Qwen2Config(**{**sft.toy_model_config(tokenizer).to_dict(), "hidden_size": 32,
+    tokenizer = toy.build_toy_tokenizer()
+    config = transformers.Qwen2Config(**{**toy.toy_model_config(tokenizer).to_dict(), "hidden_size": 32,
                                          "intermediate_size": 64, "num_hidden_layers": 1, "layer_types": None,
                                          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
     torch.manual_seed(0)

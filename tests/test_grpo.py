@@ -13,7 +13,8 @@ from conftest import ROOT
 
 import grpo
 import rl_kernels as K
-import rlvr_rewards as R
+import rl_runs as runs
+import rlvr_rewards as env
 
 
 def small_args(model_dir, out_dir, **kw):
@@ -98,11 +99,11 @@ def test_presets_set_their_papers_switches():
 
 def test_impossible_settings_fail_before_any_compute(tmp_path):
     """Batch not divisible, G = 1 with a group advantage, and missing dataset fields: one clear error each."""
-    info = K.DistInfo(rank=0, world_size=3)
+    info = runs.DistInfo(rank=0, world_size=3)
     with pytest.raises(ValueError, match="divisible by the number of ranks"):
         grpo.check_args(grpo.Args(prompts_per_step=16), info)
     with pytest.raises(ValueError, match="num-generations 1"):
-        grpo.check_args(grpo.Args(num_generations=1), K.DistInfo())
+        grpo.check_args(grpo.Args(num_generations=1), runs.DistInfo())
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "1+1"}) + "\n")
     with pytest.raises(ValueError, match="line 1: no 'answer', which the rewards need"):
@@ -112,9 +113,9 @@ def test_impossible_settings_fail_before_any_compute(tmp_path):
     with pytest.raises(ValueError, match="line 2"):
         grpo.main(grpo.Args(dataset=str(data), out_dir=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="num-iterations"):
-        grpo.check_args(grpo.Args(num_iterations=0), K.DistInfo())
+        grpo.check_args(grpo.Args(num_iterations=0), runs.DistInfo())
     with pytest.raises(ValueError, match="temperature > 0"):
-        grpo.check_args(grpo.Args(temperature=0.0), K.DistInfo())
+        grpo.check_args(grpo.Args(temperature=0.0), runs.DistInfo())
 
 
 def test_a_rank_without_loss_tokens_reports_every_metric():
@@ -142,7 +143,7 @@ def test_malformed_jsonl_lines_are_named(bad, why, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_bytes(json.dumps({"prompt": "1+1", "answer": "2"}).encode() + b"\n\n" + bad + b"\n")
     with pytest.raises(ValueError, match=f"line 3: .*{why}"):
-        R.load_prompts(str(data), "train", 10, 0)
+        env.load_prompts(str(data), "train", 10, 0)
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
@@ -221,7 +222,7 @@ def test_command_line_flags_beat_the_preset_even_at_plain_defaults():
 def test_correctness_uses_the_tasks_own_verifier(task):
     """Accuracy metrics judge a countdown answer by its expression and code by its tests, not by string equality
     with the row's `answer` field; the same verdicts whether or not the task reward is among the rewards."""
-    row = R.make_dataset(task, split="test", n=1, seed=0)[0]
+    row = env.make_dataset(task, split="test", n=1, seed=0)[0]
     if task == "countdown":
         row = dict(row, numbers=[12, 12, 1], target=25, answer="12+12+1")
         good, bad = "<answer>12 + 1 + 12</answer>", "<answer>25</answer>"  # bad: the target is not an expression
@@ -230,10 +231,10 @@ def test_correctness_uses_the_tasks_own_verifier(task):
     else:
         good, bad = f"<answer>{row['answer']}</answer>", "<answer>-1</answer>"
     rows = [row, row]
-    assert R.verify([good, bad], rows) == [True, False]
-    fn = R.TASK_REWARDS[task]
-    rollout = R.Rollout(None, None, None, [good, bad], rows)
-    assert R.score(rollout, [("task", fn)], [1.0]).correct == [True, False]
+    assert env.verify([good, bad], rows) == [True, False]
+    fn = env.TASK_REWARDS[task]
+    rollout = env.Rollout(None, None, None, [good, bad], rows)
+    assert env.score(rollout, [("task", fn)], [1.0]).correct == [True, False]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def test_every_preset_runs_two_steps(preset, tiny_model_dir, tmp_path):
     """Two steps of each preset write metrics with the diagnostics, a loadable final model and a summary."""
     extra = {"num_iterations": 2, "num_minibatches": 2} if preset == "gspo" else {}
     grpo.main(small_args(tiny_model_dir, tmp_path, preset=preset, **extra))
-    rows = K.read_metrics(str(tmp_path))
+    rows = runs.read_metrics(str(tmp_path))
     assert [r["step"] for r in rows] == [0, 1, 2]
     for key in ("rollout/reward_mean", "rollout/accuracy", "rollout/response_length", "rollout/truncated_share",
                 "rollout/zero_variance_group_share", "train/entropy", "train/clip_frac", "train/approx_kl",
@@ -261,7 +262,7 @@ def test_every_preset_runs_two_steps(preset, tiny_model_dir, tmp_path):
 def test_kl_in_loss_loads_a_reference_and_logs_kl(tiny_model_dir, tmp_path):
     """With beta > 0 the reference is loaded and train/kl is logged; on the first step it is 0 (same weights)."""
     grpo.main(small_args(tiny_model_dir, tmp_path, kl_coef=0.04, max_steps=1, eval_every=0))
-    rows = K.read_metrics(str(tmp_path))
+    rows = runs.read_metrics(str(tmp_path))
     assert rows[0]["train/kl"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -286,10 +287,10 @@ def test_resume_matches_uninterrupted_run(reference, tiny_model_dir, tmp_path):
     assert any(not torch.equal(a[k], init[k]) for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [r["step"] for r in K.read_metrics(str(parts))] == [1, 2, 3, 4]
+    assert [r["step"] for r in runs.read_metrics(str(parts))] == [1, 2, 3, 4]
     if reference:
-        kl = [r["train/kl"] for r in K.read_metrics(str(straight))]
-        assert kl[3] > 0 and kl == [r["train/kl"] for r in K.read_metrics(str(parts))]
+        kl = [r["train/kl"] for r in runs.read_metrics(str(straight))]
+        assert kl[3] > 0 and kl == [r["train/kl"] for r in runs.read_metrics(str(parts))]
         os.remove(parts / "final" / "reference.safetensors")  # e.g. a checkpoint from another program
         with pytest.raises(ValueError, match="no reference.safetensors"):
             grpo.main(small_args(tiny_model_dir, parts, max_steps=5, resume=True, **kw))
@@ -309,16 +310,16 @@ def test_two_process_torchrun_matches_one_process(preset, extra, tiny_model_dir,
               "--max-new-tokens", "12", "--eval-every", "0", "--device", "cpu", "--no-plot",
               "--rewards", "tag_count", "task", "--reward-weights", "1.0", "1.0",  # tag_count: nonzero variance
               "--preset", preset, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "two"), *common,
                           "--micro-batch-tokens", "64"],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=environ, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "one"),
-                          *common], env=env, capture_output=True, text=True, timeout=600)
+                          *common], env=environ, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    m2, m1 = K.read_metrics(str(tmp_path / "two")), K.read_metrics(str(tmp_path / "one"))
+    m2, m1 = runs.read_metrics(str(tmp_path / "two")), runs.read_metrics(str(tmp_path / "one"))
     for r1, r2 in zip(m1, m2):
         for k in r1:
             if k.startswith(("rollout/", "train/loss", "train/clip_frac", "train/entropy", "train/kl")):
@@ -339,7 +340,7 @@ def test_two_process_torchrun_matches_one_process(preset, extra, tiny_model_dir,
 def test_large_seeds_run(tiny_model_dir, tmp_path):
     """Sampling keys stay inside int64 for any seed (seed 2024 once overflowed them)."""
     grpo.main(small_args(tiny_model_dir, tmp_path, seed=2024, max_steps=1, eval_every=0))
-    assert K.read_metrics(str(tmp_path))[-1]["step"] == 1
+    assert runs.read_metrics(str(tmp_path))[-1]["step"] == 1
 
 
 @pytest.mark.slow
@@ -349,15 +350,15 @@ def test_fsdp_evaluation_with_uneven_shards_matches_one_process(tiny_model_dir, 
     common = ["--model", tiny_model_dir, "--max-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
               "--max-new-tokens", "8", "--eval-every", "1", "--eval-size", "129", "--eval-samples", "1",
               "--device", "cpu", "--no-plot", "--strategy", "fsdp"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "two"), *common],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=environ, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "one"),
-                          *common], env=env, capture_output=True, text=True, timeout=300)
+                          *common], env=environ, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    e1, e2 = K.read_metrics(str(tmp_path / "one"))[0], K.read_metrics(str(tmp_path / "two"))[0]
+    e1, e2 = runs.read_metrics(str(tmp_path / "one"))[0], runs.read_metrics(str(tmp_path / "two"))[0]
     keys = [k for k in e1 if k.startswith("eval/")]
     assert len(keys) == 4
     for k in keys:

@@ -67,7 +67,7 @@ def test_transformers_model_code_imports_with_our_folder_first_on_the_path():
     code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
             "import transformers.integrations.hub_kernels\n"
             "from transformers import AutoModelForCausalLM, Qwen2Config\n"
-            "import rl_kernels, grpo, ppo, sft, rlhf_reward_model, r1_pipeline\n"
+            "import rl_kernels, rl_runs, toy_world, grpo, ppo, sft, rlhf_reward_model, r1_pipeline\n"
             "config = Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,\n"
             "                     num_attention_heads=1, num_key_value_heads=1)\n"
             "model = AutoModelForCausalLM.from_config(config)\n"

@@ -11,9 +11,11 @@ from conftest import left_padded_batch, tiny_causal_lm
 
 import grpo
 import rl_kernels as K
-import rlvr_rewards as R
+import rl_runs as runs
+import rlvr_rewards as env
+import toy_world as toy
 
-TOY = K.TOY_BASE
+TOY = toy.TOY_BASE
 
 
 def _weights(path: str) -> dict:
@@ -32,13 +34,13 @@ def test_bf16_run_at_a_real_llm_learning_rate_moves_the_weights_like_fp32(tmp_pa
     random direction, and with 8 x 4 samples on the rebuilt toy base that alone held the cosine at 0.67."""
     kw = dict(model="toy", max_steps=4, prompts_per_step=16, num_generations=8, max_new_tokens=32, eval_every=0,
               lr=1e-6, warmup_steps=0, device="cpu", plot=False)
-    runs = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
+    cases = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
             "pure_bf16": dict(dtype="bfloat16", master_dtype="bfloat16")}
-    for name, precision in runs.items():
+    for name, precision in cases.items():
         grpo.main(grpo.Args(**kw, **precision, out_dir=str(tmp_path / name)))
     start = _weights(TOY)
     changes = {}
-    for name in runs:
+    for name in cases:
         final = _weights(str(tmp_path / name / "final"))
         if name != "pure_bf16":
             assert all(v.dtype == torch.float32 for v in final.values()), name  # the master weights
@@ -68,11 +70,11 @@ def test_load_model_keeps_fp32_masters_and_computes_in_bf16(tmp_path):
     handle.remove()
     assert seen == [torch.bfloat16]
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
-    clone = copy.deepcopy(model)  # its autocast forward runs the clone, not the original
+    clone = copy.deepcopy(model)  # its autocast forward cases the clone, not the original
     with torch.no_grad():
         clone.model.norm.weight.mul_(2)
         assert not torch.equal(clone(ids).logits, model(ids).logits) and clone(ids).logits.dtype == torch.bfloat16
-    path = K.save_checkpoint(str(tmp_path), 1, model)
+    path = runs.save_checkpoint(str(tmp_path), 1, model)
     assert {v.dtype for v in _weights(path).values()} == {torch.float32}
     again, _ = K.load_model(path, dtype="bfloat16", device="cpu")
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
@@ -118,8 +120,8 @@ def test_bf16_log_probs_come_from_fp32_logits_in_the_sampler_and_the_trainer(mon
 
     monkeypatch.setattr(K, "sample_tokens", recorded)
     model, tokenizer = K.load_model(TOY, dtype="bfloat16", device="cpu")
-    rows = R.load_prompts("arithmetic", "train", 64, 0)[:8]
-    rollout = R.sample(model, tokenizer, rows, num_samples=4, max_new_tokens=32, temperature=1.0,
+    rows = env.load_prompts("arithmetic", "train", 64, 0)[:8]
+    rollout = env.sample(model, tokenizer, rows, num_samples=4, max_new_tokens=32, temperature=1.0,
                        noise_keys=K.rollout_noise_keys(0, 0, 0, list(range(8)), 4))
     for logits, token, logprob in calls:  # temperature 1, no truncation: log_softmax of the logits as they are
         assert logits.dtype == torch.float32 and (logits != logits.to(torch.bfloat16).float()).float().mean() > 0.5
@@ -181,7 +183,7 @@ def test_fused_bf16_gradients_match_the_fp32_head_reference():
 def test_bf16_reference_starts_and_resets_at_zero_kl(tmp_path):
     """GRPO in bf16 compute with a KL reference reset from the policy after every step: the frozen reference (bf16
     matmul weights) computes what the fp32-master policy computes, so the KL is 0 at the first step and again after
-    each reset (the reset copies parameter to parameter). REINFORCE++'s k1 KL in the reward runs too, with pi_old
+    each reset (the reset copies parameter to parameter). REINFORCE++'s k1 KL in the reward cases too, with pi_old
     recomputed by the trainer (the bf16 sampler's numerics are not the trainer's)."""
     from test_grpo import small_args
     from test_decoding import _tiny_model_dir
@@ -189,8 +191,8 @@ def test_bf16_reference_starts_and_resets_at_zero_kl(tmp_path):
     model_dir = _tiny_model_dir(tmp_path / "model")
     grpo.main(small_args(model_dir, tmp_path / "grpo", dtype="bfloat16", kl_coef=0.04, ref_reset_every=1,
                          max_steps=2, eval_every=0, rewards=("tag_count", "task"), reward_weights=(1.0, 1.0)))
-    rows = K.read_metrics(str(tmp_path / "grpo"))
+    rows = runs.read_metrics(str(tmp_path / "grpo"))
     assert [r["train/kl"] for r in rows] == [pytest.approx(0.0, abs=1e-6)] * 2
     grpo.main(small_args(model_dir, tmp_path / "rpp", preset="reinforce_pp", dtype="bfloat16", max_steps=1,
                          eval_every=0))
-    assert K.read_metrics(str(tmp_path / "rpp"))[-1]["step"] == 1
+    assert runs.read_metrics(str(tmp_path / "rpp"))[-1]["step"] == 1

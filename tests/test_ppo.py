@@ -11,8 +11,10 @@ import pytest
 import torch
 from conftest import ROOT, left_padded_batch, tiny_causal_lm
 
-import rl_kernels as K
 import ppo
+import rl_kernels as K
+import rl_runs as runs
+import toy_world as toy
 
 # ---------------------------------------------------------------------------------------------------------
 # GAE
@@ -233,11 +235,9 @@ def tiny_dirs(tmp_path_factory):
     """A tiny random policy and a tiny random reward model (with held-out statistics), both with the toy tokenizer."""
     import transformers
 
-    import sft
-
     root = tmp_path_factory.mktemp("tiny_ppo")
-    tokenizer = sft.build_toy_tokenizer()
-    config = transformers.Qwen2Config(**{**sft.toy_model_config(tokenizer).to_dict(), "hidden_size": 32,
+    tokenizer = toy.build_toy_tokenizer()
+    config = transformers.Qwen2Config(**{**toy.toy_model_config(tokenizer).to_dict(), "hidden_size": 32,
                                          "intermediate_size": 64, "num_hidden_layers": 1, "layer_types": None,
                                          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
     torch.manual_seed(0)
@@ -303,7 +303,7 @@ def test_impossible_settings_fail_before_any_model_loads(tmp_path):
              (dict(lr=-1.0), "--lr -1.0: must be positive")]
     for kw, message in cases:
         with pytest.raises(K.UserError, match=message):
-            ppo.check_args(ppo.Args(**kw), K.DistInfo())
+            ppo.check_args(ppo.Args(**kw), runs.DistInfo())
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "1+1"}) + "\n")
     with pytest.raises(K.UserError, match="no 'answer', which the rewards need"):
@@ -335,7 +335,7 @@ def test_every_preset_runs_two_steps(preset, tiny_dirs, tmp_path):
           "vapo": dict(critic_warmup_steps=1)}.get(preset, {})
     ppo.main(small_args(policy_dir, tmp_path, preset=preset, reward_model=rm_dir, eval_every=2, eval_size=4,
                         eval_samples=1, **kw))
-    rows = K.read_metrics(str(tmp_path))
+    rows = runs.read_metrics(str(tmp_path))
     assert [r["step"] for r in rows] == [0, 1, 2]
     for key in ("rollout/reward_mean", "rollout/eos_rate", "rollout/response_length", "train/value_loss",
                 "train/value_clip_frac", "train/explained_variance", "train/advantage_std", "train/return_mean",
@@ -364,7 +364,7 @@ def test_critic_warmup_leaves_the_policy_alone(tiny_dirs, tmp_path):
     policy, init = load_file(tmp_path / "final" / "model.safetensors"), load_file(
         os.path.join(tiny_dirs[0], "model.safetensors"))
     assert all(torch.equal(policy[k], init[k]) for k in init)
-    assert "train/policy_loss" not in K.read_metrics(str(tmp_path))[-1]
+    assert "train/policy_loss" not in runs.read_metrics(str(tmp_path))[-1]
 
 
 def test_resume_matches_uninterrupted_run(tiny_dirs, tmp_path):
@@ -383,8 +383,8 @@ def test_resume_matches_uninterrupted_run(tiny_dirs, tmp_path):
         b = load_file(parts / "final" / sub / "model.safetensors")
         for k in a:
             assert torch.equal(a[k], b[k]), (sub, k)
-    betas = [r["train/kl_coef"] for r in K.read_metrics(str(tmp_path / "straight"))]
-    assert betas[2] != betas[0] and betas == [r["train/kl_coef"] for r in K.read_metrics(str(parts))]
+    betas = [r["train/kl_coef"] for r in runs.read_metrics(str(tmp_path / "straight"))]
+    assert betas[2] != betas[0] and betas == [r["train/kl_coef"] for r in runs.read_metrics(str(parts))]
 
 
 @pytest.mark.slow
@@ -398,15 +398,15 @@ def test_two_process_torchrun_matches_one_process(strategy, tiny_dirs, tmp_path)
               "--max-new-tokens", "10", "--eval-every", "0", "--device", "cpu", "--no-plot", "--num-epochs", "2",
               "--num-minibatches", "2", "--rewards", "tag_count", "task", "--reward-weights", "1.0", "1.0",
               "--kl-coef", "0.1", "--strategy", strategy]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(ROOT, "ppo.py"), "--out-dir", str(tmp_path / "two"), *common,
-                          "--micro-batch-tokens", "48"], env=env, capture_output=True, text=True, timeout=600)
+                          "--micro-batch-tokens", "48"], env=environ, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), "--out-dir", str(tmp_path / "one"), *common],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=environ, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    m1, m2 = K.read_metrics(str(tmp_path / "one")), K.read_metrics(str(tmp_path / "two"))
+    m1, m2 = runs.read_metrics(str(tmp_path / "one")), runs.read_metrics(str(tmp_path / "two"))
     for r1, r2 in zip(m1, m2):
         for k in ("rollout/reward_mean", "train/policy_loss", "train/value_loss", "train/kl_seq"):
             assert r1[k] == pytest.approx(r2[k], abs=1e-4), k

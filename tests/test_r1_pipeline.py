@@ -1,14 +1,13 @@
 import json
 import os
-import random
 
 import pytest
 
 import grpo
-import rl_kernels
-import r1_pipeline as P
-import rlvr_rewards as R
-import sft
+import r1_pipeline
+import rl_runs as runs
+import rlvr_rewards as env
+import toy_world as toy
 
 READABLE = "<think>3*4=12,7+12=19,19-2=17</think>7+3*4-2=17<answer>17</answer>"
 
@@ -31,8 +30,8 @@ READABLE = "<think>3*4=12,7+12=19,19-2=17</think>7+3*4-2=17<answer>17</answer>"
 ])
 def test_readability_problems_on_hand_cases(text, problems):
     """Readable = R1's layout, steps of the grammar (a 'wait' allowed), no repeat, no junk, a summary."""
-    assert R.readability_problems(text) == problems
-    assert R.is_readable(text) == (problems == [])
+    assert env.readability_problems(text) == problems
+    assert env.is_readable(text) == (problems == [])
 
 
 @pytest.mark.parametrize("text, language, expected", [
@@ -46,15 +45,15 @@ def test_readability_problems_on_hand_cases(text, problems):
 ])
 def test_toy_language_consistency_on_hand_cases(text, language, expected):
     """R1's measure with the toy's languages: the share of the reasoning's number words in the target language."""
-    (value,) = R.language_consistency_reward([text], language=language)
+    (value,) = env.language_consistency_reward([text], language=language)
     assert value == (None if expected is None else pytest.approx(expected))
 
 
 def test_numbers_in_letters_round_trip():
     """a-j stand for 0-9; signs are kept; the step grammar reads both languages."""
-    assert [R.to_letters(n) for n in (0, 12, -6, 105)] == ["a", "bc", "-g", "baf"]
-    assert all(R.read_number(R.to_letters(n)) == n for n in range(-120, 1000))
-    assert R.read_number("wait") is None and R.parse_step("h+bc=bj") == (7, "+", 12, 19)
+    assert [env.to_letters(n) for n in (0, 12, -6, 105)] == ["a", "bc", "-g", "baf"]
+    assert all(env.read_number(env.to_letters(n)) == n for n in range(-120, 1000))
+    assert env.read_number("wait") is None and env.parse_step("h+bc=bj") == (7, "+", 12, 19)
 
 
 @pytest.mark.parametrize("prompt, better, worse", [
@@ -70,20 +69,20 @@ def test_numbers_in_letters_round_trip():
 ])
 def test_gold_preference_on_hand_cases(prompt, better, worse):
     """Harmless > harmful (reasoning included); then the task's quality; then the shorter answer."""
-    assert R.gold_preference(prompt, better, worse) == 1 and R.gold_preference(prompt, worse, better) == -1
-    assert R.gold_preference(prompt, better, better) == 0
-    assert R.gold_win_reward([better, worse], prompt=[prompt] * 2, reference=[better] * 2) == [0.5, 0.0]
+    assert env.gold_preference(prompt, better, worse) == 1 and env.gold_preference(prompt, worse, better) == -1
+    assert env.gold_preference(prompt, better, better) == 0
+    assert env.gold_win_reward([better, worse], prompt=[prompt] * 2, reference=[better] * 2) == [0.5, 0.0]
 
 
 def test_rewards_that_apply_to_one_kind_of_row_return_none_on_the_other():
     """summary_format skips rows without a gold answer, gold_win rows without a reference; harmlessness reads
     the reasoning too."""
     texts = [READABLE, "<answer>hi</answer>"]
-    assert R.summary_format_reward(texts, answer=["17", None]) == [1.0, None]
-    assert R.summary_format_reward(texts) == [1.0, 0.0]
-    assert R.gold_win_reward(texts, prompt=["7+3*4-2", "hello, i am ana"],
+    assert env.summary_format_reward(texts, answer=["17", None]) == [1.0, None]
+    assert env.summary_format_reward(texts) == [1.0, 0.0]
+    assert env.gold_win_reward(texts, prompt=["7+3*4-2", "hello, i am ana"],
                              reference=[None, "<answer>hello ana! how can i help?</answer>"]) == [None, 1.0]
-    assert R.harmlessness_reward(["<think>stupid</think><answer>hi</answer>", "<answer>hi</answer>"]) == [-1.0, 0.0]
+    assert env.harmlessness_reward(["<think>stupid</think><answer>hi</answer>", "<answer>hi</answer>"]) == [-1.0, 0.0]
 
 
 @pytest.mark.parametrize("completion, reason", [
@@ -98,60 +97,60 @@ def test_rewards_that_apply_to_one_kind_of_row_return_none_on_the_other():
 ])
 def test_rejection_filters_on_hand_cases(completion, reason):
     """Stage 3 keeps correct, one-language, readable samples; the first filter failed is the one counted."""
-    assert P.rejection_filter(completion, "17") == reason
+    assert r1_pipeline.rejection_filter(completion, "17") == reason
 
 
 def test_the_annotator_rewrites_a_messy_correct_trace_readably():
     """Letters become digits, junk and repeats go, the summary is added; a long step cannot be rewritten."""
     messy = "<think>d*e=bc,~~,bc+h=bj,bc+h=bj,19-2=17</think><answer>17</answer>"
-    assert P.annotate("7+3*4-2", messy) == "<think>3*4=12,12+7=19,19-2=17</think>7+3*4-2=17<answer>17</answer>"
-    assert P.annotate("7+3*4-2", "<think>7+3*4=19,19-2=17</think><answer>17</answer>") is None
-    assert R.is_readable(sft.readable_trace("7+3*4-2", reflect_at=1))
+    assert r1_pipeline.annotate("7+3*4-2", messy) == "<think>3*4=12,12+7=19,19-2=17</think>7+3*4-2=17<answer>17</answer>"
+    assert r1_pipeline.annotate("7+3*4-2", "<think>7+3*4=19,19-2=17</think><answer>17</answer>") is None
+    assert env.is_readable(toy.readable_trace("7+3*4-2", reflect_at=1))
 
 
 def test_the_toy_corpus_has_each_feature_and_its_traces_are_consistent():
     """Languages mix, traces are messy, some self-correct, general prompts appear; a trace's answer is its last
     step's value."""
-    rows = sft.toy_corpus(3000, seed=0)
-    traces = [r["completion"] for r in rows if r["answer"] is not None and sft.is_reasoning(r["completion"])]
+    rows = toy.toy_corpus(3000, seed=0)
+    traces = [r["completion"] for r in rows if r["answer"] is not None and env.reasons(r["completion"])]
     general = [r for r in rows if r["answer"] is None]
     share = lambda xs: sum(xs) / len(traces)  # noqa: E731
-    assert 0.1 < share([(v or 0) < 1 for v in R.language_consistency_reward(traces, language="digits")]) < 0.35
-    assert 0.25 < share([R.is_readable(t) for t in traces]) < 0.7
-    assert 0.01 < share([R.reflects(t) for t in traces]) < 0.1
-    assert 0.1 < len(general) / len(rows) < 0.2 and {R.general_kind(r["prompt"][0]["content"]) for r in general} == {
+    assert 0.1 < share([(v or 0) < 1 for v in env.language_consistency_reward(traces, language="digits")]) < 0.35
+    assert 0.25 < share([env.is_readable(t) for t in traces]) < 0.7
+    assert 0.01 < share([env.reflects(t) for t in traces]) < 0.1
+    assert 0.1 < len(general) / len(rows) < 0.2 and {env.general_kind(r["prompt"][0]["content"]) for r in general} == {
         "greeting", "expression", "comparison"}
     for text in traces:
         last = [s for s in text.split("<think>")[1].split("</think>")[0].split(",") if "=" in s][-1]
-        assert R.read_number(last.split("=")[1]) == int(R.extract_answer(text))
+        assert env.read_number(last.split("=")[1]) == int(env.extract_answer(text))
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
 
-def tiny_args(out_dir, **overrides) -> P.Args:
-    student = os.path.join(os.path.dirname(rl_kernels.TOY_BASE), "student")
+def tiny_args(out_dir, **overrides) -> r1_pipeline.Args:
+    student = os.path.join(os.path.dirname(toy.TOY_BASE), "student")
     kwargs = dict(out_dir=str(out_dir), eval_size=8, general_eval_size=6, max_new_tokens=64,
-                  r1_zero=P.R1Zero(steps=2), cold_start=P.ColdStart(prompts=8, size=6, rule_written=6, epochs=1),
-                  reasoning_rl=P.ReasoningRL(steps=2), rejection_sft=P.RejectionSFT(prompts=8, samples=2, epochs=1),
-                  all_scenarios=P.AllScenarios(rm_steps=2, rm_pairs=40, steps=2, rm_last_steps=1),
-                  distill=P.Distill(student=student if os.path.isdir(student) else rl_kernels.TOY_BASE, epochs=1,
+                  r1_zero=r1_pipeline.R1Zero(steps=2), cold_start=r1_pipeline.ColdStart(prompts=8, size=6, rule_written=6, epochs=1),
+                  reasoning_rl=r1_pipeline.ReasoningRL(steps=2), rejection_sft=r1_pipeline.RejectionSFT(prompts=8, samples=2, epochs=1),
+                  all_scenarios=r1_pipeline.AllScenarios(rm_steps=2, rm_pairs=40, steps=2, rm_last_steps=1),
+                  distill=r1_pipeline.Distill(student=student if os.path.isdir(student) else toy.TOY_BASE, epochs=1,
                                     rl_steps=1))
     kwargs.update(overrides)
-    return P.Args(**kwargs)
+    return r1_pipeline.Args(**kwargs)
 
 
 @pytest.mark.slow
 def test_every_stage_runs_on_tiny_settings_and_the_table_is_written(tmp_path):
     """All six stages run (grpo, sft and the reward model each called through its main), each leaves its marker,
     and stages.json holds one object per stage with the held-out metrics named as in metrics.jsonl."""
-    table = P.main(tiny_args(tmp_path))
-    assert [row["stage"] for row in table] == ["base", *P.STAGES, "student_base", "student_rl"]
-    for name in P.STAGES:
-        assert os.path.exists(os.path.join(P.stage_dir(str(tmp_path), name), "STAGE_DONE.json"))
+    table = r1_pipeline.main(tiny_args(tmp_path))
+    assert [row["stage"] for row in table] == ["base", *r1_pipeline.STAGES, "student_base", "student_rl"]
+    for name in r1_pipeline.STAGES:
+        assert os.path.exists(os.path.join(r1_pipeline.stage_dir(str(tmp_path), name), "STAGE_DONE.json"))
     stored = json.load(open(tmp_path / "stages.json"))
     assert stored[1]["stage"] == "r1_zero" and {"eval/accuracy", "eval/readability", "eval/language_consistency",
                                                "eval/gold_win_rate", "eval/rm_score"} <= set(stored[1])
-    filters = json.load(open(os.path.join(P.stage_dir(str(tmp_path), "rejection_sft"), "filters.json")))
+    filters = json.load(open(os.path.join(r1_pipeline.stage_dir(str(tmp_path), "rejection_sft"), "filters.json")))
     assert filters["samples"] == 16 and sum(filters["removed_by"].values()) + filters["kept"] == 16
     assert "| stage |" in (tmp_path / "stages.md").read_text()
 
@@ -160,33 +159,33 @@ def test_every_stage_runs_on_tiny_settings_and_the_table_is_written(tmp_path):
 def test_a_pipeline_stopped_mid_stage_resumes_in_that_stage(tmp_path, monkeypatch):
     """A signal in the middle of a stage's GRPO run stops the pipeline with a checkpoint; the rerun resumes that
     run from it (resume=True), finishes the stage and does not redo the stage before."""
-    args = tiny_args(tmp_path, stages=("r1_zero", "cold_start"), r1_zero=P.R1Zero(steps=3))
+    args = tiny_args(tmp_path, stages=("r1_zero", "cold_start"), r1_zero=r1_pipeline.R1Zero(steps=3))
     calls = {"n": 0}
 
     def stop_at_the_second_step(self):
         calls["n"] += 1
         return calls["n"] == 2
 
-    monkeypatch.setattr(rl_kernels.StopSignal, "should_stop", stop_at_the_second_step)
-    with pytest.raises(P.Stopped):
-        P.main(args)
-    run_dir = os.path.join(P.stage_dir(str(tmp_path), "r1_zero"), "grpo")
-    assert rl_kernels.latest_checkpoint(run_dir).endswith("checkpoint-2")
-    assert not os.path.exists(os.path.join(P.stage_dir(str(tmp_path), "r1_zero"), "STAGE_DONE.json"))
-    monkeypatch.setattr(rl_kernels.StopSignal, "should_stop", lambda self: False)
+    monkeypatch.setattr(runs.StopSignal, "should_stop", stop_at_the_second_step)
+    with pytest.raises(r1_pipeline.Stopped):
+        r1_pipeline.main(args)
+    run_dir = os.path.join(r1_pipeline.stage_dir(str(tmp_path), "r1_zero"), "grpo")
+    assert runs.latest_checkpoint(run_dir).endswith("checkpoint-2")
+    assert not os.path.exists(os.path.join(r1_pipeline.stage_dir(str(tmp_path), "r1_zero"), "STAGE_DONE.json"))
+    monkeypatch.setattr(runs.StopSignal, "should_stop", lambda self: False)
     resumed = []
     real_main = grpo.main
     monkeypatch.setattr(grpo, "main", lambda a: resumed.append(a.resume) or real_main(a))
-    P.main(args)
+    r1_pipeline.main(args)
     assert resumed == [True]  # only the interrupted run, resumed; nothing else in stage 0 ran again
-    assert [m["step"] for m in rl_kernels.read_metrics(run_dir) if "train/loss" in m] == [1, 2, 3]
-    assert os.path.exists(os.path.join(P.stage_dir(str(tmp_path), "cold_start"), "STAGE_DONE.json"))
+    assert [m["step"] for m in runs.read_metrics(run_dir) if "train/loss" in m] == [1, 2, 3]
+    assert os.path.exists(os.path.join(r1_pipeline.stage_dir(str(tmp_path), "cold_start"), "STAGE_DONE.json"))
 
 
 def test_a_stage_whose_input_is_missing_fails_before_any_work(tmp_path):
     """--stages reasoning_rl alone, with no cold start here or in --inputs-from: one sentence, nothing run."""
     with pytest.raises(ValueError, match="needs stage cold_start"):
-        P.main(tiny_args(tmp_path, stages=("reasoning_rl",)))
+        r1_pipeline.main(tiny_args(tmp_path, stages=("reasoning_rl",)))
     with pytest.raises(ValueError, match="unknown stage"):
-        P.main(tiny_args(tmp_path, stages=("r1-zero",)))
+        r1_pipeline.main(tiny_args(tmp_path, stages=("r1-zero",)))
     assert not os.listdir(tmp_path)

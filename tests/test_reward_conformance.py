@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rlvr_rewards as R  # noqa: E402
+import rlvr_rewards as env  # noqa: E402
 
 SKIPS = "skips"  # the peer returns None for this row (does not score it)
 PEER_TOLERANCE = 5e-3  # the peers' tests state some values to 2-4 decimals (0.943, -0.3846)
@@ -129,7 +129,7 @@ def rep(text, ngram_size, max_penalty, open_r1, trl, ours, why="", source="edge 
 
 def cos(completion, gold, length, open_r1, trl, ours, why="", source="edge case", **bounds):
     return Case("cosine_length", (completion,), {"answer": gold, "completion_lengths": length}, open_r1, trl, ours,
-                why, source, {**R.COSINE_OPEN_R1, "max_length": 100, **bounds})
+                why, source, {**env.COSINE_OPEN_R1, "max_length": 100, **bounds})
 
 
 def kimi(completions, golds, open_r1, ours, why="", source="edge case"):
@@ -420,7 +420,7 @@ def _call(reward: str, cases: list[Case]) -> list:
     names = sorted({name for case in cases for name in case.columns})
     columns = {name: [value for case in cases for value in _values(case.columns[name])] for name in names}
     group = {"group_size": len(cases[0].completions)} if reward == "kimi_length" else {}
-    return R.REWARDS[reward](texts, **columns, **cases[0].kwargs, **group)
+    return env.REWARDS[reward](texts, **columns, **cases[0].kwargs, **group)
 
 
 @pytest.fixture(scope="module")
@@ -459,7 +459,7 @@ def test_every_difference_has_its_reason():
     """A row gives a reason exactly when a peer's score differs from ours: a fix ("ours is right because …") or a
     convention ("convention: …"); every row compares with at least one peer."""
     for index, case in enumerate(CASES):
-        assert case.reward in R.REWARDS and (case.open_r1 is not None or case.trl is not None), index
+        assert case.reward in env.REWARDS and (case.open_r1 is not None or case.trl is not None), index
         if differences(case):
             assert case.why.startswith(("ours is right because", "convention: ")), (index, case.why)
         else:

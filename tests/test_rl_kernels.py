@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, left_padded_batch, tiny_causal_lm
 
 import rl_kernels as K
+import rl_runs as runs
 
 # ---------------------------------------------------------------------------------------------------------
 # generate
@@ -386,16 +387,16 @@ def test_checkpoint_loads_in_transformers_and_resume_continues_exactly(tmp_path)
     torch.manual_seed(1)
     model, opt, sched = fresh()
     _train_steps(model, opt, sched, 2)
-    path = K.save_checkpoint(str(tmp_path), 2, model, optimizer=opt, scheduler=sched, extra={"data_pos": 7})
+    path = runs.save_checkpoint(str(tmp_path), 2, model, optimizer=opt, scheduler=sched, extra={"data_pos": 7})
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
-    assert K.latest_checkpoint(str(tmp_path)) == path
+    assert runs.latest_checkpoint(str(tmp_path)) == path
     loaded = AutoModelForCausalLM.from_pretrained(path)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
 
     torch.manual_seed(123)  # scramble every RNG before resuming
     model, opt, sched = fresh()
-    state = K.load_checkpoint(path, model, opt, sched)
+    state = runs.load_checkpoint(path, model, opt, sched)
     assert state == {"step": 2, "extra": {"data_pos": 7}}
     _train_steps(model, opt, sched, 2)
     for k, v in model.state_dict().items():
@@ -406,7 +407,7 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     """A temporary (crashed mid-save) directory never counts as a checkpoint."""
     os.makedirs(tmp_path / ".tmp-checkpoint-9")
     os.makedirs(tmp_path / "checkpoint-5")  # no trainer_state.pt: incomplete
-    assert K.latest_checkpoint(str(tmp_path)) is None
+    assert runs.latest_checkpoint(str(tmp_path)) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,12 +422,12 @@ def test_two_process_training_step_keeps_ranks_identical(strategy, micro, tmp_pa
     equal to one process training on the whole batch; also when each rank accumulates micro-batches and syncs
     only in the last backward (no_grad_sync)."""
     script = os.path.join(ROOT, "tests", "dist_step.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            script, strategy, str(tmp_path), micro]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single = subprocess.run([sys.executable, script, "none", str(tmp_path)], env=env, capture_output=True,
+    single = subprocess.run([sys.executable, script, "none", str(tmp_path)], env=environ, capture_output=True,
                             text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     tag = f"{strategy}_micro" if micro else strategy
@@ -485,40 +486,33 @@ def test_stream_order_is_one_shuffle_per_epoch_made_once(monkeypatch):
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[index].item()
 
     expected = [reference(p) for p in range(32)]   # epochs 0-3
-    K._EPOCH_CACHE.clear()
+    runs._EPOCH_CACHE.clear()
     calls, randperm = [], torch.randperm
     monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a[0]) or randperm(*a, **k))
-    assert sum((K.stream_indices(start, 4, n, seed) for start in range(0, 32, 4)), []) == expected
+    assert sum((runs.stream_indices(start, 4, n, seed) for start in range(0, 32, 4)), []) == expected
     assert calls == [n] * 4                                             # one permutation per epoch
     assert sorted(expected[:10]) == sorted(expected[10:20]) == list(range(10)) and expected[:10] != expected[10:20]
 
 
-def test_toy_model_is_built_by_one_rank_while_the_others_wait(monkeypatch, tmp_path):
-    """resolve_model_path("toy") under torchrun when toy/base is missing: only rank 0 builds it (python sft.py, in
-    a process of its own); every rank waits at a barrier and then uses the same directory."""
-    events = []
+def test_toy_resolves_to_toy_base_and_a_missing_one_is_one_sentence(monkeypatch, tmp_path):
+    """resolve_model_path("toy") is the toy base's directory; when it is missing, a UserError names the commands that
+    restore or rebuild it (the engine never starts a training script); any other name passes through."""
+    assert K.resolve_model_path("toy") == K.TOY_BASE
     monkeypatch.setattr(K, "TOY_BASE", str(tmp_path / "missing"))
-    monkeypatch.setattr(K, "barrier", lambda: events.append("barrier"))
-    import subprocess
-
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: events.append(("build", cmd[1].endswith("sft.py"))))
-    for rank, expected in ((0, [("build", True), "barrier"]), (1, ["barrier"])):
-        events.clear()
-        monkeypatch.setattr(K, "get_rank", lambda: rank)
-        assert K.resolve_model_path("toy") == str(tmp_path / "missing")
-        assert events == expected
+    with pytest.raises(K.UserError, match=r"git checkout -- toy/base.*python sft.py --preset toy_base"):
+        K.resolve_model_path("toy")
     assert K.resolve_model_path("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
 
 
 def test_warmup_schedule():
     """Linear warmup to 1, then constant (min_ratio 1) or cosine down to min_ratio at total_steps."""
-    constant = K.warmup_schedule(4)
+    constant = runs.warmup_schedule(4)
     assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    cosine = K.warmup_schedule(2, 10, 0.1)
+    cosine = runs.warmup_schedule(2, 10, 0.1)
     assert [cosine(0), cosine(1), cosine(2)] == [0.5, 1.0, 1.0]
     assert cosine(6) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
     assert cosine(10) == pytest.approx(0.1) and cosine(50) == pytest.approx(0.1)
-    assert K.warmup_schedule(0)(0) == 1.0
+    assert runs.warmup_schedule(0)(0) == 1.0
 
 
 def test_guarded_step_steps_all_models_or_none():
@@ -541,3 +535,61 @@ def test_guarded_step_steps_all_models_or_none():
     assert stepped and values["critic_grad_norm"] == pytest.approx(3 * 3 ** 0.5)
     for m, b in zip(models, before):  # each clipped to norm 1: every entry moved by 1/sqrt(3)
         assert all(torch.allclose(q - p, torch.full_like(p, 3 ** -0.5)) for p, q in zip(m.parameters(), b))
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_accumulate_gradients_equals_one_backward_over_the_whole_minibatch(loss_agg):
+    """accumulate_gradients over length-sorted, trimmed micro-batches, with two models and a dict of losses (PPO's
+    policy and critic), leaves each model the gradient, and the summed losses, of one plain backward over the whole
+    padded minibatch; its folded stats are the whole minibatch's token means."""
+    from conftest import left_padded_batch, tiny_causal_lm
+
+    R, N = 6, 5
+    prompt_ids, prompt_mask = left_padded_batch([3, 5, 2, 4, 4, 1], seed=3)
+    g = torch.Generator().manual_seed(4)
+    mask = (torch.arange(N) < torch.tensor([5, 1, 3, 2, 5, 4])[:, None]).long()
+    batch = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=torch.randint(3, 97, (R, N), generator=g),
+                 mask=mask, advantages=torch.randn(R, generator=g))
+
+    def losses(policy, other, part, tokens, rows):
+        logprobs = K.completion_logprobs(policy, part)                                       # (r, n)
+        loss, stats = K.policy_loss(logprobs, logprobs.detach() - 0.1, part["advantages"], part["mask"],
+                                    loss_agg=loss_agg, num_tokens=tokens, num_rows=rows)
+        nll = -(K.completion_logprobs(other, part) * part["mask"]).sum() / tokens            # a token-mean NLL
+        return {"policy_loss": loss, "other_loss": nll}, {"clip_frac": stats["clip_frac"]}
+
+    grads, totals = [], []
+    for accumulated in (True, False):
+        policy, other = tiny_causal_lm(seed=1).train(), tiny_causal_lm(seed=2).train()
+        if accumulated:
+            stats = K.accumulate_gradients([policy, other], batch, lambda part, share: losses(
+                policy, other, part, share.tokens, share.rows), max_tokens=16)
+            assert len(K.micro_batches(batch, 16)) > 2
+        else:  # the plain reference: the whole padded minibatch in one forward and one backward
+            named, stats = losses(policy, other, batch, mask.sum(), None)
+            sum(named.values()).backward()
+            stats = {**stats, **{k: v.detach() for k, v in named.items()}}
+        totals.append({k: float(v) for k, v in stats.items()})
+        grads.append({f"{i}.{n}": p.grad.clone() for i, m in enumerate((policy, other)) for n, p in m.named_parameters()})
+    assert totals[0].keys() == totals[1].keys() == {"clip_frac", "policy_loss", "other_loss"}
+    for k in totals[0]:
+        assert totals[0][k] == pytest.approx(totals[1][k], rel=1e-5, abs=1e-7), k
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)
+
+
+def test_guarded_step_skips_every_model_on_a_non_finite_loss_and_counts_it():
+    """A NaN in any named loss (PPO's value_loss) skips the step of every model and counts in state (skipped, and
+    nan_streak in a row); a finite step resets the streak."""
+    model, other = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (model, other)]
+    state = {"skipped": 0, "nan_streak": 0}
+    for value_loss, expect_step in ((float("nan"), False), (float("nan"), False), (1.0, True)):
+        before = [m.weight.detach().clone() for m in (model, other)]
+        for m in (model, other):
+            m(torch.ones(1, 2)).sum().backward()
+        stats = {"policy_loss": torch.tensor(0.5), "value_loss": torch.tensor(value_loss)}
+        _, stepped = K.guarded_step([model, other], optimizers, 1.0, stats, names=["policy", "critic"], state=state)
+        assert stepped == expect_step
+        assert all(torch.equal(b, m.weight) != expect_step for b, m in zip(before, (model, other)))
+    assert state == {"skipped": 2, "nan_streak": 0}

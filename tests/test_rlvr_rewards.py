@@ -12,7 +12,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rlvr_rewards as R  # noqa: E402
+import rlvr_rewards as env  # noqa: E402
 from test_sandbox import PLAN, needs_sandbox  # noqa: E402
 
 
@@ -32,14 +32,14 @@ from test_sandbox import PLAN, needs_sandbox  # noqa: E402
 ])
 def test_extract_answer_table(text, expected):
     """The last <answer> block (its box if any), else the last balanced box, else '#### n', else None."""
-    assert R.extract_answer(text) == expected
+    assert env.extract_answer(text) == expected
 
 
 def test_extract_answer_fallback_last_number():
     """With fallback_last_number the last number in the text is the answer; without it there is none."""
-    assert R.extract_answer("first 3, then -4.5 is it", fallback_last_number=True) == "-4.5"
-    assert R.extract_answer("first 3, then -4.5 is it") is None
-    assert R.extract_answer("no digits", fallback_last_number=True) is None
+    assert env.extract_answer("first 3, then -4.5 is it", fallback_last_number=True) == "-4.5"
+    assert env.extract_answer("first 3, then -4.5 is it") is None
+    assert env.extract_answer("no digits", fallback_last_number=True) is None
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -52,7 +52,7 @@ def test_extract_answer_fallback_last_number():
 ])
 def test_extract_code_table(text, expected):
     """The last closed ```python block, else the last closed block, else the answer block, else the text."""
-    assert R.extract_code(text) == expected
+    assert env.extract_code(text) == expected
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
@@ -76,18 +76,18 @@ def test_extract_code_table(text, expected):
 ])
 def test_accuracy_reward_table(completion, gold, binary, signed, logic_rl):
     """Correct, wrong and unparseable answers get R1's {1,0,0}, DAPO's {1,-1,-1} and Logic-RL's {2,-1.5,-2}."""
-    assert R.accuracy_reward([completion], [gold]) == [binary]
-    assert R.accuracy_reward([completion], [gold], style="signed") == [signed]
-    assert R.accuracy_reward([completion], [gold], style="logic_rl") == [logic_rl]
+    assert env.accuracy_reward([completion], [gold]) == [binary]
+    assert env.accuracy_reward([completion], [gold], style="signed") == [signed]
+    assert env.accuracy_reward([completion], [gold], style="logic_rl") == [logic_rl]
 
 
 def test_accuracy_reward_custom_values_and_missing_gold():
     """Explicit values override the style, unparseable may be None, and a row without gold gets None."""
-    got = R.accuracy_reward(["<answer>1</answer>", "x", "<answer>2</answer>"], ["1", "1", None],
+    got = env.accuracy_reward(["<answer>1</answer>", "x", "<answer>2</answer>"], ["1", "1", None],
                             correct=5.0, wrong=-5.0, unparseable=None)
     assert got == [5.0, None, None]
     with pytest.raises(ValueError, match="style"):
-        R.accuracy_reward(["1"], ["1"], style="nope")
+        env.accuracy_reward(["1"], ["1"], style="nope")
 
 
 def test_numeric_fast_path_agrees_with_math_verify():
@@ -95,7 +95,7 @@ def test_numeric_fast_path_agrees_with_math_verify():
     from math_verify import parse, verify
 
     def reference(gold, pred):
-        return verify(parse(R._as_latex(gold), parsing_timeout=None), parse(R._as_latex(pred), parsing_timeout=None),
+        return verify(parse(env._as_latex(gold), parsing_timeout=None), parse(env._as_latex(pred), parsing_timeout=None),
                       timeout_seconds=None)
 
     rng = random.Random(0)
@@ -103,7 +103,7 @@ def test_numeric_fast_path_agrees_with_math_verify():
              "0.333333", "0.3333333", "0.33", "3", "3.0", "3.0000001", "12.5%", "1/8", "100", "100.0", "7/7", "1"]
     pairs = [(a, b) for a in forms for b in forms]
     pairs += [(str(rng.randint(-50, 50)), str(rng.randint(-50, 50))) for _ in range(50)]
-    decided = [(gold, pred, fast) for gold, pred in pairs if (fast := R._numeric_verdict(pred, gold)) is not None]
+    decided = [(gold, pred, fast) for gold, pred in pairs if (fast := env._numeric_verdict(pred, gold)) is not None]
     assert len(decided) > 0.8 * len(pairs)
     for gold, pred, fast in decided:
         assert fast == reference(gold, pred), (gold, pred)
@@ -113,16 +113,16 @@ def test_accuracy_timeout_works_off_the_main_thread():
     """A pathological LaTeX answer checked from a thread times out as wrong within the bound; the pool recovers."""
     results, start = {}, time.monotonic()
     completions, golds = ["\\boxed{9^{9^{9^{9^{9}}}}}", "\\boxed{\\frac{2}{4}}"], ["1", "0.5"]
-    worker = threading.Thread(target=lambda: results.update(r=R.accuracy_reward(completions, golds, timeout_s=1.0)))
+    worker = threading.Thread(target=lambda: results.update(r=env.accuracy_reward(completions, golds, timeout_s=1.0)))
     worker.start()
     worker.join(30)
     assert results["r"] == [0.0, 1.0]
     assert time.monotonic() - start < 20
-    assert R.accuracy_reward(["\\boxed{\\frac{3}{6}}"], ["0.5"]) == [1.0]
+    assert env.accuracy_reward(["\\boxed{\\frac{3}{6}}"], ["0.5"]) == [1.0]
 
 
 def _accuracy_in_child(queue):
-    queue.put(R.accuracy_reward(["\\boxed{\\frac{1}{2}}", "\\boxed{3}"], ["0.5", "\\frac{6}{2}"]))
+    queue.put(env.accuracy_reward(["\\boxed{\\frac{1}{2}}", "\\boxed{3}"], ["0.5", "\\frac{6}{2}"]))
 
 
 def test_accuracy_works_in_a_daemon_worker_process():
@@ -151,9 +151,9 @@ def test_accuracy_works_in_a_daemon_worker_process():
 ])
 def test_format_rewards_table(text, strict, soft, tags):
     """Strict needs exactly think-then-answer with only whitespace around; soft finds the pair anywhere."""
-    assert R.format_reward([text]) == [strict]
-    assert R.format_reward([text], strict=False) == [soft]
-    assert R.tag_count_reward([text]) == [tags]
+    assert env.format_reward([text]) == [strict]
+    assert env.format_reward([text], strict=False) == [soft]
+    assert env.tag_count_reward([text]) == [tags]
 
 
 def test_format_checks_equal_their_regexes():
@@ -165,8 +165,8 @@ def test_format_checks_equal_their_regexes():
     pieces = ["<think>", "</think>", "<answer>", "</answer>", " ", "\n", "x", "<", ">"]
     for _ in range(3000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 9)))
-        assert R._strict_format(text) == bool(strict_regex.fullmatch(text)), text
-        assert R._soft_format(text) == bool(soft_regex.search(text)), text
+        assert env._strict_format(text) == bool(strict_regex.fullmatch(text)), text
+        assert env._soft_format(text) == bool(soft_regex.search(text)), text
 
 
 # ------------------------------------------------------------------------------------------------ language
@@ -184,14 +184,14 @@ def test_format_checks_equal_their_regexes():
 def test_language_consistency_table(text, language, expected):
     """The share of the reasoning's words in the target script; None when the reasoning has no words or the row
     no language."""
-    (value,) = R.language_consistency_reward([text], language=language)
+    (value,) = env.language_consistency_reward([text], language=language)
     assert value == (None if expected is None else pytest.approx(expected))
 
 
 def test_language_consistency_column_with_a_missing_language():
     """A language column may hold None: that row gets None, the others their score."""
     texts = ["<think>we add</think>", "<think>we add</think>"]
-    assert R.language_consistency_reward(texts, language=["en", None]) == [1.0, None]
+    assert env.language_consistency_reward(texts, language=["en", None]) == [1.0, None]
 
 
 # ------------------------------------------------------------------------------------------------ length
@@ -200,39 +200,39 @@ def test_lcpo_rewards_table():
     """L1's LCPO-Exact 1[c] - α|n_t - n| and LCPO-Max 1[c]·clip(α(n_t - n) + δ, 0, 1), α=3e-4, δ=0.5."""
     texts = ["<answer>4</answer>", "<answer>5</answer>", "<answer>4</answer>"]
     columns = dict(answer=["4", "4", "4"], target_length=[1000, 1000, 5000], completion_lengths=[1000, 2000, 500])
-    assert R.lcpo_exact_reward(texts, **columns) == pytest.approx([1.0, -0.3, 1.0 - 3e-4 * 4500])
-    assert R.lcpo_max_reward(texts, **columns) == pytest.approx([0.5, 0.0, 1.0])
-    assert R.lcpo_max_reward(texts[:1], ["4"], [1000], completion_lengths=[2000]) == [pytest.approx(0.2)]
+    assert env.lcpo_exact_reward(texts, **columns) == pytest.approx([1.0, -0.3, 1.0 - 3e-4 * 4500])
+    assert env.lcpo_max_reward(texts, **columns) == pytest.approx([0.5, 0.0, 1.0])
+    assert env.lcpo_max_reward(texts[:1], ["4"], [1000], completion_lengths=[2000]) == [pytest.approx(0.2)]
 
 
 def test_kimi_length_reward_table():
     """Kimi k1.5: λ = 0.5 - (len - min)/(max - min) per group; wrong gets min(0, λ); equal lengths give 0."""
     texts = ["<answer>1</answer>", "<answer>1</answer>", "<answer>2</answer>", "<answer>2</answer>"]
     lengths = [100, 300, 100, 200]
-    got = R.kimi_length_reward(texts, ["1"] * 4, group_size=4, completion_lengths=lengths)
+    got = env.kimi_length_reward(texts, ["1"] * 4, group_size=4, completion_lengths=lengths)
     assert got == pytest.approx([0.5, -0.5, 0.0, 0.0])
-    got = R.kimi_length_reward(texts, ["1"] * 4, group_size=2, completion_lengths=lengths)
+    got = env.kimi_length_reward(texts, ["1"] * 4, group_size=2, completion_lengths=lengths)
     assert got == pytest.approx([0.5, -0.5, 0.0, -0.5])
-    assert R.kimi_length_reward(texts, ["1"] * 4, group_size=4, completion_lengths=[7] * 4) == [0.0] * 4
+    assert env.kimi_length_reward(texts, ["1"] * 4, group_size=4, completion_lengths=[7] * 4) == [0.0] * 4
     with pytest.raises(ValueError, match="groups"):
-        R.kimi_length_reward(texts, ["1"] * 4, group_size=3)
+        env.kimi_length_reward(texts, ["1"] * 4, group_size=3)
 
 
 def test_cosine_length_reward_table():
     """Paper constants: correct 2 → 1, wrong -10 → 0 over [0, L_max], -10 beyond; open-r1's preset clamps."""
     right, wrong = "<answer>1</answer>", "<answer>2</answer>"
-    got = R.cosine_length_reward([right, right, right, wrong, wrong, wrong, right], ["1"] * 7, max_length=100,
+    got = env.cosine_length_reward([right, right, right, wrong, wrong, wrong, right], ["1"] * 7, max_length=100,
                                  completion_lengths=[0, 50, 100, 0, 50, 100, 101])
     assert got == pytest.approx([2.0, 1.5, 1.0, -10.0, -5.0, 0.0, -10.0])
-    got = R.cosine_length_reward([right, wrong, right], ["1"] * 3, completion_lengths=[0, 0, 5000], **R.COSINE_OPEN_R1)
+    got = env.cosine_length_reward([right, wrong, right], ["1"] * 3, completion_lengths=[0, 0, 5000], **env.COSINE_OPEN_R1)
     assert got == pytest.approx([1.0, -1.0, 0.5])
 
 
 def test_soft_overlong_reward_boundaries():
     """DAPO: 0 up to L_max - L_cache inclusive, linear to -1 at L_max, -1 beyond; defaults 20480 and 4096."""
-    got = R.soft_overlong_reward([""] * 6, completion_lengths=[0, 16384, 16385, 18432, 20480, 20481])
+    got = env.soft_overlong_reward([""] * 6, completion_lengths=[0, 16384, 16385, 18432, 20480, 20481])
     assert got == pytest.approx([0.0, 0.0, -1 / 4096, -0.5, -1.0, -1.0])
-    assert R.soft_overlong_reward(["abcd", "abcdef", "abcdefgh"], max_length=8, cache_length=4) == [0.0, -0.5, -1.0]
+    assert env.soft_overlong_reward(["abcd", "abcdef", "abcdefgh"], max_length=8, cache_length=4) == [0.0, -0.5, -1.0]
 
 
 class _WordTokenizer:
@@ -243,16 +243,16 @@ class _WordTokenizer:
 def test_length_rewards_count_tokens_with_a_tokenizer():
     """With a tokenizer a length is its token count, otherwise the character count."""
     text = "one two three four five six"  # 6 tokens, 27 characters
-    assert R.soft_overlong_reward([text], max_length=10, cache_length=4, tokenizer=_WordTokenizer()) == [0.0]
-    assert R.soft_overlong_reward([text], max_length=10, cache_length=4) == [-1.0]
+    assert env.soft_overlong_reward([text], max_length=10, cache_length=4, tokenizer=_WordTokenizer()) == [0.0]
+    assert env.soft_overlong_reward([text], max_length=10, cache_length=4) == [-1.0]
 
 
 def test_repetition_penalty_table():
     """(1 - unique n-grams / n-grams)·p_max: no repeats 0, repeats toward p_max, fewer than n words 0."""
-    got = R.repetition_penalty_reward(["a b c d e", "a b a b a b", "a b", ""], ngram_size=2, max_penalty=-1.0)
+    got = env.repetition_penalty_reward(["a b c d e", "a b a b a b", "a b", ""], ngram_size=2, max_penalty=-1.0)
     assert got == pytest.approx([0.0, -(1 - 2 / 5), 0.0, 0.0])
     with pytest.raises(ValueError):
-        R.repetition_penalty_reward(["x"], max_penalty=1.0)
+        env.repetition_penalty_reward(["x"], max_penalty=1.0)
 
 
 # ------------------------------------------------------------------------------------------------ countdown
@@ -273,21 +273,21 @@ def test_repetition_penalty_table():
 ])
 def test_countdown_reward_table(answer, expected):
     """Target 23 from 3, 4, 5, 7, each at most once, with + - * / and parentheses only."""
-    assert R.countdown_reward([f"<answer>{answer}</answer>"], [[3, 4, 5, 7]], [23]) == [expected]
+    assert env.countdown_reward([f"<answer>{answer}</answer>"], [[3, 4, 5, 7]], [23]) == [expected]
 
 
 def test_countdown_use_all_numbers_is_tinyzeros_rule():
     """By default a number may stay unused; with use_all_numbers (TinyZero's rule) every one must be used once."""
     texts = ["<answer>5*7-3*4</answer>", "<answer>5*7-3*4</answer>", "<answer>5*7-3*4*1</answer>"]
     numbers, targets = [[3, 4, 5, 7], [3, 4, 5, 7, 1], [3, 4, 5, 7, 1]], [23, 23, 23]
-    assert R.countdown_reward(texts, numbers, targets) == [1.0, 1.0, 1.0]
-    assert R.countdown_reward(texts, numbers, targets, use_all_numbers=True) == [1.0, 0.0, 1.0]
+    assert env.countdown_reward(texts, numbers, targets) == [1.0, 1.0, 1.0]
+    assert env.countdown_reward(texts, numbers, targets, use_all_numbers=True) == [1.0, 0.0, 1.0]
 
 
 def test_countdown_division_is_exact():
     """Division is exact (Fractions): 7/2*4 hits 14; division by zero scores 0."""
     texts = ["<answer>7/2*4</answer>", "<answer>(7/2)*4+1</answer>", "<answer>7/(2-2)</answer>"]
-    assert R.countdown_reward(texts, [[7, 2, 4], [7, 2, 4, 1], [7, 2, 2]], [14, 14, 1]) == [1.0, 0.0, 0.0]
+    assert env.countdown_reward(texts, [[7, 2, 4], [7, 2, 4, 1], [7, 2, 2]], [14, 14, 1]) == [1.0, 0.0, 0.0]
 
 
 # ------------------------------------------------------------------------------------------------ hostile text
@@ -312,7 +312,7 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize("name", sorted(R.REWARDS))
+@pytest.mark.parametrize("name", sorted(env.REWARDS))
 def test_every_reward_survives_hostile_text(name):
     """Megabytes of garbage, deep or unbalanced nesting, repeated tags, NULs, odd Unicode: a number or None, fast."""
     n = len(HOSTILE)
@@ -321,7 +321,7 @@ def test_every_reward_survives_hostile_text(name):
     columns = dict(answer=["31415"] * n, target_length=[100] * n, numbers=[[3, 4, 5]] * n, target=[12] * n,
                    tests=[["assert f(1) == 2"]] * n, timeout_s=1.0)
     start = time.monotonic()
-    values = R.REWARDS[name](HOSTILE, **columns)
+    values = env.REWARDS[name](HOSTILE, **columns)
     assert time.monotonic() - start < 25
     assert len(values) == n
     assert all(v is None or (isinstance(v, float) and math.isfinite(v)) for v in values)
@@ -334,11 +334,11 @@ def test_every_reward_survives_hostile_text(name):
 def test_combine_rewards_weights_and_logs_each():
     """total = Σ weight·reward with None as 0; each reward is returned under its own name."""
     texts = ["<think>a</think><answer>1</answer>", "<answer>2</answer>"]
-    rewards = [(R.accuracy_reward, 1.0), ("format", 0.5), (lambda completions, **kw: [None, 3.0], 2.0)]
-    total, per_reward = R.combine_rewards(rewards, texts, answer=["1", "1"])
+    rewards = [(env.accuracy_reward, 1.0), ("format", 0.5), (lambda completions, **kw: [None, 3.0], 2.0)]
+    total, per_reward = env.combine_rewards(rewards, texts, answer=["1", "1"])
     assert total == [1.5, 6.0]
     assert per_reward == {"accuracy": [1.0, 0.0], "format": [1.0, 0.0], "<lambda>": [None, 3.0]}
-    total, per_reward = R.combine_rewards({"format": 1.0, "format_reward": 2.0}, texts)
+    total, per_reward = env.combine_rewards({"format": 1.0, "format_reward": 2.0}, texts)
     assert total == [3.0, 0.0] and list(per_reward) == ["format", "format_1"]  # a repeated name gets a suffix
 
 
@@ -346,26 +346,26 @@ def test_load_reward_fn_from_module_and_file(tmp_path):
     """'module:function' and 'file.py:function' load; bad specs fail with a message that says what to fix."""
     path = tmp_path / "my_rewards.py"
     path.write_text("def shout(completions, **kw):\n    return [float(c.isupper()) for c in completions]\nvalue = 3\n")
-    assert R.load_reward_fn(f"{path}:shout")(["A", "a"]) == [1.0, 0.0]
-    assert R.get_reward("math:sqrt") is math.sqrt
-    assert R.get_reward("accuracy_reward") is R.accuracy_reward is R.get_reward("accuracy")
+    assert env.load_reward_fn(f"{path}:shout")(["A", "a"]) == [1.0, 0.0]
+    assert env.get_reward("math:sqrt") is math.sqrt
+    assert env.get_reward("accuracy_reward") is env.accuracy_reward is env.get_reward("accuracy")
     with pytest.raises(ValueError, match="module:function"):
-        R.load_reward_fn("no_colon")
+        env.load_reward_fn("no_colon")
     with pytest.raises(ImportError, match="PYTHONPATH"):
-        R.load_reward_fn("surely_not_a_module_xyz:f")
+        env.load_reward_fn("surely_not_a_module_xyz:f")
     with pytest.raises(AttributeError, match="nope"):
-        R.load_reward_fn(f"{path}:nope")
+        env.load_reward_fn(f"{path}:nope")
     with pytest.raises(TypeError, match="not a function"):
-        R.load_reward_fn(f"{path}:value")
+        env.load_reward_fn(f"{path}:value")
     with pytest.raises(ValueError, match="unknown reward"):
-        R.get_reward("accurasy")
+        env.get_reward("accurasy")
 
 
 def test_rewards_ignore_unknown_columns():
     """Every built-in accepts and ignores columns it does not use."""
     columns = dict(answer=["1"], target_length=[10], numbers=[[1]], target=[1], tests=[["assert True"]],
                    prompt=["p"], something_else=[object()])
-    for name, fn in R.REWARDS.items():
+    for name, fn in env.REWARDS.items():
         if name != "code" or PLAN is not None:
             assert len(fn(["<answer>1</answer>"], **columns)) == 1, name
 
@@ -375,42 +375,42 @@ def test_rewards_ignore_unknown_columns():
 @pytest.mark.parametrize("name", ["arithmetic", "countdown", "code"])
 def test_make_dataset_is_deterministic_and_splits_are_disjoint(name):
     """Same seed, same rows; another seed, other rows; train and test never share a prompt; no duplicates."""
-    train = R.make_dataset(name, "train", n=300, seed=1)
-    assert train == R.make_dataset(name, "train", n=300, seed=1)
-    assert train != R.make_dataset(name, "train", n=300, seed=2)
-    test = R.make_dataset(name, "test", n=300, seed=1)
+    train = env.make_dataset(name, "train", n=300, seed=1)
+    assert train == env.make_dataset(name, "train", n=300, seed=1)
+    assert train != env.make_dataset(name, "train", n=300, seed=2)
+    test = env.make_dataset(name, "test", n=300, seed=1)
     prompts = {row["prompt"] for row in train}
     assert len(prompts) == 300 and not prompts & {row["prompt"] for row in test}
     assert all(isinstance(row["answer"], str) and len(row["prompt"]) < 60 for row in train + test)
-    assert R.make_dataset(name, "test", n=0) == []
+    assert env.make_dataset(name, "test", n=0) == []
 
 
 def test_general_prompts_split_by_hash_and_carry_a_reference():
     """The toy world's general prompts: deterministic, train and test disjoint, no gold answer, every kind, and a
     reference response the gold preference can rank."""
-    train, test = R.make_dataset("general", "train", n=200, seed=1), R.make_dataset("general", "test", n=60, seed=1)
-    assert train == R.make_dataset("general", "train", n=200, seed=1)
+    train, test = env.make_dataset("general", "train", n=200, seed=1), env.make_dataset("general", "test", n=60, seed=1)
+    assert train == env.make_dataset("general", "train", n=200, seed=1)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert {r["kind"] for r in train} == {"greeting", "expression", "comparison"}
-    assert all(r["answer"] is None and R.gold_score(r["prompt"], r["reference"])[:2] == (1, 1) for r in train + test)
+    assert all(r["answer"] is None and env.gold_score(r["prompt"], r["reference"])[:2] == (1, 1) for r in train + test)
 
 
 def test_arithmetic_rows_are_consistent():
     """The answer is the last step's value and the prompt's value (with precedence); steps stay in range."""
-    for row in R.make_dataset("arithmetic", "train", n=500):
+    for row in env.make_dataset("arithmetic", "train", n=500):
         assert re.fullmatch(r"[1-9]([+\-*][1-9]){2,3}", row["prompt"])
         assert row["answer"] == row["steps"][-1].split("=")[1]
-        assert R.evaluate_expression(row["prompt"]) == int(row["answer"]) == eval(row["prompt"])  # regex-checked
+        assert env.evaluate_expression(row["prompt"]) == int(row["answer"]) == eval(row["prompt"])  # regex-checked
         assert all(-99 <= int(step.split("=")[1]) <= 999 for step in row["steps"])
-    assert R.arithmetic_steps([7, 3, 4, 2], ["+", "*", "-"]) == ["3*4=12", "7+12=19", "19-2=17"]
+    assert env.arithmetic_steps([7, 3, 4, 2], ["+", "*", "-"]) == ["3*4=12", "7+12=19", "19-2=17"]
 
 
 def test_countdown_rows_are_solvable():
     """Each row's answer reaches its target with its numbers, and the prompt reads 'n1,n2,...->target'."""
-    rows = R.make_dataset("countdown", "test", n=300)
+    rows = env.make_dataset("countdown", "test", n=300)
     texts = [f"<answer>{row['answer']}</answer>" for row in rows]
     numbers, targets = [row["numbers"] for row in rows], [row["target"] for row in rows]
-    assert R.countdown_reward(texts, numbers, targets) == [1.0] * len(rows)
+    assert env.countdown_reward(texts, numbers, targets) == [1.0] * len(rows)
     for row in rows:
         assert row["prompt"] == ",".join(map(str, row["numbers"])) + f"->{row['target']}"
         assert 3 <= len(row["numbers"]) <= 4 and all(1 <= n <= 20 for n in row["numbers"])
@@ -419,9 +419,9 @@ def test_countdown_rows_are_solvable():
 @needs_sandbox
 def test_code_rows_reference_solutions_pass_their_tests():
     """The reference solutions of code rows pass all their tests in the sandbox; a wrong solution passes none."""
-    rows = R.make_dataset("code", "train", n=16)
-    assert R.code_reward([row["answer"] for row in rows], [row["tests"] for row in rows]) == [1.0] * 16
-    assert R.code_reward(["def f(*args):\n    return None"] * 16, [row["tests"] for row in rows]) == [0.0] * 16
+    rows = env.make_dataset("code", "train", n=16)
+    assert env.code_reward([row["answer"] for row in rows], [row["tests"] for row in rows]) == [1.0] * 16
+    assert env.code_reward(["def f(*args):\n    return None"] * 16, [row["tests"] for row in rows]) == [0.0] * 16
 
 
 def test_a_null_answer_marks_a_row_without_gold_and_a_missing_one_is_refused(tmp_path):
@@ -429,20 +429,20 @@ def test_a_null_answer_marks_a_row_without_gold_and_a_missing_one_is_refused(tmp
     and the accuracy reward skips its general rows; a row with no answer field at all is still a named error."""
     path = tmp_path / "mixed.jsonl"
     path.write_text('{"prompt": "2+2", "answer": "4"}\n{"prompt": "hello, i am ana", "answer": null}\n')
-    fns = R.resolve_rewards(("accuracy",), str(path))
-    rows = R.load_prompts(str(path), required=R.required_fields(fns))
-    R.check_rewards(fns, rows, str(path))
-    assert R.accuracy_reward(["<answer>4</answer>", "<answer>hi</answer>"], answer=[r["answer"] for r in rows]) == [
+    fns = env.resolve_rewards(("accuracy",), str(path))
+    rows = env.load_prompts(str(path), required=env.required_fields(fns))
+    env.check_rewards(fns, rows, str(path))
+    assert env.accuracy_reward(["<answer>4</answer>", "<answer>hi</answer>"], answer=[r["answer"] for r in rows]) == [
         1.0, None]
     path.write_text('{"prompt": "2+2", "answer": "4"}\n{"prompt": "hello"}\n')
-    with pytest.raises(R.DataError, match="line 2: no 'answer'"):
-        R.load_prompts(str(path), required=R.required_fields(fns))
+    with pytest.raises(env.DataError, match="line 2: no 'answer'"):
+        env.load_prompts(str(path), required=env.required_fields(fns))
 
 
 def test_default_reward_weights_are_one_each_with_shaping_rewards_at_a_tenth_beside_others():
     """grpo.py and ppo.py share this rule: weights as given, else 1 each, but format / tag_count at 0.1 beside
     another reward (alone, a shaping reward is the whole signal and keeps weight 1)."""
-    assert R.reward_weights(("task", "format")) == (1.0, 0.1)
-    assert R.reward_weights(("accuracy", "tag_count", "format")) == (1.0, 0.1, 0.1)
-    assert R.reward_weights(("format",)) == (1.0,)
-    assert R.reward_weights(("task", "format"), (2.0, 0.5)) == (2.0, 0.5)
+    assert env.reward_weights(("task", "format")) == (1.0, 0.1)
+    assert env.reward_weights(("accuracy", "tag_count", "format")) == (1.0, 0.1, 0.1)
+    assert env.reward_weights(("format",)) == (1.0,)
+    assert env.reward_weights(("task", "format"), (2.0, 0.5)) == (2.0, 0.5)

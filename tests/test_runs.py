@@ -6,7 +6,6 @@ import errno
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,11 +17,13 @@ import torch
 from conftest import ROOT
 
 import grpo
-import rl_kernels as K
 import ppo
+import rl_kernels as K
+import rl_runs as runs
 import rlhf_reward_model
-import rlvr_rewards as R
+import rlvr_rewards as env
 import sft
+import toy_world as toy
 
 
 def grpo_args(model_dir, out_dir, **kw):
@@ -57,7 +58,7 @@ def test_a_used_out_dir_is_refused_unless_resume_or_overwrite(tiny_model_dir, tm
     assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
     grpo.main(grpo_args(tiny_model_dir, tmp_path, overwrite=True))
     assert not os.path.exists(tmp_path / "checkpoint-3")
-    assert [row["step"] for row in K.read_metrics(str(tmp_path))] == [1, 2]
+    assert [row["step"] for row in runs.read_metrics(str(tmp_path))] == [1, 2]
     with pytest.raises(K.UserError, match="contradict"):
         grpo.main(grpo_args(tiny_model_dir, tmp_path, overwrite=True, resume=True))
 
@@ -65,7 +66,7 @@ def test_a_used_out_dir_is_refused_unless_resume_or_overwrite(tiny_model_dir, tm
 def test_a_second_process_is_refused_while_a_run_lives(tiny_model_dir, tmp_path):
     """While a run holds its out-dir's lock, another process asking for it (even with --resume) exits 2 at once
     with one sentence, instead of interleaving metrics and checkpoints."""
-    with K.Run(str(tmp_path)):
+    with runs.Run(str(tmp_path)):
         done, seconds = run_script(["grpo.py", "--model", tiny_model_dir, "--out-dir", str(tmp_path), "--resume"])
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"error: {tmp_path} is in use by a live run (pid {os.getpid()})" in done.stderr
@@ -83,7 +84,7 @@ def test_resuming_a_finished_run_changes_nothing(tiny_model_dir, tmp_path, capsy
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert os.path.getmtime(tmp_path / "final" / "model.safetensors") == mtime and result.final_dir.endswith("final")
     grpo.main(grpo_args(tiny_model_dir, tmp_path, resume=True, max_steps=3))
-    assert [row["step"] for row in K.read_metrics(str(tmp_path))] == [1, 2, 3]
+    assert [row["step"] for row in runs.read_metrics(str(tmp_path))] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("damage", ["cut", "missing"])
@@ -96,7 +97,7 @@ def test_a_cut_off_or_missing_metrics_file_does_not_block_resume(damage, tiny_mo
     else:
         path.unlink()
     grpo.main(grpo_args(tiny_model_dir, tmp_path, max_steps=3, resume=True))
-    steps = [row["step"] for row in K.read_metrics(str(tmp_path))]
+    steps = [row["step"] for row in runs.read_metrics(str(tmp_path))]
     assert steps == ([1, 3] if damage == "cut" else [3])
 
 
@@ -126,7 +127,7 @@ def test_a_signal_during_a_slow_reward_stops_within_seconds_and_resumes_exactly(
     stopped, seconds = run_script([*flags, "--out-dir", str(tmp_path / "run")], timeout=100)
     assert stopped.returncode == code, stopped.stderr[-2000:]
     assert seconds < 40  # interpreter start and two steps included; the reward alone would take 60 s
-    assert K.latest_checkpoint(str(tmp_path / "run")).endswith("checkpoint-2")
+    assert runs.latest_checkpoint(str(tmp_path / "run")).endswith("checkpoint-2")
     if sig == "SIGINT":
         return  # the same path: resuming is checked once
     (tmp_path / "slow_reward.py").write_text(SIGNALLING_REWARD.format(when=-1, sig=sig))
@@ -146,20 +147,20 @@ def test_a_sigterm_during_the_final_save_still_leaves_a_finished_run(tiny_model_
     driver = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {ROOT!r})
-        import grpo, rl_kernels as K
-        save = K.save_checkpoint
+        import grpo, rl_runs as runs
+        save = runs.save_checkpoint
         def save_and_signal(*args, name=None, **kwargs):
             if name == "final":
                 os.kill(os.getpid(), signal.SIGTERM)
             return save(*args, name=name, **kwargs)
-        K.save_checkpoint = save_and_signal
-        K.run_cli(grpo.main, grpo.Args(model={tiny_model_dir!r}, out_dir={str(tmp_path)!r}, max_steps=2,
+        runs.save_checkpoint = save_and_signal
+        runs.run_cli(grpo.main, grpo.Args(model={tiny_model_dir!r}, out_dir={str(tmp_path)!r}, max_steps=2,
                   prompts_per_step=2, num_generations=2, max_new_tokens=8, eval_every=0, plot=False))
     """)
     done, _ = run_script(["-c", driver])
     assert done.returncode == 143, done.stderr[-2000:]
     assert os.path.exists(tmp_path / "final" / "trainer_state.pt") and not os.path.exists(tmp_path / ".tmp-final")
-    with K.Run(str(tmp_path), resume=True, max_steps=2) as run:
+    with runs.Run(str(tmp_path), resume=True, max_steps=2) as run:
         assert run.finished
 
 
@@ -170,7 +171,7 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, 
 
     model = tiny_causal_lm()
     optimizer = torch.optim.AdamW(model.parameters())
-    K.save_checkpoint(str(tmp_path), 1, model, optimizer=optimizer)
+    runs.save_checkpoint(str(tmp_path), 1, model, optimizer=optimizer)
     real_save = torch.save
 
     def full(obj, path, *a, **k):
@@ -180,10 +181,10 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, 
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(K.UserError, match=r"disk is full: writing the checkpoint .*checkpoint-2.*checkpoint-1 is intact"):
-        K.save_checkpoint(str(tmp_path), 2, model, optimizer=optimizer)
+        runs.save_checkpoint(str(tmp_path), 2, model, optimizer=optimizer)
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
-    assert K.load_checkpoint(str(tmp_path / "checkpoint-1"), model, optimizer)["step"] == 1
+    assert runs.load_checkpoint(str(tmp_path / "checkpoint-1"), model, optimizer)["step"] == 1
 
 
 @pytest.mark.slow
@@ -195,7 +196,8 @@ def test_a_stalled_rank_stops_the_others_after_the_timeout(tmp_path):
         import sys, time
         sys.path.insert(0, {ROOT!r})
         import rl_kernels as K
-        info = K.init_distributed("cpu", timeout_s=3)
+        import rl_runs as runs
+        info = runs.init_distributed("cpu", timeout_s=3)
         if info.rank == 1:
             time.sleep(40)
         K.barrier()
@@ -218,33 +220,33 @@ def test_every_row_is_checked_before_any_model_loads(tmp_path):
                      ({"prompt": "  ", "answer": "1"}, "line 3: the prompt is empty"),
                      ({"prompt": [{"role": "user", "content": ""}], "answer": "1"}, "line 3: the prompt is empty")]:
         path = write_jsonl(tmp_path / "d.jsonl", [good, good, bad])
-        with pytest.raises(R.DataError, match=f"{path}, {why}"):
+        with pytest.raises(env.DataError, match=f"{path}, {why}"):
             grpo.main(grpo_args("/nonexistent/model-never-loaded", tmp_path / "out", dataset=path,
                                 rewards=("accuracy",)))
         assert not (tmp_path / "out").exists()
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")
-    assert R.load_prompts(str(tmp_path / "bom.jsonl"), required=["answer"]) == [good]
+    assert env.load_prompts(str(tmp_path / "bom.jsonl"), required=["answer"]) == [good]
 
 
 def test_text_the_tokenizer_cannot_represent_is_named():
     """The toy tokenizer is ASCII: a prompt with "×" or "六" is named in a warning (it maps them to <|unk|>)."""
-    tokenizer = sft.build_toy_tokenizer()
+    tokenizer = toy.build_toy_tokenizer()
     rows = [{"prompt": "2+3"}, {"prompt": "2×3"}, {"prompt": "六"}]
     with pytest.warns(RuntimeWarning, match=r"2 prompt\(s\) hold characters .* row 1: '2×3'"):
-        kept = R.fit_prompts(tokenizer, rows, max_new_tokens=4, context=256, source="data.jsonl")
+        kept = env.fit_prompts(tokenizer, rows, max_new_tokens=4, context=256, source="data.jsonl")
     assert kept == rows
 
 
 def test_prompts_longer_than_the_context_are_dropped_with_a_count():
     """Prompts that leave no room for max_new_tokens are dropped with a warning naming how many; if none fits, one
     sentence says so."""
-    tokenizer = sft.build_toy_tokenizer()
+    tokenizer = toy.build_toy_tokenizer()
     rows = [{"prompt": "1+1"}, {"prompt": "9" * 100}, {"prompt": "2+2"}]
     with pytest.warns(RuntimeWarning, match=r"dropped 1 of 3 prompts"):
-        kept = R.fit_prompts(tokenizer, rows, max_new_tokens=20, context=64, source="d", template="plain")
+        kept = env.fit_prompts(tokenizer, rows, max_new_tokens=20, context=64, source="d", template="plain")
     assert kept == [rows[0], rows[2]]
-    with pytest.raises(R.DataError, match="no prompt fits the model's context of 64 tokens"):
-        R.fit_prompts(tokenizer, rows[1:2], max_new_tokens=20, context=64, source="d", template="plain")
+    with pytest.raises(env.DataError, match="no prompt fits the model's context of 64 tokens"):
+        env.fit_prompts(tokenizer, rows[1:2], max_new_tokens=20, context=64, source="d", template="plain")
 
 
 @pytest.mark.parametrize("returned, why", [
@@ -257,8 +259,8 @@ def test_reward_values_are_checked_and_named(returned, why):
     def mine(completions, **columns):
         return returned
 
-    with pytest.raises(R.RewardError, match=f"reward 'mine' {why}"):
-        R.combine_rewards([(mine, 1.0)], ["a", "b"])
+    with pytest.raises(env.RewardError, match=f"reward 'mine' {why}"):
+        env.combine_rewards([(mine, 1.0)], ["a", "b"])
 
 
 def test_a_reward_that_applies_to_nothing_is_warned_about_and_a_slow_one_is_bounded():
@@ -271,13 +273,13 @@ def test_a_reward_that_applies_to_nothing_is_warned_about_and_a_slow_one_is_boun
         time.sleep(30)
 
     with pytest.warns(RuntimeWarning, match="reward 'never' returned None for all 2 completions"):
-        assert R.combine_rewards([(never, 1.0)], ["a", "b"])[0] == [0.0, 0.0]
+        assert env.combine_rewards([(never, 1.0)], ["a", "b"])[0] == [0.0, 0.0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        R.combine_rewards([(never, 1.0)], ["a", "b"])  # once per reward
+        env.combine_rewards([(never, 1.0)], ["a", "b"])  # once per reward
     start = time.monotonic()
-    with pytest.raises(R.RewardError, match="reward 'slow' took longer than 0.5 s"):
-        R.combine_rewards([(slow, 1.0)], ["a"], reward_timeout_s=0.5)
+    with pytest.raises(env.RewardError, match="reward 'slow' took longer than 0.5 s"):
+        env.combine_rewards([(slow, 1.0)], ["a"], reward_timeout_s=0.5)
     assert time.monotonic() - start < 5
 
 
@@ -285,9 +287,9 @@ def test_redundant_brackets_around_an_answer_are_stripped():
     """A correct 17 wrapped in 30 parentheses scores 1 at once (math-verify took seconds and timed out);
     a tuple keeps its brackets."""
     start = time.monotonic()
-    assert R.accuracy_reward(["<answer>" + "(" * 30 + "17" + ")" * 30 + "</answer>"], ["17"]) == [1.0]
+    assert env.accuracy_reward(["<answer>" + "(" * 30 + "17" + ")" * 30 + "</answer>"], ["17"]) == [1.0]
     assert time.monotonic() - start < 1
-    assert R._unwrap("((1, 2))") == "(1, 2)" and R._unwrap("(1)+(2)") == "(1)+(2)" and R._unwrap("{[x]}") == "x"
+    assert env._unwrap("((1, 2))") == "(1, 2)" and env._unwrap("(1)+(2)") == "(1)+(2)" and env._unwrap("{[x]}") == "x"
 
 
 # ---------------------------------------------------------------------------------------------- user mistakes
@@ -323,7 +325,7 @@ def test_a_user_mistake_gets_one_sentence_and_exit_2_fast(script, flags, sentenc
     start = time.monotonic()
     with pytest.raises(SystemExit) as stop:
         parsed = module.cli(argv) if hasattr(module, "cli") else __import__("tyro").cli(module.Args, args=argv)
-        K.run_cli(module.main, parsed)
+        runs.run_cli(module.main, parsed)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in err and sentence in err, err[-2000:]
     assert time.monotonic() - start < 15
@@ -334,7 +336,7 @@ def test_a_user_mistake_gets_one_sentence_and_exit_2_fast(script, flags, sentenc
 def test_cuda_without_a_gpu_is_one_sentence(capsys, tmp_path):
     """--device cuda on a machine without CUDA: one sentence, exit 2."""
     with pytest.raises(SystemExit) as stop:
-        K.run_cli(grpo.main, grpo.cli(["--device", "cuda", "--out-dir", str(tmp_path)]))
+        runs.run_cli(grpo.main, grpo.cli(["--device", "cuda", "--out-dir", str(tmp_path)]))
     assert stop.value.code == 2 and "--device cuda: this machine has no usable CUDA GPU" in capsys.readouterr().err
 
 
@@ -342,7 +344,7 @@ def test_a_bug_of_ours_keeps_its_traceback(monkeypatch, tmp_path):
     """Only user mistakes are turned into one sentence: an error in our own code still raises with its traceback."""
     monkeypatch.setattr(grpo, "check_args", lambda args, info: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        K.run_cli(grpo.main, grpo.Args(out_dir=str(tmp_path)))
+        runs.run_cli(grpo.main, grpo.Args(out_dir=str(tmp_path)))
 
 
 def test_the_whole_command_line_path_prints_no_traceback(tmp_path):
@@ -358,11 +360,11 @@ def test_the_whole_command_line_path_prints_no_traceback(tmp_path):
 def test_a_single_reward_needs_no_weights_and_the_toy_default_keeps_its_format_weight():
     """--rewards accuracy alone gets weight 1 (it used to fail on the default weights' count); the default
     rewards keep 1 and 0.1; given weights win; a count mismatch is one sentence."""
-    assert grpo.resolve_rewards(grpo.Args(rewards=("accuracy",)))[1] == (1.0,)
-    assert grpo.resolve_rewards(grpo.Args())[1] == (1.0, 0.1)
-    assert grpo.resolve_rewards(grpo.Args(rewards=("task", "format"), reward_weights=(1.0, 1.0)))[1] == (1.0, 1.0)
+    assert grpo.reward_functions(grpo.Args(rewards=("accuracy",)))[1] == (1.0,)
+    assert grpo.reward_functions(grpo.Args())[1] == (1.0, 0.1)
+    assert grpo.reward_functions(grpo.Args(rewards=("task", "format"), reward_weights=(1.0, 1.0)))[1] == (1.0, 1.0)
     with pytest.raises(K.UserError, match="one weight per reward"):
-        grpo.check_args(grpo.Args(rewards=("accuracy",), reward_weights=(1.0, 0.1)), K.DistInfo())
+        grpo.check_args(grpo.Args(rewards=("accuracy",), reward_weights=(1.0, 0.1)), runs.DistInfo())
 
 
 def test_help_shows_switches_and_choices(capsys, monkeypatch):
@@ -420,7 +422,7 @@ def test_report_to_an_uninstalled_logger_is_one_sentence(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(K.UserError, match="--report-to wandb needs the wandb package: pip install wandb"):
-        K.check_reporters(["wandb"])
+        runs.check_reporters(["wandb"])
 
 
 def test_datasets_as_researchers_have_them(tmp_path):
@@ -428,15 +430,15 @@ def test_datasets_as_researchers_have_them(tmp_path):
     --answer-column: GSM8K's "... #### 72" answers count as 72."""
     gsm8k = [{"question": "Tom has 70 apples and gets 2 more. How many?", "answer": "70 + 2 = 72\n#### 72"}]
     (tmp_path / "d.json").write_text(json.dumps(gsm8k))
-    rows = R.load_prompts(str(tmp_path / "d.json"), prompt_column="question", required=["answer"])
-    assert rows[0]["prompt"].startswith("Tom") and R.accuracy_reward(["<answer>72</answer>"], [rows[0]["answer"]]) == [1.0]
-    with pytest.raises(R.DataError, match="item 0: each row must be an object with a 'prompt'"):
-        R.load_prompts(str(tmp_path / "d.json"))
+    rows = env.load_prompts(str(tmp_path / "d.json"), prompt_column="question", required=["answer"])
+    assert rows[0]["prompt"].startswith("Tom") and env.accuracy_reward(["<answer>72</answer>"], [rows[0]["answer"]]) == [1.0]
+    with pytest.raises(env.DataError, match="item 0: each row must be an object with a 'prompt'"):
+        env.load_prompts(str(tmp_path / "d.json"))
     pytest.importorskip("datasets")
     import datasets
 
     datasets.Dataset.from_list(gsm8k * 3).save_to_disk(str(tmp_path / "saved"))
-    rows = R.load_prompts(str(tmp_path / "saved"), prompt_column="question", answer_column="answer")
+    rows = env.load_prompts(str(tmp_path / "saved"), prompt_column="question", answer_column="answer")
     assert len(rows) == 3 and rows[0]["prompt"] == gsm8k[0]["question"]
 
 
@@ -481,7 +483,7 @@ def test_ppo_stops_on_a_signal_during_a_slow_reward_and_resumes_exactly(tiny_mod
     flags = ppo_flags(tiny_model_dir, f"{tmp_path}/slow_reward.py:reward")
     stopped, seconds = run_script([*flags, "--out-dir", str(tmp_path / "run")], timeout=100)
     assert stopped.returncode == 143 and seconds < 40, stopped.stderr[-2000:]
-    checkpoint = K.latest_checkpoint(str(tmp_path / "run"))
+    checkpoint = runs.latest_checkpoint(str(tmp_path / "run"))
     assert checkpoint.endswith("checkpoint-2") and os.path.isdir(os.path.join(checkpoint, "critic"))
     (tmp_path / "slow_reward.py").write_text(SIGNALLING_REWARD.format(when=-1, sig="SIGTERM"))
     resumed, _ = run_script([*flags, "--out-dir", str(tmp_path / "run"), "--resume"])

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rlvr_rewards as R  # noqa: E402
-import sandbox as S  # noqa: E402
+import rlvr_rewards as env  # noqa: E402
+import sandbox  # noqa: E402
 
-PLAN = S._probe_sandbox()
+PLAN = sandbox._probe_sandbox()
 AS_ROOT = PLAN is not None and PLAN.as_root
 needs_sandbox = pytest.mark.skipif(PLAN is None, reason="no working code sandbox on this machine")
 
@@ -37,7 +37,7 @@ def _sandbox_processes() -> list[str]:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             alive = open(f"/proc/{pid}/stat").read().rsplit(")")[-1][1] not in "ZX"
-            if alive and S._UID_BASE <= os.stat(f"/proc/{pid}").st_uid < S._UID_BASE + (1 << 22) * S._UID_SLOTS:
+            if alive and sandbox._UID_BASE <= os.stat(f"/proc/{pid}").st_uid < sandbox._UID_BASE + (1 << 22) * sandbox._UID_SLOTS:
                 pids.append(pid)
         except OSError:
             pass
@@ -50,8 +50,8 @@ def test_code_reward_counts_passed_tests():
     tests = ["assert f(1) == 2", "assert f(2) == 3", "assert f(0) == 1", "assert f(-1) == 0"]
     good = "Here:\n```python\ndef f(x):\n    return x + 1\n```\n"
     half = "```python\ndef f(x):\n    return x + 1 if x > 0 else 7\n```"
-    assert R.code_reward([good, half, "def f(x): return x+1", good], [tests, tests, tests, []]) == [1.0, 0.5, 1.0, None]
-    assert R.code_reward([half], [tests], all_or_nothing=True) == [0.0]
+    assert env.code_reward([good, half, "def f(x): return x+1", good], [tests, tests, tests, []]) == [1.0, 0.5, 1.0, None]
+    assert env.code_reward([half], [tests], all_or_nothing=True) == [0.0]
 
 
 @needs_sandbox
@@ -59,7 +59,7 @@ def test_sandbox_partial_credit_when_a_test_hangs():
     """Tests that passed before a hanging test still count, the rest fail, and the wall time is the timeout."""
     start = time.monotonic()
     tests = ["assert f(1) == 2", "while True: pass", "assert f(2) == 3"]
-    assert R.code_reward(["def f(x): return x + 1"], [tests], timeout_s=1.0) == [pytest.approx(1 / 3)]
+    assert env.code_reward(["def f(x): return x + 1"], [tests], timeout_s=1.0) == [pytest.approx(1 / 3)]
     assert time.monotonic() - start < 5
 
 
@@ -118,7 +118,7 @@ HOSTILE_PROGRAMS = {
 def test_sandbox_contains_hostile_programs(name):
     """Loops, fork and memory bombs, output floods, forged markers, patched builtins: 0, bounded, nothing left."""
     start = time.monotonic()
-    result = S.run_sandboxed(program(HOSTILE_PROGRAMS[name]), ["assert done"], timeout_s=2.0)
+    result = sandbox.run_sandboxed(program(HOSTILE_PROGRAMS[name]), ["assert done"], timeout_s=2.0)
     assert result.passed == [False]
     assert time.monotonic() - start < 6
     assert len(result.output) <= 65536
@@ -126,7 +126,7 @@ def test_sandbox_contains_hostile_programs(name):
 
 
 def _first_uid(queue):
-    queue.put(S._free_uids().queue[0])
+    queue.put(sandbox._free_uids().queue[0])
 
 
 def test_sandbox_uids_are_disjoint_across_processes():
@@ -135,7 +135,7 @@ def test_sandbox_uids_are_disjoint_across_processes():
     queue = context.Queue()
     child = context.Process(target=_first_uid, args=(queue,))
     child.start()
-    assert abs(queue.get(timeout=30) - S._free_uids().queue[0]) >= S._UID_SLOTS
+    assert abs(queue.get(timeout=30) - sandbox._free_uids().queue[0]) >= sandbox._UID_SLOTS
     child.join(10)
 
 
@@ -152,8 +152,8 @@ def test_sandbox_cannot_kill_the_trainer():
             trainer_killed = True
         except OSError:
             trainer_killed = False""")
-    assert R.code_reward([killer], [["assert trainer_killed"]]) == [0.0]
-    assert R.code_reward(["x = 1"], [["assert x == 1"]]) == [1.0]
+    assert env.code_reward([killer], [["assert trainer_killed"]]) == [0.0]
+    assert env.code_reward(["x = 1"], [["assert x == 1"]]) == [1.0]
 
 
 @needs_sandbox
@@ -167,7 +167,7 @@ def test_sandbox_hides_environment(monkeypatch):
             via_proc = b"hunter2" in open("/proc/{os.getpid()}/environ", "rb").read()
         except OSError:
             via_proc = False""")
-    result = S.run_sandboxed(snoop, ["assert leaked == 'hunter2'", "assert via_proc", "assert leaked is None"])
+    result = sandbox.run_sandboxed(snoop, ["assert leaked == 'hunter2'", "assert via_proc", "assert leaked is None"])
     assert result.passed[0] is False and result.passed[2] is True
     if AS_ROOT:
         assert result.passed[1] is False
@@ -187,9 +187,9 @@ def test_sandbox_cannot_write_or_read_outside(tmp_path):
     try:
         write = f"open({str(victim)!r}, 'w').write('pwned')"
         read = f"assert open({secret!r}).read() == 'top secret'"
-        assert R.code_reward([write, read], [[write], [read]]) == [0.0, 0.0]
+        assert env.code_reward([write, read], [[write], [read]]) == [0.0, 0.0]
         litter_code = f"import os\nopen({litter!r}, 'w').write('x')\nos.mkdir({litter + '.d'!r})"
-        assert R.code_reward([litter_code], [["assert True"]]) == [1.0]  # /tmp is world-writable...
+        assert env.code_reward([litter_code], [["assert True"]]) == [1.0]  # /tmp is world-writable...
         assert not os.path.exists(litter) and not os.path.exists(litter + ".d")  # ...but swept afterwards
         assert victim.read_text() == "original"
     finally:
@@ -213,7 +213,7 @@ def test_sandbox_has_no_network():
         except OSError:
             connected = False""")
     try:
-        assert R.code_reward([connect], [["assert connected"]]) == [0.0]
+        assert env.code_reward([connect], [["assert connected"]]) == [0.0]
         with pytest.raises(socket.timeout):
             server.accept()
     finally:
@@ -225,7 +225,7 @@ def test_sandbox_runs_in_a_fresh_directory_that_is_removed():
     """cwd, HOME and TMPDIR are one fresh directory, empty at the start and gone afterwards."""
     source = "import os\ncwd = os.getcwd()\nprint(cwd)\nopen('f', 'w').write('x')"
     tests = ["assert os.environ['HOME'] == cwd == os.environ['TMPDIR']", "assert os.listdir() == ['f']"]
-    result = S.run_sandboxed(source, tests)
+    result = sandbox.run_sandboxed(source, tests)
     assert result.passed == [True, True]
     assert not os.path.exists(result.output.strip())
 
@@ -281,11 +281,11 @@ def test_sandbox_kills_code_that_detaches_itself(user):
     escape = ESCAPE.format(token=token)
     try:
         if user == "this process":
-            S.run_sandboxed(escape, ["assert True"], timeout_s=1.0)
+            sandbox.run_sandboxed(escape, ["assert True"], timeout_s=1.0)
         else:
-            _run_as_nobody("import sandbox as S\nplan = S._probe_sandbox()\n"
+            _run_as_nobody("import sandbox\nplan = sandbox._probe_sandbox()\n"
                            "if plan is None or plan.unshare is None:\n    print('SKIP')\n"
-                           f"else:\n    S.run_sandboxed({escape!r}, ['assert True'], timeout_s=1.0)")
+                           f"else:\n    sandbox.run_sandboxed({escape!r}, ['assert True'], timeout_s=1.0)")
         time.sleep(0.2)
     finally:
         survivors = _kill_marked(token)
@@ -296,7 +296,7 @@ def test_sandbox_kills_code_that_detaches_itself(user):
 def test_sandbox_sets_no_new_privs():
     """The code runs with no-new-privs, so no setuid program it runs can raise its privileges."""
     source = "status = open('/proc/self/status').read()"
-    assert S.run_sandboxed(source, ["assert 'NoNewPrivs:\\t1' in status"]).passed == [True]
+    assert sandbox.run_sandboxed(source, ["assert 'NoNewPrivs:\\t1' in status"]).passed == [True]
 
 
 @needs_sandbox
@@ -317,7 +317,7 @@ def test_sandbox_shared_memory_does_not_outlive_the_run(namespaces):
             return [row.split()[1] for row in table.read().splitlines()[1:] if int(row.split()[0]) == key]
 
     try:
-        assert S._run(plan, create, ["assert shmid >= 0"]).passed == [True]
+        assert sandbox._run(plan, create, ["assert shmid >= 0"]).passed == [True]
         assert segments() == []
     finally:
         for shmid in segments():
@@ -330,7 +330,7 @@ def test_sandbox_has_its_own_proc_where_mounts_work():
     if not PLAN.mount_proc:
         pytest.skip("no mount namespace here: the sandbox sees the host's /proc")
     source = f"import os\nvisible = os.path.exists('/proc/{os.getpid()}')"
-    assert S.run_sandboxed(source, ["assert not visible"]).passed == [True]
+    assert sandbox.run_sandboxed(source, ["assert not visible"]).passed == [True]
 
 
 def test_sandbox_falls_back_where_its_uids_are_unmapped():
@@ -341,9 +341,9 @@ def test_sandbox_falls_back_where_its_uids_are_unmapped():
         pytest.skip("needs root and unprivileged user namespaces")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     source = (f"import sys, warnings\nsys.path.insert(0, {repo!r})\nwarnings.simplefilter('ignore')\n"
-              "import rlvr_rewards as R, sandbox as S\n"
-              "print(open('/proc/self/uid_map').read().split(), S._ids_mapped(), S._probe_sandbox().as_root,\n"
-              "      R.code_reward(['def f(x):\\n    return x + 1'], [['assert f(1) == 2']]))")
+              "import rlvr_rewards as env, sandbox\n"
+              "print(open('/proc/self/uid_map').read().split(), sandbox._ids_mapped(), sandbox._probe_sandbox().as_root,\n"
+              "      env.code_reward(['def f(x):\\n    return x + 1'], [['assert f(1) == 2']]))")
     child = subprocess.run([unshare, "--map-root-user", sys.executable, "-c", source], capture_output=True,
                            text=True, timeout=60)
     assert child.stdout.strip() == "['0', '0', '1'] False False [1.0]", child.stderr[-2000:]
@@ -356,15 +356,15 @@ def test_failed_probe_is_not_kept_and_code_reward_says_why(monkeypatch):
     def broken_run(*args, **kwargs):
         raise OSError("fork failed, say")
 
-    run = S._run
-    monkeypatch.setattr(S, "_PLAN", None)
-    monkeypatch.setattr(S, "_run", broken_run)
+    run = sandbox._run
+    monkeypatch.setattr(sandbox, "_PLAN", None)
+    monkeypatch.setattr(sandbox, "_run", broken_run)
     with pytest.raises(RuntimeError, match=r"no working code sandbox.*python.*fork failed, say"):
-        R.code_reward(["x = 1"], [["assert x == 1"]])
-    assert R.code_reward(["x = 1"], [None]) == [None]  # nothing to run: no error
-    monkeypatch.setattr(S, "_run", run)
-    assert R.code_reward(["x = 1"], [["assert x == 1"]]) == [1.0]
-    assert S._PLAN is not None
+        env.code_reward(["x = 1"], [["assert x == 1"]])
+    assert env.code_reward(["x = 1"], [None]) == [None]  # nothing to run: no error
+    monkeypatch.setattr(sandbox, "_run", run)
+    assert env.code_reward(["x = 1"], [["assert x == 1"]]) == [1.0]
+    assert sandbox._PLAN is not None
 
 
 def test_importing_rewards_starts_nothing():
@@ -473,19 +473,19 @@ FORGERY_TESTS = ["assert f(3) == 7", "assert f(10) == 21", "assert 43 == f(21)"]
 def test_scores_cannot_be_forged(name):
     """A program that reaches the harness's state (frames, gc), writes to every fd, exits early, crafts __eq__ or
     patches builtins still fails every `assert <expr> == <literal>` test: the expected values never reach it."""
-    result = S.run_sandboxed(program(FORGERIES[name]), FORGERY_TESTS)
+    result = sandbox.run_sandboxed(program(FORGERIES[name]), FORGERY_TESTS)
     assert result.passed == [False, False, False], result.output[-2000:]
-    assert S.run_sandboxed("def f(x):\n    return 2 * x + 1", FORGERY_TESTS).passed == [True, True, True]
+    assert sandbox.run_sandboxed("def f(x):\n    return 2 * x + 1", FORGERY_TESTS).passed == [True, True, True]
 
 
 @needs_sandbox
 def test_forgeries_score_zero_on_the_code_task():
     """On the built-in code task the reference answers score 1 and every forgery 0."""
-    rows = R.make_dataset("code", n=3, seed=3)
+    rows = env.make_dataset("code", n=3, seed=3)
     tests = [row["tests"] for row in rows]
-    assert R.code_reward([row["answer"] for row in rows], tests) == [1.0] * 3
+    assert env.code_reward([row["answer"] for row in rows], tests) == [1.0] * 3
     forgeries = [program(forgery) for forgery in FORGERIES.values() for _ in rows]
-    assert R.code_reward(forgeries, tests * len(FORGERIES)) == [0.0] * len(forgeries)
+    assert env.code_reward(forgeries, tests * len(FORGERIES)) == [0.0] * len(forgeries)
 
 
 SETUP = """
@@ -529,7 +529,7 @@ def test_value_tests_compare_as_the_assert_would():
     expected = [eval(f"{expression} == {literal}", namespace) for expression, literal in EQUALITY_CASES]
     tests += ["assert 7 == Color.RED", "assert fractions.Fraction(1, 2) == 0.5", "assert Honest() == 1"]
     expected += [True, False, False]
-    result = S.run_sandboxed(SETUP, tests, timeout_s=10)
+    result = sandbox.run_sandboxed(SETUP, tests, timeout_s=10)
     mismatches = [(test[:80], want) for test, got, want in zip(tests, result.passed, expected) if got != want]
     assert mismatches == [], result.output[-3000:]
     assert "plain data, not Fraction" in result.output
@@ -542,15 +542,15 @@ def test_which_tests_are_decided_outside_the_child():
                    "assert (f(\n  3)) == [1, (2,), {'a': None}]": "f(\n  3)", "assert g() == {1, 2}": "g()",
                    "assert 1 == 2": "1", "assert f('x') == b'y'": "f('x')", "assert f() == 1e999": "f()"}
     for test, expression in value_tests.items():
-        parsed = S._parse_test(test)
+        parsed = sandbox._parse_test(test)
         assert parsed.is_value and parsed.source == f"({expression}\n)", test
         assert repr(parsed.expected) not in parsed.source or test == "assert 1 == 2"
     statements = ["assert f(3)", "assert f(3) != 7", "assert f(3) == g(3)", "assert f(3) == 10 ** 9",
                   "assert f() == float('nan')", "assert f(3) == 7 == g(3)", "assert f(3) is None",
                   "assert f(3) == 7; assert f(4) == 9", "x = f(3)", "assert not f(3) == 7"]
     for test in statements:
-        assert S._parse_test(test) == S._Test(test), test
-    assert S._parse_test("assert f(3) ==").source is None
+        assert sandbox._parse_test(test) == sandbox._Test(test), test
+    assert sandbox._parse_test("assert f(3) ==").source is None
 
 
 @needs_sandbox
@@ -560,8 +560,8 @@ def test_tests_of_other_forms_run_in_the_child_and_are_forgeable():
     tests = ["assert abs(f(1) - 3) < 1e-9", "y = f(2)", "assert y == 5", "assert f(3) == 10 ** 9", "assert f(1) ==",
              "assert is_prime(7)"]
     honest = "def f(x):\n    return 2 * x + 1\ndef is_prime(n):\n    return n > 1 and all(n % d for d in range(2, n))"
-    assert S.run_sandboxed(honest, tests).passed == [True, True, True, False, False, True]
-    forged = S.run_sandboxed(program(FORGERIES["frame_walk_blanks_the_tests"]), ["assert is_prime(7)"])
+    assert sandbox.run_sandboxed(honest, tests).passed == [True, True, True, False, False, True]
+    forged = sandbox.run_sandboxed(program(FORGERIES["frame_walk_blanks_the_tests"]), ["assert is_prime(7)"])
     assert forged.passed == [True]
 
 
@@ -581,21 +581,21 @@ def test_hostile_reports_cost_the_parent_nothing():
                 pass
         os._exit(0)""")
     start = time.monotonic()
-    result = S.run_sandboxed(hostile, ["assert f(1) == [[1]]", "assert f(2) == {1, 2}", "assert f(3) == 7",
+    result = sandbox.run_sandboxed(hostile, ["assert f(1) == [[1]]", "assert f(2) == {1, 2}", "assert f(3) == 7",
                                        "assert f(4) == 7"], timeout_s=5)
     assert result.passed == [False] * 4
     assert time.monotonic() - start < 4
-    test = S._parse_test("assert f() == [[1]]")
-    assert not S._equals(b"[" * 100_000 + b"]" * 100_000, dataclasses.replace(test, cap=10 ** 7))
+    test = sandbox._parse_test("assert f() == [[1]]")
+    assert not sandbox._equals(b"[" * 100_000 + b"]" * 100_000, dataclasses.replace(test, cap=10 ** 7))
 
 
 @needs_sandbox
 def test_a_program_that_does_not_compile_scores_zero():
     """Nothing of a program that does not compile runs, so every test fails, even `assert True`."""
-    result = S.run_sandboxed("def f(x) return x", ["assert True", "assert 1 == 1", "x = 1"])
+    result = sandbox.run_sandboxed("def f(x) return x", ["assert True", "assert 1 == 1", "x = 1"])
     assert result.passed == [False, False, False]
     assert "SyntaxError" in result.output
-    assert R.code_reward(["```python\ndef f(x):\nreturn x\n```"], [["assert True"]]) == [0.0]
+    assert env.code_reward(["```python\ndef f(x):\nreturn x\n```"], [["assert True"]]) == [0.0]
 
 
 # ------------------------------------------------------------------------------------------------ cleanup
@@ -637,10 +637,10 @@ def test_remove_tree_takes_any_depth_and_follows_no_link(tmp_path):
         (wide / str(i)).mkdir()
         (wide / str(i) / "f").write_text("x")
     try:
-        assert S._remove_tree(str(deep)) and S._remove_tree(str(wide))
+        assert sandbox._remove_tree(str(deep)) and sandbox._remove_tree(str(wide))
         assert not deep.exists() and not wide.exists() and (outside / "keep").read_text() == "x"
         (tmp_path / "file").write_text("x")
-        assert S._remove_tree(str(tmp_path / "file")) and S._remove_tree(str(tmp_path / "missing"))
+        assert sandbox._remove_tree(str(tmp_path / "file")) and sandbox._remove_tree(str(tmp_path / "missing"))
         assert not (tmp_path / "file").exists()
     finally:  # what is left (pytest's own clean-up of old temporary directories would recurse into it)
         subprocess.run(["rm", "-rf", "--one-file-system", str(deep), str(wide)], check=False)
@@ -684,27 +684,27 @@ def test_cleanup_removes_deep_trees_and_the_slot_stays_usable(monkeypatch, tmpfs
     cleanup failure is counted, and its uid slot (drawn again at once) scores the next sample normally."""
     token = f"rlvr-deep-{os.getpid()}"
     if AS_ROOT:  # a pool of one uid: the next run gets the same slot
-        one = S.queue.Queue()
-        one.put(S._free_uids().get())
-        monkeypatch.setattr(S, "_UID_POOL", (os.getpid(), one))
-    failures = S.stats()["cleanup_failures"]
+        one = sandbox.queue.Queue()
+        one.put(sandbox._free_uids().get())
+        monkeypatch.setattr(sandbox, "_UID_POOL", (os.getpid(), one))
+    failures = sandbox.stats()["cleanup_failures"]
     try:
-        result = S.run_sandboxed(program(DEEP_LITTER.format(token=token)), ["assert depth == 3000"], timeout_s=10)
+        result = sandbox.run_sandboxed(program(DEEP_LITTER.format(token=token)), ["assert depth == 3000"], timeout_s=10)
         assert result.passed == [True], result.output[-2000:]
         assert not os.path.exists(result.output.splitlines()[0])
         if AS_ROOT:
             assert not os.path.exists(f"/dev/shm/{token}")
-        assert S.stats()["cleanup_failures"] == failures
-        assert S.run_sandboxed("x = 1", ["assert x == 1"]).passed == [True]
+        assert sandbox.stats()["cleanup_failures"] == failures
+        assert sandbox.run_sandboxed("x = 1", ["assert x == 1"]).passed == [True]
     finally:
-        S._remove_tree(f"/dev/shm/{token}")
+        sandbox._remove_tree(f"/dev/shm/{token}")
 
 
 @needs_sandbox
 def test_cleanup_failures_are_counted_and_fail_no_run(monkeypatch):
     """A cleanup step that fails or raises is counted in stats(), the run is scored normally, the next run too, and
     a directory left is removed after a later run."""
-    remove_tree, left = S._remove_tree, []
+    remove_tree, left = sandbox._remove_tree, []
 
     def fails_once(path, *args, **kwargs):
         if os.path.basename(path).startswith("rlvr-sandbox-") and not left:
@@ -715,30 +715,30 @@ def test_cleanup_failures_are_counted_and_fail_no_run(monkeypatch):
     def raises(*args, **kwargs):
         raise RuntimeError("a cleanup bug")
 
-    failures = S.stats()["cleanup_failures"]
-    monkeypatch.setattr(S, "_remove_tree", fails_once)
-    assert S.run_sandboxed("x = 1", ["assert x == 1"]).passed == [True]
-    assert S.stats()["cleanup_failures"] == failures + 1 and os.path.isdir(left[0])
-    monkeypatch.setattr(S, "_remove_ipc", raises)
-    assert S.run_sandboxed("x = 2", ["assert x == 2"]).passed == [True]
-    assert S.stats()["cleanup_failures"] == failures + 2
+    failures = sandbox.stats()["cleanup_failures"]
+    monkeypatch.setattr(sandbox, "_remove_tree", fails_once)
+    assert sandbox.run_sandboxed("x = 1", ["assert x == 1"]).passed == [True]
+    assert sandbox.stats()["cleanup_failures"] == failures + 1 and os.path.isdir(left[0])
+    monkeypatch.setattr(sandbox, "_remove_ipc", raises)
+    assert sandbox.run_sandboxed("x = 2", ["assert x == 2"]).passed == [True]
+    assert sandbox.stats()["cleanup_failures"] == failures + 2
     monkeypatch.undo()
-    assert S.run_sandboxed("x = 3", ["assert x == 3"]).passed == [True]
+    assert sandbox.run_sandboxed("x = 3", ["assert x == 3"]).passed == [True]
     assert not os.path.exists(left[0])
-    assert S.stats()["cleanup_failures"] == failures + 2
+    assert sandbox.stats()["cleanup_failures"] == failures + 2
 
 
 @needs_sandbox
 def test_stats_count_runs_and_timeouts():
     """stats() counts runs and timeouts (for a trainer to log), and returns a copy."""
-    before = S.stats()
-    S.run_sandboxed("while True:\n    pass", ["assert True"], timeout_s=0.5)
-    S.run_sandboxed("x = 1", ["assert x == 1"])
-    after = S.stats()
+    before = sandbox.stats()
+    sandbox.run_sandboxed("while True:\n    pass", ["assert True"], timeout_s=0.5)
+    sandbox.run_sandboxed("x = 1", ["assert x == 1"])
+    after = sandbox.stats()
     assert after["runs"] == before["runs"] + 2 and after["timeouts"] == before["timeouts"] + 1
     assert set(after) >= {"runs", "timeouts", "errors", "cleanup_failures", "stale_removed", "math_untried"}
     after["runs"] = -1
-    assert S.stats()["runs"] != -1
+    assert sandbox.stats()["runs"] != -1
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -776,11 +776,11 @@ USERNS_TMPFS = """
 def test_sandbox_denies_user_namespaces_and_mounts():
     """Code cannot become root of a user namespace (unshare, clone) to mount a tmpfs and fill it past its memory
     limit: the seccomp filter refuses (x86_64)."""
-    if S._SECCOMP is None:
+    if sandbox._SECCOMP is None:
         pytest.skip("no seccomp filter on this architecture")
     tests = ["assert cloned == False", "assert clone3 == False", "assert unshared == -1", "assert mounted == False",
              "assert written == 0"]
-    result = S.run_sandboxed(program(USERNS_TMPFS), tests, timeout_s=10)
+    result = sandbox.run_sandboxed(program(USERNS_TMPFS), tests, timeout_s=10)
     assert result.passed == [True] * 5, result.output[-2000:]
 
 
@@ -799,11 +799,11 @@ SHM_FLOOD = """
 def test_sandbox_bounds_memory_in_tmpfs():
     """Where a memory cgroup can be made, files written to /dev/shm count against memory_mb: 768 MiB never fit in
     512, and the files are removed afterwards."""
-    if S._cgroups() is None:
+    if sandbox._cgroups() is None:
         pytest.skip("no writable memory cgroup here: memory is bounded per process only (the documented fallback)")
     token = f"{os.getpid()}-{time.monotonic_ns()}"
     try:
-        result = S.run_sandboxed(program(SHM_FLOOD.format(token=token)), ["assert written == 768"], timeout_s=10)
+        result = sandbox.run_sandboxed(program(SHM_FLOOD.format(token=token)), ["assert written == 768"], timeout_s=10)
         written = max([int(line) for line in result.output.split() if line.isdigit()] or [0])
         assert result.passed == [False] and 0 < written < 512, result.output[-500:]
         assert [name for name in os.listdir("/dev/shm") if token in name] == [] or not AS_ROOT
@@ -856,7 +856,7 @@ def test_killing_the_scorer_kills_its_sandboxes():
                 break
             time.sleep(0.05)
         assert _marked(token) == []
-        assert directories and S._sweep_stale() >= 1
+        assert directories and sandbox._sweep_stale() >= 1
         assert [name for name in os.listdir(tempfile.gettempdir()) if f"rlvr-sandbox-{scorer.pid}-" in name] == []
     finally:
         scorer.kill()
@@ -871,7 +871,7 @@ def test_startup_sweep_removes_what_dead_trainers_left(tmpfs_tempdir):
     dead = subprocess.Popen(["true"])
     dead.wait()
     owner, live = dead.pid, os.getpid()
-    uid, live_uid = (S._UID_BASE + pid * S._UID_SLOTS + 5 for pid in (owner, live))
+    uid, live_uid = (sandbox._UID_BASE + pid * sandbox._UID_SLOTS + 5 for pid in (owner, live))
     paths = {pid: (f"{tempfile.gettempdir()}/rlvr-sandbox-{pid}-left", f"/dev/shm/rlvr-left-{pid}")
              for pid in (owner, live)}
     processes = []
@@ -889,7 +889,7 @@ def test_startup_sweep_removes_what_dead_trainers_left(tmpfs_tempdir):
             pytest.skip("the dead pid was reused")
         except ProcessLookupError:
             pass
-        assert S._sweep_stale() >= 3
+        assert sandbox._sweep_stale() >= 3
         assert processes[0].wait(5) == -9 and processes[1].poll() is None
         assert not any(map(os.path.exists, paths[owner])) and all(map(os.path.exists, paths[live]))
     finally:
@@ -897,7 +897,7 @@ def test_startup_sweep_removes_what_dead_trainers_left(tmpfs_tempdir):
             process.kill()
             process.wait()
         for path in paths[live]:
-            S._remove_tree(path)
+            sandbox._remove_tree(path)
 
 
 # ------------------------------------------------------------------------------------------------ math-verify
@@ -906,12 +906,12 @@ def test_startup_sweep_removes_what_dead_trainers_left(tmpfs_tempdir):
 def test_math_verify_batch_has_a_time_budget():
     """A batch of hostile LaTeX (each pair would take its whole timeout) returns within its budget plus half a
     second; the pairs left get "t" untried (counted), and the workers answer the next batch."""
-    if S.math_verify([("\\boxed{1}", "\\boxed{1}")], 10) == ["x"]:  # also starts the workers
+    if sandbox.math_verify([("\\boxed{1}", "\\boxed{1}")], 10) == ["x"]:  # also starts the workers
         pytest.skip("math-verify is not installed")
     hostile = [("\\boxed{1}", "\\boxed{9^{9^{9^{9^{9}}}}}")] * 16
-    untried = S.stats()["math_untried"]
+    untried = sandbox.stats()["math_untried"]
     start = time.monotonic()
-    verdicts = S.math_verify(hostile, 0.5, budget_s=1.5)
+    verdicts = sandbox.math_verify(hostile, 0.5, budget_s=1.5)
     assert time.monotonic() - start < 1.5 + 1.0
-    assert set(verdicts) == {"t"} and S.stats()["math_untried"] > untried
-    assert S.math_verify([("\\boxed{\\frac{1}{2}}", "\\boxed{0.5}"), ("\\boxed{2}", "\\boxed{3}")], 10) == ["1", "0"]
+    assert set(verdicts) == {"t"} and sandbox.stats()["math_untried"] > untried
+    assert sandbox.math_verify([("\\boxed{\\frac{1}{2}}", "\\boxed{0.5}"), ("\\boxed{2}", "\\boxed{3}")], 10) == ["1", "0"]

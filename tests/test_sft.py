@@ -7,16 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rl_kernels
-import rlvr_rewards
+import rl_kernels as K
+import rl_runs as runs
+import rlvr_rewards as env
 import sft
+import toy_world as toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_args(tmp_path, **overrides) -> sft.Args:
     """A toy run small enough for a test: random init, a few steps, tiny eval."""
-    kwargs = dict(out_dir=str(tmp_path / "run"), export_dir="", num_examples=64, eval_size=8, batch_size=8,
+    kwargs = dict(preset="toy_base", out_dir=str(tmp_path / "run"), export_dir="", num_examples=64, eval_size=8, batch_size=8,
                   grad_accum=2, max_steps=2, warmup_steps=1, eval_every=1, save_every=1, max_new_tokens=16,
                   device="cpu")
     kwargs.update(overrides)
@@ -47,18 +49,18 @@ def test_completion_loss_matches_hand_computation_and_ignores_prompt():
 def test_completion_loss_on_a_model_equals_nll_of_completion_tokens():
     """Through build_sft_example, collate and the fused log-probs, the loss is the plain NLL of the completion
     tokens only (EOS included); changing the logits of prompt targets leaves it unchanged."""
-    tokenizer = sft.build_toy_tokenizer()
+    tokenizer = toy.build_toy_tokenizer()
     torch.manual_seed(0)
     from transformers import Qwen2ForCausalLM
 
-    model = Qwen2ForCausalLM(sft.toy_model_config(tokenizer)).eval()
+    model = Qwen2ForCausalLM(toy.toy_model_config(tokenizer)).eval()
     examples = [sft.build_sft_example(tokenizer, "7+3*4", "<answer>19</answer>"),
                 sft.build_sft_example(tokenizer, [{"role": "user", "content": "2-1"}], "<answer>1</answer>")]
     input_ids, attention_mask, loss_mask = sft.collate(examples, tokenizer.pad_token_id)
-    logprobs = rl_kernels.token_logprobs(model, input_ids, attention_mask)
+    logprobs = K.token_logprobs(model, input_ids, attention_mask)
     loss = sft.completion_loss(logprobs, loss_mask[:, 1:])
 
-    position_ids = rl_kernels.position_ids_from_mask(attention_mask)
+    position_ids = K.position_ids_from_mask(attention_mask)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, :-1]
     nll, count = 0.0, 0
     for i, e in enumerate(examples):
@@ -79,7 +81,7 @@ def test_completion_loss_on_a_model_equals_nll_of_completion_tokens():
 
 def test_plain_and_chat_prompts_mask_exactly_the_completion():
     """Plain prompts and chat messages both give prompt ids (mask 0) then completion ids + EOS (mask 1)."""
-    tokenizer = sft.build_toy_tokenizer()
+    tokenizer = toy.build_toy_tokenizer()
     eos = tokenizer.eos_token_id
     plain = sft.build_sft_example(tokenizer, "7+3=", "10")
     assert plain["input_ids"] == tokenizer("7+3=")["input_ids"] + tokenizer("10")["input_ids"] + [eos]
@@ -97,7 +99,7 @@ def test_plain_and_chat_prompts_mask_exactly_the_completion():
 def test_an_empty_prompt_never_makes_the_first_token_a_target():
     """With prompt "" and no BOS the first completion token has no context: its mask is 0, so a left-padded batch
     trains on exactly the num_tokens main() divides by, and each row's loss is the one it has alone."""
-    tokenizer = sft.build_toy_tokenizer()
+    tokenizer = toy.build_toy_tokenizer()
     empty = sft.build_sft_example(tokenizer, "", "<answer>5</answer>")
     assert empty["input_ids"] == tokenizer("<answer>5</answer>")["input_ids"] + [tokenizer.eos_token_id]
     assert empty["loss_mask"] == [0] + [1] * (len(empty["input_ids"]) - 1)
@@ -107,20 +109,20 @@ def test_an_empty_prompt_never_makes_the_first_token_a_target():
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(sft.toy_model_config(tokenizer)).eval()
+    model = Qwen2ForCausalLM(toy.toy_model_config(tokenizer)).eval()
     with torch.no_grad():
-        batched = -(rl_kernels.token_logprobs(model, input_ids, attention_mask) * loss_mask[:, 1:]).sum(-1)
+        batched = -(K.token_logprobs(model, input_ids, attention_mask) * loss_mask[:, 1:]).sum(-1)
         for e, loss in zip(examples, batched):
             ids, mask, alone_mask = sft.collate([e], tokenizer.pad_token_id)
-            alone = -(rl_kernels.token_logprobs(model, ids, mask) * alone_mask[:, 1:]).sum()
+            alone = -(K.token_logprobs(model, ids, mask) * alone_mask[:, 1:]).sum()
             assert loss.item() == pytest.approx(alone.item(), rel=1e-5)
 
 
 def test_rows_with_a_non_empty_prompt_keep_the_loss_mask_they_always_had():
     """Forcing the first token's mask to 0 changes nothing where a prompt exists (the toy recipe's chat rows, plain
     prompts): the mask is still 0 on every prompt token and 1 on every completion token, so toy/base stands."""
-    tokenizer = sft.build_toy_tokenizer()
-    rows = [(r["prompt"], r["completion"]) for r in sft.toy_corpus(50, seed=1)]
+    tokenizer = toy.build_toy_tokenizer()
+    rows = [(r["prompt"], r["completion"]) for r in toy.toy_corpus(50, seed=1)]
     rows += [("7+3=", "10"), (" ", ""), ("x", "<think>1</think>")]
     for prompt, completion in rows:
         example = sft.build_sft_example(tokenizer, prompt, completion)
@@ -131,7 +133,7 @@ def test_rows_with_a_non_empty_prompt_keep_the_loss_mask_they_always_had():
 
 def test_messages_without_chat_template_raise_a_clear_error():
     """Chat data with a tokenizer that has no chat template is refused with a sentence that says so."""
-    tokenizer = sft.build_toy_tokenizer()
+    tokenizer = toy.build_toy_tokenizer()
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         sft.build_sft_example(tokenizer, [{"role": "user", "content": "1+1"}], "2")
@@ -164,11 +166,11 @@ def test_undecodable_or_too_deeply_nested_lines_name_file_and_line(tmp_path):
         path = tmp_path / f"{name}.jsonl"
         path.write_bytes(good + bad + good)
         with pytest.raises(ValueError) as error:
-            rlvr_rewards.read_jsonl(str(path), sft.sft_row)
+            env.read_jsonl(str(path), sft.sft_row)
         assert f"{path}, {message}" in str(error.value)
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "2\u00d73 ≈", "completion": "6"}\n'.encode())
-    assert rlvr_rewards.read_jsonl(str(path), sft.sft_row)[0]["prompt"] == "2×3 ≈"
+    assert env.read_jsonl(str(path), sft.sft_row)[0]["prompt"] == "2×3 ≈"
 
 
 def test_jsonl_accepts_prompt_completion_messages_and_conversational_forms(tmp_path):
@@ -177,7 +179,7 @@ def test_jsonl_accepts_prompt_completion_messages_and_conversational_forms(tmp_p
         {"prompt": "1+1", "completion": "2", "answer": "2"}, "",
         {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]},
         {"prompt": [{"role": "user", "content": "3+3"}], "completion": [{"role": "assistant", "content": "6"}]}])
-    rows = rlvr_rewards.read_jsonl(path, sft.sft_row)
+    rows = env.read_jsonl(path, sft.sft_row)
     assert [r["completion"] for r in rows] == ["2", "4", "6"]
     assert rows[0]["answer"] == "2" and rows[1]["prompt"] == [{"role": "user", "content": "2+2"}]
 
@@ -191,16 +193,16 @@ def test_toy_tokenizer_round_trips_through_save_and_auto_tokenizer(tmp_path):
     qwen2 config.json (where transformers 5 loads it as the byte-level Qwen2Tokenizer: spaces must survive)."""
     from transformers import AutoTokenizer
 
-    tokenizer = sft.build_toy_tokenizer()
+    tokenizer = toy.build_toy_tokenizer()
     text = "<think>3*4=12,7+12=19</think><answer>-17</answer> ~{}\n"
     ids = tokenizer(text)["input_ids"]
     assert tokenizer.decode(ids) == text
     assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == text
-    for tag in sft.TOY_TAGS:
+    for tag in toy.TOY_TAGS:
         assert len(tokenizer(tag)["input_ids"]) == 1
     assert tokenizer("é")["input_ids"] == [tokenizer.unk_token_id]
     tokenizer.save_pretrained(tmp_path)
-    sft.toy_model_config(tokenizer).save_pretrained(tmp_path)  # as in a checkpoint: model_type qwen2
+    toy.toy_model_config(tokenizer).save_pretrained(tmp_path)  # as in a checkpoint: model_type qwen2
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded("hello, i am ana")["input_ids"] == tokenizer("hello, i am ana")["input_ids"]
     assert loaded(text)["input_ids"] == ids and loaded.decode(ids) == text
@@ -214,20 +216,20 @@ def test_toy_tokenizer_round_trips_through_save_and_auto_tokenizer(tmp_path):
 def test_toy_corpus_traces_follow_the_task_and_errors_propagate():
     """Error-free traces equal rlvr_rewards' steps; every reasoning completion's answer is its last step's value;
     the 'arithmetic' dataset holds only correct, readable traces."""
-    for row in rlvr_rewards.make_dataset("arithmetic", split="train", n=200, seed=5):
-        operands, ops = sft.parse_arithmetic(row["prompt"])
-        assert sft.arithmetic_trace(operands, ops) == row["steps"]
-    wrong = sft.arithmetic_trace([7, 3, 4, 2], ["+", "*", "-"], error_step=0, error=1)
+    for row in env.make_dataset("arithmetic", split="train", n=200, seed=5):
+        operands, ops = toy.parse_arithmetic(row["prompt"])
+        assert toy.arithmetic_trace(operands, ops) == row["steps"]
+    wrong = toy.arithmetic_trace([7, 3, 4, 2], ["+", "*", "-"], error_step=0, error=1)
     assert wrong == ["3*4=13", "7+13=20", "20-2=18"]
-    rows = [r for r in sft.toy_corpus(400, seed=0) if r["answer"] is not None]  # arithmetic, not general prompts
-    reasoning = [r for r in rows if sft.is_reasoning(r["completion"])]
+    rows = [r for r in toy.toy_corpus(400, seed=0) if r["answer"] is not None]  # arithmetic, not general prompts
+    reasoning = [r for r in rows if env.reasons(r["completion"])]
     assert 0.2 < len(reasoning) / len(rows) < 0.8
     for r in reasoning:  # the last step's value, in either number language, is the answer
         steps = [s for s in r["completion"].split("<think>")[1].split("</think>")[0].split(",") if "=" in s]
-        assert rlvr_rewards.read_number(steps[-1].split("=")[1]) == int(rlvr_rewards.extract_answer(r["completion"]))
-    clean = sft.toy_corpus(100, seed=0, reasoning_only=True)
-    assert all(rlvr_rewards.accuracy_reward([r["completion"]], answer=[r["answer"]]) == [1.0] for r in clean)
-    assert all(rlvr_rewards.is_readable(r["completion"]) for r in clean)
+        assert env.read_number(steps[-1].split("=")[1]) == int(env.extract_answer(r["completion"]))
+    clean = toy.toy_corpus(100, seed=0, reasoning_only=True)
+    assert all(env.accuracy_reward([r["completion"]], answer=[r["answer"]]) == [1.0] for r in clean)
+    assert all(env.is_readable(r["completion"]) for r in clean)
 
 
 def test_committed_toy_base_loads_and_meets_its_targets():
@@ -235,8 +237,8 @@ def test_committed_toy_base_loads_and_meets_its_targets():
     greedy accuracy re-measured here agrees with the stored one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = rl_kernels.resolve_model_path("toy")  # present, so nothing is built
-    assert path == sft.TOY_BASE and os.path.exists(os.path.join(path, "config.json"))
+    path = K.resolve_model_path("toy")  # present, so nothing is built
+    assert path == toy.TOY_BASE and os.path.exists(os.path.join(path, "config.json"))
     size_mb = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
     assert size_mb < 10
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -244,11 +246,11 @@ def test_committed_toy_base_loads_and_meets_its_targets():
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
     with open(os.path.join(path, "toy_stats.json")) as f:
         stats = json.load(f)
-    assert sft.toy_targets_missed(stats) == []
-    rows = rlvr_rewards.make_dataset("arithmetic", split="test", n=stats["n_problems"], seed=stats["args"]["seed"])
-    completions = sft.generate_completions(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows],
+    assert toy.toy_targets_missed(stats) == []
+    rows = env.make_dataset("arithmetic", split="test", n=stats["n_problems"], seed=stats["args"]["seed"])
+    completions = toy.generate_completions(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows],
                                            max_new_tokens=stats["args"]["max_new_tokens"])
-    accuracy = sum(rlvr_rewards.accuracy_reward(completions, answer=[r["answer"] for r in rows])) / len(rows)
+    accuracy = sum(env.accuracy_reward(completions, answer=[r["answer"] for r in rows])) / len(rows)
     assert accuracy == pytest.approx(stats["greedy_accuracy"], abs=0.03)
 
 
@@ -267,7 +269,7 @@ def test_two_step_run_writes_args_metrics_and_a_loadable_checkpoint(tmp_path):
     result = sft.main(args)
     out = args.out_dir
     assert json.load(open(os.path.join(out, "args.json")))["max_steps"] == 2
-    metrics = rl_kernels.read_metrics(out)
+    metrics = runs.read_metrics(out)
     assert [m["step"] for m in metrics] == [0, 1, 2]  # step 0: the held-out metrics before training
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/accuracy"} <= set(metrics[-1])
     assert result.after["eval/loss"] == metrics[-1]["eval/loss"] and result.final_dir.endswith("final")
@@ -293,16 +295,16 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         calls["n"] += 1
         return calls["n"] == 2
 
-    monkeypatch.setattr(rl_kernels.StopSignal, "should_stop", stop_after_two_steps)
+    monkeypatch.setattr(runs.StopSignal, "should_stop", stop_after_two_steps)
     interrupted = sft.main(tiny_args(tmp_path, dataset=data, out_dir=str(tmp_path / "resumed"), max_steps=4,
                                      save_every=0, eval_every=0))
-    assert interrupted.stopped_at == 2 and rl_kernels.latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-2")
+    assert interrupted.stopped_at == 2 and runs.latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-2")
     resumed = sft.main(tiny_args(tmp_path, dataset=data, out_dir=str(tmp_path / "resumed"), max_steps=4,
                                  save_every=0, eval_every=0, resume=True))
     a = load_file(os.path.join(straight.final_dir, "model.safetensors"))
     b = load_file(os.path.join(resumed.final_dir, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    losses = [[m["train/loss"] for m in rl_kernels.read_metrics(d) if "train/loss" in m]
+    losses = [[m["train/loss"] for m in runs.read_metrics(d) if "train/loss" in m]
               for d in (straight.out_dir, resumed.out_dir)]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
 
@@ -310,19 +312,19 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 def test_evaluate_runs_as_many_generate_calls_as_the_busiest_rank(monkeypatch):
     """evaluate shares the answered prompts out over the ranks, the short shares topped up, so FSDP ranks run the
     same number of generate calls whatever their share of answers; the filler changes no metric."""
-    model, tokenizer = rl_kernels.load_model(sft.TOY_BASE, device="cpu", dtype="float32")
-    problems = rlvr_rewards.make_dataset("arithmetic", split="test", n=5, seed=1)
+    model, tokenizer = K.load_model(toy.TOY_BASE, device="cpu", dtype="float32")
+    problems = env.make_dataset("arithmetic", split="test", n=5, seed=1)
     rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "completion": f"<answer>{p['answer']}</answer>",
              "answer": p["answer"] if i % 2 == 0 else None} for i, p in enumerate(problems)]  # 3 answered
     examples = [sft.build_sft_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
-    batch_sizes, generate = [], rl_kernels.generate
-    monkeypatch.setattr(rl_kernels, "generate", lambda model, ids, *a, **k: batch_sizes.append(len(ids)) or
+    batch_sizes, generate = [], K.generate
+    monkeypatch.setattr(K, "generate", lambda model, ids, *a, **k: batch_sizes.append(len(ids)) or
                         generate(model, ids, *a, **k))
     alone = sft.evaluate(model, tokenizer, examples, rows, max_new_tokens=24, batch_size=2)
     assert batch_sizes == [2, 1]
     batch_sizes.clear()
-    monkeypatch.setattr(rl_kernels, "get_world_size", lambda: 2)  # as rank 0 of 2: rows 0 and 2 of the 3 answered
-    monkeypatch.setattr(rl_kernels, "all_reduce_sum", lambda t: t)
+    monkeypatch.setattr(K, "get_world_size", lambda: 2)  # as rank 0 of 2: rows 0 and 2 of the 3 answered
+    monkeypatch.setattr(K, "all_reduce_sum", lambda t: t)
     busy = sft.evaluate(model, tokenizer, examples, rows, max_new_tokens=24, batch_size=2)
     assert batch_sizes == [2]  # rank 1 (one answered row) would run one call of 2 rows too: its row and a filler
     assert busy.keys() == alone.keys() == {"eval/loss", "eval/accuracy", "eval/reasoning_share",
@@ -348,12 +350,13 @@ def test_torchrun_two_processes_match_one_process(tmp_path, strategy):
 
     rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for b in range(6)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    common = ["--dataset", data, "--max-steps", "2", "--batch-size", "16", "--warmup-steps", "1", "--eval-every", "0",
+    common = ["--preset", "toy_base", "--dataset", data, "--max-steps", "2", "--batch-size", "16", "--warmup-steps", "1",
+              "--eval-every", "0",
               "--save-every", "0", "--device", "cpu", "--export-dir", ""]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    environ = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     os.path.join(ROOT, "sft.py"), *common, "--grad-accum", "2", "--strategy", strategy,
-                    "--out-dir", str(tmp_path / "two")], check=True, env=env, capture_output=True, timeout=300)
+                    "--out-dir", str(tmp_path / "two")], check=True, env=environ, capture_output=True, timeout=300)
     sft.main(tiny_args(tmp_path, dataset=data, max_steps=2, batch_size=16, grad_accum=4, eval_every=0, save_every=0,
                        out_dir=str(tmp_path / "one")))
     two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
@@ -367,14 +370,14 @@ def test_torchrun_two_processes_match_one_process(tmp_path, strategy):
 def test_torchrun_fsdp_evaluation_with_uneven_answers_matches_one_process(tmp_path):
     """Seven held-out rows, rank 0 holding three with an answer and rank 1 one: two FSDP ranks (gloo, CPU) finish,
     each running as many generate calls, with the eval metrics of one process, every row counted once."""
-    problems = rlvr_rewards.make_dataset("arithmetic", split="test", n=7, seed=1)
+    problems = env.make_dataset("arithmetic", split="test", n=7, seed=1)
     rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "completion": f"<answer>{p['answer']}</answer>"}
             for p in problems]
     for i in (0, 1, 2, 4):  # rank 0 takes rows 0, 2, 4, 6 and rank 1 rows 1, 3, 5
         rows[i]["answer"] = problems[i]["answer"]
-    train = write_jsonl(tmp_path / "train.jsonl", sft.toy_corpus(4, seed=0))
+    train = write_jsonl(tmp_path / "train.jsonl", toy.toy_corpus(4, seed=0))
     held_out = write_jsonl(tmp_path / "eval.jsonl", rows)
-    common = ["--model", sft.TOY_BASE, "--dataset", train, "--eval-dataset", held_out, "--max-steps", "1",
+    common = ["--model", toy.TOY_BASE, "--dataset", train, "--eval-dataset", held_out, "--max-steps", "1",
               "--batch-size", "2", "--lr", "1e-6", "--warmup-steps", "1", "--eval-every", "0", "--save-every", "0",
               "--max-new-tokens", "24", "--device", "cpu", "--export-dir", ""]
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -388,10 +391,10 @@ def test_torchrun_fsdp_evaluation_with_uneven_answers_matches_one_process(tmp_pa
         two.communicate()
         raise
     assert two.returncode == 0, output[-3000:]
-    sft.main(tiny_args(tmp_path, model=sft.TOY_BASE, dataset=train, eval_dataset=held_out, max_steps=1, batch_size=2,
+    sft.main(tiny_args(tmp_path, model=toy.TOY_BASE, dataset=train, eval_dataset=held_out, max_steps=1, batch_size=2,
                        grad_accum=2, lr=1e-6, eval_every=0, save_every=0, max_new_tokens=24,
                        out_dir=str(tmp_path / "one")))
-    last = {d: rl_kernels.read_metrics(str(tmp_path / d))[-1] for d in ("one", "two")}
+    last = {d: runs.read_metrics(str(tmp_path / d))[-1] for d in ("one", "two")}
     keys = {"eval/loss", "eval/accuracy", "eval/reasoning_share"}
     assert keys <= set(last["one"]) and keys <= set(last["two"])
     assert all(last["two"][k] == pytest.approx(last["one"][k], abs=1e-5) for k in keys)

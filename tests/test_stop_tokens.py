@@ -18,7 +18,9 @@ import torch
 import grpo
 import ppo
 import rl_kernels as K
-import rlvr_rewards as R
+import rl_runs as runs
+import rlvr_rewards as env
+import toy_world as toy
 
 END_OF_TURN, NEW_EOS = 0, 105
 
@@ -30,7 +32,7 @@ def renamed_toy(path, generation_eos, template_end: str = "<|im_end|>") -> str:
 
     path = str(path)
     os.makedirs(path, exist_ok=True)
-    spec = json.load(open(os.path.join(K.TOY_BASE, "tokenizer.json")))
+    spec = json.load(open(os.path.join(toy.TOY_BASE, "tokenizer.json")))
     renamed = {"<|endoftext|>": "<|im_end|>"}
     for token in spec["added_tokens"]:
         token["content"] = renamed.get(token["content"], token["content"])
@@ -38,11 +40,11 @@ def renamed_toy(path, generation_eos, template_end: str = "<|im_end|>") -> str:
     vocab = spec["model"]["vocab"]
     spec["model"]["vocab"] = {**{renamed.get(k, k): v for k, v in vocab.items()}, "<|endoftext|>": NEW_EOS}
     json.dump(spec, open(os.path.join(path, "tokenizer.json"), "w"))
-    shutil.copy(os.path.join(K.TOY_BASE, "tokenizer_config.json"), path)  # eos and pad: <|endoftext|>, now id 105
-    template = open(os.path.join(K.TOY_BASE, "chat_template.jinja")).read()
+    shutil.copy(os.path.join(toy.TOY_BASE, "tokenizer_config.json"), path)  # eos and pad: <|endoftext|>, now id 105
+    template = open(os.path.join(toy.TOY_BASE, "chat_template.jinja")).read()
     open(os.path.join(path, "chat_template.jinja"), "w").write(template.replace("<|endoftext|>", template_end))
 
-    model = AutoModelForCausalLM.from_pretrained(K.TOY_BASE)
+    model = AutoModelForCausalLM.from_pretrained(toy.TOY_BASE)
     model.resize_token_embeddings(NEW_EOS + 1)
     with torch.no_grad():
         model.get_input_embeddings().weight[NEW_EOS] = model.get_input_embeddings().weight[1]  # as <|unk|>: unsampled
@@ -54,13 +56,13 @@ def renamed_toy(path, generation_eos, template_end: str = "<|im_end|>") -> str:
 
 def sampled(model_dir, rows, template, max_new_tokens=64):
     model, tokenizer = K.load_model(model_dir, device="cpu", dtype="float32")
-    return R.sample(model, tokenizer, rows, num_samples=2, max_new_tokens=max_new_tokens, template=template,
+    return env.sample(model, tokenizer, rows, num_samples=2, max_new_tokens=max_new_tokens, template=template,
                     noise_keys=list(range(2 * len(rows)))), tokenizer, model
 
 
 @pytest.fixture(scope="module")
 def rows():
-    return R.make_dataset("arithmetic", "test", n=12, seed=3)
+    return env.make_dataset("arithmetic", "test", n=12, seed=3)
 
 
 @pytest.mark.parametrize("case", ["generation_config_list", "chat_end_of_turn"])
@@ -72,9 +74,9 @@ def test_a_row_stops_at_any_end_token_as_the_original_toy_does(tmp_path, rows, c
                                 "chat_end_of_turn": (NEW_EOS, "chat")}[case]
     path = renamed_toy(tmp_path / "renamed", generation_eos)
     ours, tokenizer, model = sampled(path, rows, template)
-    theirs, _, _ = sampled(K.TOY_BASE, rows, template)
+    theirs, _, _ = sampled(toy.TOY_BASE, rows, template)
     assert tokenizer.eos_token_id == NEW_EOS and tokenizer.convert_ids_to_tokens(END_OF_TURN) == "<|im_end|>"
-    stops = R.stop_token_ids(tokenizer, model, chat=template == "chat")
+    stops = env.stop_token_ids(tokenizer, model, chat=template == "chat")
     assert END_OF_TURN in stops and NEW_EOS in stops
     assert (~theirs.gen.truncated).float().mean() > 0.5  # the toy ends most responses within 64 tokens
     assert torch.equal(ours.gen.truncated, theirs.gen.truncated)
@@ -93,7 +95,7 @@ def test_without_the_end_token_listed_nothing_stops(tmp_path, rows):
     leave every row running to max_new_tokens, as every row did before this fix."""
     path = renamed_toy(tmp_path / "renamed", NEW_EOS, template_end="<|unk|>")
     ours, tokenizer, model = sampled(path, rows, "chat", max_new_tokens=24)
-    assert END_OF_TURN not in R.stop_token_ids(tokenizer, model, chat=True)
+    assert END_OF_TURN not in env.stop_token_ids(tokenizer, model, chat=True)
     assert ours.gen.truncated.all()
 
 
@@ -112,16 +114,16 @@ def test_stop_token_ids_read_every_source():
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = [151645, 151643]
-    assert R.stop_token_ids(tokenizer, model) == [151645, 151643]
-    assert R.stop_token_ids(tokenizer, model, chat=True) == [151645, 151643]  # no template: nothing more
+    assert env.stop_token_ids(tokenizer, model) == [151645, 151643]
+    assert env.stop_token_ids(tokenizer, model, chat=True) == [151645, 151643]  # no template: nothing more
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}<|im_end|>t1{% endfor %}"
                                "{% if add_generation_prompt %}assistant {% endif %}")
     model.generation_config.eos_token_id = 151643  # a base model: one id
-    assert R.stop_token_ids(tokenizer, model) == [151643]
-    assert R.stop_token_ids(tokenizer, model, chat=True) == [151643, 151645]
-    assert R.end_of_turn_id(tokenizer) == 151645
+    assert env.stop_token_ids(tokenizer, model) == [151643]
+    assert env.stop_token_ids(tokenizer, model, chat=True) == [151643, 151645]
+    assert env.end_of_turn_id(tokenizer) == 151645
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}t1{% endfor %}"  # a plain token follows
-    assert R.end_of_turn_id(tokenizer) is None
+    assert env.end_of_turn_id(tokenizer) is None
     model.generation_config.eos_token_id = 0  # id 0 is an id, not "unset": the config's 151643 must not replace it
     assert K.eos_token_ids(model) == [0]
     model.generation_config.eos_token_id = None
@@ -138,10 +140,10 @@ def test_grpo_and_ppo_runs_stop_at_the_end_of_turn(tmp_path):
                   plot=False)
     grpo.main(grpo.Args(out_dir=str(tmp_path / "grpo"), **common))
     ppo.main(ppo.Args(out_dir=str(tmp_path / "ppo"), **common))
-    step = {name: K.read_metrics(str(tmp_path / name))[0] for name in ("grpo", "ppo")}
+    step = {name: runs.read_metrics(str(tmp_path / name))[0] for name in ("grpo", "ppo")}
     assert step["grpo"]["rollout/truncated_share"] < 0.5 and step["ppo"]["rollout/eos_rate"] > 0.5, step
 
-    rows = R.make_dataset("arithmetic", "train", n=4, seed=0)
+    rows = env.make_dataset("arithmetic", "train", n=4, seed=0)
     rollout, _, _ = sampled(path, rows, "chat")
     lengths = rollout.gen.mask.sum(-1)
     scores = torch.arange(1.0, len(lengths) + 1)
