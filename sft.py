@@ -39,7 +39,7 @@ Deliberate choices:
     the loss does not change, since its denominator is the whole batch's token count.
 
 Launch:
-    python sft.py                                          # the R1 cold start on toy/base, CPU, ~2 minutes
+    python sft.py                                          # the R1 cold start on toy/base, CPU, under a minute
     OMP_NUM_THREADS=1 python sft.py --preset toy_base      # rebuild toy/base (about an hour of one CPU core)
     python sft.py --model Qwen/Qwen2.5-0.5B --dataset data.jsonl --epochs 2 --lr 1e-5 --out-dir runs/sft
     torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-7B --dataset data.jsonl --strategy fsdp \\
@@ -47,7 +47,10 @@ Launch:
 Data: a UTF-8 .jsonl file with one object a line, {"prompt": str | [messages], "completion": str} or
 {"messages": [..., {"role": "assistant", ...}]}; an "answer" field makes eval/accuracy possible.
 
-Result of `python sft.py`: SFT_RESULT_TBD
+Result of `python sft.py` (150 steps of 32 readable traces, lr 3e-4; seeds 1, 2, 3; 41-46 s in all, one thread of
+a 2-core AMD EPYC, 2026-12-06): held-out greedy accuracy 35.2 / 32.0 / 35.5% -> 96.5 / 91.8 / 93.0% (mean 93.8%),
+greedy answers that reason 23-27% -> 100%, T=1 traces that are readable 46% (seed 1) -> 99.0-99.7%, traces that mix
+languages 25% (seed 1) -> 0.3-0.7%. The cold start's purpose in R1: readable reasoning from the first RL step.
 """
 
 from __future__ import annotations
@@ -409,7 +412,9 @@ def toy_world_report(args: Args, final_dir: str, tokenizer, device, session: run
                    "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
                    "args": dataclasses.asdict(args)}, f, indent=2)
     start = os.path.join(K.resolve_model_path(args.model), "toy_stats.json") if args.model else ""
-    toy.print_table(stats, before=json.load(open(start)) if os.path.exists(start) else None)
+    before = json.load(open(start)) if os.path.exists(start) else {}
+    same_problems = (before.get("n_problems"), before.get("args", {}).get("seed")) == (args.eval_size, args.seed)
+    toy.print_table(stats, before=before if same_problems else None)  # the starting model's, on the same problems
     export_dir = args.export_dir
     missed = toy.toy_targets_missed(stats)
     if export_dir and os.path.abspath(export_dir) == os.path.abspath(toy.TOY_BASE) and missed:

@@ -398,3 +398,20 @@ def test_torchrun_fsdp_evaluation_with_uneven_answers_matches_one_process(tmp_pa
     keys = {"eval/loss", "eval/accuracy", "eval/reasoning_share"}
     assert keys <= set(last["one"]) and keys <= set(last["two"])
     assert all(last["two"][k] == pytest.approx(last["one"][k], abs=1e-5) for k in keys)
+
+
+def test_toy_presets_are_the_recipes_that_made_the_committed_toy_models():
+    """--preset toy_base and toy_student set every argument that toy/base's and toy/student's toy_stats.json record
+    (what made them), apart from where the run writes; a random init either way (model None then, "" now); they run
+    on one thread, as those builds did. The default preset is the R1 cold start on toy/base."""
+    import dataclasses
+
+    for preset, path in (("toy_base", toy.TOY_BASE), ("toy_student", toy.TOY_STUDENT)):
+        recorded = json.load(open(os.path.join(path, "toy_stats.json")))
+        args = dataclasses.asdict(sft.Args(preset=preset))
+        differ = {k: (v, args.get(k)) for k, v in recorded["args"].items() if args.get(k) != v}
+        assert set(differ) == {"model", "out_dir", "export_dir"} and not differ["model"][0] and not args["model"], differ
+        assert os.path.abspath(args["export_dir"]) == os.path.abspath(path) and recorded["torch_threads"] == 1
+        assert args["threads"] == 0  # rl_kernels.set_cpu_threads: 1 thread for a model this small
+    cold = sft.Args()
+    assert (cold.preset, cold.model, cold.dataset, cold.export_dir) == ("cold_start", "toy", "arithmetic", "")
