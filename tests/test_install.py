@@ -88,3 +88,28 @@ def test_the_floors_file_pins_exactly_the_floors_of_requirements_txt():
         return {package.split("[")[0].strip().lower(): Version(version) for package, version in pairs}
 
     assert entries(".ci/floors.txt", "==") == entries("requirements.txt", ">=")
+
+
+def test_imports_only_go_down_the_house_plan():
+    """The import graph of ../shared/DESIGN.md: sandbox and rl_kernels import nothing of ours; rl_runs only the
+    engine; rlvr_rewards the engine and the sandbox; toy_world those; every algorithm file the floors below and no
+    other algorithm file (ppo.py may score with the reward model); only r1_pipeline.py imports the scripts. Any
+    import counts, inside a function too."""
+    import ast
+
+    ground = {"sandbox": set(), "rl_kernels": set()}
+    allowed = {**ground, "rl_runs": {"rl_kernels"}, "rlvr_rewards": {"rl_kernels", "sandbox"},
+               "toy_world": {"rl_kernels", "rlvr_rewards", "sandbox"}}
+    floors = {"rl_kernels", "rl_runs", "rlvr_rewards", "sandbox", "toy_world"}
+    allowed.update({name: floors for name in ("sft", "rlhf_reward_model", "grpo")})
+    allowed["ppo"] = floors | {"rlhf_reward_model"}
+    allowed["r1_pipeline"] = floors | {"sft", "rlhf_reward_model", "grpo", "ppo"}
+    ours = {os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith(".py")}
+    assert ours == set(allowed), ours ^ set(allowed)
+    for name in sorted(ours):
+        tree = ast.parse(open(os.path.join(ROOT, f"{name}.py")).read())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+        assert imported & ours <= allowed[name], (name, sorted(imported & ours - allowed[name]))
