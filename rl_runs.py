@@ -8,7 +8,7 @@ What is in this file, top to bottom:
                           the position alone, so a resume needs only the position; next_rows), warmup_schedule.
   3. checkpoints:         save_checkpoint / load_checkpoint / latest_checkpoint: a transformers directory plus the
                           trainer state, written to a temporary name and renamed when complete.
-  4. metrics:             save_args (args.json), MetricsLogger (metrics.jsonl, samples.jsonl, wandb, TensorBoard),
+  4. metrics:             MetricsLogger (metrics.jsonl, samples.jsonl, wandb, TensorBoard),
                           read_metrics, plot_metrics (curves.png), Timer (perf/ seconds per phase).
   5. the out-dir:         check_settings (the shared flags' values), StopSignal, Run (one run per out-dir, its lock,
                           --resume / --overwrite, SIGTERM/SIGINT), RunResult (what every main returns).
@@ -16,8 +16,8 @@ What is in this file, top to bottom:
                           and rlhf_reward_model.py would otherwise each write (the out-dir, resuming, args.json, the
                           logger, the step-0 evaluation, the progress bar, the end-of-step bookkeeping, stopping with a
                           checkpoint, finishing); presets on the command line (apply_preset, preset_cli).
-  7. the command line:    progress (tqdm on a terminal, a plain line every 30 s elsewhere), quiet_transformers,
-                          run_cli (a user's mistake prints one sentence and exits 2; a signal exits 128 + signal).
+  7. the command line:    progress (tqdm on a terminal, a plain line every 30 s elsewhere), run_cli (a user's mistake
+                          prints one sentence and exits 2; a signal exits 128 + the signal).
 """
 
 from __future__ import annotations
@@ -303,16 +303,6 @@ def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None) -> di
 # ----------------------------------------------------------------------------------------------------------
 
 
-def save_args(out_dir: str, args) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "args.json")
-    if K.get_rank() == 0:
-        with open(path, "w") as f:
-            json.dump(dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args), f, indent=2,
-                      default=str)
-    return path
-
-
 REPORTERS = ("none", "wandb", "tensorboard")
 
 
@@ -549,7 +539,7 @@ class Run:
         self.checkpoint: str | None = None
         self.start_step = 0
         self.finished = False
-        self.stop = StopSignal()
+        self.signals = StopSignal()
         self._lock = None
 
     def __enter__(self) -> "Run":
@@ -567,11 +557,11 @@ class Run:
                    "larger --max-steps to train further, or --overwrite to start again.")
         elif self.resume and self.checkpoint is None:
             K.print0(f"--resume: no complete checkpoint in {self.out_dir}; starting from scratch.")
-        self.stop.__enter__()
+        self.signals.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.stop.__exit__(*exc)
+        self.signals.__exit__(*exc)
         self._release()
         return False
 
@@ -608,11 +598,11 @@ class Run:
 
     def should_stop(self) -> bool:
         """True on every rank once any rank was signalled (a collective under torchrun)."""
-        return self.stop.should_stop()
+        return self.signals.should_stop()
 
     @property
     def signal(self) -> int | None:
-        return self.stop.signum
+        return self.signals.signum
 
 
 @dataclass
@@ -676,8 +666,9 @@ class Stopped(Exception):
     it, so main goes on to `return session.result()`."""
 
 
-class Session:
-    """The life of one training run, written once for every script; the script keeps its loop and its phases.
+class Session(Run):
+    """The life of one training run (a Run: its out-dir, lock and signals), written once for every script; the
+    script keeps its loop and its phases.
 
         session = rl_runs.Session(args, check=check_args, desc="grpo", panels=PANELS)  # torchrun, checks, seeds
         ... the data and rewards: a user's mistake stops here, before any model loads ...
@@ -697,28 +688,22 @@ class Session:
 
     def __init__(self, args, *, check: Callable, desc: str, panels=(), title: str = ""):
         self.t_start = time.time()
-        quiet_transformers()
+        import transformers  # no bars of its own inside ours; no load report for heads we expect to be new
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
         self.info = init_distributed(args.device, args.dist_timeout_s)
         check(args, self.info)                       # one sentence per impossible setting, before anything loads
         seed_everything(args.seed)
+        # max_steps: a script may change it before `with` (sft.py's --epochs)
+        super().__init__(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps)
         self.args, self.desc, self.panels, self.title = args, desc, list(panels), title
-        self.max_steps = args.max_steps              # a script may set it before `with` (sft.py's --epochs)
         self.state: dict[str, Any] = {"skipped": 0, "nan_streak": 0}
-        self.start_step, self.stopped_at = 0, None
-        self.run = self.logger = self.bar = self.final_dir = self.evaluate = self._snapshot = None
-
-    def __enter__(self) -> "Session":
-        self.run = Run(self.args.out_dir, resume=self.args.resume, overwrite=self.args.overwrite,
-                       max_steps=self.max_steps).__enter__()
-        return self
+        self.stopped_at = self.logger = self.bar = self.final_dir = self.evaluate = self._snapshot = None
 
     def __exit__(self, exc_type, *exc):
-        self.run.__exit__(exc_type, *exc)
+        super().__exit__(exc_type, *exc)
         return exc_type is Stopped  # a stop saved its checkpoint: main returns session.result()
-
-    @property
-    def finished(self) -> bool:
-        return self.run.finished
 
     def start(self, args, *, model=None, tokenizer=None, optimizer=None, scheduler=None, evaluate=None,
               save: Callable | None = None, restore: Callable | None = None, tensor_files: Callable | None = None,
@@ -733,7 +718,7 @@ class Session:
         self._save = save or (lambda step, name=None: save_checkpoint(
             args.out_dir, step, model, tokenizer, optimizer, scheduler, extra=self.state, name=name,
             tensor_files=tensor_files() if tensor_files else None))
-        checkpoint = self.run.checkpoint
+        checkpoint = self.checkpoint
         if checkpoint is not None:
             if restore is None:
                 loaded = load_checkpoint(checkpoint, model, optimizer, scheduler)
@@ -744,7 +729,9 @@ class Session:
             else:
                 self.start_step = restore(checkpoint)
             K.print0(f"Resumed from {checkpoint} at step {self.start_step}.")
-        save_args(args.out_dir, args)
+        if K.get_rank() == 0:
+            with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2, default=str)
         self.logger = MetricsLogger(args.out_dir, resume_step=self.start_step if checkpoint else None,
                                     report_to=args.report_to, config=dataclasses.asdict(args))
         if self.start_step == 0 and evaluate is not None and args.eval_every:
@@ -788,14 +775,14 @@ class Session:
             raise RuntimeError(f"{self.state['nan_streak']} updates in a row had a non-finite loss or gradient; "
                                f"stopped (last good weights saved to {path}). Lower the learning rate, or check the "
                                "rewards and the data.")
-        if self.run.should_stop():
+        if self.should_stop():
             self.stop(step)
         if args.save_every and step % args.save_every == 0:
             self.save(step)
 
     def stop_requested(self) -> bool:
         """Whether this process was signalled (local, no collective): what a slow reward checks to give up early."""
-        return self.run.stop.requested
+        return self.signals.requested
 
     def save(self, step: int, name: str | None = None) -> str:
         """A checkpoint (checkpoint-STEP/, or name/): collective, every rank calls it."""
@@ -813,12 +800,12 @@ class Session:
         metrics.jsonl); on rank 0, for a run that finished, summary.json, curves.png and the before/after table."""
         if self.logger is not None:
             self.logger.close()
-        final_dir = self.run.checkpoint if self.finished else self.final_dir
+        final_dir = self.checkpoint if self.finished else self.final_dir
         out_dir = self.args.out_dir
         evals = [e for e in ({k: v for k, v in row.items() if k.startswith("eval/")} for row in read_metrics(out_dir))
                  if e]
         result = RunResult(out_dir, final_dir, evals[0] if evals else {}, evals[-1] if evals else {}, self.stopped_at,
-                           time.time() - self.t_start, self.run.signal)
+                           time.time() - self.t_start, self.signal)
         if K.get_rank() != 0 or final_dir is None:
             return result
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
@@ -898,15 +885,6 @@ def progress(iterable, *, desc: str, total: int, initial: int = 0):
 
         return tqdm(iterable, desc=desc, total=total, initial=initial, dynamic_ncols=True)
     return _PlainProgress(iterable, desc, total, initial)
-
-
-def quiet_transformers():
-    """No progress bars of transformers' own inside ours, and no load report for weights we expect to be new (a
-    reward model's or a critic's head on a causal-LM backbone)."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def run_cli(main, args) -> None:

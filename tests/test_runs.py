@@ -372,7 +372,7 @@ def test_help_shows_switches_and_choices(capsys, monkeypatch):
     import tyro
 
     monkeypatch.setenv("COLUMNS", "200")
-    for name, parse in (("grpo", lambda: grpo.cli(["--help"])), ("sft", lambda: tyro.cli(sft.Args, args=["--help"])),
+    for name, parse in (("grpo", lambda: grpo.cli(["--help"])), ("sft", lambda: sft.cli(["--help"])),
                         ("rlhf", lambda: tyro.cli(rlhf_reward_model.Args, args=["--help"])),
                         ("ppo", lambda: ppo.cli(["--help"]))):
         with pytest.raises(SystemExit):
