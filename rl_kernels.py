@@ -247,7 +247,7 @@ def resolve_model_path(name_or_path: str) -> str:
         return name_or_path
     if not os.path.exists(os.path.join(TOY_BASE, "config.json")):
         raise UserError(f"No toy base model at {TOY_BASE}: restore it with `git checkout -- toy/base`, or rebuild it "
-                        "with `python sft.py --preset toy_base` (about an hour on one CPU core).")
+                        "with `python sft.py --preset toy_base` (15-65 min on one CPU core).")
     return TOY_BASE
 
 

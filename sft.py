@@ -20,7 +20,7 @@ Presets (`--preset NAME` sets the fields you leave unset; any flag you pass wins
                  writes messy, two-language reasoning when it reasons, fine-tuned on correct readable R1-format traces
                  (<think>3*4=12,7+12=19,19-2=17</think>7+3*4-2=17<answer>17</answer>, the 'arithmetic' dataset).
     toy_base     pretrain the toy base model from random weights on the toy corpus (toy_world.py) and export it to
-                 toy/base if it meets toy_world.TOY_TARGETS (about an hour of one CPU core).
+                 toy/base if it meets toy_world.TOY_TARGETS (15-65 min on one CPU core).
     toy_student  the same corpus into the smaller student, exported to toy/student (r1_pipeline.py distils into it).
 
 Deliberate choices:
@@ -40,7 +40,7 @@ Deliberate choices:
 
 Launch:
     python sft.py                                          # the R1 cold start on toy/base, CPU, under a minute
-    OMP_NUM_THREADS=1 python sft.py --preset toy_base      # rebuild toy/base (about an hour of one CPU core)
+    OMP_NUM_THREADS=1 python sft.py --preset toy_base      # rebuild toy/base (15-65 min on one CPU core)
     python sft.py --model Qwen/Qwen2.5-0.5B --dataset data.jsonl --epochs 2 --lr 1e-5 --out-dir runs/sft
     torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-7B --dataset data.jsonl --strategy fsdp \\
         --batch-size 64 --grad-accum 2 --lr 1e-5 --out-dir runs/sft-7b
@@ -104,7 +104,7 @@ class SFTArgs:
     tokenizer: Optional[str] = None
     """tokenizer for --init-from-config (default: the toy character tokenizer)"""
     dataset: str = None
-    """'toy' (the toy base model's corpus), 'arithmetic' (correct readable reasoning traces: a cold start), or a .jsonl"""
+    """'toy' (the toy base model's corpus), 'arithmetic' (correct readable traces: a cold start), or a .jsonl"""
     eval_dataset: Optional[str] = None
     """held-out .jsonl (default: the built-in test split, or --eval-size rows held out of the training file)"""
     num_examples: int = None
