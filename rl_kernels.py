@@ -592,17 +592,6 @@ def _use_grouped_attention(config) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _grouped_attention(model):
-    """grouped_sdpa_attention for the duration of the block (a model we decode with but do not own)."""
-    switched = _use_grouped_attention(model.config)
-    try:
-        yield
-    finally:
-        if switched:
-            model.config._attn_implementation = "sdpa"
-
-
 def _cuda_out_dtype_ok() -> bool:
     """Whether this CUDA build multiplies bf16 matrices into an fp32 result (torch.mm/addmm out_dtype); probed once."""
     if "ok" not in _CUDA_OUT_DTYPE:
@@ -1517,7 +1506,10 @@ def guarded_step(model, optimizer, max_grad_norm: float, stats: dict, names: Seq
     finite = all(math.isfinite(v) for k, v in values.items() if k in keys or k == "loss" or k.endswith("_loss"))
     stepped = all_reduce_sum(torch.tensor(float(not finite))).item() == 0
     for _, opt in pairs:
-        opt.step() if stepped else opt.zero_grad(set_to_none=True)
+        if stepped:
+            opt.step()
+        else:
+            opt.zero_grad(set_to_none=True)
     if state is not None:
         state["skipped"] = state.get("skipped", 0) + (not stepped)
         state["nan_streak"] = 0 if stepped else state.get("nan_streak", 0) + 1
@@ -1548,6 +1540,7 @@ def accumulate_gradients(models, minibatch: dict, micro_loss, *, max_tokens: int
         model.zero_grad(set_to_none=True)
     tokens = minibatch[mask].sum()
     share = Share(all_reduce_sum(tokens.double()) / get_world_size(), minibatch[mask].shape[0])
+    tokens = tokens.clamp_min(1)  # each micro-batch's stats weigh its share of them
     stats, losses = {}, {}
     parts = micro_batches(minibatch, max_tokens)
     for i, (_, part) in enumerate(parts):
@@ -1559,7 +1552,7 @@ def accumulate_gradients(models, minibatch: dict, micro_loss, *, max_tokens: int
             sum(named.values()).backward()
         for name, value in named.items():
             losses[name] = losses.get(name, 0.0) + value.detach().float()
-        fold_stats(stats, part_stats, part[mask].sum() / tokens.clamp_min(1))
+        fold_stats(stats, part_stats, part[mask].sum() / tokens)
     return {**stats, **losses}
 
 

@@ -828,7 +828,8 @@ def apply_preset(args, presets: dict[str, dict], plain: dict[str, Any]):
     for name, value in plain.items():
         if getattr(args, name) is None:
             setattr(args, name, presets[args.preset].get(name, value))
-    if getattr(args, "compile", False) is None:  # compile the decode step and the loss where a CUDA GPU is used
+    # --compile: on where a CUDA GPU is used; resolved here, when Args is built, so that --help shows a bool
+    if getattr(args, "compile", False) is None:
         args.compile = args.device != "cpu" and torch.cuda.is_available()
 
 
