@@ -228,17 +228,8 @@ def sft_row(prompt: str, completion: str, answer=None) -> dict:
     return {"prompt": [{"role": "user", "content": prompt}], "completion": completion, "answer": answer}
 
 
-def write_text(path: str, text: str) -> str:
-    """Written whole or not at all (a temporary file renamed), so a stop never leaves a file a rerun cannot read."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-    return path
-
-
 def write_jsonl(path: str, rows: list[dict]) -> str:
-    return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return runs.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 @torch.no_grad()
@@ -378,7 +369,7 @@ def rejection_sft(args: Args, path: str, done: dict) -> dict:
         rng, n = random.Random(args.seed), max(1, round(len(kept) * c.general_share / (1 - c.general_share)))
         general = [sft_row(r["prompt"], toy.toy_general_completion(r["prompt"], rng, reasoning=False, harmful=False))
                    for r in general_rows("train", n, args.seed)]
-        write_text(stats_file, json.dumps({**stats, "general": len(general)}, indent=1))
+        runs.write_text(stats_file, json.dumps({**stats, "general": len(general)}, indent=1))
         write_jsonl(data, list(kept.values()) + general)  # last: its presence marks the data complete
     with open(stats_file) as f:
         filters = json.load(f)
@@ -484,7 +475,7 @@ def stage_table(args: Args, done: dict) -> list[dict]:
         table.append({"stage": name, **metrics, "wall_s": record.get("wall_s"), "paper": PAPER.get(name, {}),
                       "from": record.get("from") if isinstance(record, dict) else None})
     for path, content in ((cache_file, cache), (os.path.join(args.out_dir, "stages.json"), table)):
-        write_text(path, json.dumps(content, indent=1))
+        runs.write_text(path, json.dumps(content, indent=1))
 
     def cell(row, key):
         value, fmt = row.get(key), {"wall_s": "{:.0f}", "eval/response_length": "{:.1f}"}.get(key, "{:.3f}")
@@ -497,7 +488,7 @@ def stage_table(args: Args, done: dict) -> list[dict]:
              "against the base, the cold start against R1-Zero, the student rows against the teacher).\n")
     if any(row["from"] for row in table):
         text += f"* run in {args.inputs_from} (--inputs-from), not in this out dir.\n"
-    write_text(os.path.join(args.out_dir, "stages.md"), text)
+    runs.write_text(os.path.join(args.out_dir, "stages.md"), text)
     print("\n" + text + f"\nWritten: {args.out_dir}/stages.json, {args.out_dir}/stages.md")
     return table
 

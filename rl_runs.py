@@ -8,7 +8,8 @@ What is in this file, top to bottom:
                           the position alone, so a resume needs only the position; next_rows), warmup_schedule.
   3. checkpoints:         save_checkpoint / load_checkpoint / latest_checkpoint: a transformers directory plus the
                           trainer state, written to a temporary name and renamed when complete.
-  4. metrics:             MetricsLogger (metrics.jsonl, samples.jsonl, wandb, TensorBoard),
+  4. metrics:             write_text (whole or not at all), MetricsLogger (metrics.jsonl, samples.jsonl, wandb,
+                          TensorBoard),
                           read_metrics, plot_metrics (curves.png), Timer (perf/ seconds per phase).
   5. the out-dir:         check_settings (the shared flags' values), StopSignal, Run (one run per out-dir, its lock,
                           --resume / --overwrite, SIGTERM/SIGINT), RunResult (what every main returns).
@@ -301,6 +302,15 @@ def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None) -> di
 # ----------------------------------------------------------------------------------------------------------
 # 4. Metrics: args.json, metrics.jsonl and samples.jsonl, reporters, curves, timings
 # ----------------------------------------------------------------------------------------------------------
+
+
+def write_text(path: str, text: str) -> str:
+    """Written whole or not at all (a temporary file renamed), so a stop never leaves a file a rerun cannot read."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 REPORTERS = ("none", "wandb", "tensorboard")
@@ -730,8 +740,8 @@ class Session(Run):
                 self.start_step = restore(checkpoint)
             K.print0(f"Resumed from {checkpoint} at step {self.start_step}.")
         if K.get_rank() == 0:
-            with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=2, default=str)
+            write_text(os.path.join(args.out_dir, "args.json"),
+                       json.dumps(dataclasses.asdict(args), indent=2, default=str))
         self.logger = MetricsLogger(args.out_dir, resume_step=self.start_step if checkpoint else None,
                                     report_to=args.report_to, config=dataclasses.asdict(args))
         if self.start_step == 0 and evaluate is not None and args.eval_every:
@@ -808,8 +818,8 @@ class Session(Run):
                            time.time() - self.t_start, self.signal)
         if K.get_rank() != 0 or final_dir is None:
             return result
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump({"before": result.before, "after": result.after, "wall_s": result.wall_s}, f, indent=2)
+        write_text(os.path.join(out_dir, "summary.json"),
+                   json.dumps({"before": result.before, "after": result.after, "wall_s": result.wall_s}, indent=2))
         curves = plot_metrics(out_dir, self.panels, self.title) if getattr(self.args, "plot", True) else None
         if len(evals) > 1:
             print("\n| held-out | before | after |\n|---|---|---|")

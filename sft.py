@@ -407,10 +407,10 @@ def toy_world_report(args: Args, final_dir: str, tokenizer, device, session: run
     plain = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).to(device)
     stats = toy.evaluate_toy(plain, tokenizer, n=args.eval_size, seed=args.seed, max_new_tokens=args.max_new_tokens)
     session.logger.log(max(session.max_steps, session.start_step), {f"toy/{k}": v for k, v in stats.items()})
-    with open(os.path.join(final_dir, "toy_stats.json"), "w") as f:
-        json.dump({**stats, "train_wall_s": round(time.time() - session.t_start), "torch": torch.__version__,
-                   "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
-                   "args": dataclasses.asdict(args)}, f, indent=2)
+    runs.write_text(os.path.join(final_dir, "toy_stats.json"), json.dumps(
+        {**stats, "train_wall_s": round(time.time() - session.t_start), "torch": torch.__version__,
+         "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+         "args": dataclasses.asdict(args)}, indent=2))
     start = os.path.join(K.resolve_model_path(args.model), "toy_stats.json") if args.model else ""
     before = json.load(open(start)) if os.path.exists(start) else {}
     same_problems = (before.get("n_problems"), before.get("args", {}).get("seed")) == (args.eval_size, args.seed)
