@@ -338,18 +338,17 @@ def reward_functions(args: Args) -> tuple[list, tuple[float, ...]]:
 
 def load_models(args: Args, info: runs.DistInfo):
     """(policy, the frozen reference or None, tokenizer): the policy wrapped for DDP/FSDP2; the reference loaded
-    only when beta > 0, and sharded like the policy under FSDP."""
-    model, tokenizer = K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=info.device)
+    only when beta > 0, and sharded like the policy under FSDP (both sharded as they load)."""
+    precision = dict(dtype=args.dtype, master_dtype=args.master_dtype, device=info.device,
+                     shard=args.strategy == "fsdp")  # FSDP2: sharded as it loads, never whole on a GPU
+    model, tokenizer = K.load_model(args.model, **precision)
     K.set_cpu_threads(args.threads, model)
     ref_model = None
     if args.kl_coef > 0:  # frozen: bf16 matmul weights only, computing what the policy computes at equal weights
-        ref_model, _ = K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype,
-                                    device=info.device, frozen=True)
+        ref_model, _ = K.load_model(args.model, frozen=True, **precision)
         ref_model.eval().requires_grad_(False)
-        if args.strategy == "fsdp":  # sharded like the policy: no full copy per rank
-            ref_model = K.wrap_model(ref_model, "fsdp", info.device)
     model.train()
-    return K.wrap_model(model, args.strategy, info.device), ref_model, tokenizer
+    return K.wrap_model(model, args.strategy, info.device, args.gradient_checkpointing), ref_model, tokenizer
 
 
 def restore_reference(args: Args, ref_model, checkpoint: str):
@@ -409,11 +408,13 @@ def main(args: Args) -> runs.RunResult:
             # ---- rollout: G samples per prompt from pi_old, scored by the rewards
             policy.eval()
             try:
-                rollout, rounds, zero_var_share = collect_rollout(args, policy, tokenizer, reward_fns, train_rows,
-                                                                  state, step, timer, session.stop_requested)
+                with K.offload_optimizer(optimizer, args.offload_optimizer), timer.peak_memory("rollout"):
+                    rollout, rounds, zero_var_share = collect_rollout(args, policy, tokenizer, reward_fns, train_rows,
+                                                                      state, step, timer, session.stop_requested)
             except env.Interrupted:  # a signal during a slow reward: drop this step, save the ones done
                 session.drop_step(step)
-            K.free_decode_state(policy)                        # the update needs the KV caches' memory
+            if args.decode_memory == "free":                   # the update gets the KV caches' memory
+                K.free_decode_state(policy)
             policy.train()
             batch = rollout.batch()                            # prompt_ids (R, P), tokens and mask (R, N)
             batch["loss_mask"] = rollout.gen.mask.clone()
@@ -436,7 +437,7 @@ def main(args: Args) -> runs.RunResult:
                                                      batch["mask"], kl)  # (R,) or (R, N)
 
             # ---- update
-            with timer("update"):
+            with timer("update"), timer.peak_memory("update"):
                 train_stats = update(args, policy, optimizer, scheduler, batch, state)
             if ref_model is not None and args.ref_reset_every and (step + 1) % args.ref_reset_every == 0:
                 K.copy_weights(ref_model, policy)              # DeepSeek-R1: the reference becomes the policy

@@ -481,16 +481,17 @@ def reward_functions(args: Args, device=None) -> tuple[list, tuple[float, ...]]:
 def load_models(args: Args, info: runs.DistInfo) -> tuple[dict, object]:
     """({"policy", "critic", "ref"}, tokenizer): policy and critic wrapped for DDP/FSDP2; the frozen reference (in the
     compute dtype, sharded under FSDP) only when beta > 0, the controller is on, or --track-kl."""
-    precision = dict(dtype=args.dtype, master_dtype=args.master_dtype, device=info.device)
+    precision = dict(dtype=args.dtype, master_dtype=args.master_dtype, device=info.device,
+                     shard=args.strategy == "fsdp")  # FSDP2: sharded as they load, never whole on a GPU
     policy, tokenizer = K.load_model(args.model, **precision)
     K.set_cpu_threads(args.threads, policy)
     ref = None
     if args.kl_coef > 0 or args.kl_target or args.track_kl:
         ref = dropout_off(K.load_model(args.model, frozen=True, **precision)[0]).eval().requires_grad_(False)
-        ref = K.wrap_model(ref, "fsdp", info.device) if args.strategy == "fsdp" else ref
-    critic = load_critic(args, info.device)
-    return {"policy": K.wrap_model(dropout_off(policy).train(), args.strategy, info.device),
-            "critic": K.wrap_model(critic.train(), args.strategy, info.device), "ref": ref}, tokenizer
+    critic = load_critic(args, info.device)  # whole, then sharded: its head is re-initialised on the plain model
+    wrap = functools.partial(K.wrap_model, strategy=args.strategy, device=info.device,
+                             checkpointing=args.gradient_checkpointing)
+    return {"policy": wrap(dropout_off(policy).train()), "critic": wrap(critic.train()), "ref": ref}, tokenizer
 
 
 def save(args: Args, step: int, models: dict, tokenizer, optimizers: dict, schedulers: dict, state: dict,
@@ -571,12 +572,16 @@ def main(args: Args) -> runs.RunResult:
             # ---- rollout: G samples per prompt from pi_old, scored; each response's score
             policy.eval()
             try:
-                rows, positions = runs.next_rows(train_rows, state, args.prompts_per_step, args.seed)
-                keys = K.rollout_noise_keys(args.seed, step, 0, positions, args.num_generations)
-                rollout = env.rollout(args, policy, tokenizer, rows, reward_fns, keys, timer, session.stop_requested)
+                with K.offload_optimizer(list(optimizers.values()), args.offload_optimizer), \
+                        timer.peak_memory("rollout"):
+                    rows, positions = runs.next_rows(train_rows, state, args.prompts_per_step, args.seed)
+                    keys = K.rollout_noise_keys(args.seed, step, 0, positions, args.num_generations)
+                    rollout = env.rollout(args, policy, tokenizer, rows, reward_fns, keys, timer,
+                                          session.stop_requested)
             except env.Interrupted:  # a signal during a slow reward: drop this step, save the ones done
                 session.drop_step(step)
-            K.free_decode_state(policy)                              # the update needs the KV caches' memory
+            if args.decode_memory == "free":                         # the update gets the KV caches' memory
+                K.free_decode_state(policy)
             policy.train()
             batch = rollout.batch()                                  # prompt_ids (R, P), tokens and mask (R, N)
             mask = batch["mask"]
@@ -604,7 +609,7 @@ def main(args: Args) -> runs.RunResult:
 
             # ---- update: epochs x minibatches of both models (the critic alone during its warm-up)
             train_policy = step >= args.critic_warmup_steps
-            with timer("update"):
+            with timer("update"), timer.peak_memory("update"):
                 train_stats = update(args, models, optimizers, batch, state, step, train_policy)
             for name in ("policy", "critic") if train_policy else ("critic",):  # a schedule counts its model's steps
                 schedulers[name].step()

@@ -5,25 +5,29 @@ files, processes, the clock) and imports nothing of the project's.
 What is in this file, top to bottom:
   1. the loss:     policy_loss(...) the clipped surrogate with per-token beta*KL, four aggregation modes and
                    token- or sequence-level (GSPO) ratios; compiled with torch.compile on GPU, eager elsewhere.
-  2. loading:      load_model(name_or_path | "toy") -> (model, tokenizer), left padding, a pad token always set;
+  2. loading:      load_model(name_or_path | "toy") -> (model, tokenizer), left padding, a pad token always set,
+                   FSDP2-sharded as it loads (shard=True: built on the meta device, filled from rank 0);
                    check_model_source (one sentence for a bad path or an unreachable hub); set_cpu_threads; mixed
                    precision (set_precision, compute_dtype: fp32 master weights, bf16 compute).
   3. generation:   generate(...) batched sampling with a static KV cache, each prompt prefilled once and
-                   shared by its num_samples rows, the one-token decode step compiled (CUDA graphs on GPU) with
-                   one shape per use for a run (set_generation_length), grouped-query attention that reads each
-                   KV head once, the output layer in fp32; eager (CPU), finished rows leave the batch. Sampling
+                   shared by its num_samples rows, the one-token decode step compiled whole (CUDA graphs on GPU)
+                   with one shape per use for a run (set_generation_length), grouped-query attention that reads
+                   each KV head once, the output layer in fp32; eager (CPU), finished rows leave the batch. Sampling
                    noise keyed per row (rollout_noise_keys, eval_noise_keys), so samples do not depend on the batch,
                    the rank or a resume. Under mixed precision and FSDP2 it decodes a rollout copy of the weights;
-                   free_decode_state releases caches and copy before an update; peak_memory_gb.
+                   caches, copy and compiled steps stay on the model, free_decode_state frees their memory for an
+                   update; peak_memory_gb.
   4. log-probs:    token_logprobs(...) log pi(x_{t+1} | x_<=t) from the final hidden states and the output
                    embedding in chunks, so the (B, T, V) logits never exist, in the forward or the backward;
                    completion_logprobs / rollout_logprobs for a rollout batch, over length-sorted micro-batches
                    that come back trimmed (micro_batches).
   5. reductions:   masked_sum / masked_mean / masked_var / masked_whiten.
-  6. collectives:  all_reduce_* / reduce_metrics / print0 / barrier; wrap_model (DDP or FSDP2 fully_shard), adamw,
+  6. collectives:  all_reduce_* / reduce_metrics / print0 / barrier; wrap_model (DDP or FSDP2 fully_shard, gradient
+                   checkpointing), adamw, offload_optimizer (its state in CPU memory during a rollout),
                    full_state_dict; length_batches (length-sorted micro-batches), no_grad_sync (DDP: sync once).
   7. accumulation: accumulate_gradients (one optimizer step's gradients over trimmed micro-batches, the algorithm
-                   giving one micro-batch's loss), fold_stats, guarded_step (no step on a NaN/inf), StepMeans.
+                   giving one micro-batch's loss), fold_stats, guarded_step (no step on a NaN/inf; the gradients
+                   freed after it), StepMeans.
 
 Shapes (declared once): B prompts, S samples per prompt (R = B*S rows), P prompt length, N new tokens,
 T sequence length, H hidden size, V vocabulary size.
@@ -179,7 +183,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     if compile:
         global _compiled_policy_loss
         if _compiled_policy_loss is None:
-            _compiled_policy_loss = torch.compile(_policy_loss, dynamic=True)
+            _compiled_policy_loss = torch.compile(_policy_loss, dynamic=True, fullgraph=True)  # a break raises
         fn = _compiled_policy_loss
         # One compiled graph for every micro-batch: sizes are dynamic, but a trimmed (non-contiguous) view's strides
         # would fail a contiguity guard and recompile; contiguous copies of these (R, T) tensors cost nothing.
@@ -317,12 +321,15 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, paddin
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto",
                master_dtype: str | torch.dtype | None = "float32", frozen: bool = False,
                device: str | torch.device = "auto", trust_remote_code: bool = False, model_class=None,
-               attn_implementation: str | None = None, **model_kwargs):
+               attn_implementation: str | None = None, shard: bool = False, **model_kwargs):
     """Load (model, tokenizer) from a hub id, a local directory or "toy", through transformers' Auto classes.
 
     dtype is the compute dtype ('auto': bf16 on a GPU that supports it, else fp32) and master_dtype the dtype the
     weights are kept in: what AdamW updates, gradients accumulate in and checkpoints hold (set_precision). frozen: a
     model that is never trained (a KL reference, a reward scorer) keeps its matmul weights in the compute dtype only.
+    shard: under a process group, come back FSDP2-sharded (wrap_model) without any rank ever holding the whole model on
+    its device: built on the meta device, sharded, then filled from rank 0's copy in host memory one tensor at a time
+    (_load_sharded). Without a process group shard is ignored.
     """
     from transformers import AutoModelForCausalLM
 
@@ -334,16 +341,64 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto",
     model_class = model_class or AutoModelForCausalLM
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
+    load = functools.partial(model_class.from_pretrained, name_or_path, trust_remote_code=trust_remote_code)
     try:
-        model = model_class.from_pretrained(name_or_path, dtype=master, trust_remote_code=trust_remote_code,
-                                            **model_kwargs)
+        if shard and is_distributed():
+            model = _load_sharded(load, model_class, master, compute, frozen, device, len(tokenizer), model_kwargs)
+        else:
+            model = _fit_vocabulary(load(dtype=master, **model_kwargs), len(tokenizer)).to(device)
+            set_precision(model, compute, frozen=frozen)
     except OSError as error:  # transformers' "not a valid model identifier", a missing weights file, ...
         raise UserError(f"--model {name_or_path}: {str(error).splitlines()[0]}") from error
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))  # only when we had to add a pad token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return set_precision(model.to(device), compute, frozen=frozen), tokenizer
+    return model, tokenizer
+
+
+def _fit_vocabulary(model, vocabulary: int):
+    if vocabulary > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocabulary)  # only when load_tokenizer had to add a pad token
+    return model
+
+
+@torch.no_grad()
+def _load_sharded(load, model_class, master: torch.dtype, compute: torch.dtype, frozen: bool, device: torch.device,
+                  vocabulary: int, model_kwargs: dict):
+    """load_model(shard=True): every rank builds the architecture on the meta device (no memory), applies the
+    precision and FSDP2 (wrap_model) there, and allocates only its shards on its device; rank 0 alone reads the
+    checkpoint, in its own dtype, into host memory, and set_model_state_dict(broadcast_from_rank0=True) sends it one
+    tensor at a time, each rank keeping its shard (cast to the shard's dtype). The buffers the checkpoint does not
+    hold (rotary inv_freq) are broadcast from rank 0's model. Peak device memory per rank: its shards plus the
+    largest tensor, instead of the whole fp32 model."""
+    from transformers import AutoConfig, GenerationConfig
+
+    kwargs = dict(model_kwargs)
+    attn = kwargs.pop("attn_implementation", None)
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(load.args[0], **load.keywords, **kwargs)
+    with torch.device("meta"):
+        model = model_class.from_config(config, dtype=master, trust_remote_code=load.keywords["trust_remote_code"],
+                                        **({"attn_implementation": attn} if attn else {}))
+    _fit_vocabulary(model, vocabulary).eval()  # as from_pretrained returns it
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(load.args[0])  # its EOS ids (eos_token_ids)
+    except OSError:
+        pass
+    set_precision(model, compute, frozen=frozen)
+    model = wrap_model(model, "fsdp", device)
+    model.to_empty(device=device)
+    full, buffers = {}, {}
+    if get_rank() == 0:
+        source = _fit_vocabulary(load(config=config, dtype="auto", **({"attn_implementation": attn} if attn else {})),
+                                 vocabulary)
+        full, buffers = source.state_dict(), dict(source.named_buffers())
+        del source
+    set_full_state_dict(model, full, source=load.args[0], from_rank0=True)
+    del full
+    for name, buffer in model.named_buffers():
+        if get_rank() == 0:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
+    return model
 
 
 # ---- mixed precision: fp32 master weights, bf16 compute (the module docstring's "Precision" says why)
@@ -592,29 +647,49 @@ def _use_grouped_attention(config) -> bool:
     return True
 
 
-def _cuda_out_dtype_ok() -> bool:
-    """Whether this CUDA build multiplies bf16 matrices into an fp32 result (torch.mm/addmm out_dtype); probed once."""
-    if "ok" not in _CUDA_OUT_DTYPE:
-        try:
-            a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
-            out = torch.zeros(2, 2, device="cuda")
-            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
-            _CUDA_OUT_DTYPE["ok"] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32 and out[0, 0] == 2
-        except (RuntimeError, TypeError):
-            _CUDA_OUT_DTYPE["ok"] = False
-    return _CUDA_OUT_DTYPE["ok"]
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for bf16 a and b, the products summed into an fp32 result (CUDA's mm with out_dtype)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
 
 
-_CUDA_OUT_DTYPE: dict = {}
+def _addmm_fp32_out_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b in place, for fp32 acc and bf16 a and b, summed in fp32."""
+    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+def _probe_bf16_head(device_type: str) -> bool:
+    """Run once per device type, outside any compiled code: whether _mm_fp32_out works there and sums in fp32.
+    Returns a Python bool: a tensor here would make every compiled step that asks branch on the device (a graph
+    break and a host sync per decoded token)."""
+    try:
+        a = torch.full((2, 2), 1 + 2**-7, device=device_type, dtype=torch.bfloat16)  # a*a needs fp32 to keep 2**-14
+        out = _mm_fp32_out(a, a)
+        acc = torch.zeros(2, 2, device=device_type)  # the chunked log-prob backward's accumulation, in place
+        _addmm_fp32_out_(acc, a, a)
+        exact = 2 * (1 + 2**-7) ** 2
+        return bool(out.dtype == torch.float32 and out[0, 0].item() == exact and acc[0, 0].item() == exact)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+_BF16_HEAD: dict[str, bool] = {"cpu": False}  # device type -> head_logits multiplies a bf16 head into fp32 there
+# (probed; the CPU has no such matmul, and widening the bf16 values to fp32 there computes the same products)
+
+
+def bf16_head(device: torch.device) -> bool:
+    """Whether the output layer's weight stays in bf16 on this device (head_weight), a Python bool probed once."""
+    if device.type not in _BF16_HEAD:
+        _BF16_HEAD[device.type] = _probe_bf16_head(device.type)
+    return _BF16_HEAD[device.type]
 
 
 def head_weight(weight: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
     """The output layer's weight as head_logits multiplies it, cast once per call: as it is in fp32; rounded to the
-    compute dtype in bf16 (kept in bf16 on a GPU that multiplies bf16 into fp32, else widened back to fp32)."""
+    compute dtype in bf16 (kept in bf16 on a device that multiplies bf16 into fp32, else widened back to fp32)."""
     if compute == torch.float32:
         return weight
     rounded = weight.to(compute)
-    return rounded if rounded.is_cuda and _cuda_out_dtype_ok() else rounded.float()
+    return rounded if bf16_head(rounded.device) else rounded.float()
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -629,7 +704,7 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         bias = None if bias is None else bias.to(compute).float()
         if weight.dtype == torch.float32:  # CPU (or no bf16->fp32 matmul): exact products of the bf16 values in fp32
             return F.linear(hidden.float(), weight, bias)
-        logits = torch.mm(hidden.reshape(-1, hidden.shape[-1]), weight.t(), out_dtype=torch.float32)
+        logits = _mm_fp32_out(hidden.reshape(-1, hidden.shape[-1]), weight.t())
         logits = logits.view(*hidden.shape[:-1], -1)
         return logits if bias is None else logits + bias
 
@@ -655,8 +730,9 @@ def _last_logits(model, compute: torch.dtype, autocast: torch.dtype | None, **in
 class _Generation:
     """What generate keeps on a model between calls: the rollout copy of its weights and a small dict of decode
     states (KV caches), one per use (training rollout, greedy and sampled evaluation), so that the compiled decode
-    step meets the same few shapes for a whole run. free_decode_state releases their memory. A copied or pickled
-    model starts afresh (the states' compiled steps belong to the original)."""
+    step meets the same few shapes for a whole run. They live as long as the model, memory included: free_decode_state
+    releases the memory (and keeps the compiled steps). A copied or pickled model starts afresh (the states' compiled
+    steps belong to the original)."""
 
     def __reduce__(self):
         return _Generation, ()
@@ -668,7 +744,7 @@ class _Generation:
         self.autocast = None         # compute dtype to autocast to while decoding (mixed-dtype copy), else None
         self.states: dict = {}       # shape key -> _DecodeState
         self.max_len: int | None = None  # the run's KV-cache length for compiled decoding (set_generation_length)
-        self.used_cuda_graphs = False
+        self.cuda_graphs = True          # compiled decoding on a GPU replays CUDA graphs (set_generation_length)
 
 
 def _generation(model) -> _Generation:
@@ -678,13 +754,22 @@ def _generation(model) -> _Generation:
     return gen
 
 
-def set_generation_length(model, max_prompt_tokens: int, max_new_tokens: int, pad_to_multiple: int = 16):
+def set_generation_length(model, max_prompt_tokens: int, max_new_tokens: int, pad_to_multiple: int = 16,
+                          cuda_graphs: bool = True):
     """Fix the KV-cache length of compiled decoding for the run: the longest prompt (bucketed as generate buckets it)
-    plus max_new_tokens, so that the compiled step meets one cache shape per use instead of one per prompt length.
-    Only ever grows (evaluation may ask for less than the rollouts need). Eager decoding ignores it."""
+    plus max_new_tokens, rounded up to a multiple of pad_to_multiple (SDPA's kernels want the mask's last dimension
+    aligned), so that the compiled step meets one cache shape per use instead of one per prompt length. Only ever
+    grows (evaluation may ask for less than the rollouts need). Eager decoding ignores it.
+    cuda_graphs=False: compile the decode step without CUDA graphs, for a run that calls free_decode_state between
+    rollouts (its memory comes back at new addresses, and a recorded graph replays on the old ones)."""
     gen = _generation(unwrap(model))
-    length = math.ceil(max_prompt_tokens / pad_to_multiple) * pad_to_multiple + max_new_tokens
+    length = _round_up(_round_up(max_prompt_tokens, pad_to_multiple) + max_new_tokens, pad_to_multiple)
     gen.max_len = max(gen.max_len or 0, length)
+    gen.cuda_graphs = gen.cuda_graphs and cuda_graphs
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return math.ceil(n / multiple) * multiple
 
 
 def _rollout_model(model):
@@ -764,6 +849,7 @@ def _sync_rollout_copy(model, gen: _Generation, fsdp: bool):
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
+    filled = set()
     for module_name, module in model.named_modules():
         if not isinstance(module, FSDPModule):
             continue
@@ -772,7 +858,11 @@ def _sync_rollout_copy(model, gen: _Generation, fsdp: bool):
         for name, param in module.named_parameters(remove_duplicate=False):
             if prefix + name in targets and not isinstance(param, DTensor):  # this module's own, now gathered
                 targets[prefix + name].copy_(param)
+                filled.add(prefix + name)
         module.reshard()
+    if filled != set(targets):  # a tensor left unfilled would decode with garbage weights
+        raise RuntimeError(f"The FSDP2 rollout copy missed {sorted(set(targets) - filled)[:3]}: no sharded module "
+                           "gathered them.")
 
 
 def _casting_cache_layer(layer):
@@ -798,7 +888,7 @@ class _DecodeState:
     calls, so consecutive rollouts reuse the buffers and never recompile (CUDA graphs also need the addresses)."""
 
     def __init__(self, model, rows: int, max_len: int, compute: torch.dtype, autocast: torch.dtype | None,
-                 device: torch.device, compile: bool):
+                 device: torch.device, compile: bool, cuda_graphs: bool = True):
         from transformers import StaticCache
 
         config = model.config.get_text_config(decoder=True)
@@ -812,18 +902,31 @@ class _DecodeState:
                                       "layers. Use transformers' model.generate for it.")
         for layer in self.cache.layers:
             _casting_cache_layer(layer)
-        if device.type == "cuda":
-            _cuda_out_dtype_ok()  # probed here, eagerly: the compiled step then only reads the answer
+        bf16_head(device)  # probed here, eagerly: the compiled step then only reads a bool
 
         def step(input_ids, position_ids, attention_mask):  # (R, 1), (R, 1), (R, L) -> fp32 logits (R, V)
             return _last_logits(model, compute, autocast, input_ids=input_ids, position_ids=position_ids,
                                 attention_mask=attention_mask, cache=self.cache, use_cache=True)
 
-        self.step = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else "default",
-                                  dynamic=False) if compile else step
+        # fullgraph: one graph per decoded token or an error, never a silent break (a host sync per token)
+        self.cuda_graphs = compile and device.type == "cuda" and cuda_graphs
+        self.step = torch.compile(step, mode="reduce-overhead" if self.cuda_graphs else "default", dynamic=False,
+                                  fullgraph=True) if compile else step
+
+    def _tensors(self):
+        return [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
+
+    def release(self):
+        """Free the KV cache's memory, keeping its tensors (and so the compiled step that reads them)."""
+        for tensor in self._tensors():
+            tensor.untyped_storage().resize_(0)
 
     def load_prefix(self, prefill_cache, repeats: int, prompt_len: int):
-        """Copy the prefilled (B, ...) keys/values into rows [i*S, (i+1)*S) of the static cache."""
+        """Copy the prefilled (B, ...) keys/values into rows [i*S, (i+1)*S) of the static cache (its memory
+        allocated again first if release freed it)."""
+        for tensor in self._tensors():
+            if tensor.untyped_storage().nbytes() == 0:
+                tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
         for static_layer, layer in zip(self.cache.layers, prefill_cache.layers):
             static_layer.keys.zero_()
             static_layer.values.zero_()
@@ -836,21 +939,27 @@ MAX_DECODE_STATES = 4  # uses per run: training rollout, greedy evaluation, samp
 
 
 def free_decode_state(model):
-    """Release what decoding holds between rollouts, before the update needs the memory: the KV caches, the rollout
-    copy's own weights (refilled at the next generate) and, after CUDA-graph decoding, the graphs' memory pool. The
-    compiled code stays: the next rollout re-records its CUDA graphs but does not recompile."""
+    """Release the memory decoding holds between rollouts, for an update that needs it: the KV caches and the
+    rollout copy's own weights (both allocated again at the next generate). The decode states and their compiled
+    steps stay, so nothing recompiles. CUDA graphs replay on the addresses they recorded, which freed memory does
+    not come back at: a state that decodes with them is dropped and the model decodes without graphs from then on
+    (a run that frees on every step says so up front: set_generation_length(..., cuda_graphs=False)). The graph
+    trees themselves are never reset: dynamo keeps the compiled step, whose replay would meet a dead manager."""
     gen = unwrap(model).__dict__.get("_rl_generation")
     if gen is None:
         return
-    gen.states.clear()
+    for state in gen.states.values():
+        state.release()
     for tensor, _ in gen.owned:
         tensor.untyped_storage().resize_(0)
     gen.synced = None
-    if gen.used_cuda_graphs:
-        from torch._inductor import cudagraph_trees
-
-        cudagraph_trees.reset_cudagraph_trees()
-        gen.used_cuda_graphs = False
+    graphed = [key for key, state in gen.states.items() if state.cuda_graphs]
+    if graphed:
+        print0("free_decode_state: decoding goes on without CUDA graphs (their recorded addresses were freed); "
+               "call set_generation_length(..., cuda_graphs=False) before the first rollout to compile it so.")
+        for key in graphed:
+            del gen.states[key]
+        gen.cuda_graphs = False
 
 
 def peak_memory_gb(device: torch.device | str | None = None) -> float:
@@ -877,9 +986,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     """Sample num_samples completions for each of B left-padded prompts; rows are prompt-major
     (row i*S + j is sample j of prompt i). temperature=0 is greedy.
 
-    compile: compile the one-token decode step (default: on CUDA only, with CUDA graphs). Its shapes are fixed per
-    use: the rows (the caller keeps them fixed, as rlvr_rewards.evaluate pads its batches) and the KV-cache length
-    (set_generation_length; else the prompt length bucketed to a multiple of pad_to_multiple, plus max_new_tokens).
+    compile: compile the one-token decode step, whole (fullgraph; default: on CUDA only, with CUDA graphs unless
+    set_generation_length said otherwise). Its shapes are fixed per use: the rows (the caller keeps them fixed, as
+    rlvr_rewards.evaluate pads its batches) and the KV-cache length (set_generation_length; else the prompt length
+    bucketed to a multiple of pad_to_multiple, plus max_new_tokens, rounded up to that multiple). The decode state
+    (cache, compiled step) is kept on the model for the next call; free_decode_state releases its memory.
     check_every: how often (in steps) to ask the device whether every row has finished (a host sync).
     noise_keys: (R,) int64 per-row keys; when given, sampling noise comes from keyed_uniform instead of
     generator, so each row's sample depends only on its key (rank- and batch-invariant).
@@ -913,11 +1024,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
 
     # Bucket the prompt length (left pad) so shapes repeat across calls.
     B, P0 = input_ids.shape
-    P = math.ceil(P0 / pad_to_multiple) * pad_to_multiple
+    P = _round_up(P0, pad_to_multiple)
     if P > P0:
         input_ids = F.pad(input_ids, (P - P0, 0), value=pad_token_id)
         attention_mask = F.pad(attention_mask, (P - P0, 0), value=0)
     S, R, L = num_samples, B * num_samples, P + max_new_tokens
+    if compile:  # a multiple of 16: SDPA's fused kernels want the mask's last dimension aligned
+        L = _round_up(L, pad_to_multiple)
     gen = _generation(model)
     if compile and gen.max_len is not None:  # one cache length per run, so the compiled step never meets a new one
         if L > gen.max_len:
@@ -933,9 +1046,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     if state is None:
         while len(gen.states) >= MAX_DECODE_STATES:
             gen.states.pop(next(iter(gen.states)))
-        state = _DecodeState(decoder, R, L, compute, gen.autocast, device, compile)
+        state = _DecodeState(decoder, R, L, compute, gen.autocast, device, compile, gen.cuda_graphs)
     gen.states[key] = state
-    gen.used_cuda_graphs |= compile and device.type == "cuda"
 
     tokens = torch.full((R, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
@@ -1079,10 +1191,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
             else:  # bf16 tensor cores, fp32 sums: straight into the fp32 gradient, no (V, H) temporary per chunk
                 grad_bf16 = grad_logits.to(compute)
                 if grad_hidden is not None:
-                    grad_hidden[sl] = torch.mm(grad_bf16, head, out_dtype=torch.float32).to(hidden.dtype)
+                    grad_hidden[sl] = _mm_fp32_out(grad_bf16, head).to(hidden.dtype)
                 if grad_weight is not None:
-                    torch.addmm(grad_weight, grad_bf16.t(), hidden[sl].to(compute), out_dtype=torch.float32,
-                                out=grad_weight)
+                    _addmm_fp32_out_(grad_weight, grad_bf16.t(), hidden[sl].to(compute))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
@@ -1103,9 +1214,13 @@ def _logits_are_postprocessed(config) -> bool:
                ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"))
 
 
-def default_chunk_size(vocab_size: int, budget_elements: int = 1 << 25) -> int:
-    """Rows per chunk so that one chunk's fp32 logits stay near 128 MB, whatever the vocabulary."""
-    return max(16, min(8192, budget_elements // max(vocab_size, 1)))
+def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
+    """Rows per chunk of the fused log-prob pass: fp32 logits of 2^25 elements (128 MiB) on CPU, 2^28 (1 GiB) on a
+    GPU. Each chunk's backward reads and writes the whole fp32 output-layer gradient (V x H), so small chunks on a
+    GPU would move that gradient tens of times per micro-batch (~0.5 GB each for Qwen2.5-0.5B); a GPU has the memory
+    for fewer, larger ones."""
+    budget = 1 << 28 if torch.device(device).type == "cuda" else 1 << 25
+    return max(16, min(8192, budget // max(vocab_size, 1)))
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float = 1.0,
@@ -1136,7 +1251,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         return (lp, -(logp.exp() * logp).sum(-1)) if with_entropy else lp
 
     head = base.get_output_embeddings()
-    chunk = chunk_size or default_chunk_size(head.weight.shape[0])
+    chunk = chunk_size or default_chunk_size(head.weight.shape[0], head.weight.device)
     compute = compute_dtype(base)
     result = {}
 
@@ -1384,8 +1499,12 @@ def length_batches(prompt_lengths: torch.Tensor, completion_lengths: torch.Tenso
     return [order[s:e].to(completion_lengths.device) for s, e in bounds]
 
 
-def wrap_model(model: torch.nn.Module, strategy: str = "ddp", device: torch.device | None = None):
-    """DDP for small models (a full copy per rank), FSDP2 `fully_shard` per decoder layer for large ones.
+def wrap_model(model: torch.nn.Module, strategy: str = "ddp", device: torch.device | None = None,
+               checkpointing: bool = False):
+    """DDP for small models (a full copy per rank), FSDP2 `fully_shard` per decoder layer for large ones (a model
+    load_model already sharded is returned as it is).
+    checkpointing: gradient checkpointing, each decoder layer's activations recomputed in the backward (transformers'
+    own, non-reentrant), in one process too.
 
     A no-op in one process without a process group (with one, even of size 1, it wraps: bench/grpo_run.py times
     FSDP2 on one GPU that way). Mixed precision (set_precision) carries over: DDP runs the model's autocast forward and
@@ -1395,13 +1514,17 @@ def wrap_model(model: torch.nn.Module, strategy: str = "ddp", device: torch.devi
     FSDP2's root keeps its parameters unsharded between forward and backward, which token_logprobs relies on: its
     fused head uses the output embedding inside the root's forward.
     """
+    if checkpointing:
+        unwrap(model).activation_checkpointing_enable({"use_reentrant": False})
     if strategy == "none" or not (dist.is_available() and dist.is_initialized()):  # a group of 1 still wraps
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [device.index] if device is not None and device.type == "cuda" else None
-        return DDP(model, device_ids=device_ids)
+        return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)  # no second copy of the gradients
+    if _is_fsdp(model):
+        return model
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -1431,6 +1554,30 @@ def adamw(params, *, lr: float, weight_decay: float, device: torch.device, strat
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
 
 
+@contextlib.contextmanager
+def offload_optimizer(optimizers, enabled: bool = True):
+    """`with offload_optimizer(optimizer):` the optimizer's state (AdamW: exp_avg and exp_avg_sq, 8 bytes per
+    parameter) lives in CPU memory inside the block and is back on the device after it, an exception included: for
+    the rollout of a model whose update barely fits (docs/memory.md). optimizers: one or a list; enabled=False: a
+    no-op. Every state tensor stays the same object, only its storage is emptied and refilled, so the optimizer, a
+    fused step and FSDP2's DTensors (their local shards) see no change; 0-d tensors (AdamW's step) stay."""
+    optimizers = [] if not enabled else optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
+    held = {}
+    locals_ = [local for opt in optimizers for state in opt.state.values() for value in state.values()
+               for local in [getattr(value, "_local_tensor", value)] if torch.is_tensor(local) and local.dim() > 0]
+    try:
+        for local in locals_:
+            held[id(local)] = local.to("cpu", copy=True), local.untyped_storage().nbytes()
+            local.untyped_storage().resize_(0)
+        yield
+    finally:
+        for local in locals_:
+            if id(local) in held:
+                copy, nbytes = held.pop(id(local))
+                local.untyped_storage().resize_(nbytes)
+                local.copy_(copy)
+
+
 def full_state_dict(model: torch.nn.Module) -> dict:
     """A full (unsharded) CPU state dict of the plain model, on every rank; DDP/FSDP aware."""
     model = unwrap(model)
@@ -1448,14 +1595,16 @@ def copy_weights(target: torch.nn.Module, source: torch.nn.Module):
         target_param.copy_(param)
 
 
-def set_full_state_dict(model: torch.nn.Module, state: dict, source: str = "the state dict"):
-    """Load a full (unsharded) state dict into a plain, DDP or FSDP2 model (FSDP2: each rank keeps its shard)."""
+def set_full_state_dict(model: torch.nn.Module, state: dict, source: str = "the state dict",
+                        from_rank0: bool = False):
+    """Load a full (unsharded) state dict into a plain, DDP or FSDP2 model (FSDP2: each rank keeps its shard;
+    from_rank0: only rank 0 holds `state`, which it broadcasts one tensor at a time, the others pass {})."""
     plain = unwrap(model)
     fsdp = _is_fsdp(plain)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, strict=False)
+        options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=from_rank0)
         missing, unexpected = set_model_state_dict(plain, state, options=options)
     else:
         missing, unexpected = plain.load_state_dict(state, strict=False)
@@ -1492,6 +1641,7 @@ def guarded_step(model, optimizer, max_grad_norm: float, stats: dict, names: Seq
     in one host sync. model and optimizer may be parallel lists (PPO's policy and critic): each model is clipped on
     its own, its norm reported as f"{name}_grad_norm" (names), and all of them step or none does. state: the run's
     counters, updated here: skipped (every skipped step) and nan_streak (skipped in a row, for --nan-patience).
+    The gradients are set to None afterwards, stepped or not, so their memory is free until the next backward.
     Returns (stats with the norms, stepped)."""
     pairs = list(zip(model, optimizer)) if isinstance(model, (list, tuple)) else [(model, optimizer)]
     keys = [f"{name}_grad_norm" for name in names] if names is not None else ["grad_norm"]
@@ -1508,8 +1658,7 @@ def guarded_step(model, optimizer, max_grad_norm: float, stats: dict, names: Seq
     for _, opt in pairs:
         if stepped:
             opt.step()
-        else:
-            opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)  # no gradient stays alive through the next rollout
     if state is not None:
         state["skipped"] = state.get("skipped", 0) + (not stepped)
         state["nan_streak"] = 0 if stepped else state.get("nan_streak", 0) + 1

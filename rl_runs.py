@@ -446,10 +446,12 @@ def plot_metrics(out_dir: str, panels: list[tuple[str, list[tuple[str, str]], st
 
 class Timer:
     """One step's clock: `with timer("generate"): ...` adds the block's wall seconds (CUDA-synchronised) to that
-    phase; step_metrics() gives the step's perf/ metrics."""
+    phase; `with timer.peak_memory("rollout"): ...` records the block's peak GPU memory (a no-op on CPU, whose peak
+    resident set cannot be reset per phase); step_metrics() gives the step's perf/ metrics."""
 
     def __init__(self):
         self.totals: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}
         self.t0 = time.perf_counter()
 
     @contextlib.contextmanager
@@ -464,12 +466,29 @@ class Timer:
                 torch.cuda.synchronize()
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
 
+    @contextlib.contextmanager
+    def peak_memory(self, phase: str):
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            self.peaks["before_" + phase] = torch.cuda.max_memory_allocated() / 2**30  # what the last reset saw
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            yield
+        finally:
+            if cuda:
+                self.peaks[phase] = torch.cuda.max_memory_allocated() / 2**30
+
     def step_metrics(self, gen_tokens: int, device) -> dict:
         """The perf/ keys of an RL step that generated gen_tokens tokens on every rank: seconds per phase, generation
-        throughput, the step's seconds and the peak accelerator memory."""
+        throughput, the step's seconds and the peak memory (GiB): per phase on a GPU (perf/peak_memory_PHASE_gb) and
+        perf/peak_mem_gb, on a GPU the step's (or, without phases, the run's) peak, on CPU the process's."""
+        peak = K.peak_memory_gb(device)
+        phases = {k: v for k, v in self.peaks.items() if not k.startswith("before_")}
         return {**{f"perf/{k}_s": v for k, v in self.totals.items()},
+                **{f"perf/peak_memory_{k}_gb": v for k, v in phases.items()},
                 "perf/gen_tokens_per_s": gen_tokens / max(self.totals.get("generate", 1e-9), 1e-9),
-                "perf/step_s": time.perf_counter() - self.t0, "perf/peak_mem_gb": K.peak_memory_gb(device)}
+                "perf/step_s": time.perf_counter() - self.t0,
+                "perf/peak_mem_gb": max([peak, *self.peaks.values()]) if phases else peak}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -665,6 +684,9 @@ class RunArgs:
     bfloat16 is pure bf16: half the memory, but updates below bf16's resolution (lr 1e-6) round away"""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """torchrun data parallelism: DDP (a full copy per rank, small models) or FSDP2 (sharded, large ones)"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward instead of keeping them (~1/3 more compute,
+    activations of one layer instead of all: docs/memory.md)"""
     threads: int = 0
     """CPU threads for torch (0: 1 for models under 50M parameters, which lose more to thread sync than they gain)"""
     dist_timeout_s: float = 600.0

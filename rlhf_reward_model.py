@@ -297,14 +297,16 @@ def tokenize(tokenizer, texts: list[str], max_length: int, device) -> tuple[torc
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_reward_model(name_or_path: str, *, device="auto", dtype="auto", master_dtype="float32", frozen=False):
+def load_reward_model(name_or_path: str, *, device="auto", dtype="auto", master_dtype="float32", frozen=False,
+                      shard=False):
     """(model, tokenizer): AutoModelForSequenceClassification with one output. From a causal-LM checkpoint the
     backbone is reused and the head starts random; from a trained reward model everything loads. dtype computes,
-    master_dtype holds the weights (rl_kernels.load_model); frozen: a scorer, with bf16 matmul weights only."""
+    master_dtype holds the weights (rl_kernels.load_model); frozen: a scorer, with bf16 matmul weights only; shard:
+    FSDP2-sharded as it loads."""
     from transformers import AutoModelForSequenceClassification
 
     model, tokenizer = K.load_model(name_or_path, model_class=AutoModelForSequenceClassification, num_labels=1,
-                                  device=device, dtype=dtype, master_dtype=master_dtype, frozen=frozen)
+                                  device=device, dtype=dtype, master_dtype=master_dtype, frozen=frozen, shard=shard)
     if not hasattr(model, "score"):
         raise ValueError(f"{name_or_path}: expected a sequence-classification head named 'score' (Llama, Qwen, "
                          f"Mistral, Gemma, GPT-2 style); this architecture names it differently.")
@@ -443,10 +445,10 @@ def main(args: Args) -> runs.RunResult:
         if session.finished:
             return session.result()
         model, tokenizer = load_reward_model(args.model, device=device, dtype=args.dtype,
-                                             master_dtype=args.master_dtype)
+                                             master_dtype=args.master_dtype, shard=args.strategy == "fsdp")
         K.set_cpu_threads(args.threads, model)
         model.config.reward_template = args.template          # the scorer renders text the same way
-        model = K.wrap_model(model, args.strategy, device)
+        model = K.wrap_model(model, args.strategy, device, args.gradient_checkpointing)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, runs.warmup_schedule(
             args.warmup_steps, args.max_steps, min_ratio=0.1))
@@ -472,8 +474,7 @@ def main(args: Args) -> runs.RunResult:
 
             # ---- Bradley-Terry update ----
             loss, stats = bradley_terry_loss(chosen, rejected, margin, args.center_coef)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # into no gradient: guarded_step sets them to None
             stats, _ = K.guarded_step(model, optimizer, args.max_grad_norm, stats, state=session.state)
             scheduler.step()
 

@@ -1554,13 +1554,22 @@ class RLArgs:
     sum); 0: the whole minibatch at once; -1: 2,048 on CPU, 8,192 on a GPU (lower it if activations do not fit)"""
     compile: bool = None
     """compile the decode step and the loss (default: on when a CUDA GPU is used)"""
+    decode_memory: Literal["auto", "keep", "free"] = "auto"
+    """the KV caches and the bf16 rollout copy of the weights between rollouts: keep them (nothing re-allocated, CUDA
+    graphs replay) or free them before each update (memory for the update; compiled decoding then runs without CUDA
+    graphs); auto: free under --strategy fsdp, where the rollout copy is the whole model on every rank"""
+    offload_optimizer: bool = False
+    """keep AdamW's state in CPU memory during each rollout (its 8 bytes per parameter, sharded: for the largest
+    models, docs/memory.md); one copy each way per step"""
 
 
 def load_task(args, reward_fns, weights: tuple[float, ...], device) -> tuple[object, list[dict], list[dict]]:
-    """An RL run's (args, train rows, held-out rows): args with the reward weights and the micro-batch size on this
-    device resolved (as args.json records them), the rows checked against what the rewards read, and --model's
+    """An RL run's (args, train rows, held-out rows): args with the reward weights, --decode-memory and the micro-batch
+    size on this device resolved (as args.json records them), the rows checked against what the rewards read, and --model's
     source checked: everything a user can get wrong fails here, before any model is loaded."""
-    args = dataclasses.replace(args, reward_weights=weights,
+    decode_memory = args.decode_memory if args.decode_memory != "auto" else \
+        "free" if getattr(args, "strategy", "ddp") == "fsdp" else "keep"
+    args = dataclasses.replace(args, reward_weights=weights, decode_memory=decode_memory,
                                micro_batch_tokens=K.micro_batch_tokens(args.micro_batch_tokens, device))
     train_rows, eval_rows = load_train_and_eval(
         args.dataset, args.eval_dataset, reward_fns, split=args.dataset_split,
@@ -1580,7 +1589,8 @@ def fit_task(args, policy, tokenizer, train_rows: list[dict], eval_rows: list[di
         train_rows, eval_rows = fit(train_rows, source=args.dataset), eval_rows and fit(eval_rows, source="eval")
     if args.compile:
         K.set_generation_length(policy, longest_prompt(tokenizer, train_rows + eval_rows, args.template,
-                                                       args.system_prompt), args.max_new_tokens)
+                                                       args.system_prompt), args.max_new_tokens,
+                                cuda_graphs=args.decode_memory != "free")
     return train_rows, eval_rows
 
 

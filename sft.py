@@ -266,7 +266,8 @@ def check_args(args: Args, info: runs.DistInfo):
 def load_or_init(args: Args, device: torch.device):
     """(model, tokenizer) from --model, or random weights from --init-from-config (seeded by --seed)."""
     if args.model:
-        return K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=device)
+        return K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=device,
+                            shard=args.strategy == "fsdp")  # FSDP2: sharded as it loads, never whole on a GPU
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = K.load_tokenizer(args.tokenizer) if args.tokenizer else toy.build_toy_tokenizer()
@@ -354,7 +355,7 @@ def main(args: Args) -> runs.RunResult:
         context = getattr(model.config, "max_position_embeddings", None) or args.max_length
         train, held_out = (encode(tokenizer, rows, min(args.max_length, context), context)
                            for rows in (train_rows, eval_rows))
-        model = K.wrap_model(model, args.strategy, device)
+        model = K.wrap_model(model, args.strategy, device, args.gradient_checkpointing)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, runs.warmup_schedule(
@@ -386,7 +387,6 @@ def main(args: Args) -> runs.RunResult:
             lr = scheduler.get_last_lr()[0]
             values, _ = K.guarded_step(model, optimizer, args.max_grad_norm, {"loss": loss_sum}, state=session.state)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             metrics = {"train/loss": K.all_reduce_mean(values["loss"]) * world, "train/lr": lr,
                        "train/grad_norm": values["grad_norm"] if args.max_grad_norm > 0 else 0.0,
                        "train/epoch": (step + 1) * args.batch_size / len(train),

@@ -89,8 +89,10 @@ def test_mixed_precision_sampler_and_trainer_agree_under_cuda_graphs():
 
 def test_compiled_decoding_syncs_the_host_once_per_check_and_frees_its_state():
     """A compiled keyed generate call runs about one synchronizing operation per check_every (8) steps (the
-    "has every row finished?" check) and a few around the loop, and none per step; after free_decode_state the next
-    call re-records its CUDA graphs without recompiling and samples the same tokens."""
+    "has every row finished?" check) and a few around the loop, and none per step; a second call replays the same
+    CUDA graphs (no new graph). free_decode_state then frees the memory without resetting the CUDA-graph trees (a
+    reset made the next replay fail: "Running CUDAGraph after shutdown"): the next call decodes compiled without
+    graphs and samples the same tokens, and so does the one after it, with no further graph."""
     import warnings
 
     import torch._dynamo.utils as dynamo_utils
@@ -101,6 +103,7 @@ def test_compiled_decoding_syncs_the_host_once_per_check_and_frees_its_state():
     kw = dict(max_new_tokens=64, num_samples=4, eos_token_id=-1, pad_token_id=0, compile=True,
               noise_keys=torch.arange(16, device="cuda"))
     first = K.generate(model, ids, mask, **kw)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -112,10 +115,13 @@ def test_compiled_decoding_syncs_the_host_once_per_check_and_frees_its_state():
     print(f"host syncs in a 64-step compiled call: {syncs}")
     assert syncs <= 64 // 8 + 6
     assert torch.equal(again.tokens, first.tokens)
-    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
     K.free_decode_state(model)
     third = K.generate(model, ids, mask, **kw)
-    assert torch.equal(third.tokens, first.tokens)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    K.free_decode_state(model)
+    fourth = K.generate(model, ids, mask, **kw)
+    assert torch.equal(third.tokens, first.tokens) and torch.equal(fourth.tokens, first.tokens)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
 
 

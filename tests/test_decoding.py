@@ -101,21 +101,50 @@ def test_fsdp_rollouts_equal_one_process_and_gather_once_per_call(tmp_path):
         assert part["sharded_after"]  # resharded: the update gets its memory back
 
 
-def test_free_decode_state_releases_the_caches_and_the_rollout_copy():
-    """free_decode_state drops the KV caches and frees the bf16 rollout copy's weights; the next call refills them
-    and samples exactly what it sampled before. peak_memory_gb reports the process's peak."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_free_decode_state_frees_memory_and_keeps_the_compiled_step(compile):
+    """free_decode_state frees the KV caches and the bf16 rollout copy's weights but keeps the decode states, so the
+    next call reuses the same step (compiled: no new graph; on a GPU, CUDA graphs and their tree manager stay alive)
+    on the same tensors, whose memory comes back, and samples exactly what it sampled before. Without the free, the
+    state and its memory stay between calls. peak_memory_gb reports the process's peak."""
+    import torch._dynamo.utils as dynamo_utils
+
     model = tiny_causal_lm(vocab_size=101)
     K.set_precision(model, "bfloat16")
     ids, mask = left_padded_batch([6, 9], vocab_size=101)
-    kw = dict(max_new_tokens=10, num_samples=2, eos_token_id=-1, pad_token_id=0, noise_keys=torch.arange(4))
+    kw = dict(max_new_tokens=10, num_samples=2, eos_token_id=-1, pad_token_id=0, noise_keys=torch.arange(4),
+              compile=compile)
     first = K.generate(model, ids, mask, **kw)
     gen = model.__dict__["_rl_generation"]
     assert gen.states and gen.owned and all(t.dtype == torch.bfloat16 for t, _ in gen.owned)
+    (state,) = gen.states.values()
+    step, caches = state.step, state._tensors()
+    assert all(t.untyped_storage().nbytes() > 0 for t in caches)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
     K.free_decode_state(model)
-    assert not gen.states and all(t.untyped_storage().nbytes() == 0 for t, _ in gen.owned)
+    assert list(gen.states.values()) == [state]
+    assert all(t.untyped_storage().nbytes() == 0 for t in caches)
+    assert all(t.untyped_storage().nbytes() == 0 for t, _ in gen.owned)
     again = K.generate(model, ids, mask, **kw)
+    assert list(gen.states.values()) == [state] and state.step is step
+    assert all(a is b and a.untyped_storage().nbytes() == a.numel() * a.element_size()
+               for a, b in zip(state._tensors(), caches))
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
     assert torch.equal(first.tokens, again.tokens) and torch.equal(first.logprobs, again.logprobs)
     assert K.peak_memory_gb("cpu") > 0.01
+
+
+def test_a_compiled_cache_length_is_a_multiple_of_16():
+    """Compiled decoding sizes its KV cache to a multiple of 16 (SDPA's fused kernels want the mask aligned): from
+    set_generation_length and without it."""
+    model = tiny_causal_lm(vocab_size=101)
+    K.set_generation_length(model, 21, 13)
+    assert model.__dict__["_rl_generation"].max_len == 48  # 32 + 13 = 45 -> 48
+    other = tiny_causal_lm(vocab_size=101)
+    ids, mask = left_padded_batch([6, 9], vocab_size=101)
+    K.generate(other, ids, mask, max_new_tokens=5, eos_token_id=-1, pad_token_id=0, compile=True)
+    (state,) = other.__dict__["_rl_generation"].states.values()
+    assert state.cache.layers[0].keys.shape[2] == 32  # 16 + 5 -> 32
 
 
 class _RecompileCounter(logging.Handler):
@@ -174,3 +203,35 @@ def _tiny_model_dir(path) -> str:
     transformers.Qwen2ForCausalLM(config).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return str(path)
+
+
+def test_the_decode_step_compiles_whole_under_the_gpu_branch(monkeypatch):
+    """The GPU branch, emulated on the CPU: fp32 master weights, bf16 compute, the output layer kept in bf16 and
+    multiplied into fp32 (the CPU has no mm with out_dtype: the test widens instead). The device probe answers a
+    Python bool (a tensor there made every compiled token branch on the device: a graph break and a host sync), and
+    the decode step compiles with fullgraph=True, which raises at any break, into one graph that gives the eager
+    tokens and log-probs."""
+    import torch._dynamo.utils as dynamo_utils
+
+    monkeypatch.setattr(K, "_mm_fp32_out", lambda a, b: a.float() @ b.float())
+    monkeypatch.setattr(K, "_addmm_fp32_out_", lambda acc, a, b: acc.addmm_(a.float(), b.float()))
+    monkeypatch.delitem(K._BF16_HEAD, "cpu")
+    assert K.bf16_head(torch.device("cpu")) is True
+    model = tiny_causal_lm(vocab_size=101)
+    K.set_precision(model, "bfloat16")
+    assert K.head_weight(model.lm_head.weight, torch.bfloat16).dtype == torch.bfloat16
+    ids, mask = left_padded_batch([6, 9], vocab_size=101)
+    kw = dict(max_new_tokens=8, num_samples=2, eos_token_id=-1, pad_token_id=0, noise_keys=torch.arange(4))
+    eager = K.generate(model, ids, mask, compile=False, **kw)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    compiled = K.generate(model, ids, mask, compile=True, **kw)
+    assert not dynamo_utils.counters["graph_break"]
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+    # inductor's fused bf16 kernels round differently from eager, so the two may sample differently: each path's
+    # log-probs are checked against the trainer's on its own samples
+    for gen in (eager, compiled):
+        full = torch.cat([ids.repeat_interleave(2, 0), gen.tokens], 1)
+        full_mask = torch.cat([mask.repeat_interleave(2, 0), gen.mask], 1)
+        trainer = K.token_logprobs(model, full, full_mask, last_n=gen.tokens.shape[1])
+        assert (trainer * gen.mask - gen.logprobs).abs().max() < 1e-2  # measured 8e-4 (eager), 6e-4 (compiled)

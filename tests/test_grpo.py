@@ -168,10 +168,12 @@ def test_length_sorted_micro_batches_give_the_whole_batch_gradient(loss_agg, num
                          max_new_tokens=N, max_grad_norm=1e9)
         model = tiny_causal_lm().train()
         assert len(K.micro_batches(batch, budget)) == (1 if budget == 0 else 4)
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights; update leaves the last .grad
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights
+        grads = {}  # the last step's gradient, as the optimizer sees it (guarded_step then sets .grad to None)
+        opt.register_step_pre_hook(lambda *_: grads.update({n: p.grad.clone() for n, p in model.named_parameters()}))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         stats = grpo.update(args, model, opt, sched, batch, {"skipped": 0, "nan_streak": 0})
-        results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        results.append((stats, grads))
         if num_iterations == 2:
             old = K.rollout_logprobs(model, batch, max_tokens=budget)
             ref = K.completion_logprobs(model, batch)
@@ -335,6 +337,44 @@ def test_two_process_torchrun_matches_one_process(preset, extra, tiny_model_dir,
     assert any(not torch.equal(a[k], init[k]) for k in a)  # and the parameters moved
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("memory", [dict(gradient_checkpointing=True), dict(offload_optimizer=True),
+                                    dict(decode_memory="free")], ids=lambda m: next(iter(m)))
+def test_memory_switches_change_no_number(memory, tiny_model_dir, tmp_path, monkeypatch):
+    """--gradient-checkpointing, --offload-optimizer and --decode-memory free save memory and change nothing else:
+    3 steps end with the plain run's parameters, bit for bit, and its metrics. In every rollout no gradient is alive
+    (guarded_step sets them to None after each step), and under --offload-optimizer AdamW's state holds no memory
+    on the device during the rollout (and all of it again for the update)."""
+    from safetensors.torch import load_file
+
+    made, seen = [], []
+    real_adamw, real_collect = K.adamw, grpo.collect_rollout
+    monkeypatch.setattr(K, "adamw", lambda *a, **kw: made.append(real_adamw(*a, **kw)) or made[-1])
+
+    def spy(args, policy, *rest):
+        state = [v for s in made[-1].state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+        seen.append((any(p.grad is not None for p in policy.parameters()), len(state),
+                     sum(v.untyped_storage().nbytes() for v in state)))
+        return real_collect(args, policy, *rest)
+
+    monkeypatch.setattr(grpo, "collect_rollout", spy)
+    kw = dict(max_steps=3, eval_every=0, rewards=("tag_count", "task"), reward_weights=(1.0, 1.0))
+    grpo.main(small_args(tiny_model_dir, tmp_path / "plain", **kw))
+    grpo.main(small_args(tiny_model_dir, tmp_path / "switched", **kw, **memory))
+    plain, switched = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("plain", "switched"))
+    for key in plain:
+        assert torch.equal(plain[key], switched[key]), key
+    ignore = ("perf/", "timing/")
+    rows = [[{k: v for k, v in r.items() if not k.startswith(ignore)} for r in runs.read_metrics(str(tmp_path / n))]
+            for n in ("plain", "switched")]
+    assert rows[0] == rows[1]
+    assert len(seen) == 6 and not any(grads for grads, _, _ in seen)
+    states = [(count, nbytes) for _, count, nbytes in seen[4:]]  # the switched run's steps 2 and 3
+    assert all(count > 0 for count, _ in states)
+    assert all((nbytes == 0) == bool(memory.get("offload_optimizer")) for _, nbytes in states)
+    assert all(v.untyped_storage().nbytes() > 0 for s in made[-1].state.values() for v in s.values()
+               if torch.is_tensor(v))
 
 
 def test_large_seeds_run(tiny_model_dir, tmp_path):

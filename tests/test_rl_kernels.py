@@ -439,6 +439,70 @@ def test_two_process_training_step_keeps_ranks_identical(strategy, micro, tmp_pa
         assert torch.allclose(r0[k], one[k], atol=2e-5), k  # AdamW normalises tiny float differences
 
 
+def test_gradient_checkpointing_saves_activations_and_changes_no_gradient():
+    """wrap_model(checkpointing=True): the fused log-prob pass keeps a fraction of the activations for the backward
+    (each layer's input instead of everything inside it), recomputes them there, and the gradients are the same."""
+    ids, mask = left_padded_batch([5, 7, 9])
+    results = []
+    for checkpointing in (False, True):
+        model = K.wrap_model(tiny_causal_lm().train(), "none", checkpointing=checkpointing)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            logprobs = K.token_logprobs(model, ids, mask)
+        (logprobs * mask[:, 1:]).sum().backward()
+        results.append((sum(saved), [p.grad.clone() for p in model.parameters()]))
+    (plain, grads), (checkpointed, grads_ck) = results
+    assert checkpointed < plain / 4, (checkpointed, plain)
+    for a, b in zip(grads, grads_ck):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_sharded_load_never_holds_the_whole_model_on_a_rank(tmp_path):
+    """load_model(shard=True) under a 2-rank gloo torchrun: no parameter exists on a rank's device when FSDP2 shards
+    the model (it is built on the meta device), each rank then holds half of it, and what it holds is the checkpoint:
+    the full state dict, the buffers the checkpoint lacks (rotary inv_freq) and the EOS ids equal a plain load's, and
+    the state and log-probs equal those of loading the whole model on each rank and then sharding it (the old way),
+    for a trainable fp32 model and a frozen bf16 reference alike (the fp32 one's log-probs equal a plain load's)."""
+    import transformers
+
+    import toy_world as toy
+
+    tokenizer = toy.build_toy_tokenizer()
+    config = transformers.Qwen2Config(**{**toy.toy_model_config(tokenizer).to_dict(), "hidden_size": 32,
+                                         "intermediate_size": 64, "num_hidden_layers": 2, "layer_types": None,
+                                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    transformers.Qwen2ForCausalLM(config).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    transformers.GenerationConfig(eos_token_id=[0, 5]).save_pretrained(str(model_dir))
+    environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           os.path.join(ROOT, "tests", "dist_load.py"), str(model_dir), str(tmp_path)],
+                          env=environ, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"load_rank{r}.pt") for r in range(2)]
+    for name, kw in (("policy", {}), ("reference", dict(dtype="bfloat16", frozen=True))):
+        plain, tok = K.load_model(str(model_dir), device="cpu", **kw)
+        ids, mask = left_padded_batch([9, 5, 7], vocab_size=len(tok), seed=2)
+        expected = plain.state_dict()
+        whole = sum(t.numel() * t.element_size() for t in plain.parameters())
+        for part in ranks:
+            got = part[name]
+            assert got["fsdp"] and got["bytes_at_sharding"] == 0, got["bytes_at_sharding"]
+            assert 0.4 * whole < got["local_bytes"] < 0.6 * whole, (got["local_bytes"], whole)
+            assert got["compute"] == K.compute_dtype(plain) and got["eos"] == [0, 5]
+            for key, value in got["state"].items():  # FSDP2 keeps a frozen model all in its compute dtype
+                assert torch.equal(value, expected[key].to(value.dtype)), (name, key)
+                assert torch.equal(value, got["old_state"][key]), (name, key)
+            for key, value in plain.named_buffers():
+                assert torch.equal(got["buffers"][key], value), (name, key)
+            assert torch.equal(got["logprobs"], got["old_logprobs"]), name
+        assert torch.allclose(got["logprobs"], K.token_logprobs(plain, ids, mask), atol=1e-5) or name != "policy"
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_dropping_finished_rows_changes_no_sample(temperature):
     """Eager decoding drops rows that have finished from the batch; with keyed noise (or greedy) every row's
@@ -517,7 +581,8 @@ def test_warmup_schedule():
 
 def test_guarded_step_steps_all_models_or_none():
     """With two models (PPO's policy and critic), a non-finite gradient in either drops both steps and both
-    gradients; finite ones step both, each clipped on its own and reported under its name."""
+    gradients; finite ones step both, each clipped on its own and reported under its name, and the gradients are
+    set to None after the step as well."""
     models = [torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)]
     optimizers = [torch.optim.SGD(m.parameters(), lr=1.0) for m in models]
     before = [[p.detach().clone() for p in m.parameters()] for m in models]
@@ -533,6 +598,7 @@ def test_guarded_step_steps_all_models_or_none():
             p.grad = torch.full_like(p, 3.0)
     values, stepped = K.guarded_step(models, optimizers, 1.0, {"loss": torch.tensor(0.5)}, names=["policy", "critic"])
     assert stepped and values["critic_grad_norm"] == pytest.approx(3 * 3 ** 0.5)
+    assert all(p.grad is None for m in models for p in m.parameters())  # freed until the next backward
     for m, b in zip(models, before):  # each clipped to norm 1: every entry moved by 1/sqrt(3)
         assert all(torch.allclose(q - p, torch.full_like(p, 3 ** -0.5)) for p, q in zip(m.parameters(), b))
 
