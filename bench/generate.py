@@ -28,6 +28,14 @@ Host syncs (CUDA only): one more keyed call of ours under torch.cuda.set_sync_de
 synchronizing operations it runs, divided by N. The decode loop's only one is the every-8-steps "has every row
 finished?" check (1/8 per step; EOS is off here, so it never stops early), plus a few per call around the loop.
 
+Also on CUDA: the peak memory of one keyed call of ours (torch.cuda.max_memory_allocated: the weights, the static
+cache and the CUDA-graph pools it keeps, and the call's own working memory) and what it holds after the call; the
+graph breaks and CUDA-graph skips torch logged in the whole run (torch._dynamo.utils.counters; both should be 0:
+the decode step compiles whole, and a skip means it ran without graphs); and, after every shape is timed, the
+rollout-to-update hand-over grpo.py makes every step: rl_kernels.free_decode_state, then the first shape's keyed
+call again, which must give the same tokens (keyed noise depends only on the row's key and the step). The script
+exits with status 1 when it does not.
+
 Shapes: plain = 32 prompts x 1 sample, 16-token prompts; rl = 8 prompts x 8 samples, 128-token prompts
 (transformers with num_return_sequences=8: it prefills every row, we prefill each prompt once); rl256 =
 32 prompts x 8 samples, 128-token prompts.
@@ -166,6 +174,17 @@ def host_syncs(fn, device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def peak_memory(fn, device: torch.device) -> tuple[float, float] | None:
+    """(peak, held after) in GiB over one call of fn, from torch.cuda's allocator statistics (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.memory_allocated(device) / 2**30
+
+
 def decode_bytes_per_step(model, rows: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
     """(useful bytes, static-cache bytes) one decode step reads, averaged over the steps: every weight once
     (a tied embedding counts once) plus the keys and values of the positions attended to."""
@@ -189,11 +208,7 @@ def bench_shape(model, shape: str, args: Args, device: torch.device, new_tokens:
     keys = torch.arange(R, device=device)  # grpo.py's per-row sampling keys
 
     def ours(noise_keys=None):
-        out = K.generate(model, input_ids, attention_mask, max_new_tokens=N, num_samples=S,
-                               temperature=1.0, top_p=1.0, top_k=0, eos_token_id=-1, pad_token_id=0,
-                               noise_keys=noise_keys, compile=args.compile)
-        assert out.tokens.shape == (R, N) and bool(out.mask.all()), "ours made a different number of tokens"
-        return out
+        return call_ours(model, input_ids, attention_mask, S, N, args, noise_keys)
 
     def theirs(max_new_tokens: int = N):
         with torch.no_grad():
@@ -235,7 +250,53 @@ def bench_shape(model, shape: str, args: Args, device: torch.device, new_tokens:
             row[f"{name}_ratio_range"] = (min(ratios(name)), max(ratios(name)))
     row["useful_bytes"], row["static_bytes"] = decode_bytes_per_step(model, R, P, N)
     row["syncs"] = host_syncs(contestants["keyed"] if args.keyed else ours, device)
+    row["memory"] = peak_memory(contestants["keyed"] if args.keyed else ours, device)
     return row
+
+
+def call_ours(model, input_ids, attention_mask, samples: int, new_tokens: int, args: Args, noise_keys=None):
+    """One call of rl_kernels.generate, EOS off: exactly rows x new_tokens tokens."""
+    out = K.generate(model, input_ids, attention_mask, max_new_tokens=new_tokens, num_samples=samples,
+                     temperature=1.0, top_p=1.0, top_k=0, eos_token_id=-1, pad_token_id=0, noise_keys=noise_keys,
+                     compile=args.compile)
+    assert out.tokens.shape == (len(input_ids) * samples, new_tokens) and bool(out.mask.all()), \
+        "ours made a different number of tokens"
+    return out
+
+
+def after_free(model, shape: str, args: Args, device: torch.device, new_tokens: int) -> dict:
+    """grpo.py's hand-over from rollout to update and back: a keyed call, free_decode_state, the same call again."""
+    from torch._dynamo.utils import counters
+
+    B, S, P = SHAPES[shape]
+    input_ids, attention_mask = make_prompts(B, P, model.config.vocab_size, device, args.seed)
+    keys = torch.arange(B * S, device=device)
+    before = call_ours(model, input_ids, attention_mask, S, new_tokens, args, keys).tokens
+    K.free_decode_state(model)
+    graphs = counters["stats"]["unique_graphs"]
+    seconds, again = timed(lambda: call_ours(model, input_ids, attention_mask, S, new_tokens, args, keys), device)
+    return dict(shape=shape, same=torch.equal(before, again.tokens), differ=int((before != again.tokens).sum()),
+                tokens=before.numel(), seconds=seconds, graphs=counters["stats"]["unique_graphs"] - graphs)
+
+
+def torch_notes(device: torch.device, free_check: dict | None) -> list[str]:
+    """The graph breaks and CUDA-graph skips torch counted in this process, and the free_decode_state check."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    skips = counters["inductor"]["cudagraph_skips"]
+    lines = [f"Graph breaks in the whole run: {sum(breaks.values())}"
+             + "".join(f"; {count} x {reason.splitlines()[0][:120]}" for reason, count in breaks.most_common(3))
+             + "." + (f" CUDA-graph skips: {skips}" + (" (ours ran without graphs there)." if skips else ".")
+                      if device.type == "cuda" else "")]
+    if free_check:
+        c = free_check
+        lines.append(f"After rl_kernels.free_decode_state, the {c['shape']} keyed call again: "
+                     + ("same tokens" if c["same"] else f"DIFFERENT tokens ({c['differ']:,} of {c['tokens']:,})")
+                     + f", {c['seconds']:.1f} s, {c['graphs']} graph(s) compiled by it"
+                     + (" (the decode state it rebuilds runs without CUDA graphs: rl_kernels.free_decode_state says "
+                        "why)." if device.type == "cuda" else "."))
+    return lines
 
 
 TARGETS = {"cpu": {"plain": 1.0, "rl": 1.5}, "cuda": {"rl": 5.0, "rl256": 5.0}}  # ratio theirs/ours, issue 2
@@ -252,6 +313,9 @@ def markdown(rows: list[dict], args: Args, header: str, device: torch.device, co
     syncs = all(r.get("syncs") is not None for r in rows)
     if syncs:
         cols += ["host syncs / step"]
+    memory = all(r.get("memory") for r in rows)
+    if memory:
+        cols += ["peak GiB (held after)"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         target = TARGETS.get(device.type, {}).get(r["shape"])
@@ -271,10 +335,15 @@ def markdown(rows: list[dict], args: Args, header: str, device: torch.device, co
                                         f" (>= {ROOFLINE_TARGET:.0%} {'met' if share >= ROOFLINE_TARGET else 'MISSED'})")]
         if syncs:
             cells += [f"{r['syncs'] / r['N']:.3f} ({r['syncs']} in {r['N']} steps)"]
+        if memory:
+            cells += [f"{r['memory'][0]:.2f} ({r['memory'][1]:.2f})"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("ratio = median over the interleaved runs of transformers' call time / ours; tokens/s = rows x N / "
                  "median call time (prefill included).")
+    if memory:
+        lines.append("peak GiB: torch.cuda.max_memory_allocated over one keyed call of ours (weights, static cache, "
+                     "CUDA-graph pools and the call's working memory); held after: what stays allocated between calls.")
     if keyed:
         lines.append("ours keyed = K.generate with noise_keys (one keyed uniform per row and step), the way grpo.py "
                      "samples; the plain columns use the default torch.Generator noise.")
@@ -294,7 +363,6 @@ def markdown(rows: list[dict], args: Args, header: str, device: torch.device, co
 
 def main(args: Args):
     import transformers
-    from torch._dynamo.utils import counters
 
     transformers.logging.set_verbosity_error()
     device = torch.device(args.device)
@@ -329,14 +397,16 @@ def main(args: Args):
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(table)
-    skips = counters["inductor"]["cudagraph_skips"]
-    if skips:
-        table += f"\nWARNING: inductor skipped CUDA graphs {skips} time(s); ours ran without them.\n"
-        if args.out:
-            Path(args.out).write_text(table)
+    # After every shape is timed: freeing drops the CUDA graphs of every decode state (rl_kernels.free_decode_state).
+    free_check = after_free(model, shapes[0], args, device, new_tokens) if args.keyed else None
+    table += "\n".join(torch_notes(device, free_check)) + "\n"
+    if args.out:
+        Path(args.out).write_text(table)
     print("\n" + table)
     if args.out:
         print(f"table written to {args.out}")
+    if free_check and not free_check["same"]:
+        raise SystemExit("The keyed call after rl_kernels.free_decode_state gave different tokens.")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ with the compiled decoding a GPU run uses; reports each step's time split, token
 What it checks on a GPU (issue 11): bf16 compute with fp32 master weights runs end to end, plain and under FSDP2
 (one GPU, a process group of one, so fully_shard really wraps the model: every rollout then refreshes the
 unsharded rollout copy by gathering each layer once); the compiled decode step compiles for the first rollout and
-never again (TORCH_LOGS=recompiles, counted); the decode state is freed before each update (perf/peak_mem_gb).
+never again (TORCH_LOGS=recompiles, counted); the decode state stays between steps in one process (its CUDA graphs
+replay) and is freed before each update under FSDP2 (--decode-memory auto); the step's peak memory (perf/peak_mem_gb)
+and the rollout's and the update's apart (perf/peak_memory_rollout_gb, perf/peak_memory_update_gb), all in GiB.
 
     python bench/grpo_run.py --quick                                   # CPU sanity run: tiny model, 3 steps
     python bench/grpo_run.py --quick --strategy fsdp                   # the same under FSDP2 (gloo, one rank)
@@ -103,17 +105,25 @@ def main(args: Args):
     import transformers
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    # Per-phase peaks, where this version of the metrics has them: the rollout holds the KV cache, the update
+    # the activations and gradients, and only the larger of the two must fit.
+    phases = [(key, name) for key, name in (("perf/peak_memory_rollout_gb", "rollout peak GiB"),
+                                            ("perf/peak_memory_update_gb", "update peak GiB"))
+              if any(key in r for r in rows)]
     lines = [f"### grpo.main, {steps} steps: {what}, {args.strategy} ({where})", "",
              f"`python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`: B x G = {args.prompts} x "
              f"{args.generations}, N = {new_tokens}, dtype {args.dtype} (fp32 master weights), compile "
              f"{args.compile}; torch {torch.__version__}, transformers {transformers.__version__}; wall {wall:.0f} s "
              "including model building and compilation.", "",
-             "| step | step s | generate s | update s | gen tok/s | peak GB | response length |",
-             "|---|---|---|---|---|---|---|"]
+             "| step | step s | generate s | update s | gen tok/s | peak GiB | "
+             + "".join(f"{name} | " for _, name in phases) + "response length |",
+             "|---|---|---|---|---|---|" + "---|" * len(phases) + "---|"]
     for r in rows:
         lines.append(f"| {r['step']} | {r['perf/step_s']:.2f} | {r.get('perf/generate_s', 0):.2f} | "
                      f"{r.get('perf/update_s', 0):.2f} | {r['perf/gen_tokens_per_s']:,.0f} | "
-                     f"{r.get('perf/peak_mem_gb', float('nan')):.2f} | {r['rollout/response_length']:.0f} |")
+                     f"{r.get('perf/peak_mem_gb', float('nan')):.2f} | "
+                     + "".join(f"{r.get(key, float('nan')):.2f} | " for key, _ in phases)
+                     + f"{r['rollout/response_length']:.0f} |")
     later = rows[1:] or rows
     lines += ["", f"Median of steps 2-{steps}: {statistics.median(r['perf/step_s'] for r in later):.2f} s/step, "
               f"{statistics.median(r['perf/gen_tokens_per_s'] for r in later):,.0f} generated tok/s. "
