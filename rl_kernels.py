@@ -65,6 +65,7 @@ Deliberate choices:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -149,11 +150,21 @@ def _policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, 
     return loss, stats
 
 
+def _own_code(fn, tag: str):
+    """fn with a code object of its own: dynamo keeps its compiled versions per code object and, under fullgraph,
+    fails at the 9th (recompile_limit); decode states and loss settings each compile their own instead of piling
+    versions onto one shared code object."""
+    import types
+
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 def _mean(x, maskf):
     return (x * maskf).sum() / maskf.sum().clamp_min(1.0)
 
 
-_compiled_policy_loss = None
+_COMPILED_LOSSES: dict = {}  # the loss's static settings -> its compiled function
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -181,10 +192,11 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         compile = logprobs.is_cuda
     fn = _policy_loss
     if compile:
-        global _compiled_policy_loss
-        if _compiled_policy_loss is None:
-            _compiled_policy_loss = torch.compile(_policy_loss, dynamic=True, fullgraph=True)  # a break raises
-        fn = _compiled_policy_loss
+        settings = (loss_agg, kl_estimator, ratio_level, ref_logprobs is None)
+        if settings not in _COMPILED_LOSSES:  # a break raises; each setting compiles on its own code object
+            _COMPILED_LOSSES[settings] = torch.compile(_own_code(_policy_loss, str(len(_COMPILED_LOSSES))),
+                                                       dynamic=True, fullgraph=True)
+        fn = _COMPILED_LOSSES[settings]
         # One compiled graph for every micro-batch: sizes are dynamic, but a trimmed (non-contiguous) view's strides
         # would fail a contiguity guard and recompile; contiguous copies of these (R, T) tensors cost nothing.
         logprobs, old_logprobs, advantages, mask = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
@@ -356,8 +368,10 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto",
 
 
 def _fit_vocabulary(model, vocabulary: int):
-    if vocabulary > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(vocabulary)  # only when load_tokenizer had to add a pad token
+    if vocabulary > model.get_input_embeddings().weight.shape[0]:  # load_tokenizer added a pad token, or the
+        # tokenizer has more tokens than the checkpoint's rows; a meta-device model cannot compute the new rows'
+        # mean (rank 0's real copy does, and broadcasts them)
+        model.resize_token_embeddings(vocabulary, mean_resizing=not model.get_input_embeddings().weight.is_meta)
     return model
 
 
@@ -375,8 +389,9 @@ def _load_sharded(load, model_class, master: torch.dtype, compute: torch.dtype, 
     kwargs = dict(model_kwargs)
     attn = kwargs.pop("attn_implementation", None)
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(load.args[0], **load.keywords, **kwargs)
-    with torch.device("meta"):
-        model = model_class.from_config(config, dtype=master, trust_remote_code=load.keywords["trust_remote_code"],
+    with torch.device("meta"):  # its own config: resizing the vocabulary below writes to it
+        model = model_class.from_config(copy.deepcopy(config), dtype=master,
+                                        trust_remote_code=load.keywords["trust_remote_code"],
                                         **({"attn_implementation": attn} if attn else {}))
     _fit_vocabulary(model, vocabulary).eval()  # as from_pretrained returns it
     try:
@@ -908,10 +923,11 @@ class _DecodeState:
             return _last_logits(model, compute, autocast, input_ids=input_ids, position_ids=position_ids,
                                 attention_mask=attention_mask, cache=self.cache, use_cache=True)
 
-        # fullgraph: one graph per decoded token or an error, never a silent break (a host sync per token)
+        # fullgraph: one graph per decoded token or an error, never a silent break (a host sync per token); a code
+        # object per state, so that many states (evaluations, pipeline stages) never reach dynamo's recompile limit
         self.cuda_graphs = compile and device.type == "cuda" and cuda_graphs
-        self.step = torch.compile(step, mode="reduce-overhead" if self.cuda_graphs else "default", dynamic=False,
-                                  fullgraph=True) if compile else step
+        self.step = torch.compile(_own_code(step, f"{rows}x{max_len}_{id(self)}"), dynamic=False, fullgraph=True,
+                                  mode="reduce-overhead" if self.cuda_graphs else "default") if compile else step
 
     def _tensors(self):
         return [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
@@ -944,7 +960,9 @@ def free_decode_state(model):
     steps stay, so nothing recompiles. CUDA graphs replay on the addresses they recorded, which freed memory does
     not come back at: a state that decodes with them is dropped and the model decodes without graphs from then on
     (a run that frees on every step says so up front: set_generation_length(..., cuda_graphs=False)). The graph
-    trees themselves are never reset: dynamo keeps the compiled step, whose replay would meet a dead manager."""
+    trees themselves are never reset: dynamo keeps the compiled step, whose replay would meet a dead manager; so the
+    dropped graphs' memory pool stays with the process (grpo.py and ppo.py never drop one: --decode-memory free
+    compiles without graphs from the start)."""
     gen = unwrap(model).__dict__.get("_rl_generation")
     if gen is None:
         return
@@ -1559,27 +1577,28 @@ def offload_optimizer(optimizers, enabled: bool = True):
     """`with offload_optimizer(optimizer):` the optimizer's state (AdamW: exp_avg and exp_avg_sq, 8 bytes per
     parameter) lives in CPU memory inside the block and is back on the device after it, an exception included: for
     the rollout of a model whose update barely fits (docs/memory.md). optimizers: one or a list; enabled=False: a
-    no-op. Every state tensor stays the same object, only its storage is emptied and refilled, so the optimizer, a
-    fused step and FSDP2's DTensors (their local shards) see no change; 0-d tensors (AdamW's step) stay."""
+    no-op. Every state tensor stays the same object, its storage swapped for an empty one and back, so the optimizer,
+    a fused step and FSDP2's DTensors (their local shards) see no change; 0-d tensors (AdamW's step) stay."""
     optimizers = [] if not enabled else optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
-    held = {}
-    locals_ = [local for opt in optimizers for state in opt.state.values() for value in state.values()
-               for local in [getattr(value, "_local_tensor", value)] if torch.is_tensor(local) and local.dim() > 0]
+    held = []
     try:
-        for local in locals_:
-            held[id(local)] = local.to("cpu", copy=True), local.untyped_storage().nbytes()
-            local.untyped_storage().resize_(0)
+        for opt in optimizers:
+            for state in opt.state.values():
+                for value in state.values():
+                    local = getattr(value, "_local_tensor", value)
+                    if torch.is_tensor(local) and local.dim() > 0:
+                        copy = local.detach().to("cpu", copy=True)
+                        local.set_(local.new_empty(0))  # set_, not resize_: a loaded state's storage is fixed
+                        held.append((local, copy))
         yield
     finally:
-        for local in locals_:
-            if id(local) in held:
-                copy, nbytes = held.pop(id(local))
-                local.untyped_storage().resize_(nbytes)
-                local.copy_(copy)
+        for local, copy in held:
+            local.set_(copy.to(local.device))
 
 
 def full_state_dict(model: torch.nn.Module) -> dict:
-    """A full (unsharded) CPU state dict of the plain model, on every rank; DDP/FSDP aware."""
+    """A full (unsharded) CPU state dict of the plain model; DDP/FSDP aware. Under FSDP2 only rank 0 gets it (the
+    others an empty dict): every rank must call it, rank 0 saves."""
     model = unwrap(model)
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -470,7 +470,6 @@ class Timer:
     def peak_memory(self, phase: str):
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         if cuda:
-            self.peaks["before_" + phase] = torch.cuda.max_memory_allocated() / 2**30  # what the last reset saw
             torch.cuda.reset_peak_memory_stats()
         try:
             yield
@@ -481,14 +480,12 @@ class Timer:
     def step_metrics(self, gen_tokens: int, device) -> dict:
         """The perf/ keys of an RL step that generated gen_tokens tokens on every rank: seconds per phase, generation
         throughput, the step's seconds and the peak memory (GiB): per phase on a GPU (perf/peak_memory_PHASE_gb) and
-        perf/peak_mem_gb, on a GPU the step's (or, without phases, the run's) peak, on CPU the process's."""
-        peak = K.peak_memory_gb(device)
-        phases = {k: v for k, v in self.peaks.items() if not k.startswith("before_")}
+        perf/peak_mem_gb, on a GPU the largest phase's (without phases, the run's peak), on CPU the process's."""
         return {**{f"perf/{k}_s": v for k, v in self.totals.items()},
-                **{f"perf/peak_memory_{k}_gb": v for k, v in phases.items()},
+                **{f"perf/peak_memory_{k}_gb": v for k, v in self.peaks.items()},
                 "perf/gen_tokens_per_s": gen_tokens / max(self.totals.get("generate", 1e-9), 1e-9),
                 "perf/step_s": time.perf_counter() - self.t0,
-                "perf/peak_mem_gb": max([peak, *self.peaks.values()]) if phases else peak}
+                "perf/peak_mem_gb": max(self.peaks.values()) if self.peaks else K.peak_memory_gb(device)}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -439,6 +439,43 @@ def test_two_process_training_step_keeps_ranks_identical(strategy, micro, tmp_pa
         assert torch.allclose(r0[k], one[k], atol=2e-5), k  # AdamW normalises tiny float differences
 
 
+def test_offload_optimizer_round_trips_a_loaded_state():
+    """offload_optimizer empties every AdamW state tensor inside the block and restores it bit for bit after, also
+    when the state came from torch.load (whose storages cannot be resized: a resumed run), and the next step runs."""
+    import io
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    opt.load_state_dict(torch.load(buffer))
+    states = [v for s in opt.state.values() for v in s.values() if v.dim() > 0]
+    before = [v.clone() for v in states]
+    with K.offload_optimizer(opt):
+        assert all(v.untyped_storage().nbytes() == 0 for v in states)
+    assert all(torch.equal(a, b) for a, b in zip(states, before))
+    assert [v for s in opt.state.values() for v in s.values() if v.dim() > 0] == states  # the same objects
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+
+
+def test_decode_states_never_reach_the_recompile_limit():
+    """Every decode state compiles on a code object of its own: at a recompile limit of 1, a second state (another
+    row count) compiles instead of failing fullgraph's hard limit, as it did when they shared one."""
+    torch._dynamo.reset()
+    model = tiny_causal_lm(vocab_size=101)
+    ids, mask = left_padded_batch([6, 9], vocab_size=101)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for samples in (1, 2):
+            gen = K.generate(model, ids, mask, max_new_tokens=4, num_samples=samples, eos_token_id=-1,
+                             pad_token_id=0, compile=True, noise_keys=torch.arange(2 * samples))
+            assert gen.tokens.shape == (2 * samples, 4)
+
+
 def test_gradient_checkpointing_saves_activations_and_changes_no_gradient():
     """wrap_model(checkpointing=True): the fused log-prob pass keeps a fraction of the activations for the backward
     (each layer's input instead of everything inside it), recomputes them there, and the gradients are the same."""
@@ -478,12 +515,19 @@ def test_a_sharded_load_never_holds_the_whole_model_on_a_rank(tmp_path):
     transformers.Qwen2ForCausalLM(config).save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     transformers.GenerationConfig(eos_token_id=[0, 5]).save_pretrained(str(model_dir))
+    short = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**config.to_dict(),
+                                                                      "vocab_size": len(tokenizer) - 3}))
+    short.save_pretrained(str(tmp_path / "short"))
+    tokenizer.save_pretrained(str(tmp_path / "short"))
     environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            os.path.join(ROOT, "tests", "dist_load.py"), str(model_dir), str(tmp_path)],
                           env=environ, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"load_rank{r}.pt") for r in range(2)]
+    # a checkpoint with fewer embedding rows than its tokenizer: resized on the meta device too, the same on each rank
+    assert ranks[0]["short"]["rows"] == ranks[1]["short"]["rows"] == len(tokenizer)
+    assert all(torch.equal(ranks[0]["short"]["state"][k], v) for k, v in ranks[1]["short"]["state"].items())
     for name, kw in (("policy", {}), ("reference", dict(dtype="bfloat16", frozen=True))):
         plain, tok = K.load_model(str(model_dir), device="cpu", **kw)
         ids, mask = left_padded_batch([9, 5, 7], vocab_size=len(tok), seed=2)
