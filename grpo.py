@@ -1,4 +1,5 @@
-"""grpo.py: the GRPO family in one file: GRPO, Dr. GRPO, DAPO, GSPO, RLOO and REINFORCE++.
+"""grpo.py: the GRPO family in one file: GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++, and the objectives of
+2025-2026 (CISPO, SAPO, GMPO, GPG, Clip-Cov, KL-Cov, OPO, ReMax, pass@k, GDPO).
 
 No critic. For each prompt q sample G responses o_1..o_G from pi_old, score them with verifiable rewards r_i,
 turn the rewards into advantages by comparing each response with its group, and take clipped policy-gradient
@@ -14,6 +15,17 @@ Advantages (all computed per group of G responses to one prompt, except "batch")
     mean    A_i = r_i - mean(r)                                                        (Dr. GRPO, Liu et al. 2025)
     rloo    A_i = r_i - mean_{j != i} r_j = G/(G-1) (r_i - mean(r))                   (RLOO, Ahmadian et al. 2024)
     batch   A_{i,t} = whiten over the batch of  r_i - beta * sum_{s >= t} k1_s       (REINFORCE++, Hu 2025)
+    rf_baseline A_{i,t} = whiten over the batch of  r_i - mean(r)                    (REINFORCE++ with a baseline)
+    opo     A_i = r_i - sum_j L_j r_j / sum_j L_j, L_j response lengths              (OPO, Hao et al. 2025)
+    remax   A_i = r_i - r(greedy response to the same prompt): one more greedy sample  (ReMax, Li et al. 2024)
+    passk   A_best = (r_max - r_second) / std(r), 0 for the others                   (pass@k, Chen et al. 2025)
+    gpg     A_i = alpha (r_i - mean(r)), alpha = R / #(r != 0) over the batch        (GPG, Chu et al. 2025)
+    gdpo    A_i = whiten over the batch of  sum_k w_k zscore_group(r_k,i), each reward normalised on its own
+                                                                                      (GDPO, NVIDIA 2026)
+The surrogate itself (loss_type: PPO's clip, CISPO, SAPO, GMPO, GPG, Clip-Cov, KL-Cov) is rl_kernels.policy_loss's,
+with its equations there; an entropy bonus -c H_t is entropy_coef. With one update per rollout (mu = 1, one
+minibatch) every ratio is 1 and all of the surrogates but Clip-Cov give GRPO's gradient (tests/test_objectives.py):
+they differ only when a rollout feeds several optimizer steps.
 
 Shapes: B prompts per step (prompts_per_step), G samples per prompt, R = B*G rows (prompt-major: row i*G + j is
 sample j of prompt i), P prompt tokens, N completion tokens, V vocabulary.
@@ -36,6 +48,18 @@ Args(preset="dapo", clip_high=0.2) is the same as `--preset dapo --clip-high 0.2
     rloo          RLOO: leave-one-out baseline, no std scaling.
     reinforce_pp  REINFORCE++: k1 KL folded into the token rewards (beta 0.01), advantages whitened over the
                   whole batch (no group statistics), PPO clip.
+    cispo         CISPO (MiniMax-M1 2025): REINFORCE weighted by the IS ratio clipped above only at 1 + 4 = 5
+                  (TRL's epsilon_high 5; M1 tunes only the upper bound) and detached, token-mean.
+    sapo          SAPO (Qwen 2025): the soft sigmoid gate, tau 1.0 for A > 0 and 1.05 for A <= 0, per-sequence mean.
+    gmpo          GMPO (Zhao et al. 2025): geometric mean of the sign-aware clipped token ratios, log-space clip 0.4.
+    gpg           GPG (Chu et al. 2025): no ratio, no clip; the group-mean baseline scaled by alpha, token-mean.
+    clip_cov      Clip-Cov (Cui et al. 2025): PPO's clip, and 2e-4 of the tokens with cov(log pi, A) in (1, 5)
+                  taken out of the loss (verl's constants), token-mean.
+    kl_cov        KL-Cov (Cui et al. 2025): no clip; 0.1 |log rho| on the 2e-4 of tokens of highest cov, token-mean.
+    opo           OPO (Hao et al. 2025): the length-weighted group baseline, no std; strictly on-policy (mu = 1).
+    remax         ReMax (Li et al. 2024): the greedy response's reward as the baseline.
+    gdpo          GDPO (NVIDIA 2026): each reward normalised within its group, summed by weight, whitened (for
+                  several rewards: the default task + 0.1 format).
 
 Deliberate choices:
   - One update per rollout by default (mu = 1, one minibatch): the ratio is exactly 1 and the gradient is
@@ -76,7 +100,7 @@ import rl_kernels as K
 import rl_runs as runs
 import rlvr_rewards as env
 
-Advantage = Literal["group", "mean", "rloo", "batch"]
+Advantage = Literal["group", "mean", "rloo", "batch", "rf_baseline", "opo", "remax", "passk", "gpg", "gdpo"]
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
@@ -84,7 +108,8 @@ LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 class GRPOArgs:
     """GRPO's own flags: the preset and its switches, the rewards, the update."""
     # The preset and its switches (None: the preset's value, PRESETS; else the plain GRPO value)
-    preset: Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"] = "grpo"
+    preset: Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "cispo", "sapo", "gmpo", "gpg",
+                    "clip_cov", "kl_cov", "opo", "remax", "gdpo"] = "grpo"
     """named set of the switches a paper changes (module docstring); fields left unset take the preset's values"""
     advantage: Advantage = None
     """how rewards become advantages (module docstring)"""
@@ -92,6 +117,8 @@ class GRPOArgs:
     """loss aggregation (verl's names)"""
     ratio_level: Literal["token", "sequence"] = None
     """importance ratio per token (PPO/GRPO) or per sequence (GSPO)"""
+    loss_type: Literal["clip", "cispo", "cispo_upper", "sapo", "gmpo", "gpg", "clip_cov", "kl_cov"] = None
+    """the surrogate (rl_kernels' table): PPO's clip, or CISPO, SAPO, GMPO, GPG, Clip-Cov, KL-Cov"""
     clip_low: float = None
     """eps_low"""
     clip_high: float = None
@@ -125,6 +152,8 @@ class GRPOArgs:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm (0: off)"""
+    entropy_coef: float = 0.0
+    """c: an entropy bonus -c H_t per token, aggregated as the loss (0: none, as usual for LLMs)"""
     ref_reset_every: int = 0
     """replace the reference by the current policy every N steps (DeepSeek-R1: 400); 0 never"""
     dynamic_sampling_rounds: int = 3
@@ -144,9 +173,9 @@ class Args(runs.RunArgs, env.RLArgs, GRPOArgs):
 
 
 # The switches a preset sets, at their plain GRPO values, and what each preset changes.
-PRESET_FIELDS = dict(advantage="group", loss_agg="seq-mean-token-mean", ratio_level="token", clip_low=0.2,
-                     clip_high=0.2, kl_coef=0.0, kl_estimator="k3", kl_in_reward=False, dynamic_sampling=False,
-                     overlong_filter=False, soft_overlong=False)
+PRESET_FIELDS = dict(advantage="group", loss_agg="seq-mean-token-mean", ratio_level="token", loss_type="clip",
+                     clip_low=0.2, clip_high=0.2, kl_coef=0.0, kl_estimator="k3", kl_in_reward=False,
+                     dynamic_sampling=False, overlong_filter=False, soft_overlong=False)
 PRESETS: dict[str, dict] = {
     "grpo": {},
     "dr_grpo": dict(advantage="mean", loss_agg="seq-mean-token-sum-norm"),
@@ -155,6 +184,15 @@ PRESETS: dict[str, dict] = {
     "gspo": dict(ratio_level="sequence", clip_low=3e-4, clip_high=4e-4),
     "rloo": dict(advantage="rloo"),
     "reinforce_pp": dict(advantage="batch", kl_coef=0.01, kl_estimator="k1", kl_in_reward=True, loss_agg="token-mean"),
+    "cispo": dict(loss_type="cispo_upper", clip_high=4.0, loss_agg="token-mean"),
+    "sapo": dict(loss_type="sapo"),
+    "gmpo": dict(loss_type="gmpo", clip_low=0.4, clip_high=0.4),
+    "gpg": dict(loss_type="gpg", advantage="gpg", loss_agg="token-mean"),
+    "clip_cov": dict(loss_type="clip_cov", loss_agg="token-mean"),
+    "kl_cov": dict(loss_type="kl_cov", loss_agg="token-mean"),
+    "opo": dict(advantage="opo"),
+    "remax": dict(advantage="remax"),
+    "gdpo": dict(advantage="gdpo"),
 }
 
 
@@ -205,8 +243,54 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, kl: torch
     return K.masked_whiten(returns, maskf, all_ranks=True) * maskf  # over every rank's tokens
 
 
-def compute_advantages(args: Args, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
-    """Dispatch on args.advantage: (R,) sequence advantages, or (R, N) token advantages for "batch"."""
+def rf_baseline_advantages(rewards: torch.Tensor, group_size: int, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++ with a group baseline (verl's reinforce_plus_plus_baseline): r_i - mean of its group, on every
+    token, whitened over every rank's tokens. Returns (R, N)."""
+    centred = group_advantages(rewards, group_size, "none")[:, None] * mask
+    return K.masked_whiten(centred, mask, all_ranks=True) * mask
+
+
+def opo_advantages(rewards: torch.Tensor, group_size: int, lengths: torch.Tensor) -> torch.Tensor:
+    """OPO (Hao et al. 2025): the optimal baseline under its assumptions is the length-weighted mean reward of the
+    group, b = sum_j L_j r_j / sum_j L_j (L_j the response's tokens); A_i = r_i - b."""
+    r, weights = rewards.view(-1, group_size), lengths.view(-1, group_size).to(rewards.dtype)
+    baseline = (weights * r).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1.0)
+    return (r - baseline).flatten()
+
+
+def passk_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """pass@k training (Chen et al. 2025, verl's grpo_passk): only each group's best response moves, by its margin
+    over the second best, in units of the group's std: A_best = (r_max - r_second) / (std(r) + eps), others 0."""
+    if group_size < 2:
+        raise ValueError("pass@k advantages need at least 2 samples per prompt")
+    r = rewards.view(-1, group_size)
+    top = torch.topk(r, 2, dim=-1)
+    margin = (top.values[:, 0] - top.values[:, 1]) / (r.std(-1) + eps)
+    return torch.zeros_like(r).scatter_(-1, top.indices[:, :1], margin[:, None]).flatten()
+
+
+def gpg_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GPG (Chu et al. 2025, verl's gpg estimator): r_i - mean of its group, times alpha = (responses) / (responses
+    with a non-zero reward) over every rank's batch, which undoes the dilution by groups that carry no signal."""
+    counts = K.all_reduce_sum(torch.tensor([float(rewards.numel()), float(torch.count_nonzero(rewards))]))
+    return counts[0] / counts[1].clamp_min(1.0) * group_advantages(rewards, group_size, "none")
+
+
+def gdpo_advantages(per_reward: dict, weights, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GDPO (NVIDIA 2026, TRL's normalize-then-sum): each reward z-scored within its group on its own, then the
+    weighted sum, whitened over every rank's responses; a reward that does not apply to a response (None) counts
+    0. Against GRPO's z-score of the weighted sum, a reward whose scale is small keeps its resolution."""
+    total = 0.0
+    for values, weight in zip(per_reward.values(), weights):
+        r = torch.tensor([0.0 if v is None else float(v) for v in values])
+        total = total + weight * group_advantages(r, group_size, "group", eps)
+    return K.masked_whiten(total, torch.ones_like(total), all_ranks=True)
+
+
+def compute_advantages(args: Args, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None,
+                       baseline: torch.Tensor | None = None, per_reward: dict | None = None) -> torch.Tensor:
+    """Dispatch on args.advantage: (R,) sequence advantages, or (R, N) token advantages ("batch", "rf_baseline").
+    baseline: REMAX's greedy rewards (R,); per_reward: GDPO's rewards, name -> R values."""
     G = args.num_generations
     if args.advantage == "group":
         return group_advantages(rewards, G, "group")
@@ -214,6 +298,18 @@ def compute_advantages(args: Args, rewards: torch.Tensor, mask: torch.Tensor, kl
         return group_advantages(rewards, G, "none")
     if args.advantage == "rloo":
         return rloo_advantages(rewards, G)
+    if args.advantage == "rf_baseline":
+        return rf_baseline_advantages(rewards, G, mask.float())
+    if args.advantage == "opo":
+        return opo_advantages(rewards, G, mask.sum(-1))
+    if args.advantage == "remax":  # ReMax (Li et al. 2024): the greedy response's reward as the baseline
+        return rewards - baseline
+    if args.advantage == "passk":
+        return passk_advantages(rewards, G)
+    if args.advantage == "gpg":
+        return gpg_advantages(rewards, G)
+    if args.advantage == "gdpo":
+        return gdpo_advantages(per_reward, args.reward_weights, G).to(rewards.device)
     return reinforce_pp_advantages(rewards, mask, kl, args.kl_coef if args.kl_in_reward else 0.0)
 
 
@@ -258,6 +354,21 @@ def collect_rollout(args: Args, model, tokenizer, reward_fns, train_rows: list[d
     return kept, rounds, zero_var.float().mean().item()
 
 
+def greedy_baseline(args: Args, model, tokenizer, reward_fns, rollout: env.Rollout, timer: runs.Timer,
+                    should_stop=None) -> torch.Tensor:
+    """ReMax's baseline: one greedy response per prompt of the rollout, scored by the same rewards, repeated over
+    the prompt's G rows (R,). Greedy decoding needs no noise keys: it is the same on every rank and resume."""
+    rows = rollout.rows[::args.num_generations]
+    with timer("generate"):
+        greedy = env.sample(model, tokenizer, rows, num_samples=1, max_new_tokens=args.max_new_tokens,
+                            temperature=0.0, template=args.template, system_prompt=args.system_prompt,
+                            compile=args.compile)
+    with timer("reward"):
+        env.score(greedy, reward_fns, args.reward_weights, reward_timeout_s=args.reward_timeout_s,
+                  should_stop=should_stop, completion_lengths=greedy.gen.lengths.tolist(), group_size=1)
+    return greedy.rewards.repeat_interleave(args.num_generations)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Update: mu passes of minibatch steps of the clipped surrogate over one rollout
 # ----------------------------------------------------------------------------------------------------------
@@ -272,6 +383,7 @@ def update(args: Args, model, optimizer, scheduler, batch: dict, state: dict) ->
     # REINFORCE's; so the detached log-probs serve as old_logprobs and no extra pass is needed.
     on_policy = args.num_iterations == 1 and args.num_minibatches == 1
     ref_in_loss = not args.kl_in_reward  # REINFORCE++ has its KL in the reward instead
+    pick = torch.Generator().manual_seed(args.seed * 1_000_003 + scheduler.last_epoch)  # Clip-Cov: resumes alike
 
     def micro_loss(part: dict, share: K.Share):
         logprobs, entropy = K.completion_logprobs(model, part, temperature=args.temperature,
@@ -282,7 +394,8 @@ def update(args: Args, model, optimizer, scheduler, batch: dict, state: dict) ->
             clip_low=args.clip_low, clip_high=args.clip_high, ref_logprobs=ref,
             kl_coef=args.kl_coef if ref is not None else 0.0, kl_estimator=args.kl_estimator, loss_agg=args.loss_agg,
             ratio_level=args.ratio_level, norm_length=args.max_new_tokens, num_tokens=share.tokens,
-            num_rows=share.rows, compile=args.compile)
+            num_rows=share.rows, loss_type=args.loss_type, generator=pick, entropy=entropy,
+            entropy_coef=args.entropy_coef, compile=args.compile)
         return loss, {**stats, "entropy": K.masked_mean(entropy.detach(), part["loss_mask"])}
 
     means = K.StepMeans()
@@ -316,7 +429,7 @@ def check_args(args: Args, info: runs.DistInfo):
     if per_rank % args.num_minibatches:
         raise K.UserError(f"Each rank's {per_rank} prompts must split evenly into --num-minibatches "
                           f"{args.num_minibatches}.")
-    if args.num_generations < 2 and args.advantage in ("group", "mean", "rloo"):
+    if args.num_generations < 2 and args.advantage not in ("batch", "remax"):
         raise K.UserError(f"--num-generations {args.num_generations} leaves one sample per group: the "
                           f"'{args.advantage}' advantage is then always 0. Use G >= 2 or --advantage batch.")
     if args.kl_in_reward and args.kl_coef <= 0:
@@ -411,6 +524,9 @@ def main(args: Args) -> runs.RunResult:
                 with K.offload_optimizer(optimizer, args.offload_optimizer), timer.peak_memory("rollout"):
                     rollout, rounds, zero_var_share = collect_rollout(args, policy, tokenizer, reward_fns, train_rows,
                                                                       state, step, timer, session.stop_requested)
+                    baseline = (greedy_baseline(args, policy, tokenizer, reward_fns, rollout, timer,
+                                                session.stop_requested).to(info.device)
+                                if args.advantage == "remax" else None)  # ReMax: the greedy response's reward
             except env.Interrupted:  # a signal during a slow reward: drop this step, save the ones done
                 session.drop_step(step)
             if args.decode_memory == "free":                   # the update gets the KV caches' memory
@@ -433,8 +549,8 @@ def main(args: Args) -> runs.RunResult:
             kl = None
             if args.kl_in_reward:                              # REINFORCE++: beta * k1 folded into the rewards
                 kl = K.kl_penalty(batch.get("old_logprobs", rollout.gen.logprobs), batch["ref_logprobs"], "k1")
-            batch["advantages"] = compute_advantages(args, rollout.rewards.to(batch["mask"].device),
-                                                     batch["mask"], kl)  # (R,) or (R, N)
+            batch["advantages"] = compute_advantages(args, rollout.rewards.to(batch["mask"].device), batch["mask"],
+                                                     kl, baseline, rollout.per_reward)  # (R,) or (R, N)
 
             # ---- update
             with timer("update"), timer.peak_memory("update"):

@@ -39,6 +39,20 @@ The policy loss (the equations live here because every algorithm file shares the
     l_t     = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
     KL_t    with log r = ref_logprobs_t - logprobs_t (Schulman 2020, "Approximating KL divergence"):
               k1 = -log r      k2 = (log r)^2 / 2      k3 = exp(log r) - 1 - log r
+    loss_type, the surrogate l_t before the KL (A the advantage, sg a stop-gradient, eps_low/eps_high the clip):
+      clip         -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)              PPO, GRPO, DAPO, GSPO (above)
+      cispo        -sg(clip(rho, 1-eps_low, 1+eps_high)) A log pi_theta        CISPO (MiniMax-M1 2025), verl's form
+      cispo_upper  -sg(min(rho, 1+eps_high)) A log pi_theta                    CISPO as TRL writes it (upper only)
+      sapo         -(4/tau) sigmoid(tau (rho - 1)) A, tau = 1.0 (A > 0) or 1.05   SAPO (Qwen 2025): a soft gate
+      gmpo         -A_i exp(mean_t sign(A) min(sign(A) log rho, sign(A) clip(log rho, -eps_low, eps_high)))
+                   one loss per sequence, averaged over sequences                GMPO (Zhao et al. 2025)
+      gpg          -A log pi_theta                                             GPG (Chu et al. 2025): no ratio
+      clip_cov     clip, but a random max(1, 2e-4 n) of the unclipped tokens whose cov term
+                   (A - mean A)(log pi - mean log pi) lies in (1, 5) leave the loss   Clip-Cov (Cui et al. 2025)
+      kl_cov       -rho A + 0.1 |log rho| on the max(1, 2e-4 n) tokens of highest cov term, -rho A elsewhere  KL-Cov
+    entropy bonus: -c H_t added to every l_t (entropy_coef; H from the chunked log-prob pass).
+    (cispo and sapo clamp log rho to [-20, 20] first, as verl does.) Each is checked against verl's function of
+    the same name (tests/test_objectives.py) and, at rho = 1, all have GRPO's gradient A grad log pi.
     aggregation over the mask m (verl's names):
       token-mean               sum_it m*l / sum_it m                                (DAPO)
       seq-mean-token-mean      mean_i [ sum_t m*l / sum_t m ]                         (GRPO, DeepSeekMath)
@@ -82,6 +96,7 @@ import torch.nn.functional as F
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_TYPES = ("clip", "cispo", "cispo_upper", "sapo", "gmpo", "gpg", "clip_cov", "kl_cov")
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -117,7 +132,8 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_lengt
 
 
 def _policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef,
-                 kl_estimator, loss_agg, ratio_level, norm_length, num_tokens):
+                 kl_estimator, loss_agg, ratio_level, norm_length, num_tokens, loss_type="clip", taus=(1.0, 1.05),
+                 cov=(2e-4, 1.0, 5.0, 0.1), generator=None, entropy=None, entropy_coef=0.0):
     maskf = mask.to(logprobs.dtype)
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logprobs)
@@ -130,24 +146,90 @@ def _policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, 
         log_ratio = seq_log_ratio[:, None].expand_as(logprobs)
     elif ratio_level != "token":
         raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}.")
+    if loss_type in ("cispo", "cispo_upper", "sapo"):
+        log_ratio = log_ratio.clamp(-20.0, 20.0)  # as verl: their weights stay finite at any drift
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    if loss_type in ("clip", "clip_cov"):  # PPO / GRPO: the pessimistic (larger) of the unclipped and clipped losses
+        unclipped = -advantages * ratio
+        clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        per_token, was_clipped = torch.maximum(unclipped, clipped), clipped > unclipped
+        if loss_type == "clip_cov":  # Clip-Cov: also cut the gradient of a few random high-covariance tokens
+            per_token, was_clipped = _clip_cov(per_token, was_clipped, logprobs, advantages, live, maskf, cov,
+                                               generator)
+    elif loss_type == "kl_cov":  # KL-Cov: no clip; the highest-covariance tokens get beta_cov * |log rho|
+        chosen = _top_covariance(logprobs, advantages, live, cov[0])
+        per_token = -advantages * ratio + cov[3] * log_ratio.abs() * chosen
+        was_clipped = chosen.bool()
+    elif loss_type in ("cispo", "cispo_upper"):  # CISPO: REINFORCE weighted by the clipped, detached IS ratio
+        low = 0.0 if loss_type == "cispo_upper" else 1.0 - clip_low  # TRL clips above only, verl both sides
+        weight = torch.clamp(ratio, low, 1.0 + clip_high)
+        per_token, was_clipped = -weight.detach() * advantages * logprobs, weight != ratio
+    elif loss_type == "sapo":  # SAPO: a soft sigmoid gate instead of the hard clip, steeper for A <= 0
+        tau = torch.where(advantages > 0, taus[0], taus[1])
+        per_token = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * advantages
+        was_clipped = torch.zeros_like(live)
+    elif loss_type == "gmpo":  # GMPO: the geometric mean of sign-aware clipped token ratios, one per sequence
+        sign = torch.sign(advantages)
+        clamped = torch.clamp(log_ratio, -clip_low, clip_high)  # GMPO clips log rho (its eps, e.g. 0.4)
+        kept = sign * torch.minimum(sign * log_ratio, sign * clamped)
+        seq_ratio = torch.exp((kept * maskf).sum(-1) / maskf.sum(-1).clamp_min(1.0))
+        seq_adv = (advantages * maskf).sum(-1) / maskf.sum(-1).clamp_min(1.0)
+        per_token = (-seq_adv * seq_ratio)[:, None].expand_as(logprobs)  # the sequence's loss on each of its tokens
+        was_clipped = clamped != log_ratio
+    elif loss_type == "gpg":  # GPG: the plain policy gradient, no ratio
+        per_token, was_clipped = -advantages * logprobs, torch.zeros_like(live)
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    if entropy is not None and entropy_coef:  # the entropy bonus: -c H_t, aggregated as the loss is
+        per_token = per_token - entropy_coef * entropy
     stats = {}
     if ref_logprobs is not None:
         kl = kl_penalty(logprobs, torch.where(live, ref_logprobs, logprobs.detach()), kl_estimator)
         per_token = per_token + kl_coef * kl
         stats["kl"] = _mean(kl.detach(), maskf)
-    loss = aggregate_loss(per_token, mask, loss_agg, norm_length, num_tokens)
+    # GMPO's loss is a mean over sequences whatever loss_agg says: each sequence's loss once, not once per token
+    loss = aggregate_loss(per_token, mask, "seq-mean-token-mean" if loss_type == "gmpo" else loss_agg, norm_length,
+                          num_tokens)
     with torch.no_grad():
-        stats["clip_frac"] = _mean((clipped > unclipped).to(maskf.dtype), maskf)
+        stats["clip_frac"] = _mean(was_clipped.to(maskf.dtype), maskf)
         stats["approx_kl"] = _mean(torch.expm1(-log_ratio) + log_ratio, maskf)  # k3 of pi_old vs pi
         big = torch.finfo(ratio.dtype).max
         stats["ratio_mean"] = _mean(ratio, maskf)
         stats["ratio_max"] = torch.where(live, ratio, -big).max()
         stats["ratio_min"] = torch.where(live, ratio, big).min()
     return loss, stats
+
+
+def _covariance(logprobs, advantages, live):
+    """Per token, cov(log pi, A)'s summand over the batch's live tokens: (A - mean A)(log pi - mean log pi), the
+    statistic Clip-Cov and KL-Cov rank tokens by (Cui et al. 2025: the entropy change follows it)."""
+    maskf = live.to(logprobs.dtype)
+    return (advantages - _mean(advantages, maskf)) * (logprobs.detach() - _mean(logprobs.detach(), maskf))
+
+
+def _clip_cov(per_token, was_clipped, logprobs, advantages, live, maskf, cov, generator):
+    """Clip-Cov (verl's clip_cov): among the live tokens PPO did not clip whose covariance lies in (lb, ub), pick
+    max(1, int(ratio * tokens)) at random and take them out of the loss. Data-dependent: runs eagerly."""
+    ratio, lower, upper, _ = cov
+    score = _covariance(logprobs, advantages, live)
+    candidates = torch.nonzero(live & ~was_clipped & (score > lower) & (score < upper))
+    count = max(int(ratio * int(live.sum())), 1)
+    if len(candidates):
+        candidates = candidates[torch.randperm(len(candidates), generator=generator)[:count].to(candidates.device)]
+    keep = torch.ones_like(per_token)
+    keep[candidates[:, 0], candidates[:, 1]] = 0.0
+    return per_token * keep, keep == 0
+
+
+def _top_covariance(logprobs, advantages, live, ratio):
+    """KL-Cov (verl's kl_cov): 1 at the max(1, int(ratio * tokens)) live tokens of highest covariance, else 0."""
+    flat = torch.nonzero(live.flatten())[:, 0]
+    adv, logp = advantages.flatten()[flat], logprobs.detach().flatten()[flat]
+    score = (adv - adv.mean()) * (logp - logp.mean())
+    chosen = torch.zeros(live.numel(), dtype=logprobs.dtype, device=logprobs.device)
+    if len(flat):
+        chosen[flat[torch.topk(score, max(1, int(len(flat) * ratio))).indices]] = 1.0
+    return chosen.view_as(logprobs)
 
 
 def _own_code(fn, tag: str):
@@ -172,9 +254,16 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 kl_coef: float = 0.0, kl_estimator: str = "k3", loss_agg: str = "token-mean",
                 ratio_level: str = "token", norm_length: float | None = None,
                 num_tokens: float | torch.Tensor | None = None, num_rows: int | None = None,
-                compile: bool | None = None):
+                loss_type: str = "clip", sapo_taus: tuple[float, float] = (1.0, 1.05),
+                cov: tuple[float, float, float, float] = (2e-4, 1.0, 5.0, 0.1),
+                generator: torch.Generator | None = None, entropy: torch.Tensor | None = None,
+                entropy_coef: float = 0.0, compile: bool | None = None):
     """The clipped surrogate plus beta*KL, aggregated; returns (loss, stats) with stats as detached 0-d tensors
     (clip_frac, approx_kl to pi_old, kl to pi_ref when given, ratio_mean/max/min), so no host sync happens here.
+    loss_type picks the surrogate (the module docstring's table): clip (PPO, GRPO), cispo / cispo_upper, sapo
+    (sapo_taus: tau for A > 0, for A <= 0), gmpo (a mean over sequences whatever loss_agg), gpg, clip_cov and kl_cov
+    (cov: the share of tokens, Clip-Cov's covariance bounds, KL-Cov's coefficient; generator: Clip-Cov's random pick;
+    both eager, their selection being data-dependent). entropy (R, T), entropy_coef: the bonus -c H_t per token.
 
     logprobs, old_logprobs, mask, ref_logprobs: (R, T); advantages: (R,) or (R, T).
     num_tokens / num_rows: the token-mean's / the sequence means' denominators when these rows are one micro-batch
@@ -185,14 +274,16 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}.")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}.")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
     if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
         raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
                          f"{tuple(mask.shape)} must have the same shape.")
     if compile is None:
-        compile = logprobs.is_cuda
+        compile = logprobs.is_cuda and loss_type not in ("clip_cov", "kl_cov")
     fn = _policy_loss
     if compile:
-        settings = (loss_agg, kl_estimator, ratio_level, ref_logprobs is None)
+        settings = (loss_agg, kl_estimator, ratio_level, ref_logprobs is None, loss_type, entropy is None)
         if settings not in _COMPILED_LOSSES:  # a break raises; each setting compiles on its own code object
             _COMPILED_LOSSES[settings] = torch.compile(_own_code(_policy_loss, str(len(_COMPILED_LOSSES))),
                                                        dynamic=True, fullgraph=True)
@@ -202,8 +293,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         logprobs, old_logprobs, advantages, mask = (t.contiguous() for t in (logprobs, old_logprobs, advantages, mask))
         ref_logprobs = ref_logprobs.contiguous() if ref_logprobs is not None else None
     loss, stats = fn(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef,
-                     kl_estimator, loss_agg, ratio_level, norm_length, num_tokens)
-    if num_rows is not None and loss_agg != "token-mean":  # these rows' part of a mean over num_rows sequences
+                     kl_estimator, loss_agg, ratio_level, norm_length, num_tokens, loss_type, tuple(sapo_taus),
+                     tuple(cov), generator, entropy, entropy_coef)
+    if num_rows is not None and (loss_agg != "token-mean" or loss_type == "gmpo"):  # a mean over num_rows sequences
         loss = loss * logprobs.shape[0] / num_rows
     return loss, stats
 
