@@ -1672,16 +1672,14 @@ def offload_optimizer(optimizers, enabled: bool = True):
     no-op. Every state tensor stays the same object, its storage swapped for an empty one and back, so the optimizer,
     a fused step and FSDP2's DTensors (their local shards) see no change; 0-d tensors (AdamW's step) stay."""
     optimizers = [] if not enabled else optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
+    tensors = [getattr(value, "_local_tensor", value)  # a DTensor's shard
+               for opt in optimizers for state in opt.state.values() for value in state.values()]
     held = []
     try:
-        for opt in optimizers:
-            for state in opt.state.values():
-                for value in state.values():
-                    local = getattr(value, "_local_tensor", value)
-                    if torch.is_tensor(local) and local.dim() > 0:
-                        copy = local.detach().to("cpu", copy=True)
-                        local.set_(local.new_empty(0))  # set_, not resize_: a loaded state's storage is fixed
-                        held.append((local, copy))
+        for local in (t for t in tensors if torch.is_tensor(t) and t.dim() > 0):
+            copy = local.detach().to("cpu", copy=True)
+            local.set_(local.new_empty(0))  # set_, not resize_: a loaded state's storage is fixed
+            held.append((local, copy))
         yield
     finally:
         for local, copy in held:
