@@ -28,6 +28,7 @@ import dataclasses
 import errno
 import glob
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -245,32 +246,106 @@ def list_checkpoints(out_dir: str) -> list[str]:
     return sorted(paths, key=lambda p: int(p.rsplit("-", 1)[-1]))
 
 
+class CheckpointError(K.UserError):
+    """A checkpoint on disk that cannot be restored: a file truncated, emptied or missing, or weights whose names or
+    shapes are not the model's. Raised before anything is loaded from it, so an older checkpoint can be tried."""
+
+
+def _trainer_state(path: str, mmap: bool = True) -> dict:
+    """checkpoint/trainer_state.pt, or a CheckpointError naming what is wrong with it. mmap: the optimizer state's
+    tensors are mapped, not read, so checking a 7B model's checkpoint costs no memory."""
+    file = os.path.join(path, "trainer_state.pt")
+    try:
+        state = torch.load(file, weights_only=True, map_location="cpu", mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no trainer_state.pt") from None
+    except Exception as error:  # truncated, empty, not a torch file: torch says which in many ways
+        raise CheckpointError(f"{file} is unreadable ({str(error).splitlines()[0][:120] or type(error).__name__})"
+                              ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{file} holds no step")
+    return state
+
+
+def _weight_files(path: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(path, "model.safetensors"))
+                  or glob.glob(os.path.join(path, "model-*-of-*.safetensors")))
+
+
+def _safetensors_shapes(file: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} from a safetensors file's header, or a CheckpointError: the library checks that the header
+    parses and that its tensors cover the file exactly, so a truncated file fails here without reading any data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as error:
+        raise CheckpointError(f"{file} is unreadable ({str(error).splitlines()[0][:120] or type(error).__name__})"
+                              ) from None
+
+
+def check_checkpoint(path: str) -> int:
+    """The step of a checkpoint whose files are whole, or a CheckpointError saying what is not: trainer_state.pt
+    readable and holding a step, the model's weights present, and every safetensors file in it (the weights, a
+    reference's, ppo.py's critic/) with a readable header that covers the file. Reads headers only."""
+    step = _trainer_state(path)["step"]
+    if not _weight_files(path):
+        raise CheckpointError(f"{path} has no model weights (model.safetensors)")
+    for file in sorted(glob.glob(os.path.join(path, "**", "*.safetensors"), recursive=True)):
+        _safetensors_shapes(file)
+    return step
+
+
 def checkpoint_step(path: str) -> int:
-    """The step a complete checkpoint was saved at (final/ included)."""
-    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")["step"]
+    """The step a complete checkpoint was saved at (final/ included); a CheckpointError when it cannot be read."""
+    return _trainer_state(path)["step"]
+
+
+def checkpoints_newest_first(out_dir: str) -> list[tuple[str, int | str]]:
+    """Every complete checkpoint in out_dir, newest first (final/ before checkpoint-N when its step is as large),
+    each with its step or, for a damaged one, the reason (check_checkpoint)."""
+    found = []
+    for path in [*list_checkpoints(out_dir), os.path.join(out_dir, "final")]:
+        if os.path.exists(os.path.join(path, "trainer_state.pt")):
+            try:
+                found.append((path, check_checkpoint(path)))
+            except CheckpointError as error:
+                found.append((path, str(error)))
+    order = {path: i for i, (path, _) in enumerate(found)}  # saved order: the step's tie-breaker (final/ last)
+
+    def key(item):  # a damaged checkpoint-N sorts by its name's step; a damaged final/ after all of them
+        path, step = item
+        number = step if isinstance(step, int) else (
+            int(path.rsplit("-", 1)[-1]) if path.rsplit("-", 1)[-1].isdigit() else math.inf)
+        return number, order[path]
+
+    return sorted(found, key=key, reverse=True)
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
-    """The newest complete checkpoint to resume from: the last checkpoint-STEP, or final/ when it is newer (a
-    finished run asked to train further starts from its final state)."""
-    found = list_checkpoints(out_dir)
-    final = os.path.join(out_dir, "final")
-    if os.path.exists(os.path.join(final, "trainer_state.pt")) and (
-            not found or checkpoint_step(final) >= checkpoint_step(found[-1])):
-        return final
-    return found[-1] if found else None
+    """The newest intact checkpoint to resume from: the last checkpoint-STEP, or final/ when it is as new (a
+    finished run asked to train further starts from its final state); a damaged one (check_checkpoint) is passed
+    over."""
+    return next((path for path, step in checkpoints_newest_first(out_dir) if isinstance(step, int)), None)
 
 
 def load_model_weights(model: torch.nn.Module, path: str):
     """Load a transformers checkpoint directory's safetensors weights into an existing (wrapped) model: the files
     model.safetensors or model-0000i-of-0000n.safetensors name, and no other (a trainer may keep, say, its
-    reference model's weights beside them)."""
+    reference model's weights beside them). Every file's header is checked against the model's parameter names and
+    shapes before anything is loaded (CheckpointError), so a wrong file changes nothing."""
     from safetensors.torch import load_file
 
-    files = sorted(glob.glob(os.path.join(path, "model.safetensors"))
-                   or glob.glob(os.path.join(path, "model-*-of-*.safetensors")))
+    files = _weight_files(path)
     if not files:
-        raise FileNotFoundError(f"No model.safetensors weights in {path}.")
+        raise CheckpointError(f"{path} has no model weights (model.safetensors)")
+    expected = {name: tuple(value.shape) for name, value in K.unwrap(model).state_dict().items()}
+    for f in files:
+        for name, shape in _safetensors_shapes(f).items():
+            if name not in expected or expected[name] != shape:
+                want = f"the model's {list(expected[name])}" if name in expected else "the model has no such weight"
+                raise CheckpointError(f"{f} does not fit the model: {name} has shape {list(shape)}, {want}")
     state = {}
     for f in files:
         state.update(load_file(f))
@@ -281,7 +356,7 @@ def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None) -> di
     """Restore what save_checkpoint wrote; returns {"step", "extra"}. Loads with weights_only=True."""
     if model is not None:
         load_model_weights(model, path)
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, map_location="cpu")
+    state = _trainer_state(path, mmap=False)
     if optimizer is not None and state["optimizer"] is not None:
         if K._is_fsdp(K.unwrap(model)):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -507,6 +582,10 @@ def check_settings(args):
         if not math.isfinite(value) or value < 0 or (value == 0 and name in positive):
             flag = "--" + name.replace("_", "-")
             raise K.UserError(f"{flag} {value}: must be {'positive' if name in positive else 'zero or more'}.")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**32):
+        raise K.UserError(f"--seed {seed}: must be a whole number from 0 to {2**32 - 1} (the data order, the "
+                          "sampling noise and numpy's generator take seeds below 2**32).")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         raise K.UserError("--resume and --overwrite contradict each other: continue the run in --out-dir, or replace it.")
     check_reporters(getattr(args, "report_to", ()))
@@ -554,15 +633,21 @@ class Run:
         resume (continue it) or overwrite (clear it first).
       - A lock (DIR/.lock, flock) is held while the run lives, so a second process refuses at once instead of
         interleaving its metrics and checkpoints with ours. The kernel drops it if the process dies.
-      - resume: `checkpoint` is the newest complete checkpoint (None: start from scratch); `finished` when final/
-        already holds the last step, in which case the script says so and changes nothing.
+      - resume: `checkpoint` is the newest intact checkpoint (None: start from scratch); a damaged newer one (a file
+        truncated, emptied or missing: check_checkpoint) is passed over with a warning naming both, and when every
+        checkpoint is damaged the run stops in one sentence. `finished` when final/ already holds the last step, in
+        which case the script says so and changes nothing.
+      - An out-dir written by another script (args.json's "script") is refused, resume or not.
       - SIGTERM/SIGINT become a flag the loop checks at step boundaries (should_stop), caught until the final save
         is on disk; the stop's exit status is 128 + the signal (130 for SIGINT, 143 for SIGTERM).
     Rank 0 decides and the other ranks follow its decision. Use as a context manager around the whole run."""
 
-    def __init__(self, out_dir: str, *, resume: bool = False, overwrite: bool = False, max_steps: int = 0):
+    def __init__(self, out_dir: str, *, resume: bool = False, overwrite: bool = False, max_steps: int = 0,
+                 script: str | None = None):
         self.out_dir, self.resume, self.overwrite, self.max_steps = out_dir, resume, overwrite, max_steps
+        self.script = script  # the file of the script that runs, e.g. "grpo.py"
         self.checkpoint: str | None = None
+        self.fallbacks: list[str] = []  # older intact checkpoints, newest first: where a failed restore goes next
         self.start_step = 0
         self.finished = False
         self.signals = StopSignal()
@@ -577,7 +662,10 @@ class Run:
         if isinstance(decision, str):  # rank 0's reason to refuse: every rank stops with it
             self._release()
             raise K.UserError(decision)
-        self.checkpoint, self.start_step, self.finished = decision
+        self.checkpoint, self.start_step, self.finished, self.fallbacks, damaged = decision
+        for path, reason in damaged:
+            K.print0(f"warning: --resume passes over the damaged checkpoint {path} ({reason}); resuming from "
+                     f"{self.checkpoint}.")
         if self.finished:
             K.print0(f"{self.out_dir} holds a finished run (final/ at step {self.start_step}); nothing to do. Pass a "
                    "larger --max-steps to train further, or --overwrite to start again.")
@@ -595,8 +683,12 @@ class Run:
         """Rank 0: lock the out-dir and decide (checkpoint, step, finished), or return the reason to refuse."""
         import fcntl
 
-        os.makedirs(self.out_dir, exist_ok=True)
-        self._lock = open(os.path.join(self.out_dir, ".lock"), "a+")
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self._lock = open(os.path.join(self.out_dir, ".lock"), "a+")
+        except OSError as error:  # a file's path, /proc, /sys, a read-only or full disk, no permission
+            return (f"--out-dir {self.out_dir}: cannot write a run there ({error.strerror or error}); choose a "
+                    "directory this user can create and write.")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -608,14 +700,25 @@ class Run:
         if held and not self.resume and not self.overwrite:
             return (f"{self.out_dir} already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
                     "pass --resume to continue it, or --overwrite to replace it.")
+        recorded = _recorded_script(self.out_dir) if held and not self.overwrite else None
+        if recorded and self.script and recorded != self.script:
+            return (f"{self.out_dir} holds a run of {recorded}, not of {self.script}; choose another --out-dir "
+                    f"(or --overwrite to replace that run).")
         if held and self.overwrite:
             for name in held:
                 path = os.path.join(self.out_dir, name)
                 shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-        checkpoint = latest_checkpoint(self.out_dir) if self.resume else None
-        step = checkpoint_step(checkpoint) if checkpoint else 0
+        found = checkpoints_newest_first(self.out_dir) if self.resume else []
+        intact = [path for path, step in found if isinstance(step, int)]
+        if found and not intact:
+            return (f"--resume: no checkpoint in {self.out_dir} is intact ("
+                    + "; ".join(f"{os.path.basename(path)}: {reason}" for path, reason in found[:3])
+                    + "); --overwrite starts the run again.")
+        checkpoint = intact[0] if intact else None
+        damaged = found[:[path for path, _ in found].index(checkpoint)] if checkpoint else []
+        step = dict(found)[checkpoint] if checkpoint else 0
         finished = checkpoint is not None and os.path.basename(checkpoint) == "final" and step >= self.max_steps
-        return checkpoint, step, finished
+        return checkpoint, step, finished, intact[1:], damaged
 
     def _release(self):
         if self._lock is not None:
@@ -690,6 +793,42 @@ class RunArgs:
     """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
 
 
+RESUMABLE = ("max_steps", "epochs", "save_every", "eval_every", "log_samples", "nan_patience", "plot", "report_to",
+             "export_dir", "device", "threads", "dist_timeout_s", "strategy", "compile", "micro_batch_tokens",
+             "decode_memory", "offload_optimizer", "gradient_checkpointing")
+"""The settings a --resume may change: how long the run goes on, when it evaluates, saves and reports, and how it
+uses the machine (device, threads, parallelism, compilation, micro-batches, memory savers: the same run up to
+floating-point rounding). Every other setting (the script, model, data, seed, algorithm and its constants, sizes,
+learning rate) defines the run and must equal what args.json recorded; out_dir, resume and overwrite say where
+and how to start, not what runs. A longer --max-steps also stretches a schedule that decays over max_steps."""
+
+
+def _recorded_script(out_dir: str) -> str | None:
+    """The script args.json says wrote out_dir (None: no args.json, or one from before it said)."""
+    try:
+        with open(os.path.join(out_dir, "args.json"), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return recorded.get("script") if isinstance(recorded, dict) else None
+
+
+def args_record(args, script: str | None) -> dict:
+    """What args.json holds: the script's file name and its resolved settings, as JSON reads them back."""
+    return json.loads(json.dumps({"script": script, **dataclasses.asdict(args)}, default=str))
+
+
+def setting_changes(recorded: dict, now: dict) -> tuple[dict, dict]:
+    """The settings that differ between args.json (recorded) and this run (now, args_record): ({name: (was, now)}
+    that would change the run, {name: (was, now)} that a resume may change: RESUMABLE)."""
+    missing = "(not set)"
+    names = sorted((set(recorded) | set(now)) - {"script", "out_dir", "resume", "overwrite"})  # script: Run
+    changed = {name: (recorded.get(name, missing), now.get(name, missing)) for name in names  # as text: NaN == NaN
+               if json.dumps(recorded.get(name, missing)) != json.dumps(now.get(name, missing))}
+    allowed = {name: change for name, change in changed.items() if name in RESUMABLE}
+    return {name: change for name, change in changed.items() if name not in allowed}, allowed
+
+
 class Stopped(Exception):
     """Raised by Session.end_step / drop_step after the checkpoint of a stopped run is saved; `with session:` swallows
     it, so main goes on to `return session.result()`."""
@@ -725,7 +864,8 @@ class Session(Run):
         check(args, self.info)                       # one sentence per impossible setting, before anything loads
         seed_everything(args.seed)
         # max_steps: a script may change it before `with` (sft.py's --epochs)
-        super().__init__(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps)
+        super().__init__(args.out_dir, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps,
+                         script=os.path.basename(inspect.getfile(type(args))))
         self.args, self.desc, self.panels, self.title = args, desc, list(panels), title
         self.state: dict[str, Any] = {"skipped": 0, "nan_streak": 0}
         self.stopped_at = self.logger = self.bar = self.final_dir = self.evaluate = self._snapshot = None
@@ -747,20 +887,35 @@ class Session(Run):
         self._save = save or (lambda step, name=None: save_checkpoint(
             args.out_dir, step, model, tokenizer, optimizer, scheduler, extra=self.state, name=name,
             tensor_files=tensor_files() if tensor_files else None))
+        record, changes = self._check_resume(args)
         checkpoint = self.checkpoint
+        for i, checkpoint in enumerate([self.checkpoint, *self.fallbacks] if checkpoint is not None else []):
+            try:
+                if restore is None:
+                    loaded = load_checkpoint(checkpoint, model, optimizer, scheduler)
+                    self.state.update(loaded["extra"])
+                    self.start_step = loaded["step"]
+                    if on_restore is not None:
+                        on_restore(checkpoint)
+                else:
+                    self.start_step = restore(checkpoint)
+                break
+            except CheckpointError as error:  # found before anything of it was loaded; an older one reloads it all
+                if i == len(self.fallbacks):
+                    raise CheckpointError(f"--resume: no checkpoint in {self.out_dir} can be restored (the oldest: "
+                                          f"{error}); --overwrite starts the run again.") from None
+                K.print0(f"warning: --resume passes over the damaged checkpoint {checkpoint} ({error}); trying "
+                         f"{self.fallbacks[i]}.")
         if checkpoint is not None:
-            if restore is None:
-                loaded = load_checkpoint(checkpoint, model, optimizer, scheduler)
-                self.state.update(loaded["extra"])
-                self.start_step = loaded["step"]
-                if on_restore is not None:
-                    on_restore(checkpoint)
-            else:
-                self.start_step = restore(checkpoint)
+            self.checkpoint = checkpoint
             K.print0(f"Resumed from {checkpoint} at step {self.start_step}.")
         if K.get_rank() == 0:
-            write_text(os.path.join(args.out_dir, "args.json"),
-                       json.dumps(dataclasses.asdict(args), indent=2, default=str))
+            if changes is None:  # a new run: args.json records it
+                write_text(os.path.join(args.out_dir, "args.json"), json.dumps(record, indent=2))
+            else:  # a resume: args.json keeps the original; each resume appends what it changed
+                with open(os.path.join(args.out_dir, "resumes.jsonl"), "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": self.start_step, "checkpoint": checkpoint, "time": time.strftime(
+                        "%Y-%m-%dT%H:%M:%S"), "changed": {k: list(v) for k, v in changes.items()}}) + "\n")
         self.logger = MetricsLogger(args.out_dir, resume_step=self.start_step if checkpoint else None,
                                     report_to=args.report_to, config=dataclasses.asdict(args))
         if self.start_step == 0 and evaluate is not None and args.eval_every:
@@ -770,6 +925,38 @@ class Session(Run):
         self.bar = progress(range(self.start_step, self.max_steps), desc=self.desc, total=self.max_steps,
                             initial=self.start_step)
         return self._steps()
+
+    def _check_resume(self, args) -> tuple[dict, dict | None]:
+        """(args.json's record of this run, and under --resume of a recorded run the RESUMABLE settings it changes,
+        else None); a UserError naming the differences when a resume would change what defines the run. Rank 0
+        reads args.json and decides; every rank follows (a collective under torchrun)."""
+        record, decision = args_record(args, self.script), None
+        path = os.path.join(args.out_dir, "args.json")
+        if K.get_rank() == 0 and self.resume and os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    recorded = json.load(f)
+                if not isinstance(recorded, dict):
+                    raise ValueError("not an object")
+            except (OSError, ValueError) as error:
+                decision = f"--resume: {path} is unreadable ({error}); --overwrite starts the run again."
+            else:
+                refused, allowed = setting_changes(recorded, record)
+                if refused:
+                    listed = ", ".join(f"--{name.replace('_', '-')} {now} (recorded: {was})"
+                                       for name, (was, now) in list(refused.items())[:5])
+                    decision = (f"--resume would change the run in {args.out_dir}: {listed}"
+                                f"{' and more' if len(refused) > 5 else ''}; resume with the settings args.json "
+                                "records, or start a new run in another --out-dir.")
+                else:
+                    decision = allowed
+        if K.is_distributed():
+            box = [decision]
+            dist.broadcast_object_list(box, src=0)
+            decision = box[0]
+        if isinstance(decision, str):
+            raise K.UserError(decision)
+        return record, decision
 
     def _steps(self):
         for step in self.bar:

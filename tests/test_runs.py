@@ -101,6 +101,140 @@ def test_a_cut_off_or_missing_metrics_file_does_not_block_resume(damage, tiny_mo
     assert steps == ([1, 3] if damage == "cut" else [3])
 
 
+def test_a_resume_is_the_same_run_or_refused_and_args_json_keeps_the_original(tiny_model_dir, tmp_path):
+    """--resume with a setting that defines the run (preset, group size, data, seed, learning rate) stops in one
+    sentence naming it and what args.json recorded, before anything is written; a setting a resume may change
+    (max_steps, eval and save cadence) is taken, recorded in resumes.jsonl, and args.json keeps the original."""
+    grpo.main(grpo_args(tiny_model_dir, tmp_path, max_steps=2, save_every=1))
+    before = {name: (tmp_path / name).read_bytes() for name in ("args.json", "metrics.jsonl")}
+    assert json.loads(before["args.json"])["script"] == "grpo.py"
+    for change, named in [({"preset": "dapo"}, "--preset dapo (recorded: grpo)"),
+                          ({"num_generations": 4}, "--num-generations 4 (recorded: 2)"),
+                          ({"dataset": "countdown"}, "--dataset countdown (recorded: arithmetic)"),
+                          ({"seed": 123}, "--seed 123 (recorded: 0)"),
+                          ({"lr": 1e-3}, "--lr 0.001 (recorded: ")]:
+        with pytest.raises(K.UserError, match="--resume would change the run in") as error:
+            grpo.main(grpo_args(tiny_model_dir, tmp_path, max_steps=3, resume=True, **change))
+        assert named in str(error.value), str(error.value)
+        assert {name: (tmp_path / name).read_bytes() for name in before} == before
+        assert not (tmp_path / "checkpoint-3").exists() and not (tmp_path / "resumes.jsonl").exists()
+    grpo.main(grpo_args(tiny_model_dir, tmp_path, max_steps=3, save_every=3, resume=True))
+    assert (tmp_path / "args.json").read_bytes() == before["args.json"]
+    record = [json.loads(line) for line in (tmp_path / "resumes.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["changed"]) for r in record] == [(2, {"max_steps": [2, 3], "save_every": [1, 3]})]
+    assert [row["step"] for row in runs.read_metrics(str(tmp_path))] == [1, 2, 3]
+
+
+def test_a_script_refuses_an_out_dir_another_script_wrote(tiny_model_dir, tmp_path):
+    """sft.py --resume (or ppo.py --resume) on a GRPO run stops in one sentence before any model loads, and GRPO's
+    final/, args.json and metrics stay as they were (sft.py used to train from GRPO's final/ and replace them)."""
+    grpo.main(grpo_args(tiny_model_dir, tmp_path, max_steps=1))
+    kept = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and path.name != ".lock"}
+    attempts = [lambda: sft.main(sft.Args(preset="toy_base", out_dir=str(tmp_path), resume=True, max_steps=2)),
+                lambda: ppo.main(ppo.Args(model=tiny_model_dir, out_dir=str(tmp_path), resume=True, max_steps=2))]
+    for script, attempt in zip(("sft.py", "ppo.py"), attempts):
+        with pytest.raises(K.UserError, match=f"holds a run of grpo.py, not of {script}"):
+            attempt()
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and path.name != ".lock"} == kept
+
+
+def _damage(checkpoint, how: str):
+    from safetensors.torch import load_file, save_file
+
+    weights, state = checkpoint / "model.safetensors", checkpoint / "trainer_state.pt"
+    if how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "wrong-shape weights":
+        tensors = load_file(str(weights))
+        name = next(k for k, v in tensors.items() if v.dim() == 2)
+        tensors[name] = tensors[name][:, :-1].contiguous()
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    elif how == "missing weights":
+        weights.unlink()
+    elif how == "truncated trainer state":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    elif how == "empty trainer state":
+        state.write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["truncated weights", "wrong-shape weights", "missing weights",
+                                 "truncated trainer state", "empty trainer state"])
+def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one_or_stops_in_one_sentence(how, tiny_model_dir,
+                                                                                          tmp_path, capsys):
+    """A run cut off after checkpoint-2 whose checkpoint-2 is damaged resumes from checkpoint-1 with a warning that
+    names both, and ends bit-equal to the run that was never cut off; when every checkpoint is damaged, one
+    sentence naming them (no traceback, nothing written)."""
+    from safetensors.torch import load_file
+
+    straight = grpo.main(grpo_args(tiny_model_dir, tmp_path / "straight", max_steps=3))
+    run = tmp_path / "run"
+    grpo.main(grpo_args(tiny_model_dir, run, max_steps=3, save_every=1))
+    for name in ("final", "checkpoint-3"):
+        __import__("shutil").rmtree(run / name)
+    _damage(run / "checkpoint-2", how)
+    capsys.readouterr()
+    result = grpo.main(grpo_args(tiny_model_dir, run, max_steps=3, resume=True))
+    out = capsys.readouterr().out
+    assert f"damaged checkpoint {run / 'checkpoint-2'}" in out and f"{run / 'checkpoint-1'}" in out, out
+    assert "Resumed from" in out and out.split("Resumed from ")[1].startswith(str(run / "checkpoint-1"))
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (straight.final_dir, result.final_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("final", "checkpoint-2", "checkpoint-3"):
+        __import__("shutil").rmtree(run / name, ignore_errors=True)
+    _damage(run / "checkpoint-1", how)
+    metrics = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(K.UserError, match=r"--resume: no checkpoint in .* (is intact|can be restored)"):
+        grpo.main(grpo_args(tiny_model_dir, run, max_steps=3, resume=True))
+    assert (run / "metrics.jsonl").read_bytes() == metrics and not (run / "final").exists()
+
+
+@pytest.mark.parametrize("where", ["/proc/rl-test-run", "/sys/rl-test-run", "a file", "under a file"])
+def test_an_out_dir_that_cannot_be_written_is_one_sentence(where, tiny_model_dir, tmp_path):
+    (tmp_path / "file.txt").write_text("not a directory")
+    out_dir = {"a file": str(tmp_path / "file.txt"), "under a file": str(tmp_path / "file.txt" / "run")}.get(where,
+                                                                                                             where)
+    with pytest.raises(K.UserError, match=f"--out-dir {out_dir}: cannot write a run there"):
+        grpo.main(grpo_args(tiny_model_dir, out_dir))
+
+
+@pytest.mark.parametrize("script", ["sft", "grpo"])
+def test_resuming_at_an_exact_epoch_boundary_trains_on(script, tiny_model_dir, tmp_path, monkeypatch):
+    """A run stopped exactly where an epoch of its data ends resumes into the next epoch and ends as the run that
+    never stopped (verl once exited 0 there without training on): 4 prompts, 2 per step, stopped after step 2 of 4;
+    SFT, 32 rows in batches of 8 over 2 epochs, stopped after step 4 of 8."""
+    from safetensors.torch import load_file
+
+    if script == "grpo":
+        data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"{a}+{a}=", "answer": str(2 * a)}
+                                                      for a in range(4)])
+        make = lambda out, **kw: grpo_args(tiny_model_dir, out, dataset=data, eval_dataset=data, max_steps=4, **kw)
+        main, boundary, total = grpo.main, 2, 4
+    else:
+        rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(8) for b in range(4)]
+        data, held = (write_jsonl(tmp_path / f"{name}.jsonl", rows) for name in ("train", "eval"))
+        make = lambda out, **kw: sft.Args(preset="toy_base", out_dir=str(out), export_dir="", dataset=data,
+                                          eval_dataset=held, epochs=2, max_steps=0, batch_size=8, grad_accum=1,
+                                          warmup_steps=1, eval_every=0, save_every=0, device="cpu", **kw)
+        main, boundary, total = sft.main, 4, 8
+    straight = main(make(tmp_path / "straight"))
+    calls = {"n": 0}
+
+    def stop_at_the_boundary(self):
+        calls["n"] += 1
+        return calls["n"] == boundary
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runs.StopSignal, "should_stop", stop_at_the_boundary)
+        stopped = main(make(tmp_path / "run"))
+    assert stopped.stopped_at == boundary
+    resumed = main(make(tmp_path / "run", resume=True))
+    assert resumed.stopped_at is None and resumed.final_dir is not None
+    trained = [row["step"] for row in runs.read_metrics(resumed.out_dir) if "train/loss" in row or "loss" in row]
+    assert trained[-1] == total and runs.checkpoint_step(resumed.final_dir) == total
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (straight.final_dir, resumed.final_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---------------------------------------------------------------------------------------------- stops
 
 SIGNALLING_REWARD = """
@@ -301,6 +435,8 @@ MISTAKES = [
     ("grpo", ["--lr", "-1"], "--lr -1.0: must be positive", {}),
     ("grpo", ["--max-new-tokens", "0"], "--max-new-tokens 0: must be positive", {}),
     ("grpo", ["--device", "gpu"], "gpu", {}),
+    ("grpo", ["--seed", "99999999999999999999"], "--seed 99999999999999999999: must be a whole number from 0", {}),
+    ("sft", ["--seed", "4294967296"], "--seed 4294967296: must be a whole number from 0", {}),
     ("sft", ["--model", "/nonexistent/model"], "no such directory", {}),
     ("sft", ["--lr", "-1"], "--lr -1.0: must be positive", {}),
     ("rlhf_reward_model", ["--model", "/nonexistent/model"], "no such directory", {}),
