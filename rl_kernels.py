@@ -1792,7 +1792,9 @@ def accumulate_gradients(models, minibatch: dict, micro_loss, *, max_tokens: int
     {name: loss} (PPO's policy and value losses, each its own model's). Under DDP the gradients are all-reduced once,
     in the last micro-batch's backward; FSDP2 reduce-scatters each. Returns the stats (0-d tensors, no host sync)
     folded over micro-batches by fold_stats, each weighted by its share of the minibatch's `mask` tokens, and each
-    loss summed ("loss" when micro_loss returns one tensor)."""
+    loss summed ("loss" when micro_loss returns one tensor). Under torchrun the stats are then the whole minibatch's
+    over every rank (reduce_token_stats: a rank with more tokens weighs more), the same on every rank, while each
+    loss stays this rank's share of the minibatch's loss (whose mean over ranks is the loss)."""
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     for model in models:
         model.zero_grad(set_to_none=True)
@@ -1811,7 +1813,35 @@ def accumulate_gradients(models, minibatch: dict, micro_loss, *, max_tokens: int
         for name, value in named.items():
             losses[name] = losses.get(name, 0.0) + value.detach().float()
         fold_stats(stats, part_stats, part[mask].sum() / tokens)
-    return {**stats, **losses}
+    return {**reduce_token_stats(stats, minibatch[mask].sum()), **losses}
+
+
+def reduce_token_stats(stats: dict, tokens: torch.Tensor) -> dict:
+    """fold_stats' totals over every rank, as if one process had folded all the ranks' micro-batches: each mean
+    weighted by its rank's `tokens` (a plain mean over ranks would give a rank with 3 loss tokens the weight of one
+    with 300), `*_max` the largest and `*_min` the smallest (NaN where no rank has a token). Two collectives, no host
+    sync; the same stats on every rank. A no-op in one process."""
+    if not is_distributed() or not stats:
+        return stats
+    means = sorted(k for k in stats if not k.endswith(("_max", "_min")))
+    extremes = sorted(k for k in stats if k.endswith(("_max", "_min")))
+    reduced = dict(stats)
+    if means:
+        weight = tokens.double()
+        sums = all_reduce_sum(torch.stack([stats[k].double() * weight for k in means] + [weight]))
+        for i, k in enumerate(means):
+            reduced[k] = (sums[i] / sums[-1].clamp_min(1)).to(stats[k].dtype)
+    if extremes:  # a min is the max of the negatives; -inf stands for a rank's NaN (no token), which MAX ignores
+        signs = torch.tensor([1.0 if k.endswith("_max") else -1.0 for k in extremes], dtype=torch.float64,
+                             device=stats[extremes[0]].device)
+        values = torch.stack([stats[k].double().to(signs.device) for k in extremes]) * signs
+        out = torch.nan_to_num(values, nan=-math.inf).to(_backend_device())
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        out = out.to(values.device)
+        out = torch.where(torch.isinf(out) & (out < 0), torch.nan, out) * signs
+        for i, k in enumerate(extremes):
+            reduced[k] = out[i].to(stats[k].device, stats[k].dtype)
+    return reduced
 
 
 class StepMeans:

@@ -439,6 +439,63 @@ def test_two_process_training_step_keeps_ranks_identical(strategy, micro, tmp_pa
         assert torch.allclose(r0[k], one[k], atol=2e-5), k  # AdamW normalises tiny float differences
 
 
+@pytest.mark.slow
+def test_two_process_train_stats_are_token_weighted_like_one_process(tmp_path):
+    """Rank 0 holds 35 loss tokens, rank 1 holds 3 (and a row the overlong filter masked): the train/ stats a
+    2-rank run logs (clip fraction, ratio mean and extremes, entropy, k3 KL) equal one process's over the whole
+    minibatch, the same on both ranks. A plain mean over ranks would weigh the 3 tokens like the 35."""
+    import json
+
+    script = os.path.join(ROOT, "tests", "dist_metrics.py")
+    environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           script, "ddp", str(tmp_path)], env=environ, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = subprocess.run([sys.executable, script, "none", str(tmp_path)], env=environ, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    r0, r1, one = (json.load(open(tmp_path / f"metrics_{name}.json")) for name in ("rank0", "rank1", "none"))
+    assert r0 == r1 and r0.keys() == one.keys()
+    token_stats = [k for k in one if k not in ("loss", "grad_norm")]
+    assert {"entropy", "ratio_max", "ratio_min"} <= set(token_stats) and one["ratio_max"] > one["ratio_min"]
+    for k in token_stats + ["loss", "grad_norm"]:
+        assert math.isclose(r0[k], one[k], rel_tol=1e-4, abs_tol=1e-6), (k, r0[k], one[k])
+
+
+def test_the_token_mean_normaliser_counts_only_loss_active_tokens():
+    """accumulate_gradients(mask="loss_mask") over micro-batches gives the gradient of sum(loss over loss-active
+    tokens) / (number of loss-active tokens): a response masked out of the loss (DAPO's overlong filter) adds
+    neither to the sum nor to the count (TRL #6439 divided by every completion token)."""
+    model = tiny_causal_lm().train()
+    prompt_ids, prompt_mask = left_padded_batch([4, 3, 5, 2], seed=5)
+    tokens = torch.randint(3, 97, (4, 6), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    loss_mask = mask.clone()
+    loss_mask[2] = 0  # truncated: out of the loss
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "tokens": tokens, "mask": mask,
+             "loss_mask": loss_mask, "old_logprobs": torch.full((4, 6), -4.6),
+             "advantages": torch.tensor([1.0, -0.5, 0.7, -0.8])}
+
+    def micro_loss(part, share):
+        logprobs = K.completion_logprobs(model, part)
+        return K.policy_loss(logprobs, part["old_logprobs"], part["advantages"], part["loss_mask"],
+                             loss_agg="token-mean", num_tokens=share.tokens, num_rows=share.rows)
+
+    K.accumulate_gradients(model, batch, micro_loss, max_tokens=10, mask="loss_mask")  # one row per micro-batch
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logprobs = K.completion_logprobs(model, batch)
+    ratio = torch.exp(logprobs - batch["old_logprobs"])
+    per_token = -torch.minimum(ratio * batch["advantages"][:, None],
+                               ratio.clamp(0.8, 1.2) * batch["advantages"][:, None])
+    reference = (per_token * loss_mask).sum() / loss_mask.sum()  # 16 tokens; mask.sum() would be 22
+    reference.backward()
+    assert loss_mask.sum() == 16 and mask.sum() == 22
+    for n, p in model.named_parameters():
+        assert torch.allclose(fast[n], p.grad, rtol=1e-4, atol=1e-7), n
+
+
 def test_offload_optimizer_round_trips_a_loaded_state():
     """offload_optimizer empties every AdamW state tensor inside the block and restores it bit for bit after, also
     when the state came from torch.load (whose storages cannot be resized: a resumed run), and the next step runs."""
