@@ -33,10 +33,20 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
   - set by the harness before any model code runs: a parent-death signal (SIGKILL), no-new-privs (a setuid
     program gains nothing), on x86_64 a seccomp filter under which unshare, setns, mount, umount2, pivot_root and
     the new mount API fail with EPERM, clone with a namespace flag fails with EPERM and clone3 with ENOSYS (glibc
-    then falls back to clone; on other architectures there is no filter), limits on CPU seconds, address space
-    (memory_mb), processes (max_processes), file size (max_file_mb; output goes to a file, so a flood of prints
-    stops there), open files, no core dumps; after the wall-clock timeout the whole tree is SIGKILLed. The filter
-    also refuses every 32-bit (int 0x80) and x32 system call, through which it could be bypassed;
+    then falls back to clone; on other architectures there is no filter), limits on CPU seconds (below), address
+    space (memory_mb), processes (max_processes), file size (max_file_mb; output goes to a file, so a flood of
+    prints stops there), open files, no core dumps. The filter also refuses every 32-bit (int 0x80) and x32 system
+    call, through which it could be bypassed;
+  - time is CPU time, so that a score does not depend on what runs beside it: at most one run per core this process
+    may use (its affinity mask) executes code at once, however many threads call run_sandboxed (code_reward's do),
+    and a run's clocks start only once it has its core, so waiting costs it nothing. Each process of the run may
+    then use timeout_s CPU seconds, rounded up to a whole second (the kernel SIGKILLs it there), and a wall-clock
+    backstop of three times that SIGKILLs the whole tree: CPU-bound code meets its CPU limit first even with a third
+    of a core, and the backstop ends code that sleeps or blocks. SandboxResult.timed_out says that the run reached
+    either (its CPU time read within 0.1 s of the limit). Weaker: the bound is per process (torchrun ranks on one
+    machine have one each), counts runs, not processes (a program that forks spinning children takes up to
+    max_processes cores from its neighbours, until the backstop), and does not see a CPU quota (cgroup cpu.max) below
+    the affinity mask;
   - memory: where this process can make memory cgroups (cgroup v2 with the memory controller enabled for the
     children of its cgroup or of its cgroup's parent; else cgroup v1's memory hierarchy), each run gets one
     limited to memory_mb without swap, which bounds everything the tree holds, tmpfs files (/dev/shm) and memfds
@@ -115,9 +125,10 @@ _STATS_LOCK = threading.Lock()
 
 def stats() -> dict[str, int]:
     """Counts since this module was imported (a forked child starts from its parent's): runs (run_sandboxed calls),
-    timeouts, errors (runs that failed to start or finish, scored 0), cleanup_failures (something a run left that
-    could not be removed: worth logging as a metric), stale_removed (leftovers of dead trainers removed at start-up)
-    and math_untried (math-verify pairs given "t" untried because their batch's budget was spent)."""
+    timeouts (runs that reached their CPU limit or wall-clock backstop), errors (runs that failed to start or finish,
+    scored 0), cleanup_failures (something a run left that could not be removed: worth logging as a metric),
+    stale_removed (leftovers of dead trainers removed at start-up) and math_untried (math-verify pairs given "t"
+    untried because their batch's budget was spent)."""
     with _STATS_LOCK:
         return dict(_STATS)
 
@@ -610,8 +621,9 @@ def _kill_uid(uid: int) -> bool:
     return _kill_processes(uid.__eq__)[1]
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the sandbox. unshare's child is the init of the sandbox's PID namespace, and when it dies the kernel
+def _kill_tree(proc: subprocess.Popen) -> float:
+    """SIGKILL the sandbox and reap it; the CPU seconds it used (proc's own and those of the children it reaped: the
+    harness, for unshare). unshare's child is the init of the sandbox's PID namespace, and when it dies the kernel
     kills everything in the namespace, even code that left the session and cleared its parent-death signal (which
     the process-group kill and unshare --kill-child alone would miss). unshare is stopped first so that it cannot
     reap that child and free its pid while we read it."""
@@ -622,7 +634,13 @@ def _kill_tree(proc: subprocess.Popen) -> None:
                 os.kill(int(pid), signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # reaped elsewhere: its CPU time is lost
+        proc.wait()
+        return 0.0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _remove_ipc(match) -> int:
@@ -899,6 +917,38 @@ def _sweep_once() -> None:
 
 # ------------------------------------------------------------------------------------------------ code sandbox
 
+# A run's limit is CPU time, so that its score does not depend on what runs beside it; and no more runs execute code
+# at once than there are cores, so that each gets about one. Code that sleeps or blocks uses no CPU: a wall-clock
+# backstop, well above the CPU limit, ends it and frees its core.
+_CPU_SLOTS: tuple[int, threading.Semaphore] | None = None  # (owner pid, one slot per usable core)
+_CPU_SLOTS_LOCK = threading.Lock()
+
+
+def _cpu_slots() -> threading.Semaphore:
+    """This process's bound on runs executing at once: one per core it may run on (its affinity mask), made on first
+    use (and anew in a forked child, which must not share its parent's count)."""
+    global _CPU_SLOTS
+    with _CPU_SLOTS_LOCK:
+        if _CPU_SLOTS is None or _CPU_SLOTS[0] != os.getpid():
+            try:
+                cores = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                cores = os.cpu_count() or 1
+            _CPU_SLOTS = (os.getpid(), threading.Semaphore(max(1, cores)))
+        return _CPU_SLOTS[1]
+
+
+def _cpu_limit_s(timeout_s: float) -> int:
+    """A run's CPU limit, in the whole seconds RLIMIT_CPU counts: timeout_s rounded up."""
+    return max(1, math.ceil(timeout_s))
+
+
+def _wall_s(timeout_s: float) -> float:
+    """A run's wall-clock backstop: three times its CPU limit, so that CPU-bound code reaches its CPU limit first
+    even with a third of a core (its core shared with the trainer's own work); only code that sleeps, blocks or
+    forks meets it."""
+    return 3.0 * _cpu_limit_s(timeout_s)
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -923,7 +973,7 @@ class _Plan:
 class SandboxResult:
     passed: list[bool]  # one per test
     output: str  # the first max_output_bytes of stdout and stderr
-    timed_out: bool
+    timed_out: bool  # it reached its CPU limit or its wall-clock backstop
 
 
 def _read_available(fd: int, into: bytearray, limit: int) -> bool:
@@ -939,10 +989,16 @@ def _read_available(fd: int, into: bytearray, limit: int) -> bool:
     return True
 
 
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether proc has exited, without reaping it (so that _kill_tree can still read its CPU time)."""
+    return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
 def _collect(proc: subprocess.Popen, report_fd: int, timeout_s: float, limit: int) -> tuple[bytearray, bool]:
     """What the child writes on report_fd until proc exits or timeout_s passes (then timed out: True), at most limit
     bytes: the pipe is drained as it fills, so a child that reports large values never blocks on it, and one that
-    writes more than any honest child would is left blocked. A pidfd wakes us the moment proc exits."""
+    writes more than any honest child would is left blocked. A pidfd wakes us the moment proc exits; proc is not
+    reaped here."""
     deadline, report, open_ = time.monotonic() + timeout_s, bytearray(), True
     os.set_blocking(report_fd, False)
     try:
@@ -958,7 +1014,7 @@ def _collect(proc: subprocess.Popen, report_fd: int, timeout_s: float, limit: in
             ready = select.select(watch, [], [], left if pidfd is not None else min(left, 0.01))[0]
             if report_fd in ready:
                 open_ = _read_available(report_fd, report, limit)
-            if (pidfd in ready) if pidfd is not None else proc.poll() is not None:
+            if (pidfd in ready) if pidfd is not None else _exited(proc):
                 _read_available(report_fd, report, limit)
                 return report, False
     finally:
@@ -988,10 +1044,11 @@ def _cleanup(uid: int | None, tmp: str | None, cgroup: str | None) -> None:
         _count("cleanup_failures")
 
 
-def _execute(plan: _Plan, uid: int | None, tmp: str, cgroup: str | None, job: dict, output, timeout_s: float,
-             limit: int) -> tuple[bytearray, bool]:
+def _execute(plan: _Plan, uid: int | None, tmp: str, cgroup: str | None, job: dict, output, wall_s: float,
+             limit: int) -> tuple[bytearray, bool, float]:
     """Start the harness under plan, hand it its job, and collect its records (at most limit bytes) until it exits or
-    timeout_s passes; whether it timed out. The whole tree is dead when this returns."""
+    wall_s passes; whether wall_s passed, and the CPU seconds the harness and the children it reaped used. The whole
+    tree is dead when this returns."""
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
     as_user = {"user": uid, "group": uid, "extra_groups": []} if uid and plan.unshare is None else {}
     read_fd, write_fd = os.pipe()
@@ -1013,13 +1070,13 @@ def _execute(plan: _Plan, uid: int | None, tmp: str, cgroup: str | None, job: di
             with contextlib.suppress(OSError):  # stdin stays open until the end: the harness's lifeline
                 proc.stdin.write(len(blob).to_bytes(8, "little") + blob)
                 proc.stdin.flush()
-            report, timed_out = _collect(proc, read_fd, timeout_s, limit)
+            report, timed_out = _collect(proc, read_fd, wall_s, limit)
         finally:  # the PID namespace or the session holds the tree; _cleanup's uid and cgroup kills catch what left
-            _kill_tree(proc)
+            cpu_s = _kill_tree(proc)
             with contextlib.suppress(OSError):
                 proc.stdin.close()
         _read_available(read_fd, report, limit)  # what came just before the kill
-        return report, timed_out
+        return report, timed_out, cpu_s
     finally:
         os.close(read_fd)
 
@@ -1029,8 +1086,9 @@ def _run(plan: _Plan, program: str, tests: list[str], *, timeout_s: float = 3.0,
     """One sandboxed run of program and tests under plan: run_sandboxed without its catch-all."""
     _sweep_once()
     checks = [_parse_test(test) for test in tests]
+    cpu_s = _cpu_limit_s(timeout_s)  # soft = hard: at the limit the kernel sends SIGKILL, which code cannot catch
     job = {"program": program, "tests": [(test.is_value, test.source or "") for test in checks],  # "": invalid
-           "limits": [("RLIMIT_CPU", math.ceil(timeout_s)), ("RLIMIT_AS", memory_mb << 20),
+           "limits": [("RLIMIT_CPU", cpu_s), ("RLIMIT_AS", memory_mb << 20),
                       ("RLIMIT_NPROC", max_processes), ("RLIMIT_FSIZE", max_file_mb << 20), ("RLIMIT_NOFILE", 64),
                       ("RLIMIT_CORE", 0)],
            "seccomp": _SECCOMP, "value_cap": _VALUE_CAP}
@@ -1043,10 +1101,13 @@ def _run(plan: _Plan, program: str, tests: list[str], *, timeout_s: float = 3.0,
             os.chown(tmp, uid, uid)
         cgroup = _make_cgroup(_cgroups(), memory_mb << 20)
         with tempfile.TemporaryFile(dir=tmp) as output:  # nameless: the code cannot swap it for a FIFO
-            report, timed_out = _execute(plan, uid, tmp, cgroup, job, output, timeout_s, limit)
+            with _cpu_slots():  # a run's clocks start once it holds a core: its wait here costs it nothing
+                report, wall_passed, cpu_used = _execute(plan, uid, tmp, cgroup, job, output, _wall_s(timeout_s),
+                                                         limit)
             output.seek(0)
             text = output.read(max_output_bytes).decode(errors="replace")
-        return SandboxResult(_score(checks, bytes(report)), text, timed_out)
+        # rusage can read a few ms short of the time at which the kernel killed it at its limit
+        return SandboxResult(_score(checks, bytes(report)), text, wall_passed or cpu_used >= cpu_s - 0.1)
     finally:
         _cleanup(uid, tmp, cgroup)
         if uid is not None:
@@ -1142,8 +1203,10 @@ def require_sandbox() -> _Plan:
 
 def run_sandboxed(program: str, tests: list[str] = (), *, timeout_s: float = 3.0, memory_mb: int = 512,
                   max_processes: int = 4, max_file_mb: int = 16, max_output_bytes: int = 65536) -> SandboxResult:
-    """Run program, then each test statement, in the sandbox described at the top of this file. Raises only
-    RuntimeError, where no sandbox works on this machine; a failure of one run scores its tests as failed."""
+    """Run program, then each test statement, in the sandbox described at the top of this file, with timeout_s CPU
+    seconds (rounded up) per process and a wall-clock backstop of three times that, counted from when the run gets
+    one of this process's cores. Raises only RuntimeError, where no sandbox works on this machine; a failure of one
+    run scores its tests as failed."""
     tests = [str(test) for test in tests]
     plan = require_sandbox()
     _count("runs")
