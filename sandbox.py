@@ -30,7 +30,8 @@ fails every test (none of it runs). The output shows no AssertionError for a wro
 that it was wrong.
 
 The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
-  - set by the harness before any model code runs: a parent-death signal (SIGKILL), no-new-privs (a setuid
+  - set by the harness before any model code runs (with a mount namespace, after it has mounted the private
+    directories below and switched to the run's uid): a parent-death signal (SIGKILL), no-new-privs (a setuid
     program gains nothing), on x86_64 a seccomp filter under which unshare, setns, mount, umount2, pivot_root and
     the new mount API fail with EPERM, clone with a namespace flag fails with EPERM and clone3 with ENOSYS (glibc
     then falls back to clone; on other architectures there is no filter), limits on CPU seconds (below), address
@@ -51,25 +52,34 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
     children of its cgroup or of its cgroup's parent; else cgroup v1's memory hierarchy), each run gets one
     limited to memory_mb without swap, which bounds everything the tree holds, tmpfs files (/dev/shm) and memfds
     included. Without one (the fallback) memory is bounded only per process, by RLIMIT_AS (so max_processes ×
-    memory_mb in all), and files in a tmpfs such as /dev/shm, and memfds, only by max_file_mb each, times the
-    files the code makes within the timeout;
+    memory_mb in all), files in the private directories below by memory_mb each, and memfds (and, without a mount
+    namespace, files in the host's /dev/shm) only by max_file_mb each, times the files the code makes in its time;
   - `python -I -S` (standard library only), cwd = HOME = TMPDIR = a fresh temporary directory removed
     afterwards, an empty environment;
+  - private temporary directories, where a mount namespace works: /tmp, /var/tmp, /dev/shm and /run/lock (those
+    that exist) are each a fresh tmpfs of the run's own (at most memory_mb, nosuid, nodev), mounted by the harness
+    while it is root of the namespace, before the seccomp filter forbids mounting; the run's directory, when it lies
+    below one of them (the default), is made afresh in it. What the code writes there, sockets included, no other
+    sample sees, and it dies with the run's mount namespace. Without a mount namespace these directories are the
+    host's, and only the cleanup below (as root: files of the run's uid) removes what the code left;
   - as root, the code runs under an unprivileged uid of its own (one per concurrent slot): it cannot write
     outside its directory and the world-writable ones, read others' 0600 files, or signal the trainer, and
     RLIMIT_NPROC is enforced (the kernel ignores it for root). Afterwards every process of that uid is killed,
-    its System V IPC objects removed, and what it left at the top of /tmp, /var/tmp, /dev/shm and /run/lock
-    deleted. Where those uids do not exist (root of a rootless container) it runs as below, with a warning;
+    its System V IPC objects removed, and what it left in the host's /tmp, /var/tmp, /dev/shm and /run/lock
+    deleted: at their top, and inside the world-writable subdirectories of others (/tmp/.X11-unix, mode 1777 on
+    most hosts) down to three levels. Where those uids do not exist (root of a rootless container) it runs as
+    below, with a warning;
   - with util-linux `unshare` (probed until one works): new network (no network, not even loopback), IPC
-    (System V shared memory dies with the run) and PID namespaces, and a /proc of its own where a mount
-    namespace works (the trainer is invisible); the trainer kills the namespace's init, and with it every
-    process in the namespace, however it detached. Not as root, through an unprivileged user namespace where
-    the kernel allows one (there the code is root of its namespace; the seccomp filter keeps it from mounting);
+    (System V shared memory dies with the run) and PID namespaces, and where a mount namespace works a /proc of
+    its own (the trainer is invisible) and the private directories above; the trainer kills the namespace's init,
+    and with it every process in the namespace, however it detached. Not as root, through an unprivileged user
+    namespace where the kernel allows one (there the code is root of its namespace; the seccomp filter keeps it
+    from mounting);
   - a killed trainer, even by SIGKILL, takes its sandboxes with it: the harness dies with `unshare` (its
     parent-death signal is set after the uid switch, which clears it), and `unshare` with the trainer where
     util-linux `setpriv` is present. On first use in a process, what the sandboxes of dead trainers left is
-    removed: processes of their uids, their System V IPC objects and files in the world-writable directories,
-    rlvr-sandbox-PID-* temporary directories and cgroups;
+    removed: processes of their uids, their System V IPC objects and files in the world-writable directories
+    (looked into as above), rlvr-sandbox-PID-* temporary directories and cgroups;
   - cleanup never recurses (a directory tree of any depth goes), never raises, and never fails a later run: a
     failure is counted (stats()["cleanup_failures"]), the uid is cleaned again before its next run, and a
     directory or cgroup left is retried after each later run.
@@ -412,11 +422,31 @@ def finish():
             pass
     os._exit(0)  # no interpreter shutdown: nothing of the code (atexit, __del__) runs after the tests
 
+def private_directories(libc, job):
+    # A tmpfs of the run's own over each world-writable directory, mounted while we still may (root of the mount
+    # namespace, before the seccomp filter): what the code writes there dies with the namespace, seen by no other
+    # sample. The run's directory, if it lay below one of them, is made afresh in the private copy.
+    for path in job["private"]:
+        if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, b"mode=1777,size=%dm" % job["tmpfs_mb"]) != 0:
+            os.write(2, b"sandbox: cannot mount a private %s\n" % path.encode())  # MS_NOSUID | MS_NODEV above
+            os._exit(1)
+    if not os.path.isdir(job["home"]):
+        os.makedirs(job["home"], 0o700)
+        if job["uid"] is not None:
+            os.chown(job["home"], job["uid"], job["uid"])
+    os.chdir(job["home"])
+
 def main(exec=exec, eval=eval, compile=compile, enumerate=enumerate, excepthook=sys.__excepthook__,
          exc_info=sys.exc_info, BaseException=BaseException):
     libc = ctypes.CDLL(None)
+    job = marshal.loads(read(0, int.from_bytes(read(0, 8), "little")))  # the trainer's death ends this read (EOF)
+    if job["private"]:
+        private_directories(libc, job)
+    if job["uid"] is not None:  # unshare left us root of the namespaces, so that we could mount: now the slot's uid
+        os.setgroups([])
+        os.setresgid(job["uid"], job["uid"], job["uid"])
+        os.setresuid(job["uid"], job["uid"], job["uid"])
     libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG SIGKILL: die with our parent (set here, after the uid switch)
-    job = marshal.loads(read(0, int.from_bytes(read(0, 8), "little")))
     os.set_blocking(0, False)
     try:
         if os.read(0, 1) == b"":  # the trainer holds stdin open while it lives: it died before our signal was set
@@ -664,17 +694,33 @@ def _remove_ipc(match) -> int:
 _SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
 
 
+def _private_directories() -> list[str]:
+    """The world-writable directories that exist here, each once (/var/lock is often a link to /run/lock): those a run
+    with a mount namespace gets a private tmpfs over."""
+    return sorted({os.path.realpath(path) for path in _SHARED_DIRS if os.path.isdir(path)})
+
+
+_SWEEP_DEPTH = 3  # how deep world-writable subdirectories of others are looked into
+
+
 def _sweep_files(match, keep: str | None = None) -> tuple[int, bool]:
-    """Delete what the matching uids left at the top of the world-writable directories (whatever they made lies
-    below). How many entries went, and whether all of them did."""
+    """Delete what the matching uids left in the world-writable directories: each entry of theirs goes whole
+    (whatever they made lies below it), and the world-writable subdirectories of others, where they could write too
+    (/tmp/.X11-unix, mode 1777 on most hosts), are looked into, down to 3 levels. How many entries went, and whether
+    all of them did."""
     removed, ok = 0, True
-    for directory in {*_SHARED_DIRS, tempfile.gettempdir()}:
+    pending = [(directory, 1) for directory in {*_SHARED_DIRS, tempfile.gettempdir()}]
+    while pending:
+        directory, depth = pending.pop()
         with contextlib.suppress(OSError):
             for entry in list(os.scandir(directory)):
                 with contextlib.suppress(OSError):
-                    if entry.path != keep and match(entry.stat(follow_symlinks=False).st_uid):
+                    info = entry.stat(follow_symlinks=False)
+                    if entry.path != keep and match(info.st_uid):
                         gone = _remove_tree(entry.path)
                         removed, ok = removed + gone, ok and gone
+                    elif entry.is_dir(follow_symlinks=False) and info.st_mode & 0o002 and depth < _SWEEP_DEPTH:
+                        pending.append((entry.path, depth + 1))
     return removed, ok
 
 
@@ -879,7 +925,7 @@ _SWEEP_LOCK = threading.Lock()
 
 def _sweep_stale() -> int:
     """Remove what the sandboxes of dead trainers left on this machine: processes of their uids (in our PID namespace
-    or below), their System V IPC objects, their files at the top of the world-writable directories, the
+    or below), their System V IPC objects, their files in the world-writable directories (as _sweep_files looks), the
     rlvr-sandbox-PID-* temporary directories of dead pids (or, for older names, of a dead uid) and cgroups. How
     many things went."""
     removed = _kill_processes(_stale_uid)[0] + _remove_ipc(_stale_uid) + _sweep_files(_stale_uid)[0]
@@ -958,14 +1004,22 @@ class _Plan:
     mount_proc: bool = False  # a /proc of the sandbox's own PID namespace (needs a mount namespace)
     setpriv: str | None = None  # util-linux setpriv, to give unshare a parent-death signal
 
+    @property
+    def harness_switches_uid(self) -> bool:
+        """Whether the harness starts as root of a mount namespace, mounts the private directories, and switches to
+        the run's uid itself (else unshare or Popen switches, and nothing is mounted)."""
+        return self.as_root and self.mount_proc
+
     def command(self, uid: int | None) -> list[str]:
         run = [self.python, "-I", "-S", "-c", _HARNESS]
         if self.unshare is None:
             return run
         namespaces = ["--net", "--pid", "--ipc", "--fork", "--kill-child"] + ["--mount-proc"] * self.mount_proc
         dies_with_us = [self.setpriv, "--pdeathsig", "KILL", "--"] if self.setpriv else []
-        if self.as_root:
+        if self.as_root and not self.harness_switches_uid:
             return [*dies_with_us, self.unshare, *namespaces, f"--setgid={uid}", f"--setuid={uid}", "--", *run]
+        if self.as_root:
+            return [*dies_with_us, self.unshare, *namespaces, "--", *run]
         return [*dies_with_us, self.unshare, "--map-root-user", *namespaces, "--", *run]
 
 
@@ -1091,12 +1145,14 @@ def _run(plan: _Plan, program: str, tests: list[str], *, timeout_s: float = 3.0,
            "limits": [("RLIMIT_CPU", cpu_s), ("RLIMIT_AS", memory_mb << 20),
                       ("RLIMIT_NPROC", max_processes), ("RLIMIT_FSIZE", max_file_mb << 20), ("RLIMIT_NOFILE", 64),
                       ("RLIMIT_CORE", 0)],
-           "seccomp": _SECCOMP, "value_cap": _VALUE_CAP}
+           "seccomp": _SECCOMP, "value_cap": _VALUE_CAP, "tmpfs_mb": memory_mb,
+           "private": _private_directories() if plan.mount_proc else []}
     limit = 4096 + sum(_VALUE_CAP + 32 if test.is_value else 32 for test in checks)  # more than any honest report
     uid = _take_uid() if plan.as_root else None
     tmp = cgroup = None
     try:
         tmp = tempfile.mkdtemp(prefix=f"rlvr-sandbox-{os.getpid()}-")
+        job.update(home=tmp, uid=uid if plan.harness_switches_uid else None)
         if uid is not None:
             os.chown(tmp, uid, uid)
         cgroup = _make_cgroup(_cgroups(), memory_mb << 20)
@@ -1139,10 +1195,11 @@ def _setpriv() -> str | None:
 
 
 _PLAN: _Plan | None = None  # the sandbox found by the probe; a failed probe is not kept, so the next call retries
-# The probe's job: the plan works if the test passes; the program also tries to make a user namespace, which the
-# seccomp filter (or the kernel's settings) should refuse.
+# The probe's job: the plan works if the first test passes, which needs modules the harness has not imported (the
+# interpreter may start as root, where the run's uid cannot read its library); the program also tries to make a user
+# namespace, which the seccomp filter (or the kernel's settings) should refuse.
 _PROBE = ("import collections, ctypes, math, re\nuserns = ctypes.CDLL(None).unshare(0x10000000) == 0  # CLONE_NEWUSER",
-          ["assert 1 + 1 == 2", "assert userns == False"])
+          ["assert collections.Counter('aab')['a'] == 2", "assert userns == False"])
 
 
 def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
@@ -1179,6 +1236,10 @@ def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
             if namespace is None:
                 warnings.warn("the code sandbox has no namespaces here: code keeps network access"
                               + ("" if as_root else " and can signal the trainer"), RuntimeWarning)
+            if not mount_proc:
+                warnings.warn("the code sandbox has no mount namespace here: code shares /tmp, /var/tmp, /dev/shm "
+                              "and /run/lock with the machine" + (", and what it leaves there is removed only "
+                              "afterwards" if as_root else ", and what it leaves there stays"), RuntimeWarning)
             if result.passed[1:2] != [True]:
                 warnings.warn("sandboxed code can make user namespaces here (no seccomp filter on this architecture, "
                               "or the kernel refused it): it can mount a tmpfs that no rlimit bounds", RuntimeWarning)

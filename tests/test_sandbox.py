@@ -2,6 +2,7 @@
 fails a run, and catches what a killed trainer left; memory stays bounded; math-verify batches are bounded in time;
 the probe's fallbacks."""
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -343,6 +344,39 @@ def test_sandbox_shared_memory_does_not_outlive_the_run(namespaces):
     finally:
         for shmid in segments():
             subprocess.run(["ipcrm", "-m", shmid], check=False)
+
+
+@needs_sandbox
+@pytest.mark.parametrize("mounts", [True, False])
+def test_files_in_world_writable_subfolders_do_not_outlive_the_run(mounts):
+    """A file the code leaves in a world-writable subfolder of /tmp (/tmp/.X11-unix, mode 1777 on most hosts) is not
+    there once the run returns, and the next sample, under another uid, cannot read it: with a mount namespace the
+    code had a /tmp of its own; without one (as root), the cleanup looks inside such subfolders."""
+    if mounts and not PLAN.mount_proc:
+        pytest.skip("no mount namespace here")
+    if not mounts and not AS_ROOT:
+        pytest.skip("not as root and without a mount namespace the code's files are the training user's own")
+    plan = PLAN if mounts else dataclasses.replace(PLAN, mount_proc=False)
+    leak = f"/tmp/.X11-unix/rlvr-leak-{os.getpid()}-{time.monotonic_ns()}"
+    made = not os.path.isdir("/tmp/.X11-unix")
+    if made:
+        os.mkdir("/tmp/.X11-unix")
+        os.chmod("/tmp/.X11-unix", 0o1777)
+    write = f"import os\nos.makedirs('/tmp/.X11-unix', exist_ok=True)\nopen({leak!r}, 'w').write('secret')\nprint(os.getuid())"
+    read = f"import os\nprint(os.getuid())\nsecret = open({leak!r}).read()"
+    try:
+        writer = sandbox._run(plan, write, ["assert True"])
+        assert writer.passed == [True], writer.output[-2000:]
+        assert not os.path.exists(leak)
+        reader = sandbox._run(plan, read, ["assert secret == 'secret'"])
+        assert reader.passed == [False]
+        if AS_ROOT:
+            assert writer.output.split()[0] != reader.output.split()[0]  # two uid slots
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leak)
+        if made:
+            shutil.rmtree("/tmp/.X11-unix", ignore_errors=True)
 
 
 @needs_sandbox
