@@ -34,7 +34,9 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
     directories below and switched to the run's uid): a parent-death signal (SIGKILL), no-new-privs (a setuid
     program gains nothing), on x86_64 a seccomp filter under which unshare, setns, mount, umount2, pivot_root and
     the new mount API fail with EPERM, clone with a namespace flag fails with EPERM and clone3 with ENOSYS (glibc
-    then falls back to clone; on other architectures there is no filter), limits on CPU seconds (below), address
+    then falls back to clone), and socket(AF_UNIX, ...) and io_uring fail with EPERM: no Unix socket of the host
+    can be reached, wherever its path lies (socketpair still works; io_uring could make and connect a socket behind
+    the filter's back). On other architectures there is no filter. Also limits on CPU seconds (below), address
     space (memory_mb), processes (max_processes), file size (max_file_mb; output goes to a file, so a flood of
     prints stops there), open files, no core dumps. The filter also refuses every 32-bit (int 0x80) and x32 system
     call, through which it could be bypassed;
@@ -69,7 +71,8 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
     deleted: at their top, and inside the world-writable subdirectories of others (/tmp/.X11-unix, mode 1777 on
     most hosts) down to three levels. Where those uids do not exist (root of a rootless container) it runs as
     below, with a warning;
-  - with util-linux `unshare` (probed until one works): new network (no network, not even loopback), IPC
+  - with util-linux `unshare` (probed until one works): new network (no network, not even loopback, and no
+    abstract Unix socket of the host, as those belong to a network namespace), IPC
     (System V shared memory dies with the run) and PID namespaces, and where a mount namespace works a /proc of
     its own (the trainer is invisible) and the private directories above; the trainer kills the namespace's init,
     and with it every process in the namespace, however it detached. Not as root, through an unprivileged user
@@ -85,13 +88,15 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
     directory or cgroup left is retried after each later run.
 It cannot stop code from reading every world-readable file on the machine: a dataset on disk, this repository
 (whose code makes the built-in tasks, so their expected values can be recomputed), installed packages (which it
-can import by adding them to sys.path), and without a /proc of its own the command lines of other processes. Nor
-from filling its directory with many files up to the size limit within the timeout, or from forging the tests of
-other forms above. Not as root, the code can write
-wherever the training user can, and what it detaches survives a killed trainer unless a PID namespace holds it;
-without unshare it also keeps the network and the host's System V IPC and, not as root, can signal the trainer
-(a warning says which). For RL on untrusted code, train as root in a container or VM. If root's Python lives
-where other users cannot enter (e.g. pyenv under /root), the sandbox runs a system python3 instead.
+can import by adding them to sys.path), and without a /proc of its own the command lines of other processes. Nor,
+without a mount namespace, from filling its directory with many files up to the size limit in its time, or from
+forging the tests of other forms above. Not as root, the code can write wherever the training user can, and what
+it detaches survives a killed trainer unless a PID namespace holds it; without unshare it also keeps the network
+and the host's System V IPC and, not as root, can signal the trainer (a warning says which). Without the seccomp
+filter (not x86_64) it can connect to the host's pathname Unix sockets that its uid may write (private directories
+hide only those below them: /run's stay in reach), and without a network namespace to abstract ones too. For RL on
+untrusted code, train as root in a container or VM. If root's Python lives where other users cannot enter (e.g.
+pyenv under /root), the sandbox runs a system python3 instead.
 require_sandbox() raises RuntimeError, naming every plan it tried, where no sandbox works.
 
 math-verify. Its own timeout is signal.alarm, which works only in a main thread, so checks run in small persistent
@@ -117,6 +122,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -501,20 +507,25 @@ main()
 def _seccomp_filter() -> bytes | None:
     """The seccomp-BPF program the harness installs: EPERM for unshare, setns, the mount syscalls and clone with a
     namespace flag, so that code cannot become root of a user namespace and mount a tmpfs no limit bounds; ENOSYS
-    for clone3, whose flags a filter cannot read (glibc then falls back to clone). x86_64 only: None elsewhere."""
+    for clone3, whose flags a filter cannot read (glibc then falls back to clone); EPERM for socket(AF_UNIX, ...),
+    so that code cannot connect to a Unix socket of the host wherever it lies (socketpair stays), and for io_uring,
+    whose operations (a socket, a connect) no filter sees. x86_64 only: None elsewhere."""
     if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
         return None
     load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, JGE|K, JSET|K, BPF_RET|K
     allow, eperm, enosys = 0x7FFF0000, 0x50000 | errno.EPERM, 0x50000 | errno.ENOSYS  # SECCOMP_RET_ERRNO | errno
     nr, arch, arg0 = 0, 4, 16  # offsets in struct seccomp_data (arg0: its low 32 bits)
     denied = {155: "pivot_root", 165: "mount", 166: "umount2", 272: "unshare", 308: "setns", 428: "open_tree",
-              429: "move_mount", 430: "fsopen", 431: "fsconfig", 432: "fsmount", 433: "fspick", 442: "mount_setattr"}
+              429: "move_mount", 430: "fsopen", 431: "fsconfig", 432: "fsmount", 433: "fspick", 442: "mount_setattr",
+              425: "io_uring_setup", 426: "io_uring_enter", 427: "io_uring_register"}
     namespace_flags = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
     code = [(load, 0, 0, arch), (jeq, 1, 0, 0xC000003E), (ret, 0, 0, eperm),  # not AUDIT_ARCH_X86_64 (int 0x80): no
             (load, 0, 0, nr), (jge, 0, 1, 0x40000000), (ret, 0, 0, eperm),  # the x32 ABI: no
             (jeq, 0, 1, 435), (ret, 0, 0, enosys)]  # clone3
     for number in denied:
         code += [(jeq, 0, 1, number), (ret, 0, 0, eperm)]
+    code += [(jeq, 0, 4, 41), (load, 0, 0, arg0), (jeq, 0, 1, socket.AF_UNIX), (ret, 0, 0, eperm),  # socket
+             (ret, 0, 0, allow)]
     code += [(jeq, 0, 3, 56), (load, 0, 0, arg0), (jset, 0, 1, namespace_flags), (ret, 0, 0, eperm),  # clone
              (ret, 0, 0, allow)]
     return b"".join(struct.pack("<HBBI", *instruction) for instruction in code)
@@ -1240,6 +1251,9 @@ def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
                 warnings.warn("the code sandbox has no mount namespace here: code shares /tmp, /var/tmp, /dev/shm "
                               "and /run/lock with the machine" + (", and what it leaves there is removed only "
                               "afterwards" if as_root else ", and what it leaves there stays"), RuntimeWarning)
+            if _SECCOMP is None:
+                warnings.warn("the code sandbox has no seccomp filter on this architecture: code can connect to the "
+                              "host's Unix sockets that its uid may write", RuntimeWarning)
             if result.passed[1:2] != [True]:
                 warnings.warn("sandboxed code can make user namespaces here (no seccomp filter on this architecture, "
                               "or the kernel refused it): it can mount a tmpfs that no rlimit bounds", RuntimeWarning)

@@ -242,6 +242,58 @@ def test_sandbox_has_no_network():
         server.close()
 
 
+UNIX_CLIENT = """
+    import ctypes, socket
+    sent = {{}}
+    for name, address in (("pathname", {path!r}), ("abstract", {abstract!r})):
+        try:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.settimeout(1)
+            client.connect(address)
+            client.sendall(b"hi")
+            sent[name] = True
+        except OSError as error:
+            sent[name] = type(error).__name__
+    left, right = socket.socketpair()
+    pair_works = left.send(b"x") == 1 and right.recv(1) == b"x"
+    libc = ctypes.CDLL(None, use_errno=True)
+    io_uring = libc.syscall(425, 1, ctypes.create_string_buffer(120)) == -1 and ctypes.get_errno()  # io_uring_setup
+    print(sent, io_uring)"""
+
+
+@needs_sandbox
+def test_sandbox_reaches_no_unix_socket_of_the_host():
+    """Code cannot reach a Unix socket this process listens on, by a world-writable path outside the temporary
+    directories or by an abstract name, nor make a Unix socket at all (x86_64), nor io_uring, which could make one
+    behind the filter's back; socketpair still works."""
+    if PLAN.unshare is None and sandbox._SECCOMP is None:
+        pytest.skip("neither a network namespace nor a seccomp filter here: host Unix sockets are reachable")
+    base = "/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()  # /run: not one of the private ones
+    directory = tempfile.mkdtemp(dir=base, prefix="rlvr-test-")
+    os.chmod(directory, 0o777)
+    path, abstract = f"{directory}/listener", f"\0rlvr-test-{os.getpid()}-{time.monotonic_ns()}"
+    listeners = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    try:
+        for listener, address in zip(listeners, (path, abstract)):
+            listener.bind(address)
+            listener.listen(1)
+            listener.settimeout(0.2)
+        os.chmod(path, 0o777)
+        client = program(UNIX_CLIENT.format(path=path, abstract=abstract))
+        tests = ["assert sent['pathname'] == True", "assert sent['abstract'] == True", "assert pair_works == True"]
+        if sandbox._SECCOMP is not None:
+            tests += ["assert sent['pathname'] == 'PermissionError'", "assert io_uring == 1"]  # EPERM
+        result = sandbox.run_sandboxed(client, tests)
+        assert result.passed == [False, False, True] + [True] * (len(tests) - 3), result.output[-2000:]
+        for listener in listeners:
+            with pytest.raises(socket.timeout):
+                listener.accept()
+    finally:
+        for listener in listeners:
+            listener.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @needs_sandbox
 def test_sandbox_runs_in_a_fresh_directory_that_is_removed():
     """cwd, HOME and TMPDIR are one fresh directory, empty at the start and gone afterwards."""
