@@ -432,9 +432,10 @@ def private_directories(libc, job):
     # A tmpfs of the run's own over each world-writable directory, mounted while we still may (root of the mount
     # namespace, before the seccomp filter): what the code writes there dies with the namespace, seen by no other
     # sample. The run's directory, if it lay below one of them, is made afresh in the private copy.
+    options = b"mode=1777,size=%dm" % job["tmpfs_mb"]
     for path in job["private"]:
-        if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, b"mode=1777,size=%dm" % job["tmpfs_mb"]) != 0:
-            os.write(2, b"sandbox: cannot mount a private %s\n" % path.encode())  # MS_NOSUID | MS_NODEV above
+        if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, options) != 0:  # MS_NOSUID | MS_NODEV
+            os.write(2, b"sandbox: cannot mount a private %s\n" % path.encode())
             os._exit(1)
     if not os.path.isdir(job["home"]):
         os.makedirs(job["home"], 0o700)
@@ -452,6 +453,9 @@ def main(exec=exec, eval=eval, compile=compile, enumerate=enumerate, excepthook=
         os.setgroups([])
         os.setresgid(job["uid"], job["uid"], job["uid"])
         os.setresuid(job["uid"], job["uid"], job["uid"])
+        # The switch cleared PR_SET_DUMPABLE (an exec after unshare's switch used to restore it); without it some
+        # kernels show /proc/PID as root's, and the cleanup finds the uid's processes by that owner.
+        libc.prctl(4, 1, 0, 0, 0)
     libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG SIGKILL: die with our parent (set here, after the uid switch)
     os.set_blocking(0, False)
     try:

@@ -374,6 +374,14 @@ def test_sandbox_sets_no_new_privs():
 
 
 @needs_sandbox
+def test_sandbox_code_is_dumpable_under_its_own_uid():
+    """The code runs dumpable, as after an exec, although its harness switched uid itself: some kernels show the /proc
+    entry of a process that is not as its root's, and the cleanup finds a uid's processes by that owner."""
+    source = "import ctypes, os\ndumpable = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE"
+    assert sandbox.run_sandboxed(source, ["assert dumpable == 1"]).passed == [True]
+
+
+@needs_sandbox
 @pytest.mark.parametrize("namespaces", [True, False])
 def test_sandbox_shared_memory_does_not_outlive_the_run(namespaces):
     """A System V shared-memory segment the code creates is gone once the run returns: it lived in the run's IPC
