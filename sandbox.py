@@ -30,48 +30,73 @@ fails every test (none of it runs). The output shows no AssertionError for a wro
 that it was wrong.
 
 The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
-  - set by the harness before any model code runs: a parent-death signal (SIGKILL), no-new-privs (a setuid
+  - set by the harness before any model code runs (with a mount namespace, after it has mounted the private
+    directories below and switched to the run's uid): a parent-death signal (SIGKILL), no-new-privs (a setuid
     program gains nothing), on x86_64 a seccomp filter under which unshare, setns, mount, umount2, pivot_root and
     the new mount API fail with EPERM, clone with a namespace flag fails with EPERM and clone3 with ENOSYS (glibc
-    then falls back to clone; on other architectures there is no filter), limits on CPU seconds, address space
-    (memory_mb), processes (max_processes), file size (max_file_mb; output goes to a file, so a flood of prints
-    stops there), open files, no core dumps; after the wall-clock timeout the whole tree is SIGKILLed. The filter
-    also refuses every 32-bit (int 0x80) and x32 system call, through which it could be bypassed;
+    then falls back to clone), and socket(AF_UNIX, ...) and io_uring fail with EPERM: no Unix socket of the host
+    can be reached, wherever its path lies (socketpair still works; io_uring could make and connect a socket behind
+    the filter's back). On other architectures there is no filter. Also limits on CPU seconds (below), address
+    space (memory_mb), processes (max_processes), file size (max_file_mb; output goes to a file, so a flood of
+    prints stops there), open files, no core dumps. The filter also refuses every 32-bit (int 0x80) and x32 system
+    call, through which it could be bypassed;
+  - time is CPU time, so that a score does not depend on what runs beside it: at most one run per core this process
+    may use (its affinity mask) executes code at once, however many threads call run_sandboxed (code_reward's do),
+    and a run's clocks start only once it has its core, so waiting costs it nothing. Each process of the run may
+    then use timeout_s CPU seconds, rounded up to a whole second (the kernel SIGKILLs it there), and a wall-clock
+    backstop of three times that SIGKILLs the whole tree: CPU-bound code meets its CPU limit first even with a third
+    of a core, and the backstop ends code that sleeps or blocks. SandboxResult.timed_out says that the run reached
+    either (its CPU time read within 0.1 s of the limit). Weaker: the bound is per process (torchrun ranks on one
+    machine have one each), counts runs, not processes (a program that forks spinning children takes up to
+    max_processes cores from its neighbours, until the backstop), and does not see a CPU quota (cgroup cpu.max) below
+    the affinity mask;
   - memory: where this process can make memory cgroups (cgroup v2 with the memory controller enabled for the
     children of its cgroup or of its cgroup's parent; else cgroup v1's memory hierarchy), each run gets one
     limited to memory_mb without swap, which bounds everything the tree holds, tmpfs files (/dev/shm) and memfds
     included. Without one (the fallback) memory is bounded only per process, by RLIMIT_AS (so max_processes ×
-    memory_mb in all), and files in a tmpfs such as /dev/shm, and memfds, only by max_file_mb each, times the
-    files the code makes within the timeout;
+    memory_mb in all), files in the private directories below by memory_mb each, and memfds (and, without a mount
+    namespace, files in the host's /dev/shm) only by max_file_mb each, times the files the code makes in its time;
   - `python -I -S` (standard library only), cwd = HOME = TMPDIR = a fresh temporary directory removed
     afterwards, an empty environment;
+  - private temporary directories, where a mount namespace works: /tmp, /var/tmp, /dev/shm and /run/lock (those
+    that exist) are each a fresh tmpfs of the run's own (at most memory_mb, nosuid, nodev), mounted by the harness
+    while it is root of the namespace, before the seccomp filter forbids mounting; the run's directory, when it lies
+    below one of them (the default), is made afresh in it. What the code writes there, sockets included, no other
+    sample sees, and it dies with the run's mount namespace. Without a mount namespace these directories are the
+    host's, and only the cleanup below (as root: files of the run's uid) removes what the code left;
   - as root, the code runs under an unprivileged uid of its own (one per concurrent slot): it cannot write
     outside its directory and the world-writable ones, read others' 0600 files, or signal the trainer, and
     RLIMIT_NPROC is enforced (the kernel ignores it for root). Afterwards every process of that uid is killed,
-    its System V IPC objects removed, and what it left at the top of /tmp, /var/tmp, /dev/shm and /run/lock
-    deleted. Where those uids do not exist (root of a rootless container) it runs as below, with a warning;
-  - with util-linux `unshare` (probed until one works): new network (no network, not even loopback), IPC
-    (System V shared memory dies with the run) and PID namespaces, and a /proc of its own where a mount
-    namespace works (the trainer is invisible); the trainer kills the namespace's init, and with it every
-    process in the namespace, however it detached. Not as root, through an unprivileged user namespace where
-    the kernel allows one (there the code is root of its namespace; the seccomp filter keeps it from mounting);
+    its System V IPC objects removed, and what it left in the host's /tmp, /var/tmp, /dev/shm and /run/lock
+    deleted: at their top, and inside the world-writable subdirectories of others (/tmp/.X11-unix, mode 1777 on
+    most hosts) down to three levels. Where those uids do not exist (root of a rootless container) it runs as
+    below, with a warning;
+  - with util-linux `unshare` (probed until one works): new network (no network, not even loopback, and no
+    abstract Unix socket of the host, as those belong to a network namespace), IPC
+    (System V shared memory dies with the run) and PID namespaces, and where a mount namespace works a /proc of
+    its own (the trainer is invisible) and the private directories above; the trainer kills the namespace's init,
+    and with it every process in the namespace, however it detached. Not as root, through an unprivileged user
+    namespace where the kernel allows one (there the code is root of its namespace; the seccomp filter keeps it
+    from mounting);
   - a killed trainer, even by SIGKILL, takes its sandboxes with it: the harness dies with `unshare` (its
     parent-death signal is set after the uid switch, which clears it), and `unshare` with the trainer where
     util-linux `setpriv` is present. On first use in a process, what the sandboxes of dead trainers left is
-    removed: processes of their uids, their System V IPC objects and files in the world-writable directories,
-    rlvr-sandbox-PID-* temporary directories and cgroups;
+    removed: processes of their uids, their System V IPC objects and files in the world-writable directories
+    (looked into as above), rlvr-sandbox-PID-* temporary directories and cgroups;
   - cleanup never recurses (a directory tree of any depth goes), never raises, and never fails a later run: a
     failure is counted (stats()["cleanup_failures"]), the uid is cleaned again before its next run, and a
     directory or cgroup left is retried after each later run.
 It cannot stop code from reading every world-readable file on the machine: a dataset on disk, this repository
 (whose code makes the built-in tasks, so their expected values can be recomputed), installed packages (which it
-can import by adding them to sys.path), and without a /proc of its own the command lines of other processes. Nor
-from filling its directory with many files up to the size limit within the timeout, or from forging the tests of
-other forms above. Not as root, the code can write
-wherever the training user can, and what it detaches survives a killed trainer unless a PID namespace holds it;
-without unshare it also keeps the network and the host's System V IPC and, not as root, can signal the trainer
-(a warning says which). For RL on untrusted code, train as root in a container or VM. If root's Python lives
-where other users cannot enter (e.g. pyenv under /root), the sandbox runs a system python3 instead.
+can import by adding them to sys.path), and without a /proc of its own the command lines of other processes. Nor,
+without a mount namespace, from filling its directory with many files up to the size limit in its time, or from
+forging the tests of other forms above. Not as root, the code can write wherever the training user can, and what
+it detaches survives a killed trainer unless a PID namespace holds it; without unshare it also keeps the network
+and the host's System V IPC and, not as root, can signal the trainer (a warning says which). Without the seccomp
+filter (not x86_64) it can connect to the host's pathname Unix sockets that its uid may write (private directories
+hide only those below them: /run's stay in reach), and without a network namespace to abstract ones too. For RL on
+untrusted code, train as root in a container or VM. If root's Python lives where other users cannot enter (e.g.
+pyenv under /root), the sandbox runs a system python3 instead.
 require_sandbox() raises RuntimeError, naming every plan it tried, where no sandbox works.
 
 math-verify. Its own timeout is signal.alarm, which works only in a main thread, so checks run in small persistent
@@ -97,6 +122,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -115,9 +141,10 @@ _STATS_LOCK = threading.Lock()
 
 def stats() -> dict[str, int]:
     """Counts since this module was imported (a forked child starts from its parent's): runs (run_sandboxed calls),
-    timeouts, errors (runs that failed to start or finish, scored 0), cleanup_failures (something a run left that
-    could not be removed: worth logging as a metric), stale_removed (leftovers of dead trainers removed at start-up)
-    and math_untried (math-verify pairs given "t" untried because their batch's budget was spent)."""
+    timeouts (runs that reached their CPU limit or wall-clock backstop), errors (runs that failed to start or finish,
+    scored 0), cleanup_failures (something a run left that could not be removed: worth logging as a metric),
+    stale_removed (leftovers of dead trainers removed at start-up) and math_untried (math-verify pairs given "t"
+    untried because their batch's budget was spent)."""
     with _STATS_LOCK:
         return dict(_STATS)
 
@@ -401,11 +428,35 @@ def finish():
             pass
     os._exit(0)  # no interpreter shutdown: nothing of the code (atexit, __del__) runs after the tests
 
+def private_directories(libc, job):
+    # A tmpfs of the run's own over each world-writable directory, mounted while we still may (root of the mount
+    # namespace, before the seccomp filter): what the code writes there dies with the namespace, seen by no other
+    # sample. The run's directory, if it lay below one of them, is made afresh in the private copy.
+    options = b"mode=1777,size=%dm" % job["tmpfs_mb"]
+    for path in job["private"]:
+        if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, options) != 0:  # MS_NOSUID | MS_NODEV
+            os.write(2, b"sandbox: cannot mount a private %s\n" % path.encode())
+            os._exit(1)
+    if not os.path.isdir(job["home"]):
+        os.makedirs(job["home"], 0o700)
+        if job["uid"] is not None:
+            os.chown(job["home"], job["uid"], job["uid"])
+    os.chdir(job["home"])
+
 def main(exec=exec, eval=eval, compile=compile, enumerate=enumerate, excepthook=sys.__excepthook__,
          exc_info=sys.exc_info, BaseException=BaseException):
     libc = ctypes.CDLL(None)
+    job = marshal.loads(read(0, int.from_bytes(read(0, 8), "little")))  # the trainer's death ends this read (EOF)
+    if job["private"]:
+        private_directories(libc, job)
+    if job["uid"] is not None:  # unshare left us root of the namespaces, so that we could mount: now the slot's uid
+        os.setgroups([])
+        os.setresgid(job["uid"], job["uid"], job["uid"])
+        os.setresuid(job["uid"], job["uid"], job["uid"])
+        # The switch cleared PR_SET_DUMPABLE (an exec after unshare's switch used to restore it); without it some
+        # kernels show /proc/PID as root's, and the cleanup finds the uid's processes by that owner.
+        libc.prctl(4, 1, 0, 0, 0)
     libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG SIGKILL: die with our parent (set here, after the uid switch)
-    job = marshal.loads(read(0, int.from_bytes(read(0, 8), "little")))
     os.set_blocking(0, False)
     try:
         if os.read(0, 1) == b"":  # the trainer holds stdin open while it lives: it died before our signal was set
@@ -460,20 +511,25 @@ main()
 def _seccomp_filter() -> bytes | None:
     """The seccomp-BPF program the harness installs: EPERM for unshare, setns, the mount syscalls and clone with a
     namespace flag, so that code cannot become root of a user namespace and mount a tmpfs no limit bounds; ENOSYS
-    for clone3, whose flags a filter cannot read (glibc then falls back to clone). x86_64 only: None elsewhere."""
+    for clone3, whose flags a filter cannot read (glibc then falls back to clone); EPERM for socket(AF_UNIX, ...),
+    so that code cannot connect to a Unix socket of the host wherever it lies (socketpair stays), and for io_uring,
+    whose operations (a socket, a connect) no filter sees. x86_64 only: None elsewhere."""
     if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
         return None
     load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, JGE|K, JSET|K, BPF_RET|K
     allow, eperm, enosys = 0x7FFF0000, 0x50000 | errno.EPERM, 0x50000 | errno.ENOSYS  # SECCOMP_RET_ERRNO | errno
     nr, arch, arg0 = 0, 4, 16  # offsets in struct seccomp_data (arg0: its low 32 bits)
     denied = {155: "pivot_root", 165: "mount", 166: "umount2", 272: "unshare", 308: "setns", 428: "open_tree",
-              429: "move_mount", 430: "fsopen", 431: "fsconfig", 432: "fsmount", 433: "fspick", 442: "mount_setattr"}
+              429: "move_mount", 430: "fsopen", 431: "fsconfig", 432: "fsmount", 433: "fspick", 442: "mount_setattr",
+              425: "io_uring_setup", 426: "io_uring_enter", 427: "io_uring_register"}
     namespace_flags = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
     code = [(load, 0, 0, arch), (jeq, 1, 0, 0xC000003E), (ret, 0, 0, eperm),  # not AUDIT_ARCH_X86_64 (int 0x80): no
             (load, 0, 0, nr), (jge, 0, 1, 0x40000000), (ret, 0, 0, eperm),  # the x32 ABI: no
             (jeq, 0, 1, 435), (ret, 0, 0, enosys)]  # clone3
     for number in denied:
         code += [(jeq, 0, 1, number), (ret, 0, 0, eperm)]
+    code += [(jeq, 0, 4, 41), (load, 0, 0, arg0), (jeq, 0, 1, socket.AF_UNIX), (ret, 0, 0, eperm),  # socket
+             (ret, 0, 0, allow)]
     code += [(jeq, 0, 3, 56), (load, 0, 0, arg0), (jset, 0, 1, namespace_flags), (ret, 0, 0, eperm),  # clone
              (ret, 0, 0, allow)]
     return b"".join(struct.pack("<HBBI", *instruction) for instruction in code)
@@ -610,8 +666,9 @@ def _kill_uid(uid: int) -> bool:
     return _kill_processes(uid.__eq__)[1]
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the sandbox. unshare's child is the init of the sandbox's PID namespace, and when it dies the kernel
+def _kill_tree(proc: subprocess.Popen) -> float:
+    """SIGKILL the sandbox and reap it; the CPU seconds it used (proc's own and those of the children it reaped: the
+    harness, for unshare). unshare's child is the init of the sandbox's PID namespace, and when it dies the kernel
     kills everything in the namespace, even code that left the session and cleared its parent-death signal (which
     the process-group kill and unshare --kill-child alone would miss). unshare is stopped first so that it cannot
     reap that child and free its pid while we read it."""
@@ -622,7 +679,13 @@ def _kill_tree(proc: subprocess.Popen) -> None:
                 os.kill(int(pid), signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # reaped elsewhere: its CPU time is lost
+        proc.wait()
+        return 0.0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _remove_ipc(match) -> int:
@@ -646,17 +709,33 @@ def _remove_ipc(match) -> int:
 _SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
 
 
+def _private_directories() -> list[str]:
+    """The world-writable directories that exist here, each once (/var/lock is often a link to /run/lock): those a run
+    with a mount namespace gets a private tmpfs over."""
+    return sorted({os.path.realpath(path) for path in _SHARED_DIRS if os.path.isdir(path)})
+
+
+_SWEEP_DEPTH = 3  # how deep world-writable subdirectories of others are looked into
+
+
 def _sweep_files(match, keep: str | None = None) -> tuple[int, bool]:
-    """Delete what the matching uids left at the top of the world-writable directories (whatever they made lies
-    below). How many entries went, and whether all of them did."""
+    """Delete what the matching uids left in the world-writable directories: each entry of theirs goes whole
+    (whatever they made lies below it), and the world-writable subdirectories of others, where they could write too
+    (/tmp/.X11-unix, mode 1777 on most hosts), are looked into, down to 3 levels. How many entries went, and whether
+    all of them did."""
     removed, ok = 0, True
-    for directory in {*_SHARED_DIRS, tempfile.gettempdir()}:
+    pending = [(directory, 1) for directory in {*_SHARED_DIRS, tempfile.gettempdir()}]
+    while pending:
+        directory, depth = pending.pop()
         with contextlib.suppress(OSError):
             for entry in list(os.scandir(directory)):
                 with contextlib.suppress(OSError):
-                    if entry.path != keep and match(entry.stat(follow_symlinks=False).st_uid):
+                    info = entry.stat(follow_symlinks=False)
+                    if entry.path != keep and match(info.st_uid):
                         gone = _remove_tree(entry.path)
                         removed, ok = removed + gone, ok and gone
+                    elif entry.is_dir(follow_symlinks=False) and info.st_mode & 0o002 and depth < _SWEEP_DEPTH:
+                        pending.append((entry.path, depth + 1))
     return removed, ok
 
 
@@ -861,7 +940,7 @@ _SWEEP_LOCK = threading.Lock()
 
 def _sweep_stale() -> int:
     """Remove what the sandboxes of dead trainers left on this machine: processes of their uids (in our PID namespace
-    or below), their System V IPC objects, their files at the top of the world-writable directories, the
+    or below), their System V IPC objects, their files in the world-writable directories (as _sweep_files looks), the
     rlvr-sandbox-PID-* temporary directories of dead pids (or, for older names, of a dead uid) and cgroups. How
     many things went."""
     removed = _kill_processes(_stale_uid)[0] + _remove_ipc(_stale_uid) + _sweep_files(_stale_uid)[0]
@@ -899,6 +978,38 @@ def _sweep_once() -> None:
 
 # ------------------------------------------------------------------------------------------------ code sandbox
 
+# A run's limit is CPU time, so that its score does not depend on what runs beside it; and no more runs execute code
+# at once than there are cores, so that each gets about one. Code that sleeps or blocks uses no CPU: a wall-clock
+# backstop, well above the CPU limit, ends it and frees its core.
+_CPU_SLOTS: tuple[int, threading.Semaphore] | None = None  # (owner pid, one slot per usable core)
+_CPU_SLOTS_LOCK = threading.Lock()
+
+
+def _cpu_slots() -> threading.Semaphore:
+    """This process's bound on runs executing at once: one per core it may run on (its affinity mask), made on first
+    use (and anew in a forked child, which must not share its parent's count)."""
+    global _CPU_SLOTS
+    with _CPU_SLOTS_LOCK:
+        if _CPU_SLOTS is None or _CPU_SLOTS[0] != os.getpid():
+            try:
+                cores = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                cores = os.cpu_count() or 1
+            _CPU_SLOTS = (os.getpid(), threading.Semaphore(max(1, cores)))
+        return _CPU_SLOTS[1]
+
+
+def _cpu_limit_s(timeout_s: float) -> int:
+    """A run's CPU limit, in the whole seconds RLIMIT_CPU counts: timeout_s rounded up."""
+    return max(1, math.ceil(timeout_s))
+
+
+def _wall_s(timeout_s: float) -> float:
+    """A run's wall-clock backstop: three times its CPU limit, so that CPU-bound code reaches its CPU limit first
+    even with a third of a core (its core shared with the trainer's own work); only code that sleeps, blocks or
+    forks meets it."""
+    return 3.0 * _cpu_limit_s(timeout_s)
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -908,14 +1019,22 @@ class _Plan:
     mount_proc: bool = False  # a /proc of the sandbox's own PID namespace (needs a mount namespace)
     setpriv: str | None = None  # util-linux setpriv, to give unshare a parent-death signal
 
+    @property
+    def harness_switches_uid(self) -> bool:
+        """Whether the harness starts as root of a mount namespace, mounts the private directories, and switches to
+        the run's uid itself (else unshare or Popen switches, and nothing is mounted)."""
+        return self.as_root and self.mount_proc
+
     def command(self, uid: int | None) -> list[str]:
         run = [self.python, "-I", "-S", "-c", _HARNESS]
         if self.unshare is None:
             return run
         namespaces = ["--net", "--pid", "--ipc", "--fork", "--kill-child"] + ["--mount-proc"] * self.mount_proc
         dies_with_us = [self.setpriv, "--pdeathsig", "KILL", "--"] if self.setpriv else []
-        if self.as_root:
+        if self.as_root and not self.harness_switches_uid:
             return [*dies_with_us, self.unshare, *namespaces, f"--setgid={uid}", f"--setuid={uid}", "--", *run]
+        if self.as_root:
+            return [*dies_with_us, self.unshare, *namespaces, "--", *run]
         return [*dies_with_us, self.unshare, "--map-root-user", *namespaces, "--", *run]
 
 
@@ -923,7 +1042,7 @@ class _Plan:
 class SandboxResult:
     passed: list[bool]  # one per test
     output: str  # the first max_output_bytes of stdout and stderr
-    timed_out: bool
+    timed_out: bool  # it reached its CPU limit or its wall-clock backstop
 
 
 def _read_available(fd: int, into: bytearray, limit: int) -> bool:
@@ -939,10 +1058,16 @@ def _read_available(fd: int, into: bytearray, limit: int) -> bool:
     return True
 
 
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether proc has exited, without reaping it (so that _kill_tree can still read its CPU time)."""
+    return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
 def _collect(proc: subprocess.Popen, report_fd: int, timeout_s: float, limit: int) -> tuple[bytearray, bool]:
     """What the child writes on report_fd until proc exits or timeout_s passes (then timed out: True), at most limit
     bytes: the pipe is drained as it fills, so a child that reports large values never blocks on it, and one that
-    writes more than any honest child would is left blocked. A pidfd wakes us the moment proc exits."""
+    writes more than any honest child would is left blocked. A pidfd wakes us the moment proc exits; proc is not
+    reaped here."""
     deadline, report, open_ = time.monotonic() + timeout_s, bytearray(), True
     os.set_blocking(report_fd, False)
     try:
@@ -958,7 +1083,7 @@ def _collect(proc: subprocess.Popen, report_fd: int, timeout_s: float, limit: in
             ready = select.select(watch, [], [], left if pidfd is not None else min(left, 0.01))[0]
             if report_fd in ready:
                 open_ = _read_available(report_fd, report, limit)
-            if (pidfd in ready) if pidfd is not None else proc.poll() is not None:
+            if (pidfd in ready) if pidfd is not None else _exited(proc):
                 _read_available(report_fd, report, limit)
                 return report, False
     finally:
@@ -988,10 +1113,11 @@ def _cleanup(uid: int | None, tmp: str | None, cgroup: str | None) -> None:
         _count("cleanup_failures")
 
 
-def _execute(plan: _Plan, uid: int | None, tmp: str, cgroup: str | None, job: dict, output, timeout_s: float,
-             limit: int) -> tuple[bytearray, bool]:
+def _execute(plan: _Plan, uid: int | None, tmp: str, cgroup: str | None, job: dict, output, wall_s: float,
+             limit: int) -> tuple[bytearray, bool, float]:
     """Start the harness under plan, hand it its job, and collect its records (at most limit bytes) until it exits or
-    timeout_s passes; whether it timed out. The whole tree is dead when this returns."""
+    wall_s passes; whether wall_s passed, and the CPU seconds the harness and the children it reaped used. The whole
+    tree is dead when this returns."""
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
     as_user = {"user": uid, "group": uid, "extra_groups": []} if uid and plan.unshare is None else {}
     read_fd, write_fd = os.pipe()
@@ -1013,13 +1139,13 @@ def _execute(plan: _Plan, uid: int | None, tmp: str, cgroup: str | None, job: di
             with contextlib.suppress(OSError):  # stdin stays open until the end: the harness's lifeline
                 proc.stdin.write(len(blob).to_bytes(8, "little") + blob)
                 proc.stdin.flush()
-            report, timed_out = _collect(proc, read_fd, timeout_s, limit)
+            report, timed_out = _collect(proc, read_fd, wall_s, limit)
         finally:  # the PID namespace or the session holds the tree; _cleanup's uid and cgroup kills catch what left
-            _kill_tree(proc)
+            cpu_s = _kill_tree(proc)
             with contextlib.suppress(OSError):
                 proc.stdin.close()
         _read_available(read_fd, report, limit)  # what came just before the kill
-        return report, timed_out
+        return report, timed_out, cpu_s
     finally:
         os.close(read_fd)
 
@@ -1029,24 +1155,30 @@ def _run(plan: _Plan, program: str, tests: list[str], *, timeout_s: float = 3.0,
     """One sandboxed run of program and tests under plan: run_sandboxed without its catch-all."""
     _sweep_once()
     checks = [_parse_test(test) for test in tests]
+    cpu_s = _cpu_limit_s(timeout_s)  # soft = hard: at the limit the kernel sends SIGKILL, which code cannot catch
     job = {"program": program, "tests": [(test.is_value, test.source or "") for test in checks],  # "": invalid
-           "limits": [("RLIMIT_CPU", math.ceil(timeout_s)), ("RLIMIT_AS", memory_mb << 20),
+           "limits": [("RLIMIT_CPU", cpu_s), ("RLIMIT_AS", memory_mb << 20),
                       ("RLIMIT_NPROC", max_processes), ("RLIMIT_FSIZE", max_file_mb << 20), ("RLIMIT_NOFILE", 64),
                       ("RLIMIT_CORE", 0)],
-           "seccomp": _SECCOMP, "value_cap": _VALUE_CAP}
+           "seccomp": _SECCOMP, "value_cap": _VALUE_CAP, "tmpfs_mb": memory_mb,
+           "private": _private_directories() if plan.mount_proc else []}
     limit = 4096 + sum(_VALUE_CAP + 32 if test.is_value else 32 for test in checks)  # more than any honest report
     uid = _take_uid() if plan.as_root else None
     tmp = cgroup = None
     try:
         tmp = tempfile.mkdtemp(prefix=f"rlvr-sandbox-{os.getpid()}-")
+        job.update(home=tmp, uid=uid if plan.harness_switches_uid else None)
         if uid is not None:
             os.chown(tmp, uid, uid)
         cgroup = _make_cgroup(_cgroups(), memory_mb << 20)
         with tempfile.TemporaryFile(dir=tmp) as output:  # nameless: the code cannot swap it for a FIFO
-            report, timed_out = _execute(plan, uid, tmp, cgroup, job, output, timeout_s, limit)
+            with _cpu_slots():  # a run's clocks start once it holds a core: its wait here costs it nothing
+                report, wall_passed, cpu_used = _execute(plan, uid, tmp, cgroup, job, output, _wall_s(timeout_s),
+                                                         limit)
             output.seek(0)
             text = output.read(max_output_bytes).decode(errors="replace")
-        return SandboxResult(_score(checks, bytes(report)), text, timed_out)
+        # rusage can read a few ms short of the time at which the kernel killed it at its limit
+        return SandboxResult(_score(checks, bytes(report)), text, wall_passed or cpu_used >= cpu_s - 0.1)
     finally:
         _cleanup(uid, tmp, cgroup)
         if uid is not None:
@@ -1078,10 +1210,11 @@ def _setpriv() -> str | None:
 
 
 _PLAN: _Plan | None = None  # the sandbox found by the probe; a failed probe is not kept, so the next call retries
-# The probe's job: the plan works if the test passes; the program also tries to make a user namespace, which the
-# seccomp filter (or the kernel's settings) should refuse.
+# The probe's job: the plan works if the first test passes, which needs modules the harness has not imported (the
+# interpreter may start as root, where the run's uid cannot read its library); the program also tries to make a user
+# namespace, which the seccomp filter (or the kernel's settings) should refuse.
 _PROBE = ("import collections, ctypes, math, re\nuserns = ctypes.CDLL(None).unshare(0x10000000) == 0  # CLONE_NEWUSER",
-          ["assert 1 + 1 == 2", "assert userns == False"])
+          ["assert collections.Counter('aab')['a'] == 2", "assert userns == False"])
 
 
 def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
@@ -1118,6 +1251,13 @@ def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
             if namespace is None:
                 warnings.warn("the code sandbox has no namespaces here: code keeps network access"
                               + ("" if as_root else " and can signal the trainer"), RuntimeWarning)
+            if not mount_proc:
+                warnings.warn("the code sandbox has no mount namespace here: code shares /tmp, /var/tmp, /dev/shm "
+                              "and /run/lock with the machine" + (", and what it leaves there is removed only "
+                              "afterwards" if as_root else ", and what it leaves there stays"), RuntimeWarning)
+            if _SECCOMP is None:
+                warnings.warn("the code sandbox has no seccomp filter on this architecture: code can connect to the "
+                              "host's Unix sockets that its uid may write", RuntimeWarning)
             if result.passed[1:2] != [True]:
                 warnings.warn("sandboxed code can make user namespaces here (no seccomp filter on this architecture, "
                               "or the kernel refused it): it can mount a tmpfs that no rlimit bounds", RuntimeWarning)
@@ -1142,8 +1282,10 @@ def require_sandbox() -> _Plan:
 
 def run_sandboxed(program: str, tests: list[str] = (), *, timeout_s: float = 3.0, memory_mb: int = 512,
                   max_processes: int = 4, max_file_mb: int = 16, max_output_bytes: int = 65536) -> SandboxResult:
-    """Run program, then each test statement, in the sandbox described at the top of this file. Raises only
-    RuntimeError, where no sandbox works on this machine; a failure of one run scores its tests as failed."""
+    """Run program, then each test statement, in the sandbox described at the top of this file, with timeout_s CPU
+    seconds (rounded up) per process and a wall-clock backstop of three times that, counted from when the run gets
+    one of this process's cores. Raises only RuntimeError, where no sandbox works on this machine; a failure of one
+    run scores its tests as failed."""
     tests = [str(test) for test in tests]
     plan = require_sandbox()
     _count("runs")
