@@ -24,6 +24,8 @@ Rewards (y a completion, |y| its length, 1[c] = 1 if its answer is correct else 
                          5 dollars). A gold in words ("forty two", "Paris": letters, spaces, hyphens, a word of 3+
                          letters), or one math-verify cannot parse, is compared as text, case and spacing aside
                          (math-verify would read words as products of letters, so "two forty" = "forty two").
+                         A gold given as a number is its exact decimal text (1e-05 -> 0.00001, never "e - 5");
+                         NaN or inf is no gold.
                          A \\boxed{} inside <think> counts when it is the last box and there is no <answer> block.
   format_reward          R1 template <think>…</think><answer>…</answer>: 1 if it holds else 0. strict: exactly one
                          think block then one answer block, only whitespace around (newlines optional, nothing
@@ -91,6 +93,7 @@ no repeated step, no junk, a summary); reflects() spots a self-correction ("wait
 import ast
 import collections
 import dataclasses
+import decimal
 import functools
 import hashlib
 import importlib
@@ -98,6 +101,7 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -251,10 +255,26 @@ def _same_text(a: str, b: str) -> bool:
     return a == b
 
 
+def number_text(value) -> str | None:
+    """A number as exact decimal text, never with an exponent: 1e-05 -> "0.00001", 1e20 -> "100000000000000000000",
+    np.int64(12) -> "12", Fraction(1, 3) -> "1/3"; None for NaN and ±inf. str(1e-05) is "1e-05", which math-verify
+    reads as Euler's e minus 5. A float's text is its shortest repr (0.1 -> "0.1"), not its binary expansion."""
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, Fraction):
+        return str(value)
+    value = decimal.Decimal(str(value))  # str: a float's (and a numpy float's) shortest round-trip text
+    return format(value, "f") if value.is_finite() else None
+
+
 def _gold_text(gold) -> str | None:
-    """The gold answer; a full GSM8K solution ("… #### 72") or a boxed one is reduced to its answer."""
+    """The gold answer as text; a full GSM8K solution ("… #### 72") or a boxed one is reduced to its answer. A number
+    gold (a JSON number, a numpy scalar from `datasets`) is its exact decimal text (number_text); NaN or inf is no
+    gold, as a null is (pandas and parquet write a missing number as NaN). A bool stays a word ("True")."""
     if gold is None:
         return None
+    if isinstance(gold, (numbers.Real, decimal.Decimal)) and not isinstance(gold, bool):
+        return number_text(gold)
     gold = str(gold)
     found = extract_answer(gold) if ("####" in gold or "\\boxed" in gold or "</answer>" in gold) else None
     return _clean(found or gold) or None

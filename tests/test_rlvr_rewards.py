@@ -90,6 +90,29 @@ def test_accuracy_reward_custom_values_and_missing_gold():
         env.accuracy_reward(["1"], ["1"], style="nope")
 
 
+@pytest.mark.parametrize("gold, right, look_alike", [
+    (0.00001, "0.00001", "e-5"), (1e20, "100000000000000000000", "e+20"), (1e16, "10000000000000000", "e+16"),
+    (2.5e-7, "0.00000025", "2.5e-7")])
+def test_number_golds_in_exponent_form_are_compared_as_their_value(gold, right, look_alike):
+    """A JSON number gold that Python writes with an exponent (1e-05) is compared as its exact decimal value: the
+    right answer scores 1 and math-verify's reading of the exponent text (e - 5, Euler's e) scores 0."""
+    completions = [f"<answer>\\boxed{{{right}}}</answer>", f"<answer>\\boxed{{{look_alike}}}</answer>"]
+    assert env.accuracy_reward(completions, [gold, gold]) == [1.0, 0.0]
+
+
+def test_number_golds_become_exact_text():
+    """Ints, floats, numpy scalars and Decimals become plain decimal text; a bool stays a word; NaN and inf are no
+    gold (None), as a null is."""
+    import decimal
+
+    import numpy as np
+
+    cases = [(7, "7"), (-0.5, "-0.5"), (1e-05, "0.00001"), (1e20, "100000000000000000000"),
+             (2.5e-7, "0.00000025"), (np.float32(1e-5), "0.00001"), (np.int64(12), "12"), (np.float64(3.0), "3.0"),
+             (decimal.Decimal("1E+3"), "1000"), (True, "True"), (math.nan, None), (-math.inf, None)]
+    assert [env._gold_text(gold) for gold, _ in cases] == [text for _, text in cases]
+
+
 def test_numeric_fast_path_agrees_with_math_verify():
     """Wherever the Fraction fast path decides, its verdict equals math-verify's on the same two strings."""
     from math_verify import parse, verify
