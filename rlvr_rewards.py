@@ -595,25 +595,71 @@ def extract_code(text: str) -> str:
 
 
 
+def code_tests(tests) -> list[str]:
+    """A row's code tests as the list of statements code_reward runs, or a DataError (without the row) saying what
+    is wrong. The accepted forms: a list of Python statements, each holding at least one `assert` (usually just
+    `assert f(1) == 2`, the built-in code task's form, which sandbox.run_sandboxed checks without trusting the
+    program; a loop of asserts or a HumanEval-style `def check(candidate): ...` then `check(f)` count too); a
+    single string, one such test; null or [] for no tests. Anything else would pass whatever the program does: an
+    expression (`f(1) == 2` is computed and dropped), a nested list or a JSON string of a list (their text is an
+    expression). This is a check of the form: a test whose assert never runs (`if False: assert ...`) still passes."""
+    if tests is None:
+        return []
+    if isinstance(tests, str):
+        try:
+            decoded = json.loads(tests)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, list):
+            raise DataError("'tests' is a string holding a JSON list; write the list itself "
+                            "([\"assert f(1) == 2\", ...]), not its JSON text.")
+        tests = [tests]
+    if not isinstance(tests, (list, tuple)):
+        raise DataError(f"'tests' must be a list of test statements (strings such as \"assert f(1) == 2\"), not a "
+                        f"{type(tests).__name__}.")
+    for j, test in enumerate(tests):
+        if not isinstance(test, str):
+            raise DataError(f"'tests' item {j} is a {type(test).__name__}, not a statement; write a flat list of "
+                            "strings such as [\"assert f(1) == 2\"].")
+        try:
+            tree = ast.parse(test)
+        except (SyntaxError, ValueError) as error:  # ValueError: a NUL byte
+            raise DataError(f"'tests' item {j} is not valid Python ({getattr(error, 'msg', error)}); fix the test, "
+                            "or no program could pass it.") from None
+        except (MemoryError, RecursionError):
+            raise DataError(f"'tests' item {j} is nested too deeply to parse; simplify the test.") from None
+        if not any(isinstance(node, ast.Assert) for node in ast.walk(tree)):
+            raise DataError(f"'tests' item {j} ({test[:60]!r}) holds no assert statement, so it passes whatever the "
+                            f"program does; write it as an assert (\"assert {test.strip()[:40]}\").")
+    return list(tests)
+
+
 def code_reward(completions: list[str], tests: list, *, all_or_nothing: bool = False, timeout_s: float = 3.0,
                 max_workers: int | None = None, memory_mb: int = 512, **kwargs) -> list[float | None]:
-    """The fraction of a row's tests (statements, usually asserts) that pass after the completion's code (1 or 0
-    with all_or_nothing), max_workers samples at a time (default 4 per CPU, at most 32); None without tests.
+    """The fraction of a row's tests that pass after the completion's code (1 or 0 with all_or_nothing),
+    max_workers samples at a time (default 4 per CPU, at most 32); None without tests. A row's tests are a list of
+    statements each holding an assert, or one such string (code_tests); malformed tests raise DataError naming the
+    row before anything runs, since they would pass a wrong program (load_prompts refuses such rows at load time).
     Raises RuntimeError where no sandbox works on this machine, rather than give every sample 0."""
-    if any(tests):
+    cases = []
+    for i, row_tests in enumerate(tests):
+        try:
+            cases.append(code_tests(row_tests))
+        except DataError as error:
+            raise DataError(f"code_reward, row {i}: {error}") from None
+    if any(cases):
         sandbox.require_sandbox()  # fail here, once, with the reasons
 
     def score(text_and_tests):
-        text, cases = text_and_tests
-        cases = [cases] if isinstance(cases, str) else list(cases or [])
-        if not cases:
+        text, row_cases = text_and_tests
+        if not row_cases:
             return None
-        passed = sandbox.run_sandboxed(extract_code(text), cases, timeout_s=timeout_s, memory_mb=memory_mb).passed
+        passed = sandbox.run_sandboxed(extract_code(text), row_cases, timeout_s=timeout_s, memory_mb=memory_mb).passed
         return float(all(passed)) if all_or_nothing else sum(passed) / len(passed)
 
     workers = max_workers or min(32, 4 * (os.cpu_count() or 1))  # bound by process start-up latency, not CPU
     with ThreadPoolExecutor(max(1, min(workers, len(completions)))) as pool:
-        return list(pool.map(score, zip(completions, tests)))
+        return list(pool.map(score, zip(completions, cases)))
 
 
 # ------------------------------------------------------------------------------------------------ the toy world
@@ -1116,7 +1162,8 @@ def check_prompt_row(row, where: str, required=()) -> dict:
     """An RL dataset row: an object with a non-empty 'prompt' (a string or chat messages) and every field in
     `required` (those the rewards read: answer, tests, ...); a DataError starting with `where` otherwise. A field
     given as null is present: that row has no gold, and the rewards that need one skip it (a dataset that mixes
-    verifiable and general prompts, as R1's stage 4)."""
+    verifiable and general prompts, as R1's stage 4). A row's 'tests' (code_reward's, and the code verifier's
+    wherever a row has them) must be in a form code_tests accepts: a list of statements each holding an assert."""
     if not isinstance(row, dict) or "prompt" not in row:
         raise DataError(f"{where}each row must be an object with a 'prompt' (--prompt-column names another column).")
     if not (isinstance(row["prompt"], str) or is_messages(row["prompt"])):
@@ -1127,6 +1174,11 @@ def check_prompt_row(row, where: str, required=()) -> dict:
     missing = [name for name in required if name not in row]
     if missing:
         raise DataError(f"{where}no {missing[0]!r}, which the rewards need (fields here: {sorted(row)}).")
+    if "tests" in row:
+        try:
+            code_tests(row["tests"])
+        except DataError as error:
+            raise DataError(f"{where}{error}") from None
     return row
 
 

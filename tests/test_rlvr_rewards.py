@@ -447,6 +447,47 @@ def test_code_rows_reference_solutions_pass_their_tests():
     assert env.code_reward(["def f(*args):\n    return None"] * 16, [row["tests"] for row in rows]) == [0.0] * 16
 
 
+MALFORMED_TESTS = [
+    ('["assert f(1) == 2"]', "a string holding a JSON list"),   # JSON-encoded once too often
+    (["f(1) == 2"], "item 0 .* holds no assert"),                # an expression: true or false, it never fails
+    ([["assert f(1) == 2"]], "item 0 is a list"),                # nested: str() of a list is an expression too
+    (["assert f(1) == 2", "assert f(2) =="], "item 1 is not valid Python"),
+    (3, "must be a list of test statements"),
+]
+
+
+@pytest.mark.parametrize("tests, why", MALFORMED_TESTS)
+def test_malformed_code_tests_are_refused_with_their_line(tests, why, tmp_path):
+    """A row whose tests would pass any program (a JSON string of a list, an expression without assert, a nested
+    list) or could pass none (invalid Python) is refused at load time, naming its line."""
+    import json
+
+    path = tmp_path / "code.jsonl"
+    good = {"prompt": "Write f(x) returning x + 1.", "tests": ["assert f(1) == 2"]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "tests": tests}) + "\n")
+    with pytest.raises(env.DataError, match=f"line 2: 'tests' .*{why}"):
+        env.load_prompts(str(path), required=["tests"])
+
+
+@pytest.mark.parametrize("tests, why", MALFORMED_TESTS)
+def test_code_reward_refuses_malformed_tests_rather_than_pass_a_wrong_program(tests, why):
+    """Handed malformed tests directly, code_reward raises DataError naming the row: a wrong program never scores 1."""
+    good = ["assert f(1) == 2"]
+    with pytest.raises(env.DataError, match=f"code_reward, row 1: 'tests' .*{why}"):
+        env.code_reward(["def f(x):\n    return 0"] * 2, [good, tests])
+
+
+@needs_sandbox
+def test_well_formed_code_tests_load_and_score():
+    """A list of asserts, a single string with an assert (a HumanEval-style check function) and a null load; the
+    right program scores 1 and a wrong one 0."""
+    check = "def check(candidate):\n    assert candidate(1) == 2\ncheck(f)"
+    for tests in (["assert f(1) == 2", "for x in range(3): assert f(x) == x + 1"], check):
+        assert env.check_prompt_row({"prompt": "p", "tests": tests}, "", ["tests"])["tests"] == tests
+        assert env.code_reward(["def f(x):\n    return x + 1", "def f(x):\n    return 0"], [tests] * 2) == [1.0, 0.0]
+    assert env.check_prompt_row({"prompt": "p", "tests": None}, "", ["tests"])["tests"] is None
+
+
 def test_a_null_answer_marks_a_row_without_gold_and_a_missing_one_is_refused(tmp_path):
     """A mixed dataset (R1's stage 4: reasoning prompts with answers, general prompts with "answer": null) loads,
     and the accuracy reward skips its general rows; a row with no answer field at all is still a named error."""
