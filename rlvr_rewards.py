@@ -1165,7 +1165,9 @@ def check_prompt_row(row, where: str, required=()) -> dict:
     verifiable and general prompts, as R1's stage 4). A row's 'tests' (code_reward's, and the code verifier's
     wherever a row has them) must be in a form code_tests accepts: a list of statements each holding an assert."""
     if not isinstance(row, dict) or "prompt" not in row:
-        raise DataError(f"{where}each row must be an object with a 'prompt' (--prompt-column names another column).")
+        columns = f"; this row's columns are {sorted(row)}" if isinstance(row, dict) else ""
+        raise DataError(f"{where}each row must be an object with a 'prompt' (--prompt-column names another "
+                        f"column{columns}).")
     if not (isinstance(row["prompt"], str) or is_messages(row["prompt"])):
         raise DataError(f"{where}'prompt' must be a string or a non-empty list of messages "
                         "{\"role\": str, \"content\": str}.")
@@ -1206,6 +1208,11 @@ def load_prompts(spec: str, split: str = "train", n: int = 20_000, seed: int = 0
         return make_dataset(spec, split=split, n=n, seed=seed)
 
     def checked(row, where, line=0):
+        flags = ((prompt_column, "--prompt-column", prompt_column != "prompt"),
+                 (answer_column, "--answer-column", answer_column != "answer" and "answer" in required))
+        for column, flag, needed in flags:  # the user's column by its own name, not "prompt" or "answer"
+            if needed and isinstance(row, dict) and column not in row:
+                raise DataError(f"{where}no column {column!r} ({flag}); this row's columns are {sorted(row)}.")
         return check_prompt_row(_renamed(row, prompt_column, answer_column), where, required)
 
     if spec.endswith(".jsonl"):

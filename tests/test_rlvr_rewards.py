@@ -503,6 +503,22 @@ def test_a_null_answer_marks_a_row_without_gold_and_a_missing_one_is_refused(tmp
         env.load_prompts(str(path), required=env.required_fields(fns))
 
 
+@pytest.mark.parametrize("columns, why", [
+    (dict(prompt_column="3"), r"no column '3' \(--prompt-column\); this row's columns are \['answer', 'question'\]"),
+    (dict(prompt_column="nosuch"), r"no column 'nosuch' \(--prompt-column\); .* \['answer', 'question'\]"),
+    (dict(prompt_column="question", answer_column="nosuch"),
+     r"no column 'nosuch' \(--answer-column\); .* \['answer', 'question'\]")])
+def test_a_column_flag_naming_no_column_is_named_with_the_rows_columns(columns, why, tmp_path):
+    """--prompt-column / --answer-column naming a column the rows lack: the sentence names the column the user gave
+    and the columns the row has (not 'prompt', and never a silent fall back on a column named 'answer')."""
+    path = tmp_path / "gsm.jsonl"
+    path.write_text('{"question": "1+1", "answer": "2"}\n')
+    with pytest.raises(env.DataError, match="line 1: " + why):
+        env.load_prompts(str(path), required=["answer"], **columns)
+    assert env.load_prompts(str(path), prompt_column="question", required=["answer"]) == [
+        {"prompt": "1+1", "answer": "2"}]
+
+
 def test_default_reward_weights_are_one_each_with_shaping_rewards_at_a_tenth_beside_others():
     """grpo.py and ppo.py share this rule: weights as given, else 1 each, but format / tag_count at 0.1 beside
     another reward (alone, a shaping reward is the whole signal and keeps weight 1)."""
