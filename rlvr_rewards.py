@@ -1256,12 +1256,13 @@ def fit_prompts(tokenizer, rows: list[dict], *, max_new_tokens: int, context: in
     with a warning naming how many (all of them: DataError). Rows whose text the tokenizer cannot represent (it
     maps those characters to its unknown token, e.g. "2×3" for the toy's ASCII tokenizer) are named in a warning,
     never silently changed."""
-    unk, kept, too_long, unknown = getattr(tokenizer, "unk_token_id", None), [], 0, []
+    unk, kept, too_long, unknown, shortest = getattr(tokenizer, "unk_token_id", None), [], 0, [], math.inf
     for i, row in enumerate(rows):
         ids = tokenizer(render_prompt(tokenizer, row["prompt"], template, system_prompt),
                         add_special_tokens=False)["input_ids"]
         if unk is not None and unk in ids:
             unknown.append(i)
+        shortest = min(shortest, len(ids))
         if context is not None and len(ids) + max_new_tokens > context:
             too_long += 1
         else:
@@ -1272,7 +1273,8 @@ def fit_prompts(tokenizer, rows: list[dict], *, max_new_tokens: int, context: in
                       RuntimeWarning, stacklevel=2)
     if not kept:
         raise DataError(f"{source}: no prompt fits the model's context of {context} tokens with --max-new-tokens "
-                        f"{max_new_tokens}; shorten the prompts or lower --max-new-tokens.")
+                        f"{max_new_tokens}; shorten the prompts or lower --max-new-tokens (the shortest prompt "
+                        f"leaves room for {max(0, context - shortest)}).")
     if too_long:
         warnings.warn(f"{source}: dropped {too_long} of {len(rows)} prompts that leave no room for --max-new-tokens "
                       f"{max_new_tokens} in the model's context of {context} tokens", RuntimeWarning, stacklevel=2)
@@ -1339,6 +1341,81 @@ def longest_prompt(tokenizer, rows: list[dict], template: str = "auto", system_p
     texts = [render_prompt(tokenizer, row["prompt"], template, system_prompt) for row in rows]
     chat = bool(rows) and uses_chat_template(tokenizer, rows[0]["prompt"], template)
     return max((len(ids) for ids in tokenizer(texts, add_special_tokens=not chat)["input_ids"]), default=1)
+
+
+def model_config(name_or_path: str):
+    """The model's transformers config, read from its config.json alone: no weights are loaded."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(K.resolve_model_path(name_or_path))
+    except (OSError, ValueError) as error:
+        raise K.UserError(f"--model {name_or_path}: {str(error).splitlines()[0]}") from None
+
+
+def check_context(tokenizer, rows: list[dict], *, context: int | None, max_new_tokens: int, source: str,
+                  template: str = "auto", system_prompt: str | None = None, measured: int = 64) -> int:
+    """The longest rendered prompt of rows, in tokens, after checking that it leaves room for max_new_tokens in the
+    model's context (a UserError naming both numbers otherwise). It measures the `measured` rows with the longest
+    prompt texts: within one dataset tokens grow with characters, and tokenizing 20,000 rows takes seconds."""
+    longest_rows = sorted(rows, key=lambda row: len(str(row["prompt"])), reverse=True)[:measured]
+    longest = longest_prompt(tokenizer, longest_rows, template, system_prompt)
+    if context is not None and longest + max_new_tokens > context:
+        raise K.UserError(f"--max-new-tokens {max_new_tokens} plus {source}'s longest prompt ({longest} tokens) "
+                          f"exceeds the model's context of {context} tokens (max_position_embeddings); use "
+                          f"--max-new-tokens {max(0, context - longest)} or less.")
+    return longest
+
+
+def kv_cache_bytes(config, rows: int, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of a static KV cache as rl_kernels.generate allocates it: keys and values of every layer for `rows`
+    sequences of `tokens` positions, rows x tokens x layers x 2 x kv_heads x head_dim x bytes per element."""
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return rows * tokens * text.num_hidden_layers * 2 * kv_heads * head_dim * dtype.itemsize
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take now: the CUDA device's free memory (torch.cuda.mem_get_info), else the RAM
+    the kernel reports available (MemAvailable in /proc/meminfo, os.sysconf's available pages elsewhere); None where
+    neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def check_kv_memory(config, uses: dict[str, int], tokens: int, dtype: torch.dtype, device: torch.device, *,
+                    flags: str):
+    """Before any weights load: the KV caches of a run's generate calls fit in the device's free memory (RAM on
+    CPU, shared by this machine's ranks). uses: rows per generate call by use ("rollout": 128, ...); rl_kernels keeps
+    one cache per use between calls, so they add up. A UserError names the sizes and `flags`, the flags that shrink
+    them, otherwise. The weights, the optimizer and the activations come on top: passing is no promise that the run
+    fits, failing is a certainty that it does not."""
+    free = available_memory(device)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type != "cuda" else 1
+    need = ranks_here * sum(kv_cache_bytes(config, rows, tokens, dtype) for rows in uses.values())
+    if free is not None and need > free:
+        rows = " + ".join(f"{n} {use}" for use, n in uses.items() if n)
+        where = (f"{device} has {_size(free)} free" if device.type == "cuda" else
+                 f"this machine has {_size(free)} of RAM available" + (f" for its {ranks_here} ranks"
+                                                                       if ranks_here > 1 else ""))
+        raise K.UserError(f"The KV caches of generation would take {_size(need)} ({rows} rows x {tokens} "
+                          f"positions x {kv_cache_bytes(config, 1, 1, dtype)} bytes) but {where}; lower {flags}.")
 
 
 def encode_prompts(tokenizer, texts: list[str], device, add_special_tokens: bool = False) -> tuple:
@@ -1644,8 +1721,9 @@ class RLArgs:
 
 def load_task(args, reward_fns, weights: tuple[float, ...], device) -> tuple[object, list[dict], list[dict]]:
     """An RL run's (args, train rows, held-out rows): args with the reward weights, --decode-memory and the micro-batch
-    size on this device resolved (as args.json records them), the rows checked against what the rewards read, and --model's
-    source checked: everything a user can get wrong fails here, before any model is loaded."""
+    size on this device resolved (as args.json records them), the rows checked against what the rewards read, --model's
+    source checked, and every length (fit_generation: the context, the KV caches' memory): everything a user can get
+    wrong fails here, before any model is loaded."""
     decode_memory = args.decode_memory if args.decode_memory != "auto" else \
         "free" if getattr(args, "strategy", "ddp") == "fsdp" else "keep"
     args = dataclasses.replace(args, reward_weights=weights, decode_memory=decode_memory,
@@ -1655,17 +1733,39 @@ def load_task(args, reward_fns, weights: tuple[float, ...], device) -> tuple[obj
         eval_size=args.eval_size * bool(args.eval_every), seed=args.seed, prompt_column=args.prompt_column,
         answer_column=args.answer_column)
     K.check_model_source(args.model)
+    train_rows, eval_rows = fit_generation(args, train_rows, eval_rows, device)
     return args, train_rows, eval_rows
 
 
-def fit_task(args, policy, tokenizer, train_rows: list[dict], eval_rows: list[dict]) -> tuple[list, list]:
-    """The prompts that leave room for --max-new-tokens in the policy's context (a built-in task fits any), and under
-    --compile the run's one KV-cache length (rl_kernels.set_generation_length)."""
+def fit_generation(args, train_rows: list[dict], eval_rows: list[dict], device) -> tuple[list, list]:
+    """Every length checked before any weights load (from the model's config.json and tokenizer): a dataset's
+    prompts that leave no room for --max-new-tokens in the model's context are dropped (fit_prompts), a built-in
+    task's must all fit (check_context), and the KV caches of the rollouts and evaluations must fit in free memory
+    (check_kv_memory). Returns the rows kept."""
+    path = K.resolve_model_path(args.model)
+    config, tokenizer = model_config(path), K.load_tokenizer(path)
+    context = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
     if args.dataset not in TASK_REWARDS:
-        fit = functools.partial(fit_prompts, tokenizer, max_new_tokens=args.max_new_tokens,
-                                context=getattr(K.unwrap(policy).config, "max_position_embeddings", None),
+        fit = functools.partial(fit_prompts, tokenizer, max_new_tokens=args.max_new_tokens, context=context,
                                 template=args.template, system_prompt=args.system_prompt)
         train_rows, eval_rows = fit(train_rows, source=args.dataset), eval_rows and fit(eval_rows, source="eval")
+    longest = max(check_context(tokenizer, rows, context=context, max_new_tokens=args.max_new_tokens, source=source,
+                                template=args.template, system_prompt=args.system_prompt)
+                  for rows, source in ((train_rows, args.dataset), (eval_rows, "the held-out set")) if rows)
+    world = K.get_world_size()
+    eval_batch = min(64, -(-len(eval_rows) // world)) if eval_rows else 0  # evaluate's batch_size
+    uses = {"rollout": args.prompts_per_step // world * args.num_generations, "greedy evaluation": eval_batch,
+            "sampled evaluation": eval_batch * args.eval_samples}
+    compute = K.resolve_precision(args.dtype, args.master_dtype, device)[0]
+    check_kv_memory(config, uses, -(-longest // 16) * 16 + args.max_new_tokens, compute, device,  # generate's bucket
+                    flags=f"--max-new-tokens {args.max_new_tokens} (or --prompts-per-step, --num-generations, "
+                          "--eval-samples)")
+    return train_rows, eval_rows
+
+
+def fit_task(args, policy, tokenizer, train_rows: list[dict], eval_rows: list[dict]) -> tuple[list, list]:
+    """Under --compile, the run's one KV-cache length (rl_kernels.set_generation_length); the rows were fitted to the
+    context before the model loaded (load_task, fit_generation)."""
     if args.compile:
         K.set_generation_length(policy, longest_prompt(tokenizer, train_rows + eval_rows, args.template,
                                                        args.system_prompt), args.max_new_tokens,
