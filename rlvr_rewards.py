@@ -1642,6 +1642,25 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     return m
 
 
+TRUNCATION_WARNING_SHARE = 0.5  # most rollouts cut: the length cap, not the task, decides most rewards
+
+
+def warn_truncation(metrics: dict, step: int, max_new_tokens: int, warned: bool) -> bool:
+    """Warn, once per run, on rank 0, the first step whose rollouts (all ranks: metrics all-reduced) were mostly cut
+    at --max-new-tokens (rollout/truncated_share above TRUNCATION_WARNING_SHARE), naming the share measured. Half is
+    the threshold because a cut response has no final answer, so past it the cap decides most rewards; some cut
+    responses are normal, and a share that high is not (TRL's default of 256 tokens cut 57% of GSM8K answers in a
+    2026 field test). Returns whether the run has now warned; pass it back in."""
+    share = metrics.get("rollout/truncated_share", 0.0)
+    if warned or not share > TRUNCATION_WARNING_SHARE:
+        return warned
+    if K.get_rank() == 0:
+        warnings.warn(f"{share:.0%} of step {step}'s rollouts hit --max-new-tokens {max_new_tokens} before their end "
+                      "(rollout/truncated_share): a cut response has no final answer, so the cap decides their rewards; "
+                      "raise --max-new-tokens (this warning is shown once per run)", RuntimeWarning, stacklevel=2)
+    return True
+
+
 def finish_reward_std(metrics: dict) -> dict:
     """Replace the all-reduced rollout/reward_sq_mean by rollout/reward_std = sqrt(E[r^2] - E[r]^2)."""
     sq = metrics.pop("rollout/reward_sq_mean")

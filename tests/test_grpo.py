@@ -424,3 +424,16 @@ def test_kv_caches_larger_than_free_memory_stop_before_any_weights_load(tiny_mod
     with pytest.raises(K.UserError, match=r"KV caches of generation would take .* \(16 rollout \+ 8 greedy evaluation "
                                           r"\+ 16 sampled evaluation rows x 28 positions .* lower --max-new-tokens 12"):
         grpo.main(small_args(tiny_model_dir, tmp_path))
+
+
+def test_a_cap_that_cuts_most_rollouts_is_warned_about_once_with_the_share(tiny_model_dir, tmp_path):
+    """--max-new-tokens 2 cuts every rollout of the random tiny model: one warning, at the first step, names the
+    share measured (rollout/truncated_share) and says to raise --max-new-tokens; a later step does not repeat it."""
+    with pytest.warns(RuntimeWarning) as caught:
+        grpo.main(small_args(tiny_model_dir, tmp_path, max_new_tokens=2, eval_every=0))
+    messages = [str(w.message) for w in caught if "hit --max-new-tokens" in str(w.message)]
+    share = runs.read_metrics(str(tmp_path))[0]["rollout/truncated_share"]
+    assert share > 0.5
+    assert messages == [f"{share:.0%} of step 1's rollouts hit --max-new-tokens 2 before their end "
+                        "(rollout/truncated_share): a cut response has no final answer, so the cap decides their "
+                        "rewards; raise --max-new-tokens (this warning is shown once per run)"]
