@@ -511,6 +511,7 @@ def main(args: Args) -> runs.RunResult:
         state["cursor"] = 0  # the position in the shuffled prompt stream
         reference = ((lambda: {"reference.safetensors": K.full_state_dict(ref_model)})  # it changes: checkpoint it
                      if ref_model is not None and args.ref_reset_every else None)
+        truncation_warned = False  # warn_truncation: once per run
         steps = session.start(args, model=policy, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                               evaluate=env.evaluator(args, policy, tokenizer, eval_rows),
                               tensor_files=reference,
@@ -562,6 +563,7 @@ def main(args: Args) -> runs.RunResult:
             metrics = {**env.rollout_metrics(rollout), "rollout/zero_variance_group_share": zero_var_share,
                        "rollout/sampling_rounds": rounds}
             metrics = env.finish_reward_std(K.reduce_metrics({**metrics, **train_stats}))
+            truncation_warned = env.warn_truncation(metrics, step + 1, args.max_new_tokens, truncation_warned)
             metrics.update(timer.step_metrics(int(rollout.gen.mask.sum()) * info.world_size, info.device))
             metrics["train/lr"] = scheduler.get_last_lr()[0]
             samples = env.rollout_samples(rollout, batch["advantages"], args.log_samples)

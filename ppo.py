@@ -566,6 +566,7 @@ def main(args: Args) -> runs.RunResult:
                               save=functools.partial(save, args, tokenizer=tokenizer, **parts),
                               restore=lambda checkpoint: restore(checkpoint, **parts))
         kl_ctl = AdaptiveKLController(state["kl_coef"], args.kl_target, args.kl_horizon)
+        truncation_warned = False  # warn_truncation: once per run
         for step in steps:
             timer = runs.Timer()
 
@@ -628,6 +629,7 @@ def main(args: Args) -> runs.RunResult:
                        "train/return_mean": K.masked_mean(batch["returns"], mask).item(),
                        "train/return_std": K.masked_var(batch["returns"], mask).sqrt().item()}
             metrics = env.finish_reward_std(K.reduce_metrics(metrics))
+            truncation_warned = env.warn_truncation(metrics, step + 1, args.max_new_tokens, truncation_warned)
             metrics["train/explained_variance"] = explained_variance(batch["values"], batch["returns"], mask)
             metrics["train/kl_coef"] = beta
             metrics.update(timer.step_metrics(int(mask.sum()) * info.world_size, info.device))

@@ -24,6 +24,8 @@ Rewards (y a completion, |y| its length, 1[c] = 1 if its answer is correct else 
                          5 dollars). A gold in words ("forty two", "Paris": letters, spaces, hyphens, a word of 3+
                          letters), or one math-verify cannot parse, is compared as text, case and spacing aside
                          (math-verify would read words as products of letters, so "two forty" = "forty two").
+                         A gold given as a number is its exact decimal text (1e-05 -> 0.00001, never "e - 5");
+                         NaN or inf is no gold.
                          A \\boxed{} inside <think> counts when it is the last box and there is no <answer> block.
   format_reward          R1 template <think>…</think><answer>…</answer>: 1 if it holds else 0. strict: exactly one
                          think block then one answer block, only whitespace around (newlines optional, nothing
@@ -91,6 +93,7 @@ no repeated step, no junk, a summary); reflects() spots a self-correction ("wait
 import ast
 import collections
 import dataclasses
+import decimal
 import functools
 import hashlib
 import importlib
@@ -98,6 +101,7 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -251,10 +255,26 @@ def _same_text(a: str, b: str) -> bool:
     return a == b
 
 
+def number_text(value) -> str | None:
+    """A number as exact decimal text, never with an exponent: 1e-05 -> "0.00001", 1e20 -> "100000000000000000000",
+    np.int64(12) -> "12", Fraction(1, 3) -> "1/3"; None for NaN and ±inf. str(1e-05) is "1e-05", which math-verify
+    reads as Euler's e minus 5. A float's text is its shortest repr (0.1 -> "0.1"), not its binary expansion."""
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, Fraction):
+        return str(value)
+    value = decimal.Decimal(str(value))  # str: a float's (and a numpy float's) shortest round-trip text
+    return format(value, "f") if value.is_finite() else None
+
+
 def _gold_text(gold) -> str | None:
-    """The gold answer; a full GSM8K solution ("… #### 72") or a boxed one is reduced to its answer."""
+    """The gold answer as text; a full GSM8K solution ("… #### 72") or a boxed one is reduced to its answer. A number
+    gold (a JSON number, a numpy scalar from `datasets`) is its exact decimal text (number_text); NaN or inf is no
+    gold, as a null is (pandas and parquet write a missing number as NaN). A bool stays a word ("True")."""
     if gold is None:
         return None
+    if isinstance(gold, (numbers.Real, decimal.Decimal)) and not isinstance(gold, bool):
+        return number_text(gold)
     gold = str(gold)
     found = extract_answer(gold) if ("####" in gold or "\\boxed" in gold or "</answer>" in gold) else None
     return _clean(found or gold) or None
@@ -575,25 +595,71 @@ def extract_code(text: str) -> str:
 
 
 
+def code_tests(tests) -> list[str]:
+    """A row's code tests as the list of statements code_reward runs, or a DataError (without the row) saying what
+    is wrong. The accepted forms: a list of Python statements, each holding at least one `assert` (usually just
+    `assert f(1) == 2`, the built-in code task's form, which sandbox.run_sandboxed checks without trusting the
+    program; a loop of asserts or a HumanEval-style `def check(candidate): ...` then `check(f)` count too); a
+    single string, one such test; null or [] for no tests. Anything else would pass whatever the program does: an
+    expression (`f(1) == 2` is computed and dropped), a nested list or a JSON string of a list (their text is an
+    expression). This is a check of the form: a test whose assert never runs (`if False: assert ...`) still passes."""
+    if tests is None:
+        return []
+    if isinstance(tests, str):
+        try:
+            decoded = json.loads(tests)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, list):
+            raise DataError("'tests' is a string holding a JSON list; write the list itself "
+                            "([\"assert f(1) == 2\", ...]), not its JSON text.")
+        tests = [tests]
+    if not isinstance(tests, (list, tuple)):
+        raise DataError(f"'tests' must be a list of test statements (strings such as \"assert f(1) == 2\"), not a "
+                        f"{type(tests).__name__}.")
+    for j, test in enumerate(tests):
+        if not isinstance(test, str):
+            raise DataError(f"'tests' item {j} is a {type(test).__name__}, not a statement; write a flat list of "
+                            "strings such as [\"assert f(1) == 2\"].")
+        try:
+            tree = ast.parse(test)
+        except (SyntaxError, ValueError) as error:  # ValueError: a NUL byte
+            raise DataError(f"'tests' item {j} is not valid Python ({getattr(error, 'msg', error)}); fix the test, "
+                            "or no program could pass it.") from None
+        except (MemoryError, RecursionError):
+            raise DataError(f"'tests' item {j} is nested too deeply to parse; simplify the test.") from None
+        if not any(isinstance(node, ast.Assert) for node in ast.walk(tree)):
+            raise DataError(f"'tests' item {j} ({test[:60]!r}) holds no assert statement, so it passes whatever the "
+                            f"program does; write it as an assert (\"assert {test.strip()[:40]}\").")
+    return list(tests)
+
+
 def code_reward(completions: list[str], tests: list, *, all_or_nothing: bool = False, timeout_s: float = 3.0,
                 max_workers: int | None = None, memory_mb: int = 512, **kwargs) -> list[float | None]:
-    """The fraction of a row's tests (statements, usually asserts) that pass after the completion's code (1 or 0
-    with all_or_nothing), max_workers samples at a time (default 4 per CPU, at most 32); None without tests.
+    """The fraction of a row's tests that pass after the completion's code (1 or 0 with all_or_nothing),
+    max_workers samples at a time (default 4 per CPU, at most 32); None without tests. A row's tests are a list of
+    statements each holding an assert, or one such string (code_tests); malformed tests raise DataError naming the
+    row before anything runs, since they would pass a wrong program (load_prompts refuses such rows at load time).
     Raises RuntimeError where no sandbox works on this machine, rather than give every sample 0."""
-    if any(tests):
+    cases = []
+    for i, row_tests in enumerate(tests):
+        try:
+            cases.append(code_tests(row_tests))
+        except DataError as error:
+            raise DataError(f"code_reward, row {i}: {error}") from None
+    if any(cases):
         sandbox.require_sandbox()  # fail here, once, with the reasons
 
     def score(text_and_tests):
-        text, cases = text_and_tests
-        cases = [cases] if isinstance(cases, str) else list(cases or [])
-        if not cases:
+        text, row_cases = text_and_tests
+        if not row_cases:
             return None
-        passed = sandbox.run_sandboxed(extract_code(text), cases, timeout_s=timeout_s, memory_mb=memory_mb).passed
+        passed = sandbox.run_sandboxed(extract_code(text), row_cases, timeout_s=timeout_s, memory_mb=memory_mb).passed
         return float(all(passed)) if all_or_nothing else sum(passed) / len(passed)
 
     workers = max_workers or min(32, 4 * (os.cpu_count() or 1))  # bound by process start-up latency, not CPU
     with ThreadPoolExecutor(max(1, min(workers, len(completions)))) as pool:
-        return list(pool.map(score, zip(completions, tests)))
+        return list(pool.map(score, zip(completions, cases)))
 
 
 # ------------------------------------------------------------------------------------------------ the toy world
@@ -1096,9 +1162,12 @@ def check_prompt_row(row, where: str, required=()) -> dict:
     """An RL dataset row: an object with a non-empty 'prompt' (a string or chat messages) and every field in
     `required` (those the rewards read: answer, tests, ...); a DataError starting with `where` otherwise. A field
     given as null is present: that row has no gold, and the rewards that need one skip it (a dataset that mixes
-    verifiable and general prompts, as R1's stage 4)."""
+    verifiable and general prompts, as R1's stage 4). A row's 'tests' (code_reward's, and the code verifier's
+    wherever a row has them) must be in a form code_tests accepts: a list of statements each holding an assert."""
     if not isinstance(row, dict) or "prompt" not in row:
-        raise DataError(f"{where}each row must be an object with a 'prompt' (--prompt-column names another column).")
+        columns = f"; this row's columns are {sorted(row)}" if isinstance(row, dict) else ""
+        raise DataError(f"{where}each row must be an object with a 'prompt' (--prompt-column names another "
+                        f"column{columns}).")
     if not (isinstance(row["prompt"], str) or is_messages(row["prompt"])):
         raise DataError(f"{where}'prompt' must be a string or a non-empty list of messages "
                         "{\"role\": str, \"content\": str}.")
@@ -1107,6 +1176,11 @@ def check_prompt_row(row, where: str, required=()) -> dict:
     missing = [name for name in required if name not in row]
     if missing:
         raise DataError(f"{where}no {missing[0]!r}, which the rewards need (fields here: {sorted(row)}).")
+    if "tests" in row:
+        try:
+            code_tests(row["tests"])
+        except DataError as error:
+            raise DataError(f"{where}{error}") from None
     return row
 
 
@@ -1134,6 +1208,11 @@ def load_prompts(spec: str, split: str = "train", n: int = 20_000, seed: int = 0
         return make_dataset(spec, split=split, n=n, seed=seed)
 
     def checked(row, where, line=0):
+        flags = ((prompt_column, "--prompt-column", prompt_column != "prompt"),
+                 (answer_column, "--answer-column", answer_column != "answer" and "answer" in required))
+        for column, flag, needed in flags:  # the user's column by its own name, not "prompt" or "answer"
+            if needed and isinstance(row, dict) and column not in row:
+                raise DataError(f"{where}no column {column!r} ({flag}); this row's columns are {sorted(row)}.")
         return check_prompt_row(_renamed(row, prompt_column, answer_column), where, required)
 
     if spec.endswith(".jsonl"):
@@ -1177,12 +1256,13 @@ def fit_prompts(tokenizer, rows: list[dict], *, max_new_tokens: int, context: in
     with a warning naming how many (all of them: DataError). Rows whose text the tokenizer cannot represent (it
     maps those characters to its unknown token, e.g. "2×3" for the toy's ASCII tokenizer) are named in a warning,
     never silently changed."""
-    unk, kept, too_long, unknown = getattr(tokenizer, "unk_token_id", None), [], 0, []
+    unk, kept, too_long, unknown, shortest = getattr(tokenizer, "unk_token_id", None), [], 0, [], math.inf
     for i, row in enumerate(rows):
         ids = tokenizer(render_prompt(tokenizer, row["prompt"], template, system_prompt),
                         add_special_tokens=False)["input_ids"]
         if unk is not None and unk in ids:
             unknown.append(i)
+        shortest = min(shortest, len(ids))
         if context is not None and len(ids) + max_new_tokens > context:
             too_long += 1
         else:
@@ -1193,7 +1273,8 @@ def fit_prompts(tokenizer, rows: list[dict], *, max_new_tokens: int, context: in
                       RuntimeWarning, stacklevel=2)
     if not kept:
         raise DataError(f"{source}: no prompt fits the model's context of {context} tokens with --max-new-tokens "
-                        f"{max_new_tokens}; shorten the prompts or lower --max-new-tokens.")
+                        f"{max_new_tokens}; shorten the prompts or lower --max-new-tokens (the shortest prompt "
+                        f"leaves room for {max(0, context - shortest)}).")
     if too_long:
         warnings.warn(f"{source}: dropped {too_long} of {len(rows)} prompts that leave no room for --max-new-tokens "
                       f"{max_new_tokens} in the model's context of {context} tokens", RuntimeWarning, stacklevel=2)
@@ -1260,6 +1341,81 @@ def longest_prompt(tokenizer, rows: list[dict], template: str = "auto", system_p
     texts = [render_prompt(tokenizer, row["prompt"], template, system_prompt) for row in rows]
     chat = bool(rows) and uses_chat_template(tokenizer, rows[0]["prompt"], template)
     return max((len(ids) for ids in tokenizer(texts, add_special_tokens=not chat)["input_ids"]), default=1)
+
+
+def model_config(name_or_path: str):
+    """The model's transformers config, read from its config.json alone: no weights are loaded."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(K.resolve_model_path(name_or_path))
+    except (OSError, ValueError) as error:
+        raise K.UserError(f"--model {name_or_path}: {str(error).splitlines()[0]}") from None
+
+
+def check_context(tokenizer, rows: list[dict], *, context: int | None, max_new_tokens: int, source: str,
+                  template: str = "auto", system_prompt: str | None = None, measured: int = 64) -> int:
+    """The longest rendered prompt of rows, in tokens, after checking that it leaves room for max_new_tokens in the
+    model's context (a UserError naming both numbers otherwise). It measures the `measured` rows with the longest
+    prompt texts: within one dataset tokens grow with characters, and tokenizing 20,000 rows takes seconds."""
+    longest_rows = sorted(rows, key=lambda row: len(str(row["prompt"])), reverse=True)[:measured]
+    longest = longest_prompt(tokenizer, longest_rows, template, system_prompt)
+    if context is not None and longest + max_new_tokens > context:
+        raise K.UserError(f"--max-new-tokens {max_new_tokens} plus {source}'s longest prompt ({longest} tokens) "
+                          f"exceeds the model's context of {context} tokens (max_position_embeddings); use "
+                          f"--max-new-tokens {max(0, context - longest)} or less.")
+    return longest
+
+
+def kv_cache_bytes(config, rows: int, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of a static KV cache as rl_kernels.generate allocates it: keys and values of every layer for `rows`
+    sequences of `tokens` positions, rows x tokens x layers x 2 x kv_heads x head_dim x bytes per element."""
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return rows * tokens * text.num_hidden_layers * 2 * kv_heads * head_dim * dtype.itemsize
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take now: the CUDA device's free memory (torch.cuda.mem_get_info), else the RAM
+    the kernel reports available (MemAvailable in /proc/meminfo, os.sysconf's available pages elsewhere); None where
+    neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def check_kv_memory(config, uses: dict[str, int], tokens: int, dtype: torch.dtype, device: torch.device, *,
+                    flags: str):
+    """Before any weights load: the KV caches of a run's generate calls fit in the device's free memory (RAM on
+    CPU, shared by this machine's ranks). uses: rows per generate call by use ("rollout": 128, ...); rl_kernels keeps
+    one cache per use between calls, so they add up. A UserError names the sizes and `flags`, the flags that shrink
+    them, otherwise. The weights, the optimizer and the activations come on top: passing is no promise that the run
+    fits, failing is a certainty that it does not."""
+    free = available_memory(device)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type != "cuda" else 1
+    need = ranks_here * sum(kv_cache_bytes(config, rows, tokens, dtype) for rows in uses.values())
+    if free is not None and need > free:
+        rows = " + ".join(f"{n} {use}" for use, n in uses.items() if n)
+        where = (f"{device} has {_size(free)} free" if device.type == "cuda" else
+                 f"this machine has {_size(free)} of RAM available" + (f" for its {ranks_here} ranks"
+                                                                       if ranks_here > 1 else ""))
+        raise K.UserError(f"The KV caches of generation would take {_size(need)} ({rows} rows x {tokens} "
+                          f"positions x {kv_cache_bytes(config, 1, 1, dtype)} bytes) but {where}; lower {flags}.")
 
 
 def encode_prompts(tokenizer, texts: list[str], device, add_special_tokens: bool = False) -> tuple:
@@ -1486,6 +1642,25 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     return m
 
 
+TRUNCATION_WARNING_SHARE = 0.5  # most rollouts cut: the length cap, not the task, decides most rewards
+
+
+def warn_truncation(metrics: dict, step: int, max_new_tokens: int, warned: bool) -> bool:
+    """Warn, once per run, on rank 0, the first step whose rollouts (all ranks: metrics all-reduced) were mostly cut
+    at --max-new-tokens (rollout/truncated_share above TRUNCATION_WARNING_SHARE), naming the share measured. Half is
+    the threshold because a cut response has no final answer, so past it the cap decides most rewards; some cut
+    responses are normal, and a share that high is not (TRL's default of 256 tokens cut 57% of GSM8K answers in a
+    2026 field test). Returns whether the run has now warned; pass it back in."""
+    share = metrics.get("rollout/truncated_share", 0.0)
+    if warned or not share > TRUNCATION_WARNING_SHARE:
+        return warned
+    if K.get_rank() == 0:
+        warnings.warn(f"{share:.0%} of step {step}'s rollouts hit --max-new-tokens {max_new_tokens} before their end "
+                      "(rollout/truncated_share): a cut response has no final answer, so the cap decides their rewards; "
+                      "raise --max-new-tokens (this warning is shown once per run)", RuntimeWarning, stacklevel=2)
+    return True
+
+
 def finish_reward_std(metrics: dict) -> dict:
     """Replace the all-reduced rollout/reward_sq_mean by rollout/reward_std = sqrt(E[r^2] - E[r]^2)."""
     sq = metrics.pop("rollout/reward_sq_mean")
@@ -1565,8 +1740,9 @@ class RLArgs:
 
 def load_task(args, reward_fns, weights: tuple[float, ...], device) -> tuple[object, list[dict], list[dict]]:
     """An RL run's (args, train rows, held-out rows): args with the reward weights, --decode-memory and the micro-batch
-    size on this device resolved (as args.json records them), the rows checked against what the rewards read, and --model's
-    source checked: everything a user can get wrong fails here, before any model is loaded."""
+    size on this device resolved (as args.json records them), the rows checked against what the rewards read, --model's
+    source checked, and every length (fit_generation: the context, the KV caches' memory): everything a user can get
+    wrong fails here, before any model is loaded."""
     decode_memory = args.decode_memory if args.decode_memory != "auto" else \
         "free" if getattr(args, "strategy", "ddp") == "fsdp" else "keep"
     args = dataclasses.replace(args, reward_weights=weights, decode_memory=decode_memory,
@@ -1576,17 +1752,39 @@ def load_task(args, reward_fns, weights: tuple[float, ...], device) -> tuple[obj
         eval_size=args.eval_size * bool(args.eval_every), seed=args.seed, prompt_column=args.prompt_column,
         answer_column=args.answer_column)
     K.check_model_source(args.model)
+    train_rows, eval_rows = fit_generation(args, train_rows, eval_rows, device)
     return args, train_rows, eval_rows
 
 
-def fit_task(args, policy, tokenizer, train_rows: list[dict], eval_rows: list[dict]) -> tuple[list, list]:
-    """The prompts that leave room for --max-new-tokens in the policy's context (a built-in task fits any), and under
-    --compile the run's one KV-cache length (rl_kernels.set_generation_length)."""
+def fit_generation(args, train_rows: list[dict], eval_rows: list[dict], device) -> tuple[list, list]:
+    """Every length checked before any weights load (from the model's config.json and tokenizer): a dataset's
+    prompts that leave no room for --max-new-tokens in the model's context are dropped (fit_prompts), a built-in
+    task's must all fit (check_context), and the KV caches of the rollouts and evaluations must fit in free memory
+    (check_kv_memory). Returns the rows kept."""
+    path = K.resolve_model_path(args.model)
+    config, tokenizer = model_config(path), K.load_tokenizer(path)
+    context = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
     if args.dataset not in TASK_REWARDS:
-        fit = functools.partial(fit_prompts, tokenizer, max_new_tokens=args.max_new_tokens,
-                                context=getattr(K.unwrap(policy).config, "max_position_embeddings", None),
+        fit = functools.partial(fit_prompts, tokenizer, max_new_tokens=args.max_new_tokens, context=context,
                                 template=args.template, system_prompt=args.system_prompt)
         train_rows, eval_rows = fit(train_rows, source=args.dataset), eval_rows and fit(eval_rows, source="eval")
+    longest = max(check_context(tokenizer, rows, context=context, max_new_tokens=args.max_new_tokens, source=source,
+                                template=args.template, system_prompt=args.system_prompt)
+                  for rows, source in ((train_rows, args.dataset), (eval_rows, "the held-out set")) if rows)
+    world = K.get_world_size()
+    eval_batch = min(64, -(-len(eval_rows) // world)) if eval_rows else 0  # evaluate's batch_size
+    uses = {"rollout": args.prompts_per_step // world * args.num_generations, "greedy evaluation": eval_batch,
+            "sampled evaluation": eval_batch * args.eval_samples}
+    compute = K.resolve_precision(args.dtype, args.master_dtype, device)[0]
+    check_kv_memory(config, uses, -(-longest // 16) * 16 + args.max_new_tokens, compute, device,  # generate's bucket
+                    flags=f"--max-new-tokens {args.max_new_tokens} (or --prompts-per-step, --num-generations, "
+                          "--eval-samples)")
+    return train_rows, eval_rows
+
+
+def fit_task(args, policy, tokenizer, train_rows: list[dict], eval_rows: list[dict]) -> tuple[list, list]:
+    """Under --compile, the run's one KV-cache length (rl_kernels.set_generation_length); the rows were fitted to the
+    context before the model loaded (load_task, fit_generation)."""
     if args.compile:
         K.set_generation_length(policy, longest_prompt(tokenizer, train_rows + eval_rows, args.template,
                                                        args.system_prompt), args.max_new_tokens,

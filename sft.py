@@ -263,16 +263,44 @@ def check_args(args: Args, info: runs.DistInfo):
                           f"{info.world_size * args.grad_accum}.")
 
 
+def config_and_tokenizer(args: Args):
+    """(config, tokenizer) of the model --model or --init-from-config names, without its weights."""
+    if args.model:
+        return env.model_config(args.model), K.load_tokenizer(K.resolve_model_path(args.model))
+    from transformers import AutoConfig
+
+    tokenizer = K.load_tokenizer(args.tokenizer) if args.tokenizer else toy.build_toy_tokenizer()
+    return (toy.toy_model_config(tokenizer, args.init_from_config) if args.init_from_config in toy.TOY_SIZES
+            else AutoConfig.from_pretrained(args.init_from_config)), tokenizer
+
+
+def check_lengths(args: Args, eval_rows: list[dict], device: torch.device):
+    """Before any weights load: --max-new-tokens plus the longest held-out prompt with an answer fits the model's
+    context, and the KV caches of the evaluations (eval/accuracy; the toy world's table for the built-in data) fit
+    in free memory."""
+    answered = [row for row in eval_rows if row.get("answer") is not None]
+    if not answered:
+        return  # nothing is generated
+    config, tokenizer = config_and_tokenizer(args)
+    context = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    longest = env.check_context(tokenizer, answered, context=context, max_new_tokens=args.max_new_tokens,
+                                source="the held-out set", template="plain")
+    uses = {"evaluation": min(args.batch_size, -(-len(answered) // K.get_world_size()))}
+    if args.dataset in ("toy", "arithmetic"):  # toy_world.evaluate_toy: 256 prompts a call, 4 samples each
+        uses["toy evaluation"] = min(256, args.eval_size) * 4
+    env.check_kv_memory(config, uses, -(-longest // 16) * 16 + args.max_new_tokens,
+                        K.resolve_precision(args.dtype, args.master_dtype, device)[0], device,
+                        flags=f"--max-new-tokens {args.max_new_tokens} (or --batch-size, --eval-size)")
+
+
 def load_or_init(args: Args, device: torch.device):
     """(model, tokenizer) from --model, or random weights from --init-from-config (seeded by --seed)."""
     if args.model:
         return K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=device,
                             shard=args.strategy == "fsdp")  # FSDP2: sharded as it loads, never whole on a GPU
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = K.load_tokenizer(args.tokenizer) if args.tokenizer else toy.build_toy_tokenizer()
-    config = (toy.toy_model_config(tokenizer, args.init_from_config) if args.init_from_config in toy.TOY_SIZES
-              else AutoConfig.from_pretrained(args.init_from_config))
+    config, tokenizer = config_and_tokenizer(args)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=K.resolve_precision(args.dtype, args.master_dtype,
                                                                                device)[1])
@@ -343,6 +371,7 @@ def main(args: Args) -> runs.RunResult:
     train_rows, eval_rows = load_data(args)  # malformed data stops here, before any model is loaded
     if args.model:
         K.check_model_source(args.model)
+    check_lengths(args, eval_rows, device)  # --max-new-tokens against the context and the memory, before any weights
     if args.epochs:
         session.max_steps = math.ceil(args.epochs * len(train_rows) / args.batch_size)
     micro_batch = args.batch_size // (world * args.grad_accum)

@@ -403,3 +403,37 @@ def test_fsdp_evaluation_with_uneven_shards_matches_one_process(tiny_model_dir, 
     assert len(keys) == 4
     for k in keys:
         assert e1[k] == pytest.approx(e2[k], abs=1e-9), k
+
+
+@pytest.mark.parametrize("max_new_tokens", [300, 100_000])
+def test_a_length_past_the_context_stops_before_any_weights_load(max_new_tokens, tmp_path, monkeypatch):
+    """--max-new-tokens past the toy model's context of 256 on a built-in task is one sentence, raised before any
+    weights load (it used to run: 100,000 allocated a KV cache until the OOM killer stopped the process)."""
+    monkeypatch.setattr(K, "load_model", lambda *a, **k: pytest.fail("weights loaded before the length check"))
+    with pytest.raises(K.UserError, match=rf"--max-new-tokens {max_new_tokens} plus arithmetic's longest prompt "
+                                          r"\(\d+ tokens\) exceeds the model's context of 256 tokens .* use "
+                                          r"--max-new-tokens \d+ or less"):
+        grpo.main(grpo.Args(max_new_tokens=max_new_tokens, out_dir=str(tmp_path)))
+
+
+def test_kv_caches_larger_than_free_memory_stop_before_any_weights_load(tiny_model_dir, tmp_path, monkeypatch):
+    """KV caches of rollouts and evaluations that cannot fit in the memory available are one sentence naming the
+    sizes and the flags to lower, before any weights load."""
+    monkeypatch.setattr(K, "load_model", lambda *a, **k: pytest.fail("weights loaded before the memory check"))
+    monkeypatch.setattr(env, "available_memory", lambda device: 1000)
+    with pytest.raises(K.UserError, match=r"KV caches of generation would take .* \(16 rollout \+ 8 greedy evaluation "
+                                          r"\+ 16 sampled evaluation rows x 28 positions .* lower --max-new-tokens 12"):
+        grpo.main(small_args(tiny_model_dir, tmp_path))
+
+
+def test_a_cap_that_cuts_most_rollouts_is_warned_about_once_with_the_share(tiny_model_dir, tmp_path):
+    """--max-new-tokens 2 cuts every rollout of the random tiny model: one warning, at the first step, names the
+    share measured (rollout/truncated_share) and says to raise --max-new-tokens; a later step does not repeat it."""
+    with pytest.warns(RuntimeWarning) as caught:
+        grpo.main(small_args(tiny_model_dir, tmp_path, max_new_tokens=2, eval_every=0))
+    messages = [str(w.message) for w in caught if "hit --max-new-tokens" in str(w.message)]
+    share = runs.read_metrics(str(tmp_path))[0]["rollout/truncated_share"]
+    assert share > 0.5
+    assert messages == [f"{share:.0%} of step 1's rollouts hit --max-new-tokens 2 before their end "
+                        "(rollout/truncated_share): a cut response has no final answer, so the cap decides their "
+                        "rewards; raise --max-new-tokens (this warning is shown once per run)"]

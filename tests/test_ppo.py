@@ -4,6 +4,7 @@ critic's alignment and gradient; presets; short runs of every preset; exact resu
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -415,3 +416,21 @@ def test_two_process_torchrun_matches_one_process(strategy, tiny_dirs, tmp_path)
         b = load_file(tmp_path / "two" / "final" / sub / "model.safetensors")
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-5), (sub, k)
+
+
+@pytest.mark.parametrize("max_new_tokens", [300, 100_000])
+def test_a_length_past_the_context_stops_before_any_weights_load(max_new_tokens, tmp_path, monkeypatch):
+    """--max-new-tokens past the toy model's context of 256 on a built-in task: one sentence, before any weights
+    load (the policy's, the reference's or the critic's)."""
+    monkeypatch.setattr(K, "load_model", lambda *a, **k: pytest.fail("weights loaded before the length check"))
+    with pytest.raises(K.UserError, match=rf"--max-new-tokens {max_new_tokens} plus arithmetic's longest prompt .* "
+                                          r"context of 256 tokens"):
+        ppo.main(ppo.Args(max_new_tokens=max_new_tokens, out_dir=str(tmp_path)))
+
+
+def test_a_cap_that_cuts_most_rollouts_is_warned_about_once(tiny_dirs, tmp_path):
+    """--max-new-tokens 2 cuts most rollouts: one warning over two steps, naming the share and the flag."""
+    with pytest.warns(RuntimeWarning) as caught:
+        ppo.main(small_args(tiny_dirs[0], tmp_path, max_new_tokens=2))
+    messages = [str(w.message) for w in caught if "hit --max-new-tokens 2" in str(w.message)]
+    assert len(messages) == 1 and re.match(r"\d+% of step 1's rollouts", messages[0])

@@ -90,6 +90,29 @@ def test_accuracy_reward_custom_values_and_missing_gold():
         env.accuracy_reward(["1"], ["1"], style="nope")
 
 
+@pytest.mark.parametrize("gold, right, look_alike", [
+    (0.00001, "0.00001", "e-5"), (1e20, "100000000000000000000", "e+20"), (1e16, "10000000000000000", "e+16"),
+    (2.5e-7, "0.00000025", "2.5e-7")])
+def test_number_golds_in_exponent_form_are_compared_as_their_value(gold, right, look_alike):
+    """A JSON number gold that Python writes with an exponent (1e-05) is compared as its exact decimal value: the
+    right answer scores 1 and math-verify's reading of the exponent text (e - 5, Euler's e) scores 0."""
+    completions = [f"<answer>\\boxed{{{right}}}</answer>", f"<answer>\\boxed{{{look_alike}}}</answer>"]
+    assert env.accuracy_reward(completions, [gold, gold]) == [1.0, 0.0]
+
+
+def test_number_golds_become_exact_text():
+    """Ints, floats, numpy scalars and Decimals become plain decimal text; a bool stays a word; NaN and inf are no
+    gold (None), as a null is."""
+    import decimal
+
+    import numpy as np
+
+    cases = [(7, "7"), (-0.5, "-0.5"), (1e-05, "0.00001"), (1e20, "100000000000000000000"),
+             (2.5e-7, "0.00000025"), (np.float32(1e-5), "0.00001"), (np.int64(12), "12"), (np.float64(3.0), "3.0"),
+             (decimal.Decimal("1E+3"), "1000"), (True, "True"), (math.nan, None), (-math.inf, None)]
+    assert [env._gold_text(gold) for gold, _ in cases] == [text for _, text in cases]
+
+
 def test_numeric_fast_path_agrees_with_math_verify():
     """Wherever the Fraction fast path decides, its verdict equals math-verify's on the same two strings."""
     from math_verify import parse, verify
@@ -424,6 +447,47 @@ def test_code_rows_reference_solutions_pass_their_tests():
     assert env.code_reward(["def f(*args):\n    return None"] * 16, [row["tests"] for row in rows]) == [0.0] * 16
 
 
+MALFORMED_TESTS = [
+    ('["assert f(1) == 2"]', "a string holding a JSON list"),   # JSON-encoded once too often
+    (["f(1) == 2"], "item 0 .* holds no assert"),                # an expression: true or false, it never fails
+    ([["assert f(1) == 2"]], "item 0 is a list"),                # nested: str() of a list is an expression too
+    (["assert f(1) == 2", "assert f(2) =="], "item 1 is not valid Python"),
+    (3, "must be a list of test statements"),
+]
+
+
+@pytest.mark.parametrize("tests, why", MALFORMED_TESTS)
+def test_malformed_code_tests_are_refused_with_their_line(tests, why, tmp_path):
+    """A row whose tests would pass any program (a JSON string of a list, an expression without assert, a nested
+    list) or could pass none (invalid Python) is refused at load time, naming its line."""
+    import json
+
+    path = tmp_path / "code.jsonl"
+    good = {"prompt": "Write f(x) returning x + 1.", "tests": ["assert f(1) == 2"]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "tests": tests}) + "\n")
+    with pytest.raises(env.DataError, match=f"line 2: 'tests' .*{why}"):
+        env.load_prompts(str(path), required=["tests"])
+
+
+@pytest.mark.parametrize("tests, why", MALFORMED_TESTS)
+def test_code_reward_refuses_malformed_tests_rather_than_pass_a_wrong_program(tests, why):
+    """Handed malformed tests directly, code_reward raises DataError naming the row: a wrong program never scores 1."""
+    good = ["assert f(1) == 2"]
+    with pytest.raises(env.DataError, match=f"code_reward, row 1: 'tests' .*{why}"):
+        env.code_reward(["def f(x):\n    return 0"] * 2, [good, tests])
+
+
+@needs_sandbox
+def test_well_formed_code_tests_load_and_score():
+    """A list of asserts, a single string with an assert (a HumanEval-style check function) and a null load; the
+    right program scores 1 and a wrong one 0."""
+    check = "def check(candidate):\n    assert candidate(1) == 2\ncheck(f)"
+    for tests in (["assert f(1) == 2", "for x in range(3): assert f(x) == x + 1"], check):
+        assert env.check_prompt_row({"prompt": "p", "tests": tests}, "", ["tests"])["tests"] == tests
+        assert env.code_reward(["def f(x):\n    return x + 1", "def f(x):\n    return 0"], [tests] * 2) == [1.0, 0.0]
+    assert env.check_prompt_row({"prompt": "p", "tests": None}, "", ["tests"])["tests"] is None
+
+
 def test_a_null_answer_marks_a_row_without_gold_and_a_missing_one_is_refused(tmp_path):
     """A mixed dataset (R1's stage 4: reasoning prompts with answers, general prompts with "answer": null) loads,
     and the accuracy reward skips its general rows; a row with no answer field at all is still a named error."""
@@ -437,6 +501,22 @@ def test_a_null_answer_marks_a_row_without_gold_and_a_missing_one_is_refused(tmp
     path.write_text('{"prompt": "2+2", "answer": "4"}\n{"prompt": "hello"}\n')
     with pytest.raises(env.DataError, match="line 2: no 'answer'"):
         env.load_prompts(str(path), required=env.required_fields(fns))
+
+
+@pytest.mark.parametrize("columns, why", [
+    (dict(prompt_column="3"), r"no column '3' \(--prompt-column\); this row's columns are \['answer', 'question'\]"),
+    (dict(prompt_column="nosuch"), r"no column 'nosuch' \(--prompt-column\); .* \['answer', 'question'\]"),
+    (dict(prompt_column="question", answer_column="nosuch"),
+     r"no column 'nosuch' \(--answer-column\); .* \['answer', 'question'\]")])
+def test_a_column_flag_naming_no_column_is_named_with_the_rows_columns(columns, why, tmp_path):
+    """--prompt-column / --answer-column naming a column the rows lack: the sentence names the column the user gave
+    and the columns the row has (not 'prompt', and never a silent fall back on a column named 'answer')."""
+    path = tmp_path / "gsm.jsonl"
+    path.write_text('{"question": "1+1", "answer": "2"}\n')
+    with pytest.raises(env.DataError, match="line 1: " + why):
+        env.load_prompts(str(path), required=["answer"], **columns)
+    assert env.load_prompts(str(path), prompt_column="question", required=["answer"]) == [
+        {"prompt": "1+1", "answer": "2"}]
 
 
 def test_default_reward_weights_are_one_each_with_shaping_rewards_at_a_tenth_beside_others():

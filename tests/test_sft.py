@@ -415,3 +415,18 @@ def test_toy_presets_are_the_recipes_that_made_the_committed_toy_models():
         assert args["threads"] == 0  # rl_kernels.set_cpu_threads: 1 thread for a model this small
     cold = sft.Args()
     assert (cold.preset, cold.model, cold.dataset, cold.export_dir) == ("cold_start", "toy", "arithmetic", "")
+
+
+@pytest.mark.parametrize("max_new_tokens", [300, 100_000])
+def test_a_length_past_the_context_stops_before_any_weights_load(max_new_tokens, tmp_path, monkeypatch):
+    """--max-new-tokens (eval/accuracy's generation length) past the toy model's context of 256: one sentence before
+    any weights load or initialise, from --model and from --init-from-config."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(K, "load_model", lambda *a, **k: pytest.fail("weights loaded before the length check"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", lambda *a, **k: pytest.fail("weights made first"))
+    for args in (sft.Args(max_new_tokens=max_new_tokens, out_dir=str(tmp_path / "a")),
+                 tiny_args(tmp_path, max_new_tokens=max_new_tokens)):
+        with pytest.raises(K.UserError, match=rf"--max-new-tokens {max_new_tokens} plus the held-out set's longest "
+                                              r"prompt .* context of 256 tokens"):
+            sft.main(args)
