@@ -943,8 +943,9 @@ class Session(Run):
             else:
                 refused, allowed = setting_changes(recorded, record)
                 if refused:
-                    listed = ", ".join(f"--{name.replace('_', '-')} {now} (recorded: {was})"
-                                       for name, (was, now) in list(refused.items())[:5])
+                    first = sorted(refused, key=lambda name: name not in ("preset", "model", "dataset"))
+                    listed = ", ".join(f"--{name.replace('_', '-')} {refused[name][1]} (recorded: {refused[name][0]})"
+                                       for name in first[:5])  # a preset first: it explains the switches it sets
                     decision = (f"--resume would change the run in {args.out_dir}: {listed}"
                                 f"{' and more' if len(refused) > 5 else ''}; resume with the settings args.json "
                                 "records, or start a new run in another --out-dir.")
