@@ -637,7 +637,8 @@ def code_tests(tests) -> list[str]:
 def code_reward(completions: list[str], tests: list, *, all_or_nothing: bool = False, timeout_s: float = 3.0,
                 max_workers: int | None = None, memory_mb: int = 512, **kwargs) -> list[float | None]:
     """The fraction of a row's tests that pass after the completion's code (1 or 0 with all_or_nothing),
-    max_workers samples at a time (default 4 per CPU, at most 32); None without tests. A row's tests are a list of
+    max_workers threads (default 4 per CPU, at most 32; sandbox.py runs one program per core at a time, so a
+    score does not depend on its batch); None without tests. A row's tests are a list of
     statements each holding an assert, or one such string (code_tests); malformed tests raise DataError naming the
     row before anything runs, since they would pass a wrong program (load_prompts refuses such rows at load time).
     Raises RuntimeError where no sandbox works on this machine, rather than give every sample 0."""
@@ -657,7 +658,7 @@ def code_reward(completions: list[str], tests: list, *, all_or_nothing: bool = F
         passed = sandbox.run_sandboxed(extract_code(text), row_cases, timeout_s=timeout_s, memory_mb=memory_mb).passed
         return float(all(passed)) if all_or_nothing else sum(passed) / len(passed)
 
-    workers = max_workers or min(32, 4 * (os.cpu_count() or 1))  # bound by process start-up latency, not CPU
+    workers = max_workers or min(32, 4 * (os.cpu_count() or 1))  # extra threads queue: one sandbox per core
     with ThreadPoolExecutor(max(1, min(workers, len(completions)))) as pool:
         return list(pool.map(score, zip(completions, cases)))
 

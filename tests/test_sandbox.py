@@ -59,7 +59,7 @@ def test_code_reward_counts_passed_tests():
 def test_sandbox_partial_credit_when_a_test_hangs():
     """Tests that passed before a hanging test still count, the rest fail, and the wall time is the timeout."""
     start = time.monotonic()
-    tests = ["assert f(1) == 2", "while True: pass", "assert f(2) == 3"]
+    tests = ["assert f(1) == 2", "assert all(True for _ in iter(int, 1))", "assert f(2) == 3"]
     assert env.code_reward(["def f(x): return x + 1"], [tests], timeout_s=1.0) == [pytest.approx(1 / 3)]
     assert time.monotonic() - start < 5
 
@@ -209,7 +209,7 @@ def test_sandbox_cannot_write_or_read_outside(tmp_path):
     try:
         write = f"open({str(victim)!r}, 'w').write('pwned')"
         read = f"assert open({secret!r}).read() == 'top secret'"
-        assert env.code_reward([write, read], [[write], [read]]) == [0.0, 0.0]
+        assert env.code_reward([write, read], [[write + "\nassert True"], [read]]) == [0.0, 0.0]
         litter_code = f"import os\nopen({litter!r}, 'w').write('x')\nos.mkdir({litter + '.d'!r})"
         assert env.code_reward([litter_code], [["assert True"]]) == [1.0]  # /tmp is world-writable...
         assert not os.path.exists(litter) and not os.path.exists(litter + ".d")  # ...but swept afterwards
