@@ -562,7 +562,8 @@ def main(args: Args) -> runs.RunResult:
             # ---- log / evaluate / save
             metrics = {**env.rollout_metrics(rollout), "rollout/zero_variance_group_share": zero_var_share,
                        "rollout/sampling_rounds": rounds}
-            metrics = env.finish_reward_std(K.reduce_metrics({**metrics, **train_stats}))
+            metrics = env.finish_reward_std(K.reduce_metrics({**metrics, **train_stats},
+                                                             weights=env.rollout_metric_weights(rollout)))
             truncation_warned = env.warn_truncation(metrics, step + 1, args.max_new_tokens, truncation_warned)
             metrics.update(timer.step_metrics(int(rollout.gen.mask.sum()) * info.world_size, info.device))
             metrics["train/lr"] = scheduler.get_last_lr()[0]

@@ -516,7 +516,7 @@ def restore(checkpoint: str, models: dict, optimizers: dict, schedulers: dict, s
     beside = os.path.join(os.path.dirname(checkpoint), f".critic-{os.path.basename(checkpoint)}")  # a cut-off move
     critic = next((d for d in (os.path.join(checkpoint, "critic"), beside) if os.path.isdir(d)), None)
     if critic is None:
-        raise K.UserError(f"{checkpoint} has no critic/ (not written by ppo.py?); PPO cannot resume from it.")
+        raise runs.CheckpointError(f"{checkpoint} has no critic/ (not written by ppo.py?); PPO cannot resume from it.")
     runs.load_checkpoint(critic, models["critic"], optimizers["critic"], schedulers["critic"])
     loaded = runs.load_checkpoint(checkpoint, models["policy"], optimizers["policy"], schedulers["policy"])  # RNG: its
     state.update(loaded["extra"])
@@ -625,10 +625,16 @@ def main(args: Args) -> runs.RunResult:
                        "rollout/score_mean": scores.mean().item(),
                        "train/value_mean": K.masked_mean(batch["values"], mask).item(),
                        "train/advantage_mean": K.masked_mean(advantages, mask).item(),
-                       "train/advantage_std": K.masked_var(advantages, mask).sqrt().item(),
+                       "train/advantage_sq_mean": K.masked_mean(advantages.square(), mask).item(),
                        "train/return_mean": K.masked_mean(batch["returns"], mask).item(),
-                       "train/return_std": K.masked_var(batch["returns"], mask).sqrt().item()}
-            metrics = env.finish_reward_std(K.reduce_metrics(metrics))
+                       "train/return_sq_mean": K.masked_mean(batch["returns"].square(), mask).item()}
+            per_token = [k for k in metrics if k.startswith(("train/kl_token", "train/value_", "train/advantage_",
+                                                              "train/return_"))]  # over every rank's tokens
+            metrics = env.finish_reward_std(K.reduce_metrics(metrics, weights={
+                **env.rollout_metric_weights(rollout), **dict.fromkeys(per_token, float(mask.sum()))}))
+            for name in ("advantage", "return"):  # the std over every rank's tokens, from its two moments
+                second = metrics.pop(f"train/{name}_sq_mean")
+                metrics[f"train/{name}_std"] = math.sqrt(max(0.0, second - metrics[f"train/{name}_mean"] ** 2))
             truncation_warned = env.warn_truncation(metrics, step + 1, args.max_new_tokens, truncation_warned)
             metrics["train/explained_variance"] = explained_variance(batch["values"], batch["returns"], mask)
             metrics["train/kl_coef"] = beta

@@ -1551,15 +1551,19 @@ def all_reduce_max(value: int) -> int:
     return int(out.item())
 
 
-def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Average a dict of floats over ranks in one collective; a NaN (e.g. no incorrect response on a rank) is
-    averaged over the ranks that have a number. The same keys on every rank. A no-op in one process."""
+def reduce_metrics(metrics: dict[str, float], weights: dict[str, float] | None = None) -> dict[str, float]:
+    """Average a dict of floats over ranks in one collective, each metric weighted by weights[key]: this rank's count
+    of what the metric is a mean over (its tokens for a per-token mean, its correct responses for the mean length of
+    correct ones), so the result is the mean over every rank's items; a metric without a weight is a plain mean over
+    ranks (right for means over the same number of rows on every rank). A NaN (e.g. no incorrect response on a rank)
+    weighs 0. The same keys on every rank. A no-op in one process."""
     if not is_distributed():
         return metrics
     keys = sorted(metrics)
     values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    present = (~torch.isnan(values)).double()
-    sums = all_reduce_sum(torch.stack([torch.nan_to_num(values), present]))
+    weight = torch.tensor([float((weights or {}).get(k, 1.0)) for k in keys], dtype=torch.float64)
+    weight = weight * (~torch.isnan(values)).double()
+    sums = all_reduce_sum(torch.stack([torch.nan_to_num(values) * weight, weight]))
     return {k: (s / c).item() if c > 0 else float("nan") for k, s, c in zip(keys, sums[0], sums[1])}
 
 

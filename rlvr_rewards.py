@@ -1662,6 +1662,18 @@ def warn_truncation(metrics: dict, step: int, max_new_tokens: int, warned: bool)
     return True
 
 
+def rollout_metric_weights(rollout: Rollout) -> dict[str, float]:
+    """What each of rollout_metrics' means that is over a subset of the rows is a mean over, on this rank (the
+    correct responses, the incorrect ones, the responses a reward applies to): rl_kernels.reduce_metrics' weights,
+    so that the mean over ranks is the mean over every rank's responses. The other means are over all R rows,
+    the same number on every rank."""
+    correct = sum(map(bool, rollout.correct))
+    weights = {"rollout/length_correct": float(correct), "rollout/length_incorrect": float(len(rollout.correct) - correct)}
+    for name, values in rollout.per_reward.items():
+        weights[f"rewards/{name}"] = float(sum(v is not None for v in values))
+    return weights
+
+
 def finish_reward_std(metrics: dict) -> dict:
     """Replace the all-reduced rollout/reward_sq_mean by rollout/reward_std = sqrt(E[r^2] - E[r]^2)."""
     sq = metrics.pop("rollout/reward_sq_mean")

@@ -2,6 +2,8 @@
 minibatch, when the ranks hold very different numbers of loss tokens (rank 0: three long rows, rank 1: two short
 rows and one whose loss_mask is all zero, as DAPO's overlong filter leaves a truncated response).
 
+Also the rollout metrics that are means over a subset of the rows (correct responses, those a reward applies to).
+
 Run under torchrun (saves metrics_rank{R}.json) or as one process with "none" (saves metrics_none.json): the
 scripts' path, accumulate_gradients -> guarded_step -> reduce_metrics.
 """
@@ -15,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rl_kernels as K  # noqa: E402
 import rl_runs as runs  # noqa: E402
+import rlvr_rewards as env  # noqa: E402
 from conftest import left_padded_batch, tiny_causal_lm  # noqa: E402
 
 strategy, out_dir = sys.argv[1], sys.argv[2]
@@ -45,6 +48,18 @@ def micro_loss(part, share):
 stats = K.accumulate_gradients(model, mine, micro_loss, max_tokens=16, mask="loss_mask")  # 1-2 rows per micro-batch
 values, _ = K.guarded_step(model, opt, 1.0, stats)
 metrics = K.reduce_metrics(values)
+
+# The rollout's means over a subset of its rows: rank 0 has 3 correct responses of lengths 12, 11, 12, rank 1 one
+# of length 1 (and two incorrect); a reward that applies to 2 responses on rank 0 and 1 on rank 1.
+gen = K.Generation(tokens, mask, lengths >= 12, torch.zeros(6, 12))
+rollout = env.Rollout(prompt_ids, prompt_mask, gen, [f"answer {i}" for i in range(6)], [{}] * 6,
+                      rewards=torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0]),
+                      per_reward={"judge": [0.5, None, 1.0, None, None, 0.25]},
+                      correct=[True, True, True, False, False, True])
+if strategy != "none":
+    rollout = rollout.select(rows)
+metrics.update(env.finish_reward_std(K.reduce_metrics(env.rollout_metrics(rollout),
+                                                      weights=env.rollout_metric_weights(rollout))))
 name = f"metrics_rank{info.rank}.json" if strategy != "none" else "metrics_none.json"
 with open(os.path.join(out_dir, name), "w") as f:
     json.dump(metrics, f)

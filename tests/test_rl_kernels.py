@@ -443,7 +443,8 @@ def test_two_process_training_step_keeps_ranks_identical(strategy, micro, tmp_pa
 def test_two_process_train_stats_are_token_weighted_like_one_process(tmp_path):
     """Rank 0 holds 35 loss tokens, rank 1 holds 3 (and a row the overlong filter masked): the train/ stats a
     2-rank run logs (clip fraction, ratio mean and extremes, entropy, k3 KL) equal one process's over the whole
-    minibatch, the same on both ranks. A plain mean over ranks would weigh the 3 tokens like the 35."""
+    minibatch, the same on both ranks. A plain mean over ranks would weigh the 3 tokens like the 35. So are the
+    rollout's means over some of its rows (the length of correct responses, a reward that applies to some)."""
     import json
 
     script = os.path.join(ROOT, "tests", "dist_metrics.py")
@@ -456,9 +457,10 @@ def test_two_process_train_stats_are_token_weighted_like_one_process(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     r0, r1, one = (json.load(open(tmp_path / f"metrics_{name}.json")) for name in ("rank0", "rank1", "none"))
     assert r0 == r1 and r0.keys() == one.keys()
-    token_stats = [k for k in one if k not in ("loss", "grad_norm")]
+    token_stats = [k for k in one if k not in ("loss", "grad_norm") and "/" not in k]
     assert {"entropy", "ratio_max", "ratio_min"} <= set(token_stats) and one["ratio_max"] > one["ratio_min"]
-    for k in token_stats + ["loss", "grad_norm"]:
+    assert one["rollout/length_correct"] == 9.0 and one["rewards/judge"] == 1.75 / 3  # (12 + 11 + 12 + 1) / 4
+    for k in one:
         assert math.isclose(r0[k], one[k], rel_tol=1e-4, abs_tol=1e-6), (k, r0[k], one[k])
 
 
