@@ -1023,11 +1023,11 @@ _CODE_INPUTS = {"int": ("x", lambda rng: rng.randint(0, 99)), "small": ("n", lam
                 "list": ("xs", lambda rng: [rng.randint(0, 30) for _ in range(rng.randint(0, 6))])}
 
 
-def _code_row(rng: random.Random, split: str | None = None) -> dict | None:
+def _code_row(rng: random.Random, split: str | None = None, seen: set | None = None) -> dict | None:
     prompt, body, kind = rng.choice(_CODE_TEMPLATES)
     fill = {"a": rng.randint(2, 60), "b": rng.randint(1, 60), "c": rng.choice("abcd")}
-    if split is not None and _split_of(prompt.format(**fill)) != split:
-        return None  # decided before the costlier part below
+    if (split is not None and _split_of(prompt.format(**fill)) != split) or prompt.format(**fill) in (seen or ()):
+        return None  # decided before the costlier part below (most draws repeat a problem: few templates use a, b, c)
     argument, draw = _CODE_INPUTS[kind]
     solution, namespace = f"def f({argument}):\n    {body.format(**fill)}\n", {}
     exec(solution, namespace)  # our own template: this is how the expected values are made
@@ -1067,23 +1067,32 @@ def _split_of(prompt: str) -> str:
     return "test" if int(hashlib.md5(prompt.encode()).hexdigest(), 16) % 5 == 0 else "train"
 
 
-def make_dataset(name: str, split: str = "train", n: int = 1000, seed: int = 0) -> list[dict]:
+def make_dataset(name: str, split: str = "train", n: int = 1000, seed: int = 0, *, fewer_ok: bool = False
+                 ) -> list[dict]:
     """n distinct rows {prompt, answer, ...} of a built-in task ("arithmetic", "countdown", "code", or the toy
     world's "general" prompts, whose answer is None) from the split ("train" or "test", about 80% and 20% of all
-    problems, by prompt hash); the same for the same seed."""
-    makers = {"arithmetic": _arithmetic_row, "countdown": _countdown_row, "code": lambda rng: _code_row(rng, split),
-              "general": lambda rng: _general_row(rng, split)}
+    problems, by prompt hash); the same for the same seed. A task with fewer problems than n (code has about 9,500
+    train problems) raises ValueError once 20,000 draws in a row add none, or with fewer_ok returns the ones found."""
+    seen: set = set()
+    makers = {"arithmetic": _arithmetic_row, "countdown": _countdown_row,
+              "code": lambda rng: _code_row(rng, split, seen), "general": lambda rng: _general_row(rng, split)}
     if name not in makers or split not in ("train", "test"):
         raise ValueError(f"make_dataset takes a name in {sorted(makers)} and split 'train' or 'test', "
                          f"not {name!r}, {split!r}")
-    rng, rows, seen = random.Random(f"{name}/{split}/{seed}"), [], set()
+    rng, rows, misses = random.Random(f"{name}/{split}/{seed}"), [], 0
     for _ in range(200 * n + 10_000):
         if len(rows) >= n:
             return rows
+        if misses > 20_000:  # the task has no more problems in this split
+            break
         row = makers[name](rng)
+        misses += 1
         if row is not None and row["prompt"] not in seen and _split_of(row["prompt"]) == split:
             seen.add(row["prompt"])
             rows.append(row)
+            misses = 0
+    if fewer_ok and rows:
+        return rows
     raise ValueError(f"only {len(rows)} distinct {split} problems of {name!r} were found: ask for fewer")
 
 
@@ -1205,8 +1214,8 @@ def load_prompts(spec: str, split: str = "train", n: int = 20_000, seed: int = 0
                                  save_to_disk; `split` picks the split of a hub dataset)
     prompt_column / answer_column name the columns that hold the prompt and the gold answer (GSM8K: question,
     answer; its "... #### 72" solutions are reduced to 72 by the accuracy reward)."""
-    if spec in TASK_REWARDS:
-        return make_dataset(spec, split=split, n=n, seed=seed)
+    if spec in TASK_REWARDS:  # n rows, or every problem of a smaller task
+        return make_dataset(spec, split=split, n=n, seed=seed, fewer_ok=True)
 
     def checked(row, where, line=0):
         flags = ((prompt_column, "--prompt-column", prompt_column != "prompt"),
