@@ -493,11 +493,27 @@ def stage_table(args: Args, done: dict) -> list[dict]:
     return table
 
 
+def check_lengths(args: Args):
+    """--max-new-tokens plus the longest prompt of the stages' data (arithmetic, general prompts) must fit the
+    context of the base and, for distillation, the student: one sentence before any stage runs (each stage's script
+    checks its own data again, but the table's measure() and the data-making samples generate here)."""
+    rows = (reasoning_rows("train", 200, args.seed) + reasoning_rows("test", args.eval_size, args.seed)
+            + general_rows("test", max(3, args.general_eval_size), args.seed))
+    for model in [args.base] + ([args.distill.student] if "distill" in args.stages else []):
+        config = env.model_config(model)
+        env.check_context(K.load_tokenizer(K.resolve_model_path(model)), rows, max_new_tokens=args.max_new_tokens,
+                          context=getattr(config.get_text_config(decoder=True), "max_position_embeddings", None),
+                          source="the pipeline", measured=len(rows))
+
+
 def main(args: Args) -> list[dict]:
     """Run the requested stages in order, skipping complete ones, then write and print the stage table."""
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         raise K.UserError(f"--stages: unknown stage {unknown[0]!r}; the stages are {' '.join(STAGES)}.")
+    if args.max_new_tokens < 1:
+        raise K.UserError(f"--max-new-tokens {args.max_new_tokens}: must be positive.")
+    check_lengths(args)
     done = {name: record for name in STAGES if (record := load_done(args, name))}
     for name in args.stages:
         needs = () if name == "reasoning_rl" and args.no_cold_start else NEEDS.get(name, ())

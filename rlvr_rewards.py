@@ -1371,9 +1371,10 @@ def check_context(tokenizer, rows: list[dict], *, context: int | None, max_new_t
     longest_rows = sorted(rows, key=lambda row: len(str(row["prompt"])), reverse=True)[:measured]
     longest = longest_prompt(tokenizer, longest_rows, template, system_prompt)
     if context is not None and longest + max_new_tokens > context:
+        fix = (f"use --max-new-tokens {context - longest} or less" if context > longest else
+               "shorten that prompt or drop its row (no --max-new-tokens fits)")
         raise K.UserError(f"--max-new-tokens {max_new_tokens} plus {source}'s longest prompt ({longest} tokens) "
-                          f"exceeds the model's context of {context} tokens (max_position_embeddings); use "
-                          f"--max-new-tokens {max(0, context - longest)} or less.")
+                          f"exceeds the model's context of {context} tokens (max_position_embeddings); {fix}.")
     return longest
 
 

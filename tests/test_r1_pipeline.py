@@ -189,3 +189,15 @@ def test_a_stage_whose_input_is_missing_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
         r1_pipeline.main(tiny_args(tmp_path, stages=("r1-zero",)))
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("max_new_tokens, sentence", [(400, "use --max-new-tokens 231 or less"),
+                                                      (0, "must be positive")])
+def test_a_length_the_models_cannot_hold_stops_before_any_stage(max_new_tokens, sentence, tmp_path):
+    """--max-new-tokens 400 on the 256-token toy models used to run every stage (measure() and the data-making
+    samples generated past the context without a word): now one sentence before any stage, nothing written."""
+    import rl_kernels as K
+
+    with pytest.raises(K.UserError, match=sentence):
+        r1_pipeline.main(r1_pipeline.Args(out_dir=str(tmp_path / "r1"), max_new_tokens=max_new_tokens))
+    assert not (tmp_path / "r1").exists()
