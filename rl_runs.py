@@ -246,6 +246,18 @@ def list_checkpoints(out_dir: str) -> list[str]:
     return sorted(paths, key=lambda p: int(p.rsplit("-", 1)[-1]))
 
 
+RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "samples.jsonl", "summary.json", "curves.png", "final",
+             "tensorboard", "wandb")
+"""What a run writes in its out-dir, besides checkpoint-STEP/, .tmp-NAME/ (a save in progress), ppo.py's
+.critic-NAME/ and .lock: what --overwrite may delete."""
+
+
+def is_run_file(name: str) -> bool:
+    """Whether an out-dir entry is one a run writes (RUN_FILES): --overwrite deletes those and nothing else."""
+    return (name in RUN_FILES or name == ".lock" or name.startswith((".tmp-", ".critic-"))
+            or (name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()))
+
+
 class CheckpointError(K.UserError):
     """A checkpoint on disk that cannot be restored: a file truncated, emptied or missing, or weights whose names or
     shapes are not the model's. Raised before anything is loaded from it, so an older checkpoint can be tried."""
@@ -264,6 +276,9 @@ def _trainer_state(path: str, mmap: bool = True) -> dict:
                               ) from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{file} holds no step")
+    missing = [key for key in ("optimizer", "scheduler", "extra") if key not in state]
+    if missing or not isinstance(state["extra"], dict):
+        raise CheckpointError(f"{file} holds no {(missing or ['extra'])[0]}")
     return state
 
 
@@ -294,6 +309,12 @@ def check_checkpoint(path: str) -> int:
         raise CheckpointError(f"{path} has no model weights (model.safetensors)")
     for file in sorted(glob.glob(os.path.join(path, "**", "*.safetensors"), recursive=True)):
         _safetensors_shapes(file)
+    for file in sorted(glob.glob(os.path.join(path, "**", "rng_rank*.pt"), recursive=True)):
+        try:
+            torch.load(file, weights_only=True, map_location="cpu")["rng"]
+        except Exception as error:
+            raise CheckpointError(f"{file} is unreadable ({str(error).splitlines()[0][:120] or type(error).__name__})"
+                                  ) from None
     return step
 
 
@@ -340,16 +361,46 @@ def load_model_weights(model: torch.nn.Module, path: str):
     files = _weight_files(path)
     if not files:
         raise CheckpointError(f"{path} has no model weights (model.safetensors)")
-    expected = {name: tuple(value.shape) for name, value in K.unwrap(model).state_dict().items()}
+    plain = K.unwrap(model)
+    expected = {name: tuple(value.shape) for name, value in plain.state_dict().items()}
+    stored = {}
     for f in files:
         for name, shape in _safetensors_shapes(f).items():
             if name not in expected or expected[name] != shape:
                 want = f"the model's {list(expected[name])}" if name in expected else "the model has no such weight"
                 raise CheckpointError(f"{f} does not fit the model: {name} has shape {list(shape)}, {want}")
+            stored[name] = shape
+    tied = set(getattr(plain, "_tied_weights_keys", None) or [])  # saved once, under the other name
+    tie_head = getattr(getattr(plain, "config", None), "tie_word_embeddings", False)
+    missing = [name for name in expected if name not in stored and name not in tied
+               and not (tie_head and "lm_head" in name)]
+    if missing:
+        raise CheckpointError(f"{path} lacks weights of the model: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     state = {}
     for f in files:
         state.update(load_file(f))
     K.set_full_state_dict(model, state, source=path)
+
+
+def _check_optimizer_state(saved: dict, model, optimizer, path: str):
+    """A CheckpointError unless the saved optimizer state fits: as many parameters per group, and every per-parameter
+    tensor (AdamW's exp_avg, exp_avg_sq) of its parameter's shape; torch checks the first, and a wrong shape in the
+    second loads without a word and crashes the process at the first step (a segmentation fault, measured)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or "param_groups" not in saved:
+        raise CheckpointError(f"{path}/trainer_state.pt holds no optimizer state")
+    groups = [group["params"] for group in optimizer.param_groups]
+    saved_ids = [list(group.get("params", [])) for group in saved["param_groups"]]
+    if [len(g) for g in saved_ids] != [len(g) for g in groups]:
+        raise CheckpointError(f"{path}/trainer_state.pt: the optimizer state is for {[len(g) for g in saved_ids]} "
+                              f"parameters per group, the optimizer has {[len(g) for g in groups]}")
+    named = {name: p for name, p in K.unwrap(model).named_parameters()} if model is not None else {}
+    for ids, params in zip(saved_ids, groups):
+        for key, param in zip(ids, params):
+            param = named.get(key, param) if isinstance(key, str) else param  # FSDP2's full state: by name
+            for name, value in saved["state"].get(key, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != tuple(param.shape):
+                    raise CheckpointError(f"{path}/trainer_state.pt: the optimizer's {name} of parameter {key} has "
+                                          f"shape {list(value.shape)}, the parameter {list(param.shape)}")
 
 
 def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None) -> dict:
@@ -358,6 +409,7 @@ def load_checkpoint(path: str, model=None, optimizer=None, scheduler=None) -> di
         load_model_weights(model, path)
     state = _trainer_state(path, mmap=False)
     if optimizer is not None and state["optimizer"] is not None:
+        _check_optimizer_state(state["optimizer"], model, optimizer, path)
         if K._is_fsdp(K.unwrap(model)):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -683,9 +735,11 @@ class Run:
         """Rank 0: lock the out-dir and decide (checkpoint, step, finished), or return the reason to refuse."""
         import fcntl
 
+        lock_path = os.path.join(self.out_dir, ".lock")
         try:
             os.makedirs(self.out_dir, exist_ok=True)
-            self._lock = open(os.path.join(self.out_dir, ".lock"), "a+")
+            had_lock = os.path.exists(lock_path)
+            self._lock = open(lock_path, "a+")
         except OSError as error:  # a file's path, /proc, /sys, a read-only or full disk, no permission
             return (f"--out-dir {self.out_dir}: cannot write a run there ({error.strerror or error}); choose a "
                     "directory this user can create and write.")
@@ -697,13 +751,18 @@ class Run:
             return f"{self.out_dir} is in use by a live run (pid {owner}); wait for it to end or choose another --out-dir."
         self._lock.seek(0), self._lock.truncate(), self._lock.write(str(os.getpid())), self._lock.flush()
         held = sorted(name for name in os.listdir(self.out_dir) if name != ".lock")
+        foreign = [name for name in held if not is_run_file(name)]
+        if foreign:  # --overwrite would delete them, --resume would mix a run into them
+            if not had_lock:  # leave the directory as it was
+                os.remove(lock_path)
+            harm = "--overwrite would delete them" if self.overwrite else "a run does not belong among them"
+            return (f"{self.out_dir} holds files that are not a run's ({', '.join(foreign[:4])}"
+                    f"{', ...' if len(foreign) > 4 else ''}): {harm}; choose another --out-dir.")
         if held and not self.resume and not self.overwrite:
             return (f"{self.out_dir} already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
                     "pass --resume to continue it, or --overwrite to replace it.")
-        recorded = _recorded_script(self.out_dir) if held and not self.overwrite else None
-        if recorded and self.script and recorded != self.script:
-            return (f"{self.out_dir} holds a run of {recorded}, not of {self.script}; choose another --out-dir "
-                    f"(or --overwrite to replace that run).")
+        if held and not self.overwrite and self._other_script(_recorded_script(self.out_dir)):
+            return self._other_script(_recorded_script(self.out_dir))
         if held and self.overwrite:
             for name in held:
                 path = os.path.join(self.out_dir, name)
@@ -715,10 +774,19 @@ class Run:
                     + "; ".join(f"{os.path.basename(path)}: {reason}" for path, reason in found[:3])
                     + "); --overwrite starts the run again.")
         checkpoint = intact[0] if intact else None
+        if checkpoint and self._other_script((_checkpoint_record(checkpoint) or {}).get("script")):  # no args.json
+            return self._other_script(_checkpoint_record(checkpoint)["script"])
         damaged = found[:[path for path, _ in found].index(checkpoint)] if checkpoint else []
         step = dict(found)[checkpoint] if checkpoint else 0
         finished = checkpoint is not None and os.path.basename(checkpoint) == "final" and step >= self.max_steps
         return checkpoint, step, finished, intact[1:], damaged
+
+    def _other_script(self, recorded: str | None) -> str | None:
+        """The sentence refusing an out-dir whose run another script wrote (None: ours, or no record)."""
+        if recorded and self.script and recorded != self.script:
+            return (f"{self.out_dir} holds a run of {recorded}, not of {self.script}; choose another --out-dir "
+                    f"(or --overwrite to replace that run).")
+        return None
 
     def _release(self):
         if self._lock is not None:
@@ -803,6 +871,12 @@ learning rate) defines the run and must equal what args.json recorded; out_dir, 
 and how to start, not what runs. A longer --max-steps also stretches a schedule that decays over max_steps."""
 
 
+def _checkpoint_record(path: str) -> dict | None:
+    """The run's settings as a checkpoint keeps them (Session.state["run"]; None in one saved before they were)."""
+    record = _trainer_state(path)["extra"].get("run")
+    return record if isinstance(record, dict) else None
+
+
 def _recorded_script(out_dir: str) -> str | None:
     """The script args.json says wrote out_dir (None: no args.json, or one from before it said)."""
     try:
@@ -818,13 +892,23 @@ def args_record(args, script: str | None) -> dict:
     return json.loads(json.dumps({"script": script, **dataclasses.asdict(args)}, default=str))
 
 
+def _same_setting(was, now) -> bool:
+    """Equal as JSON text (so NaN equals NaN), or two spellings of one existing path (models/x/ and ./models/x)."""
+    if json.dumps(was) == json.dumps(now):
+        return True
+    try:
+        return isinstance(was, str) and isinstance(now, str) and os.path.samefile(was, now)
+    except OSError:
+        return False
+
+
 def setting_changes(recorded: dict, now: dict) -> tuple[dict, dict]:
     """The settings that differ between args.json (recorded) and this run (now, args_record): ({name: (was, now)}
     that would change the run, {name: (was, now)} that a resume may change: RESUMABLE)."""
     missing = "(not set)"
     names = sorted((set(recorded) | set(now)) - {"script", "out_dir", "resume", "overwrite"})  # script: Run
-    changed = {name: (recorded.get(name, missing), now.get(name, missing)) for name in names  # as text: NaN == NaN
-               if json.dumps(recorded.get(name, missing)) != json.dumps(now.get(name, missing))}
+    changed = {name: (recorded.get(name, missing), now.get(name, missing)) for name in names
+               if not _same_setting(recorded.get(name, missing), now.get(name, missing))}
     allowed = {name: change for name, change in changed.items() if name in RESUMABLE}
     return {name: change for name, change in changed.items() if name not in allowed}, allowed
 
@@ -887,7 +971,7 @@ class Session(Run):
         self._save = save or (lambda step, name=None: save_checkpoint(
             args.out_dir, step, model, tokenizer, optimizer, scheduler, extra=self.state, name=name,
             tensor_files=tensor_files() if tensor_files else None))
-        record, changes = self._check_resume(args)
+        record, changes = self._check_resume(args)  # record: the run's original settings
         checkpoint = self.checkpoint
         for i, checkpoint in enumerate([self.checkpoint, *self.fallbacks] if checkpoint is not None else []):
             try:
@@ -909,10 +993,11 @@ class Session(Run):
         if checkpoint is not None:
             self.checkpoint = checkpoint
             K.print0(f"Resumed from {checkpoint} at step {self.start_step}.")
+        self.state["run"] = record  # every checkpoint keeps the record too: a deleted args.json lifts no check
         if K.get_rank() == 0:
-            if changes is None:  # a new run: args.json records it
+            if changes is None or not os.path.exists(os.path.join(args.out_dir, "args.json")):
                 write_text(os.path.join(args.out_dir, "args.json"), json.dumps(record, indent=2))
-            else:  # a resume: args.json keeps the original; each resume appends what it changed
+            if changes is not None:  # a resume: args.json keeps the original; each resume appends what it changed
                 with open(os.path.join(args.out_dir, "resumes.jsonl"), "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": self.start_step, "checkpoint": checkpoint, "time": time.strftime(
                         "%Y-%m-%dT%H:%M:%S"), "changed": {k: list(v) for k, v in changes.items()}}) + "\n")
@@ -927,37 +1012,48 @@ class Session(Run):
         return self._steps()
 
     def _check_resume(self, args) -> tuple[dict, dict | None]:
-        """(args.json's record of this run, and under --resume of a recorded run the RESUMABLE settings it changes,
-        else None); a UserError naming the differences when a resume would change what defines the run. Rank 0
-        reads args.json and decides; every rank follows (a collective under torchrun)."""
+        """(the run's record: this run's settings, or under --resume the recorded ones; under --resume of a recorded
+        run the RESUMABLE settings it changes, else None); a UserError naming the differences when a resume would
+        change what defines the run. The record is args.json, or where it is gone the copy every checkpoint keeps
+        (a deleted args.json does not lift the check). Rank 0 decides; every rank follows (a collective)."""
         record, decision = args_record(args, self.script), None
-        path = os.path.join(args.out_dir, "args.json")
-        if K.get_rank() == 0 and self.resume and os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    recorded = json.load(f)
-                if not isinstance(recorded, dict):
-                    raise ValueError("not an object")
-            except (OSError, ValueError) as error:
-                decision = f"--resume: {path} is unreadable ({error}); --overwrite starts the run again."
-            else:
-                refused, allowed = setting_changes(recorded, record)
-                if refused:
-                    first = sorted(refused, key=lambda name: name not in ("preset", "model", "dataset"))
-                    listed = ", ".join(f"--{name.replace('_', '-')} {refused[name][1]} (recorded: {refused[name][0]})"
-                                       for name in first[:5])  # a preset first: it explains the switches it sets
-                    decision = (f"--resume would change the run in {args.out_dir}: {listed}"
-                                f"{' and more' if len(refused) > 5 else ''}; resume with the settings args.json "
-                                "records, or start a new run in another --out-dir.")
-                else:
-                    decision = allowed
+        if K.get_rank() == 0 and self.resume:
+            decision = self._compare_with_record(record)
         if K.is_distributed():
             box = [decision]
             dist.broadcast_object_list(box, src=0)
             decision = box[0]
         if isinstance(decision, str):
             raise K.UserError(decision)
-        return record, decision
+        return decision if decision is not None else (record, None)
+
+    def _compare_with_record(self, record: dict):
+        """Rank 0 under --resume: (the recorded settings, the allowed changes), the sentence that refuses, or None
+        when nothing records the run's settings."""
+        path = os.path.join(self.out_dir, "args.json")
+        try:
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    recorded = json.load(f)
+                if not isinstance(recorded, dict):
+                    raise ValueError("not an object")
+            else:
+                recorded = _checkpoint_record(self.checkpoint) if self.checkpoint else None
+        except (OSError, ValueError) as error:
+            return f"--resume: {path} is unreadable ({error}); --overwrite starts the run again."
+        if recorded is None:
+            if self.checkpoint is not None:
+                K.print0(f"warning: {self.out_dir} keeps no record of its settings (no args.json, a checkpoint from "
+                         "before they were kept): --resume cannot check that they are the run's.")
+            return None
+        refused, allowed = setting_changes(recorded, record)
+        if not refused:
+            return recorded, allowed
+        first = sorted(refused, key=lambda name: name not in ("preset", "model", "dataset"))  # a preset explains
+        listed = ", ".join(f"--{name.replace('_', '-')} {refused[name][1]} (recorded: {refused[name][0]})"  # the rest
+                           for name in first[:5])
+        return (f"--resume would change the run in {self.out_dir}: {listed}{' and more' if len(refused) > 5 else ''}; "
+                "resume with the settings args.json records, or start a new run in another --out-dir.")
 
     def _steps(self):
         for step in self.bar:

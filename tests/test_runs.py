@@ -138,6 +138,34 @@ def test_a_script_refuses_an_out_dir_another_script_wrote(tiny_model_dir, tmp_pa
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and path.name != ".lock"} == kept
 
 
+def test_a_deleted_args_json_lifts_no_check_and_a_path_spelled_otherwise_is_the_same(tiny_model_dir, tmp_path):
+    """Every checkpoint keeps the run's settings, so with args.json deleted a resume that changes the seed or the
+    learning rate, or comes from another script, is still refused, and args.json comes back as the original; the
+    same model directory written with a trailing slash is the same setting."""
+    grpo.main(grpo_args(tiny_model_dir, tmp_path, max_steps=2, save_every=1))
+    original = json.loads((tmp_path / "args.json").read_text())
+    (tmp_path / "args.json").unlink()
+    for change in ({"seed": 7}, {"lr": 0.5}):
+        with pytest.raises(K.UserError, match="--resume would change the run"):
+            grpo.main(grpo_args(tiny_model_dir, tmp_path, max_steps=3, resume=True, **change))
+    with pytest.raises(K.UserError, match="holds a run of grpo.py, not of ppo.py"):
+        ppo.main(ppo.Args(model=tiny_model_dir, out_dir=str(tmp_path), resume=True, max_steps=3))
+    grpo.main(grpo_args(tiny_model_dir.rstrip("/") + "/", tmp_path, max_steps=3, resume=True))
+    assert json.loads((tmp_path / "args.json").read_text()) == original
+    assert [row["step"] for row in runs.read_metrics(str(tmp_path))] == [1, 2, 3]
+
+
+def test_overwrite_deletes_a_runs_files_only(tiny_model_dir, tmp_path):
+    """--overwrite (or --resume) on a directory holding files that are not a run's (a home, a project folder) stops
+    in one sentence naming them and leaves the directory exactly as it was (--overwrite deleted everything there)."""
+    (tmp_path / "precious.txt").write_text("years of work")
+    (tmp_path / "notes").mkdir()
+    for flags in ({"overwrite": True}, {"resume": True}, {}):
+        with pytest.raises(K.UserError, match=r"holds files that are not a run's \(notes, precious.txt\)"):
+            grpo.main(grpo_args(tiny_model_dir, tmp_path, **flags))
+        assert sorted(os.listdir(tmp_path)) == ["notes", "precious.txt"]
+
+
 def _damage(checkpoint, how: str):
     from safetensors.torch import load_file, save_file
 
@@ -155,10 +183,26 @@ def _damage(checkpoint, how: str):
         state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     elif how == "empty trainer state":
         state.write_bytes(b"")
+    elif how == "truncated rng state":
+        rng = checkpoint / "rng_rank0.pt"
+        rng.write_bytes(rng.read_bytes()[:200])
+    elif how == "a weight missing":
+        tensors = load_file(str(weights))
+        del tensors[sorted(tensors)[-1]]
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    elif how in ("wrong-shape optimizer state", "no optimizer state"):
+        saved = torch.load(state, weights_only=True)
+        if how == "no optimizer state":
+            del saved["optimizer"]
+        else:
+            moments = next(v for v in saved["optimizer"]["state"].values() if v["exp_avg"].dim() == 2)
+            moments["exp_avg"] = moments["exp_avg"][:, :-1].clone()  # loaded silently, a segfault at the step
+        torch.save(saved, state)
 
 
-@pytest.mark.parametrize("how", ["truncated weights", "wrong-shape weights", "missing weights",
-                                 "truncated trainer state", "empty trainer state"])
+@pytest.mark.parametrize("how", ["truncated weights", "wrong-shape weights", "missing weights", "a weight missing",
+                                 "truncated trainer state", "empty trainer state", "truncated rng state",
+                                 "wrong-shape optimizer state", "no optimizer state"])
 def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one_or_stops_in_one_sentence(how, tiny_model_dir,
                                                                                           tmp_path, capsys):
     """A run cut off after checkpoint-2 whose checkpoint-2 is damaged resumes from checkpoint-1 with a warning that
