@@ -34,12 +34,15 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
     directories below and switched to the run's uid): a parent-death signal (SIGKILL), no-new-privs (a setuid
     program gains nothing), on x86_64 a seccomp filter under which unshare, setns, mount, umount2, pivot_root and
     the new mount API fail with EPERM, clone with a namespace flag fails with EPERM and clone3 with ENOSYS (glibc
-    then falls back to clone), and socket(AF_UNIX, ...) and io_uring fail with EPERM: no Unix socket of the host
-    can be reached, wherever its path lies (socketpair still works; io_uring could make and connect a socket behind
-    the filter's back). On other architectures there is no filter. Also limits on CPU seconds (below), address
-    space (memory_mb), processes (max_processes), file size (max_file_mb; output goes to a file, so a flood of
-    prints stops there), open files, no core dumps. The filter also refuses every 32-bit (int 0x80) and x32 system
-    call, through which it could be bypassed;
+    then falls back to clone), socket() succeeds only for AF_INET and AF_INET6 (not of type SOCK_PACKET; in the
+    network namespace below they reach nothing) and fails with EPERM for every other family, as io_uring does: no
+    Unix socket of the host can be reached, wherever its path lies, nor the VM's host by vsock (which no network
+    namespace holds), nor a netlink, packet, AF_ALG or bluetooth socket made (socketpair still works, for AF_UNIX
+    only: it connects the process to itself; io_uring could make and connect a socket behind the filter's back).
+    The filter reads the family's low 32 bits, as the kernel does (an int). On other architectures there is no
+    filter. Also limits on CPU seconds (below), address space (memory_mb), processes (max_processes), file size
+    (max_file_mb; output goes to a file, so a flood of prints stops there), open files, no core dumps. The filter
+    also refuses every 32-bit (int 0x80) and x32 system call, through which it could be bypassed;
   - time is CPU time, so that a score does not depend on what runs beside it: at most one run per core this process
     may use (its affinity mask) executes code at once, however many threads call run_sandboxed (code_reward's do),
     and a run's clocks start only once it has its core, so waiting costs it nothing. Each process of the run may
@@ -94,7 +97,8 @@ forging the tests of other forms above. Not as root, the code can write wherever
 it detaches survives a killed trainer unless a PID namespace holds it; without unshare it also keeps the network
 and the host's System V IPC and, not as root, can signal the trainer (a warning says which). Without the seccomp
 filter (not x86_64) it can connect to the host's pathname Unix sockets that its uid may write (private directories
-hide only those below them: /run's stay in reach), and without a network namespace to abstract ones too. For RL on
+hide only those below them: /run's stay in reach), and without a network namespace to abstract ones too, and make
+sockets of any family its uid may (vsock among them, which reaches a VM's host from any network namespace). For RL on
 untrusted code, train as root in a container or VM. If root's Python lives where other users cannot enter (e.g.
 pyenv under /root), the sandbox runs a system python3 instead.
 require_sandbox() raises RuntimeError, naming every plan it tried, where no sandbox works.
@@ -511,14 +515,19 @@ main()
 def _seccomp_filter() -> bytes | None:
     """The seccomp-BPF program the harness installs: EPERM for unshare, setns, the mount syscalls and clone with a
     namespace flag, so that code cannot become root of a user namespace and mount a tmpfs no limit bounds; ENOSYS
-    for clone3, whose flags a filter cannot read (glibc then falls back to clone); EPERM for socket(AF_UNIX, ...),
-    so that code cannot connect to a Unix socket of the host wherever it lies (socketpair stays), and for io_uring,
-    whose operations (a socket, a connect) no filter sees. x86_64 only: None elsewhere."""
+    for clone3, whose flags a filter cannot read (glibc then falls back to clone); socket() only for AF_INET and
+    AF_INET6 (not of type SOCK_PACKET, which the kernel turns into a packet socket), socketpair() only for AF_UNIX,
+    EPERM for every other family: no Unix socket of the host wherever it lies, no vsock (the VM's host, in no
+    network namespace), no netlink, AF_ALG or bluetooth; and EPERM for io_uring, whose operations (a socket, a
+    connect) no filter sees. The kernel reads family and type as int, and so does the filter: their low 32 bits.
+    x86_64 only: None elsewhere."""
     if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
         return None
     load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, JGE|K, JSET|K, BPF_RET|K
+    and_ = 0x54  # BPF_ALU|BPF_AND|BPF_K
     allow, eperm, enosys = 0x7FFF0000, 0x50000 | errno.EPERM, 0x50000 | errno.ENOSYS  # SECCOMP_RET_ERRNO | errno
-    nr, arch, arg0 = 0, 4, 16  # offsets in struct seccomp_data (arg0: its low 32 bits)
+    nr, arch, arg0, arg1 = 0, 4, 16, 24  # offsets in struct seccomp_data (argN: its low 32 bits)
+    sock_packet, sock_type_mask = 10, 0xF  # type's low bits; SOCK_NONBLOCK and SOCK_CLOEXEC lie above them
     denied = {155: "pivot_root", 165: "mount", 166: "umount2", 272: "unshare", 308: "setns", 428: "open_tree",
               429: "move_mount", 430: "fsopen", 431: "fsconfig", 432: "fsmount", 433: "fspick", 442: "mount_setattr",
               425: "io_uring_setup", 426: "io_uring_enter", 427: "io_uring_register"}
@@ -528,8 +537,11 @@ def _seccomp_filter() -> bytes | None:
             (jeq, 0, 1, 435), (ret, 0, 0, enosys)]  # clone3
     for number in denied:
         code += [(jeq, 0, 1, number), (ret, 0, 0, eperm)]
-    code += [(jeq, 0, 4, 41), (load, 0, 0, arg0), (jeq, 0, 1, socket.AF_UNIX), (ret, 0, 0, eperm),  # socket
-             (ret, 0, 0, allow)]
+    code += [(jeq, 0, 8, 41), (load, 0, 0, arg0), (jeq, 1, 0, socket.AF_INET), (jeq, 0, 4, socket.AF_INET6),  # socket
+             (load, 0, 0, arg1), (and_, 0, 0, sock_type_mask), (jeq, 1, 0, sock_packet), (ret, 0, 0, allow),
+             (ret, 0, 0, eperm)]
+    code += [(jeq, 0, 4, 53), (load, 0, 0, arg0), (jeq, 0, 1, socket.AF_UNIX), (ret, 0, 0, allow),  # socketpair
+             (ret, 0, 0, eperm)]
     code += [(jeq, 0, 3, 56), (load, 0, 0, arg0), (jset, 0, 1, namespace_flags), (ret, 0, 0, eperm),  # clone
              (ret, 0, 0, allow)]
     return b"".join(struct.pack("<HBBI", *instruction) for instruction in code)
@@ -1257,7 +1269,8 @@ def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
                               "afterwards" if as_root else ", and what it leaves there stays"), RuntimeWarning)
             if _SECCOMP is None:
                 warnings.warn("the code sandbox has no seccomp filter on this architecture: code can connect to the "
-                              "host's Unix sockets that its uid may write", RuntimeWarning)
+                              "host's Unix sockets that its uid may write, and to a VM's host by vsock",
+                              RuntimeWarning)
             if result.passed[1:2] != [True]:
                 warnings.warn("sandboxed code can make user namespaces here (no seccomp filter on this architecture, "
                               "or the kernel refused it): it can mount a tmpfs that no rlimit bounds", RuntimeWarning)

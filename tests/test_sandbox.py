@@ -294,6 +294,47 @@ def test_sandbox_reaches_no_unix_socket_of_the_host():
         shutil.rmtree(directory, ignore_errors=True)
 
 
+SOCKET_FAMILIES = """
+    import ctypes, errno, os, socket
+    libc = ctypes.CDLL(None, use_errno=True)
+    def made(family, kind):  # socket(2) itself, as code that bypasses Python's socket module would call it
+        fd = libc.syscall(41, ctypes.c_long(family), ctypes.c_long(kind), 0)
+        if fd >= 0:
+            os.close(fd)
+            return True
+        return errno.errorcode[ctypes.get_errno()]
+    # each family with a type it supports: unix, netlink, vsock (never connected), packet, AF_ALG; then with high
+    # bits set in the 64-bit argument, which the kernel ignores (it reads an int)
+    refused = {family: made(family, kind) for family, kind in ((1, 1), (16, 3), (40, 1), (17, 3), (38, 5))}
+    high_bits = [made((1 << 32) | 40, 1), made((1 << 32) | 2, 1)]
+    inet_packet = made(2, 10 | 0o4000)  # AF_INET, SOCK_PACKET | SOCK_NONBLOCK: the kernel makes that a packet socket
+    inet = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    inet.settimeout(1)
+    try:
+        inet.connect(("192.0.2.1", 9))  # TEST-NET-1: nowhere
+        connected = True
+    except OSError:
+        connected = False
+    left, right = socket.socketpair()
+    pair_works = left.send(b"x") == 1 and right.recv(1) == b"x"
+    print(refused, high_bits, inet_packet, connected, pair_works)"""
+
+
+@needs_sandbox
+def test_sandbox_makes_only_internet_sockets():
+    """socket() works only for AF_INET (and AF_INET6): Unix, netlink, vsock (the VM's host, in no network
+    namespace), packet and AF_ALG sockets fail with EPERM, also with high bits set in the family argument; an AF_INET
+    socket connects nowhere (an empty network namespace); socketpair still works (x86_64)."""
+    if sandbox._SECCOMP is None:
+        pytest.skip("no seccomp filter on this architecture")
+    tests = ["assert refused == {1: 'EPERM', 16: 'EPERM', 40: 'EPERM', 17: 'EPERM', 38: 'EPERM'}",
+             "assert high_bits == ['EPERM', True]", "assert inet_packet == 'EPERM'", "assert pair_works == True"]
+    if PLAN.unshare is not None:
+        tests.append("assert connected == False")
+    result = sandbox.run_sandboxed(program(SOCKET_FAMILIES), tests)
+    assert result.passed == [True] * len(tests), result.output[-2000:]
+
+
 @needs_sandbox
 def test_sandbox_runs_in_a_fresh_directory_that_is_removed():
     """cwd, HOME and TMPDIR are one fresh directory, empty at the start and gone afterwards."""
