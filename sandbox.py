@@ -30,19 +30,20 @@ fails every test (none of it runs). The output shows no AssertionError for a wro
 that it was wrong.
 
 The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
-  - set by the harness before any model code runs (with a mount namespace, after it has mounted the private
-    directories below and switched to the run's uid): a parent-death signal (SIGKILL), no-new-privs (a setuid
-    program gains nothing), on x86_64 a seccomp filter under which unshare, setns, mount, umount2, pivot_root and
-    the new mount API fail with EPERM, clone with a namespace flag fails with EPERM and clone3 with ENOSYS (glibc
-    then falls back to clone), socket() succeeds only for AF_INET and AF_INET6 (not of type SOCK_PACKET; in the
-    network namespace below they reach nothing) and fails with EPERM for every other family, as io_uring does: no
-    Unix socket of the host can be reached, wherever its path lies, nor the VM's host by vsock (which no network
-    namespace holds), nor a netlink, packet, AF_ALG or bluetooth socket made (socketpair still works, for AF_UNIX
-    only: it connects the process to itself; io_uring could make and connect a socket behind the filter's back).
-    The filter reads the family's low 32 bits, as the kernel does (an int). On other architectures there is no
-    filter. Also limits on CPU seconds (below), address space (memory_mb), processes (max_processes), file size
-    (max_file_mb; output goes to a file, so a flood of prints stops there), open files, no core dumps. The filter
-    also refuses every 32-bit (int 0x80) and x32 system call, through which it could be bypassed;
+  - set by the harness before any model code runs (with a mount namespace, after it has made the mounts read-only,
+    mounted the private directories below and switched to the run's uid): a parent-death signal (SIGKILL),
+    no-new-privs (a setuid program gains nothing), on x86_64 a seccomp filter under which unshare, setns, mount,
+    umount2, pivot_root and the new mount API fail with EPERM, clone with a namespace flag fails with EPERM and
+    clone3 with ENOSYS (glibc then falls back to clone), socket() succeeds only for AF_INET and AF_INET6 (not of
+    type SOCK_PACKET; in the network namespace below they reach nothing) and fails with EPERM for every other
+    family, as io_uring does: no Unix socket of the host can be reached, wherever its path lies, nor the VM's host
+    by vsock (which no network namespace holds), nor a netlink, packet, AF_ALG or bluetooth socket made (socketpair
+    still works, for AF_UNIX only: it connects the process to itself; io_uring could make and connect a socket
+    behind the filter's back). The filter reads the family's low 32 bits, as the kernel does (an int). On other
+    architectures there is no filter. Also limits on CPU seconds (below), address space (memory_mb), processes
+    (max_processes), file size (max_file_mb; output goes to a file, so a flood of prints stops there), open files,
+    no core dumps. The filter also refuses every 32-bit (int 0x80) and x32 system call, through which it could be
+    bypassed;
   - time is CPU time, so that a score does not depend on what runs beside it: at most one run per core this process
     may use (its affinity mask) executes code at once, however many threads call run_sandboxed (code_reward's do),
     and a run's clocks start only once it has its core, so waiting costs it nothing. Each process of the run may
@@ -61,26 +62,34 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
     namespace, files in the host's /dev/shm) only by max_file_mb each, times the files the code makes in its time;
   - `python -I -S` (standard library only), cwd = HOME = TMPDIR = a fresh temporary directory removed
     afterwards, an empty environment;
-  - private temporary directories, where a mount namespace works: /tmp, /var/tmp, /dev/shm and /run/lock (those
-    that exist) are each a fresh tmpfs of the run's own (at most memory_mb, nosuid, nodev), mounted by the harness
-    while it is root of the namespace, before the seccomp filter forbids mounting; the run's directory, when it lies
-    below one of them (the default), is made afresh in it. What the code writes there, sockets included, no other
-    sample sees, and it dies with the run's mount namespace. Without a mount namespace these directories are the
-    host's, and only the cleanup below (as root: files of the run's uid) removes what the code left;
+  - a read-only machine with private temporary directories, where a mount namespace works: every mount the run
+    inherits, its own /proc included, is made private (nothing done in it propagates back to the host) and then
+    read-only for the run, all at once with mount_setattr (Linux 5.12 or later), else by remounting each mount in
+    turn, as far as the kernel lets. Then /tmp, /var/tmp, /dev/shm and
+    /run/lock (those that exist) are each a fresh tmpfs of the run's own (at most memory_mb, nosuid, nodev), mounted
+    by the harness while it is root of the namespace, before the seccomp filter forbids mounting; the run's
+    directory, when it lies below one of them (the default), is made afresh in it, else the host's is bound over
+    itself and made writable alone (nosuid, nodev). Those are the only directories the code can write in; besides
+    them it writes device files (a read-only mount does not apply to them: /dev/null works), memfds, and the output
+    file and pipe it was handed. A file in any other world-writable directory (a 0777 /run/x, Ubuntu's /var/crash of
+    mode 1777) is refused with EROFS. What the code writes in the private ones, sockets included, no other sample
+    sees, and it dies with the run's mount namespace. Without a mount namespace these directories are the host's,
+    and only the cleanup below (as root: files of the run's uid) removes what the code left; what it leaves in other
+    world-writable directories stays, for a later sample to read;
   - as root, the code runs under an unprivileged uid of its own (one per concurrent slot): it cannot write
-    outside its directory and the world-writable ones, read others' 0600 files, or signal the trainer, and
-    RLIMIT_NPROC is enforced (the kernel ignores it for root). Afterwards every process of that uid is killed,
-    its System V IPC objects removed, and what it left in the host's /tmp, /var/tmp, /dev/shm and /run/lock
-    deleted: at their top, and inside the world-writable subdirectories of others (/tmp/.X11-unix, mode 1777 on
-    most hosts) down to three levels. Where those uids do not exist (root of a rootless container) it runs as
-    below, with a warning;
-  - with util-linux `unshare` (probed until one works): new network (no network, not even loopback, and no
-    abstract Unix socket of the host, as those belong to a network namespace), IPC
-    (System V shared memory dies with the run) and PID namespaces, and where a mount namespace works a /proc of
-    its own (the trainer is invisible) and the private directories above; the trainer kills the namespace's init,
-    and with it every process in the namespace, however it detached. Not as root, through an unprivileged user
-    namespace where the kernel allows one (there the code is root of its namespace; the seccomp filter keeps it
-    from mounting);
+    outside its directory and the world-writable ones (with a mount namespace, outside the places above), read
+    others' 0600 files, or signal the trainer, and RLIMIT_NPROC is enforced (the kernel ignores it for root).
+    Afterwards every process of that uid is killed, its System V IPC objects removed, and what it left in the
+    host's /tmp, /var/tmp, /dev/shm and /run/lock deleted: at their top, and inside the world-writable
+    subdirectories of others (/tmp/.X11-unix, mode 1777 on most hosts) down to three levels. Where those uids do
+    not exist (root of a rootless container) it runs as below, with a warning;
+  - with util-linux `unshare` (probed until one works): new network (no network, not even loopback, and no abstract
+    Unix socket of the host, as those belong to a network namespace), IPC (System V shared memory dies with the run)
+    and PID namespaces, and where a mount namespace works a /proc of its own (the trainer is invisible) and the
+    read-only mounts and private directories above; the trainer kills the namespace's init, and with it every
+    process in the namespace, however it detached. Not as root, through an unprivileged user namespace where the
+    kernel allows one (there the code is root of its namespace; the seccomp filter keeps it from mounting, and from
+    undoing the read-only mounts);
   - a killed trainer, even by SIGKILL, takes its sandboxes with it: the harness dies with `unshare` (its
     parent-death signal is set after the uid switch, which clears it), and `unshare` with the trainer where
     util-linux `setpriv` is present. On first use in a process, what the sandboxes of dead trainers left is
@@ -92,15 +101,17 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
 It cannot stop code from reading every world-readable file on the machine: a dataset on disk, this repository
 (whose code makes the built-in tasks, so their expected values can be recomputed), installed packages (which it
 can import by adding them to sys.path), and without a /proc of its own the command lines of other processes. Nor,
-without a mount namespace, from filling its directory with many files up to the size limit in its time, or from
-forging the tests of other forms above. Not as root, the code can write wherever the training user can, and what
-it detaches survives a killed trainer unless a PID namespace holds it; without unshare it also keeps the network
-and the host's System V IPC and, not as root, can signal the trainer (a warning says which). Without the seccomp
-filter (not x86_64) it can connect to the host's pathname Unix sockets that its uid may write (private directories
-hide only those below them: /run's stay in reach), and without a network namespace to abstract ones too, and make
-sockets of any family its uid may (vsock among them, which reaches a VM's host from any network namespace). For RL on
-untrusted code, train as root in a container or VM. If root's Python lives where other users cannot enter (e.g.
-pyenv under /root), the sandbox runs a system python3 instead.
+where its directory is not below one of the private ones (without a mount namespace, or with TMPDIR elsewhere), from
+filling it with many files up to the size limit in its time, or from forging the tests of other forms above. Not as
+root and without a mount namespace, the code can write wherever the training user can, and what it detaches
+survives a killed trainer unless a PID namespace holds it; without unshare it also keeps the network and the host's
+System V IPC and, not as root, can signal the trainer (a warning says which). Without the seccomp filter (not
+x86_64) it can connect to the host's pathname Unix sockets that its uid may write (private directories hide only
+those below them, and a read-only mount does not stop a connect: /run's stay in reach), and without a network
+namespace to abstract ones too, and make sockets of any family its uid may (vsock among them, which reaches a VM's
+host from any network namespace); not as root (root of a user namespace), it could also undo the read-only mounts.
+For RL on untrusted code, train as root in a container or VM. If root's Python lives where other users cannot enter
+(e.g. pyenv under /root), the sandbox runs a system python3 instead.
 require_sandbox() raises RuntimeError, naming every plan it tried, where no sandbox works.
 
 math-verify. Its own timeout is signal.alarm, which works only in a main thread, so checks run in small persistent
@@ -432,26 +443,54 @@ def finish():
             pass
     os._exit(0)  # no interpreter shutdown: nothing of the code (atexit, __del__) runs after the tests
 
+def read_only_mounts(libc):
+    # Every mount the sandbox inherited becomes read-only in its namespace (the host's own mounts stay as they
+    # were), after all are made private, so that nothing done here propagates back. Device files stay writable (a
+    # read-only mount does not apply to their I/O: /dev/null works), as do the files and pipes we were handed.
+    if libc.mount(None, b"/", None, 0x4000 | 0x40000, None) != 0:  # MS_REC | MS_PRIVATE
+        os.write(2, b"sandbox: cannot make the mounts private\n")
+        os._exit(1)
+    attr = (ctypes.c_uint64 * 4)(1, 0, 0, 0)  # struct mount_attr {attr_set = MOUNT_ATTR_RDONLY, attr_clr, ...}
+    if libc.syscall(442, -100, b"/", 0x8000, attr, ctypes.sizeof(attr)) == 0:  # mount_setattr(AT_FDCWD, AT_RECURSIVE)
+        return
+    # Where that fails (ENOSYS before Linux 5.12): each mount point in turn, as far as the kernel lets us, keeping
+    # its nosuid, nodev and noexec (ST_ and MS_ values are the same bits; a remount keeps the atime flags itself).
+    with open("/proc/self/mountinfo", "rb") as table:
+        points = [line.split()[4].decode("unicode_escape").encode("latin-1") for line in table]  # \040 is a space
+    for point in points:
+        try:
+            kept = os.statvfs(point).f_flag & (2 | 4 | 8)
+        except OSError:
+            continue
+        libc.mount(None, point, None, 0x20 | 0x1000 | 1 | kept, None)  # MS_REMOUNT | MS_BIND | MS_RDONLY
+
 def private_directories(libc, job):
     # A tmpfs of the run's own over each world-writable directory, mounted while we still may (root of the mount
-    # namespace, before the seccomp filter): what the code writes there dies with the namespace, seen by no other
-    # sample. The run's directory, if it lay below one of them, is made afresh in the private copy.
+    # namespace, before the seccomp filter), writable where all else is read-only: what the code writes there dies
+    # with the namespace, seen by no other sample. The run's directory, if it lay below one of them, is made afresh
+    # in the private copy; one elsewhere is bound over itself and made writable again, alone.
     options = b"mode=1777,size=%dm" % job["tmpfs_mb"]
     for path in job["private"]:
         if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, options) != 0:  # MS_NOSUID | MS_NODEV
             os.write(2, b"sandbox: cannot mount a private %s\n" % path.encode())
             os._exit(1)
-    if not os.path.isdir(job["home"]):
-        os.makedirs(job["home"], 0o700)
+    home = job["home"].encode()
+    if not os.path.isdir(home):
+        os.makedirs(home, 0o700)
         if job["uid"] is not None:
-            os.chown(job["home"], job["uid"], job["uid"])
-    os.chdir(job["home"])
+            os.chown(home, job["uid"], job["uid"])
+    elif (libc.mount(home, home, None, 0x1000, None) != 0  # MS_BIND, read-only as its source
+          or libc.mount(None, home, None, 0x20 | 0x1000 | 2 | 4 | os.statvfs(home).f_flag & 8, None) != 0):
+        os.write(2, b"sandbox: cannot make %s writable\n" % home)  # MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV
+        os._exit(1)
+    os.chdir(home)
 
 def main(exec=exec, eval=eval, compile=compile, enumerate=enumerate, excepthook=sys.__excepthook__,
          exc_info=sys.exc_info, BaseException=BaseException):
     libc = ctypes.CDLL(None)
     job = marshal.loads(read(0, int.from_bytes(read(0, 8), "little")))  # the trainer's death ends this read (EOF)
-    if job["private"]:
+    if job["mounts"]:
+        read_only_mounts(libc)
         private_directories(libc, job)
     if job["uid"] is not None:  # unshare left us root of the namespaces, so that we could mount: now the slot's uid
         os.setgroups([])
@@ -1033,8 +1072,8 @@ class _Plan:
 
     @property
     def harness_switches_uid(self) -> bool:
-        """Whether the harness starts as root of a mount namespace, mounts the private directories, and switches to
-        the run's uid itself (else unshare or Popen switches, and nothing is mounted)."""
+        """Whether the harness starts as root of a mount namespace, makes its mounts read-only, mounts the private
+        directories, and switches to the run's uid itself (else unshare or Popen switches, and nothing is mounted)."""
         return self.as_root and self.mount_proc
 
     def command(self, uid: int | None) -> list[str]:
@@ -1173,7 +1212,7 @@ def _run(plan: _Plan, program: str, tests: list[str], *, timeout_s: float = 3.0,
                       ("RLIMIT_NPROC", max_processes), ("RLIMIT_FSIZE", max_file_mb << 20), ("RLIMIT_NOFILE", 64),
                       ("RLIMIT_CORE", 0)],
            "seccomp": _SECCOMP, "value_cap": _VALUE_CAP, "tmpfs_mb": memory_mb,
-           "private": _private_directories() if plan.mount_proc else []}
+           "mounts": plan.mount_proc, "private": _private_directories() if plan.mount_proc else []}
     limit = 4096 + sum(_VALUE_CAP + 32 if test.is_value else 32 for test in checks)  # more than any honest report
     uid = _take_uid() if plan.as_root else None
     tmp = cgroup = None
