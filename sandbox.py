@@ -65,7 +65,7 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
   - a read-only machine with private temporary directories, where a mount namespace works: every mount the run
     inherits, its own /proc included, is made private (nothing done in it propagates back to the host) and then
     read-only for the run, all at once with mount_setattr (Linux 5.12 or later), else by remounting each mount in
-    turn, as far as the kernel lets. Then /tmp, /var/tmp, /dev/shm and
+    turn, as far as the kernel lets (the probe warns where even / stays writable). Then /tmp, /var/tmp, /dev/shm and
     /run/lock (those that exist) are each a fresh tmpfs of the run's own (at most memory_mb, nosuid, nodev), mounted
     by the harness while it is root of the namespace, before the seccomp filter forbids mounting; the run's
     directory, when it lies below one of them (the default), is made afresh in it, else the host's is bound over
@@ -1263,9 +1263,12 @@ def _setpriv() -> str | None:
 _PLAN: _Plan | None = None  # the sandbox found by the probe; a failed probe is not kept, so the next call retries
 # The probe's job: the plan works if the first test passes, which needs modules the harness has not imported (the
 # interpreter may start as root, where the run's uid cannot read its library); the program also tries to make a user
-# namespace, which the seccomp filter (or the kernel's settings) should refuse.
-_PROBE = ("import collections, ctypes, math, re\nuserns = ctypes.CDLL(None).unshare(0x10000000) == 0  # CLONE_NEWUSER",
-          ["assert collections.Counter('aab')['a'] == 2", "assert userns == False"])
+# namespace, which the seccomp filter (or the kernel's settings) should refuse, and looks whether / is read-only, as
+# it should be with a mount namespace.
+_PROBE = ("import collections, ctypes, math, os, re\n"
+          "userns = ctypes.CDLL(None).unshare(0x10000000) == 0  # CLONE_NEWUSER\n"
+          "read_only = os.statvfs('/').f_flag & os.ST_RDONLY != 0",
+          ["assert collections.Counter('aab')['a'] == 2", "assert userns == False", "assert read_only == True"])
 
 
 def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
@@ -1310,6 +1313,10 @@ def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
                 warnings.warn("the code sandbox has no seccomp filter on this architecture: code can connect to the "
                               "host's Unix sockets that its uid may write, and to a VM's host by vsock",
                               RuntimeWarning)
+            if mount_proc and result.passed[2:3] != [True]:
+                warnings.warn("the code sandbox could not make the machine's mounts read-only here (no mount_setattr, "
+                              "Linux < 5.12, and remounting failed): code can leave files in world-writable "
+                              "directories other than /tmp, /var/tmp, /dev/shm and /run/lock", RuntimeWarning)
             if result.passed[1:2] != [True]:
                 warnings.warn("sandboxed code can make user namespaces here (no seccomp filter on this architecture, "
                               "or the kernel refused it): it can mount a tmpfs that no rlimit bounds", RuntimeWarning)

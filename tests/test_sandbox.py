@@ -543,6 +543,19 @@ def test_sandbox_writes_only_its_own_directories(how, monkeypatch):
 
 
 @needs_sandbox
+def test_probe_warns_where_mounts_stay_writable(monkeypatch):
+    """Where the harness cannot make the mounts read-only (here: it skips that step), the probe still picks the plan
+    with a mount namespace, and warns that code can leave files outside the private directories."""
+    if not PLAN.mount_proc:
+        pytest.skip("no mount namespace here")
+    assert "    read_only_mounts(libc)\n" in sandbox._HARNESS
+    monkeypatch.setattr(sandbox, "_HARNESS", sandbox._HARNESS.replace("    read_only_mounts(libc)\n", ""))
+    monkeypatch.setattr(sandbox, "_PLAN", None)
+    with pytest.warns(RuntimeWarning, match="read-only"):
+        assert sandbox._probe_sandbox() == PLAN
+
+
+@needs_sandbox
 def test_sandbox_has_its_own_proc_where_mounts_work():
     """With a mount namespace, /proc shows only the sandbox's own PID namespace: the trainer's pid is not there."""
     if not PLAN.mount_proc:
