@@ -30,16 +30,20 @@ fails every test (none of it runs). The output shows no AssertionError for a wro
 that it was wrong.
 
 The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
-  - set by the harness before any model code runs (with a mount namespace, after it has mounted the private
-    directories below and switched to the run's uid): a parent-death signal (SIGKILL), no-new-privs (a setuid
-    program gains nothing), on x86_64 a seccomp filter under which unshare, setns, mount, umount2, pivot_root and
-    the new mount API fail with EPERM, clone with a namespace flag fails with EPERM and clone3 with ENOSYS (glibc
-    then falls back to clone), and socket(AF_UNIX, ...) and io_uring fail with EPERM: no Unix socket of the host
-    can be reached, wherever its path lies (socketpair still works; io_uring could make and connect a socket behind
-    the filter's back). On other architectures there is no filter. Also limits on CPU seconds (below), address
-    space (memory_mb), processes (max_processes), file size (max_file_mb; output goes to a file, so a flood of
-    prints stops there), open files, no core dumps. The filter also refuses every 32-bit (int 0x80) and x32 system
-    call, through which it could be bypassed;
+  - set by the harness before any model code runs (with a mount namespace, after it has made the mounts read-only,
+    mounted the private directories below and switched to the run's uid): a parent-death signal (SIGKILL),
+    no-new-privs (a setuid program gains nothing), on x86_64 a seccomp filter under which unshare, setns, mount,
+    umount2, pivot_root and the new mount API fail with EPERM, clone with a namespace flag fails with EPERM and
+    clone3 with ENOSYS (glibc then falls back to clone), socket() succeeds only for AF_INET and AF_INET6 (not of
+    type SOCK_PACKET; in the network namespace below they reach nothing) and fails with EPERM for every other
+    family, as io_uring does: no Unix socket of the host can be reached, wherever its path lies, nor the VM's host
+    by vsock (which no network namespace holds), nor a netlink, packet, AF_ALG or bluetooth socket made (socketpair
+    still works, for AF_UNIX only: it connects the process to itself; io_uring could make and connect a socket
+    behind the filter's back). The filter reads the family's low 32 bits, as the kernel does (an int). On other
+    architectures there is no filter. Also limits on CPU seconds (below), address space (memory_mb), processes
+    (max_processes), file size (max_file_mb; output goes to a file, so a flood of prints stops there), open files,
+    no core dumps. The filter also refuses every 32-bit (int 0x80) and x32 system call, through which it could be
+    bypassed;
   - time is CPU time, so that a score does not depend on what runs beside it: at most one run per core this process
     may use (its affinity mask) executes code at once, however many threads call run_sandboxed (code_reward's do),
     and a run's clocks start only once it has its core, so waiting costs it nothing. Each process of the run may
@@ -58,26 +62,34 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
     namespace, files in the host's /dev/shm) only by max_file_mb each, times the files the code makes in its time;
   - `python -I -S` (standard library only), cwd = HOME = TMPDIR = a fresh temporary directory removed
     afterwards, an empty environment;
-  - private temporary directories, where a mount namespace works: /tmp, /var/tmp, /dev/shm and /run/lock (those
-    that exist) are each a fresh tmpfs of the run's own (at most memory_mb, nosuid, nodev), mounted by the harness
-    while it is root of the namespace, before the seccomp filter forbids mounting; the run's directory, when it lies
-    below one of them (the default), is made afresh in it. What the code writes there, sockets included, no other
-    sample sees, and it dies with the run's mount namespace. Without a mount namespace these directories are the
-    host's, and only the cleanup below (as root: files of the run's uid) removes what the code left;
+  - a read-only machine with private temporary directories, where a mount namespace works: every mount the run
+    inherits, its own /proc included, is made private (nothing done in it propagates back to the host) and then
+    read-only for the run, all at once with mount_setattr (Linux 5.12 or later), else by remounting each mount in
+    turn, as far as the kernel lets (the probe warns where even / stays writable). Then /tmp, /var/tmp, /dev/shm and
+    /run/lock (those that exist) are each a fresh tmpfs of the run's own (at most memory_mb, nosuid, nodev), mounted
+    by the harness while it is root of the namespace, before the seccomp filter forbids mounting; the run's
+    directory, when it lies below one of them (the default), is made afresh in it, else the host's is bound over
+    itself and made writable alone (nosuid, nodev). Those are the only directories the code can write in; besides
+    them it writes device files (a read-only mount does not apply to them: /dev/null works), memfds, and the output
+    file and pipe it was handed. A file in any other world-writable directory (a 0777 /run/x, Ubuntu's /var/crash of
+    mode 1777) is refused with EROFS. What the code writes in the private ones, sockets included, no other sample
+    sees, and it dies with the run's mount namespace. Without a mount namespace these directories are the host's,
+    and only the cleanup below (as root: files of the run's uid) removes what the code left; what it leaves in other
+    world-writable directories stays, for a later sample to read;
   - as root, the code runs under an unprivileged uid of its own (one per concurrent slot): it cannot write
-    outside its directory and the world-writable ones, read others' 0600 files, or signal the trainer, and
-    RLIMIT_NPROC is enforced (the kernel ignores it for root). Afterwards every process of that uid is killed,
-    its System V IPC objects removed, and what it left in the host's /tmp, /var/tmp, /dev/shm and /run/lock
-    deleted: at their top, and inside the world-writable subdirectories of others (/tmp/.X11-unix, mode 1777 on
-    most hosts) down to three levels. Where those uids do not exist (root of a rootless container) it runs as
-    below, with a warning;
-  - with util-linux `unshare` (probed until one works): new network (no network, not even loopback, and no
-    abstract Unix socket of the host, as those belong to a network namespace), IPC
-    (System V shared memory dies with the run) and PID namespaces, and where a mount namespace works a /proc of
-    its own (the trainer is invisible) and the private directories above; the trainer kills the namespace's init,
-    and with it every process in the namespace, however it detached. Not as root, through an unprivileged user
-    namespace where the kernel allows one (there the code is root of its namespace; the seccomp filter keeps it
-    from mounting);
+    outside its directory and the world-writable ones (with a mount namespace, outside the places above), read
+    others' 0600 files, or signal the trainer, and RLIMIT_NPROC is enforced (the kernel ignores it for root).
+    Afterwards every process of that uid is killed, its System V IPC objects removed, and what it left in the
+    host's /tmp, /var/tmp, /dev/shm and /run/lock deleted: at their top, and inside the world-writable
+    subdirectories of others (/tmp/.X11-unix, mode 1777 on most hosts) down to three levels. Where those uids do
+    not exist (root of a rootless container) it runs as below, with a warning;
+  - with util-linux `unshare` (probed until one works): new network (no network, not even loopback, and no abstract
+    Unix socket of the host, as those belong to a network namespace), IPC (System V shared memory dies with the run)
+    and PID namespaces, and where a mount namespace works a /proc of its own (the trainer is invisible) and the
+    read-only mounts and private directories above; the trainer kills the namespace's init, and with it every
+    process in the namespace, however it detached. Not as root, through an unprivileged user namespace where the
+    kernel allows one (there the code is root of its namespace; the seccomp filter keeps it from mounting, and from
+    undoing the read-only mounts);
   - a killed trainer, even by SIGKILL, takes its sandboxes with it: the harness dies with `unshare` (its
     parent-death signal is set after the uid switch, which clears it), and `unshare` with the trainer where
     util-linux `setpriv` is present. On first use in a process, what the sandboxes of dead trainers left is
@@ -89,14 +101,17 @@ The code sandbox. Each run_sandboxed call runs in its own process tree (Linux):
 It cannot stop code from reading every world-readable file on the machine: a dataset on disk, this repository
 (whose code makes the built-in tasks, so their expected values can be recomputed), installed packages (which it
 can import by adding them to sys.path), and without a /proc of its own the command lines of other processes. Nor,
-without a mount namespace, from filling its directory with many files up to the size limit in its time, or from
-forging the tests of other forms above. Not as root, the code can write wherever the training user can, and what
-it detaches survives a killed trainer unless a PID namespace holds it; without unshare it also keeps the network
-and the host's System V IPC and, not as root, can signal the trainer (a warning says which). Without the seccomp
-filter (not x86_64) it can connect to the host's pathname Unix sockets that its uid may write (private directories
-hide only those below them: /run's stay in reach), and without a network namespace to abstract ones too. For RL on
-untrusted code, train as root in a container or VM. If root's Python lives where other users cannot enter (e.g.
-pyenv under /root), the sandbox runs a system python3 instead.
+where its directory is not below one of the private ones (without a mount namespace, or with TMPDIR elsewhere), from
+filling it with many files up to the size limit in its time, or from forging the tests of other forms above. Not as
+root and without a mount namespace, the code can write wherever the training user can, and what it detaches
+survives a killed trainer unless a PID namespace holds it; without unshare it also keeps the network and the host's
+System V IPC and, not as root, can signal the trainer (a warning says which). Without the seccomp filter (not
+x86_64) it can connect to the host's pathname Unix sockets that its uid may write (private directories hide only
+those below them, and a read-only mount does not stop a connect: /run's stay in reach), and without a network
+namespace to abstract ones too, and make sockets of any family its uid may (vsock among them, which reaches a VM's
+host from any network namespace); not as root (root of a user namespace), it could also undo the read-only mounts.
+For RL on untrusted code, train as root in a container or VM. If root's Python lives where other users cannot enter
+(e.g. pyenv under /root), the sandbox runs a system python3 instead.
 require_sandbox() raises RuntimeError, naming every plan it tried, where no sandbox works.
 
 math-verify. Its own timeout is signal.alarm, which works only in a main thread, so checks run in small persistent
@@ -428,26 +443,54 @@ def finish():
             pass
     os._exit(0)  # no interpreter shutdown: nothing of the code (atexit, __del__) runs after the tests
 
+def read_only_mounts(libc):
+    # Every mount the sandbox inherited becomes read-only in its namespace (the host's own mounts stay as they
+    # were), after all are made private, so that nothing done here propagates back. Device files stay writable (a
+    # read-only mount does not apply to their I/O: /dev/null works), as do the files and pipes we were handed.
+    if libc.mount(None, b"/", None, 0x4000 | 0x40000, None) != 0:  # MS_REC | MS_PRIVATE
+        os.write(2, b"sandbox: cannot make the mounts private\n")
+        os._exit(1)
+    attr = (ctypes.c_uint64 * 4)(1, 0, 0, 0)  # struct mount_attr {attr_set = MOUNT_ATTR_RDONLY, attr_clr, ...}
+    if libc.syscall(442, -100, b"/", 0x8000, attr, ctypes.sizeof(attr)) == 0:  # mount_setattr(AT_FDCWD, AT_RECURSIVE)
+        return
+    # Where that fails (ENOSYS before Linux 5.12): each mount point in turn, as far as the kernel lets us, keeping
+    # its nosuid, nodev and noexec (ST_ and MS_ values are the same bits; a remount keeps the atime flags itself).
+    with open("/proc/self/mountinfo", "rb") as table:
+        points = [line.split()[4].decode("unicode_escape").encode("latin-1") for line in table]  # \040 is a space
+    for point in points:
+        try:
+            kept = os.statvfs(point).f_flag & (2 | 4 | 8)
+        except OSError:
+            continue
+        libc.mount(None, point, None, 0x20 | 0x1000 | 1 | kept, None)  # MS_REMOUNT | MS_BIND | MS_RDONLY
+
 def private_directories(libc, job):
     # A tmpfs of the run's own over each world-writable directory, mounted while we still may (root of the mount
-    # namespace, before the seccomp filter): what the code writes there dies with the namespace, seen by no other
-    # sample. The run's directory, if it lay below one of them, is made afresh in the private copy.
+    # namespace, before the seccomp filter), writable where all else is read-only: what the code writes there dies
+    # with the namespace, seen by no other sample. The run's directory, if it lay below one of them, is made afresh
+    # in the private copy; one elsewhere is bound over itself and made writable again, alone.
     options = b"mode=1777,size=%dm" % job["tmpfs_mb"]
     for path in job["private"]:
         if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4, options) != 0:  # MS_NOSUID | MS_NODEV
             os.write(2, b"sandbox: cannot mount a private %s\n" % path.encode())
             os._exit(1)
-    if not os.path.isdir(job["home"]):
-        os.makedirs(job["home"], 0o700)
+    home = job["home"].encode()
+    if not os.path.isdir(home):
+        os.makedirs(home, 0o700)
         if job["uid"] is not None:
-            os.chown(job["home"], job["uid"], job["uid"])
-    os.chdir(job["home"])
+            os.chown(home, job["uid"], job["uid"])
+    elif (libc.mount(home, home, None, 0x1000, None) != 0  # MS_BIND, read-only as its source
+          or libc.mount(None, home, None, 0x20 | 0x1000 | 2 | 4 | os.statvfs(home).f_flag & 8, None) != 0):
+        os.write(2, b"sandbox: cannot make %s writable\n" % home)  # MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV
+        os._exit(1)
+    os.chdir(home)
 
 def main(exec=exec, eval=eval, compile=compile, enumerate=enumerate, excepthook=sys.__excepthook__,
          exc_info=sys.exc_info, BaseException=BaseException):
     libc = ctypes.CDLL(None)
     job = marshal.loads(read(0, int.from_bytes(read(0, 8), "little")))  # the trainer's death ends this read (EOF)
-    if job["private"]:
+    if job["mounts"]:
+        read_only_mounts(libc)
         private_directories(libc, job)
     if job["uid"] is not None:  # unshare left us root of the namespaces, so that we could mount: now the slot's uid
         os.setgroups([])
@@ -511,14 +554,19 @@ main()
 def _seccomp_filter() -> bytes | None:
     """The seccomp-BPF program the harness installs: EPERM for unshare, setns, the mount syscalls and clone with a
     namespace flag, so that code cannot become root of a user namespace and mount a tmpfs no limit bounds; ENOSYS
-    for clone3, whose flags a filter cannot read (glibc then falls back to clone); EPERM for socket(AF_UNIX, ...),
-    so that code cannot connect to a Unix socket of the host wherever it lies (socketpair stays), and for io_uring,
-    whose operations (a socket, a connect) no filter sees. x86_64 only: None elsewhere."""
+    for clone3, whose flags a filter cannot read (glibc then falls back to clone); socket() only for AF_INET and
+    AF_INET6 (not of type SOCK_PACKET, which the kernel turns into a packet socket), socketpair() only for AF_UNIX,
+    EPERM for every other family: no Unix socket of the host wherever it lies, no vsock (the VM's host, in no
+    network namespace), no netlink, AF_ALG or bluetooth; and EPERM for io_uring, whose operations (a socket, a
+    connect) no filter sees. The kernel reads family and type as int, and so does the filter: their low 32 bits.
+    x86_64 only: None elsewhere."""
     if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
         return None
     load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, JGE|K, JSET|K, BPF_RET|K
+    and_ = 0x54  # BPF_ALU|BPF_AND|BPF_K
     allow, eperm, enosys = 0x7FFF0000, 0x50000 | errno.EPERM, 0x50000 | errno.ENOSYS  # SECCOMP_RET_ERRNO | errno
-    nr, arch, arg0 = 0, 4, 16  # offsets in struct seccomp_data (arg0: its low 32 bits)
+    nr, arch, arg0, arg1 = 0, 4, 16, 24  # offsets in struct seccomp_data (argN: its low 32 bits)
+    sock_packet, sock_type_mask = 10, 0xF  # type's low bits; SOCK_NONBLOCK and SOCK_CLOEXEC lie above them
     denied = {155: "pivot_root", 165: "mount", 166: "umount2", 272: "unshare", 308: "setns", 428: "open_tree",
               429: "move_mount", 430: "fsopen", 431: "fsconfig", 432: "fsmount", 433: "fspick", 442: "mount_setattr",
               425: "io_uring_setup", 426: "io_uring_enter", 427: "io_uring_register"}
@@ -528,8 +576,11 @@ def _seccomp_filter() -> bytes | None:
             (jeq, 0, 1, 435), (ret, 0, 0, enosys)]  # clone3
     for number in denied:
         code += [(jeq, 0, 1, number), (ret, 0, 0, eperm)]
-    code += [(jeq, 0, 4, 41), (load, 0, 0, arg0), (jeq, 0, 1, socket.AF_UNIX), (ret, 0, 0, eperm),  # socket
-             (ret, 0, 0, allow)]
+    code += [(jeq, 0, 8, 41), (load, 0, 0, arg0), (jeq, 1, 0, socket.AF_INET), (jeq, 0, 4, socket.AF_INET6),  # socket
+             (load, 0, 0, arg1), (and_, 0, 0, sock_type_mask), (jeq, 1, 0, sock_packet), (ret, 0, 0, allow),
+             (ret, 0, 0, eperm)]
+    code += [(jeq, 0, 4, 53), (load, 0, 0, arg0), (jeq, 0, 1, socket.AF_UNIX), (ret, 0, 0, allow),  # socketpair
+             (ret, 0, 0, eperm)]
     code += [(jeq, 0, 3, 56), (load, 0, 0, arg0), (jset, 0, 1, namespace_flags), (ret, 0, 0, eperm),  # clone
              (ret, 0, 0, allow)]
     return b"".join(struct.pack("<HBBI", *instruction) for instruction in code)
@@ -1021,8 +1072,8 @@ class _Plan:
 
     @property
     def harness_switches_uid(self) -> bool:
-        """Whether the harness starts as root of a mount namespace, mounts the private directories, and switches to
-        the run's uid itself (else unshare or Popen switches, and nothing is mounted)."""
+        """Whether the harness starts as root of a mount namespace, makes its mounts read-only, mounts the private
+        directories, and switches to the run's uid itself (else unshare or Popen switches, and nothing is mounted)."""
         return self.as_root and self.mount_proc
 
     def command(self, uid: int | None) -> list[str]:
@@ -1161,7 +1212,7 @@ def _run(plan: _Plan, program: str, tests: list[str], *, timeout_s: float = 3.0,
                       ("RLIMIT_NPROC", max_processes), ("RLIMIT_FSIZE", max_file_mb << 20), ("RLIMIT_NOFILE", 64),
                       ("RLIMIT_CORE", 0)],
            "seccomp": _SECCOMP, "value_cap": _VALUE_CAP, "tmpfs_mb": memory_mb,
-           "private": _private_directories() if plan.mount_proc else []}
+           "mounts": plan.mount_proc, "private": _private_directories() if plan.mount_proc else []}
     limit = 4096 + sum(_VALUE_CAP + 32 if test.is_value else 32 for test in checks)  # more than any honest report
     uid = _take_uid() if plan.as_root else None
     tmp = cgroup = None
@@ -1212,9 +1263,12 @@ def _setpriv() -> str | None:
 _PLAN: _Plan | None = None  # the sandbox found by the probe; a failed probe is not kept, so the next call retries
 # The probe's job: the plan works if the first test passes, which needs modules the harness has not imported (the
 # interpreter may start as root, where the run's uid cannot read its library); the program also tries to make a user
-# namespace, which the seccomp filter (or the kernel's settings) should refuse.
-_PROBE = ("import collections, ctypes, math, re\nuserns = ctypes.CDLL(None).unshare(0x10000000) == 0  # CLONE_NEWUSER",
-          ["assert collections.Counter('aab')['a'] == 2", "assert userns == False"])
+# namespace, which the seccomp filter (or the kernel's settings) should refuse, and looks whether / is read-only, as
+# it should be with a mount namespace.
+_PROBE = ("import collections, ctypes, math, os, re\n"
+          "userns = ctypes.CDLL(None).unshare(0x10000000) == 0  # CLONE_NEWUSER\n"
+          "read_only = os.statvfs('/').f_flag & os.ST_RDONLY != 0",
+          ["assert collections.Counter('aab')['a'] == 2", "assert userns == False", "assert read_only == True"])
 
 
 def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
@@ -1257,7 +1311,12 @@ def _probe_sandbox(failures: list[str] | None = None) -> _Plan | None:
                               "afterwards" if as_root else ", and what it leaves there stays"), RuntimeWarning)
             if _SECCOMP is None:
                 warnings.warn("the code sandbox has no seccomp filter on this architecture: code can connect to the "
-                              "host's Unix sockets that its uid may write", RuntimeWarning)
+                              "host's Unix sockets that its uid may write, and to a VM's host by vsock",
+                              RuntimeWarning)
+            if mount_proc and result.passed[2:3] != [True]:
+                warnings.warn("the code sandbox could not make the machine's mounts read-only here (no mount_setattr, "
+                              "Linux < 5.12, and remounting failed): code can leave files in world-writable "
+                              "directories other than /tmp, /var/tmp, /dev/shm and /run/lock", RuntimeWarning)
             if result.passed[1:2] != [True]:
                 warnings.warn("sandboxed code can make user namespaces here (no seccomp filter on this architecture, "
                               "or the kernel refused it): it can mount a tmpfs that no rlimit bounds", RuntimeWarning)

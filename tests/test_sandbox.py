@@ -294,6 +294,49 @@ def test_sandbox_reaches_no_unix_socket_of_the_host():
         shutil.rmtree(directory, ignore_errors=True)
 
 
+SOCKET_FAMILIES = """
+    import ctypes, errno, os, socket
+    libc = ctypes.CDLL(None, use_errno=True)
+    def made(family, kind):  # socket(2) itself, as code that bypasses Python's socket module would call it
+        fd = libc.syscall(41, ctypes.c_long(family), ctypes.c_long(kind), 0)
+        if fd >= 0:
+            os.close(fd)
+            return True
+        return errno.errorcode[ctypes.get_errno()]
+    # each family with a type it supports: unix, netlink, vsock (never connected), packet, AF_ALG; then with high
+    # bits set in the 64-bit argument, which the kernel ignores (it reads an int)
+    refused = {family: made(family, kind) for family, kind in ((1, 1), (16, 3), (40, 1), (17, 3), (38, 5))}
+    high_bits = [made((1 << 32) | 40, 1), made((1 << 32) | 2, 1)]
+    inet_packet = made(2, 10 | 0o4000)  # AF_INET, SOCK_PACKET | SOCK_NONBLOCK: the kernel makes that a packet socket
+    inet6 = made(10, 2)  # AF_INET6, SOCK_DGRAM: EAFNOSUPPORT where IPv6 is off, never EPERM
+    inet = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    inet.settimeout(1)
+    try:
+        inet.connect(("192.0.2.1", 9))  # TEST-NET-1: nowhere
+        connected = True
+    except OSError:
+        connected = False
+    left, right = socket.socketpair()
+    pair_works = left.send(b"x") == 1 and right.recv(1) == b"x"
+    print(refused, high_bits, inet_packet, inet6, connected, pair_works)"""
+
+
+@needs_sandbox
+def test_sandbox_makes_only_internet_sockets():
+    """socket() works only for AF_INET (and AF_INET6): Unix, netlink, vsock (the VM's host, in no network
+    namespace), packet and AF_ALG sockets fail with EPERM, also with high bits set in the family argument; an AF_INET
+    socket connects nowhere (an empty network namespace); socketpair still works (x86_64)."""
+    if sandbox._SECCOMP is None:
+        pytest.skip("no seccomp filter on this architecture")
+    tests = ["assert refused == {1: 'EPERM', 16: 'EPERM', 40: 'EPERM', 17: 'EPERM', 38: 'EPERM'}",
+             "assert high_bits == ['EPERM', True]", "assert inet_packet == 'EPERM'", "assert inet6 != 'EPERM'",
+             "assert pair_works == True"]
+    if PLAN.unshare is not None:
+        tests.append("assert connected == False")
+    result = sandbox.run_sandboxed(program(SOCKET_FAMILIES), tests)
+    assert result.passed == [True] * len(tests), result.output[-2000:]
+
+
 @needs_sandbox
 def test_sandbox_runs_in_a_fresh_directory_that_is_removed():
     """cwd, HOME and TMPDIR are one fresh directory, empty at the start and gone afterwards."""
@@ -328,9 +371,9 @@ def _kill_marked(token: str) -> list[int]:
     return found
 
 
-def _run_as_nobody(source: str) -> None:
-    """Run source with a python as user nobody; skip where this process cannot switch users, nobody cannot import
-    rlvr_rewards, or source prints SKIP."""
+def _run_as_nobody(source: str) -> str:
+    """Run source with a python as user nobody, and return what it printed; skip where this process cannot switch
+    users, nobody cannot import rlvr_rewards, or source prints SKIP."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run a probe as user nobody")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -342,7 +385,7 @@ def _run_as_nobody(source: str) -> None:
         except OSError:  # missing, or where nobody cannot reach it (pyenv under /root)
             continue
         if child.returncode == 0 and "SKIP" not in child.stdout:
-            return
+            return child.stdout
     pytest.skip("user nobody cannot import rlvr_rewards or has no sandbox with namespaces here")
 
 
@@ -437,6 +480,81 @@ def test_files_in_world_writable_subfolders_do_not_outlive_the_run(mounts):
             os.unlink(leak)
         if made:
             shutil.rmtree("/tmp/.X11-unix", ignore_errors=True)
+
+
+READ_ONLY_WRITER = """
+    import errno, os
+    def wrote(path):
+        try:
+            with open(path, "w") as f:
+                f.write("secret")
+            return True
+        except OSError as error:
+            return errno.errorcode[error.errno]
+    outside = wrote({leak!r})
+    inside = [wrote(path) for path in ("here", "/tmp/here", "/dev/shm/here", "/dev/null")]
+    print(os.getuid(), os.getcwd())"""
+
+
+@needs_sandbox
+@pytest.mark.parametrize("how", ["mount_setattr", "remounts", "run directory elsewhere", "as nobody"])
+def test_sandbox_writes_only_its_own_directories(how, monkeypatch):
+    """With a mount namespace, code cannot leave a file in a world-writable directory outside the private ones (a
+    0777 /run/probe-sandbox-PID here, /var/crash on Ubuntu): every other mount is read-only for it, by mount_setattr
+    or, before Linux 5.12, by remounting each one, also not as root (in a user namespace). So nothing appears on the
+    host, and the next sample, under another uid, reads nothing; cwd (also when the run's directory lies outside the
+    private ones), /tmp, /dev/shm and /dev/null stay writable."""
+    if not PLAN.mount_proc:
+        pytest.skip("no mount namespace here: the code can write wherever its uid may")
+    if not os.access("/run", os.W_OK):
+        pytest.skip("needs a writable /run, for a world-writable directory outside the private ones")
+    if how == "remounts":  # as on a kernel without mount_setattr: syscall -1 fails with ENOSYS
+        assert "libc.syscall(442," in sandbox._HARNESS
+        monkeypatch.setattr(sandbox, "_HARNESS", sandbox._HARNESS.replace("libc.syscall(442,", "libc.syscall(-1,"))
+    probe = f"/run/probe-sandbox-{os.getpid()}"
+    os.mkdir(probe)
+    os.chmod(probe, 0o777)
+    elsewhere = tempfile.mkdtemp(dir="/run", prefix="rlvr-test-")
+    if how == "run directory elsewhere":
+        os.chmod(elsewhere, 0o755)  # the sandbox's uid must reach its directory in it
+        monkeypatch.setattr(tempfile, "tempdir", elsewhere)
+    leak = f"{probe}/left-by-a"
+    writer_code = program(READ_ONLY_WRITER.format(leak=leak))
+    tests = ["assert outside == 'EROFS'", "assert inside == [True, True, True, True]"]
+    try:
+        if how == "as nobody":
+            printed = _run_as_nobody("import sandbox\nplan = sandbox._probe_sandbox()\n"
+                                     "if plan is None or not plan.mount_proc:\n    print('SKIP')\n"
+                                     f"else:\n    print(sandbox.run_sandboxed({writer_code!r}, {tests!r}))")
+            assert "passed=[True, True]" in printed, printed[-2000:]
+            assert os.listdir(probe) == []
+            return
+        writer = sandbox._run(PLAN, writer_code, tests)
+        assert writer.passed == [True, True], writer.output[-2000:]
+        assert os.listdir(probe) == []
+        reader = sandbox._run(PLAN, f"import os\nprint(os.getuid())\nsecret = open({leak!r}).read()",
+                              ["assert secret == 'secret'"])
+        assert reader.passed == [False]
+        if AS_ROOT:
+            assert writer.output.split()[0] != reader.output.split()[0]  # two uid slots
+        assert writer.output.split()[1].startswith(elsewhere) == (how == "run directory elsewhere")
+        assert os.listdir(elsewhere) == []  # the run's directory went too
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+@needs_sandbox
+def test_probe_warns_where_mounts_stay_writable(monkeypatch):
+    """Where the harness cannot make the mounts read-only (here: it skips that step), the probe still picks the plan
+    with a mount namespace, and warns that code can leave files outside the private directories."""
+    if not PLAN.mount_proc:
+        pytest.skip("no mount namespace here")
+    assert "    read_only_mounts(libc)\n" in sandbox._HARNESS
+    monkeypatch.setattr(sandbox, "_HARNESS", sandbox._HARNESS.replace("    read_only_mounts(libc)\n", ""))
+    monkeypatch.setattr(sandbox, "_PLAN", None)
+    with pytest.warns(RuntimeWarning, match="read-only"):
+        assert sandbox._probe_sandbox() == PLAN
 
 
 @needs_sandbox
