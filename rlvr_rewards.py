@@ -1132,11 +1132,18 @@ def is_messages(value) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
 
 
+def _too_long_number(error: ValueError) -> str:
+    """The sentence for json's ValueError on an integer longer than Python converts from text (sys.int_info's
+    default_max_str_digits, 4,300): no answer or test needs such a number, so the row is refused, not its text read."""
+    return (f"a number too long to read ({str(error).partition(':')[0]}); write it as a string, or remove the "
+            "row.")
+
+
 def read_jsonl(path: str, parse_row) -> list:
     """Every row of a UTF-8 JSONL file (one JSON object a line; blank lines skipped; a byte-order mark accepted):
     parse_row(obj, where, line) returns a row or a list of rows, or raises DataError starting with `where` ("FILE,
-    line N: "). A line that is not UTF-8 or not JSON raises DataError naming the file and line too, before any
-    model is loaded. The one reader every script uses; each passes the checks its rows need."""
+    line N: "). A line that is not UTF-8, not JSON, or holds an integer of over 4,300 digits (more than Python reads
+    from text) raises DataError naming the file and line too, before any model is loaded. The one reader every script uses; each passes the checks its rows need."""
     if not os.path.isfile(path):
         raise DataError(f"Dataset file {path!r} does not exist.")
     rows = []
@@ -1156,6 +1163,8 @@ def read_jsonl(path: str, parse_row) -> list:
                                 "object per line.") from None
             except RecursionError:
                 raise DataError(f"{where}JSON nested too deeply to parse; write one flat object per line.") from None
+            except ValueError as error:  # an integer of more digits than Python converts (4,300 by default)
+                raise DataError(f"{where}{_too_long_number(error)}") from None
             parsed = parse_row(obj, where, number)
             rows.extend(parsed if isinstance(parsed, list) else [parsed])
     if not rows:
@@ -1233,6 +1242,8 @@ def load_prompts(spec: str, split: str = "train", n: int = 20_000, seed: int = 0
                 items = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise DataError(f"{spec}: not a JSON list of objects ({error}).") from None
+        except ValueError as error:
+            raise DataError(f"{spec}: {_too_long_number(error)}") from None
         if not isinstance(items, list) or not items:
             raise DataError(f"{spec}: expected a non-empty JSON list of objects (or a .jsonl file).")
         return [checked(item, f"{spec}, item {i}: ") for i, item in enumerate(items)]

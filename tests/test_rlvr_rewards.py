@@ -488,6 +488,19 @@ def test_well_formed_code_tests_load_and_score():
     assert env.check_prompt_row({"prompt": "p", "tests": None}, "", ["tests"])["tests"] is None
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_number_too_long_to_read_is_one_sentence_naming_its_line(suffix, tmp_path):
+    """A JSON integer of 5,000 digits (past Python's 4,300-digit limit for reading text as int) is a DataError naming
+    the file and line (or item), not a ValueError traceback."""
+    path = tmp_path / f"long{suffix}"
+    rows = ['{"prompt": "p", "answer": "1"}', '{"prompt": "p", "answer": ' + "1" * 5000 + "}"]
+    path.write_text("\n".join(rows) + "\n" if suffix == ".jsonl" else "[" + ", ".join(rows) + "]")
+    where = f"{path}, line 2: " if suffix == ".jsonl" else f"{path}: "
+    with pytest.raises(env.DataError, match=re.escape(where + "a number too long to read (Exceeds the limit (4300 "
+                                                      "digits) for integer string conversion); write it as a string")):
+        env.load_prompts(str(path), required=["answer"])
+
+
 def test_a_null_answer_marks_a_row_without_gold_and_a_missing_one_is_refused(tmp_path):
     """A mixed dataset (R1's stage 4: reasoning prompts with answers, general prompts with "answer": null) loads,
     and the accuracy reward skips its general rows; a row with no answer field at all is still a named error."""
