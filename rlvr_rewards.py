@@ -19,13 +19,16 @@ Rewards (y a completion, |y| its length, 1[c] = 1 if its answer is correct else 
                          math-verify's equivalence (\\frac{1}{2} = 0.5 = 1/2). Styles: binary {correct 1, wrong 0,
                          unparseable 0} (DeepSeek-R1), signed {+1, -1, -1} (DAPO), logic_rl {+2, -1.5, -2}
                          (Logic-RL). Two plain numbers are compared as Fractions without math-verify (same
-                         verdicts, hundreds of times faster); the rest go to math-verify worker processes with a
-                         timeout per sample (a timeout counts as wrong). A price is its number (\\$18.90, $ 5,
-                         5 dollars). A gold in words ("forty two", "Paris": letters, spaces, hyphens, a word of 3+
-                         letters), or one math-verify cannot parse, is compared as text, case and spacing aside
-                         (math-verify would read words as products of letters, so "two forty" = "forty two").
-                         A gold given as a number is its exact decimal text (1e-05 -> 0.00001, never "e - 5");
-                         NaN or inf is no gold.
+                         verdicts, hundreds of times faster, except that its 6-decimal rounding alone never matches
+                         a gold under 0.01: 0.0000001 ≠ 2.5e-7, which needs 4 significant digits); the rest go to
+                         math-verify worker processes with a timeout per sample (a timeout counts as wrong). A
+                         price is its number (\\$18.90, $ 5, 5 dollars). A gold in words ("forty two", "Paris":
+                         letters, spaces, hyphens, a word of 3+ letters), or one math-verify cannot parse, is
+                         compared as text, case and spacing aside (math-verify would read words as products of
+                         letters, so "two forty" = "forty two").
+                         A gold given as a number is its exact decimal text (1e-05 -> 0.00001, never "e - 5"), and
+                         so is a gold or answer written in exponent form ("2.5e-7", "\\boxed{1E-05}"; "e-5", with no
+                         digit before the e, stays Euler's e); NaN or inf is no gold.
                          A \\boxed{} inside <think> counts when it is the last box and there is no <answer> block.
   format_reward          R1 template <think>…</think><answer>…</answer>: 1 if it holds else 0. strict: exactly one
                          think block then one answer block, only whitespace around (newlines optional, nothing
@@ -203,7 +206,7 @@ def _clean(answer: str) -> str:
 
 def _plain_number(text: str) -> tuple[Fraction, bool, bool] | None:
     """(value, written with a decimal point, has %) of an int, decimal, a/b or 1,000; None for anything else."""
-    match = _NUMBER.fullmatch(text) if len(text) <= 40 else None  # short: no giant int conversions
+    match = _NUMBER.fullmatch(text) if len(text) <= 1100 else None  # far under int()'s 4,300 digits; 1e-999 fits
     if match is None:
         return None
     sign, whole, decimals, bare_decimals, numerator, denominator, percent = match.groups()
@@ -216,9 +219,17 @@ def _plain_number(text: str) -> tuple[Fraction, bool, bool] | None:
     return (-value if sign == "-" else value), bool(decimals or bare_decimals), bool(percent)
 
 
+# math-verify counts a decimal equal to a number it matches to 6 decimal places (1/3 = 0.333333), which says nothing
+# of a gold under 0.01: 0.0000001, -0.0000002 and 0.0000004 would all equal 2.5e-7. A match by rounding also needs
+# the answer within this tolerance of the gold, relatively (4 significant digits); from 0.01 up the 6 decimals are
+# the stricter test, so ordinary numbers keep math-verify's verdicts.
+_RELATIVE_TOLERANCE = Fraction(1, 10_000)
+
+
 def _numeric_verdict(pred: str, gold: str) -> bool | None:
     """Exact Fraction comparison of two plain numbers with math-verify's conventions (a percentage also matches
-    its value/100); None, i.e. ask math-verify, where its 6-decimal rounding of decimals might decide."""
+    its value/100); None, i.e. ask math-verify, where its 6-decimal rounding of decimals might decide and the answer
+    is within _RELATIVE_TOLERANCE of the gold; a gold under 0.01 is not matched by rounding alone."""
     p, g = _plain_number(pred), _plain_number(gold)
     if p is None or g is None:
         return None
@@ -226,11 +237,23 @@ def _numeric_verdict(pred: str, gold: str) -> bool | None:
     gold_values = {g[0], g[0] / 100} if g[2] else {g[0]}
     if pred_values & gold_values:
         return True
-    if (p[1] or g[1]) and any(round(a, 6) == round(b, 6) for a in pred_values for b in gold_values):
+    if (p[1] or g[1]) and any(round(a, 6) == round(b, 6) and abs(a - b) <= _RELATIVE_TOLERANCE * abs(b)
+                              for a in pred_values for b in gold_values):
         return None
     return False
 
 
+
+
+# A decimal number in exponent form, "1e-05", "2.5E+7": math-verify reads it as Euler's e (1e-05 = e - 5), so it is
+# rewritten as its decimal text first. Three exponent digits at most (1e999999999 would be a billion of them).
+_EXPONENT = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?[eE][+-]?[0-9]{1,3}")
+
+
+def _exponent_free(answer: str) -> str:
+    """An answer in exponent form as its exact decimal text, "2.5e-7" -> "0.00000025", "1E+3" -> "1000"; any other
+    answer as it is ("e-5", with no digit before the e, stays Euler's e minus 5)."""
+    return number_text(decimal.Decimal(answer)) if _EXPONENT.fullmatch(answer) else answer
 
 
 def _as_latex(answer: str) -> str:
@@ -269,15 +292,16 @@ def number_text(value) -> str | None:
 
 def _gold_text(gold) -> str | None:
     """The gold answer as text; a full GSM8K solution ("… #### 72") or a boxed one is reduced to its answer. A number
-    gold (a JSON number, a numpy scalar from `datasets`) is its exact decimal text (number_text); NaN or inf is no
-    gold, as a null is (pandas and parquet write a missing number as NaN). A bool stays a word ("True")."""
+    gold (a JSON number, a numpy scalar from `datasets`) is its exact decimal text (number_text), and so is a text
+    gold in exponent form ("1e-05", "#### 2.5e-7"); NaN or inf is no gold, as a null is (pandas and parquet write a
+    missing number as NaN). A bool stays a word ("True")."""
     if gold is None:
         return None
     if isinstance(gold, (numbers.Real, decimal.Decimal)) and not isinstance(gold, bool):
         return number_text(gold)
     gold = str(gold)
     found = extract_answer(gold) if ("####" in gold or "\\boxed" in gold or "</answer>" in gold) else None
-    return _clean(found or gold) or None
+    return _exponent_free(_clean(found or gold)) or None
 
 
 def check_answers(completions: list[str], answer: list, *, timeout_s: float = 3.0, fallback_last_number: bool = False,
@@ -293,6 +317,7 @@ def check_answers(completions: list[str], answer: list, *, timeout_s: float = 3.
         elif not pred or len(pred) > max_answer_chars:
             verdicts.append("unparseable")
         else:
+            pred = _exponent_free(pred)
             fast = _numeric_verdict(pred, gold)
             if fast is None and _is_words(gold):  # words are not maths: the text decides
                 fast = _same_text(pred, gold)
@@ -1143,7 +1168,8 @@ def read_jsonl(path: str, parse_row) -> list:
     """Every row of a UTF-8 JSONL file (one JSON object a line; blank lines skipped; a byte-order mark accepted):
     parse_row(obj, where, line) returns a row or a list of rows, or raises DataError starting with `where` ("FILE,
     line N: "). A line that is not UTF-8, not JSON, or holds an integer of over 4,300 digits (more than Python reads
-    from text) raises DataError naming the file and line too, before any model is loaded. The one reader every script uses; each passes the checks its rows need."""
+    from text) raises DataError naming the file and line too, before any model is loaded. The one reader every
+    script uses; each passes the checks its rows need."""
     if not os.path.isfile(path):
         raise DataError(f"Dataset file {path!r} does not exist.")
     rows = []
