@@ -620,14 +620,83 @@ def extract_code(text: str) -> str:
 
 
 
+def _fixed_by_form(test: ast.expr) -> bool:
+    """Whether an assert's condition is true or false by its form, whatever the program does: it reads no name (`1`,
+    `True`, `1 + 1 == 2`), it is a tuple, list, set or dict written out (`assert (f(1) == 3, "message")` is a
+    non-empty tuple: always true, as Python's own warning says), a lambda, an f-string with literal text, `not` of
+    one of these, or an and/or with one as an operand (in `f(1) == 3 or True` it decides; in `x and True` it does
+    nothing)."""
+    if not any(isinstance(node, ast.Name) for node in ast.walk(test)):
+        return True
+    if isinstance(test, (ast.Tuple, ast.List, ast.Set)):  # only `(*xs,)` has the truth of what it unpacks
+        return not test.elts or not all(isinstance(element, ast.Starred) for element in test.elts)
+    if isinstance(test, ast.Dict):  # a None key is `**mapping`
+        return not test.keys or any(key is not None for key in test.keys)
+    if isinstance(test, ast.JoinedStr):
+        return any(isinstance(part, ast.Constant) and part.value for part in test.values)
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        return _fixed_by_form(test.operand)
+    if isinstance(test, ast.BoolOp):
+        return any(_fixed_by_form(value) for value in test.values)
+    return isinstance(test, ast.Lambda)
+
+
+def _is_generator(function: ast.FunctionDef) -> bool:
+    """Whether calling the function only makes a generator (a yield in its own body), so its asserts never run."""
+    pending = list(function.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Yield, ast.YieldFrom)):
+            return True
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            pending.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def _bound_names(statement: ast.stmt) -> set[str]:
+    """The names a top-level statement binds: a def's or class's name, an import's, an assignment's targets."""
+    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {statement.name}
+    if isinstance(statement, (ast.Import, ast.ImportFrom)):
+        return {(alias.asname or alias.name).partition(".")[0] for alias in statement.names}
+    return {node.id for node in ast.walk(statement) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+
+
+def _runs_an_assert(tree: ast.Module) -> bool:
+    """Whether the test's top level holds an assert, or calls a check function defined above the call with an
+    assert at the top of its body (HumanEval's `def check(candidate): assert ...` then `check(f)`). The function
+    must be a plain def: no decorator, no yield, and its name not bound again before the call."""
+    checks = set()  # the check functions defined so far, by name
+    for statement in tree.body:
+        if isinstance(statement, ast.Assert):
+            return True
+        call = statement.value if isinstance(statement, ast.Expr) else None
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in checks:
+            return True
+        checks -= _bound_names(statement)
+        if isinstance(statement, ast.FunctionDef) and not statement.decorator_list and not _is_generator(statement) \
+                and any(isinstance(line, ast.Assert) for line in statement.body):
+            checks.add(statement.name)
+    return False
+
+
 def code_tests(tests) -> list[str]:
     """A row's code tests as the list of statements code_reward runs, or a DataError (without the row) saying what
-    is wrong. The accepted forms: a list of Python statements, each holding at least one `assert` (usually just
-    `assert f(1) == 2`, the built-in code task's form, which sandbox.run_sandboxed checks without trusting the
-    program; a loop of asserts or a HumanEval-style `def check(candidate): ...` then `check(f)` count too); a
-    single string, one such test; null or [] for no tests. Anything else would pass whatever the program does: an
-    expression (`f(1) == 2` is computed and dropped), a nested list or a JSON string of a list (their text is an
-    expression). This is a check of the form: a test whose assert never runs (`if False: assert ...`) still passes."""
+    is wrong. The accepted forms: a list of test strings; a single string, one test; null or [] for no tests. Each
+    test is Python that, run after the program, fails unless the program is right, so it must:
+      - run an assert whatever happens: an `assert` at the test's top level (`assert f(1) == 2`, the built-in code
+        task's form, which sandbox.run_sandboxed checks without trusting the program), or a top-level call of a
+        function defined above it with an assert at the top of its body (HumanEval: `def check(candidate):` with
+        `assert candidate(1) == 2`, then `check(f)`). An assert only inside if/while/for/try/with, or in a function
+        never called (HumanEval's raw `test` field, without its `check(entry_point)` line), may never run;
+      - assert nothing true or false by its form (_fixed_by_form): no constant (`assert True`, `assert 1`), no
+        comparison of constants (`assert 1 + 1 == 2`), no tuple or other display (`assert (f(1) == 3, "msg")`, always
+        true), no and/or with such an operand (`assert f(1) == 3 or True`).
+    Anything else would pass whatever the program does: an expression (`f(1) == 2` is computed and dropped), a
+    nested list or a JSON string of a list (their text is an expression). This is a check of the form, not of the
+    test's meaning: a test that ignores the program (`x = 1` then `assert x == 1`), or a check function that returns
+    or catches AssertionError before its assert, still passes; and a HumanEval check whose asserts are all inside a
+    loop is refused (add one assert at the top of its body)."""
     if tests is None:
         return []
     if isinstance(tests, str):
@@ -648,14 +717,25 @@ def code_tests(tests) -> list[str]:
                             "strings such as [\"assert f(1) == 2\"].")
         try:
             tree = ast.parse(test)
+            asserts = [node for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+            fixed = next((node for node in asserts if _fixed_by_form(node.test)), None)
         except (SyntaxError, ValueError) as error:  # ValueError: a NUL byte
             raise DataError(f"'tests' item {j} is not valid Python ({getattr(error, 'msg', error)}); fix the test, "
                             "or no program could pass it.") from None
         except (MemoryError, RecursionError):
             raise DataError(f"'tests' item {j} is nested too deeply to parse; simplify the test.") from None
-        if not any(isinstance(node, ast.Assert) for node in ast.walk(tree)):
+        if not asserts:
             raise DataError(f"'tests' item {j} ({test[:60]!r}) holds no assert statement, so it passes whatever the "
                             f"program does; write it as an assert (\"assert {test.strip()[:40]}\").")
+        if fixed is not None:
+            shown = (ast.get_source_segment(test, fixed.test) or "")[:40]
+            raise DataError(f"'tests' item {j} ({test[:60]!r}) asserts {shown!r}, which is true or false by its form "
+                            "whatever the program does (a constant, a tuple such as `assert (x, 'message')`, "
+                            "`x or True`); assert a condition on the program's results.")
+        if not _runs_an_assert(tree):
+            raise DataError(f"'tests' item {j} ({test[:60]!r}) has no assert that always runs; write one at the "
+                            "test's top level (not inside if/while/for/try/with), or call the function that holds "
+                            "it (HumanEval's test needs a `check(f)` line after `def check(candidate): ...`).")
     return list(tests)
 
 
@@ -663,10 +743,11 @@ def code_reward(completions: list[str], tests: list, *, all_or_nothing: bool = F
                 max_workers: int | None = None, memory_mb: int = 512, **kwargs) -> list[float | None]:
     """The fraction of a row's tests that pass after the completion's code (1 or 0 with all_or_nothing),
     max_workers threads (default 4 per CPU, at most 32; sandbox.py runs one program per core at a time, so a
-    score does not depend on its batch); None without tests. A row's tests are a list of
-    statements each holding an assert, or one such string (code_tests); malformed tests raise DataError naming the
-    row before anything runs, since they would pass a wrong program (load_prompts refuses such rows at load time).
-    Raises RuntimeError where no sandbox works on this machine, rather than give every sample 0."""
+    score does not depend on its batch); None without tests. A row's tests are a list of test
+    strings, each of which always runs an assert on the program's results, or one such string (code_tests states the
+    form); malformed tests raise DataError naming the row before anything runs, since they would pass a wrong program
+    (load_prompts refuses such rows at load time). Raises RuntimeError where no sandbox works on this machine, rather
+    than give every sample 0."""
     cases = []
     for i, row_tests in enumerate(tests):
         try:
@@ -1208,7 +1289,8 @@ def check_prompt_row(row, where: str, required=()) -> dict:
     `required` (those the rewards read: answer, tests, ...); a DataError starting with `where` otherwise. A field
     given as null is present: that row has no gold, and the rewards that need one skip it (a dataset that mixes
     verifiable and general prompts, as R1's stage 4). A row's 'tests' (code_reward's, and the code verifier's
-    wherever a row has them) must be in a form code_tests accepts: a list of statements each holding an assert."""
+    wherever a row has them) must be in the form code_tests accepts: test strings that each run an assert, at their
+    top level or in a check function they call, and none true or false by its form (`assert True`)."""
     if not isinstance(row, dict) or "prompt" not in row:
         columns = f"; this row's columns are {sorted(row)}" if isinstance(row, dict) else ""
         raise DataError(f"{where}each row must be an object with a 'prompt' (--prompt-column names another "

@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlvr_rewards as env  # noqa: E402
+import sandbox  # noqa: E402
 from test_sandbox import PLAN, needs_sandbox  # noqa: E402
 
 
@@ -421,7 +422,7 @@ def test_load_reward_fn_from_module_and_file(tmp_path):
 
 def test_rewards_ignore_unknown_columns():
     """Every built-in accepts and ignores columns it does not use."""
-    columns = dict(answer=["1"], target_length=[10], numbers=[[1]], target=[1], tests=[["assert True"]],
+    columns = dict(answer=["1"], target_length=[10], numbers=[[1]], target=[1], tests=[["assert f(1) == 2"]],
                    prompt=["p"], something_else=[object()])
     for name, fn in env.REWARDS.items():
         if name != "code" or PLAN is not None:
@@ -482,19 +483,45 @@ def test_code_rows_reference_solutions_pass_their_tests():
     assert env.code_reward(["def f(*args):\n    return None"] * 16, [row["tests"] for row in rows]) == [0.0] * 16
 
 
+NEVER_RUNS, BY_FORM = "has no assert that always runs", "true or false by its form"
+# Valid Python with an assert that a wrong program passes: the assert never runs, or its form decides it.
+PASS_ANY_PROGRAM = [
+    ("def check(candidate):\n    assert candidate(1) == 2", NEVER_RUNS),  # HumanEval's raw test: check(f) never called
+    (["if False:\n    assert f(1) == 2"], NEVER_RUNS),
+    (["while False:\n    assert f(1) == 2"], NEVER_RUNS),
+    (["for x in []:\n    assert f(x) == 2"], NEVER_RUNS),
+    (["try:\n    assert f(1) == 2\nexcept AssertionError:\n    pass"], NEVER_RUNS),
+    (["def check(c):\n    assert c(1) == 2\n    yield\ncheck(f)"], NEVER_RUNS),  # the call only makes a generator
+    (["def check(c):\n    assert c(1) == 2\ncheck = print\ncheck(f)"], NEVER_RUNS),
+    (["assert (f(1) == 2, 'f(1) should be 2')"], BY_FORM),  # a non-empty tuple: always true
+    (["assert f(1) == 2 or True"], BY_FORM),
+    (["assert 1"], BY_FORM),
+    (["assert True", "assert f(1) == 2"], "item 0 .*" + BY_FORM),  # a wrong program scored 0.5
+    (["assert f(1) == 2", "assert 1 + 1 == 2"], "item 1 .*" + BY_FORM),
+]
 MALFORMED_TESTS = [
     ('["assert f(1) == 2"]', "a string holding a JSON list"),   # JSON-encoded once too often
     (["f(1) == 2"], "item 0 .* holds no assert"),                # an expression: true or false, it never fails
     ([["assert f(1) == 2"]], "item 0 is a list"),                # nested: str() of a list is an expression too
     (["assert f(1) == 2", "assert f(2) =="], "item 1 is not valid Python"),
     (3, "must be a list of test statements"),
-]
+] + PASS_ANY_PROGRAM
+
+
+@needs_sandbox
+def test_the_refused_forms_pass_a_wrong_program():
+    """Why PASS_ANY_PROGRAM is refused: run as they are, every one of those tests passes a wrong program (f returns
+    0), except the real asserts beside `assert True` and `assert 1 + 1 == 2`."""
+    tests = [test for row, _ in PASS_ANY_PROGRAM for test in ([row] if isinstance(row, str) else row)]
+    real = {"assert f(1) == 2"}
+    assert sandbox.run_sandboxed("def f(x):\n    return 0", tests).passed == [test not in real for test in tests]
 
 
 @pytest.mark.parametrize("tests, why", MALFORMED_TESTS)
 def test_malformed_code_tests_are_refused_with_their_line(tests, why, tmp_path):
     """A row whose tests would pass any program (a JSON string of a list, an expression without assert, a nested
-    list) or could pass none (invalid Python) is refused at load time, naming its line."""
+    list, an assert that may never run or that its form decides) or could pass none (invalid Python) is refused at
+    load time, naming its line."""
     import json
 
     path = tmp_path / "code.jsonl"
@@ -514,10 +541,11 @@ def test_code_reward_refuses_malformed_tests_rather_than_pass_a_wrong_program(te
 
 @needs_sandbox
 def test_well_formed_code_tests_load_and_score():
-    """A list of asserts, a single string with an assert (a HumanEval-style check function) and a null load; the
-    right program scores 1 and a wrong one 0."""
-    check = "def check(candidate):\n    assert candidate(1) == 2\ncheck(f)"
-    for tests in (["assert f(1) == 2", "for x in range(3): assert f(x) == x + 1"], check):
+    """A list of top-level asserts, a single string with a HumanEval-style check function that it calls (asserts in
+    a loop beside one at its top), and a null load; the right program scores 1 and a wrong one 0."""
+    check = ("def check(candidate):\n    assert candidate(1) == 2\n    for x in range(3):\n"
+             "        assert candidate(x) == x + 1\n\ncheck(f)")
+    for tests in (["assert f(1) == 2", "x = f(2)\nassert x == 3", "assert [*map(f, [1])] == [2]"], check):
         assert env.check_prompt_row({"prompt": "p", "tests": tests}, "", ["tests"])["tests"] == tests
         assert env.code_reward(["def f(x):\n    return x + 1", "def f(x):\n    return 0"], [tests] * 2) == [1.0, 0.0]
     assert env.check_prompt_row({"prompt": "p", "tests": None}, "", ["tests"])["tests"] is None
