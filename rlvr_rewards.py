@@ -620,13 +620,18 @@ def extract_code(text: str) -> str:
 
 
 
+def _reads_no_name(expression: ast.expr) -> bool:
+    """Whether an expression reads no name at all (`True`, `1 + 1 == 2`): nothing the program defines reaches it."""
+    return not any(isinstance(node, ast.Name) for node in ast.walk(expression))
+
+
 def _fixed_by_form(test: ast.expr) -> bool:
     """Whether an assert's condition is true or false by its form, whatever the program does: it reads no name (`1`,
     `True`, `1 + 1 == 2`), it is a tuple, list, set or dict written out (`assert (f(1) == 3, "message")` is a
     non-empty tuple: always true, as Python's own warning says), a lambda, an f-string with literal text, `not` of
     one of these, or an and/or with one as an operand (in `f(1) == 3 or True` it decides; in `x and True` it does
     nothing)."""
-    if not any(isinstance(node, ast.Name) for node in ast.walk(test)):
+    if _reads_no_name(test):
         return True
     if isinstance(test, (ast.Tuple, ast.List, ast.Set)):  # only `(*xs,)` has the truth of what it unpacks
         return not test.elts or not all(isinstance(element, ast.Starred) for element in test.elts)
@@ -662,41 +667,48 @@ def _bound_names(statement: ast.stmt) -> set[str]:
     return {node.id for node in ast.walk(statement) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
 
 
-def _runs_an_assert(tree: ast.Module) -> bool:
-    """Whether the test's top level holds an assert, or calls a check function defined above the call with an
-    assert at the top of its body (HumanEval's `def check(candidate): assert ...` then `check(f)`). The function
-    must be a plain def: no decorator, no yield, and its name not bound again before the call."""
+def _runs_an_assert(tree: ast.Module, counts=lambda node: True) -> bool:
+    """Whether the test's top level holds an assert that `counts`, or calls a check function defined above the call
+    with such an assert at the top of its body (HumanEval's `def check(candidate): assert ...` then `check(f)`). The
+    function must be a plain def: no decorator, no yield, and its name not bound again before the call."""
     checks = set()  # the check functions defined so far, by name
     for statement in tree.body:
-        if isinstance(statement, ast.Assert):
+        if isinstance(statement, ast.Assert) and counts(statement):
             return True
         call = statement.value if isinstance(statement, ast.Expr) else None
         if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in checks:
             return True
         checks -= _bound_names(statement)
         if isinstance(statement, ast.FunctionDef) and not statement.decorator_list and not _is_generator(statement) \
-                and any(isinstance(line, ast.Assert) for line in statement.body):
+                and any(isinstance(line, ast.Assert) and counts(line) for line in statement.body):
             checks.add(statement.name)
     return False
+
+
+def _checks_the_program(node: ast.Assert) -> bool:
+    """Whether an assert's outcome can depend on the program (its condition is not decided by its form)."""
+    return not _fixed_by_form(node.test)
 
 
 def code_tests(tests) -> list[str]:
     """A row's code tests as the list of statements code_reward runs, or a DataError (without the row) saying what
     is wrong. The accepted forms: a list of test strings; a single string, one test; null or [] for no tests. Each
     test is Python that, run after the program, fails unless the program is right, so it must:
-      - run an assert whatever happens: an `assert` at the test's top level (`assert f(1) == 2`, the built-in code
-        task's form, which sandbox.run_sandboxed checks without trusting the program), or a top-level call of a
-        function defined above it with an assert at the top of its body (HumanEval: `def check(candidate):` with
-        `assert candidate(1) == 2`, then `check(f)`). An assert only inside if/while/for/try/with, or in a function
-        never called (HumanEval's raw `test` field, without its `check(entry_point)` line), may never run;
-      - assert nothing true or false by its form (_fixed_by_form): no constant (`assert True`, `assert 1`), no
-        comparison of constants (`assert 1 + 1 == 2`), no tuple or other display (`assert (f(1) == 3, "msg")`, always
-        true), no and/or with such an operand (`assert f(1) == 3 or True`).
+      - run, whatever happens, an assert whose condition is not true or false by its form (_fixed_by_form): at the
+        test's top level (`assert f(1) == 2`, the built-in code task's form, which sandbox.run_sandboxed checks
+        without trusting the program), or at the top of the body of a function defined above a top-level call of it
+        (HumanEval: `def check(candidate):` with `assert candidate(1) == 2`, then `check(f)`). An assert only inside
+        if/while/for/try/with, or in a function never called (HumanEval's raw `test` field, without its
+        `check(entry_point)` line), may never run; `assert True`, `assert 1` or `assert 1 + 1 == 2` alone pass any
+        program (beside a real assert they change nothing: HumanEval's checks open with `assert True, "..."`);
+      - hold no assert that looks at the program yet is decided by its form: a tuple or other display
+        (`assert (f(1) == 3, "msg")`, always true), an and/or with an operand decided by its form
+        (`assert f(1) == 3 or True`), `not` of one: the check its author meant never happens.
     Anything else would pass whatever the program does: an expression (`f(1) == 2` is computed and dropped), a
     nested list or a JSON string of a list (their text is an expression). This is a check of the form, not of the
     test's meaning: a test that ignores the program (`x = 1` then `assert x == 1`), or a check function that returns
-    or catches AssertionError before its assert, still passes; and a HumanEval check whose asserts are all inside a
-    loop is refused (add one assert at the top of its body)."""
+    or catches AssertionError before its assert, still passes; and a HumanEval check whose asserts on the program are
+    all inside a loop is refused (add one at the top of its body)."""
     if tests is None:
         return []
     if isinstance(tests, str):
@@ -715,10 +727,12 @@ def code_tests(tests) -> list[str]:
         if not isinstance(test, str):
             raise DataError(f"'tests' item {j} is a {type(test).__name__}, not a statement; write a flat list of "
                             "strings such as [\"assert f(1) == 2\"].")
-        try:
+        try:  # every verdict here: DataError is a ValueError, which the except below would take
             tree = ast.parse(test)
             asserts = [node for node in ast.walk(tree) if isinstance(node, ast.Assert)]
-            fixed = next((node for node in asserts if _fixed_by_form(node.test)), None)
+            hidden = next((node for node in asserts if _fixed_by_form(node.test) and not _reads_no_name(node.test)),
+                          None)
+            checks, runs = _runs_an_assert(tree, _checks_the_program), _runs_an_assert(tree)
         except (SyntaxError, ValueError) as error:  # ValueError: a NUL byte
             raise DataError(f"'tests' item {j} is not valid Python ({getattr(error, 'msg', error)}); fix the test, "
                             "or no program could pass it.") from None
@@ -727,12 +741,17 @@ def code_tests(tests) -> list[str]:
         if not asserts:
             raise DataError(f"'tests' item {j} ({test[:60]!r}) holds no assert statement, so it passes whatever the "
                             f"program does; write it as an assert (\"assert {test.strip()[:40]}\").")
-        if fixed is not None:
-            shown = (ast.get_source_segment(test, fixed.test) or "")[:40]
+        if hidden is not None:
+            shown = (ast.get_source_segment(test, hidden.test) or "")[:40]
             raise DataError(f"'tests' item {j} ({test[:60]!r}) asserts {shown!r}, which is true or false by its form "
-                            "whatever the program does (a constant, a tuple such as `assert (x, 'message')`, "
-                            "`x or True`); assert a condition on the program's results.")
-        if not _runs_an_assert(tree):
+                            "whatever the program does (a tuple such as `assert (x, 'message')`, meant as "
+                            "`assert x, 'message'`; `x or True`); assert the condition itself.")
+        if runs and not checks:
+            raise DataError(f"'tests' item {j} ({test[:60]!r}) always runs only asserts that are true or false by "
+                            "their form whatever the program does (`assert True`, `assert 1 + 1 == 2`); write an "
+                            "assert on the program's results (\"assert f(1) == 2\") at its top level, or at the top of "
+                            "the check function it calls.")
+        if not checks:
             raise DataError(f"'tests' item {j} ({test[:60]!r}) has no assert that always runs; write one at the "
                             "test's top level (not inside if/while/for/try/with), or call the function that holds "
                             "it (HumanEval's test needs a `check(f)` line after `def check(candidate): ...`).")

@@ -483,7 +483,7 @@ def test_code_rows_reference_solutions_pass_their_tests():
     assert env.code_reward(["def f(*args):\n    return None"] * 16, [row["tests"] for row in rows]) == [0.0] * 16
 
 
-NEVER_RUNS, BY_FORM = "has no assert that always runs", "true or false by its form"
+NEVER_RUNS, BY_FORM = "has no assert that always runs", "true or false by (its|their) form"
 # Valid Python with an assert that a wrong program passes: the assert never runs, or its form decides it.
 PASS_ANY_PROGRAM = [
     ("def check(candidate):\n    assert candidate(1) == 2", NEVER_RUNS),  # HumanEval's raw test: check(f) never called
@@ -493,6 +493,7 @@ PASS_ANY_PROGRAM = [
     (["try:\n    assert f(1) == 2\nexcept AssertionError:\n    pass"], NEVER_RUNS),
     (["def check(c):\n    assert c(1) == 2\n    yield\ncheck(f)"], NEVER_RUNS),  # the call only makes a generator
     (["def check(c):\n    assert c(1) == 2\ncheck = print\ncheck(f)"], NEVER_RUNS),
+    (["def check(c):\n    assert True, 'debug'\n    for x in []:\n        assert c(x) == 2\ncheck(f)"], BY_FORM),
     (["assert (f(1) == 2, 'f(1) should be 2')"], BY_FORM),  # a non-empty tuple: always true
     (["assert f(1) == 2 or True"], BY_FORM),
     (["assert 1"], BY_FORM),
@@ -541,10 +542,11 @@ def test_code_reward_refuses_malformed_tests_rather_than_pass_a_wrong_program(te
 
 @needs_sandbox
 def test_well_formed_code_tests_load_and_score():
-    """A list of top-level asserts, a single string with a HumanEval-style check function that it calls (asserts in
-    a loop beside one at its top), and a null load; the right program scores 1 and a wrong one 0."""
-    check = ("def check(candidate):\n    assert candidate(1) == 2\n    for x in range(3):\n"
-             "        assert candidate(x) == x + 1\n\ncheck(f)")
+    """A list of top-level asserts, a single string with a HumanEval-style check function that it calls (its
+    `assert True, "..."` line and a loop of asserts beside a real one at its top), and a null load; the right program
+    scores 1 and a wrong one 0."""
+    check = ("def check(candidate):\n    assert True, 'This prints if this assert fails 1'\n"
+             "    assert candidate(1) == 2\n    for x in range(3):\n        assert candidate(x) == x + 1\n\ncheck(f)")
     for tests in (["assert f(1) == 2", "x = f(2)\nassert x == 3", "assert [*map(f, [1])] == [2]"], check):
         assert env.check_prompt_row({"prompt": "p", "tests": tests}, "", ["tests"])["tests"] == tests
         assert env.code_reward(["def f(x):\n    return x + 1", "def f(x):\n    return 0"], [tests] * 2) == [1.0, 0.0]
