@@ -19,13 +19,16 @@ Rewards (y a completion, |y| its length, 1[c] = 1 if its answer is correct else 
                          math-verify's equivalence (\\frac{1}{2} = 0.5 = 1/2). Styles: binary {correct 1, wrong 0,
                          unparseable 0} (DeepSeek-R1), signed {+1, -1, -1} (DAPO), logic_rl {+2, -1.5, -2}
                          (Logic-RL). Two plain numbers are compared as Fractions without math-verify (same
-                         verdicts, hundreds of times faster); the rest go to math-verify worker processes with a
-                         timeout per sample (a timeout counts as wrong). A price is its number (\\$18.90, $ 5,
-                         5 dollars). A gold in words ("forty two", "Paris": letters, spaces, hyphens, a word of 3+
-                         letters), or one math-verify cannot parse, is compared as text, case and spacing aside
-                         (math-verify would read words as products of letters, so "two forty" = "forty two").
-                         A gold given as a number is its exact decimal text (1e-05 -> 0.00001, never "e - 5");
-                         NaN or inf is no gold.
+                         verdicts, hundreds of times faster, except that its 6-decimal rounding alone never matches
+                         a gold under 0.01: 0.0000001 ≠ 2.5e-7, which needs 4 significant digits); the rest go to
+                         math-verify worker processes with a timeout per sample (a timeout counts as wrong). A
+                         price is its number (\\$18.90, $ 5, 5 dollars). A gold in words ("forty two", "Paris":
+                         letters, spaces, hyphens, a word of 3+ letters), or one math-verify cannot parse, is
+                         compared as text, case and spacing aside (math-verify would read words as products of
+                         letters, so "two forty" = "forty two").
+                         A gold given as a number is its exact decimal text (1e-05 -> 0.00001, never "e - 5"), and
+                         so is a gold or answer written in exponent form ("2.5e-7", "\\boxed{1E-05}"; "e-5", with no
+                         digit before the e, stays Euler's e); NaN or inf is no gold.
                          A \\boxed{} inside <think> counts when it is the last box and there is no <answer> block.
   format_reward          R1 template <think>…</think><answer>…</answer>: 1 if it holds else 0. strict: exactly one
                          think block then one answer block, only whitespace around (newlines optional, nothing
@@ -203,7 +206,7 @@ def _clean(answer: str) -> str:
 
 def _plain_number(text: str) -> tuple[Fraction, bool, bool] | None:
     """(value, written with a decimal point, has %) of an int, decimal, a/b or 1,000; None for anything else."""
-    match = _NUMBER.fullmatch(text) if len(text) <= 40 else None  # short: no giant int conversions
+    match = _NUMBER.fullmatch(text) if len(text) <= 1100 else None  # far under int()'s 4,300 digits; 1e-999 fits
     if match is None:
         return None
     sign, whole, decimals, bare_decimals, numerator, denominator, percent = match.groups()
@@ -216,9 +219,17 @@ def _plain_number(text: str) -> tuple[Fraction, bool, bool] | None:
     return (-value if sign == "-" else value), bool(decimals or bare_decimals), bool(percent)
 
 
+# math-verify counts a decimal equal to a number it matches to 6 decimal places (1/3 = 0.333333), which says nothing
+# of a gold under 0.01: 0.0000001, -0.0000002 and 0.0000004 would all equal 2.5e-7. A match by rounding also needs
+# the answer within this tolerance of the gold, relatively (4 significant digits); from 0.01 up the 6 decimals are
+# the stricter test, so ordinary numbers keep math-verify's verdicts.
+_RELATIVE_TOLERANCE = Fraction(1, 10_000)
+
+
 def _numeric_verdict(pred: str, gold: str) -> bool | None:
     """Exact Fraction comparison of two plain numbers with math-verify's conventions (a percentage also matches
-    its value/100); None, i.e. ask math-verify, where its 6-decimal rounding of decimals might decide."""
+    its value/100); None, i.e. ask math-verify, where its 6-decimal rounding of decimals might decide and the answer
+    is within _RELATIVE_TOLERANCE of the gold; a gold under 0.01 is not matched by rounding alone."""
     p, g = _plain_number(pred), _plain_number(gold)
     if p is None or g is None:
         return None
@@ -226,11 +237,23 @@ def _numeric_verdict(pred: str, gold: str) -> bool | None:
     gold_values = {g[0], g[0] / 100} if g[2] else {g[0]}
     if pred_values & gold_values:
         return True
-    if (p[1] or g[1]) and any(round(a, 6) == round(b, 6) for a in pred_values for b in gold_values):
+    if (p[1] or g[1]) and any(round(a, 6) == round(b, 6) and abs(a - b) <= _RELATIVE_TOLERANCE * abs(b)
+                              for a in pred_values for b in gold_values):
         return None
     return False
 
 
+
+
+# A decimal number in exponent form, "1e-05", "2.5E+7": math-verify reads it as Euler's e (1e-05 = e - 5), so it is
+# rewritten as its decimal text first. Three exponent digits at most (1e999999999 would be a billion of them).
+_EXPONENT = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?[eE][+-]?[0-9]{1,3}")
+
+
+def _exponent_free(answer: str) -> str:
+    """An answer in exponent form as its exact decimal text, "2.5e-7" -> "0.00000025", "1E+3" -> "1000"; any other
+    answer as it is ("e-5", with no digit before the e, stays Euler's e minus 5)."""
+    return number_text(decimal.Decimal(answer)) if _EXPONENT.fullmatch(answer) else answer
 
 
 def _as_latex(answer: str) -> str:
@@ -269,15 +292,16 @@ def number_text(value) -> str | None:
 
 def _gold_text(gold) -> str | None:
     """The gold answer as text; a full GSM8K solution ("… #### 72") or a boxed one is reduced to its answer. A number
-    gold (a JSON number, a numpy scalar from `datasets`) is its exact decimal text (number_text); NaN or inf is no
-    gold, as a null is (pandas and parquet write a missing number as NaN). A bool stays a word ("True")."""
+    gold (a JSON number, a numpy scalar from `datasets`) is its exact decimal text (number_text), and so is a text
+    gold in exponent form ("1e-05", "#### 2.5e-7"); NaN or inf is no gold, as a null is (pandas and parquet write a
+    missing number as NaN). A bool stays a word ("True")."""
     if gold is None:
         return None
     if isinstance(gold, (numbers.Real, decimal.Decimal)) and not isinstance(gold, bool):
         return number_text(gold)
     gold = str(gold)
     found = extract_answer(gold) if ("####" in gold or "\\boxed" in gold or "</answer>" in gold) else None
-    return _clean(found or gold) or None
+    return _exponent_free(_clean(found or gold)) or None
 
 
 def check_answers(completions: list[str], answer: list, *, timeout_s: float = 3.0, fallback_last_number: bool = False,
@@ -293,6 +317,7 @@ def check_answers(completions: list[str], answer: list, *, timeout_s: float = 3.
         elif not pred or len(pred) > max_answer_chars:
             verdicts.append("unparseable")
         else:
+            pred = _exponent_free(pred)
             fast = _numeric_verdict(pred, gold)
             if fast is None and _is_words(gold):  # words are not maths: the text decides
                 fast = _same_text(pred, gold)
@@ -595,14 +620,95 @@ def extract_code(text: str) -> str:
 
 
 
+def _reads_no_name(expression: ast.expr) -> bool:
+    """Whether an expression reads no name at all (`True`, `1 + 1 == 2`): nothing the program defines reaches it."""
+    return not any(isinstance(node, ast.Name) for node in ast.walk(expression))
+
+
+def _fixed_by_form(test: ast.expr) -> bool:
+    """Whether an assert's condition is true or false by its form, whatever the program does: it reads no name (`1`,
+    `True`, `1 + 1 == 2`), it is a tuple, list, set or dict written out (`assert (f(1) == 3, "message")` is a
+    non-empty tuple: always true, as Python's own warning says), a lambda, an f-string with literal text, `not` of
+    one of these, or an and/or with one as an operand (in `f(1) == 3 or True` it decides; in `x and True` it does
+    nothing)."""
+    if _reads_no_name(test):
+        return True
+    if isinstance(test, (ast.Tuple, ast.List, ast.Set)):  # only `(*xs,)` has the truth of what it unpacks
+        return not test.elts or not all(isinstance(element, ast.Starred) for element in test.elts)
+    if isinstance(test, ast.Dict):  # a None key is `**mapping`
+        return not test.keys or any(key is not None for key in test.keys)
+    if isinstance(test, ast.JoinedStr):
+        return any(isinstance(part, ast.Constant) and part.value for part in test.values)
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        return _fixed_by_form(test.operand)
+    if isinstance(test, ast.BoolOp):
+        return any(_fixed_by_form(value) for value in test.values)
+    return isinstance(test, ast.Lambda)
+
+
+def _is_generator(function: ast.FunctionDef) -> bool:
+    """Whether calling the function only makes a generator (a yield in its own body), so its asserts never run."""
+    pending = list(function.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Yield, ast.YieldFrom)):
+            return True
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            pending.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def _bound_names(statement: ast.stmt) -> set[str]:
+    """The names a top-level statement binds: a def's or class's name, an import's, an assignment's targets."""
+    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {statement.name}
+    if isinstance(statement, (ast.Import, ast.ImportFrom)):
+        return {(alias.asname or alias.name).partition(".")[0] for alias in statement.names}
+    return {node.id for node in ast.walk(statement) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+
+
+def _runs_an_assert(tree: ast.Module, counts=lambda node: True) -> bool:
+    """Whether the test's top level holds an assert that `counts`, or calls a check function defined above the call
+    with such an assert at the top of its body (HumanEval's `def check(candidate): assert ...` then `check(f)`). The
+    function must be a plain def: no decorator, no yield, and its name not bound again before the call."""
+    checks = set()  # the check functions defined so far, by name
+    for statement in tree.body:
+        if isinstance(statement, ast.Assert) and counts(statement):
+            return True
+        call = statement.value if isinstance(statement, ast.Expr) else None
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in checks:
+            return True
+        checks -= _bound_names(statement)
+        if isinstance(statement, ast.FunctionDef) and not statement.decorator_list and not _is_generator(statement) \
+                and any(isinstance(line, ast.Assert) and counts(line) for line in statement.body):
+            checks.add(statement.name)
+    return False
+
+
+def _checks_the_program(node: ast.Assert) -> bool:
+    """Whether an assert's outcome can depend on the program (its condition is not decided by its form)."""
+    return not _fixed_by_form(node.test)
+
+
 def code_tests(tests) -> list[str]:
     """A row's code tests as the list of statements code_reward runs, or a DataError (without the row) saying what
-    is wrong. The accepted forms: a list of Python statements, each holding at least one `assert` (usually just
-    `assert f(1) == 2`, the built-in code task's form, which sandbox.run_sandboxed checks without trusting the
-    program; a loop of asserts or a HumanEval-style `def check(candidate): ...` then `check(f)` count too); a
-    single string, one such test; null or [] for no tests. Anything else would pass whatever the program does: an
-    expression (`f(1) == 2` is computed and dropped), a nested list or a JSON string of a list (their text is an
-    expression). This is a check of the form: a test whose assert never runs (`if False: assert ...`) still passes."""
+    is wrong. The accepted forms: a list of test strings; a single string, one test; null or [] for no tests. Each
+    test is Python that, run after the program, fails unless the program is right, so it must:
+      - run, whatever happens, an assert whose condition is not true or false by its form (_fixed_by_form): at the
+        test's top level (`assert f(1) == 2`, the built-in code task's form, which sandbox.run_sandboxed checks
+        without trusting the program), or at the top of the body of a function defined above a top-level call of it
+        (HumanEval: `def check(candidate):` with `assert candidate(1) == 2`, then `check(f)`). An assert only inside
+        if/while/for/try/with, or in a function never called (HumanEval's raw `test` field, without its
+        `check(entry_point)` line), may never run; `assert True`, `assert 1` or `assert 1 + 1 == 2` alone pass any
+        program (beside a real assert they change nothing: HumanEval's checks open with `assert True, "..."`);
+      - hold no assert that looks at the program yet is decided by its form: a tuple or other display
+        (`assert (f(1) == 3, "msg")`, always true), an and/or with an operand decided by its form
+        (`assert f(1) == 3 or True`), `not` of one: the check its author meant never happens.
+    Anything else would pass whatever the program does: an expression (`f(1) == 2` is computed and dropped), a
+    nested list or a JSON string of a list (their text is an expression). This is a check of the form, not of the
+    test's meaning: a test that ignores the program (`x = 1` then `assert x == 1`), or a check function that returns
+    or catches AssertionError before its assert, still passes; and a HumanEval check whose asserts on the program are
+    all inside a loop is refused (add one at the top of its body)."""
     if tests is None:
         return []
     if isinstance(tests, str):
@@ -621,16 +727,34 @@ def code_tests(tests) -> list[str]:
         if not isinstance(test, str):
             raise DataError(f"'tests' item {j} is a {type(test).__name__}, not a statement; write a flat list of "
                             "strings such as [\"assert f(1) == 2\"].")
-        try:
+        try:  # every verdict here: DataError is a ValueError, which the except below would take
             tree = ast.parse(test)
+            asserts = [node for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+            hidden = next((node for node in asserts if _fixed_by_form(node.test) and not _reads_no_name(node.test)),
+                          None)
+            checks, runs = _runs_an_assert(tree, _checks_the_program), _runs_an_assert(tree)
         except (SyntaxError, ValueError) as error:  # ValueError: a NUL byte
             raise DataError(f"'tests' item {j} is not valid Python ({getattr(error, 'msg', error)}); fix the test, "
                             "or no program could pass it.") from None
         except (MemoryError, RecursionError):
             raise DataError(f"'tests' item {j} is nested too deeply to parse; simplify the test.") from None
-        if not any(isinstance(node, ast.Assert) for node in ast.walk(tree)):
+        if not asserts:
             raise DataError(f"'tests' item {j} ({test[:60]!r}) holds no assert statement, so it passes whatever the "
                             f"program does; write it as an assert (\"assert {test.strip()[:40]}\").")
+        if hidden is not None:
+            shown = (ast.get_source_segment(test, hidden.test) or "")[:40]
+            raise DataError(f"'tests' item {j} ({test[:60]!r}) asserts {shown!r}, which is true or false by its form "
+                            "whatever the program does (a tuple such as `assert (x, 'message')`, meant as "
+                            "`assert x, 'message'`; `x or True`); assert the condition itself.")
+        if runs and not checks:
+            raise DataError(f"'tests' item {j} ({test[:60]!r}) always runs only asserts that are true or false by "
+                            "their form whatever the program does (`assert True`, `assert 1 + 1 == 2`); write an "
+                            "assert on the program's results (\"assert f(1) == 2\") at its top level, or at the top of "
+                            "the check function it calls.")
+        if not checks:
+            raise DataError(f"'tests' item {j} ({test[:60]!r}) has no assert that always runs; write one at the "
+                            "test's top level (not inside if/while/for/try/with), or call the function that holds "
+                            "it (HumanEval's test needs a `check(f)` line after `def check(candidate): ...`).")
     return list(tests)
 
 
@@ -638,10 +762,11 @@ def code_reward(completions: list[str], tests: list, *, all_or_nothing: bool = F
                 max_workers: int | None = None, memory_mb: int = 512, **kwargs) -> list[float | None]:
     """The fraction of a row's tests that pass after the completion's code (1 or 0 with all_or_nothing),
     max_workers threads (default 4 per CPU, at most 32; sandbox.py runs one program per core at a time, so a
-    score does not depend on its batch); None without tests. A row's tests are a list of
-    statements each holding an assert, or one such string (code_tests); malformed tests raise DataError naming the
-    row before anything runs, since they would pass a wrong program (load_prompts refuses such rows at load time).
-    Raises RuntimeError where no sandbox works on this machine, rather than give every sample 0."""
+    score does not depend on its batch); None without tests. A row's tests are a list of test
+    strings, each of which always runs an assert on the program's results, or one such string (code_tests states the
+    form); malformed tests raise DataError naming the row before anything runs, since they would pass a wrong program
+    (load_prompts refuses such rows at load time). Raises RuntimeError where no sandbox works on this machine, rather
+    than give every sample 0."""
     cases = []
     for i, row_tests in enumerate(tests):
         try:
@@ -1132,11 +1257,19 @@ def is_messages(value) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
 
 
+def _too_long_number(error: ValueError) -> str:
+    """The sentence for json's ValueError on an integer longer than Python converts from text (sys.int_info's
+    default_max_str_digits, 4,300): no answer or test needs such a number, so the row is refused, not its text read."""
+    return (f"a number too long to read ({str(error).partition(':')[0]}); write it as a string, or remove the "
+            "row.")
+
+
 def read_jsonl(path: str, parse_row) -> list:
     """Every row of a UTF-8 JSONL file (one JSON object a line; blank lines skipped; a byte-order mark accepted):
     parse_row(obj, where, line) returns a row or a list of rows, or raises DataError starting with `where` ("FILE,
-    line N: "). A line that is not UTF-8 or not JSON raises DataError naming the file and line too, before any
-    model is loaded. The one reader every script uses; each passes the checks its rows need."""
+    line N: "). A line that is not UTF-8, not JSON, or holds an integer of over 4,300 digits (more than Python reads
+    from text) raises DataError naming the file and line too, before any model is loaded. The one reader every
+    script uses; each passes the checks its rows need."""
     if not os.path.isfile(path):
         raise DataError(f"Dataset file {path!r} does not exist.")
     rows = []
@@ -1156,6 +1289,8 @@ def read_jsonl(path: str, parse_row) -> list:
                                 "object per line.") from None
             except RecursionError:
                 raise DataError(f"{where}JSON nested too deeply to parse; write one flat object per line.") from None
+            except ValueError as error:  # an integer of more digits than Python converts (4,300 by default)
+                raise DataError(f"{where}{_too_long_number(error)}") from None
             parsed = parse_row(obj, where, number)
             rows.extend(parsed if isinstance(parsed, list) else [parsed])
     if not rows:
@@ -1173,7 +1308,8 @@ def check_prompt_row(row, where: str, required=()) -> dict:
     `required` (those the rewards read: answer, tests, ...); a DataError starting with `where` otherwise. A field
     given as null is present: that row has no gold, and the rewards that need one skip it (a dataset that mixes
     verifiable and general prompts, as R1's stage 4). A row's 'tests' (code_reward's, and the code verifier's
-    wherever a row has them) must be in a form code_tests accepts: a list of statements each holding an assert."""
+    wherever a row has them) must be in the form code_tests accepts: test strings that each run an assert, at their
+    top level or in a check function they call, and none true or false by its form (`assert True`)."""
     if not isinstance(row, dict) or "prompt" not in row:
         columns = f"; this row's columns are {sorted(row)}" if isinstance(row, dict) else ""
         raise DataError(f"{where}each row must be an object with a 'prompt' (--prompt-column names another "
@@ -1233,6 +1369,8 @@ def load_prompts(spec: str, split: str = "train", n: int = 20_000, seed: int = 0
                 items = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise DataError(f"{spec}: not a JSON list of objects ({error}).") from None
+        except ValueError as error:
+            raise DataError(f"{spec}: {_too_long_number(error)}") from None
         if not isinstance(items, list) or not items:
             raise DataError(f"{spec}: expected a non-empty JSON list of objects (or a .jsonl file).")
         return [checked(item, f"{spec}, item {i}: ") for i, item in enumerate(items)]

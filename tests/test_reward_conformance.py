@@ -68,6 +68,12 @@ ESCAPED_DOLLAR_GOLD = ("ours is right because an escaped \\$ is a dollar sign, n
                        "parse a gold written with \\$ and skip the row")
 PRICE_ANCHOR = ("convention: the answer is in an <answer> block, which the peers do not read; we also read the "
                 "price as its number")
+TINY_GOLD = ("ours is right because math-verify rounds decimals to 6 places, so every number within 5e-7 of the gold "
+             "matches it, a negative one too; a gold under 0.01 needs 4 significant digits here")
+EXPONENT_GOLD = ("ours is right because the gold 1e-05 is the number 0.00001; the peers' first match in its text is "
+                 "the number 1")
+EXPONENT_ANSWER = ("ours is right because the answer 1e-05 is the number 0.00001; math-verify's LaTeX parser reads it "
+                   "as Euler's e minus 5")
 FRAC34 = ("ours is right because \\frac34 is valid LaTeX for 3/4; the peers parse the gold without a \\boxed{} "
           "anchor, find nothing and skip the row")
 FRAC34_PRED = ("ours is right because \\boxed{\\frac34} is valid LaTeX for 3/4; the peers' normalisation leaves it "
@@ -215,6 +221,14 @@ CASES = [
     acc(r"\boxed{1{,}000}", "1000", 1.0, 1.0, 1.0, source=CODE),
     acc(r"\boxed{1,000,000}", "1000000", 1.0, 1.0, 1.0, source=CODE),
     acc(r"\boxed{1,5}", "1.5", 0.0, 0.0, 0.0, source=CODE),  # a decimal comma is not read as one, by anyone
+
+    # ---- accuracy: tiny golds and the exponent form
+    acc(r"\boxed{0.00000025}", "0.00000025", 1.0, 1.0, 1.0, source=CODE),
+    acc(r"\boxed{0.0000001}", "0.00000025", 1.0, 1.0, 0.0, TINY_GOLD, CODE),
+    acc(r"\boxed{-0.0000002}", "0.00000025", 1.0, 1.0, 0.0, TINY_GOLD, CODE),
+    acc(r"\boxed{0.00001}", "1e-05", 0.0, 0.0, 1.0, EXPONENT_GOLD, CODE),
+    acc(r"\boxed{1e-05}", "0.00001", 0.0, 0.0, 1.0, EXPONENT_ANSWER, CODE),
+    acc(r"\boxed{e-5}", "1e-05", 0.0, 0.0, 0.0, source=CODE),
 
     # ---- accuracy: golds math-verify cannot parse
     acc("<answer>forty two</answer>", "forty two", SKIPS, SKIPS, 1.0, WORDS, CODE),

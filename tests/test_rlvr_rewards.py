@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlvr_rewards as env  # noqa: E402
+import sandbox  # noqa: E402
 from test_sandbox import PLAN, needs_sandbox  # noqa: E402
 
 
@@ -92,12 +93,42 @@ def test_accuracy_reward_custom_values_and_missing_gold():
 
 @pytest.mark.parametrize("gold, right, look_alike", [
     (0.00001, "0.00001", "e-5"), (1e20, "100000000000000000000", "e+20"), (1e16, "10000000000000000", "e+16"),
-    (2.5e-7, "0.00000025", "2.5e-7")])
+    (2.5e-7, "0.00000025", "e-7")])
 def test_number_golds_in_exponent_form_are_compared_as_their_value(gold, right, look_alike):
     """A JSON number gold that Python writes with an exponent (1e-05) is compared as its exact decimal value: the
     right answer scores 1 and math-verify's reading of the exponent text (e - 5, Euler's e) scores 0."""
     completions = [f"<answer>\\boxed{{{right}}}</answer>", f"<answer>\\boxed{{{look_alike}}}</answer>"]
     assert env.accuracy_reward(completions, [gold, gold]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("gold", ["1e-05", "1E-5", "+1e-5", "0.1e-4", "#### 1e-05", "\\boxed{1e-05}",
+                                  "<answer>1e-05</answer>", 1e-05, "0.00001"])
+def test_exponent_form_is_its_number_in_gold_and_answer(gold):
+    """A decimal number in exponent form, as text gold or as the model's answer, is that number, not Euler's e: the
+    value in any form scores 1, a bare e-5 (no digit before the e) and another value score 0."""
+    right = ["\\boxed{0.00001}", "<answer>1e-05</answer>", "\\boxed{1E-5}", "#### 10e-6", "\\boxed{\\frac{1}{100000}}"]
+    wrong = ["\\boxed{e-5}", "<answer>e-5</answer>", "\\boxed{2e-05}", "\\boxed{1e-06}", "\\boxed{1e5}"]
+    assert env.accuracy_reward(right + wrong, [gold] * 10) == [1.0] * 5 + [0.0] * 5
+
+
+@pytest.mark.parametrize("gold", [2.5e-7, "2.5e-7", "0.00000025", "#### 2.5E-07"])
+def test_a_tiny_gold_is_not_matched_by_six_decimal_rounding(gold):
+    """math-verify rounds decimals to 6 places, so 0.0000001, -0.0000002 and 0.0000004 all equal 2.5e-7 to it; here a
+    gold under 0.01 also needs 4 significant digits: only its value (in any form) scores 1."""
+    right = ["0.00000025", "2.5e-7", "2.50E-07", "0.000000250"]
+    wrong = ["0.0000001", "-0.0000002", "0.0000004", "0.0000002", "0.00000026", "0", "-0.00000025", "2.5e-6"]
+    completions = [f"<answer>{answer}</answer>" for answer in right + wrong]
+    assert env.accuracy_reward(completions, [gold] * len(completions)) == [1.0] * len(right) + [0.0] * len(wrong)
+
+
+@pytest.mark.parametrize("answer, gold, expected", [
+    ("72.0", "72", 1.0), ("0.5", "1/2", 1.0), ("0.333333", "1/3", 1.0), ("0.3333333", "1/3", 1.0),
+    ("0.033333", "1/30", 1.0), ("0.1", "0.1000004", 1.0), ("0.0100004", "0.01", 1.0), ("50%", "0.5", 1.0),
+    ("0.33", "1/3", 0.0), ("3.0000001", "3", 0.0), ("0.0000001", "0", 0.0), ("1000", "1e3", 1.0)])
+def test_ordinary_numbers_keep_their_verdicts(answer, gold, expected):
+    """From 0.01 up, matching to 6 decimals is the stricter test, so the tiny-gold rule changes no verdict there:
+    1/3 = 0.333333 still, 0.33 is still wrong, and math-verify still decides 3.0000001 against 3 (wrong)."""
+    assert env.accuracy_reward([f"<answer>{answer}</answer>"], [gold]) == [expected]
 
 
 def test_number_golds_become_exact_text():
@@ -123,13 +154,18 @@ def test_numeric_fast_path_agrees_with_math_verify():
 
     rng = random.Random(0)
     forms = ["17", "-4", "+5", "0", "1,000", "1000", "0.5", ".5", "1/2", "2/4", "50%", "50", "0.25", "25%", "1/3",
-             "0.333333", "0.3333333", "0.33", "3", "3.0", "3.0000001", "12.5%", "1/8", "100", "100.0", "7/7", "1"]
+             "0.333333", "0.3333333", "0.33", "3", "3.0", "3.0000001", "12.5%", "1/8", "100", "100.0", "7/7", "1",
+             "0.00000025", "0.0000001", "-0.0000002", "0.0000004", "0.01", "0.0100004", "1/30", "0.033333"]
     pairs = [(a, b) for a in forms for b in forms]
     pairs += [(str(rng.randint(-50, 50)), str(rng.randint(-50, 50))) for _ in range(50)]
     decided = [(gold, pred, fast) for gold, pred in pairs if (fast := env._numeric_verdict(pred, gold)) is not None]
     assert len(decided) > 0.8 * len(pairs)
+    departures = []
     for gold, pred, fast in decided:
-        assert fast == reference(gold, pred), (gold, pred)
+        if fast != reference(gold, pred):  # the one deliberate departure: a tiny gold matched by rounding alone
+            departures.append((gold, pred))
+            assert not fast and abs(env._plain_number(gold)[0]) < 0.01, (gold, pred)
+    assert ("0.00000025", "0.0000001") in departures
 
 
 def test_accuracy_timeout_works_off_the_main_thread():
@@ -386,7 +422,7 @@ def test_load_reward_fn_from_module_and_file(tmp_path):
 
 def test_rewards_ignore_unknown_columns():
     """Every built-in accepts and ignores columns it does not use."""
-    columns = dict(answer=["1"], target_length=[10], numbers=[[1]], target=[1], tests=[["assert True"]],
+    columns = dict(answer=["1"], target_length=[10], numbers=[[1]], target=[1], tests=[["assert f(1) == 2"]],
                    prompt=["p"], something_else=[object()])
     for name, fn in env.REWARDS.items():
         if name != "code" or PLAN is not None:
@@ -447,19 +483,46 @@ def test_code_rows_reference_solutions_pass_their_tests():
     assert env.code_reward(["def f(*args):\n    return None"] * 16, [row["tests"] for row in rows]) == [0.0] * 16
 
 
+NEVER_RUNS, BY_FORM = "has no assert that always runs", "true or false by (its|their) form"
+# Valid Python with an assert that a wrong program passes: the assert never runs, or its form decides it.
+PASS_ANY_PROGRAM = [
+    ("def check(candidate):\n    assert candidate(1) == 2", NEVER_RUNS),  # HumanEval's raw test: check(f) never called
+    (["if False:\n    assert f(1) == 2"], NEVER_RUNS),
+    (["while False:\n    assert f(1) == 2"], NEVER_RUNS),
+    (["for x in []:\n    assert f(x) == 2"], NEVER_RUNS),
+    (["try:\n    assert f(1) == 2\nexcept AssertionError:\n    pass"], NEVER_RUNS),
+    (["def check(c):\n    assert c(1) == 2\n    yield\ncheck(f)"], NEVER_RUNS),  # the call only makes a generator
+    (["def check(c):\n    assert c(1) == 2\ncheck = print\ncheck(f)"], NEVER_RUNS),
+    (["def check(c):\n    assert True, 'debug'\n    for x in []:\n        assert c(x) == 2\ncheck(f)"], BY_FORM),
+    (["assert (f(1) == 2, 'f(1) should be 2')"], BY_FORM),  # a non-empty tuple: always true
+    (["assert f(1) == 2 or True"], BY_FORM),
+    (["assert 1"], BY_FORM),
+    (["assert True", "assert f(1) == 2"], "item 0 .*" + BY_FORM),  # a wrong program scored 0.5
+    (["assert f(1) == 2", "assert 1 + 1 == 2"], "item 1 .*" + BY_FORM),
+]
 MALFORMED_TESTS = [
     ('["assert f(1) == 2"]', "a string holding a JSON list"),   # JSON-encoded once too often
     (["f(1) == 2"], "item 0 .* holds no assert"),                # an expression: true or false, it never fails
     ([["assert f(1) == 2"]], "item 0 is a list"),                # nested: str() of a list is an expression too
     (["assert f(1) == 2", "assert f(2) =="], "item 1 is not valid Python"),
     (3, "must be a list of test statements"),
-]
+] + PASS_ANY_PROGRAM
+
+
+@needs_sandbox
+def test_the_refused_forms_pass_a_wrong_program():
+    """Why PASS_ANY_PROGRAM is refused: run as they are, every one of those tests passes a wrong program (f returns
+    0), except the real asserts beside `assert True` and `assert 1 + 1 == 2`."""
+    tests = [test for row, _ in PASS_ANY_PROGRAM for test in ([row] if isinstance(row, str) else row)]
+    real = {"assert f(1) == 2"}
+    assert sandbox.run_sandboxed("def f(x):\n    return 0", tests).passed == [test not in real for test in tests]
 
 
 @pytest.mark.parametrize("tests, why", MALFORMED_TESTS)
 def test_malformed_code_tests_are_refused_with_their_line(tests, why, tmp_path):
     """A row whose tests would pass any program (a JSON string of a list, an expression without assert, a nested
-    list) or could pass none (invalid Python) is refused at load time, naming its line."""
+    list, an assert that may never run or that its form decides) or could pass none (invalid Python) is refused at
+    load time, naming its line."""
     import json
 
     path = tmp_path / "code.jsonl"
@@ -479,13 +542,28 @@ def test_code_reward_refuses_malformed_tests_rather_than_pass_a_wrong_program(te
 
 @needs_sandbox
 def test_well_formed_code_tests_load_and_score():
-    """A list of asserts, a single string with an assert (a HumanEval-style check function) and a null load; the
-    right program scores 1 and a wrong one 0."""
-    check = "def check(candidate):\n    assert candidate(1) == 2\ncheck(f)"
-    for tests in (["assert f(1) == 2", "for x in range(3): assert f(x) == x + 1"], check):
+    """A list of top-level asserts, a single string with a HumanEval-style check function that it calls (its
+    `assert True, "..."` line and a loop of asserts beside a real one at its top), and a null load; the right program
+    scores 1 and a wrong one 0."""
+    check = ("def check(candidate):\n    assert True, 'This prints if this assert fails 1'\n"
+             "    assert candidate(1) == 2\n    for x in range(3):\n        assert candidate(x) == x + 1\n\ncheck(f)")
+    for tests in (["assert f(1) == 2", "x = f(2)\nassert x == 3", "assert [*map(f, [1])] == [2]"], check):
         assert env.check_prompt_row({"prompt": "p", "tests": tests}, "", ["tests"])["tests"] == tests
         assert env.code_reward(["def f(x):\n    return x + 1", "def f(x):\n    return 0"], [tests] * 2) == [1.0, 0.0]
     assert env.check_prompt_row({"prompt": "p", "tests": None}, "", ["tests"])["tests"] is None
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_number_too_long_to_read_is_one_sentence_naming_its_line(suffix, tmp_path):
+    """A JSON integer of 5,000 digits (past Python's 4,300-digit limit for reading text as int) is a DataError naming
+    the file and line (or item), not a ValueError traceback."""
+    path = tmp_path / f"long{suffix}"
+    rows = ['{"prompt": "p", "answer": "1"}', '{"prompt": "p", "answer": ' + "1" * 5000 + "}"]
+    path.write_text("\n".join(rows) + "\n" if suffix == ".jsonl" else "[" + ", ".join(rows) + "]")
+    where = f"{path}, line 2: " if suffix == ".jsonl" else f"{path}: "
+    with pytest.raises(env.DataError, match=re.escape(where + "a number too long to read (Exceeds the limit (4300 "
+                                                      "digits) for integer string conversion); write it as a string")):
+        env.load_prompts(str(path), required=["answer"])
 
 
 def test_a_null_answer_marks_a_row_without_gold_and_a_missing_one_is_refused(tmp_path):
