@@ -209,9 +209,11 @@ def test_sandbox_cannot_write_or_read_outside(tmp_path):
     try:
         write = f"open({str(victim)!r}, 'w').write('pwned')"
         read = f"assert open({secret!r}).read() == 'top secret'"
-        assert env.code_reward([write, read], [[write + "\nassert True"], [read]]) == [0.0, 0.0]
+        written = f"assert open({str(victim)!r}).read() == 'pwned'"
+        assert env.code_reward([write, read], [[write + "\n" + written], [read]]) == [0.0, 0.0]
         litter_code = f"import os\nopen({litter!r}, 'w').write('x')\nos.mkdir({litter + '.d'!r})"
-        assert env.code_reward([litter_code], [["assert True"]]) == [1.0]  # /tmp is world-writable...
+        exists = f"assert os.path.exists({litter!r})"
+        assert env.code_reward([litter_code], [[exists]]) == [1.0]  # /tmp is world-writable...
         assert not os.path.exists(litter) and not os.path.exists(litter + ".d")  # ...but swept afterwards
         assert victim.read_text() == "original"
     finally:
@@ -828,7 +830,7 @@ def test_a_program_that_does_not_compile_scores_zero():
     result = sandbox.run_sandboxed("def f(x) return x", ["assert True", "assert 1 == 1", "x = 1"])
     assert result.passed == [False, False, False]
     assert "SyntaxError" in result.output
-    assert env.code_reward(["```python\ndef f(x):\nreturn x\n```"], [["assert True"]]) == [0.0]
+    assert env.code_reward(["```python\ndef f(x):\nreturn x\n```"], [["assert f(1) == 1"]]) == [0.0]
 
 
 # ------------------------------------------------------------------------------------------------ cleanup
