@@ -28,6 +28,10 @@ What is in this file, top to bottom:
   7. accumulation: accumulate_gradients (one optimizer step's gradients over trimmed micro-batches, the algorithm
                    giving one micro-batch's loss), fold_stats, guarded_step (no step on a NaN/inf; the gradients
                    freed after it), StepMeans.
+  8. LoRA:         add_lora (peft's adapter injected in place: fp32 adapter, frozen base in the compute dtype),
+                   BaseReference (the KL reference: the policy with its adapter off, no second model),
+                   adapter_state_dict / set_adapter_state_dict / save_adapter (peft's format), merged_state_dict
+                   (W + (alpha/r) B A, the plain model); decoding reads merged weights (_rollout_model).
 
 Shapes (declared once): B prompts, S samples per prompt (R = B*S rows), P prompt length, N new tokens,
 T sequence length, H hidden size, V vocabulary size.

@@ -7,7 +7,8 @@ What is in this file, top to bottom:
   2. seeds and schedules: seed_everything, the data order (epoch_order, stream_indices: a function of the seed and
                           the position alone, so a resume needs only the position; next_rows), warmup_schedule.
   3. checkpoints:         save_checkpoint / load_checkpoint / latest_checkpoint: a transformers directory plus the
-                          trainer state, written to a temporary name and renamed when complete.
+                          trainer state, written to a temporary name and renamed when complete (with LoRA: the
+                          adapter in adapter/, and in final/ the merged model too).
   4. metrics:             write_text (whole or not at all), MetricsLogger (metrics.jsonl, samples.jsonl, wandb,
                           TensorBoard),
                           read_metrics, plot_metrics (curves.png), Timer (perf/ seconds per phase).
