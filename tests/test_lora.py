@@ -112,6 +112,28 @@ def test_decoding_reads_merged_weights_equal_to_the_adapter_forward():
     assert torch.allclose(copy.model.layers[0].self_attn.q_proj.weight, merged.base_layer.weight + delta, atol=1e-6)
 
 
+def test_mixed_precision_decodes_a_bf16_merged_copy():
+    """Under a bf16 compute dtype the copy's adapted weights are (W + (alpha/r) B A) rounded once to bf16 from the bf16
+    base and the fp32 adapter, and its sampled log-probs agree with the trainer's (bf16 autocast) within bf16 noise."""
+    model = tiny_causal_lm()
+    K.add_lora(model, K.LoRA(4), compute=torch.bfloat16)
+    K.set_precision(model, torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+    ids, mask = left_padded_batch([5, 7])
+    out = K.generate(model, ids, mask, max_new_tokens=6, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                     eos_token_id=[])
+    layer = model.model.layers[1].mlp.down_proj
+    copied = model.__dict__["_rl_generation"].copy.model.layers[1].mlp.down_proj.weight
+    expected = (layer.base_layer.weight.float() + layer.get_delta_weight("default").float()).to(torch.bfloat16)
+    assert copied.dtype == torch.bfloat16 and torch.equal(copied, expected)
+    full, full_mask = torch.cat([ids, out.tokens], 1), torch.cat([mask, out.mask], 1)
+    trainer = K.token_logprobs(model, full, full_mask, last_n=out.tokens.shape[1])
+    assert torch.allclose(trainer, out.logprobs, atol=0.1)
+
+
 def test_the_reference_is_the_base_model_exactly():
     """BaseReference(policy), the policy with its adapter disabled, gives the log-probs of the base model loaded on
     its own, bit for bit, while the policy's own differ; the adapter's requires_grad comes back after it."""
@@ -211,6 +233,10 @@ def test_lora_settings_a_user_can_get_wrong(tiny_model_dir, tmp_path):
         grpo.check_args(small_args(tiny_model_dir, tmp_path, lora_alpha=0.0), info)
     with pytest.raises(K.UserError, match="--ref-reset-every 2 needs full fine-tuning"):
         grpo.check_args(small_args(tiny_model_dir, tmp_path, kl_coef=0.04, ref_reset_every=2), info)
+    import sft
+
+    with pytest.raises(K.UserError, match="--lora-rank adapts a trained model"):
+        sft.check_args(sft.Args(model="", lora_rank=2), info)
     with pytest.raises(K.UserError, match="--lora-targets nope"):
         K.add_lora(tiny_causal_lm(), K.LoRA(2, targets=("nope",)))
     grpo.main(small_args(tiny_model_dir, tmp_path / "run", max_steps=1))
