@@ -945,8 +945,9 @@ def _build_rollout_copy(model, compute: torch.dtype, fsdp: bool):
         if plain is None:  # a LoRA adapter's own weight: merged into its layer's, not in the copy
             continue
         merged = name.endswith(".base_layer.weight")
-        if fsdp or merged or (id(sources[module_name]) in matmul and param.dtype != compute):  # a new compute-dtype
-            # tensor (tied names share one)
+        # a new compute-dtype tensor (tied names share one): under FSDP2, for a merged weight, for a matmul weight
+        # kept in another dtype
+        if fsdp or merged or (id(sources[module_name]) in matmul and param.dtype != compute):
             if id(param) not in made:
                 made[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=compute, device=device),
                                                      requires_grad=False)

@@ -309,17 +309,21 @@ def test_reward_model_trains_an_adapter_and_its_head(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_lora_matches_one_process(strategy, tiny_model_dir, tmp_path):
-    """grpo.py --lora-rank 4 --kl-coef 0.04 on 2 gloo ranks (DDP; FSDP2 with the adapter sharded beside the base)
-    logs one process's metrics, the KL to the base included, and ends with its adapter and merged model."""
+    """grpo.py --lora-rank 4 --kl-coef 0.04 on 2 gloo ranks (DDP; FSDP2 with the adapter sharded beside the base),
+    stopped after step 1 and resumed from its checkpoint (the adapter and its AdamW state reloaded shard by shard),
+    logs the metrics of one process's straight 2-step run, the KL to the base included, and ends with its adapter and
+    merged model."""
     common = ["--model", tiny_model_dir, "--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4",
               "--max-new-tokens", "12", "--eval-every", "0", "--device", "cpu", "--no-plot", "--lora-rank", "4",
               "--lr", "5e-3", "--kl-coef", "0.04", "--save-every", "1", "--rewards", "tag_count", "task",
               "--reward-weights", "1.0", "1.0", "--strategy", strategy]
     environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "two"), *common,
-                          "--micro-batch-tokens", "64"], env=environ, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    for extra in (["--max-steps", "1"], ["--resume"]):
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "two"), *common,
+                              "--micro-batch-tokens", "64", *extra], env=environ, capture_output=True, text=True,
+                             timeout=600)
+        assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path / "one"),
                           *common], env=environ, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
