@@ -146,6 +146,19 @@ def test_the_reference_is_the_base_model_exactly():
     assert all(p.requires_grad for n, p in policy.named_parameters() if ".lora_" in n)
 
 
+def test_gradient_checkpointing_gives_the_adapter_the_same_gradient():
+    """--gradient-checkpointing with a frozen base (whose layer inputs need no gradient) still reaches every adapter
+    weight, with the gradient of the plain backward."""
+    ids, mask = left_padded_batch([6, 4])
+    grads = []
+    for checkpointing in (False, True):
+        model = K.wrap_model(lora_model().train(), "none", checkpointing=checkpointing)
+        K.token_logprobs(model, ids, mask).sum().backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert all(g is not None for g in grads[1])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
 def test_merged_state_dict_is_the_plain_models():
     """merged_state_dict has the plain architecture's names and shapes, and a plain model loading it computes what the
     adapter model computes."""
