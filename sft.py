@@ -270,7 +270,8 @@ def load_or_init(args: Args, device: torch.device):
     """(model, tokenizer) from --model, or random weights from --init-from-config (seeded by --seed)."""
     if args.model:
         return K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=device,
-                            shard=args.strategy == "fsdp", lora=runs.lora_of(args))  # FSDP2: sharded as it loads, never whole on a GPU
+                            lora=runs.lora_of(args),
+                            shard=args.strategy == "fsdp")  # FSDP2: sharded as it loads, never whole on a GPU
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = K.load_tokenizer(args.tokenizer) if args.tokenizer else toy.build_toy_tokenizer()

@@ -1,6 +1,6 @@
-"""LoRA through peft (rl_kernels section 8): only the adapter trains, decoding reads merged weights, the reference is the
-base with the adapter off, checkpoints hold the adapter (final/ the merged model too), resume is exact, every script
-takes the flags, and two torchrun ranks (DDP, FSDP2) equal one process."""
+"""LoRA through peft (rl_kernels section 8): only the adapter trains, decoding reads merged weights, the reference is
+the base with the adapter off, checkpoints hold the adapter (final/ the merged model too), resume is exact, every
+script takes the flags, and two torchrun ranks (DDP, FSDP2) equal one process."""
 
 import os
 import subprocess
