@@ -17,7 +17,7 @@ seconds per training step and decode tokens per second (their median over the ru
 a shared machine's timings, to compare within one table). The plot draws each config's mean held-out accuracy curve
 (seeds thin) against steps.
 
-    python bench/lora_rank.py                         # 24 runs of 80 steps: ~70 min on a shared 2-core CPU
+    python bench/lora_rank.py                         # 27 runs of 80 steps: ~80 min on a shared 2-core CPU
     python bench/lora_rank.py --max-steps 40          # half the length
 
 A run whose out dir already holds summary.json is read, not rerun (--rerun to redo it), so a cut-off sweep resumes;
@@ -48,7 +48,7 @@ class Args:
     """configs: LoRA ranks, 0 being full fine-tuning"""
     full_lrs: tuple[float, ...] = (5e-5, 1e-4, 2e-4, 4e-4)
     """full fine-tuning's sweep (seed 0)"""
-    lora_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)
+    lora_lrs: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)
     """every LoRA rank's sweep (seed 0)"""
     seeds: tuple[int, ...] = (0, 1, 2)
     """seeds of the final comparison, each config at its best lr"""
