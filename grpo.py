@@ -78,6 +78,7 @@ Deliberate choices:
 Launch:
     python grpo.py                                   # R1-Zero in the toy world, CPU, ~3 minutes
     python grpo.py --preset dapo --out-dir runs/dapo
+    python grpo.py --lora-rank 8 --lr 5e-4           # a rank-8 adapter: held-out 39.0% -> 92.5% (docs/lora.md)
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset data.jsonl \\
         --template chat --prompts-per-step 64 --num-generations 16 --max-new-tokens 1024 --lr 1e-6 --strategy fsdp
 
