@@ -151,13 +151,13 @@ def main(args: Args):
     sweep = ["| config | lr | held-out greedy after (seed 0) | mean over evaluations |", "|---|---|---|---|"]
     sweep += [f"| {r['config']} | {r['lr']:g}{' (best)' if best[r['rank']] == r['lr'] else ''} | "
               f"{r['final_accuracy']:.1%} | {r['mean_eval_accuracy']:.1%} |" for r in results["sweep"]]
-    table = ["| config | best lr (sweep) | held-out greedy after: mean ± std (min..max) | before | trainable "
+    table = ["| config | best lr (sweep) | held-out greedy after: mean ± std (min..max) | before (mean) | trainable "
              "parameters | AdamW state | s/step (median) | decode tokens/s (median) |",
              "|---|---|---|---|---|---|---|---|"]
     for rank in args.ranks:
         rows = [r for r in results["seeds"] if r["rank"] == rank]
         table.append(f"| {name_of(rank)} | {best[rank]:g} | {spread([r['final_accuracy'] for r in rows])} | "
-                     f"{rows[0]['evals'][0][1]:.1%} | {rows[0]['trainable_params']:,} | "
+                     f"{statistics.mean(r['evals'][0][1] for r in rows):.1%} | {rows[0]['trainable_params']:,} | "
                      f"{rows[0]['optimizer_state_bytes'] / 2**20:.2f} MiB | "
                      f"{statistics.mean(r['step_s'] for r in rows):.2f} | "
                      f"{statistics.mean(r['gen_tokens_per_s'] for r in rows):,.0f} |")
