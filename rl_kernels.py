@@ -2079,17 +2079,25 @@ def merged_state_dict(model: torch.nn.Module, state: dict) -> dict:
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module):
     """Inside the block the model computes as its base: every LoRA layer (and head copy) off, through peft's
-    enable_adapters(False), which also drops their requires_grad (restored after). Plain, DDP or FSDP2."""
+    enable_adapters(False). That switch also drops the adapter's requires_grad; it is kept here, so that the trainable
+    set never changes: FSDP2 fixes each parameter's gradient handling when it first runs the model, which may be this
+    block (a reference pass before any update), and would then never reduce the adapter's bf16 gradients into its
+    fp32 shards. Plain, DDP or FSDP2."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in unwrap(model).modules() if isinstance(m, BaseTunerLayer)]
+    trainable = [p for p in unwrap(model).parameters() if p.requires_grad]
     try:
         for layer in layers:
             layer.enable_adapters(False)
+        for param in trainable:
+            param.requires_grad_(True)
         yield model
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+        for param in trainable:
+            param.requires_grad_(True)
 
 
 class BaseReference:

@@ -352,3 +352,23 @@ def test_two_process_lora_matches_one_process(strategy, tiny_model_dir, tmp_path
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-5), (name, k)
     assert adapter_moved(tmp_path / "one" / "final")
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_lora_trains_under_mixed_precision(tiny_model_dir, tmp_path):
+    """FSDP2 with --dtype bfloat16: the frozen bf16 base and the fp32 adapter share each layer's FSDP2 group, and a
+    reference pass (adapter off) before the first update leaves the adapter trainable: its bf16 gradients reach its
+    fp32 shards, it moves, the KL to the base rises from 0, and final/ saves it in fp32."""
+    environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "grpo.py"), "--out-dir", str(tmp_path), "--model", tiny_model_dir,
+                          "--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4", "--max-new-tokens",
+                          "12", "--eval-every", "0", "--device", "cpu", "--no-plot", "--lora-rank", "4", "--lr", "5e-3",
+                          "--kl-coef", "0.04", "--rewards", "tag_count", "task", "--reward-weights", "1.0", "1.0",
+                          "--strategy", "fsdp", "--dtype", "bfloat16"], env=environ, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    kl = [r["train/kl"] for r in runs.read_metrics(str(tmp_path))]
+    assert kl[0] == 0.0 and kl[1] > 0
+    adapter = load_file(tmp_path / "final" / "adapter" / "adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in adapter.values()) and adapter_moved(tmp_path / "final")
