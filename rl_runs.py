@@ -853,8 +853,7 @@ class RunArgs:
     lora_dropout: float = 0.0
     """dropout on the adapter's input"""
     lora_targets: tuple[str, ...] = ("all-linear",)
-    """the layers that get an adapter (peft's target_modules; all-linear: every linear layer of the attention and
-    the MLP, not the output layer), e.g. q_proj v_proj"""
+    """layers that get an adapter (peft's target_modules): all-linear is every attention and MLP linear, not the head"""
     dist_timeout_s: float = 600.0
     """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
 
