@@ -342,6 +342,7 @@ def load_critic(args: Args, device) -> torch.nn.Module:
     arch = (config.architectures or [""])[0]
     critic, _ = K.load_model(path, model_class=AutoModelForTokenClassification, config=config, dtype=args.dtype,
                              master_dtype=args.master_dtype, device=device)
+    lora = runs.lora_of(args, heads=("score",))  # the value head trained whole beside the adapter
     if not isinstance(getattr(critic, "score", None), torch.nn.Linear):
         raise K.UserError(f"{path}: expected a token-classification head named 'score' (Llama, Qwen, Mistral style).")
     with torch.no_grad():
@@ -352,6 +353,8 @@ def load_critic(args: Args, device) -> torch.nn.Module:
         elif arch.endswith("ForSequenceClassification") and getattr(config, "reward_std", None):
             critic.score.weight.div_(config.reward_std)  # scores are normalised (resolve_rewards), so are values
             critic.score.bias.fill_(-config.reward_mean / config.reward_std)
+    if lora is not None:  # after the head's initialisation, which reads a plain nn.Linear
+        K.add_lora(critic, lora, K.compute_dtype(critic), base=path)
     return dropout_off(critic)
 
 
@@ -483,15 +486,18 @@ def load_models(args: Args, info: runs.DistInfo) -> tuple[dict, object]:
     compute dtype, sharded under FSDP) only when beta > 0, the controller is on, or --track-kl."""
     precision = dict(dtype=args.dtype, master_dtype=args.master_dtype, device=info.device,
                      shard=args.strategy == "fsdp")  # FSDP2: sharded as they load, never whole on a GPU
-    policy, tokenizer = K.load_model(args.model, **precision)
+    policy, tokenizer = K.load_model(args.model, lora=runs.lora_of(args), **precision)
     K.set_cpu_threads(args.threads, policy)
     ref = None
-    if args.kl_coef > 0 or args.kl_target or args.track_kl:
+    if (args.kl_coef > 0 or args.kl_target or args.track_kl) and not args.lora_rank:
         ref = dropout_off(K.load_model(args.model, frozen=True, **precision)[0]).eval().requires_grad_(False)
     critic = load_critic(args, info.device)  # whole, then sharded: its head is re-initialised on the plain model
     wrap = functools.partial(K.wrap_model, strategy=args.strategy, device=info.device,
                              checkpointing=args.gradient_checkpointing)
-    return {"policy": wrap(dropout_off(policy).train()), "critic": wrap(critic.train()), "ref": ref}, tokenizer
+    policy = wrap(dropout_off(policy).train())
+    if (args.kl_coef > 0 or args.kl_target or args.track_kl) and args.lora_rank:
+        ref = K.BaseReference(policy)  # pi_ref = the base: the policy with its adapter disabled, no second model
+    return {"policy": policy, "critic": wrap(critic.train()), "ref": ref}, tokenizer
 
 
 def save(args: Args, step: int, models: dict, tokenizer, optimizers: dict, schedulers: dict, state: dict,

@@ -28,6 +28,10 @@ What is in this file, top to bottom:
   7. accumulation: accumulate_gradients (one optimizer step's gradients over trimmed micro-batches, the algorithm
                    giving one micro-batch's loss), fold_stats, guarded_step (no step on a NaN/inf; the gradients
                    freed after it), StepMeans.
+  8. LoRA:         add_lora (peft's adapter injected in place: fp32 adapter, frozen base in the compute dtype),
+                   BaseReference (the KL reference: the policy with its adapter off, no second model),
+                   adapter_state_dict / set_adapter_state_dict / save_adapter (peft's format), merged_state_dict
+                   (W + (alpha/r) B A, the plain model); decoding reads merged weights (_rollout_model).
 
 Shapes (declared once): B prompts, S samples per prompt (R = B*S rows), P prompt length, N new tokens,
 T sequence length, H hidden size, V vocabulary size.
@@ -425,7 +429,8 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, paddin
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto",
                master_dtype: str | torch.dtype | None = "float32", frozen: bool = False,
                device: str | torch.device = "auto", trust_remote_code: bool = False, model_class=None,
-               attn_implementation: str | None = None, shard: bool = False, **model_kwargs):
+               attn_implementation: str | None = None, shard: bool = False, lora: LoRA | None = None,
+               **model_kwargs):
     """Load (model, tokenizer) from a hub id, a local directory or "toy", through transformers' Auto classes.
 
     dtype is the compute dtype ('auto': bf16 on a GPU that supports it, else fp32) and master_dtype the dtype the
@@ -433,7 +438,8 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto",
     model that is never trained (a KL reference, a reward scorer) keeps its matmul weights in the compute dtype only.
     shard: under a process group, come back FSDP2-sharded (wrap_model) without any rank ever holding the whole model on
     its device: built on the meta device, sharded, then filled from rank 0's copy in host memory one tensor at a time
-    (_load_sharded). Without a process group shard is ignored.
+    (_load_sharded). Without a process group shard is ignored. lora: give the model a LoRA adapter (add_lora), before
+    it is sharded or moved to the device, so that its initialisation is the same on every rank and device.
     """
     from transformers import AutoModelForCausalLM
 
@@ -448,9 +454,13 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = "auto",
     load = functools.partial(model_class.from_pretrained, name_or_path, trust_remote_code=trust_remote_code)
     try:
         if shard and is_distributed():
-            model = _load_sharded(load, model_class, master, compute, frozen, device, len(tokenizer), model_kwargs)
+            model = _load_sharded(load, model_class, master, compute, frozen, device, len(tokenizer), model_kwargs,
+                                  lora)
         else:
-            model = _fit_vocabulary(load(dtype=master, **model_kwargs), len(tokenizer)).to(device)
+            model = _fit_vocabulary(load(dtype=master, **model_kwargs), len(tokenizer))
+            if lora is not None:
+                add_lora(model, lora, compute, base=name_or_path)
+            model = model.to(device)
             set_precision(model, compute, frozen=frozen)
     except OSError as error:  # transformers' "not a valid model identifier", a missing weights file, ...
         raise UserError(f"--model {name_or_path}: {str(error).splitlines()[0]}") from error
@@ -469,13 +479,14 @@ def _fit_vocabulary(model, vocabulary: int):
 
 @torch.no_grad()
 def _load_sharded(load, model_class, master: torch.dtype, compute: torch.dtype, frozen: bool, device: torch.device,
-                  vocabulary: int, model_kwargs: dict):
+                  vocabulary: int, model_kwargs: dict, lora: LoRA | None = None):
     """load_model(shard=True): every rank builds the architecture on the meta device (no memory), applies the
     precision and FSDP2 (wrap_model) there, and allocates only its shards on its device; rank 0 alone reads the
     checkpoint, in its own dtype, into host memory, and set_model_state_dict(broadcast_from_rank0=True) sends it one
     tensor at a time, each rank keeping its shard (cast to the shard's dtype). The buffers the checkpoint does not
     hold (rotary inv_freq) are broadcast from rank 0's model. Peak device memory per rank: its shards plus the
-    largest tensor, instead of the whole fp32 model."""
+    largest tensor, instead of the whole fp32 model. lora: the adapter is injected on the meta model and on rank 0's
+    copy alike (add_lora, from its own seed), so its initial A comes from rank 0 like every other tensor."""
     from transformers import AutoConfig, GenerationConfig
 
     kwargs = dict(model_kwargs)
@@ -486,6 +497,8 @@ def _load_sharded(load, model_class, master: torch.dtype, compute: torch.dtype, 
                                         trust_remote_code=load.keywords["trust_remote_code"],
                                         **({"attn_implementation": attn} if attn else {}))
     _fit_vocabulary(model, vocabulary).eval()  # as from_pretrained returns it
+    if lora is not None:
+        add_lora(model, lora, compute, base=load.args[0])
     try:
         model.generation_config = GenerationConfig.from_pretrained(load.args[0])  # its EOS ids (eos_token_ids)
     except OSError:
@@ -497,6 +510,8 @@ def _load_sharded(load, model_class, master: torch.dtype, compute: torch.dtype, 
     if get_rank() == 0:
         source = _fit_vocabulary(load(config=config, dtype="auto", **({"attn_implementation": attn} if attn else {})),
                                  vocabulary)
+        if lora is not None:
+            add_lora(source, lora, compute, base=load.args[0])
         full, buffers = source.state_dict(), dict(source.named_buffers())
         del source
     set_full_state_dict(model, full, source=load.args[0], from_rank0=True)
@@ -893,15 +908,18 @@ def _rollout_model(model):
       gathering each sharded module once; decoding then runs no collective and no FSDP hook (which torch.compile
       cannot trace). Memory: the full model in bf16 per rank during the rollout, as gather-once would hold; freed
       before the update.
+    - LoRA (add_lora), in every case above: a plain copy whose adapted weights are merged, W + (alpha / r) B A, once
+      per refresh (after each update), so decoding runs the base architecture at the base's speed and never pays
+      for the adapter's two extra matmuls per layer per token. Memory: one compute-dtype tensor per adapted weight.
     """
     gen = _generation(model)
     compute, fsdp = compute_dtype(model), _is_fsdp(model)
     mixed = any(p.dtype != compute for p in model.parameters())
-    if not fsdp and not mixed:
+    if not fsdp and not mixed and not has_lora(model):
         return model
     if gen.copy is None:
         gen.copy, gen.owned = _build_rollout_copy(model, compute, fsdp)
-        gen.autocast = compute if not fsdp else None
+        gen.autocast = compute if not fsdp and mixed else None  # a LoRA copy in fp32 needs no autocast
         _use_grouped_attention(gen.copy.config)
     _sync_rollout_copy(model, gen, fsdp)
     return gen.copy
@@ -909,7 +927,9 @@ def _rollout_model(model):
 
 def _build_rollout_copy(model, compute: torch.dtype, fsdp: bool):
     """(copy, owned): the model's architecture built on the meta device, then given the model's own tensors
-    (shared) or new compute-dtype tensors of the same shape (owned, listed with their source parameter name)."""
+    (shared) or new compute-dtype tensors of the same shape (owned, listed with their source parameter name). A LoRA
+    model's copy is the plain architecture: an adapted weight (`q_proj.base_layer.weight`) becomes an owned
+    `q_proj.weight` that _sync_rollout_copy fills with the merged weight; the adapter's own tensors stay out."""
     import copy as copylib
 
     cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))  # FSDP2 subclasses the model
@@ -921,15 +941,22 @@ def _build_rollout_copy(model, compute: torch.dtype, fsdp: bool):
     owned, made = [], {}
     for name, param in model.named_parameters(remove_duplicate=False):
         module_name, _, attr = name.rpartition(".")
-        if fsdp or id(sources[module_name]) in matmul:  # a new compute-dtype tensor (tied names share one)
+        plain = _plain_name(name)
+        if plain is None:  # a LoRA adapter's own weight: merged into its layer's, not in the copy
+            continue
+        merged = name.endswith(".base_layer.weight")
+        # a new compute-dtype tensor (tied names share one): under FSDP2, for a merged weight, for a matmul weight
+        # kept in another dtype
+        if fsdp or merged or (id(sources[module_name]) in matmul and param.dtype != compute):
             if id(param) not in made:
                 made[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=compute, device=device),
                                                      requires_grad=False)
                 owned.append((made[id(param)], name))
             param = made[id(param)]
-        targets[module_name]._parameters[attr] = param  # else the model's own tensor: no copy, always current
+        target_module, _, target_attr = plain.rpartition(".")
+        targets[target_module]._parameters[target_attr] = param  # else the model's own tensor: always current
     for name, buffer in model.named_buffers(remove_duplicate=False):
-        module_name, _, attr = name.rpartition(".")
+        module_name, _, attr = _plain_name(name).rpartition(".")
         targets[module_name]._buffers[attr] = buffer
     left = [n for n, t in [*clone.named_parameters(), *clone.named_buffers()] if t.is_meta]
     if left:
@@ -939,7 +966,14 @@ def _build_rollout_copy(model, compute: torch.dtype, fsdp: bool):
 
 def _sync_rollout_copy(model, gen: _Generation, fsdp: bool):
     """Refresh the copy's owned tensors from the model: re-allocated if free_decode_state freed them; under FSDP2 one
-    unshard (all-gather) per sharded module, read, then resharded, so at most one module is gathered at a time."""
+    unshard (all-gather) per sharded module, read, then resharded, so at most one module is gathered at a time. A LoRA
+    layer's weight is merged as it is copied: W + (alpha / r) B A in fp32, rounded once to the copy's dtype."""
+    layers = _lora_layers(model)
+
+    def merged(name, param):  # the weight the copy holds for the model's parameter `name`
+        layer = layers.get(name.removesuffix(".base_layer.weight")) if name.endswith(".base_layer.weight") else None
+        return param if layer is None else param.float() + _lora_delta(layer)
+
     for tensor, _ in gen.owned:
         if tensor.untyped_storage().nbytes() == 0:  # freed before the last update
             tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
@@ -947,10 +981,11 @@ def _sync_rollout_copy(model, gen: _Generation, fsdp: bool):
     targets = {name: tensor for tensor, name in gen.owned}
     if not fsdp:
         params = dict(model.named_parameters(remove_duplicate=False))
-        versions = tuple(params[name]._version for name in targets)
+        versions = tuple(params[name]._version for name in targets) + tuple(
+            p._version for name, p in params.items() if ".lora_" in name)  # an update moves the adapter only
         if versions != gen.synced:
             for name, tensor in targets.items():
-                tensor.copy_(params[name])
+                tensor.copy_(merged(name, params[name]))
             gen.synced = versions
         return
     from torch.distributed.fsdp import FSDPModule
@@ -964,7 +999,7 @@ def _sync_rollout_copy(model, gen: _Generation, fsdp: bool):
         prefix = module_name + "." if module_name else ""
         for name, param in module.named_parameters(remove_duplicate=False):
             if prefix + name in targets and not isinstance(param, DTensor):  # this module's own, now gathered
-                targets[prefix + name].copy_(param)
+                targets[prefix + name].copy_(merged(prefix + name, param))  # its layer's adapter is gathered too
                 filled.add(prefix + name)
         module.reshard()
     if filled != set(targets):  # a tensor left unfilled would decode with garbage weights
@@ -1663,7 +1698,9 @@ def wrap_model(model: torch.nn.Module, strategy: str = "ddp", device: torch.devi
 def adamw(params, *, lr: float, weight_decay: float, device: torch.device, strategy: str = "ddp",
           betas=(0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW as the RL scripts use it: fused (one kernel per step instead of ~10 passes per parameter, 10x faster
-    on 100M parameters on a CPU) wherever it can be, i.e. on CPU and CUDA outside FSDP2's sharded tensors."""
+    on 100M parameters on a CPU) wherever it can be, i.e. on CPU and CUDA outside FSDP2's sharded tensors. Only the
+    parameters that require gradients join it: with LoRA the adapter, so only it has (and checkpoints) AdamW state."""
+    params = [p for p in params if p.requires_grad]
     fused = device.type in ("cpu", "cuda") and not (is_distributed() and strategy == "fsdp")
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
 
@@ -1768,9 +1805,12 @@ def guarded_step(model, optimizer, max_grad_norm: float, stats: dict, names: Seq
                                           for v in stats.values()]).tolist()))  # one host sync
     finite = all(math.isfinite(v) for k, v in values.items() if k in keys or k == "loss" or k.endswith("_loss"))
     stepped = all_reduce_sum(torch.tensor(float(not finite))).item() == 0
-    for _, opt in pairs:
+    for m, opt in pairs:
         if stepped:
             opt.step()
+            gen = unwrap(m).__dict__.get("_rl_generation")
+            if gen is not None:  # a fused AdamW step leaves the parameters' _version as it was: refresh the copy
+                gen.synced = None
         opt.zero_grad(set_to_none=True)  # no gradient stays alive through the next rollout
     if state is not None:
         state["skipped"] = state.get("skipped", 0) + (not stepped)
@@ -1865,3 +1905,219 @@ class StepMeans:
         """{"train/NAME": mean}; `always`: keys reported as NaN when no step had them (every rank the same keys)."""
         means = {f"train/{k}": v / self.counts[k] for k, v in self.totals.items()}
         return {**means, **{f"train/{k}": math.nan for k in always if k not in self.totals}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. LoRA through peft: the adapter, its merged decode weights, the base as a free KL reference
+# ----------------------------------------------------------------------------------------------------------
+# With LoRA (Hu et al. 2021) each targeted linear layer computes W x + (alpha / r) B A x: W frozen, A (r, in) and
+# B (out, r) trained, B = 0 at the start so the policy starts as the base. peft's layers do the work (injected into
+# the transformers model in place, so the model stays the same class and every path above sees an ordinary model
+# whose linear layers gained a `base_layer`); what the engine adds: the frozen base kept in the compute dtype with the
+# adapter's master weights in fp32; decoding on merged weights W + (alpha / r) B A (the rollout copy: _rollout_model);
+# the reference policy as the same model with its adapters switched off (no second model); an adapter-only state
+# dict for checkpoints and a merged one for final/.
+
+LORA_ALL_LINEAR = ("all-linear",)
+
+
+@dataclass
+class LoRA:
+    """A LoRA adapter's settings (the --lora-* flags). targets: peft's target_modules ("all-linear": every linear
+    layer of the attention and the MLP, not the output layer); heads: modules trained whole beside the adapter (a
+    critic's or reward model's new `score` head: peft's modules_to_save); seed: A's initialisation, drawn from its
+    own generator so every rank and a one-process run draw the same."""
+    rank: int
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_ALL_LINEAR
+    heads: tuple[str, ...] = ()
+    seed: int = 0
+
+
+def require_peft(flag: str = "--lora-rank"):
+    """peft, or one sentence saying how to install it (an optional dependency: requirements.txt's extras)."""
+    try:
+        import peft
+    except ImportError:
+        raise UserError(f"{flag} needs the peft package: pip install peft (or --lora-rank 0 for full "
+                        "fine-tuning).") from None
+    return peft
+
+
+def add_lora(model: torch.nn.Module, lora: LoRA, compute: torch.dtype | None = None, base: str = ""):
+    """Inject peft's LoRA layers into a plain transformers model in place (before wrap_model) and freeze all else:
+    only the adapter (and lora.heads) keeps requires_grad, in fp32 (its master weights); the frozen matmul weights are
+    cast to `compute` (bf16 on a GPU), which is what autocast multiplies them in anyway, halving the base's memory.
+    base: the --model the adapter belongs to (adapter_config.json's base_model_name_or_path). Returns the model."""
+    peft = require_peft()
+    targets = lora.targets[0] if tuple(lora.targets) == LORA_ALL_LINEAR else list(lora.targets)
+    config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                             modules_to_save=list(lora.heads) or None, base_model_name_or_path=base or None)
+    master = model.get_input_embeddings().weight.dtype
+    with torch.random.fork_rng(devices=[]):  # A's init from its own seed: the same on every rank, no global draw
+        torch.default_generator.manual_seed(lora.seed)  # peft draws A on the CPU, then moves it
+        try:
+            peft.inject_adapter_in_model(config, model)
+        except ValueError as error:  # peft: "Target modules {...} not found in the base model"
+            raise UserError(f"--lora-targets {' '.join(lora.targets)}: {str(error).splitlines()[0]}") from None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:  # the adapter and its heads: fp32 master weights
+                param.data = param.data.to(master if master.is_floating_point else torch.float32)
+        if compute is not None:
+            for module, name in _matmul_params(model):
+                param = getattr(module, name)
+                if module is not head and not param.requires_grad and param.dtype != compute:
+                    module._parameters[name] = torch.nn.Parameter(param.detach().to(compute), requires_grad=False)
+    return model
+
+
+def has_lora(model: torch.nn.Module) -> bool:
+    """Whether add_lora gave the model (plain, DDP or FSDP2) an adapter."""
+    return "default" in getattr(unwrap(model), "peft_config", {})
+
+
+def lora_config(model: torch.nn.Module):
+    """The adapter's peft LoraConfig (None without one)."""
+    return getattr(unwrap(model), "peft_config", {}).get("default")
+
+
+def _lora_layers(model: torch.nn.Module) -> dict:
+    """{module name: peft LoRA layer} of the plain model."""
+    return {name: module for name, module in unwrap(model).named_modules()
+            if hasattr(module, "lora_A") and hasattr(module, "base_layer")}
+
+
+def _plain_name(name: str) -> str | None:
+    """A LoRA model's parameter name -> the plain model's (`q_proj.base_layer.weight` -> `q_proj.weight`, a head's
+    trained copy `score.modules_to_save.default.weight` -> `score.weight`); None for the adapter's own weights and a
+    head's untouched original."""
+    if ".lora_" in name or ".original_module." in name:
+        return None
+    return name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+
+
+def _lora_delta(layer) -> torch.Tensor:
+    """(alpha / r) B A of one peft LoRA layer, in fp32 (peft's get_delta_weight, in the adapter's dtype)."""
+    return layer.get_delta_weight("default").float()
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of what the optimizer updates: everything in full fine-tuning, the adapter with LoRA."""
+    return [(name, p) for name, p in unwrap(model).named_parameters() if p.requires_grad]
+
+
+def _adapter_key(name: str) -> str:
+    """A trainable parameter's name in peft's saved adapter files (PeftModel.save_pretrained's naming: the model
+    under base_model.model, the adapter name dropped)."""
+    return "base_model.model." + name.replace(".lora_A.default.", ".lora_A.").replace(
+        ".lora_B.default.", ".lora_B.").replace(".modules_to_save.default.", ".")
+
+
+def adapter_state_dict(model: torch.nn.Module) -> dict:
+    """The adapter's full (unsharded) CPU tensors under peft's saved names ({} on ranks > 0 under FSDP2; every rank
+    must call it: one all-gather per adapter tensor, a few MB, never the base)."""
+    out = {}
+    for name, param in trainable_parameters(model):
+        value = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP2: a DTensor
+        if get_rank() == 0 or not _is_fsdp(unwrap(model)):
+            out[_adapter_key(name)] = value.detach().cpu().clone()
+    return out
+
+
+def adapter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """{saved name: full shape} of the adapter, for checking a file before loading it."""
+    return {_adapter_key(name): tuple(p.shape) for name, p in trainable_parameters(model)}
+
+
+@torch.no_grad()
+def set_adapter_state_dict(model: torch.nn.Module, state: dict):
+    """Load adapter_state_dict's tensors (peft's saved names) into a plain, DDP or FSDP2 model with the same adapter
+    (FSDP2: each rank keeps its shard of the full tensors every rank passes)."""
+    params = dict(trainable_parameters(model))
+    names = {_adapter_key(name): name for name in params}
+    missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+    if missing or unexpected:
+        raise RuntimeError(f"The adapter does not match the model's: missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}.")
+    for key, value in state.items():
+        param = params[names[key]]
+        if hasattr(param, "device_mesh"):  # FSDP2: this rank's shard of the full tensor
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh,
+                                      param.placements)
+        param.copy_(value)
+
+
+def save_adapter(model: torch.nn.Module, state: dict, directory: str):
+    """Write `state` (adapter_state_dict) as peft writes an adapter: adapter_model.safetensors and adapter_config.json,
+    so PeftModel.from_pretrained(base, directory) loads it."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(directory, "adapter_model.safetensors"))
+    lora_config(model).save_pretrained(directory)
+
+
+def merged_state_dict(model: torch.nn.Module, state: dict) -> dict:
+    """A LoRA model's full state dict (full_state_dict) -> the plain model's, each adapted weight merged,
+    W + (alpha / r) B A, computed in fp32 and stored in W's dtype: what AutoModelForCausalLM.from_pretrained loads."""
+    layers, out = _lora_layers(model), {}
+    for key, value in state.items():
+        name = _plain_name(key)
+        if name is None:
+            continue
+        module_name = key.rpartition(".")[0].removesuffix(".base_layer")
+        layer = layers.get(module_name)
+        if layer is not None and key.endswith(".base_layer.weight"):
+            scaling = layer.scaling["default"]
+            a, b = state[f"{module_name}.lora_A.default.weight"], state[f"{module_name}.lora_B.default.weight"]
+            value = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
+        out[name] = value
+    return out
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Inside the block the model computes as its base: every LoRA layer (and head copy) off, through peft's
+    enable_adapters(False). That switch also drops the adapter's requires_grad; it is kept here, so that the trainable
+    set never changes: FSDP2 fixes each parameter's gradient handling when it first runs the model, which may be this
+    block (a reference pass before any update), and would then never reduce the adapter's bf16 gradients into its
+    fp32 shards. Plain, DDP or FSDP2."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unwrap(model).modules() if isinstance(m, BaseTunerLayer)]
+    trainable = [p for p in unwrap(model).parameters() if p.requires_grad]
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        for param in trainable:
+            param.requires_grad_(True)
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param in trainable:
+            param.requires_grad_(True)
+
+
+class BaseReference:
+    """The KL reference pi_ref of a LoRA policy: the policy itself with its adapters disabled (the base), so no
+    second model is loaded. Called like the model (rollout_logprobs, token_logprobs); unwrap reaches the policy."""
+
+    def __init__(self, policy: torch.nn.Module):
+        self.module = policy
+
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.module):
+            return self.module(*args, **kwargs)
+
+    def reshard(self):  # FSDP2's root stays unsharded after a forward without backward (rollout_logprobs)
+        if hasattr(self.module, "reshard"):
+            self.module.reshard()
+
+    def eval(self):
+        return self

@@ -7,7 +7,8 @@ What is in this file, top to bottom:
   2. seeds and schedules: seed_everything, the data order (epoch_order, stream_indices: a function of the seed and
                           the position alone, so a resume needs only the position; next_rows), warmup_schedule.
   3. checkpoints:         save_checkpoint / load_checkpoint / latest_checkpoint: a transformers directory plus the
-                          trainer state, written to a temporary name and renamed when complete.
+                          trainer state, written to a temporary name and renamed when complete (with LoRA: the
+                          adapter in adapter/, and in final/ the merged model too).
   4. metrics:             write_text (whole or not at all), MetricsLogger (metrics.jsonl, samples.jsonl, wandb,
                           TensorBoard),
                           read_metrics, plot_metrics (curves.png), Timer (perf/ seconds per phase).
@@ -158,6 +159,7 @@ def warmup_schedule(warmup_steps: int, total_steps: int = 0, min_ratio: float = 
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter inside a checkpoint, as peft saves one
 
 
 def rng_state() -> dict:
@@ -191,6 +193,10 @@ def save_checkpoint(out_dir: str, step: int, model, tokenizer=None, optimizer=No
     and tensor_files ({"reference.safetensors": full state dict, ...}; a
     tied weight is stored once). Written to a temporary name and renamed when complete, so a crash
     mid-save never leaves a checkpoint that looks whole. Collective: every rank must call it.
+    A LoRA model (rl_kernels.add_lora) saves its adapter in DIR/NAME/adapter/ as peft does (PeftModel.from_pretrained
+    loads it; its optimizer state is the adapter's only), and only final/ (a name ending in "final": ppo.py's critic
+    too) also holds the merged model, W + (alpha / r) B A, as an ordinary transformers checkpoint: a checkpoint to
+    resume from needs the adapter alone, the base being --model.
     """
     name = name or f"{CHECKPOINT_PREFIX}{step}"
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp-{name}")
@@ -208,12 +214,19 @@ def save_checkpoint(out_dir: str, step: int, model, tokenizer=None, optimizer=No
 
 def _save_checkpoint(step, model, tokenizer, optimizer, scheduler, extra, tensor_files, final, tmp) -> str:
     rank = K.get_rank()
-    state_dict = K.full_state_dict(model)            # collective under FSDP
+    lora = K.has_lora(model)
+    adapter = K.adapter_state_dict(model) if lora else None  # collective under FSDP (the adapter's tensors only)
+    merged = not lora or final.endswith("final")             # LoRA: the whole model in final/ only
+    state_dict = K.full_state_dict(model) if merged else None  # collective under FSDP
     optim_state = _optimizer_state(model, optimizer) if optimizer is not None else None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        K.unwrap(model).save_pretrained(tmp, state_dict=state_dict)
+        if lora:
+            K.save_adapter(model, adapter, os.path.join(tmp, ADAPTER_DIR))
+        if state_dict is not None:
+            K.unwrap(model).save_pretrained(tmp, state_dict=K.merged_state_dict(model, state_dict) if lora
+                                            else state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optim_state,
@@ -287,6 +300,10 @@ def _weight_files(path: str) -> list[str]:
                   or glob.glob(os.path.join(path, "model-*-of-*.safetensors")))
 
 
+def _adapter_file(path: str) -> str:
+    return os.path.join(path, ADAPTER_DIR, "adapter_model.safetensors")
+
+
 def _safetensors_shapes(file: str) -> dict[str, tuple[int, ...]]:
     """{name: shape} from a safetensors file's header, or a CheckpointError: the library checks that the header
     parses and that its tensors cover the file exactly, so a truncated file fails here without reading any data."""
@@ -305,8 +322,9 @@ def check_checkpoint(path: str) -> int:
     readable and holding a step, the model's weights present, and every safetensors file in it (the weights, a
     reference's, ppo.py's critic/) with a readable header that covers the file. Reads headers only."""
     step = _trainer_state(path)["step"]
-    if not _weight_files(path):
-        raise CheckpointError(f"{path} has no model weights (model.safetensors)")
+    if not _weight_files(path) and not os.path.exists(_adapter_file(path)):
+        raise CheckpointError(f"{path} has no model weights (model.safetensors, or a LoRA run's "
+                              f"{ADAPTER_DIR}/adapter_model.safetensors)")
     for file in sorted(glob.glob(os.path.join(path, "**", "*.safetensors"), recursive=True)):
         _safetensors_shapes(file)
     for file in sorted(glob.glob(os.path.join(path, "**", "rng_rank*.pt"), recursive=True)):
@@ -355,9 +373,22 @@ def load_model_weights(model: torch.nn.Module, path: str):
     """Load a transformers checkpoint directory's safetensors weights into an existing (wrapped) model: the files
     model.safetensors or model-0000i-of-0000n.safetensors name, and no other (a trainer may keep, say, its
     reference model's weights beside them). Every file's header is checked against the model's parameter names and
-    shapes before anything is loaded (CheckpointError), so a wrong file changes nothing."""
+    shapes before anything is loaded (CheckpointError), so a wrong file changes nothing. A LoRA model loads the
+    adapter/ alone (its base is --model's, loaded already)."""
     from safetensors.torch import load_file
 
+    if K.has_lora(model):
+        file = _adapter_file(path)
+        if not os.path.exists(file):
+            raise CheckpointError(f"{path} has no LoRA adapter ({ADAPTER_DIR}/adapter_model.safetensors): it was not "
+                                  "written by a run with --lora-rank")
+        expected = K.adapter_shapes(model)
+        shapes = _safetensors_shapes(file)
+        if shapes != expected:
+            wrong = sorted(set(shapes) ^ set(expected)) or [k for k in shapes if shapes[k] != expected[k]]
+            raise CheckpointError(f"{file} does not fit the model's adapter (e.g. {wrong[0]})")
+        K.set_adapter_state_dict(model, load_file(file))
+        return
     files = _weight_files(path)
     if not files:
         raise CheckpointError(f"{path} has no model weights (model.safetensors)")
@@ -641,6 +672,32 @@ def check_settings(args):
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         raise K.UserError("--resume and --overwrite contradict each other: continue the run in --out-dir, or replace it.")
     check_reporters(getattr(args, "report_to", ()))
+    check_lora(args)
+
+
+def check_lora(args):
+    """--lora-*: a rank of 0 (full fine-tuning) or more, alpha > 0, dropout in [0, 1), and peft installed for a rank."""
+    rank = getattr(args, "lora_rank", 0)
+    if not isinstance(rank, int) or rank < 0:
+        raise K.UserError(f"--lora-rank {rank}: must be 0 (full fine-tuning) or a positive whole number.")
+    if rank == 0:
+        return
+    if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0) or not 0 <= args.lora_dropout < 1:
+        raise K.UserError(f"--lora-alpha {args.lora_alpha} must be positive and --lora-dropout {args.lora_dropout} in "
+                          "[0, 1).")
+    if not args.lora_targets:
+        raise K.UserError("--lora-targets is empty: name the linear layers to adapt (all-linear: every one of the "
+                          "attention and the MLP).")
+    K.require_peft()
+
+
+def lora_of(args, heads: Sequence[str] = ()) -> K.LoRA | None:
+    """The adapter the --lora-* flags ask for (None: --lora-rank 0, full fine-tuning); heads: modules trained whole
+    beside it (a new `score` head). A's initialisation is seeded by --seed."""
+    if not getattr(args, "lora_rank", 0):
+        return None
+    return K.LoRA(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets), tuple(heads),
+                  args.seed)
 
 
 class StopSignal:
@@ -857,6 +914,14 @@ class RunArgs:
     activations of one layer instead of all: docs/memory.md)"""
     threads: int = 0
     """CPU threads for torch (0: 1 for models under 50M parameters, which lose more to thread sync than they gain)"""
+    lora_rank: int = 0
+    """LoRA rank r (0: full fine-tuning); > 0 trains a peft adapter of rank r, the base frozen (docs/lora.md)"""
+    lora_alpha: float = 32.0
+    """LoRA's alpha: the adapter's output is scaled by alpha / r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input"""
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    """layers that get an adapter (peft's target_modules): all-linear is every attention and MLP linear, not the head"""
     dist_timeout_s: float = 600.0
     """under torchrun: seconds a collective waits for a stalled rank before the run stops with an error"""
 

@@ -298,15 +298,16 @@ def tokenize(tokenizer, texts: list[str], max_length: int, device) -> tuple[torc
 
 
 def load_reward_model(name_or_path: str, *, device="auto", dtype="auto", master_dtype="float32", frozen=False,
-                      shard=False):
+                      shard=False, lora: K.LoRA | None = None):
     """(model, tokenizer): AutoModelForSequenceClassification with one output. From a causal-LM checkpoint the
     backbone is reused and the head starts random; from a trained reward model everything loads. dtype computes,
     master_dtype holds the weights (rl_kernels.load_model); frozen: a scorer, with bf16 matmul weights only; shard:
-    FSDP2-sharded as it loads."""
+    FSDP2-sharded as it loads; lora: a LoRA adapter (its heads: ("score",), the new head trained whole beside it)."""
     from transformers import AutoModelForSequenceClassification
 
     model, tokenizer = K.load_model(name_or_path, model_class=AutoModelForSequenceClassification, num_labels=1,
-                                  device=device, dtype=dtype, master_dtype=master_dtype, frozen=frozen, shard=shard)
+                                  device=device, dtype=dtype, master_dtype=master_dtype, frozen=frozen, shard=shard,
+                                  lora=lora)
     if not hasattr(model, "score"):
         raise ValueError(f"{name_or_path}: expected a sequence-classification head named 'score' (Llama, Qwen, "
                          f"Mistral, Gemma, GPT-2 style); this architecture names it differently.")
@@ -445,7 +446,8 @@ def main(args: Args) -> runs.RunResult:
         if session.finished:
             return session.result()
         model, tokenizer = load_reward_model(args.model, device=device, dtype=args.dtype,
-                                             master_dtype=args.master_dtype, shard=args.strategy == "fsdp")
+                                             master_dtype=args.master_dtype, shard=args.strategy == "fsdp",
+                                             lora=runs.lora_of(args, heads=("score",)))
         K.set_cpu_threads(args.threads, model)
         model.config.reward_template = args.template          # the scorer renders text the same way
         model = K.wrap_model(model, args.strategy, device, args.gradient_checkpointing)

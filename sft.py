@@ -261,6 +261,9 @@ def check_args(args: Args, info: runs.DistInfo):
     if args.batch_size % (info.world_size * args.grad_accum):
         raise K.UserError(f"--batch-size {args.batch_size} must be a multiple of ranks * --grad-accum = "
                           f"{info.world_size * args.grad_accum}.")
+    if args.lora_rank and not args.model:
+        raise K.UserError("--lora-rank adapts a trained model: pass --model (a model built from --init-from-config "
+                          "is trained whole).")
 
 
 def config_and_tokenizer(args: Args):
@@ -297,6 +300,7 @@ def load_or_init(args: Args, device: torch.device):
     """(model, tokenizer) from --model, or random weights from --init-from-config (seeded by --seed)."""
     if args.model:
         return K.load_model(args.model, dtype=args.dtype, master_dtype=args.master_dtype, device=device,
+                            lora=runs.lora_of(args),
                             shard=args.strategy == "fsdp")  # FSDP2: sharded as it loads, never whole on a GPU
     from transformers import AutoModelForCausalLM
 
