@@ -818,8 +818,8 @@ class Run:
         if held and not self.resume and not self.overwrite:
             return (f"{self.out_dir} already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
                     "pass --resume to continue it, or --overwrite to replace it.")
-        if held and not self.overwrite and self._other_script(_recorded_script(self.out_dir)):
-            return self._other_script(_recorded_script(self.out_dir))
+        if held and not self.overwrite and (refusal := self._other_script(_recorded_script(self.out_dir))):
+            return refusal
         if held and self.overwrite:
             for name in held:
                 path = os.path.join(self.out_dir, name)
@@ -831,8 +831,8 @@ class Run:
                     + "; ".join(f"{os.path.basename(path)}: {reason}" for path, reason in found[:3])
                     + "); --overwrite starts the run again.")
         checkpoint = intact[0] if intact else None
-        if checkpoint and self._other_script((_checkpoint_record(checkpoint) or {}).get("script")):  # no args.json
-            return self._other_script(_checkpoint_record(checkpoint)["script"])
+        if checkpoint and (refusal := self._other_script((_checkpoint_record(checkpoint) or {}).get("script"))):
+            return refusal  # args.json gone: the checkpoint's record says whose run it is
         damaged = found[:[path for path, _ in found].index(checkpoint)] if checkpoint else []
         step = dict(found)[checkpoint] if checkpoint else 0
         finished = checkpoint is not None and os.path.basename(checkpoint) == "final" and step >= self.max_steps
