@@ -126,8 +126,8 @@ class GRPOArgs:
     """eps_high (DAPO's clip-higher: 0.28)"""
     kl_coef: float = None
     """beta; the reference model is only loaded when > 0"""
-    kl_estimator: Literal["k1", "k2", "k3"] = None
-    """KL estimator in the loss (Schulman)"""
+    kl_estimator: Literal["k1", "k2", "k3", "k3_unbiased"] = None
+    """KL estimator in the loss (Schulman); k3_unbiased: k3 times pi_theta/pi_old (DeepSeek-V3.2)"""
     kl_in_reward: bool = None
     """fold beta*k1 into the token rewards instead of the loss (REINFORCE++)"""
     dynamic_sampling: bool = None
@@ -137,8 +137,6 @@ class GRPOArgs:
     soft_overlong: bool = None
     """DAPO: add the soft overlong punishment to the reward"""
     # Rollouts, rewards and the update
-    top_p: float = 1.0
-    """nucleus sampling (log-probs stay those of the untruncated distribution)"""
     rewards: tuple[str, ...] = ("task", "format")
     """reward functions: built-in names, "task" (the dataset's verifier), or "module:function" of your own"""
     num_iterations: int = 1
@@ -375,38 +373,56 @@ def greedy_baseline(args: Args, model, tokenizer, reward_fns, rollout: env.Rollo
 # ----------------------------------------------------------------------------------------------------------
 
 
-def update(args: Args, model, optimizer, scheduler, batch: dict, state: dict) -> dict:
+def update(args: Args, model, optimizer, scheduler, batch: dict, state: dict) -> tuple[dict, dict]:
     """mu passes over the rollout, each split into num_minibatches optimizer steps of the clipped surrogate (each a
-    sum over length-sorted micro-batches: rl_kernels.accumulate_gradients); returns the averaged train/ stats. batch:
-    prompt_ids, prompt_mask, tokens, mask, loss_mask, advantages, and old_logprobs (unless mu = 1 with one
-    minibatch) and ref_logprobs (beta > 0)."""
+    sum over length-sorted micro-batches: rl_kernels.accumulate_gradients); returns (the averaged train/ stats, the
+    mismatch/ metrics measured in the first optimizer step's forward when no pi_old pass ran, else {}). batch:
+    prompt_ids, prompt_mask, tokens, mask, loss_mask, advantages, sampler_logprobs, rows, and old_logprobs (unless
+    mu = 1 with one minibatch; bypass: the sampler's), ref_logprobs (beta > 0), is_weights (a correction)."""
     # With one pass and one minibatch pi_old is the current policy: the ratio is exactly 1, yet its gradient is
-    # REINFORCE's; so the detached log-probs serve as old_logprobs and no extra pass is needed.
-    on_policy = args.num_iterations == 1 and args.num_minibatches == 1
+    # REINFORCE's; so the detached log-probs serve as old_logprobs and no extra pass is needed (bypass mode instead
+    # sets old_logprobs to the sampler's: the ratio pi_theta / mu then carries the mismatch).
+    correction = env.correction_of(args)
+    on_policy = args.num_iterations == 1 and args.num_minibatches == 1 and not correction.bypass
     ref_in_loss = not args.kl_in_reward  # REINFORCE++ has its KL in the reward instead
     pick = torch.Generator().manual_seed(args.seed * 1_000_003 + scheduler.last_epoch)  # Clip-Cov: resumes alike
+    # pi_old as the update's first forward sees it, for the mismatch/ metrics when no pi_old pass ran (free)
+    measure = "old_logprobs" not in batch or correction.bypass
+    seen = torch.full(batch["mask"].shape, float("nan"), device=batch["mask"].device) if measure else None
 
     def micro_loss(part: dict, share: K.Share):
         logprobs, entropy = K.completion_logprobs(model, part, temperature=args.temperature,
                                                   with_entropy=True)                      # (r, n) each
+        if recording:
+            seen[part["rows"], :logprobs.shape[1]] = logprobs.detach().float()
         ref = part.get("ref_logprobs") if ref_in_loss else None
+        weights = part.get("is_weights")
+        if args.offpolicy_mask_delta is not None:  # DeepSeek-V3.2: drop far-off-policy sequences with A < 0
+            keep = K.offpolicy_sequence_mask(logprobs, part["sampler_logprobs"], part["advantages"], part["loss_mask"],
+                                             args.offpolicy_mask_delta)
+            weights = keep if weights is None else weights * keep
         loss, stats = K.policy_loss(
             logprobs, logprobs.detach() if on_policy else part["old_logprobs"], part["advantages"], part["loss_mask"],
             clip_low=args.clip_low, clip_high=args.clip_high, ref_logprobs=ref,
             kl_coef=args.kl_coef if ref is not None else 0.0, kl_estimator=args.kl_estimator, loss_agg=args.loss_agg,
             ratio_level=args.ratio_level, norm_length=args.max_new_tokens, num_tokens=share.tokens,
             num_rows=share.rows, loss_type=args.loss_type, generator=pick, entropy=entropy,
-            entropy_coef=args.entropy_coef, compile=args.compile)
+            entropy_coef=args.entropy_coef, weights=weights, compile=args.compile)
         return loss, {**stats, "entropy": K.masked_mean(entropy.detach(), part["loss_mask"])}
 
-    means = K.StepMeans()
-    for _ in range(args.num_iterations):
-        for minibatch in K.split_rows(batch, args.num_minibatches):
+    means, mismatch = K.StepMeans(), {}
+    for i in range(args.num_iterations):
+        for j, minibatch in enumerate(K.split_rows(batch, args.num_minibatches)):
+            recording = measure and i == 0 and j == 0  # before any optimizer step: the forward is pi_old's
             stats = K.accumulate_gradients(model, minibatch, micro_loss, max_tokens=args.micro_batch_tokens,
                                            mask="loss_mask")
+            if recording:
+                rows = minibatch["rows"]
+                mismatch = K.mismatch_metrics(batch["sampler_logprobs"][rows], seen[rows], batch["mask"][rows],
+                                              batch["kept_logmass"][rows])
             means.add(K.guarded_step(model, optimizer, args.max_grad_norm, stats, state=state)[0])
     scheduler.step()  # the schedule counts rollout steps
-    return means.result(always=("ratio_max", "ratio_min"))  # NaN without a loss token: every rank the same keys
+    return means.result(always=("ratio_max", "ratio_min")), mismatch  # every rank the same keys
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -520,7 +536,8 @@ def main(args: Args) -> runs.RunResult:
         state["cursor"] = 0  # the position in the shuffled prompt stream
         reference = ((lambda: {"reference.safetensors": K.full_state_dict(ref_model)})  # it changes: checkpoint it
                      if ref_model is not None and args.ref_reset_every else None)
-        truncation_warned = False  # warn_truncation: once per run
+        truncation_warned = mismatch_warned = False  # warn_truncation, warn_mismatch: once per run
+        correction = env.correction_of(args)
         steps = session.start(args, model=policy, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                               evaluate=env.evaluator(args, policy, tokenizer, eval_rows),
                               tensor_files=reference,
@@ -542,18 +559,31 @@ def main(args: Args) -> runs.RunResult:
             if args.decode_memory == "free":                   # the update gets the KV caches' memory
                 K.free_decode_state(policy)
             policy.train()
-            batch = rollout.batch()                            # prompt_ids (R, P), tokens and mask (R, N)
+            batch = rollout.batch(args.keep_sampling_mask)     # prompt_ids (R, P), tokens and mask (R, N), log mu
             batch["loss_mask"] = rollout.gen.mask.clone()
             if args.overlong_filter:                           # DAPO: truncated responses teach nothing
                 batch["loss_mask"][rollout.gen.truncated] = 0
             with timer("logprobs"):
                 logprob_pass = functools.partial(K.rollout_logprobs, batch=batch, temperature=args.temperature,
                                                  max_tokens=args.micro_batch_tokens)
-                if not (args.num_iterations == 1 and args.num_minibatches == 1) or (
+                if correction.bypass:                                      # pi_old := mu, no pass
+                    batch["old_logprobs"] = batch["sampler_logprobs"]
+                elif not (args.num_iterations == 1 and args.num_minibatches == 1) or correction.reweights or (
                         args.kl_in_reward and not K.sampled_logprobs_exact(policy)):  # bf16: the sampler's differ
                     batch["old_logprobs"] = logprob_pass(policy)           # (R, N) pi_old, fixed for mu passes
                 if ref_model is not None:
                     batch["ref_logprobs"] = logprob_pass(ref_model)        # (R, N) pi_ref
+            mismatch = {}
+            if "old_logprobs" in batch and not correction.bypass:  # the sampler against the trainer, before the update
+                mismatch = K.mismatch_metrics(batch["sampler_logprobs"], batch["old_logprobs"], batch["mask"],
+                                              batch["kept_logmass"])
+                if correction.reweights:                       # decoupled: IS weights and rejection from rho
+                    weights, keep = K.rollout_correction(batch["old_logprobs"] - batch["sampler_logprobs"],
+                                                         batch["mask"], correction)
+                    batch["loss_mask"] = batch["loss_mask"] * keep
+                    if weights is not None:
+                        batch["is_weights"] = weights
+                    mismatch.update(K.correction_metrics(weights, keep, batch["mask"]))
 
             # ---- advantages: each response against its group (or the batch)
             kl = None
@@ -564,13 +594,15 @@ def main(args: Args) -> runs.RunResult:
 
             # ---- update
             with timer("update"), timer.peak_memory("update"):
-                train_stats = update(args, policy, optimizer, scheduler, batch, state)
+                train_stats, measured = update(args, policy, optimizer, scheduler, batch, state)
+            mismatch = mismatch or measured
             if ref_model is not None and args.ref_reset_every and (step + 1) % args.ref_reset_every == 0:
                 K.copy_weights(ref_model, policy)              # DeepSeek-R1: the reference becomes the policy
 
             # ---- log / evaluate / save
             metrics = {**env.rollout_metrics(rollout), "rollout/zero_variance_group_share": zero_var_share,
-                       "rollout/sampling_rounds": rounds}
+                       "rollout/sampling_rounds": rounds, **mismatch}
+            mismatch_warned = env.warn_mismatch(mismatch, step + 1, mismatch_warned)
             metrics = env.finish_reward_std(K.reduce_metrics({**metrics, **train_stats},
                                                              weights=env.rollout_metric_weights(rollout)))
             truncation_warned = env.warn_truncation(metrics, step + 1, args.max_new_tokens, truncation_warned)

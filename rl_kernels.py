@@ -99,12 +99,15 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------------------
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3_unbiased")
 LOSS_TYPES = ("clip", "cispo", "cispo_upper", "sapo", "gmpo", "gpg", "clip_cov", "kl_cov")
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate at sampled tokens, log r = ref - logprobs (Schulman 2020)."""
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3",
+               old_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate at sampled tokens, log r = ref - logprobs (Schulman 2020).
+    k3_unbiased (DeepSeek-V3.2 §3.1): the tokens were drawn from pi_old (or the sampler), not pi_theta, so k3 is
+    weighted by pi_theta / pi_old, not detached: E_old[(pi/pi_old) k3] = KL(pi || pi_ref), value and gradient."""
     log_r = ref_logprobs - logprobs
     if estimator == "k1":
         return -log_r
@@ -112,6 +115,10 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         return 0.5 * log_r.square()
     if estimator == "k3":
         return torch.expm1(log_r) - log_r
+    if estimator == "k3_unbiased":
+        if old_logprobs is None:
+            raise ValueError("k3_unbiased needs old_logprobs (the policy that sampled the tokens).")
+        return torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)) * (torch.expm1(log_r) - log_r)
     raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}.")
 
 
@@ -137,7 +144,7 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_lengt
 
 def _policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef,
                  kl_estimator, loss_agg, ratio_level, norm_length, num_tokens, loss_type="clip", taus=(1.0, 1.05),
-                 cov=(2e-4, 1.0, 5.0, 0.1), generator=None, entropy=None, entropy_coef=0.0):
+                 cov=(2e-4, 1.0, 5.0, 0.1), generator=None, entropy=None, entropy_coef=0.0, weights=None):
     maskf = mask.to(logprobs.dtype)
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logprobs)
@@ -184,11 +191,14 @@ def _policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, 
         per_token, was_clipped = -advantages * logprobs, torch.zeros_like(live)
     else:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    if weights is not None:  # the mismatch correction's detached IS weights (and masks) scale the surrogate
+        per_token = per_token * weights.detach()
     if entropy is not None and entropy_coef:  # the entropy bonus: -c H_t, aggregated as the loss is
         per_token = per_token - entropy_coef * entropy
     stats = {}
     if ref_logprobs is not None:
-        kl = kl_penalty(logprobs, torch.where(live, ref_logprobs, logprobs.detach()), kl_estimator)
+        kl = kl_penalty(logprobs, torch.where(live, ref_logprobs, logprobs.detach()), kl_estimator,
+                        torch.where(live, old_logprobs, logprobs.detach()))
         per_token = per_token + kl_coef * kl
         stats["kl"] = _mean(kl.detach(), maskf)
     # GMPO's loss is a mean over sequences whatever loss_agg says: each sequence's loss once, not once per token
@@ -261,13 +271,15 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 loss_type: str = "clip", sapo_taus: tuple[float, float] = (1.0, 1.05),
                 cov: tuple[float, float, float, float] = (2e-4, 1.0, 5.0, 0.1),
                 generator: torch.Generator | None = None, entropy: torch.Tensor | None = None,
-                entropy_coef: float = 0.0, compile: bool | None = None):
+                entropy_coef: float = 0.0, weights: torch.Tensor | None = None, compile: bool | None = None):
     """The clipped surrogate plus beta*KL, aggregated; returns (loss, stats) with stats as detached 0-d tensors
     (clip_frac, approx_kl to pi_old, kl to pi_ref when given, ratio_mean/max/min), so no host sync happens here.
     loss_type picks the surrogate (the module docstring's table): clip (PPO, GRPO), cispo / cispo_upper, sapo
     (sapo_taus: tau for A > 0, for A <= 0), gmpo (a mean over sequences whatever loss_agg), gpg, clip_cov and kl_cov
     (cov: the share of tokens, Clip-Cov's covariance bounds, KL-Cov's coefficient; generator: Clip-Cov's random pick;
     both eager, their selection being data-dependent). entropy (R, T), entropy_coef: the bonus -c H_t per token.
+    weights (R, T) or (R, 1): detached per-token factors on the surrogate (the mismatch correction's IS weights and
+    sequence masks: rollout_correction, offpolicy_sequence_mask); the KL and entropy terms are not weighted.
 
     logprobs, old_logprobs, mask, ref_logprobs: (R, T); advantages: (R,) or (R, T).
     num_tokens / num_rows: the token-mean's / the sequence means' denominators when these rows are one micro-batch
@@ -287,7 +299,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         compile = logprobs.is_cuda and loss_type not in ("clip_cov", "kl_cov")
     fn = _policy_loss
     if compile:
-        settings = (loss_agg, kl_estimator, ratio_level, ref_logprobs is None, loss_type, entropy is None)
+        settings = (loss_agg, kl_estimator, ratio_level, ref_logprobs is None, loss_type, entropy is None,
+                    weights is None)
         if settings not in _COMPILED_LOSSES:  # a break raises; each setting compiles on its own code object
             _COMPILED_LOSSES[settings] = torch.compile(_own_code(_policy_loss, str(len(_COMPILED_LOSSES))),
                                                        dynamic=True, fullgraph=True)
@@ -298,10 +311,231 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         ref_logprobs = ref_logprobs.contiguous() if ref_logprobs is not None else None
     loss, stats = fn(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ref_logprobs, kl_coef,
                      kl_estimator, loss_agg, ratio_level, norm_length, num_tokens, loss_type, tuple(sapo_taus),
-                     tuple(cov), generator, entropy, entropy_coef)
+                     tuple(cov), generator, entropy, entropy_coef, weights)
     if num_rows is not None and (loss_agg != "token-mean" or loss_type == "gmpo"):  # a mean over num_rows sequences
         loss = loss * logprobs.shape[0] / num_rows
     return loss, stats
+
+
+# ---- Sampler–trainer mismatch: the three policies, the metrics, the corrections
+#
+# mu the sampler (generate: its kernels, precision and batch shapes), pi_old the trainer's forward before the update,
+# pi_theta the policy being updated. Per token  pi_theta / mu = (pi_old / mu) * (pi_theta / pi_old) = rho_t * r_t:
+# rho is the engine's drift (exactly 1 when both compute alike), r the update's own (PPO clips r). With
+#   log rho_t = log pi_old - log mu,   rho_seq = exp(sum_t log rho_t),   rho_geo = exp(mean_t log rho_t),
+# the corrections (rollout_correction) reweight or drop what mu sampled so that the gradient is pi_old's:
+#   IS, token      w_t = rho_t                    (low variance; biased, verl's note: O(T^2 Delta))
+#   IS, sequence   w_t = rho_seq for every t      (unbiased, variance grows with T)
+#   IS, geometric  w_t = rho_geo                  (length-invariant)
+#   truncate       w <- clamp(w, low, high)       (TIS; verl: high only; OpenRLHF: [0.5, 5])
+#   mask           w <- w * 1[low <= w <= high]   (MIS: TRL's sequence_mask; IcePop per token)
+#   rejection      drop tokens / sequences whose k1 = -log rho, k2 = (log rho)^2 / 2 or k3 = rho - 1 - log rho,
+#                  per token or aggregated per sequence (sum, mean, max), lies outside its bounds (verl's names:
+#                  token_k1, seq_sum_k2, seq_mean_k1 with bounds 0.999_1.001 is geometric rejection, ...); the dropped
+#                  tokens leave the loss and its normaliser
+# decoupled mode: pi_old from one extra forward, loss = w_t * surrogate(r_t) (Hilton et al. 2021);
+# bypass mode: pi_old := mu, no extra forward, the PPO ratio pi_theta / mu absorbs rho (and its clip bounds it).
+# The weights are always detached: they change the measure, not the objective. Log-ratios are clamped at +-20 before
+# any exp (as verl), so no weight overflows.
+
+LOG_RATIO_BOUND = 20.0
+REJECTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3", "seq_mean_k1",
+              "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A sampler–trainer mismatch correction (the comment block above). is_level None: no weights; rejection: verl's
+    option names, each with its bounds in rejection_bounds ("lo_hi" for k1, "hi" for k2/k3)."""
+    is_level: str | None = None                   # None | token | sequence | geometric
+    is_mode: str = "truncate"                     # truncate | mask
+    is_low: float | None = None                   # None: no lower bound
+    is_high: float = 2.0
+    rejection: tuple[str, ...] = ()
+    rejection_bounds: tuple[str, ...] = ()
+    bypass: bool = False                          # pi_old := mu (no pi_old pass)
+
+    @property
+    def reweights(self) -> bool:
+        """Whether the loss needs pi_old before the update (decoupled weights or a rejection mask)."""
+        return self.is_level is not None or bool(self.rejection)
+
+
+# The anchors' defaults, so that a user can reproduce theirs (--rollout-correction NAME).
+CORRECTIONS = {
+    "none": Correction(),                                                              # measure only
+    "trl": Correction("sequence", "mask", None, 3.0),                  # TRL with vLLM: sequence_mask, cap 3.0
+    "openrlhf": Correction("token", "truncate", 0.5, 5.0),                             # OpenRLHF token TIS [0.5, 5]
+    "icepop": Correction("token", "mask", 0.5, 5.0),                                   # IcePop: mask outside [0.5, 5]
+    "verl-token-tis": Correction("token", "truncate", None, 2.0),                      # verl decoupled_token_is
+    "verl-seq-tis": Correction("sequence", "truncate", None, 2.0),                     # verl decoupled_seq_is
+    "verl-seq-is-rs": Correction("sequence", "truncate", None, 2.0, ("seq_sum_k1",), ("0.5_2.0",)),
+    "verl-geo-rs": Correction(rejection=("seq_mean_k1",), rejection_bounds=("0.999_1.001",)),  # decoupled_geo_rs
+    "verl-k3-rs": Correction(rejection=("seq_mean_k3",), rejection_bounds=("0.01",)),
+    "geo-tis": Correction("geometric", "truncate", None, 2.0),
+    "bypass": Correction(bypass=True),                                                 # verl bypass_ppo_clip
+}
+
+
+def _rejection_bounds(option: str, spec: str) -> tuple[float, float]:
+    """(lower, upper) of a rejection option on its statistic's scale: k1 bounds are ratios ("0.999_1.001", or one
+    upper u meaning 1/u_u) turned into logs; k2/k3 take one upper bound."""
+    parts = str(spec).split("_")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--rejection-bounds {spec!r} for {option}: not a number.") from None
+    if option.endswith("k1"):
+        low, high = (1.0 / values[0], values[0]) if len(values) == 1 else values
+        if not 0 < low <= high or len(values) > 2:
+            raise UserError(f"--rejection-bounds {spec!r} for {option}: give lower_upper ratios, 0 < lower <= upper.")
+        return math.log(low), math.log(high)
+    if len(values) != 1 or values[0] <= 0:
+        raise UserError(f"--rejection-bounds {spec!r} for {option}: give one positive upper bound.")
+    return -math.inf, values[0]
+
+
+def check_correction(corr: Correction):
+    """One sentence for a correction that cannot run."""
+    if corr.is_level not in (None, "token", "sequence", "geometric"):
+        raise UserError(f"--is-level {corr.is_level!r}: use token, sequence or geometric.")
+    if corr.is_mode not in ("truncate", "mask"):
+        raise UserError(f"--is-mode {corr.is_mode!r}: use truncate or mask.")
+    if corr.is_high <= 0 or (corr.is_low is not None and not 0 <= corr.is_low <= corr.is_high):
+        raise UserError(f"--is-bounds [{corr.is_low}, {corr.is_high}]: need 0 <= low <= high and high > 0.")
+    unknown = [o for o in corr.rejection if o not in REJECTIONS]
+    if unknown:
+        raise UserError(f"--rejection {','.join(unknown)}: not one of {', '.join(REJECTIONS)}.")
+    if len(corr.rejection_bounds) not in ((1, len(corr.rejection)) if corr.rejection else (0,)):
+        raise UserError(f"--rejection-bounds: give one bound for all of --rejection {','.join(corr.rejection)}, or one "
+                        "each.")
+    for option, spec in zip(corr.rejection, corr.rejection_bounds * len(corr.rejection)):
+        _rejection_bounds(option, spec)
+    if corr.bypass and corr.reweights:
+        raise UserError("Bypass mode (pi_old := mu) takes no IS weights or rejection here: the PPO ratio pi_theta/mu "
+                        "already carries the correction; use the decoupled mode for weights or rejection.")
+
+
+def _seq_sum(x, maskf):
+    return (x * maskf).sum(-1)
+
+
+def rollout_correction(log_ratio: torch.Tensor, mask: torch.Tensor, corr: Correction
+                       ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The decoupled correction of one batch: (IS weights (R, T) detached, 0 on padding; None without IS, and the
+    rejection's keep mask (R, T) in mask's dtype: 0 where a token or its sequence is dropped). log_ratio = log pi_old
+    - log mu per token (R, T); mask: the response tokens. The equations are the comment block above."""
+    maskf = mask.to(torch.float32)
+    log_ratio = torch.where(mask.bool(), log_ratio.float(), 0.0).detach()
+    safe = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    weights = None
+    if corr.is_level is not None:
+        if corr.is_level == "token":
+            log_w = safe
+        else:
+            total = _seq_sum(log_ratio, maskf)
+            if corr.is_level == "geometric":
+                total = total / maskf.sum(-1).clamp_min(1.0)
+            log_w = total.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)[:, None].expand_as(log_ratio)
+        w = torch.exp(log_w)
+        low = corr.is_low if corr.is_low is not None else 0.0
+        if corr.is_mode == "truncate":
+            w = w.clamp(low, corr.is_high)
+        else:
+            w = w * ((w >= low) & (w <= corr.is_high))
+        weights = w * maskf
+    keep = torch.ones_like(maskf)
+    k = {"k1": -safe, "k2": 0.5 * safe.square(), "k3": torch.expm1(safe) - safe}
+    for option, spec in zip(corr.rejection, corr.rejection_bounds * len(corr.rejection)):
+        low, high = _rejection_bounds(option, spec)
+        stat = k[option[-2:]]
+        if option.startswith("seq_sum"):
+            stat = _seq_sum(stat, maskf)[:, None]
+        elif option.startswith("seq_mean"):
+            stat = (_seq_sum(stat, maskf) / maskf.sum(-1).clamp_min(1.0))[:, None]
+        elif option.startswith("seq_max"):
+            stat = torch.where(mask.bool(), stat, -math.inf).max(-1).values.clamp_min(0.0)[:, None]
+        keep = keep * ((stat >= low) & (stat <= high))
+    return weights, (keep * maskf).to(mask.dtype)
+
+
+def correction_metrics(weights: torch.Tensor | None, keep: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """What a correction did to a batch, over every rank's tokens (a collective): mismatch/rejected_share (tokens
+    whose token or sequence was dropped), mismatch/is_weight_mean, _max and _min (IS weights on the kept tokens)."""
+    maskf, keepf = mask.double(), keep.double()
+    w = torch.ones_like(maskf) if weights is None else weights.double()
+    big = torch.finfo(torch.float64).max
+    sums = torch.stack([maskf.sum(), ((1 - keepf) * maskf).sum(), keepf.sum(), (w * keepf).sum()])
+    extremes = torch.stack([torch.where(keepf > 0, w, -big).max(), -torch.where(keepf > 0, w, big).min()])
+    if is_distributed():
+        sums = all_reduce_sum(sums)
+        extremes = extremes.to(_backend_device())
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    sums, extremes = sums.tolist(), extremes.tolist()
+    out = {"rejected_share": sums[1] / max(sums[0], 1.0)}
+    if weights is not None:
+        kept = sums[2] > 0
+        out.update(is_weight_mean=sums[3] / sums[2] if kept else math.nan,
+                   is_weight_max=extremes[0] if kept else math.nan, is_weight_min=-extremes[1] if kept else math.nan)
+    return {f"mismatch/{k}": v for k, v in out.items()}
+
+
+def offpolicy_sequence_mask(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, advantages: torch.Tensor,
+                            mask: torch.Tensor, delta: float) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence masking (2512.02556 §3.1): a sequence with a negative advantage whose
+    mean log(mu / pi_theta) over its tokens exceeds delta leaves the loss; (R, 1) of 0/1, detached. Positive
+    advantages are always kept: learning from one's own mistakes is what drifts when the sampler is far off."""
+    maskf = mask.to(torch.float32)
+    drift = _seq_sum((sampler_logprobs - logprobs).detach().float(), maskf) / maskf.sum(-1).clamp_min(1.0)
+    adv = advantages if advantages.dim() == 1 else _seq_sum(advantages.float(), maskf) / maskf.sum(-1).clamp_min(1.0)
+    return (~((adv < 0) & (drift > delta)))[:, None].to(torch.float32)
+
+
+def mismatch_metrics(sampler_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                     kept_logmass: torch.Tensor | None = None) -> dict[str, float]:
+    """The sampler–trainer gap of a batch, `mismatch/` keys, over every rank's tokens (a collective: every rank
+    calls it). With rho_t = pi_old / mu per token (log-ratios clamped at +-20):
+      logprob_diff_mean / _max   mean / max |log mu - log pi_old|
+      ratio_mean / _max / _min   of rho_t
+      ratio_out_share            share of tokens with rho_t outside [0.9, 1.1]
+      kl_k1, kl_k3               KL(mu || pi_old): mean(log mu - log pi_old), mean(rho - 1 - log rho)
+      chi2_token, chi2_seq       mean(rho_t^2) - 1 over tokens; mean(rho_seq^2) - 1 over sequences
+      ess                        the effective sample size of the token weights, (sum rho)^2 / (n sum rho^2), in (0, 1]
+      token_mult_prob_error      mean exp|log mu - log pi_old| (NeMo-RL's; above 1.05 read as a bug)
+      kept_mass                  mean kept mass S_t of top-k / top-p (1 without truncation)
+    The means weigh each rank by its tokens (or sequences), as if one process held the whole batch."""
+    maskf = mask.to(torch.float64)
+    live = mask.bool()
+    diff = torch.where(live, old_logprobs.double() - sampler_logprobs.double(), 0.0)  # log rho
+    log_rho = diff.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    rho = torch.exp(log_rho)
+    seq_log_rho = _seq_sum(diff, maskf).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    has = maskf.sum(-1) > 0
+    kept = torch.zeros_like(diff) if kept_logmass is None else kept_logmass.double()
+    sums = torch.stack([maskf.sum(), has.double().sum(),
+                        _seq_sum(diff.abs(), maskf).sum(), _seq_sum(rho, maskf).sum(),
+                        _seq_sum(((rho < 0.9) | (rho > 1.1)).double(), maskf).sum(),
+                        _seq_sum(-diff, maskf).sum(), _seq_sum(torch.expm1(log_rho) - log_rho, maskf).sum(),
+                        _seq_sum(rho.square(), maskf).sum(), (torch.exp(2 * seq_log_rho) * has).sum(),
+                        _seq_sum(torch.exp(diff.abs().clamp(max=LOG_RATIO_BOUND)), maskf).sum(),
+                        _seq_sum(torch.exp(kept), maskf).sum()])
+    big = torch.finfo(torch.float64).max
+    extremes = torch.stack([torch.where(live, diff.abs(), -big).max(), torch.where(live, rho, -big).max(),
+                            -torch.where(live, rho, big).min()])
+    if is_distributed():
+        sums = all_reduce_sum(sums)
+        extremes = extremes.to(_backend_device())
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    sums, extremes = sums.tolist(), extremes.tolist()
+    n, seqs = max(sums[0], 1.0), max(sums[1], 1.0)
+    out = {"logprob_diff_mean": sums[2] / n, "logprob_diff_max": extremes[0], "ratio_mean": sums[3] / n,
+           "ratio_max": extremes[1], "ratio_min": -extremes[2], "ratio_out_share": sums[4] / n,
+           "kl_k1": sums[5] / n, "kl_k3": sums[6] / n, "chi2_token": sums[7] / n - 1.0,
+           "chi2_seq": sums[8] / seqs - 1.0, "ess": sums[3] ** 2 / (n * max(sums[7], 1e-300)),
+           "token_mult_prob_error": sums[9] / n, "kept_mass": sums[10] / n}
+    if sums[0] == 0:
+        out = {k: math.nan for k in out}
+    return {f"mismatch/{k}": v for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -639,11 +873,41 @@ class Generation:
     tokens: torch.Tensor      # (R, N) completion ids, pad after EOS
     mask: torch.Tensor        # (R, N) 1 on generated tokens, EOS included
     truncated: torch.Tensor   # (R,) True where no EOS came within max_new_tokens
-    logprobs: torch.Tensor    # (R, N) log-prob of each sampled token under log_softmax(logits / temperature)
+    logprobs: torch.Tensor    # (R, N) log mu: each sampled token's log-prob under the distribution it was drawn
+    #                           from (logits / temperature, cut by top-k / top-p, renormalised over the kept set)
+    kept_logmass: torch.Tensor | None = None  # (R, N) log of the kept set's mass under softmax(logits / T) (0: all)
+    keep_ids: torch.Tensor | None = None      # (R, N, M) int32 ids of the kept set per token, -1 padded; a row of
+    #                                           -1 means the whole vocabulary; None when nothing was truncated
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(-1)
+
+    def select(self, rows) -> "Generation":
+        """The rows `rows` (a list or index tensor)."""
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        return Generation(self.tokens[rows], self.mask[rows], self.truncated[rows], self.logprobs[rows],
+                          pick(self.kept_logmass), pick(self.keep_ids))
+
+    @staticmethod
+    def cat(gens: Sequence["Generation"], pad_token_id: int = 0) -> "Generation":
+        """Several generations' rows as one, completions right-padded to the longest (kept ids -1 padded)."""
+        N = max(g.tokens.shape[1] for g in gens)
+        right = lambda x, v=0: F.pad(x, (0, N - x.shape[1]), value=v)  # noqa: E731
+        kept_logmass = None
+        if any(g.kept_logmass is not None for g in gens):
+            kept_logmass = torch.cat([right(g.kept_logmass if g.kept_logmass is not None else
+                                            torch.zeros_like(g.logprobs)) for g in gens])
+        keep_ids = None
+        if any(g.keep_ids is not None for g in gens):
+            M = max(g.keep_ids.shape[2] for g in gens if g.keep_ids is not None)
+            keep_ids = torch.cat([F.pad(g.keep_ids, (0, M - g.keep_ids.shape[2], 0, N - g.keep_ids.shape[1]), value=-1)
+                                  if g.keep_ids is not None else
+                                  torch.full((*g.tokens.shape[:1], N, M), -1, dtype=torch.int32,
+                                             device=g.tokens.device) for g in gens])
+        return Generation(torch.cat([right(g.tokens, pad_token_id) for g in gens]),
+                          torch.cat([right(g.mask) for g in gens]), torch.cat([g.truncated for g in gens]),
+                          torch.cat([right(g.logprobs) for g in gens]), kept_logmass, keep_ids)
 
 
 def _i64(x: int) -> int:
@@ -675,6 +939,16 @@ def keyed_uniforms(keys: torch.Tensor, steps: int) -> torch.Tensor:
     return ((z >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
 
 
+def keyed_normal(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(R, V) standard normal draws, each a pure function of (row key, step, token id) (Box-Muller on two keyed
+    uniforms): the logit noise of an injected sampler mismatch is then the same on any rank, batch or resume."""
+    salt = _splitmix64(keys.long()[:, None] * 1_000_003 + step * 7919 + 104_729
+                       + torch.arange(vocab, device=keys.device)[None, :] * 2_654_435_761)
+    u1 = (((salt >> 11) & ((1 << 53) - 1)).double() + 1.0) / float(1 << 53)  # (0, 1]: log never meets 0
+    u2 = ((_splitmix64(salt) >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).float()
+
+
 def rollout_noise_keys(seed: int, step: int, round_: int, prompt_ids: Sequence[int], num_samples: int) -> list[int]:
     """One sampling-noise key per row (prompt-major) for training rollouts: a function of (seed, step, sampling round,
     the prompt's global index in the data stream, sample index), so that each row samples the same completion on
@@ -689,37 +963,92 @@ def eval_noise_keys(seed: int, row_ids: Sequence[int], num_samples: int) -> list
     return [(seed * 7 + 10_000_019 * row + j) % 2**63 for row in row_ids for j in range(num_samples)]
 
 
+def truncation_mask(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor | None:
+    """The kept set of top-k then top-p truncation, as a (R, V) bool mask over logits already divided by the
+    temperature; None when nothing is cut (top_p = 1, top_k = 0 or >= V). Top-k keeps exactly k tokens; top-p keeps the smallest prefix of the sorted, renormalised top-k distribution whose mass reaches top_p."""
+    keep = None
+    if top_k and top_k < logits.shape[-1]:  # exactly k ids (ties broken as topk breaks them): kept_ids needs no sync
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+    if top_p < 1.0:
+        masked = logits if keep is None else logits.masked_fill(~keep, float("-inf"))
+        sorted_logits, order = torch.sort(masked, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p  # keep the smallest prefix with mass >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        keep = ~drop if keep is None else keep & ~drop
+    return keep
+
+
+def kept_ids(keep: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """A (R, V) kept-set mask as (R, M) int32 token ids, -1 padded; a row that keeps the whole vocabulary is all -1
+    (so "no truncation" costs no ids). width: M when known (top-k alone: k); else the largest kept set, which costs
+    one host sync (top-p's sets vary per row and step)."""
+    counts = keep.sum(-1)
+    if width is None:
+        cut = counts < keep.shape[-1]
+        width = int(torch.where(cut, counts, 0).max())
+    if width == 0:
+        return torch.full((keep.shape[0], 1), -1, dtype=torch.int32, device=keep.device)
+    ids = torch.topk(keep.to(torch.int8), width, dim=-1, sorted=True).indices  # the kept ids first in each row
+    valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
+    valid &= (counts < keep.shape[-1])[:, None]
+    return torch.where(valid, ids, -1).to(torch.int32)
+
+
+def keep_mask(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """kept_ids' inverse: (..., M) ids, -1 padded, to a (..., V) bool mask; an all -1 row keeps everything."""
+    flat = ids.reshape(-1, ids.shape[-1]).long()
+    valid = flat >= 0
+    has = valid.any(-1)
+    first = torch.where(has, flat[:, 0], 0)[:, None]  # kept_ids puts a valid id first: fill the padding with it
+    mask = torch.zeros(flat.shape[0], vocab, dtype=torch.bool, device=ids.device)
+    mask.scatter_(1, torch.where(valid, flat, first), True)
+    mask[~has] = True
+    return mask.view(*ids.shape[:-1], vocab)
+
+
+@dataclass
+class Sampled:
+    tokens: torch.Tensor               # (R,) the sampled ids
+    logprobs: torch.Tensor             # (R,) log mu(token): the processed distribution's (truncated, renormalised)
+    kept_logmass: torch.Tensor         # (R,) log of the kept set's mass under softmax(logits / T); 0 when nothing cut
+    keep: torch.Tensor | None = None   # (R, V) the kept set (truncation_mask), None when nothing was cut
+
+
 def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                  generator: torch.Generator | None = None, uniform: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row without a host sync. Returns (tokens (R,), their log-probs (R,)).
+                  generator: torch.Generator | None = None, uniform: torch.Tensor | None = None,
+                  noise: torch.Tensor | None = None) -> Sampled:
+    """Sample one token per row without a host sync, and say what it was drawn from (Sampled).
+
+    The sampler's distribution mu: z = logits / T, cut to the kept set K (top-k, then top-p: truncation_mask) and
+    renormalised,  log mu(v) = z_v - logsumexp_{u in K} z_u  for v in K. Its kept mass under the untruncated policy is
+    S = sum_{u in K} softmax(z)_u, so log mu = log pi - log S: a trainer that computes log pi over the whole
+    vocabulary is off by log S at every token ("keep sampling mask", DeepSeek-V3.2: renormalise over K instead).
+    noise: (R, V) added to z before the cut (an injected sampler/trainer mismatch of known size; mu is then the
+    perturbed distribution, as an engine with other numerics would report).
 
     Inverse-CDF sampling: the first token whose cumulative probability exceeds u * total, u ~ U[0, 1) one per
     row (float64 cumsum, so rounding shifts no token's probability by more than ~1e-16). An exact draw that
     needs R random numbers, not R * V, and never waits on the device. uniform: the (R,) draws to use.
     """
     logits = logits.float()
-    lse_logits = logits / temperature if temperature not in (0, 1) else logits
-    lse = torch.logsumexp(lse_logits, -1)  # (R,)
     if temperature == 0:
         tokens = logits.argmax(-1)
-        return tokens, logits.gather(-1, tokens[:, None])[:, 0] - lse
-    logits = lse_logits
-    masked = logits
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        masked = masked.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(masked, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p  # keep the smallest prefix with mass >= top_p
-        masked = masked.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+        lse = torch.logsumexp(logits, -1)
+        return Sampled(tokens, logits.gather(-1, tokens[:, None])[:, 0] - lse, torch.zeros_like(lse))
+    z = logits / temperature if temperature != 1 else logits
+    if noise is not None:
+        z = z + noise
+    lse = torch.logsumexp(z, -1)  # (R,)
+    keep = truncation_mask(z, top_p, top_k)
+    masked = z if keep is None else z.masked_fill(~keep, float("-inf"))
+    lse_kept = lse if keep is None else torch.logsumexp(masked, -1)
     cdf = (masked - lse[:, None]).exp().cumsum(-1, dtype=torch.float64)  # (R, V) unnormalised if truncated
     if uniform is None:
         uniform = torch.rand(logits.shape[0], dtype=torch.float64, device=logits.device, generator=generator)
     target = (uniform.to(cdf.device, torch.float64) * cdf[:, -1])[:, None]
     tokens = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
-    return tokens, logits.gather(-1, tokens[:, None])[:, 0] - lse
+    return Sampled(tokens, z.gather(-1, tokens[:, None])[:, 0] - lse_kept, lse_kept - lse, keep)
 
 
 # ---- the decode-time model: grouped-query attention, an fp32 output layer, a rollout copy of the weights
@@ -1127,7 +1456,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, noise_keys: torch.Tensor | None = None,
              compile: bool | None = None, pad_to_multiple: int = 16, check_every: int = 8,
-             compact: bool | None = None) -> Generation:
+             compact: bool | None = None, logit_noise: float = 0.0) -> Generation:
     """Sample num_samples completions for each of B left-padded prompts; rows are prompt-major
     (row i*S + j is sample j of prompt i). temperature=0 is greedy.
 
@@ -1142,8 +1471,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     compact: drop finished rows from the decode batch as they accumulate (default: when not compiled). With
     noise_keys or greedy the samples are the same either way; with a generator its stream is consumed by
     fewer rows, so the samples differ (each setting is reproducible).
-    The log-probs come from fp32 logits (head_logits), as token_logprobs computes them. Under mixed precision and
+    The log-probs come from fp32 logits (head_logits), as token_logprobs computes them, and are those of the
+    distribution each token was drawn from (sample_tokens: truncated by top_k / top_p and renormalised); the kept sets
+    come back as keep_ids for a trainer to renormalise over (token_logprobs' keep_ids). Under mixed precision and
     FSDP2 decoding runs on a rollout copy of the weights (_rollout_model); free_decode_state releases it.
+    logit_noise: sigma of keyed Gaussian noise added to the sampler's logits / T (needs noise_keys): a sampler that
+    deliberately differs from the trainer by a known amount, to study the mismatch corrections.
     """
     model = unwrap(model)
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
@@ -1154,6 +1487,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     if attention_mask[:, -1].min() < 1:
         raise ValueError("Prompts must be left-padded (the last column of attention_mask must be all ones); "
                          "set tokenizer.padding_side = 'left'.")
+    if logit_noise and noise_keys is None:
+        raise ValueError("logit_noise needs noise_keys: the injected noise is keyed per row, step and token.")
     device = input_ids.device
     cfg = model.config
     if pad_token_id is None:
@@ -1196,6 +1531,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
 
     tokens = torch.full((R, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
+    kept_logmass = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
+    truncating = bool(temperature) and (top_p < 1.0 or 0 < top_k < unwrap(model).config.get_text_config(
+        decoder=True).vocab_size)
+    keep_steps = []  # per step: (rows, (r, m) kept ids) when top-k / top-p cut the distribution
     finished = torch.zeros(R, dtype=torch.bool, device=device)
     # Every step's sampling noise, made before the loop: a step then turns no Python int into a device tensor.
     uniforms = keyed_uniforms(noise_keys, max_new_tokens) if noise_keys is not None and temperature else None
@@ -1222,13 +1561,19 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         next_position = attention_mask.sum(-1).repeat_interleave(S, 0)[:, None]  # (R, 1) position of the next token
         for t in range(max_new_tokens):
             uniform = None if uniforms is None else uniforms[t] if live is None else uniforms[t, live]
-            token, token_logprob = sample_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k,
-                                                 generator=generator, uniform=uniform)
             rows = slice(None) if live is None else live
+            noise = logit_noise * keyed_normal(noise_keys[rows], t, logits.shape[-1]) if logit_noise else None
+            drawn = sample_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                                  uniform=uniform, noise=noise)
             done = finished[rows]
-            tokens[rows, t] = torch.where(done, pad_token_id, token)
-            logprobs[rows, t] = torch.where(done, 0.0, token_logprob)
-            finished[rows] = done | torch.isin(token, eos_ids)
+            tokens[rows, t] = torch.where(done, pad_token_id, drawn.tokens)
+            logprobs[rows, t] = torch.where(done, 0.0, drawn.logprobs)
+            kept_logmass[rows, t] = torch.where(done, 0.0, drawn.kept_logmass)
+            if truncating and drawn.keep is not None:
+                keep_steps.append((rows, kept_ids(drawn.keep, top_k if top_p >= 1.0 else None)))
+            else:
+                keep_steps.append(None)
+            finished[rows] = done | torch.isin(drawn.tokens, eos_ids)
             if t == max_new_tokens - 1:
                 break
             # Decoding runs no collective (under FSDP it reads the gathered copy), so ranks may stop at different
@@ -1260,7 +1605,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     # and update passes do not run over them.
     longest = max(int(mask.sum(-1).max()), 1)
     tokens, mask, logprobs = tokens[:, :longest], mask[:, :longest], logprobs[:, :longest]
-    return Generation(tokens=tokens, mask=mask, truncated=~finished, logprobs=logprobs * mask)
+    keep = None
+    if truncating:  # the kept ids of every (row, step), -1 padded to the widest kept set; -1 rows where nothing was cut
+        width = max([ids.shape[1] for part in keep_steps[:longest] if part is not None for ids in part[1:]] or [1])
+        keep = torch.full((R, longest, width), -1, dtype=torch.int32, device=device)
+        for t, part in enumerate(keep_steps[:longest]):
+            if part is not None:
+                keep[part[0], t, :part[1].shape[1]] = part[1]
+        keep = keep.masked_fill(mask[..., None] == 0, -1)
+    return Generation(tokens=tokens, mask=mask, truncated=~finished, logprobs=logprobs * mask,
+                      kept_logmass=kept_logmass[:, :longest] * mask, keep_ids=keep)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1274,14 +1628,19 @@ class _ChunkedLogprobs(torch.autograd.Function):
     the compute dtype (head_logits), as the sampler's are.
 
     d logprob / d z = onehot(target) - p        d entropy / d z = -p * (log p + entropy)
+
+    keep_ids (rows, M), the sampler's kept sets (generate's keep_ids): the log-prob is then over the kept set K,
+    log p~ = z_target - logsumexp_{K} z, with d/dz = onehot - p~ (p~ = p / S on K, 0 elsewhere, S the kept mass);
+    the entropy stays the whole distribution's.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy, compute):
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy, compute, keep_ids=None):
         n = hidden.shape[0]
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else None
         lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse_kept = torch.empty(n, dtype=torch.float32, device=hidden.device) if keep_ids is not None else None
         head = head_weight(weight, compute)  # cast once per call, not per chunk
         with torch.autocast(hidden.device.type, enabled=False):  # the model's forward may run under autocast
             for start in range(0, n, chunk_size):
@@ -1289,10 +1648,15 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 logits = _chunk_logits(hidden[sl], head, bias, temperature, compute)  # (C, V) fp32
                 lse = torch.logsumexp(logits, -1)
                 lse_all[sl] = lse
-                logprobs[sl] = logits.gather(-1, targets[sl, None])[:, 0] - lse
+                norm = lse
+                if keep_ids is not None:
+                    norm = torch.logsumexp(logits.masked_fill(~keep_mask(keep_ids[sl], logits.shape[-1]),
+                                                              float("-inf")), -1)
+                    lse_kept[sl] = norm
+                logprobs[sl] = logits.gather(-1, targets[sl, None])[:, 0] - norm
                 if with_entropy:
                     entropy[sl] = lse - (logits.softmax(-1) * logits).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse_all, entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all, entropy, keep_ids, lse_kept)
         # One chunk: keep its logits (no more memory than the backward's own chunk) instead of recomputing them.
         ctx.logits = logits if n <= chunk_size else None
         ctx.set_materialize_grads(False)  # an unused entropy output gets None, not a (n,) tensor of zeros
@@ -1301,7 +1665,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, bias, targets, lse_all, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, lse_all, entropy, keep_ids, lse_kept = ctx.saved_tensors
         compute = ctx.compute
         if grad_logprobs is None:  # only the entropy is differentiated
             grad_logprobs = torch.zeros_like(lse_all)
@@ -1317,6 +1681,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
             logits = kept if kept is not None else _chunk_logits(hidden[sl], head, bias, ctx.temperature, compute)
             grad_logits = logits.sub_(lse_all[sl, None])  # log p
             coef = grad_logprobs[sl, None]
+            if keep_ids is not None:  # p~ = p * exp(lse - lse_K) on K: the kept set's renormalised distribution
+                scale = (lse_all[sl] - lse_kept[sl]).exp_()
+                coef = keep_mask(keep_ids[sl], logits.shape[-1]).to(logits.dtype).mul_((coef[:, 0] * scale)[:, None])
             if with_entropy:
                 coef = (grad_logits + entropy[sl, None]).mul_(grad_entropy[sl, None]).add_(coef)
             grad_logits.exp_().mul_(coef).neg_()
@@ -1343,7 +1710,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_bias += grad_logits.sum(0)
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _chunk_logits(hidden, head, bias, temperature, compute):
@@ -1370,9 +1737,11 @@ def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> i
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float = 1.0,
                    with_entropy: bool = False, last_n: int | None = None, chunk_size: int | None = None,
-                   fused: bool | None = None):
+                   fused: bool | None = None, keep_ids: torch.Tensor | None = None):
     """log pi(x_{t+1} | x_<=t) for every position: (B, T-1), or (B, last_n) for the last last_n targets only
     (the completion, in RL). With with_entropy=True returns (logprobs, entropy) of the same shape.
+    keep_ids (B, n, M): the sampler's kept set of each target (generate's keep_ids, -1 padded): each log-prob is
+    then renormalised over it, log pi~ = log pi - log S_t (the entropy stays the whole distribution's).
 
     fused (default: unless the model post-processes its logits) computes the log-probs chunk by chunk from
     the hidden states that reach the output embedding, with the output layer in fp32 (head_logits, as generate's
@@ -1388,11 +1757,15 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if fused is None:
         fused = not _logits_are_postprocessed(base.config)
 
+    if keep_ids is not None and keep_ids.shape[:2] != (B, n):
+        raise ValueError(f"keep_ids {tuple(keep_ids.shape)} must be (B, n, M) = ({B}, {n}, M).")
     if not fused:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits[:, T - 1 - n:T - 1].float() / temperature
         logp = torch.log_softmax(logits, -1)
-        lp = logp.gather(-1, targets[..., None])[..., 0]
+        kept = logp if keep_ids is None else torch.log_softmax(
+            logits.masked_fill(~keep_mask(keep_ids, logits.shape[-1]), float("-inf")), -1)
+        lp = kept.gather(-1, targets[..., None])[..., 0]
         return (lp, -(logp.exp() * logp).sum(-1)) if with_entropy else lp
 
     head = base.get_output_embeddings()
@@ -1403,8 +1776,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     def fused_head(module, args):
         hidden = args[0]  # (B, T, H): the final hidden states, after the last norm
         h = hidden[:, T - 1 - n:T - 1].reshape(B * n, -1)
+        keep = None if keep_ids is None else keep_ids.reshape(B * n, keep_ids.shape[-1])
         lp, ent = _ChunkedLogprobs.apply(h, module.weight, module.bias, targets.reshape(-1), float(temperature),
-                                         chunk, with_entropy, compute)
+                                         chunk, with_entropy, compute, keep)
         result["logprobs"], result["entropy"] = lp.view(B, n), ent.view(B, n) if with_entropy else None
         return (hidden[:, :0],)  # the head now makes an empty (B, 0, V) tensor instead of the full logits
 
@@ -1420,11 +1794,12 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def completion_logprobs(model, batch: dict, *, temperature: float = 1.0, with_entropy: bool = False):
     """log pi at each completion token (R, N) of a rollout batch {prompt_ids, prompt_mask (R, P) left-padded,
-    tokens, mask (R, N)}, at the sampling temperature; with_entropy: also the entropy (R, N)."""
+    tokens, mask (R, N), and keep_ids (R, N, M) when the sampler truncated}, at the sampling temperature, over the
+    sampler's kept set when the batch has one; with_entropy: also the entropy (R, N)."""
     ids = torch.cat([batch["prompt_ids"], batch["tokens"]], 1)          # (R, P + N)
     mask = torch.cat([batch["prompt_mask"], batch["mask"]], 1)
     return token_logprobs(model, ids, mask, last_n=batch["tokens"].shape[1], temperature=temperature,
-                          with_entropy=with_entropy)
+                          with_entropy=with_entropy, keep_ids=batch.get("keep_ids"))
 
 
 def slice_rows(batch: dict, rows) -> dict:
@@ -1457,7 +1832,7 @@ def micro_batches(batch: dict, max_tokens: int) -> list[tuple[torch.Tensor, dict
         for k, v in part.items():
             if k.startswith("prompt_"):
                 part[k] = v[:, v.shape[1] - p:]
-            elif torch.is_tensor(v) and v.dim() == 2 and v.shape == (len(rows), N):
+            elif torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (len(rows), N):  # (R, N) and (R, N, M)
                 part[k] = v[:, :n]
         parts.append((rows, part))
     return parts

@@ -1594,7 +1594,7 @@ class Rollout:
         pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
         gen = self.gen
         return Rollout(self.prompt_ids[rows], self.prompt_mask[rows],
-                       K.Generation(gen.tokens[rows], gen.mask[rows], gen.truncated[rows], gen.logprobs[rows]),
+                       gen.select(rows),
                        pick(self.completions), pick(self.rows),
                        None if self.rewards is None else self.rewards[rows],
                        {k: pick(v) for k, v in self.per_reward.items()}, pick(self.correct))
@@ -1604,23 +1604,28 @@ class Rollout:
         """Several rollouts as one (e.g. DAPO's sampling rounds), padding prompts on the left, completions on the right."""
         if len(parts) == 1:
             return parts[0]
-        N = max(p.gen.tokens.shape[1] for p in parts)
         P = max(p.prompt_ids.shape[1] for p in parts)
-        right = lambda x, v=0: torch.nn.functional.pad(x, (0, N - x.shape[1]), value=v)  # noqa: E731
         left = lambda x: torch.nn.functional.pad(x, (P - x.shape[1], 0))  # noqa: E731
-        gens = [p.gen for p in parts]
         return Rollout(torch.cat([left(p.prompt_ids) for p in parts]), torch.cat([left(p.prompt_mask) for p in parts]),
-                       K.Generation(torch.cat([right(g.tokens) for g in gens]), torch.cat([right(g.mask) for g in gens]),
-                                    torch.cat([g.truncated for g in gens]), torch.cat([right(g.logprobs) for g in gens])),
+                       K.Generation.cat([p.gen for p in parts]),
                        sum((p.completions for p in parts), []), sum((p.rows for p in parts), []),
                        torch.cat([p.rewards for p in parts]),
                        {k: sum((p.per_reward[k] for p in parts), []) for k in parts[0].per_reward},
                        sum((p.correct for p in parts), []))
 
-    def batch(self) -> dict:
-        """The tensors an update needs: {prompt_ids, prompt_mask, tokens, mask} (R, ...)."""
-        return dict(prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask, tokens=self.gen.tokens,
-                    mask=self.gen.mask)
+    def batch(self, keep_sampling_mask: bool = True) -> dict:
+        """The tensors an update needs: {prompt_ids, prompt_mask, tokens, mask, sampler_logprobs (log mu), kept_logmass
+        (log S, 0 without truncation), rows (the row indices, for gathering per-micro-batch results)} (R, ...), and
+        keep_ids (R, N, M) when the sampler truncated
+        (top-k / top-p) and keep_sampling_mask: every log-prob pass then renormalises over the sampler's kept sets."""
+        batch = dict(prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask, tokens=self.gen.tokens,
+                     mask=self.gen.mask, sampler_logprobs=self.gen.logprobs,
+                     kept_logmass=self.gen.kept_logmass if self.gen.kept_logmass is not None else
+                     torch.zeros_like(self.gen.logprobs),
+                     rows=torch.arange(self.gen.mask.shape[0], device=self.gen.mask.device))
+        if keep_sampling_mask and self.gen.keep_ids is not None:
+            batch["keep_ids"] = self.gen.keep_ids
+        return batch
 
 
 def end_of_turn_id(tokenizer) -> int | None:
@@ -1657,8 +1662,9 @@ def decode(tokenizer, gen: K.Generation) -> list[str]:
 
 
 def sample(model, tokenizer, rows: list[dict], *, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, template: str = "auto", system_prompt: str | None = None, noise_keys=None,
-           generator: torch.Generator | None = None, compile: bool | None = None) -> Rollout:
+           top_p: float = 1.0, top_k: int = 0, template: str = "auto", system_prompt: str | None = None,
+           noise_keys=None, generator: torch.Generator | None = None, compile: bool | None = None,
+           logit_noise: float = 0.0) -> Rollout:
     """num_samples completions for each row's prompt: render, tokenize, rl_kernels.generate (each prompt prefilled
     once, each row stopped at the first of stop_token_ids), decode. noise_keys: one int per row of the result
     (rl_kernels.rollout_noise_keys), or else a generator."""
@@ -1668,7 +1674,7 @@ def sample(model, tokenizer, rows: list[dict], *, num_samples: int, max_new_toke
     ids, mask = encode_prompts(tokenizer, texts, device, add_special_tokens=not chat)      # (B, P)
     keys = None if noise_keys is None else torch.tensor(noise_keys, device=device)         # (R,)
     gen = K.generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     num_samples=num_samples, eos_token_id=stop_token_ids(tokenizer, model, chat),
+                     top_k=top_k, logit_noise=logit_noise, num_samples=num_samples, eos_token_id=stop_token_ids(tokenizer, model, chat),
                      pad_token_id=tokenizer.pad_token_id, noise_keys=keys, generator=generator,
                      compile=compile)                                                      # (R, N)
     return Rollout(ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0), gen,
@@ -1810,6 +1816,26 @@ def warn_truncation(metrics: dict, step: int, max_new_tokens: int, warned: bool)
     return True
 
 
+MISMATCH_WARNING = 1.05  # token_mult_prob_error above this is read as a bug (NeMo-RL's threshold)
+
+
+def warn_mismatch(metrics: dict, step: int, warned: bool) -> bool:
+    """Warn, once per run, on rank 0, the first step whose sampler and trainer disagree by more than numerics do:
+    mismatch/token_mult_prob_error = mean exp|log mu - log pi_old| above MISMATCH_WARNING (bf16 engines measure about
+    1.01; above 1.05 a sampler computes another function: stale weights, a wrong temperature or top-p, a template
+    mismatch). Returns whether the run has now warned; pass it back in."""
+    error = metrics.get("mismatch/token_mult_prob_error", 1.0)
+    if warned or not error > MISMATCH_WARNING:
+        return warned
+    if K.get_rank() == 0:
+        warnings.warn(f"step {step}: sampler and trainer disagree, mismatch/token_mult_prob_error {error:.3f} > "
+                      f"{MISMATCH_WARNING} (mean |log mu - log pi_old| {metrics.get('mismatch/logprob_diff_mean', 0):.3g}"
+                      "): expected near 1.0 when both compute the same policy; check the sampler's weights, "
+                      "temperature, top-p/top-k and --keep-sampling-mask (this warning is shown once per run)",
+                      RuntimeWarning, stacklevel=2)
+    return True
+
+
 def rollout_metric_weights(rollout: Rollout) -> dict[str, float]:
     """What each of rollout_metrics' means that is over a subset of the rows is a mean over, on this rank (the
     correct responses, the incorrect ones, the responses a reward applies to): rl_kernels.reduce_metrics' weights,
@@ -1871,6 +1897,32 @@ class RLArgs:
     """response length cap L_max"""
     temperature: float = 1.0
     """sampling temperature (it divides the logits of every log-prob pass too)"""
+    top_p: float = 1.0
+    """nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: off)"""
+    top_k: int = 0
+    """keep the top_k most likely tokens (0: off); applied before top_p"""
+    keep_sampling_mask: bool = True
+    """under top-p/top-k, compute pi_old, pi_theta and pi_ref over the sampler's kept set, renormalised, so that the
+    ratios are not off by the kept mass (DeepSeek-V3.2's "keep sampling mask"); --no-keep-sampling-mask: over the
+    whole vocabulary, as TRL, verl and OpenRLHF do"""
+    rollout_correction: Literal["none", "trl", "openrlhf", "icepop", "verl-token-tis", "verl-seq-tis", "verl-seq-is-rs",
+                                "verl-geo-rs", "verl-k3-rs", "geo-tis", "bypass"] = "none"
+    """sampler-trainer mismatch correction, named after the framework whose default it is (rl_kernels.CORRECTIONS);
+    none: measure only (the mismatch/ metrics are logged either way)"""
+    is_level: Optional[Literal["token", "sequence", "geometric", "off"]] = None
+    """override the preset's IS weight level (off: no weights)"""
+    is_mode: Optional[Literal["truncate", "mask"]] = None
+    """override: truncate the weights to the bounds (TIS) or zero those outside (MIS)"""
+    is_bounds: tuple[float, ...] = ()
+    """override: (high,) or (low, high) of the IS weights"""
+    rejection: tuple[str, ...] = ()
+    """override: rejection options, verl's names (token_k1, seq_mean_k1, seq_max_k3, ...; rl_kernels.REJECTIONS)"""
+    rejection_bounds: tuple[str, ...] = ()
+    """bounds of the rejection options, verl's format: "0.999_1.001" (k1: ratio bounds) or "0.01" (k2/k3: upper)"""
+    offpolicy_mask_delta: Optional[float] = None
+    """DeepSeek-V3.2's off-policy sequence masking: drop a sequence with A < 0 whose mean log(mu/pi_theta) > delta"""
+    sampler_logit_noise: float = 0.0
+    """inject a sampler-trainer mismatch: keyed Gaussian noise of this std added to the sampler's logits / T"""
     reward_weights: tuple[float, ...] = ()
     """one weight per reward; default 1 each, except the shaping rewards format and tag_count: 0.1 beside others"""
     reward_timeout_s: Optional[float] = None
@@ -1899,11 +1951,48 @@ class RLArgs:
     models, docs/memory.md); one copy each way per step"""
 
 
+def check_sampling(args):
+    """One sentence for sampling settings that cannot run: top-p, top-k, the injected noise, the correction."""
+    if not 0 < args.top_p <= 1:
+        raise K.UserError(f"--top-p {args.top_p}: must be in (0, 1] (1: off).")
+    if args.top_k < 0:
+        raise K.UserError(f"--top-k {args.top_k}: must be 0 (off) or more.")
+    if args.sampler_logit_noise < 0:
+        raise K.UserError(f"--sampler-logit-noise {args.sampler_logit_noise}: a standard deviation, 0 or more.")
+    if args.offpolicy_mask_delta is not None and args.offpolicy_mask_delta < 0:
+        raise K.UserError(f"--offpolicy-mask-delta {args.offpolicy_mask_delta}: a KL threshold, 0 or more.")
+    correction_of(args)
+
+
+def correction_of(args) -> K.Correction:
+    """The mismatch correction of --rollout-correction with the overrides given (checked: one sentence if it cannot
+    run)."""
+    corr = K.CORRECTIONS[getattr(args, "rollout_correction", "none")]
+    changes = {}
+    if getattr(args, "is_level", None) is not None:
+        changes["is_level"] = None if args.is_level == "off" else args.is_level
+    if getattr(args, "is_mode", None) is not None:
+        changes["is_mode"] = args.is_mode
+    bounds = tuple(getattr(args, "is_bounds", ()))
+    if bounds:
+        if len(bounds) > 2:
+            raise K.UserError(f"--is-bounds {' '.join(map(str, bounds))}: give HIGH or LOW HIGH.")
+        changes.update(is_low=bounds[0] if len(bounds) == 2 else None, is_high=bounds[-1])
+    if getattr(args, "rejection", ()):
+        changes.update(rejection=tuple(args.rejection), rejection_bounds=tuple(args.rejection_bounds))
+    elif getattr(args, "rejection_bounds", ()):
+        changes["rejection_bounds"] = tuple(args.rejection_bounds)
+    corr = dataclasses.replace(corr, **changes)
+    K.check_correction(corr)
+    return corr
+
+
 def load_task(args, reward_fns, weights: tuple[float, ...], device) -> tuple[object, list[dict], list[dict]]:
     """An RL run's (args, train rows, held-out rows): args with the reward weights, --decode-memory and the micro-batch
     size on this device resolved (as args.json records them), the rows checked against what the rewards read, --model's
     source checked, and every length (fit_generation: the context, the KV caches' memory): everything a user can get
     wrong fails here, before any model is loaded."""
+    check_sampling(args)
     decode_memory = args.decode_memory if args.decode_memory != "auto" else \
         "free" if getattr(args, "strategy", "ddp") == "fsdp" else "keep"
     args = dataclasses.replace(args, reward_weights=weights, decode_memory=decode_memory,
@@ -1968,8 +2057,9 @@ def rollout(args, policy, tokenizer, rows: list[dict], reward_fns, noise_keys, t
     Interrupted (should_stop: the local flag)."""
     with timer("generate"):
         part = sample(policy, tokenizer, rows, num_samples=args.num_generations, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=getattr(args, "top_p", 1.0), template=args.template,
-                      system_prompt=args.system_prompt, compile=args.compile, noise_keys=noise_keys)
+                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, template=args.template,
+                      system_prompt=args.system_prompt, compile=args.compile, noise_keys=noise_keys,
+                      logit_noise=args.sampler_logit_noise)
     with timer("reward"):
         score(part, reward_fns, args.reward_weights, reward_timeout_s=args.reward_timeout_s, should_stop=should_stop,
               completion_lengths=part.gen.lengths.tolist(), group_size=args.num_generations)

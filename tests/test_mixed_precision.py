@@ -114,9 +114,9 @@ def test_bf16_log_probs_come_from_fp32_logits_in_the_sampler_and_the_trainer(mon
     sample_tokens = K.sample_tokens
 
     def recorded(logits, **kw):
-        token, logprob = sample_tokens(logits, **kw)
-        calls.append((logits.clone(), token, logprob))
-        return token, logprob
+        drawn = sample_tokens(logits, **kw)
+        calls.append((logits.clone(), drawn.tokens, drawn.logprobs))
+        return drawn
 
     monkeypatch.setattr(K, "sample_tokens", recorded)
     model, tokenizer = K.load_model(TOY, dtype="bfloat16", device="cpu")

@@ -79,13 +79,13 @@ def test_top_k_and_top_p_restrict_the_support():
     """top_k keeps the k most likely tokens; top_p keeps the smallest set with mass >= p."""
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     gen = torch.Generator().manual_seed(0)
-    k2, _ = K.sample_tokens(logits, top_k=2, generator=gen)
+    k2 = K.sample_tokens(logits, top_k=2, generator=gen).tokens
     assert set(k2.tolist()) == {0, 1}
-    p, _ = K.sample_tokens(logits, top_p=0.8, generator=gen)  # 0.5 + 0.3 reaches 0.8
+    p = K.sample_tokens(logits, top_p=0.8, generator=gen).tokens  # 0.5 + 0.3 reaches 0.8
     assert set(p.tolist()) == {0, 1}
-    p9, _ = K.sample_tokens(logits, top_p=0.9, generator=gen)
+    p9 = K.sample_tokens(logits, top_p=0.9, generator=gen).tokens
     assert set(p9.tolist()) == {0, 1, 2}
-    full, _ = K.sample_tokens(logits, generator=gen)
+    full = K.sample_tokens(logits, generator=gen).tokens
     freq = torch.bincount(full, minlength=4).float() / len(full)
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04)
 
