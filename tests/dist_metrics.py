@@ -2,7 +2,8 @@
 minibatch, when the ranks hold very different numbers of loss tokens (rank 0: three long rows, rank 1: two short
 rows and one whose loss_mask is all zero, as DAPO's overlong filter leaves a truncated response).
 
-Also the rollout metrics that are means over a subset of the rows (correct responses, those a reward applies to).
+Also the rollout metrics that are means over a subset of the rows (correct responses, those a reward applies to), and
+the sampler-trainer mismatch/ metrics (means over tokens and over sequences, extremes).
 
 Run under torchrun (saves metrics_rank{R}.json) or as one process with "none" (saves metrics_none.json): the
 scripts' path, accumulate_gradients -> guarded_step -> reduce_metrics.
@@ -60,6 +61,15 @@ if strategy != "none":
     rollout = rollout.select(rows)
 metrics.update(env.finish_reward_std(K.reduce_metrics(env.rollout_metrics(rollout),
                                                       weights=env.rollout_metric_weights(rollout))))
+# The sampler-trainer mismatch metrics and a correction's: means over every rank's tokens (and sequences)
+sampler = old + 0.2 * torch.randn(6, 12, generator=torch.Generator().manual_seed(5))
+kept = -0.1 * torch.rand(6, 12, generator=torch.Generator().manual_seed(6))
+part = {"s": sampler, "o": old, "m": mask, "k": kept}
+part = {k: v[rows] for k, v in part.items()} if strategy != "none" else part
+metrics.update(K.mismatch_metrics(part["s"], part["o"], part["m"], part["k"]))
+weights, keep = K.rollout_correction(part["o"] - part["s"], part["m"], K.Correction(
+    "token", "truncate", 0.8, 1.2, ("seq_max_k3",), ("0.08",)))
+metrics.update(K.correction_metrics(weights, keep, part["m"]))
 name = f"metrics_rank{info.rank}.json" if strategy != "none" else "metrics_none.json"
 with open(os.path.join(out_dir, name), "w") as f:
     json.dump(metrics, f)

@@ -460,6 +460,8 @@ def test_two_process_train_stats_are_token_weighted_like_one_process(tmp_path):
     token_stats = [k for k in one if k not in ("loss", "grad_norm") and "/" not in k]
     assert {"entropy", "ratio_max", "ratio_min"} <= set(token_stats) and one["ratio_max"] > one["ratio_min"]
     assert one["rollout/length_correct"] == 9.0 and one["rewards/judge"] == 1.75 / 3  # (12 + 11 + 12 + 1) / 4
+    assert {"mismatch/chi2_seq", "mismatch/ess", "mismatch/logprob_diff_max", "mismatch/rejected_share",
+            "mismatch/is_weight_max"} <= set(one) and 0 < one["mismatch/rejected_share"] < 1
     for k in one:
         assert math.isclose(r0[k], one[k], rel_tol=1e-4, abs_tol=1e-6), (k, r0[k], one[k])
 
