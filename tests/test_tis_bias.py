@@ -93,3 +93,11 @@ def test_per_sample_gradients_match_autograd():
         leaf = theta.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad((coefficients[n] * leaf.log_softmax(-1)[ctx[n], seqs[n]]).sum(), leaf)
         assert torch.allclose(ours[n], grad, atol=1e-14)
+
+
+def test_a_users_mistake_is_one_sentence():
+    """check_args names the flag to change: an unknown reward, a Delta the sampler cannot reach, too many sequences."""
+    assert tis_bias.check_args(tis_bias.Args()) is None
+    assert "--rewards" in tis_bias.check_args(tis_bias.Args(rewards=("length",)))
+    assert "[0, 0.5)" in tis_bias.check_args(tis_bias.Args(deltas=(0.7,)))
+    assert "enumerated" in tis_bias.check_args(tis_bias.Args(vocab=5, horizons=(12,)))
