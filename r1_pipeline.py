@@ -142,6 +142,18 @@ class Distill:
 
 
 @dataclass
+class Sampling:
+    """How every GRPO stage samples and corrects the sampler-trainer mismatch (grpo.py's flags of the same names)."""
+    top_p: float = 1.0
+    top_k: int = 0
+    keep_sampling_mask: bool = True
+    rollout_correction: str = "none"
+    """a preset of rl_kernels.CORRECTIONS (trl, openrlhf, icepop, verl-token-tis, verl-geo-rs, bypass, ...)"""
+    offpolicy_mask_delta: Optional[float] = None
+    sampler_logit_noise: float = 0.0
+
+
+@dataclass
 class Args:
     out_dir: str = "runs/r1_pipeline"
     """a subdirectory per stage; stages.json and stages.md"""
@@ -167,6 +179,7 @@ class Args:
     rejection_sft: RejectionSFT = field(default_factory=RejectionSFT)
     all_scenarios: AllScenarios = field(default_factory=AllScenarios)
     distill: Distill = field(default_factory=Distill)
+    sampling: Sampling = field(default_factory=Sampling)
 
 
 class Stopped(RuntimeError):
@@ -283,7 +296,7 @@ def grpo_run(args: Args, out_dir: str, model: str, steps: int, lr: float, datase
         model=model, dataset=dataset, eval_dataset=data_file(args, "reasoning_test"), rewards=tuple(rewards),
         reward_weights=tuple(rewards.values()), out_dir=out_dir, seed=args.seed, max_steps=steps, lr=lr,
         max_new_tokens=args.max_new_tokens, eval_every=20, eval_samples=0, eval_size=args.eval_size, save_every=10,
-        plot=False))
+        plot=False, **dataclasses.asdict(args.sampling)))
 
 
 def sft_run(args: Args, out_dir: str, model: str, dataset: str, epochs: float, lr: float) -> str:
@@ -496,7 +509,9 @@ def stage_table(args: Args, done: dict) -> list[dict]:
 def check_lengths(args: Args):
     """--max-new-tokens plus the longest prompt of the stages' data (arithmetic, general prompts) must fit the
     context of the base and, for distillation, the student: one sentence before any stage runs (each stage's script
-    checks its own data again, but the table's measure() and the data-making samples generate here)."""
+    checks its own data again, but the table's measure() and the data-making samples generate here). The sampling
+    settings are checked here too."""
+    env.check_sampling(grpo.Args(**dataclasses.asdict(args.sampling)))
     rows = (reasoning_rows("train", 200, args.seed) + reasoning_rows("test", args.eval_size, args.seed)
             + general_rows("test", max(3, args.general_eval_size), args.seed))
     for model in [args.base] + ([args.distill.student] if "distill" in args.stages else []):

@@ -1967,7 +1967,10 @@ def check_sampling(args):
 def correction_of(args) -> K.Correction:
     """The mismatch correction of --rollout-correction with the overrides given (checked: one sentence if it cannot
     run)."""
-    corr = K.CORRECTIONS[getattr(args, "rollout_correction", "none")]
+    name = getattr(args, "rollout_correction", "none")
+    if name not in K.CORRECTIONS:
+        raise K.UserError(f"--rollout-correction {name!r}: use one of {', '.join(K.CORRECTIONS)}.")
+    corr = K.CORRECTIONS[name]
     changes = {}
     if getattr(args, "is_level", None) is not None:
         changes["is_level"] = None if args.is_level == "off" else args.is_level

@@ -201,3 +201,23 @@ def test_a_length_the_models_cannot_hold_stops_before_any_stage(max_new_tokens, 
     with pytest.raises(K.UserError, match=sentence):
         r1_pipeline.main(r1_pipeline.Args(out_dir=str(tmp_path / "r1"), max_new_tokens=max_new_tokens))
     assert not (tmp_path / "r1").exists()
+
+
+def test_the_stages_pass_the_sampling_and_mismatch_switches_to_grpo(tmp_path, monkeypatch):
+    """--sampling.* reaches every GRPO stage's grpo.Args (top-p, the keep mask, the correction, the injected noise);
+    a correction that cannot run stops the pipeline before any stage."""
+    import rl_kernels as K
+
+    seen = []
+    monkeypatch.setattr(r1_pipeline, "run", lambda main, script_args: seen.append(script_args) or "final")
+    args = r1_pipeline.Args(out_dir=str(tmp_path / "r1"), sampling=r1_pipeline.Sampling(
+        top_p=0.9, keep_sampling_mask=False, rollout_correction="verl-geo-rs", sampler_logit_noise=0.1))
+    monkeypatch.setattr(r1_pipeline, "data_file", lambda args, name: str(tmp_path / f"{name}.jsonl"))
+    r1_pipeline.grpo_run(args, str(tmp_path / "stage"), "toy", 3, 1e-4, "arithmetic", {"accuracy": 1.0})
+    (grpo_args,) = seen
+    assert (grpo_args.top_p, grpo_args.keep_sampling_mask, grpo_args.rollout_correction,
+            grpo_args.sampler_logit_noise) == (0.9, False, "verl-geo-rs", 0.1)
+    bad = r1_pipeline.Args(out_dir=str(tmp_path / "bad"), sampling=r1_pipeline.Sampling(rollout_correction="tis"))
+    with pytest.raises(K.UserError, match="--rollout-correction 'tis'"):
+        r1_pipeline.main(bad)
+    assert not (tmp_path / "bad").exists()
