@@ -387,7 +387,9 @@ def update(args: Args, model, optimizer, scheduler, batch: dict, state: dict) ->
     ref_in_loss = not args.kl_in_reward  # REINFORCE++ has its KL in the reward instead
     pick = torch.Generator().manual_seed(args.seed * 1_000_003 + scheduler.last_epoch)  # Clip-Cov: resumes alike
     # pi_old as the update's first forward sees it, for the mismatch/ metrics when no pi_old pass ran (free)
-    measure = "old_logprobs" not in batch or correction.bypass
+    measure = "sampler_logprobs" in batch and ("old_logprobs" not in batch or correction.bypass)
+    if measure and "rows" not in batch:
+        batch = {**batch, "rows": torch.arange(batch["mask"].shape[0], device=batch["mask"].device)}
     seen = torch.full(batch["mask"].shape, float("nan"), device=batch["mask"].device) if measure else None
 
     def micro_loss(part: dict, share: K.Share):
@@ -418,8 +420,9 @@ def update(args: Args, model, optimizer, scheduler, batch: dict, state: dict) ->
                                            mask="loss_mask")
             if recording:
                 rows = minibatch["rows"]
+                kept = batch.get("kept_logmass")
                 mismatch = K.mismatch_metrics(batch["sampler_logprobs"][rows], seen[rows], batch["mask"][rows],
-                                              batch["kept_logmass"][rows])
+                                              None if kept is None else kept[rows])
             means.add(K.guarded_step(model, optimizer, args.max_grad_norm, stats, state=state)[0])
     scheduler.step()  # the schedule counts rollout steps
     return means.result(always=("ratio_max", "ratio_min")), mismatch  # every rank the same keys

@@ -129,7 +129,7 @@ def test_a_rank_without_loss_tokens_reports_every_metric():
                  loss_mask=torch.zeros_like(mask), advantages=torch.tensor([1.0, -1.0]))
     model = tiny_causal_lm().train()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    stats = grpo.update(grpo.Args(), model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), batch,
+    stats, _ = grpo.update(grpo.Args(), model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), batch,
                         {"skipped": 0, "nan_streak": 0})
     assert {"train/ratio_max", "train/ratio_min", "train/clip_frac", "train/loss"} <= set(stats)
     assert math.isnan(stats["train/ratio_max"]) and stats["train/loss"] == 0.0
@@ -172,7 +172,7 @@ def test_length_sorted_micro_batches_give_the_whole_batch_gradient(loss_agg, num
         grads = {}  # the last step's gradient, as the optimizer sees it (guarded_step then sets .grad to None)
         opt.register_step_pre_hook(lambda *_: grads.update({n: p.grad.clone() for n, p in model.named_parameters()}))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        stats = grpo.update(args, model, opt, sched, batch, {"skipped": 0, "nan_streak": 0})
+        stats, _ = grpo.update(args, model, opt, sched, batch, {"skipped": 0, "nan_streak": 0})
         results.append((stats, grads))
         if num_iterations == 2:
             old = K.rollout_logprobs(model, batch, max_tokens=budget)
