@@ -2,6 +2,7 @@
 rates, bf16 compute, fp32 log-probs from the output layer in the sampler and the trainer, fp32 checkpoints."""
 
 import copy
+import math
 import os
 
 import pytest
@@ -196,3 +197,127 @@ def test_bf16_reference_starts_and_resets_at_zero_kl(tmp_path):
     grpo.main(small_args(model_dir, tmp_path / "rpp", preset="reinforce_pp", dtype="bfloat16", max_steps=1,
                          eval_every=0))
     assert runs.read_metrics(str(tmp_path / "rpp"))[-1]["step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fp16 compute: the dynamic loss scale (issue 23)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that keeps a copy of the gradients its last step read (guarded_step frees them after the step)."""
+
+    def step(self, closure=None):
+        self.seen = [p.grad.clone() for group in self.param_groups for p in group["params"]]
+        return super().step(closure)
+
+
+def _toy_linear(dtype: str):
+    torch.manual_seed(0)
+    model = K.set_precision(torch.nn.Linear(8, 4), dtype)
+    return model, _RecordingSGD(model.parameters(), lr=0.1)
+
+
+def _toy_step(model, optimizer, state, factor: float = 1.0):
+    """One guarded step of the toy linear layer on a fixed input; the loss times `factor`. Returns guarded_step's."""
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    loss = model(x).float().pow(2).mean() * factor
+    K.scale_loss(model, loss, state).backward()
+    return K.guarded_step(model, optimizer, 0.0, {"loss": loss.detach()}, state=state)
+
+
+def test_loss_scale_keeps_gradients_fp16_would_flush_and_is_divided_out_exactly():
+    """fp16 compute, a loss of ~1e-8: without a scale the fp16 activation gradient underflows and the weight gradient
+    is 0; with S = 2^16 it survives, and the optimizer sees the fp32 reference's gradient up to fp16's rounding. At
+    an ordinary loss the scale is divided out exactly (S is a power of two): the unscaled fp16 gradient bit for bit."""
+    tiny = 2.0 ** -24  # dL/dy ~ 1e-9: under half fp16's smallest subnormal (6e-8); S = 2^16 lifts it to ~1e-4
+    scaled_model, scaled_opt = _toy_linear("float16")
+    _, stepped = _toy_step(scaled_model, scaled_opt, {}, tiny)
+    assert stepped
+    plain_model, plain_opt = _toy_linear("float16")
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    (plain_model(x).float().pow(2).mean() * tiny).backward()  # no scale
+    assert plain_model.weight.grad.abs().max() == 0
+    reference, _ = _toy_linear("float32")
+    (reference(x).pow(2).mean() * tiny).backward()
+    error = (scaled_opt.seen[0] - reference.weight.grad).norm() / reference.weight.grad.norm()
+    assert error < 1e-2  # fp16's rounding of x, w and dL/dy
+
+    model, opt = _toy_linear("float16")
+    values, _ = _toy_step(model, opt, {})
+    assert values["loss_scale"] == K.LOSS_SCALE_INIT
+    unscaled, _ = _toy_linear("float16")
+    unscaled(x).float().pow(2).mean().backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(opt.seen, unscaled.parameters()))
+
+
+def test_loss_scale_grows_backs_off_on_overflow_and_leaves_nan_patience_to_real_nans(monkeypatch):
+    """A toy optimizer under fp16 compute: S doubles after LOSS_SCALE_GROWTH good steps; a gradient that overflows
+    at S > 1 skips the step (weights untouched), halves S, counts in skipped and leaves nan_streak as it was; at
+    S = 1 the same overflow is the run's own and counts in nan_streak, S staying 1; a NaN loss counts and leaves S."""
+    monkeypatch.setattr(K, "LOSS_SCALE_GROWTH", 3)
+    model, opt = _toy_linear("float16")
+    state = {"skipped": 0, "nan_streak": 0}
+    for i in range(3):
+        values, stepped = _toy_step(model, opt, state)
+        assert stepped and values["loss_scale"] == K.LOSS_SCALE_INIT
+    assert state["loss_scale"] == 2 * K.LOSS_SCALE_INIT and state["loss_scale_good_steps"] == 0
+    _toy_step(model, opt, state)
+    assert state["loss_scale_good_steps"] == 1
+
+    state["nan_streak"] = 1  # an earlier NaN: an overflow must neither add to the streak nor end it
+    before = [p.detach().clone() for p in model.parameters()]
+    huge = 1e3  # dL/dy ~ 1e2 fits fp16; times S = 2^17 it does not
+    values, stepped = _toy_step(model, opt, state, huge)
+    assert not stepped and not math.isfinite(values["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert state["loss_scale"] == K.LOSS_SCALE_INIT and state["loss_scale_good_steps"] == 0
+    assert state["skipped"] == 1 and state["nan_streak"] == 1
+
+    state["loss_scale"] = 1.0
+    values, stepped = _toy_step(model, opt, state, 1e6)  # past 65504 with no scale at all
+    assert not stepped and values["loss_scale"] == 1.0
+    assert state["loss_scale"] == 1.0 and state["skipped"] == 2 and state["nan_streak"] == 2
+
+    state["loss_scale"] = 4.0
+    _, stepped = _toy_step(model, opt, state, math.nan)
+    assert not stepped and state["loss_scale"] == 4.0 and state["nan_streak"] == 3
+    _, stepped = _toy_step(model, opt, state)
+    assert stepped and state["nan_streak"] == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp32_and_bf16_are_never_scaled(dtype):
+    """Only fp16 compute scales: under fp32 and bf16 scale_loss hands back the loss itself, and the run's state and
+    guarded_step's stats gain no loss_scale."""
+    model, opt = _toy_linear(dtype)
+    state = {"skipped": 0, "nan_streak": 0}
+    loss = model(torch.randn(3, 8)).float().sum()
+    assert K.scale_loss(model, loss, state) is loss and K.loss_scale(model, state) == 1.0
+    loss.backward()
+    values, stepped = K.guarded_step(model, opt, 1.0, {"loss": loss.detach()}, state=state)
+    assert stepped and "loss_scale" not in values and state == {"skipped": 0, "nan_streak": 0}
+
+
+def test_fp16_needs_fp32_master_weights():
+    """fp16 compute on bf16 weights is refused in one sentence (the scale could not be divided out of bf16
+    gradients without flushing the small ones it kept)."""
+    with pytest.raises(K.UserError, match="float16 needs float32 master weights"):
+        K.resolve_precision("float16", "bfloat16", torch.device("cpu"))
+    assert K.resolve_precision("float16", "float32", torch.device("cpu")) == (torch.float16, torch.float32)
+
+
+def test_the_head_probe_tells_an_fp32_sum_from_an_fp16_one(monkeypatch):
+    """The fp16 output layer is kept in fp16 only where a matmul sums its products in fp32: the probe accepts a
+    widening matmul and refuses one that sums in fp16 (CPU: neither exists, the head is widened to fp32, and the
+    products of the fp16-rounded values are the same)."""
+    monkeypatch.setattr(K, "_mm_fp32_out", lambda a, b: a.float() @ b.float())
+    monkeypatch.setattr(K, "_addmm_fp32_out_", lambda acc, a, b: acc.addmm_(a.float(), b.float()))
+    assert K._probe_bf16_head("cpu", torch.float16) and K._probe_bf16_head("cpu", torch.bfloat16)
+    monkeypatch.setattr(K, "_mm_fp32_out", lambda a, b: (a @ b).float())
+    monkeypatch.setattr(K, "_addmm_fp32_out_", lambda acc, a, b: acc.add_((a @ b).float()))
+    assert not K._probe_bf16_head("cpu", torch.float16)
+    weight = torch.randn(7, 5)
+    head = K.head_weight(weight, torch.float16)
+    assert K.bf16_head(torch.device("cpu"), torch.float16) is False and head.dtype == torch.float32
+    assert torch.equal(head, weight.half().float())
