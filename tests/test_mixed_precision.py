@@ -321,3 +321,82 @@ def test_the_head_probe_tells_an_fp32_sum_from_an_fp16_one(monkeypatch):
     head = K.head_weight(weight, torch.float16)
     assert K.bf16_head(torch.device("cpu"), torch.float16) is False and head.dtype == torch.float32
     assert torch.equal(head, weight.half().float())
+
+
+def _fp16_args(model_dir, out_dir, **kw):
+    from test_grpo import small_args
+
+    base = dict(dtype="float16", eval_every=0, rewards=("tag_count", "task"), reward_weights=(1.0, 1.0),
+                num_iterations=2, num_minibatches=4)  # 8 optimizer steps per rollout step
+    return small_args(model_dir, out_dir, **{**base, **kw})
+
+
+def test_fp16_grpo_trains_and_survives_an_injected_overflow(tiny_model_dir, tmp_path, monkeypatch):
+    """GRPO with fp16 compute on CPU (sampling, fused log-probs, update): finite losses, train/loss_scale logged and
+    the weights changed (fp32 masters in the checkpoint). Started at S = 2^26 (far past what the tiny model's fp16
+    gradients fit), with --nan-patience 1: the first steps overflow, are skipped and halve S, and the run goes on to
+    take steps (an overflow counted as a NaN would have stopped it). bf16 logs no loss scale."""
+    from safetensors.torch import load_file
+
+    grpo.main(_fp16_args(tiny_model_dir, tmp_path / "fp16", max_steps=2))
+    rows = runs.read_metrics(str(tmp_path / "fp16"))
+    assert all(math.isfinite(r["train/loss"]) for r in rows)
+    assert rows[-1]["train/loss_scale"] == K.LOSS_SCALE_INIT and rows[-1]["train/skipped_updates"] == 0
+    init = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    final = load_file(tmp_path / "fp16" / "final" / "model.safetensors")
+    assert {v.dtype for v in final.values()} == {torch.float32}
+    assert any(not torch.equal(final[k], init[k]) for k in init)
+
+    monkeypatch.setattr(K, "LOSS_SCALE_INIT", 2.0 ** 26)
+    grpo.main(_fp16_args(tiny_model_dir, tmp_path / "overflow", max_steps=2, nan_patience=1))
+    first, second = runs.read_metrics(str(tmp_path / "overflow"))
+    assert first["train/skipped_updates"] > 0 and second["train/loss_scale"] < first["train/loss_scale"] < 2.0 ** 26
+    assert second["train/skipped_updates"] < 16  # steps were taken
+    final = load_file(tmp_path / "overflow" / "final" / "model.safetensors")
+    assert any(not torch.equal(final[k], init[k]) for k in init)
+
+    grpo.main(_fp16_args(tiny_model_dir, tmp_path / "bf16", dtype="bfloat16", max_steps=1, save_every=1))
+    assert all("train/loss_scale" not in r for r in runs.read_metrics(str(tmp_path / "bf16")))
+    extra = torch.load(tmp_path / "bf16" / "checkpoint-1" / "trainer_state.pt", weights_only=True)["extra"]
+    assert not any(k.startswith("loss_scale") for k in extra)
+
+
+def test_fp16_resume_is_bit_exact_with_the_loss_scale_restored(tiny_model_dir, tmp_path, monkeypatch):
+    """Stopping an fp16 run after 3 steps and resuming to 4 ends with exactly the parameters and the loss-scale
+    trace of a 4-step run. S starts at 2^26, so the first step's overflows bring it down: a resume that restarted S
+    from 2^26 instead of the checkpoint's would skip those steps again and end elsewhere."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(K, "LOSS_SCALE_INIT", 2.0 ** 26)
+    grpo.main(_fp16_args(tiny_model_dir, tmp_path / "straight", max_steps=4))
+    parts = tmp_path / "parts"
+    grpo.main(_fp16_args(tiny_model_dir, parts, max_steps=3, save_every=3))
+    extra = torch.load(parts / "checkpoint-3" / "trainer_state.pt", weights_only=True)["extra"]
+    assert extra["loss_scale"] < 2.0 ** 26
+    grpo.main(_fp16_args(tiny_model_dir, parts, max_steps=4, resume=True))
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(parts / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    trace = [[(r["train/loss_scale"], r["train/skipped_updates"], r["train/loss"]) for r in runs.read_metrics(str(d))]
+             for d in (tmp_path / "straight", parts)]
+    assert trace[0][0][1] > 0 and trace[0] == trace[1]
+
+
+def test_fp16_ppo_and_sft_take_scaled_steps(tmp_path):
+    """PPO (policy and critic share one scale) and SFT (its own backward, through scale_loss) run two fp16 steps:
+    finite losses and train/loss_scale logged."""
+    import ppo
+    import sft
+    from test_ppo import small_args as ppo_args
+    from test_sft import tiny_args
+
+    from test_decoding import _tiny_model_dir
+
+    policy = _tiny_model_dir(tmp_path / "policy")
+    ppo.main(ppo_args(policy, tmp_path / "ppo", dtype="float16"))
+    rows = runs.read_metrics(str(tmp_path / "ppo"))
+    assert rows[-1]["train/loss_scale"] == K.LOSS_SCALE_INIT
+    assert math.isfinite(rows[-1]["train/policy_loss"]) and math.isfinite(rows[-1]["train/value_loss"])
+    result = sft.main(tiny_args(tmp_path, dtype="float16", eval_every=0, save_every=0))
+    rows = [r for r in runs.read_metrics(result.out_dir) if "train/loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["train/loss"]) and r["train/loss_scale"] > 1 for r in rows)
