@@ -417,7 +417,7 @@ def update(args: Args, model, optimizer, scheduler, batch: dict, state: dict) ->
         for j, minibatch in enumerate(K.split_rows(batch, args.num_minibatches)):
             recording = measure and i == 0 and j == 0  # before any optimizer step: the forward is pi_old's
             stats = K.accumulate_gradients(model, minibatch, micro_loss, max_tokens=args.micro_batch_tokens,
-                                           mask="loss_mask")
+                                           mask="loss_mask", state=state)
             if recording:
                 rows = minibatch["rows"]
                 kept = batch.get("kept_logmass")

@@ -427,7 +427,7 @@ def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict,
             rows = torch.tensor([j * G + g for j in range(mb, prompts, nmb) for g in range(G)])  # strided prompts
             minibatch = K.slice_rows(batch, rows.to(batch["mask"].device))
             stats = K.accumulate_gradients([models[n] for n in trained], minibatch, micro_loss,
-                                           max_tokens=args.micro_batch_tokens)
+                                           max_tokens=args.micro_batch_tokens, state=state)
             # both models step, or (a NaN/inf loss or gradient norm on any rank) neither does
             means.add(K.guarded_step([models[n] for n in trained], [optimizers[n] for n in trained],
                                      args.max_grad_norm, stats, names=trained, state=state)[0])

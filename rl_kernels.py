@@ -8,7 +8,7 @@ What is in this file, top to bottom:
   2. loading:      load_model(name_or_path | "toy") -> (model, tokenizer), left padding, a pad token always set,
                    FSDP2-sharded as it loads (shard=True: built on the meta device, filled from rank 0);
                    check_model_source (one sentence for a bad path or an unreachable hub); set_cpu_threads; mixed
-                   precision (set_precision, compute_dtype: fp32 master weights, bf16 compute).
+                   precision (set_precision, compute_dtype: fp32 master weights, bf16 or fp16 compute).
   3. generation:   generate(...) batched sampling with a static KV cache, each prompt prefilled once and
                    shared by its num_samples rows, the one-token decode step compiled whole (CUDA graphs on GPU)
                    with one shape per use for a run (set_generation_length), grouped-query attention that reads
@@ -27,7 +27,7 @@ What is in this file, top to bottom:
                    full_state_dict; length_batches (length-sorted micro-batches), no_grad_sync (DDP: sync once).
   7. accumulation: accumulate_gradients (one optimizer step's gradients over trimmed micro-batches, the algorithm
                    giving one micro-batch's loss), fold_stats, guarded_step (no step on a NaN/inf; the gradients
-                   freed after it), StepMeans.
+                   freed after it), StepMeans; under fp16 compute a dynamic loss scale (loss_scale).
   8. LoRA:         add_lora (peft's adapter injected in place: fp32 adapter, frozen base in the compute dtype),
                    BaseReference (the KL reference: the policy with its adapter off, no second model),
                    adapter_state_dict / set_adapter_state_dict / save_adapter (peft's format), merged_state_dict
@@ -76,7 +76,10 @@ Deliberate choices:
     on bf16 weights rounds it away. One process and DDP: torch.autocast around the model's forward; FSDP2:
     MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). Pure bf16 is master_dtype = bf16. In both the
     sampler and the trainer the output layer sums in fp32 (head_logits): bf16 logits would be rounded by up to
-    0.06 nats at a logit of 10, and differently in the two paths' shapes on a GPU.
+    0.06 nats at a logit of 10, and differently in the two paths' shapes on a GPU. fp16 compute (`--dtype
+    float16`, fp32 master weights only) has 3 more mantissa bits than bf16 and 5 fewer exponent bits: its largest
+    value is 65504 and gradients below 6e-8 vanish, so its backward runs on the loss times a dynamic scale that
+    guarded_step divides out of the fp32 gradients before clipping (loss_scale; bf16 and fp32 are never scaled).
   - Decoding reads bf16 weights under mixed precision and FSDP2: a rollout copy (_rollout_model says how).
 """
 
@@ -757,18 +760,22 @@ def _load_sharded(load, model_class, master: torch.dtype, compute: torch.dtype, 
     return model
 
 
-# ---- mixed precision: fp32 master weights, bf16 compute (the module docstring's "Precision" says why)
+# ---- mixed precision: fp32 master weights, bf16 or fp16 compute (the module docstring's "Precision" says why)
 
 
 def resolve_precision(dtype: str | torch.dtype | None, master_dtype: str | torch.dtype | None,
                       device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(compute dtype, master dtype) from the flags; master_dtype None or 'auto' is fp32. Raises ValueError for a
-    compute dtype finer than the weights (autocast only lowers precision)."""
+    compute dtype finer than the weights (autocast only lowers precision), and for fp16 compute on weights that are
+    not fp32: fp16's gradients are loss-scaled (guarded_step), and dividing the scale out of a bf16 or fp16
+    gradient would underflow the small gradients the scale was there to keep."""
     compute = resolve_dtype(dtype, device)
     master = torch.float32 if master_dtype in (None, "auto") else resolve_dtype(master_dtype, device)
     if torch.finfo(compute).bits > torch.finfo(master).bits:
         raise ValueError(f"Compute dtype {compute} is finer than the weights' {master}: pass --dtype {master} too, "
                          "or keep the weights in float32 (--master-dtype float32).")
+    if compute == torch.float16 and master != torch.float32:  # the loss scaler unscales into fp32 gradients
+        raise UserError(f"--dtype float16 needs float32 master weights (not {master}): pass --master-dtype float32.")
     return compute, master
 
 
@@ -1099,55 +1106,63 @@ def _use_grouped_attention(config) -> bool:
 
 
 def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for bf16 a and b, the products summed into an fp32 result (CUDA's mm with out_dtype)."""
+    """a @ b for bf16 (or fp16) a and b, the products summed into an fp32 result (CUDA's mm with out_dtype)."""
     return torch.mm(a, b, out_dtype=torch.float32)
 
 
 def _addmm_fp32_out_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc += a @ b in place, for fp32 acc and bf16 a and b, summed in fp32."""
+    """acc += a @ b in place, for fp32 acc and bf16 (or fp16) a and b, summed in fp32."""
     return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
 
 
-def _probe_bf16_head(device_type: str) -> bool:
-    """Run once per device type, outside any compiled code: whether _mm_fp32_out works there and sums in fp32.
-    Returns a Python bool: a tensor here would make every compiled step that asks branch on the device (a graph
-    break and a host sync per decoded token)."""
+def _probe_bf16_head(device_type: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Run once per device type and dtype (bf16 or fp16), outside any compiled code: whether _mm_fp32_out works
+    there and sums in fp32. Returns a Python bool: a tensor here would make every compiled step that asks branch on
+    the device (a graph break and a host sync per decoded token)."""
     try:
-        a = torch.full((2, 2), 1 + 2**-7, device=device_type, dtype=torch.bfloat16)  # a*a needs fp32 to keep 2**-14
+        x = 1 + torch.finfo(dtype).eps  # x*x = 1 + 2 eps + eps^2: only an fp32 sum keeps the eps^2
+        a = torch.full((2, 2), x, device=device_type, dtype=dtype)
         out = _mm_fp32_out(a, a)
         acc = torch.zeros(2, 2, device=device_type)  # the chunked log-prob backward's accumulation, in place
         _addmm_fp32_out_(acc, a, a)
-        exact = 2 * (1 + 2**-7) ** 2
+        exact = 2 * x ** 2
         return bool(out.dtype == torch.float32 and out[0, 0].item() == exact and acc[0, 0].item() == exact)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
 
 _BF16_HEAD: dict[str, bool] = {"cpu": False}  # device type -> head_logits multiplies a bf16 head into fp32 there
-# (probed; the CPU has no such matmul, and widening the bf16 values to fp32 there computes the same products)
+_FP16_HEAD: dict[str, bool] = {"cpu": False}  # the same for an fp16 head
+# (probed; the CPU has no such matmul, and widening the bf16 or fp16 values to fp32 there computes the same products)
 
 
-def bf16_head(device: torch.device) -> bool:
-    """Whether the output layer's weight stays in bf16 on this device (head_weight), a Python bool probed once."""
-    if device.type not in _BF16_HEAD:
-        _BF16_HEAD[device.type] = _probe_bf16_head(device.type)
-    return _BF16_HEAD[device.type]
+def bf16_head(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the output layer's weight stays in the compute dtype `dtype` (bf16 or fp16) on this device
+    (head_weight), a Python bool probed once per device type and dtype; False for fp32."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    table = _FP16_HEAD if dtype == torch.float16 else _BF16_HEAD
+    if device.type not in table:
+        table[device.type] = _probe_bf16_head(device.type, dtype)
+    return table[device.type]
 
 
 def head_weight(weight: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
     """The output layer's weight as head_logits multiplies it, cast once per call: as it is in fp32; rounded to the
-    compute dtype in bf16 (kept in bf16 on a device that multiplies bf16 into fp32, else widened back to fp32)."""
+    compute dtype in bf16 or fp16 (kept in it on a device that multiplies it into fp32, else widened back to fp32:
+    every bf16 or fp16 value is an fp32 value, so the products are the same)."""
     if compute == torch.float32:
         return weight
     rounded = weight.to(compute)
-    return rounded if bf16_head(rounded.device) else rounded.float()
+    return rounded if bf16_head(rounded.device, compute) else rounded.float()
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 compute: torch.dtype) -> torch.Tensor:
     """The output layer in fp32, the same way in the sampler and the trainer: (..., H) hidden states -> (..., V) fp32
-    logits, with weight from head_weight. fp32: F.linear. bf16: the inputs rounded to bf16 as autocast would round
-    them, the products summed in fp32 and never rounded to bf16 (at a logit of 10, bf16's step is 0.06 nats)."""
+    logits, with weight from head_weight. fp32: F.linear. bf16 and fp16: the inputs rounded to the compute dtype as
+    autocast would round them, the products summed in fp32 and never rounded back (at a logit of 10, bf16's step is
+    0.06 nats and fp16's 0.008; a sum past 65504 would be inf in fp16)."""
     with torch.autocast(hidden.device.type, enabled=False):
         if compute == torch.float32:
             return F.linear(hidden, weight, bias).float()
@@ -1373,7 +1388,7 @@ class _DecodeState:
                                       "layers. Use transformers' model.generate for it.")
         for layer in self.cache.layers:
             _casting_cache_layer(layer)
-        bf16_head(device)  # probed here, eagerly: the compiled step then only reads a bool
+        bf16_head(device, compute)  # probed here, eagerly: the compiled step then only reads a bool
 
         def step(input_ids, position_ids, attention_mask):  # (R, 1), (R, 1), (R, L) -> fp32 logits (R, V)
             return _last_logits(model, compute, autocast, input_ids=input_ids, position_ids=position_ids,
@@ -2158,6 +2173,76 @@ def fold_stats(total: dict, stats: dict, weight: torch.Tensor):
             total[k] = total.get(k, 0.0) + v * weight
 
 
+# ---- dynamic loss scaling (fp16 compute only): Micikevicius et al. 2018, "Mixed Precision Training", section 3.2
+#
+#   backward of S * loss      the fp16 activation gradients are S times larger: fewer fall below fp16's 6e-8
+#   g = grad / S              in the fp32 master gradients, before clipping (S a power of two: exact)
+#   g not finite, loss finite skip the step, S <- S / 2 (S pushed a gradient past fp16's 65504)
+#   LOSS_SCALE_GROWTH steps   S <- 2 S (probe whether a larger scale fits again)
+#
+# An overflow at S > 1 is the scale's fault, not the run's: it is skipped (train/skipped_updates) but does not count
+# toward --nan-patience. At S = 1 (the floor) it is the run's own, a gradient past fp16's range with no scale at
+# all: it counts as a NaN loss does. A NaN loss is computed before any scaling: it counts, and leaves S alone. bf16
+# and fp32 compute never scale (bf16 has fp32's range), so their steps are what they were before the scaler.
+
+LOSS_SCALE_INIT = 2.0 ** 16  # torch's GradScaler's start: the first overflows halve it down to what fits
+LOSS_SCALE_GROWTH = 200  # good steps between doublings; GradScaler's 2000 exceeds a whole RL run's steps (a few
+# hundred), so one early back-off would stay for good. Each doubling that overflows costs one skipped step: <= 0.5%
+
+
+def loss_scale(models, state: dict | None = None) -> float:
+    """The factor the next backward multiplies its loss by: 1.0 unless one of the models computes in fp16, then the
+    dynamic scale S kept in state["loss_scale"] (with state["loss_scale_good_steps"], the steps since it last
+    changed; a checkpoint saves them with the rest of the run's state, so a resume goes on with the same S). state
+    None: kept on the first model instead (not checkpointed). Each model records the S its gradients now carry, and
+    the state that holds S: guarded_step divides that S out and updates that state, whatever state it is given."""
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not any(compute_dtype(m) == torch.float16 for m in models):
+        return 1.0
+    scaler = state if state is not None else unwrap(models[0]).__dict__.setdefault("_rl_loss_scaler", {})
+    scale = scaler.setdefault("loss_scale", LOSS_SCALE_INIT)
+    scaler.setdefault("loss_scale_good_steps", 0)
+    for m in models:
+        unwrap(m).__dict__["_rl_grad_scale"] = (scale, scaler)
+    return scale
+
+
+def scale_loss(models, loss: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    """loss * loss_scale(models, state), for a script whose loop calls backward itself; loss itself when S is 1."""
+    scale = loss_scale(models, state)
+    return loss if scale == 1.0 else loss * scale
+
+
+def _unscale_gradients(pairs) -> tuple[float, dict] | None:
+    """Divide the loss scale out of the models' gradients (loss_scale recorded it on each model); returns (S, the
+    state that holds it), or None when no backward was scaled."""
+    carried = [unwrap(m).__dict__.pop("_rl_grad_scale", None) for m, _ in pairs]
+    carried = [c for c in carried if c is not None]
+    if not carried:
+        return None
+    scale, scaler = carried[0]
+    for m, _ in pairs:
+        grads = [p.grad for p in m.parameters() if p.grad is not None]
+        if grads and scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / scale)
+    return scale, scaler
+
+
+def _update_loss_scale(scaler: dict, stepped: bool, gradient_overflow: bool):
+    """S / 2 (not below 1) after a gradient overflow, S * 2 after LOSS_SCALE_GROWTH steps in a row; a step skipped
+    for a non-finite loss (computed before any scaling) leaves S and the count as they were."""
+    if gradient_overflow:
+        scaler["loss_scale"] = max(scaler["loss_scale"] / 2, 1.0)
+        scaler["loss_scale_good_steps"] = 0
+    elif not stepped:
+        return
+    elif scaler["loss_scale_good_steps"] + 1 >= LOSS_SCALE_GROWTH:
+        scaler["loss_scale"] *= 2
+        scaler["loss_scale_good_steps"] = 0
+    else:
+        scaler["loss_scale_good_steps"] += 1
+
+
 def guarded_step(model, optimizer, max_grad_norm: float, stats: dict, names: Sequence[str] | None = None,
                  state: dict | None = None) -> tuple[dict[str, float], bool]:
     """Clip the gradient to max_grad_norm (0: no clipping) and take the optimizer step, unless a loss (stats["loss"],
@@ -2166,20 +2251,28 @@ def guarded_step(model, optimizer, max_grad_norm: float, stats: dict, names: Seq
     in one host sync. model and optimizer may be parallel lists (PPO's policy and critic): each model is clipped on
     its own, its norm reported as f"{name}_grad_norm" (names), and all of them step or none does. state: the run's
     counters, updated here: skipped (every skipped step) and nan_streak (skipped in a row, for --nan-patience).
+    fp16 compute (the backward ran on loss_scale's S times the loss): the gradients are divided by S before the
+    clipping, "loss_scale" (S) joins the stats, and S is updated (_update_loss_scale); a step skipped because the
+    gradient overflowed at S > 1 counts in skipped but not in nan_streak, which it leaves as it was.
     The gradients are set to None afterwards, stepped or not, so their memory is free until the next backward.
     Returns (stats with the norms, stepped)."""
     pairs = list(zip(model, optimizer)) if isinstance(model, (list, tuple)) else [(model, optimizer)]
     keys = [f"{name}_grad_norm" for name in names] if names is not None else ["grad_norm"]
     assert len(keys) == len(pairs), "one name per model"
     stats = dict(stats)
+    scaled = _unscale_gradients(pairs)
     for key, (m, _) in zip(keys, pairs):
         norm = torch.nn.utils.clip_grad_norm_(m.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
         stats[key] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
     device = stats[keys[0]].device
     values = dict(zip(stats, torch.stack([torch.as_tensor(v).float().to(device)
                                           for v in stats.values()]).tolist()))  # one host sync
-    finite = all(math.isfinite(v) for k, v in values.items() if k in keys or k == "loss" or k.endswith("_loss"))
-    stepped = all_reduce_sum(torch.tensor(float(not finite))).item() == 0
+    losses_finite = all(math.isfinite(v) for k, v in values.items() if k == "loss" or k.endswith("_loss"))
+    norms_finite = all(math.isfinite(values[k]) for k in keys)
+    bad_losses, bad_norms = all_reduce_sum(torch.tensor([float(not losses_finite), float(not norms_finite)])).tolist()
+    stepped = bad_losses == 0 and bad_norms == 0
+    gradient_overflow = scaled is not None and bad_losses == 0 and bad_norms > 0  # at S = 1 it is the run's own
+    overflow = gradient_overflow and scaled[0] > 1.0
     for m, opt in pairs:
         if stepped:
             opt.step()
@@ -2187,9 +2280,13 @@ def guarded_step(model, optimizer, max_grad_norm: float, stats: dict, names: Seq
             if gen is not None:  # a fused AdamW step leaves the parameters' _version as it was: refresh the copy
                 gen.synced = None
         opt.zero_grad(set_to_none=True)  # no gradient stays alive through the next rollout
+    if scaled is not None:
+        values["loss_scale"] = scaled[0]  # the S this step's gradients carried
+        _update_loss_scale(scaled[1], stepped, gradient_overflow)
     if state is not None:
         state["skipped"] = state.get("skipped", 0) + (not stepped)
-        state["nan_streak"] = 0 if stepped else state.get("nan_streak", 0) + 1
+        if not overflow:
+            state["nan_streak"] = 0 if stepped else state.get("nan_streak", 0) + 1
     return values, stepped
 
 
@@ -2202,7 +2299,8 @@ class Share:
     rows: int
 
 
-def accumulate_gradients(models, minibatch: dict, micro_loss, *, max_tokens: int, mask: str = "mask") -> dict:
+def accumulate_gradients(models, minibatch: dict, micro_loss, *, max_tokens: int, mask: str = "mask",
+                         state: dict | None = None) -> dict:
     """The gradients of one optimizer step over a rollout minibatch, in length-sorted micro-batches of at most
     max_tokens padded tokens, each trimmed to its own longest row (micro_batches).
 
@@ -2213,7 +2311,9 @@ def accumulate_gradients(models, minibatch: dict, micro_loss, *, max_tokens: int
     folded over micro-batches by fold_stats, each weighted by its share of the minibatch's `mask` tokens, and each
     loss summed ("loss" when micro_loss returns one tensor). Under torchrun the stats are then the whole minibatch's
     over every rank (reduce_token_stats: a rank with more tokens weighs more), the same on every rank, while each
-    loss stays this rank's share of the minibatch's loss (whose mean over ranks is the loss)."""
+    loss stays this rank's share of the minibatch's loss (whose mean over ranks is the loss). Under fp16 compute each
+    backward runs on the loss times loss_scale's S (state: the run's state, which keeps S; guarded_step divides it
+    out); the losses returned are unscaled."""
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     for model in models:
         model.zero_grad(set_to_none=True)
@@ -2228,7 +2328,7 @@ def accumulate_gradients(models, minibatch: dict, micro_loss, *, max_tokens: int
                 no_sync.enter_context(no_grad_sync(model, skip=i < len(parts) - 1))
             loss, part_stats = micro_loss(part, share)
             named = loss if isinstance(loss, dict) else {"loss": loss}
-            sum(named.values()).backward()
+            scale_loss(models, sum(named.values()), state).backward()
         for name, value in named.items():
             losses[name] = losses.get(name, 0.0) + value.detach().float()
         fold_stats(stats, part_stats, part[mask].sum() / tokens)

@@ -903,7 +903,8 @@ class RunArgs:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: this rank's GPU if there is one, else the CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """compute dtype (the forward's matmuls); auto: bf16 on a GPU that supports it, else fp32"""
+    """compute dtype (the forward's matmuls); auto: bf16 on a GPU that supports it, else fp32; float16 (fp32 master
+    weights only) scales the loss dynamically (train/loss_scale; an overflow skips the step and halves the scale)"""
     master_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the weights (what checkpoints hold), gradients and AdamW state; --dtype bfloat16 --master-dtype
     bfloat16 is pure bf16: half the memory, but updates below bf16's resolution (lr 1e-6) round away"""

@@ -476,7 +476,7 @@ def main(args: Args) -> runs.RunResult:
 
             # ---- Bradley-Terry update ----
             loss, stats = bradley_terry_loss(chosen, rejected, margin, args.center_coef)
-            loss.backward()  # into no gradient: guarded_step sets them to None
+            K.scale_loss(model, loss, session.state).backward()  # into no gradient: guarded_step frees them
             stats, _ = K.guarded_step(model, optimizer, args.max_grad_norm, stats, state=session.state)
             scheduler.step()
 

@@ -415,13 +415,15 @@ def main(args: Args) -> runs.RunResult:
                 with K.no_grad_sync(model, skip=m < args.grad_accum - 1):
                     logprobs = K.token_logprobs(model, input_ids, attention_mask)  # (b, T-1)
                     loss = completion_loss(logprobs, loss_mask[:, 1:], num_tokens)
-                    (loss * world).backward()  # DDP/FSDP average gradients over ranks; the sum is what we want
+                    # DDP/FSDP average gradients over ranks; the sum is what we want (fp16: loss-scaled)
+                    K.scale_loss(model, loss * world, session.state).backward()
                 loss_sum = loss_sum + loss.detach()
             lr = scheduler.get_last_lr()[0]
             values, _ = K.guarded_step(model, optimizer, args.max_grad_norm, {"loss": loss_sum}, state=session.state)
             scheduler.step()
             metrics = {"train/loss": K.all_reduce_mean(values["loss"]) * world, "train/lr": lr,
                        "train/grad_norm": values["grad_norm"] if args.max_grad_norm > 0 else 0.0,
+                       **({"train/loss_scale": values["loss_scale"]} if "loss_scale" in values else {}),
                        "train/epoch": (step + 1) * args.batch_size / len(train),
                        "perf/tokens_per_s": sum(len(e["input_ids"]) for e in batch) / (time.perf_counter() - tick)}
             session.end_step(step + 1, metrics, postfix=dict(loss="train/loss", acc="eval/accuracy"))
