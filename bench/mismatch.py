@@ -56,7 +56,7 @@ class Args:
     part: Literal["gap", "train", "all"] = "all"
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds of every training arm"""
-    noise: float = 3.0
+    noise: float = 2.0
     """std of the injected logit noise (the training arms)"""
     arms: tuple[str, ...] = tuple(ARMS)
     steps: int = 80
