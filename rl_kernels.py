@@ -842,7 +842,8 @@ class _RowTiles(torch.overrides.TorchFunctionMode):
         x, rest = args[0], args[1:]
         rows = x.numel() // x.shape[-1]
         flat = x.reshape(rows, x.shape[-1])                                              # (M, in)
-        flat = torch.cat([flat, flat.new_zeros(-rows % ROW_TILE, x.shape[-1])])          # (M rounded up, in)
+        if rows % ROW_TILE:
+            flat = torch.cat([flat, flat.new_zeros(-rows % ROW_TILE, x.shape[-1])])      # (M rounded up, in)
         out = func(flat, *rest, **kwargs)[:rows]                                         # (M, out)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -853,7 +854,7 @@ def batch_invariant_attention(module, query, key, value, attention_mask, dropout
     point 2), for the trainer's full sequences (q = L), the sampler's prefill (q = L) and its decode steps (q = 1).
 
       frame:   the row's real keys (the mask's last query row: causal, so it sees every one) moved to slots 0 .. n-1,
-               slot j = position j; slots from n on hold zeros. (R, Hkv, F, D), F = L rounded up to KEY_BLOCK.
+               slot j = position j; pads after them. (R, Hkv, F, D), F = L rounded up to KEY_BLOCK.
       queries: grouped as (R, Hkv, G*q, D), the G query heads that share a KV head together, rows padded to ROW_TILE;
                a query at position p sees slots 0 .. p (causal in the frame; pad queries see slot 0 onwards, unused).
       scores:  s = q k^T * scale, -inf where unseen; m = max over the frame (exact in any order)
@@ -877,13 +878,14 @@ def batch_invariant_attention(module, query, key, value, attention_mask, dropout
         positions = (count - 1)[:, None]                                                 # the newest key
     else:
         raise NotImplementedError(f"batch_invariant_attention handles q = L or q = 1 queries, not {q} of {L} keys.")
-    # the frame: real keys first in their order (a stable sort of the mask), zeros after, padded to whole blocks
+    # the frame: real keys first in their order (a stable sort of the mask), padded with zeros to whole blocks. The
+    # pads' keys and values follow the real ones; unseen, they get weight 0, and 0 * v = 0 for the finite values
+    # there (pad tokens' own, or the cache's zeros)
     frame = _round_up(L, KEY_BLOCK)
     order = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)                  # (R, L)
-    in_frame = (torch.arange(L, device=key.device) < count[:, None])[:, None, :, None]   # (R, 1, L, 1)
     index = order[:, None, :, None].expand(R, Hkv, L, D)
-    keys = F.pad(key.gather(2, index).masked_fill(~in_frame, 0.0), (0, 0, 0, frame - L))   # (R, Hkv, F, D)
-    values = F.pad(value.gather(2, index).masked_fill(~in_frame, 0.0), (0, 0, 0, frame - L))
+    keys = F.pad(key.gather(2, index), (0, 0, 0, frame - L))                             # (R, Hkv, F, D)
+    values = F.pad(value.gather(2, index), (0, 0, 0, frame - L))
     # queries grouped per KV head, rows padded to a whole tile
     M = G * q
     queries = query.reshape(R, Hkv, M, D)                                                # (R, Hkv, G*q, D)

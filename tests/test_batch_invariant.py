@@ -3,7 +3,7 @@ trainer's (log pi_old, rollout_logprobs) bit for bit in fp32 on CPU, whatever th
 lands on; with the mode off nothing changes. The micro-batch case is verl issue #6280.
 
 Run at one CPU thread (as set_cpu_threads runs a model this small); the same equalities were measured at two.
-`python tests/test_batch_invariant.py` prints the mode's cost on the toy rollout, on and off interleaved.
+`PYTHONPATH=. python tests/test_batch_invariant.py` prints the mode's cost on the toy rollout, on and off interleaved.
 """
 
 import sys
