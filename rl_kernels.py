@@ -782,17 +782,24 @@ def _use_grouped_attention(config) -> bool:
 #      of what length, beside how many masked keys) changes the partial sums. The sampler's cache is [bucket's left
 #      pad, prompt, completion so far, unused]; the trainer's keys are [micro-batch's left pad, prompt, completion,
 #      trailing pad]: the same keys at other offsets.
-# The mode removes both: every linear layer (the output layer too) runs on rows padded with zeros to a multiple of
-# ROW_TILE (_RowTiles), and attention (batch_invariant_attention) first moves each row's real keys to a frame indexed
-# by position (the key at position j in slot j, whatever the padding) and reduces over it in fixed blocks of
-# KEY_BLOCK keys, one block after another. A masked key gets weight exp(-inf) = 0 exactly, so a block of masked keys
-# adds exact zeros (x + 0 = x) and a longer frame changes nothing. What is left reduces along one row's own features
-# on the same operands in both paths (RMSNorm, rotary, SiLU, the log-softmax over the vocabulary: measured invariant).
+#   3. torch's elementwise loops run whole vector steps and finish a tensor's last elements (numel mod 32 on AVX-512)
+#      with the scalar function, and SiLU's scalar function rounds differently from its vector one (85 of 2,000
+#      random values): where the MLP's width is not a multiple of 32, whether a row's activations land in that tail
+#      depends on the batch (a tiny model of width 100 or 90: 4.8e-7 apart without the fix below).
+# The mode removes all three: every linear layer (the output layer too) runs on rows padded with zeros to a multiple
+# of ROW_TILE and every activation on an input padded to whole vector steps (_RowTiles); attention
+# (batch_invariant_attention) first moves each row's real keys to a frame indexed by position (the key at position j
+# in slot j, whatever the padding) and reduces over it in fixed blocks of KEY_BLOCK keys, one block after another. A
+# masked key gets weight exp(-inf) = 0 exactly, so a block of masked keys adds exact zeros (x + 0 = x) and a longer
+# frame changes nothing. What is left works on one row's own features with the same operands in both paths (RMSNorm's
+# mean, rotary's cos and sin, exp, the log-softmax over the vocabulary: measured invariant to the rows around them).
 # Then every per-token number is a function of that row's tokens alone: log mu == log pi_old exactly, across
 # batches, micro-batch sizes and ranks. Compiled decoding is refused (its kernels are another question).
 
 ROW_TILE = 16
 KEY_BLOCK = 64
+VECTOR_TILE = 64  # elements: two AVX-512 vectors of fp32, the step of torch's vectorised elementwise loops, or more
+_ACTIVATIONS = (F.silu, F.gelu)
 INVARIANT_ATTENTION = "rl_batch_invariant"
 _INVARIANT_REGISTERED = []
 
@@ -832,20 +839,25 @@ def batch_invariant(model: torch.nn.Module) -> bool:
 
 class _RowTiles(torch.overrides.TorchFunctionMode):
     """F.linear on its input's rows padded with zeros to a multiple of ROW_TILE (rows: every dimension but the last),
-    so that no row ever meets the kernels a matmul takes for fewer rows (the block comment's point 1). The padded
-    rows' outputs are dropped; a row's own result never depends on the other rows."""
+    so that no row ever meets the kernels a matmul takes for fewer rows (the block comment's point 1); the activations
+    (_ACTIVATIONS) on their input flattened and padded to a multiple of VECTOR_TILE elements, so that every element
+    takes the vector path (point 3). The padding's outputs are dropped; a row's own result never depends on it."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.linear or not args:
-            return func(*args, **kwargs)
-        x, rest = args[0], args[1:]
-        rows = x.numel() // x.shape[-1]
-        flat = x.reshape(rows, x.shape[-1])                                              # (M, in)
-        if rows % ROW_TILE:
-            flat = torch.cat([flat, flat.new_zeros(-rows % ROW_TILE, x.shape[-1])])      # (M rounded up, in)
-        out = func(flat, *rest, **kwargs)[:rows]                                         # (M, out)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        if func is F.linear and args:
+            x, rest = args[0], args[1:]
+            rows = x.numel() // x.shape[-1]
+            flat = x.reshape(rows, x.shape[-1])                                          # (M, in)
+            if rows % ROW_TILE:
+                flat = torch.cat([flat, flat.new_zeros(-rows % ROW_TILE, x.shape[-1])])  # (M rounded up, in)
+            out = func(flat, *rest, **kwargs)[:rows]                                     # (M, out)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        if func in _ACTIVATIONS and args and not kwargs.get("inplace") and args[0].numel() % VECTOR_TILE:
+            x = args[0]
+            out = func(F.pad(x.reshape(-1), (0, -x.numel() % VECTOR_TILE)), *args[1:], **kwargs)
+            return out[:x.numel()].view(x.shape)
+        return func(*args, **kwargs)
 
 
 def batch_invariant_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

@@ -85,16 +85,18 @@ def test_two_ranks_sample_and_score_what_one_rank_does(invariant_rollout):
                            K.rollout_logprobs(model, whole.batch(), max_tokens=256)[part, :n][mask])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch,width", [("llama", 128), ("qwen2", 128), ("llama", 100), ("qwen2", 90)])
 @pytest.mark.parametrize("prompts", [1, 3])
-def test_tiny_models_of_other_architectures_agree_with_few_rows(arch, prompts):
-    """A tiny random Llama and Qwen2 (head_dim 16, two query heads per KV head, left padding) decoding 1 or 3 rows:
-    fewer than four rows take other matmul kernels unless tiled, yet log mu == log pi_old exactly, one pass and one
-    row per micro-batch; and the mode's log-probs stay within fp32 rounding of the plain model's."""
-    model = K.set_batch_invariant(tiny_causal_lm(arch, tie=arch == "qwen2"), True)
+def test_tiny_models_of_other_architectures_agree_with_few_rows(arch, width, prompts):
+    """A tiny random Llama and Qwen2 (head_dim 16, two query heads per KV head, left padding; MLP width a multiple of
+    32 floats or not) decoding 2 or 6 rows: fewer than four rows take other matmul kernels unless tiled, a width of 100
+    puts some rows' SiLU in the scalar tail unless padded, yet log mu == log pi_old exactly, one pass and one row per
+    micro-batch; and the mode's log-probs stay within fp32 rounding of the plain model's."""
+    model = K.set_batch_invariant(tiny_causal_lm(arch, tie=arch == "qwen2", intermediate_size=width), True)
     ids, mask = left_padded_batch([5, 11, 8][:prompts])
-    gen = K.generate(model, ids, mask, max_new_tokens=24, num_samples=1, eos_token_id=2, pad_token_id=0,
-                     noise_keys=torch.arange(prompts) + 11)
+    gen = K.generate(model, ids, mask, max_new_tokens=24, num_samples=2, eos_token_id=2, pad_token_id=0,
+                     noise_keys=torch.arange(2 * prompts) + 11)
+    ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
     batch = {"prompt_ids": ids, "prompt_mask": mask, "tokens": gen.tokens, "mask": gen.mask}
     for max_tokens in (0, 1):
         assert _gap(gen.logprobs, K.rollout_logprobs(model, batch, max_tokens=max_tokens), gen.mask) == 0.0
