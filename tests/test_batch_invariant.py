@@ -42,9 +42,12 @@ def _toy_rollout(model, tokenizer, prompt_ids=range(PROMPTS)):
 
 @pytest.fixture(scope="module")
 def invariant_rollout():
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # made before one_thread runs (a wider scope sets up first), so set here too
     model, tokenizer = _toy(True)
-    return model, tokenizer, _toy_rollout(model, tokenizer)
+    rollout = _toy_rollout(model, tokenizer)
+    torch.set_num_threads(threads)
+    return model, tokenizer, rollout
 
 
 def _gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
