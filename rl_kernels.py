@@ -1105,6 +1105,178 @@ def _use_grouped_attention(config) -> bool:
     return True
 
 
+# ---- batch-invariant numerics: the sampler's log-probs equal the trainer's bit for bit (fp32, CPU)
+#
+# Off by default (set_batch_invariant turns it on). In fp32 the sampler (a prefill, then one token per step against
+# a KV cache) and the trainer (whole left-padded sequences in length-sorted micro-batches) compute the same function
+# with different shapes, and on CPU three of those shape changes move the rounding (measured, torch 2.13, MKL,
+# AVX-512, one and two threads; tests/test_batch_invariant.py):
+#   1. a matmul's row i depends on how many rows M it has for M < 4 (M = 1, 2, 3 take other kernels), and with
+#      several threads for some M up to 11; from 16 rows on, in multiples of 16, row i is the same whatever M or its
+#      place (1, 2, 4, 8 threads). A decode step has R rows, fewer as rows finish; a micro-batch's last chunk can be
+#      one row.
+#   2. attention reduces over the keys in blocks: where a token's keys sit (behind how much left padding, in a cache
+#      of what length, beside how many masked keys) changes the partial sums. The sampler's cache is [bucket's left
+#      pad, prompt, completion so far, unused]; the trainer's keys are [micro-batch's left pad, prompt, completion,
+#      trailing pad]: the same keys at other offsets.
+#   3. torch's elementwise loops run whole vector steps and finish a tensor's last elements (numel mod 32 on AVX-512)
+#      with the scalar function, and SiLU's scalar function rounds differently from its vector one (85 of 2,000
+#      random values): where the MLP's width is not a multiple of 32, whether a row's activations land in that tail
+#      depends on the batch (a tiny model of width 100 or 90: 4.8e-7 apart without the fix below).
+# The mode removes all three: every linear layer (the output layer too) runs on rows padded with zeros to a multiple
+# of ROW_TILE and every activation on an input padded to whole vector steps (_RowTiles); attention
+# (batch_invariant_attention) first moves each row's real keys to a frame indexed by position (the key at position j
+# in slot j, whatever the padding) and reduces over it in fixed blocks of KEY_BLOCK keys, one block after another. A
+# masked key gets weight exp(-inf) = 0 exactly, so a block of masked keys adds exact zeros (x + 0 = x) and a longer
+# frame changes nothing. What is left works on one row's own features with the same operands in both paths (RMSNorm's
+# mean, rotary's cos and sin, exp, the log-softmax over the vocabulary: measured invariant to the rows around them).
+# Then every per-token number is a function of that row's tokens alone: log mu == log pi_old exactly, across
+# batches, micro-batch sizes and ranks. Compiled decoding is refused (its kernels are another question).
+
+ROW_TILE = 16
+KEY_BLOCK = 64
+VECTOR_TILE = 64  # elements: two AVX-512 vectors of fp32, the step of torch's vectorised elementwise loops, or more
+_ACTIVATIONS = (F.silu, F.gelu)
+INVARIANT_ATTENTION = "rl_batch_invariant"
+_INVARIANT_REGISTERED = []
+
+
+def set_batch_invariant(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """Make generate's and token_logprobs' per-token numbers functions of each row's own tokens (the block comment
+    above says how), so the log-probs generate returns equal token_logprobs' bit for bit in any batch or micro-batch.
+    fp32 on CPU only, without LoRA or FSDP (each raises UserError). Stored on the model, as set_precision's dtype is.
+    Cost on the toy's 128-row rollout, on/off, interleaved at one thread: sampling 2.7x, rollout_logprobs 1.2-1.3x
+    (`PYTHONPATH=. python tests/test_batch_invariant.py`). Returns the model."""
+    plain = unwrap(model)
+    if enabled:
+        weights = next(plain.parameters())
+        if compute_dtype(plain) != torch.float32 or any(p.dtype != torch.float32 for p in plain.parameters()):
+            raise UserError(f"Batch-invariant numerics need float32 weights and compute; this model computes in "
+                            f"{compute_dtype(plain)}: load it with --dtype float32.")
+        if weights.device.type != "cpu":
+            raise UserError(f"Batch-invariant numerics are established on CPU only (the model is on {weights.device}): "
+                            "GPU kernels, chosen by shape, were not measured; move the model to the CPU.")
+        if _is_fsdp(plain) or has_lora(plain):
+            raise UserError("Batch-invariant numerics do not cover LoRA or FSDP2 (their sampler decodes a merged or "
+                            "gathered copy of the weights): turn off --lora-rank / --strategy fsdp.")
+        if not _INVARIANT_REGISTERED:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+            AttentionInterface.register(INVARIANT_ATTENTION, batch_invariant_attention)
+            AttentionMaskInterface.register(INVARIANT_ATTENTION, sdpa_mask)  # boolean (R, 1, q, L) masks, or None
+            _INVARIANT_REGISTERED.append(True)
+    plain._rl_batch_invariant = bool(enabled)
+    return model
+
+
+def batch_invariant(model: torch.nn.Module) -> bool:
+    """Whether set_batch_invariant turned the mode on for this model."""
+    return bool(getattr(unwrap(model), "_rl_batch_invariant", False))
+
+
+class _RowTiles(torch.overrides.TorchFunctionMode):
+    """F.linear on its input's rows padded with zeros to a multiple of ROW_TILE (rows: every dimension but the last),
+    so that no row ever meets the kernels a matmul takes for fewer rows (the block comment's point 1); the activations
+    (_ACTIVATIONS) on their input flattened and padded to a multiple of VECTOR_TILE elements, so that every element
+    takes the vector path (point 3). The padding's outputs are dropped; a row's own result never depends on it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and args:
+            x, rest = args[0], args[1:]
+            rows = x.numel() // x.shape[-1]
+            flat = x.reshape(rows, x.shape[-1])                                          # (M, in)
+            if rows % ROW_TILE:
+                flat = torch.cat([flat, flat.new_zeros(-rows % ROW_TILE, x.shape[-1])])  # (M rounded up, in)
+            out = func(flat, *rest, **kwargs)[:rows]                                     # (M, out)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        if func in _ACTIVATIONS and args and not kwargs.get("inplace") and args[0].numel() % VECTOR_TILE:
+            x = args[0]
+            out = func(F.pad(x.reshape(-1), (0, -x.numel() % VECTOR_TILE)), *args[1:], **kwargs)
+            return out[:x.numel()].view(x.shape)
+        return func(*args, **kwargs)
+
+
+def batch_invariant_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                              is_causal=None, **kwargs):
+    """softmax(q k^T * scale) v with every key at its position's place and fixed-size reductions (the block comment's
+    point 2), for the trainer's full sequences (q = L), the sampler's prefill (q = L) and its decode steps (q = 1).
+
+      frame:   the row's real keys (the mask's last query row: causal, so it sees every one) moved to slots 0 .. n-1,
+               slot j = position j; pads after them. (R, Hkv, F, D), F = L rounded up to KEY_BLOCK.
+      queries: grouped as (R, Hkv, G*q, D), the G query heads that share a KV head together, rows padded to ROW_TILE;
+               a query at position p sees slots 0 .. p (causal in the frame; pad queries see slot 0 onwards, unused).
+      scores:  s = q k^T * scale, -inf where unseen; m = max over the frame (exact in any order)
+      sums:    l = sum_b sum_{j in block b} exp(s_j - m),  o = sum_b exp(s_b - m) v_b,  out = o / l
+               over blocks b of KEY_BLOCK slots in order: a block past the row's keys adds exact zeros.
+    """
+    if dropout or kwargs.get("sliding_window") or kwargs.get("softcap") or getattr(module, "sinks", None) is not None:
+        raise UserError(f"Batch-invariant attention covers plain causal attention; {type(module).__name__} uses "
+                        "dropout, a sliding window, soft-capping or sinks: turn the mode off for this model.")
+    R, Hq, q, D = query.shape
+    Hkv, L = key.shape[1], key.shape[2]
+    G = Hq // Hkv
+    if attention_mask is None:  # transformers skips the mask when nothing is padded: every key is real
+        real = torch.ones(R, L, dtype=torch.bool, device=key.device)
+    else:
+        real = (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)[:, 0, -1, :]  # (R, L)
+    count = real.sum(-1)                                                                 # (R,) real keys
+    if q == L:
+        positions = (real.cumsum(-1) - 1).clamp(min=0)                                   # (R, q) query i is key i
+    elif q == 1:
+        positions = (count - 1)[:, None]                                                 # the newest key
+    else:
+        raise NotImplementedError(f"batch_invariant_attention handles q = L or q = 1 queries, not {q} of {L} keys.")
+    # the frame: real keys first in their order (a stable sort of the mask), padded with zeros to whole blocks. The
+    # pads' keys and values follow the real ones; unseen, they get weight 0, and 0 * v = 0 for the finite values
+    # there (pad tokens' own, or the cache's zeros)
+    frame = _round_up(L, KEY_BLOCK)
+    order = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)                  # (R, L)
+    index = order[:, None, :, None].expand(R, Hkv, L, D)
+    keys = F.pad(key.gather(2, index), (0, 0, 0, frame - L))                             # (R, Hkv, F, D)
+    values = F.pad(value.gather(2, index), (0, 0, 0, frame - L))
+    # queries grouped per KV head, rows padded to a whole tile
+    M = G * q
+    queries = query.reshape(R, Hkv, M, D)                                                # (R, Hkv, G*q, D)
+    queries = F.pad(queries, (0, 0, 0, -M % ROW_TILE))                                   # (R, Hkv, M', D)
+    positions = F.pad(positions.repeat(1, G), (0, -M % ROW_TILE), value=frame)          # (R, M'): pad rows see all
+    seen = torch.arange(frame, device=key.device) <= positions[:, None, :, None]         # (R, 1, M', F)
+    scale = scaling if scaling is not None else D ** -0.5
+    scores = (queries @ keys.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))   # (R, Hkv, M', F)
+    top = scores.amax(-1, keepdim=True)                                                  # (R, Hkv, M', 1)
+    total = torch.zeros_like(top)
+    out = torch.zeros_like(queries)
+    for start in range(0, frame, KEY_BLOCK):
+        block = slice(start, start + KEY_BLOCK)
+        weights = (scores[..., block] - top).exp()                  # (R, Hkv, M', KEY_BLOCK), exactly 0 where unseen
+        total = total + weights.sum(-1, keepdim=True)
+        out = out + weights @ values[:, :, block]                                        # (R, Hkv, M', D)
+    out = (out / total)[:, :, :M].reshape(R, Hkv * G, q, D)                              # (R, Hq, q, D)
+    return out.transpose(1, 2).contiguous(), None                                       # (R, q, Hq, D)
+
+
+def _honours_batch_invariance(fn):
+    """generate and token_logprobs under set_batch_invariant: for the call, the model's attention is
+    batch_invariant_attention and every F.linear and activation runs in whole tiles (_RowTiles). Nothing changes when
+    the mode is off."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        if not batch_invariant(model):
+            return fn(model, *args, **kwargs)
+        if kwargs.get("compile"):
+            raise UserError("Compiled decoding is not covered by batch-invariant numerics: pass compile=False, or "
+                            "turn the mode off.")
+        config = unwrap(model).config
+        previous, config._attn_implementation = config._attn_implementation, INVARIANT_ATTENTION
+        try:
+            with _RowTiles():
+                return fn(model, *args, **kwargs)
+        finally:
+            config._attn_implementation = previous
+    return wrapper
+
+
 def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for bf16 (or fp16) a and b, the products summed into an fp32 result (CUDA's mm with out_dtype)."""
     return torch.mm(a, b, out_dtype=torch.float32)
@@ -1465,6 +1637,7 @@ def _is_fsdp(model) -> bool:
     return any(type(m).__name__.startswith("FSDP") for m in model.modules())
 
 
+@_honours_batch_invariance
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_samples: int = 1,
@@ -1750,6 +1923,7 @@ def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> i
     return max(16, min(8192, budget // max(vocab_size, 1)))
 
 
+@_honours_batch_invariance
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float = 1.0,
                    with_entropy: bool = False, last_n: int | None = None, chunk_size: int | None = None,
                    fused: bool | None = None, keep_ids: torch.Tensor | None = None):
