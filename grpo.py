@@ -480,6 +480,7 @@ def load_models(args: Args, info: runs.DistInfo):
     precision = dict(dtype=args.dtype, master_dtype=args.master_dtype, device=info.device,
                      shard=args.strategy == "fsdp")  # FSDP2: sharded as it loads, never whole on a GPU
     model, tokenizer = K.load_model(args.model, lora=runs.lora_of(args), **precision)
+    K.set_batch_invariant(model, args.batch_invariant)  # refuses what it cannot make exact (bf16, GPU, LoRA, FSDP)
     K.set_cpu_threads(args.threads, model)
     ref_model = None
     if args.kl_coef > 0 and not args.lora_rank:  # frozen: bf16 matmul weights only, as the policy computes

@@ -303,6 +303,7 @@ def test_resume_matches_uninterrupted_run(reference, tiny_model_dir, tmp_path):
     ("grpo", []),
     ("reinforce_pp", []),  # whitening over both ranks' tokens
     ("grpo", ["--strategy", "fsdp", "--kl-coef", "0.04", "--ref-reset-every", "2", "--save-every", "2"]),  # sharded
+    ("grpo", ["--batch-invariant", "--top-p", "0.8", "--rollout-correction", "bypass"]),  # mismatch exactly 0
 ])  # reference: reset from the sharded policy, gathered into the checkpoint
 def test_two_process_torchrun_matches_one_process(preset, extra, tiny_model_dir, tmp_path):
     """torchrun with 2 ranks (gloo) logs the metrics and ends with the parameters of a one-process run with the
@@ -329,6 +330,10 @@ def test_two_process_torchrun_matches_one_process(preset, extra, tiny_model_dir,
     from safetensors.torch import load_file
 
     assert m1[0]["rollout/reward_std"] > 0  # there was a learning signal
+    if "--batch-invariant" in extra:  # sampler and trainer agree bit for bit on both ranks and in one process: under
+        for row in m1 + m2:           # bypass the first step's ratio pi_theta / mu is exactly 1 on every token
+            assert row["mismatch/logprob_diff_max"] == 0.0 and row["mismatch/kept_mass"] < 1.0
+        assert m1[0]["train/ratio_max"] == m1[0]["train/ratio_min"] == m2[0]["train/ratio_max"] == 1.0
     if "--kl-coef" in extra:
         assert m1[1]["train/kl"] > 0 and os.path.exists(tmp_path / "two" / "checkpoint-2" / "reference.safetensors")
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")

@@ -130,6 +130,30 @@ def test_under_top_p_the_trainer_over_the_kept_set_is_the_sampler_and_without_it
     assert metrics["mismatch/ratio_out_share"] > 0.01
 
 
+@pytest.mark.parametrize("top_p,top_k", [(0.8, 8)])
+def test_with_batch_invariant_kernels_the_kept_set_log_probs_are_the_samplers_exactly(top_p, top_k):
+    """fp32 on CPU with rl_kernels.set_batch_invariant: under top-p/top-k the trainer's pi_old over the sampler's kept
+    set equals the sampler's log mu bit for bit, in one pass and in micro-batches of about 1, 2 and 8 rows; so the
+    ratio pi_theta / mu of a first update (bypass mode) is exactly 1 on every token (the kept mass makes it anything
+    but 1 without the keep mask)."""
+    model, tok = K.load_model("toy", dtype="float32", device=torch.device("cpu"))
+    K.set_batch_invariant(model, True)
+    prompts = env.make_dataset("arithmetic", "train", 6, seed=1)
+    rollout = env.sample(model, tok, prompts, num_samples=4, max_new_tokens=24, top_p=top_p, top_k=top_k,
+                         noise_keys=K.rollout_noise_keys(0, 3, 0, list(range(6)), 4))
+    gen, batch, mask = rollout.gen, rollout.batch(), rollout.gen.mask.bool()
+    assert (gen.kept_logmass[mask] < 0).any()
+    width = batch["tokens"].shape[1] + batch["prompt_ids"].shape[1]
+    for max_tokens in (0, 1, 2 * width, 8 * width):
+        old = K.rollout_logprobs(model, batch, max_tokens=max_tokens)
+        assert (old - gen.logprobs)[mask].abs().max().item() == 0.0, max_tokens
+    model.train()
+    ratio = torch.exp(K.completion_logprobs(model, batch) - gen.logprobs)[mask]
+    assert torch.equal(ratio, torch.ones_like(ratio))
+    full = K.rollout_logprobs(model, rollout.batch(keep_sampling_mask=False))
+    assert (full - gen.logprobs)[mask].abs().max() > 1e-3
+
+
 def test_injected_logit_noise_is_keyed_and_of_the_size_asked():
     """sampler_logit_noise: the same rows sample the same under the same keys; the sampler's log mu differs from the
     trainer's pi_old by about the noise, and not at all without it."""
