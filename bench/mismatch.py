@@ -16,6 +16,7 @@
     python bench/mismatch.py --part gap                 # (a), ~1 min
     python bench/mismatch.py --part train               # (b), 15 runs, two at a time (~35 min on 2 idle cores)
     python bench/mismatch.py                            # both
+    python bench/mismatch.py --part gap --device cuda --model Qwen/Qwen2.5-0.5B-Instruct   # (a) on a GPU (not run)
 
 A run whose out dir holds summary.json is read, not rerun (--rerun to redo it). Writes docs/mismatch_gap.md,
 docs/mismatch_train.md, docs/mismatch_train.png and bench/results/mismatch.json.
@@ -54,6 +55,10 @@ ARMS = {  # name -> (noise on, grpo.py flags)
 @dataclass
 class Args:
     part: Literal["gap", "train", "all"] = "all"
+    model: str = "toy"
+    """the model of the gap part (a hub id or a directory; the training part is the toy world's)"""
+    device: str = "cpu"
+    """the gap part's device (cuda: the batch-invariant row, CPU-only, is left out)"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds of every training arm"""
     noise: float = 2.0
@@ -93,7 +98,7 @@ CONFIGS = {  # name -> (compute dtype, top_p, keep sampling mask, batch-invarian
 }
 
 
-def gap(config: str) -> list[dict]:
+def gap(config: str, model_name: str = "toy", device: str = "cpu") -> list[dict]:
     """One row per pi_old micro-batch size: the mismatch/ metrics of the sampler against the trainer."""
     dtype, top_p, keep, invariant, bf16_logits = CONFIGS[config]
     torch.manual_seed(0)
@@ -101,7 +106,7 @@ def gap(config: str) -> list[dict]:
     if bf16_logits:
         K.head_logits = _bf16_logits(original)
     try:
-        model, tokenizer = K.load_model("toy", dtype=dtype, device=torch.device("cpu"))
+        model, tokenizer = K.load_model(model_name, dtype=dtype, device=torch.device(device))
         if invariant:
             K.set_batch_invariant(model, True)
         rollout = _rollout(model, tokenizer, top_p)
@@ -214,7 +219,8 @@ def main(args: Args):
     torch.set_num_threads(1)
     record = {}
     if args.part in ("gap", "all"):
-        rows = [row for config in CONFIGS for row in gap(config)]
+        configs = [c for c in CONFIGS if args.device == "cpu" or not CONFIGS[c][3]]
+        rows = [row for config in configs for row in gap(config, args.model, args.device)]
         record["gap"] = rows
         table = gap_table(rows)
         print(table)
