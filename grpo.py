@@ -65,6 +65,11 @@ Deliberate choices:
   - One update per rollout by default (mu = 1, one minibatch): the ratio is exactly 1 and the gradient is
     REINFORCE's with the group baseline; pi_old is then the detached current log-prob, no extra pass. With
     mu > 1 or several minibatches, pi_old is recomputed once per rollout before any update.
+  - Sampler and trainer: the sampler's log mu (of the distribution it drew from: top-k/top-p renormalised) and the
+    trainer's pi_old are compared on every step (mismatch/ metrics, docs/mismatch.md); under top-p/top-k every
+    log-prob pass renormalises over the sampler's kept set (--keep-sampling-mask). A correction (--rollout-correction)
+    reweights or drops by rho_t = pi_old / mu (decoupled: one extra forward for pi_old, loss = w_t * surrogate) or sets
+    pi_old := mu (bypass: the ratio pi_theta / mu carries rho); with --batch-invariant (fp32, CPU) rho is exactly 1.
   - Sampling noise is keyed by (seed, step, prompt index, sample index), so a run on W ranks samples exactly
     what a run on one process does, and a resumed run what an uninterrupted one did.
   - Each rank owns whole groups, so group statistics need no communication; metrics are all-reduced.
