@@ -627,3 +627,19 @@ def test_a_cap_that_cuts_most_rollouts_is_warned_about_once(tiny_dirs, tmp_path)
         ppo.main(small_args(tiny_dirs[0], tmp_path, max_new_tokens=2))
     messages = [str(w.message) for w in caught if "hit --max-new-tokens 2" in str(w.message)]
     assert len(messages) == 1 and re.match(r"\d+% of step 1's rollouts", messages[0])
+
+
+def test_overoptimisation_bench_pairs_each_accuracy_with_the_kl_of_the_same_policy():
+    """The accuracy evaluated at step s is the policy after s updates; its KL is logged by the rollout of step s + 1
+    (the row of step s holds the KL of the policy one update earlier). Gao's points read gold, proxy and KL off one
+    rollout."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import rlhf_overoptimisation as bench
+
+    history = [{"step": 0, "eval/accuracy": 0.4}, {"step": 1, "train/kl_seq": 0.0},
+               {"step": 5, "train/kl_seq": 2.0, "eval/accuracy": 0.7}, {"step": 6, "train/kl_seq": 3.0},
+               {"step": 10, "train/kl_seq": 5.0, "eval/accuracy": 0.5}]
+    pairs = bench.eval_kl_pairs(history)
+    assert pairs[:2] == [(0, 0.4, 0.0), (5, 0.7, 3.0)] and pairs[2][:2] == (10, 0.5) and math.isnan(pairs[2][2])
+    rollout = {"step": 3, "train/kl_seq": 4.0, "rollout/accuracy": 0.6, "rewards/reward_model": 1.5}
+    assert bench.gao_points([rollout, {"step": 4, "eval/accuracy": 0.1}]) == [(2.0, 0.6, 1.5)]
