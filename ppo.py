@@ -199,8 +199,8 @@ class PPOArgs:
     completion}"""
     ptx_batch_size: int = 16
     """PPO-ptx rows per policy optimizer step (split over the ranks)"""
-    lr: float = 2e-4
-    """policy AdamW learning rate (toy model; real LLMs: 1e-6 to 3e-6)"""
+    lr: float = 1e-4
+    """policy AdamW learning rate (toy model, sized for the default's 4 steps per rollout; real LLMs: 1e-6 to 3e-6)"""
     critic_lr: float = 5e-4
     """critic AdamW learning rate (toy model; real LLMs: 2e-6 to 1e-5)"""
     warmup_steps: int = 5
