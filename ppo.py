@@ -49,10 +49,10 @@ Shapes: B prompts, G samples each, R = B*G rows (prompt-major), P prompt tokens,
 Presets (`--preset NAME` sets the switches you leave unset; any flag you pass wins, even at the plain value). Each
 constant with its source; "toy" marks what is ours, sized for the toy world:
     ppo      (default) verifiable rewards task + 0.1 format (as grpo.py), critic from the policy, gamma = lam = 1
-             (ORZ; VC-PPO), no KL, value clip 0.2 (N+), 2 epochs x 2 minibatches per rollout (toy: between verl's
-             1 x 4, ppo_epochs 1 and ppo_mini_batch_size 256 of train_batch_size 1024, and N+'s 4 x 1), so three of
-             each step's four optimizer steps see rho != 1 and the clip acts (train/clip_frac, train/value_clip_frac,
-             train/approx_kl).
+             (ORZ; VC-PPO), no KL, value clip 0.2 (N+), 2 epochs x 2 minibatches per rollout at lr 1e-4 (toy:
+             between verl's 1 x 4, ppo_epochs 1 and ppo_mini_batch_size 256 of train_batch_size 1024, and N+'s 4 x 1),
+             so three of each step's four optimizer steps see rho != 1 and the clip acts (train/clip_frac,
+             train/value_clip_frac, train/approx_kl).
     rlhf     InstructGPT / "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024; their PpoHParams):
              the reward model's score alone, critic from the reward model (its head too), gamma 1, lam 0.95, fixed
              beta 0.05 (k1), 4 epochs x 1 minibatch (noptepochs 4, nminibatches 1: epochs 2-4 are off-policy), clip
@@ -102,7 +102,14 @@ Launch:
         --template chat --lr 1e-6 --critic-lr 5e-6 --max-new-tokens 1024 --strategy fsdp
 
 Results in the toy world (toy/base, 80 steps of 16 prompts x 8 samples; docs/ppo.md has the tables, the plots and
-the commands): RESULTS
+the commands; 2 cores shared with other jobs, one torch thread):
+    python ppo.py     held-out greedy accuracy 39.0% -> 84.0% (seed 0); over seeds 0-2 83.2 +- 4.8%, +44.5 to +55.0
+                      points (+52.0 to +60.5 by step 10), a clip fraction of 0.4-0.5% on average and above 0 at
+                      every step; grpo.py at the same 2 x 2 update and lr 87.2 +- 3.7%, a gap within the noise.
+    --lam 0.95        learns alike (85.5 +- 2.2% after 80 steps, seeds 0-2); its critic fits better in every seed
+                      (explained variance 0.27-0.40 against 0.12-0.22 over the last 20 steps).
+    --preset rlhf     on the toy reward model alone (one seed, before issue 27, lr 2e-4): without a KL penalty the true
+                      accuracy falls to 3.5% while the reward model's score rises; fixed beta 0.05 holds it at 72%.
 """
 
 from __future__ import annotations
@@ -251,7 +258,8 @@ PANELS = [("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy
           ("score and KL", [("rollout/score_mean", "score"), ("train/kl_seq", "KL per sequence"),
                             ("train/kl_coef", "beta")], "score / nats"),
           ("critic", [("train/explained_variance", "explained variance"), ("train/value_loss", "value loss")], ""),
-          ("trust region", [("train/clip_frac", "policy clip fraction"), ("train/value_clip_frac", "value clip fraction"),
+          ("trust region", [("train/clip_frac", "policy clip fraction"),
+                            ("train/value_clip_frac", "value clip fraction"),
                             ("train/approx_kl", "approx KL(pi_old || pi_theta)")], "")]
 
 
@@ -265,7 +273,7 @@ def cli(argv: list[str] | None = None) -> Args:
 # ----------------------------------------------------------------------------------------------------------
 
 
-KL_CLAMP = 10.0  # the per-token KL estimate in the reward is clamped to [-10, 10]: OpenRLHF (every estimator), verl (k3)
+KL_CLAMP = 10.0  # the per-token KL estimate in the reward, clamped to [-10, 10]: OpenRLHF (any estimator), verl (k3)
 
 
 def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
@@ -584,8 +592,8 @@ def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict,
                         entropy=entropy if args.entropy_coef else None, entropy_coef=args.entropy_coef,
                         compile=args.compile)
                     if args.dual_clip:  # min(l_t, -c A_t) where A_t < 0: the excess over the cap, taken off
-                        excess, stats["dual_clip_frac"] = dual_clip_excess(logprobs, old, part["advantages"],
-                                                                           part["mask"], **clip, dual_clip=args.dual_clip)
+                        excess, stats["dual_clip_frac"] = dual_clip_excess(
+                            logprobs, old, part["advantages"], part["mask"], **clip, dual_clip=args.dual_clip)
                         rows_share = 1.0 if args.loss_agg == "token-mean" else part["mask"].shape[0] / share.rows
                         losses["policy_loss"] = losses["policy_loss"] - rows_share * K.aggregate_loss(
                             excess, part["mask"], args.loss_agg, **norms)  # aggregated as policy_loss aggregates

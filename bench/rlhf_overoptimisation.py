@@ -82,7 +82,8 @@ def main(args: Args):
     variants = {"beta0": ["--kl-coef", "0", "--track-kl"], "fixed": [],
                 "adaptive": ["--kl-target", str(args.kl_target), "--kl-horizon", str(args.kl_horizon)]}
     rows = [f"| run | seeds | beta at the end | RM score, step 1 -> {args.steps} | held-out accuracy: peak | its KL/seq "
-            f"| after {args.steps} steps | KL/seq of the last rollout | clip frac (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+            f"| after {args.steps} steps | KL/seq of the last rollout | clip frac (mean) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     histories = {}
     for name, extra in variants.items():
         for seed in args.seeds:
@@ -105,7 +106,8 @@ def main(args: Args):
                     f"**{col('after', scale=100)}%** | {col('kl')} | {col('clip', fmt='.4f')} |")
         print(rows[-1], flush=True)
     text = (f"`python bench/rlhf_overoptimisation.py {' '.join(sys.argv[1:])}`; mean ± standard deviation over the "
-            "seeds; commands: " + "; ".join(f"{k}: `python {' '.join(common + v)} --seed S`" for k, v in variants.items())
+            "seeds; commands: "
+            + "; ".join(f"{k}: `python {' '.join(common + v)} --seed S`" for k, v in variants.items())
             + "\n\n" + "\n".join(rows) + "\n")
     print("\n" + text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

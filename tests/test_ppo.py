@@ -179,8 +179,8 @@ def test_normalized_scores_are_standardised_over_the_batch_then_clipped():
 
 
 def test_compute_advantages_splits_lambda_between_critic_and_actor_and_whitens():
-    """The critic's returns come from GAE with --lam, the actor's advantages from --actor-lam (or VAPO's per-row lambda);
-    the advantages are whitened over the real tokens (mean 0, std 1) and 0 at masked positions."""
+    """The critic's returns come from GAE with --lam, the actor's advantages from --actor-lam (or VAPO's per-row
+    lambda); the advantages are whitened over the real tokens (mean 0, std 1) and 0 at masked positions."""
     g = torch.Generator().manual_seed(3)
     r, v = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
     mask = (torch.arange(6) < torch.tensor([6, 4, 2])[:, None]).long()
