@@ -109,7 +109,7 @@ the commands; 2 cores shared with other jobs, one torch thread):
     --lam 0.95        learns alike (85.5 +- 2.2% after 80 steps, seeds 0-2); its critic fits better in every seed
                       (explained variance 0.27-0.40 against 0.12-0.22 over the last 20 steps).
     --preset rlhf     on the toy reward model alone (one seed, before issue 27, lr 2e-4): without a KL penalty the true
-                      accuracy falls to 3.5% while the reward model's score rises; fixed beta 0.05 holds it at 72%.
+                      accuracy falls to 3.5% while the reward model's score rises; with fixed beta 0.05 it ends at 72%.
 """
 
 from __future__ import annotations

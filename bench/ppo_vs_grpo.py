@@ -16,7 +16,7 @@ steps' wall time, evaluations excluded), the whole process's wall time, seconds 
 of the process (os.wait4's ru_maxrss) and the models it holds. The plot draws held-out greedy accuracy against
 steps and against training seconds.
 
-    python bench/ppo_vs_grpo.py --seeds 0 1 2              # docs/ppo.md: nine runs (~45 min on an idle 2-core CPU)
+    python bench/ppo_vs_grpo.py --seeds 0 1 2              # docs/ppo.md: nine runs, 2-8 min each on a shared 2-core CPU
     python bench/ppo_vs_grpo.py --runs grpo ppo --seeds 1  # a subset
 
 A run whose out dir already holds summary.json is read, not rerun (--rerun to redo it), so a cut-off sweep resumes; a
