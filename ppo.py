@@ -2,52 +2,76 @@
 
 For each prompt q sample G responses o from pi_old and score each (verifiable rewards, a learned reward model, or a
 weighted mix). The score becomes per-token rewards with a KL penalty to a frozen reference; a critic V estimates the
-value of every prefix; GAE turns rewards and values into advantages; mu epochs of clipped steps then train the policy
-and the critic, each with its own optimizer and learning rate (Ouyang et al. 2022; Schulman et al. 2017):
+value of every prefix; GAE turns rewards and values into advantages; mu epochs of minibatch steps of the clipped
+surrogate then train the policy, and of the clipped value loss the critic, each with its own optimizer and learning
+rate (Ouyang et al. 2022; Schulman et al. 2017):
 
-    r_t     = -beta * (log pi_old(o_t) - log pi_ref(o_t)) + [t = last real token] * score(q, o)     (k1; k3 optional)
+    r_t     = -beta * clamp(KL_t, -10, 10) + [t = last real token] * score(q, o)
+              KL_t = log pi_old(o_t) - log pi_ref(o_t) (k1) or k3; the clamp as OpenRLHF (any estimator), verl (k3)
     delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),     V after the last real token = 0
     A_t     = sum_l (gamma * lam)^l delta_{t+l},     R_t = A_t + V(s_t)                            (GAE, Schulman 2016)
     A_t    <- (A_t - mean) / std over every response token of the batch, all ranks
-    L_pi    = token-mean[ -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t) ],  rho_t = pi_theta / pi_old
+    L_pi    = token-mean[ l_t + beta_loss * k3_t - c_H * H_t ] + gamma_ptx * token-mean_{x ~ D_ptx}[ -log pi_theta(x) ]
+              l_t = max(-rho_t A_t, -clip(rho_t, 1 - eps_low, 1 + eps_high) A_t),  rho_t = pi_theta / pi_old
+              l_t <- min(l_t, -c A_t) where A_t < 0                                   (dual-clip, Ye et al. 2020 eq. 5)
     L_V     = 1/2 token-mean[ max((V_t - R_t)^2, (clip(V_t, V_old,t - eps_v, V_old,t + eps_v) - R_t)^2) ]
 
     symbol        meaning                                                          Args
     G             samples per prompt (PPO needs no group: 1 works)                 num_generations
     score         weighted sum of the rewards; "reward_model" is the reward        rewards, reward_weights,
                   model at --reward-model, normalised by its held-out mean, std    reward_model
-    beta          KL coefficient, fixed or Ziegler's adaptive controller           kl_coef (kl_target, kl_horizon)
+    beta          KL coefficient in the reward, fixed or Ziegler's controller      kl_coef (kl_target, kl_target_unit,
+                                                                                   kl_horizon)
     gamma, lam    discount; GAE lambda of the critic's returns R_t                 gamma, lam
     lam_actor     the actor's lambda (VC-PPO), or 1 - 1/(alpha |o|) (VAPO)         actor_lam, actor_lam_alpha
     eps_low/high  policy clip (clip-higher: eps_high > eps_low)                    clip_low, clip_high
+    c             dual-clip bound on a negative advantage's loss (0: off)          dual_clip
+    beta_loss     a KL term in the loss instead, GRPO-style (k3 by default)        kl_loss_coef, kl_loss_estimator
+    c_H           entropy bonus                                                    entropy_coef
+    gamma_ptx     PPO-ptx: weight of the SFT/pretraining loss (InstructGPT eq. 2)  ptx_coef, ptx_dataset
     eps_v         value clip                                                       value_clip
-    mu            epochs over each rollout, policy and critic                      num_epochs, critic_epochs
+    mu            epochs over each rollout: the policy's, the critic's             num_epochs, critic_epochs
+    minibatches   optimizer steps per epoch: the policy's, the critic's            num_minibatches,
+                                                                                   critic_num_minibatches
     V             the critic: a transformers token-classification model            critic, critic_lr
 
-KL units: per token in the reward. The controller sees the per-SEQUENCE KL, sum_t k1_t averaged over the responses
-(Ziegler's target of 6 nats is per sequence), with n_steps = responses per step; logged as train/kl_seq, with the
-per-token train/kl_token_k1 and train/kl_token_k3, and beta as train/kl_coef.
+KL units: per token in the reward. The controller sees, by --kl-target-unit, the per-SEQUENCE KL (default: sum_t k1_t
+averaged over the responses; Ziegler's and TRL's target of 6 nats is per sequence) or the per-TOKEN KL (verl's and
+OpenRLHF's: each response's mean k1 per token, averaged over the responses), with n_steps = responses per step: a
+per-token target copied into the per-sequence unit is 10-1000x too tight. Logged: train/kl_seq, train/kl_token_k1,
+train/kl_token_k3 and beta as train/kl_coef.
 Alignment: V(s_t), the value of the state before token t, is read at the position that predicts token t (the last
-prompt token for t = 0), where rl_kernels.token_logprobs reads log pi(o_t). The score sits on each row's last real token:
-its EOS (in the mask even when EOS == PAD) or, if truncated, its last token (TRL's removed PPO was one off at EOS).
+prompt token for t = 0), where rl_kernels.token_logprobs reads log pi(o_t). The score sits on each row's last real
+token: its EOS (in the mask even when EOS == PAD) or, if truncated, its last token (TRL's removed PPO put it one
+token late, on the first PAD, when EOS != PAD).
 Shapes: B prompts, G samples each, R = B*G rows (prompt-major), P prompt tokens, N response tokens.
 
-Presets (`--preset NAME` sets the switches you leave unset; any flag you pass wins, even at the plain value):
-    ppo      (default) verifiable rewards task + 0.1 format (as grpo.py), critic from the policy, gamma = lam = 1,
-             no KL, 1 epoch, value clip 0.2.
-    rlhf     InstructGPT / "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024): the reward model's
-             score alone, critic from the reward model (its head too), lam 0.95, fixed beta 0.05 (k1), 4 epochs, a
-             response without EOS scores -1.
-    ziegler  Ziegler et al. 2019: rlhf with the adaptive controller (beta_0 0.15, target 6 nats per sequence, horizon
-             10,000 responses) and whitened rewards (token rewards divided by their std over the batch).
-    orz      Open-Reasoner-Zero (Hu et al. 2025): reward 1 only for a correct answer that stopped on its own (no format
-             reward, a truncated response scores 0), gamma = lam = 1, no KL and no reference, critic from the policy,
-             1 policy epoch and 12 critic epochs per rollout.
+Presets (`--preset NAME` sets the switches you leave unset; any flag you pass wins, even at the plain value). Each
+constant with its source; "toy" marks what is ours, sized for the toy world:
+    ppo      (default) verifiable rewards task + 0.1 format (as grpo.py), critic from the policy, gamma = lam = 1
+             (ORZ; VC-PPO), no KL, value clip 0.2 (N+), 2 epochs x 2 minibatches per rollout at lr 1e-4 (toy:
+             between verl's 1 x 4, ppo_epochs 1 and ppo_mini_batch_size 256 of train_batch_size 1024, and N+'s 4 x 1),
+             so three of each step's four optimizer steps see rho != 1 and the clip acts (train/clip_frac,
+             train/value_clip_frac, train/approx_kl).
+    rlhf     InstructGPT / "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024; their PpoHParams):
+             the reward model's score alone, critic from the reward model (its head too), gamma 1, lam 0.95, fixed
+             beta 0.05 (k1), 4 epochs x 1 minibatch (noptepochs 4, nminibatches 1: epochs 2-4 are off-policy), clip
+             and value clip 0.2, a response without EOS scores -1 (penalty_reward_value). N+'s code also whitens the
+             rewards: --whiten-rewards.
+    ziegler  Ziegler et al. 2019 (lm-human-preferences): rlhf with the adaptive controller (beta_0 0.15, target 6 nats
+             per sequence, horizon 10,000 responses) and whitened rewards ((r - mu) / sigma + mu over the batch).
+    orz      Open-Reasoner-Zero (Hu et al. 2025; playground/orz_7b_ppo.py, ppo_base_exp.py): reward 1 only for a
+             correct answer that stopped on its own (no format reward, a truncated response scores 0), gamma = lam =
+             1, no KL and no reference, critic from the policy, one pass over each rollout (max_epochs 1): 1 policy
+             optimizer step (policy_update_steps 1) and 12 critic optimizer steps (critic_update_steps 12).
     vapo     VAPO (Yue et al. 2025): 50 critic-only steps first (value pretraining), decoupled GAE with the critic's
              lam 1 (VC-PPO, Yuan et al. 2025) and the length-adaptive actor lam = 1 - 1/(0.05 |o|), clip-higher
-             0.2/0.28 (DAPO), token-level loss, no KL. Left out: its group sampling and its LM loss on correct samples.
+             0.2/0.28 (DAPO), token-level loss, no KL; epochs and minibatches the default's (toy). Left out: its
+             group sampling and its LM loss on correct samples.
 More from the literature: --kl-estimator k3, --whiten-rewards, --normalize-scores, --score-clip (OpenRLHF),
---missing-eos-score (N+: -1, ORZ: 0), --log-ratio-clamp (verl, OpenRLHF), --critic-warmup-steps (verl).
+--missing-eos-score (N+: -1, ORZ: 0), --log-ratio-clamp (verl), --critic-warmup-steps (verl), --dual-clip 3 (verl's
+clip_ratio_c), --kl-loss-coef (verl's use_kl_loss, kl_loss_coef 0.001 with k3), --entropy-coef, --ptx-coef
+(InstructGPT's PPO-ptx), --min-lr-ratio (a cosine schedule, as sft.py).
 
 Deliberate choices:
   - Two optimizers, as OpenRLHF and verl (N+ had one loss pg + c_v * vf): with two models, the critic's learning rate
@@ -57,13 +81,19 @@ Deliberate choices:
   - pi_ref and V_old are computed once per rollout at the sampling temperature, over length-sorted micro-batches;
     pi_old too when several epochs or minibatches need it, or when the k1 in the reward needs it exact and the
     sampler's log-probs are not (bf16: rl_kernels.sampled_logprobs_exact); else the sampler's log-probs serve.
-    Minibatches are strided over each rank's prompts (the same rows on any number of ranks), their order
-    reshuffled every epoch. Sampling noise is keyed as in grpo.py: same seed, same prompts and first samples.
+    Minibatches are strided over each rank's prompts (the same rows on any number of ranks when the count divides
+    each rank's prompts; else the first minibatches hold one prompt more, where ORZ drops the remainder), their order
+    reshuffled every epoch. With the same count the policy and the critic step together on the same minibatches;
+    with different counts each model makes its own pass. Sampling noise is keyed as in grpo.py: same seed, same
+    prompts and first samples.
+  - PPO-ptx: each policy optimizer step adds the gradient of gamma_ptx times the mean NLL of --ptx-batch-size rows of
+    --ptx-dataset (prompt, completion; "toy": toy_world.toy_corpus, the toy base's own pretraining recipe), drawn
+    by (seed, step, epoch, minibatch), at temperature 1, in its own backward after the rollout's.
   - The run's life is grpo.py's (rl_kernels.Run): one run per --out-dir (--resume, --overwrite), SIGTERM/SIGINT save
     and exit 128 + the signal, a slow reward interrupted by one drops its step; mixed precision as grpo.py (the
     reference and the reward model frozen in the compute dtype, the critic trained over fp32 master weights).
   - A NaN/inf in either loss or gradient norm skips the optimizer step of both models (rl_kernels.guarded_step on
-    both); nan_patience in a row saves and stops.
+    both; each its own when their minibatch counts differ); nan_patience in a row saves and stops.
 
 Launch:
     python ppo.py                                            # verifiable rewards in the toy world, CPU
@@ -71,15 +101,15 @@ Launch:
     torchrun --nproc_per_node 8 ppo.py --preset orz --model Qwen/Qwen2.5-0.5B-Instruct --dataset data.jsonl \\
         --template chat --lr 1e-6 --critic-lr 5e-6 --max-new-tokens 1024 --strategy fsdp
 
-Results in the toy world (rebuilt toy/base, seed 0, 80 steps of 16 prompts x 8 samples; docs/ppo.md has the
-tables and plots):
-    python ppo.py     held-out greedy accuracy 39.0% -> 89.0% (grpo.py, same world and seed: 89.5%), pass@1 25.6% ->
-                      78.1%, reasoning share 26% -> 100%; 1.9x grpo.py's seconds per step (the critic's passes).
-                      On the 2-core AMD EPYC of 2026-12-06: 89.5% and 77.5% (grpo.py: 89.0%), a gap within noise.
-    --lam 0.95        slower at first (59.5% against 66.0% at step 10), then the same (88.5% at the end).
-    --preset rlhf     on the toy reward model alone (40 steps): the true accuracy peaks at 72% (0.5 nats) and then
-                      falls to 3.5% with beta = 0 (KL 23 nats per sequence), holds at 72% with beta 0.05, 65.5%
-                      with the controller at a 4-nat target, while the reward model's score rises under all three.
+Results in the toy world (toy/base, 80 steps of 16 prompts x 8 samples; docs/ppo.md has the tables, the plots and
+the commands; 2 cores shared with other jobs, one torch thread):
+    python ppo.py     held-out greedy accuracy 39.0% -> 84.0% (seed 0); over seeds 0-2 83.2 +- 4.8%, +44.5 to +55.0
+                      points (+52.0 to +60.5 by step 10), a clip fraction of 0.4-0.5% on average and above 0 at
+                      every step; grpo.py at the same 2 x 2 update and lr 87.2 +- 3.7%, a gap within the noise.
+    --lam 0.95        learns alike (85.5 +- 2.2% after 80 steps, seeds 0-2); its critic fits better in every seed
+                      (explained variance 0.27-0.40 against 0.12-0.22 over the last 20 steps).
+    --preset rlhf     on the toy reward model alone (one seed, before issue 27, lr 2e-4): without a KL penalty the true
+                      accuracy falls to 3.5% while the reward model's score rises; with fixed beta 0.05 it ends at 72%.
 """
 
 from __future__ import annotations
@@ -96,6 +126,7 @@ import rl_kernels as K
 import rl_runs as runs
 import rlhf_reward_model
 import rlvr_rewards as env
+import toy_world as toy
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
@@ -117,13 +148,17 @@ class PPOArgs:
     actor_lam: float = None
     """GAE lambda of the actor's advantages (VC-PPO's decoupled GAE); -1: the same as --lam"""
     actor_lam_alpha: float = None
-    """VAPO's length-adaptive actor lambda 1 - 1/(alpha * response length), floored at 0; 0: off"""
+    """VAPO's length-adaptive actor lambda 1 - 1/(alpha * response length), floored at 0; 0: off (alpha >= 0)"""
     kl_coef: float = None
     """beta: the per-token KL coefficient in the reward (the initial one with --kl-target)"""
     kl_estimator: Literal["k1", "k3"] = None
-    """the KL estimator in the reward (Schulman)"""
+    """the KL estimator in the reward (Schulman), clamped to [-10, 10] per token (OpenRLHF, verl)"""
     kl_target: float = None
-    """Ziegler's adaptive controller: target KL in nats PER SEQUENCE (0: fixed beta)"""
+    """Ziegler's adaptive controller: target KL in nats, PER SEQUENCE by default (Ziegler, TRL: 6); verl's and
+    OpenRLHF's targets are per token: pass --kl-target-unit token with them (0: fixed beta)"""
+    kl_target_unit: Literal["sequence", "token"] = None
+    """what the controller compares with --kl-target: the summed KL of a response (Ziegler, TRL) or its mean per
+    token (verl, OpenRLHF), averaged over the responses"""
     kl_horizon: int = None
     """the adaptive controller's horizon, in responses"""
     value_clip: float = None
@@ -136,12 +171,17 @@ class PPOArgs:
     """policy-loss aggregation (verl's names)"""
     num_epochs: int = None
     """mu: policy epochs over each rollout"""
+    num_minibatches: int = None
+    """policy optimizer steps per epoch (each rank's prompts split into as many strided minibatches)"""
     critic_epochs: int = None
     """critic epochs over each rollout (0: the same as --num-epochs)"""
+    critic_num_minibatches: int = None
+    """critic optimizer steps per epoch (0: the same as --num-minibatches)"""
     critic_warmup_steps: int = None
     """first steps that train only the critic (VAPO's value pretraining, verl's critic_warmup)"""
     whiten_rewards: bool = None
-    """divide the token rewards by their std over the batch (mean kept) before GAE"""
+    """whiten the token rewards over the batch's response tokens, keeping their mean, (r - mu) / sigma + mu, before
+    GAE (Ziegler's and TRL's whiten(shift_mean=False))"""
     normalize_scores: bool = None
     """standardise the scores over the batch (all ranks)"""
     score_clip: float = None
@@ -151,21 +191,36 @@ class PPOArgs:
     # Rollouts, rewards and the update
     reward_model: str = "runs/rlhf_reward_model/final"
     """reward model (rlhf_reward_model.py's output) behind the "reward_model" reward and --critic reward_model"""
-    num_minibatches: int = 1
-    """optimizer steps per epoch (each rank's prompts split evenly)"""
-    lr: float = 2e-4
-    """policy AdamW learning rate (toy model; real LLMs: 1e-6 to 3e-6)"""
+    dual_clip: float = 0.0
+    """c: cap a negative advantage's per-token loss at -c A (Ye et al. 2020; verl's clip_ratio_c 3); 0: off, else > 1"""
+    kl_loss_coef: float = 0.0
+    """beta_loss: a KL(pi_theta || pi_ref) term in the policy loss, GRPO-style (verl's use_kl_loss: 0.001); 0: off"""
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """the KL estimator of --kl-loss-coef's term (verl's low_var_kl is k3)"""
+    entropy_coef: float = 0.0
+    """c_H: the entropy bonus -c_H * H_t per token in the policy loss"""
+    ptx_coef: float = 0.0
+    """gamma_ptx: PPO-ptx's weight of the SFT/pretraining NLL in the policy loss (InstructGPT); 0: off"""
+    ptx_dataset: str = "toy"
+    """PPO-ptx's data: "toy" (toy_world.toy_corpus, the toy base's pretraining recipe) or a .jsonl of {prompt,
+    completion}"""
+    ptx_batch_size: int = 16
+    """PPO-ptx rows per policy optimizer step (split over the ranks)"""
+    lr: float = 1e-4
+    """policy AdamW learning rate (toy model, sized for the default's 4 steps per rollout; real LLMs: 1e-6 to 3e-6)"""
     critic_lr: float = 5e-4
     """critic AdamW learning rate (toy model; real LLMs: 2e-6 to 1e-5)"""
     warmup_steps: int = 5
-    """linear warmup steps of each model's learning rate, constant after"""
+    """linear warmup steps of each model's learning rate, then constant, or cosine with --min-lr-ratio"""
+    min_lr_ratio: float = 1.0
+    """after the warmup, cosine from lr down to lr * min_lr_ratio at --max-steps (sft.py's schedule); 1: constant"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm (0: off)"""
     log_ratio_clamp: float = 20.0
-    """clamp log(pi/pi_old) in the loss (verl: 20, no gradient beyond) and log(pi_old/pi_ref) in the KL (OpenRLHF: 10)
-    to [-c, c]; 0: off"""
+    """clamp log(pi/pi_old) in the loss to [-c, c], no gradient beyond (verl: 20); 0: off. (The KL in the reward is
+    clamped apart, its estimate to [-10, 10] as OpenRLHF)"""
     track_kl: bool = False
     """load the reference even when beta = 0, to log the KL to it (one more forward per step)"""
 
@@ -182,17 +237,19 @@ class Args(runs.RunArgs, env.RLArgs, PPOArgs):
 
 # The switches a preset sets, at their plain PPO values, and what each preset changes.
 PRESET_FIELDS = dict(rewards=("task", "format"), critic="policy", gamma=1.0, lam=1.0, actor_lam=-1.0,
-                     actor_lam_alpha=0.0, kl_coef=0.0, kl_estimator="k1", kl_target=0.0, kl_horizon=10_000,
-                     value_clip=0.2, clip_low=0.2, clip_high=0.2, loss_agg="token-mean", num_epochs=1,
-                     critic_epochs=0, critic_warmup_steps=0, whiten_rewards=False, normalize_scores=False,
-                     score_clip=0.0, missing_eos_score=math.nan)
+                     actor_lam_alpha=0.0, kl_coef=0.0, kl_estimator="k1", kl_target=0.0, kl_target_unit="sequence",
+                     kl_horizon=10_000, value_clip=0.2, clip_low=0.2, clip_high=0.2, loss_agg="token-mean",
+                     num_epochs=2, num_minibatches=2, critic_epochs=0, critic_num_minibatches=0,
+                     critic_warmup_steps=0, whiten_rewards=False, normalize_scores=False, score_clip=0.0,
+                     missing_eos_score=math.nan)
 _RLHF = dict(rewards=("reward_model",), critic="reward_model", lam=0.95, kl_coef=0.05, num_epochs=4,
-             missing_eos_score=-1.0)
+             num_minibatches=1, missing_eos_score=-1.0)
 PRESETS: dict[str, dict] = {
     "ppo": {},
     "rlhf": _RLHF,
     "ziegler": {**_RLHF, "kl_coef": 0.15, "kl_target": 6.0, "whiten_rewards": True},
-    "orz": dict(rewards=("task",), missing_eos_score=0.0, critic_epochs=12),
+    "orz": dict(rewards=("task",), missing_eos_score=0.0, num_epochs=1, num_minibatches=1, critic_epochs=1,
+                critic_num_minibatches=12),
     "vapo": dict(critic_warmup_steps=50, actor_lam_alpha=0.05, clip_high=0.28),
 }
 PANELS = [("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy accuracy"),
@@ -200,7 +257,10 @@ PANELS = [("held-out (greedy) and rollouts", [("eval/accuracy", "held-out greedy
                                                ("rollout/eos_rate", "rollout EOS rate")], "share"),
           ("score and KL", [("rollout/score_mean", "score"), ("train/kl_seq", "KL per sequence"),
                             ("train/kl_coef", "beta")], "score / nats"),
-          ("critic", [("train/explained_variance", "explained variance"), ("train/value_loss", "value loss")], "")]
+          ("critic", [("train/explained_variance", "explained variance"), ("train/value_loss", "value loss")], ""),
+          ("trust region", [("train/clip_frac", "policy clip fraction"),
+                            ("train/value_clip_frac", "value clip fraction"),
+                            ("train/approx_kl", "approx KL(pi_old || pi_theta)")], "")]
 
 
 def cli(argv: list[str] | None = None) -> Args:
@@ -213,17 +273,23 @@ def cli(argv: list[str] | None = None) -> Args:
 # ----------------------------------------------------------------------------------------------------------
 
 
+KL_CLAMP = 10.0  # the per-token KL estimate in the reward, clamped to [-10, 10]: OpenRLHF (any estimator), verl (k3)
+
+
 def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
-                  mask: torch.Tensor, kl_coef: float, kl_estimator: str = "k1", clamp: float = 0.0) -> torch.Tensor:
+                  mask: torch.Tensor, kl_coef: float, kl_estimator: str = "k1", kl_clamp: float = KL_CLAMP
+                  ) -> torch.Tensor:
     """Per-token rewards with the KL in the reward (Ziegler et al. 2019 eq. 2; InstructGPT eq. 2): -kl_coef * KL_t
-    at every response token (k1 = log pi - log pi_ref, or k3; clamp: the log-ratio to [-clamp, clamp]), plus each
-    row's score at its last real token. (R, N), 0 where mask is 0; ref_logprobs None: the scores alone."""
+    at every response token (k1 = log pi - log pi_ref, or k3, clamped to [-kl_clamp, kl_clamp]: k3 = e^x - 1 - x
+    of a log-ratio of -30 is 10^13, one token that would drown every score), plus each row's score at its last real
+    token. (R, N), 0 where mask is 0; ref_logprobs None: the scores alone."""
     live = mask.bool()
     rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     if ref_logprobs is not None and kl_coef:
         log_ratio = torch.where(live, logprobs - ref_logprobs, 0.0).float()
-        log_ratio = log_ratio.clamp(-clamp, clamp) if clamp else log_ratio
-        rewards = torch.where(live, -kl_coef * K.kl_penalty(log_ratio, torch.zeros_like(log_ratio), kl_estimator), 0.0)
+        kl = K.kl_penalty(log_ratio, torch.zeros_like(log_ratio), kl_estimator)
+        kl = kl.clamp(-kl_clamp, kl_clamp) if kl_clamp else kl
+        rewards = torch.where(live, -kl_coef * kl, 0.0)
     rows = torch.nonzero(live.any(-1))[:, 0]
     last = (torch.arange(mask.shape[1], device=mask.device) * live).argmax(-1)  # (R,) each row's last real token
     rewards[rows, last[rows]] += scores.to(rewards)[rows]
@@ -278,6 +344,31 @@ class AdaptiveKLController:
             self.value *= 1.0 + min(max(current_kl / self.target - 1.0, -0.2), 0.2) * n_steps / self.horizon
 
 
+def controller_kl(mask: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, unit: str) -> float:
+    """What the adaptive controller compares with its target, this rank's: the k1 KL of each response summed over its
+    tokens ("sequence": Ziegler, TRL) or averaged over them ("token": verl's and OpenRLHF's current_kl), then
+    averaged over the responses."""
+    live = mask.bool()
+    per_row = torch.where(live, old_logprobs - ref_logprobs, 0.0).sum(-1)  # (R,)
+    if unit == "token":
+        per_row = per_row / live.sum(-1).clamp_min(1)
+    return per_row.mean().item()
+
+
+def dual_clip_excess(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     clip_low: float, clip_high: float, dual_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dual-clip PPO (Ye et al. 2020, eq. 5): where A_t < 0 the clipped loss l_t = max(-rho A, -clip(rho) A) grows
+    without bound in rho; dual-clip caps it at -c A (a constant: no gradient). Returns the per-token excess
+    where(A < 0, relu(l_t + c A), 0), (R, N), which subtracted from l_t gives min(l_t, -c A) (rl_kernels.policy_loss
+    computes l_t; aggregating the excess the same way and subtracting it is the dual-clip loss), and the share of
+    live tokens capped."""
+    live = mask.bool()
+    ratio = torch.exp(torch.where(live, logprobs - old_logprobs, 0.0))
+    clipped_loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    excess = torch.where(live & (advantages < 0), torch.relu(clipped_loss + dual_clip * advantages), 0.0)
+    return excess, ((excess > 0) & live).sum() / live.sum().clamp_min(1)
+
+
 def length_adaptive_lam(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
     """VAPO (Yue et al. 2025, eq. 7): the actor's lambda 1 - 1 / (alpha * |o|) per response (R,), floored at 0."""
     return (1.0 - 1.0 / (alpha * lengths.float().clamp_min(1.0))).clamp_min(0.0)
@@ -307,13 +398,81 @@ def shape_scores(args: Args, rewards: torch.Tensor, truncated: torch.Tensor) -> 
 def compute_advantages(args: Args, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
     """(whitened actor advantages, the critic's returns, the raw advantages), (R, N) each: GAE with the critic's lambda
     gives the returns, GAE with the actor's (the same unless --actor-lam or --actor-lam-alpha) the advantages."""
-    if args.whiten_rewards:  # Ziegler: scale the token rewards, keep their mean
+    if args.whiten_rewards:  # Ziegler, TRL: (r - mu) / sigma + mu over the response tokens
         rewards = K.masked_whiten(rewards, mask, shift_mean=False, all_ranks=True) * mask
     advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
     if args.actor_lam_alpha or args.actor_lam not in (-1, args.lam):
         actor_lam = length_adaptive_lam(mask.sum(-1), args.actor_lam_alpha) if args.actor_lam_alpha else args.actor_lam
         advantages = gae(rewards, values, mask, args.gamma, actor_lam)[0]
     return K.masked_whiten(advantages, mask, all_ranks=True) * mask, returns, advantages
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PPO-ptx: an SFT / pretraining loss mixed into the policy's (InstructGPT, Ouyang et al. 2022, eq. 2)
+# ----------------------------------------------------------------------------------------------------------
+
+PTX_TOY_ROWS = 2000  # arithmetic problems of toy_world.toy_corpus (plus its general-prompt rows)
+
+
+def ptx_row(row, where: str = "", line: int = 0) -> dict:
+    """A PPO-ptx JSONL object as {prompt, completion}; a DataError starting with `where` says what is wrong."""
+    if not isinstance(row, dict) or "prompt" not in row or not isinstance(row.get("completion"), str):
+        raise env.DataError(f"{where}each --ptx-dataset line needs a 'prompt' (a string or chat messages) and a "
+                            "'completion' string.")
+    if not isinstance(row["prompt"], str) and not env.is_messages(row["prompt"]):
+        raise env.DataError(f"{where}'prompt' must be a string or a list of {{\"role\", \"content\"}} messages.")
+    return {"prompt": row["prompt"], "completion": row["completion"]}
+
+
+def load_ptx_rows(args: Args) -> list[dict]:
+    """--ptx-dataset's rows ([] without --ptx-coef): "toy" is toy_world.toy_corpus (the toy base's pretraining
+    recipe: prompts and completions, reasoned or not, right or wrong), else a JSONL file read with ptx_row."""
+    if not args.ptx_coef:
+        return []
+    if args.ptx_dataset == "toy":
+        return toy.toy_corpus(PTX_TOY_ROWS, args.seed, "train")
+    return env.read_jsonl(args.ptx_dataset, ptx_row)
+
+
+def encode_ptx(tokenizer, rows: list[dict], template: str, system_prompt: str | None,
+               stop_id: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) per row: the prompt rendered as the rollouts render theirs, the completion closed
+    by the token that ends a response (the chat template's end of turn, else EOS), as the policy would stop."""
+    examples = []
+    for row in rows:
+        chat = env.uses_chat_template(tokenizer, row["prompt"], template)
+        text = env.render_prompt(tokenizer, row["prompt"], template, system_prompt)
+        stop = stop_id if stop_id is not None else (env.end_of_turn_id(tokenizer) if chat else None)
+        stop = tokenizer.eos_token_id if stop is None else stop
+        examples.append((tokenizer(text, add_special_tokens=not chat)["input_ids"],
+                         tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [stop]))
+    return examples
+
+
+def ptx_minibatch(examples: list, size: int, key: tuple[int, ...], pad_id: int, device) -> dict:
+    """`size` examples drawn with replacement by a generator keyed by `key` (the same draw on every rank, each rank
+    taking every world-th one), as a rollout-shaped batch: prompt_ids, prompt_mask (r, P) left-padded; tokens, mask
+    (r, N) right-padded."""
+    seed = 0
+    for k in key:
+        seed = seed * 1_000_003 + k
+    picks = torch.randint(len(examples), (size,), generator=torch.Generator().manual_seed(seed % 2**63)).tolist()
+    chosen = [examples[i] for i in picks[K.get_rank()::K.get_world_size()]]
+    P, N = max(len(p) for p, _ in chosen), max(len(c) for _, c in chosen)
+    batch = {k: torch.full((len(chosen), n), pad_id if "ids" in k or k == "tokens" else 0, dtype=torch.long)
+             for k, n in (("prompt_ids", P), ("prompt_mask", P), ("tokens", N), ("mask", N))}
+    for i, (prompt, completion) in enumerate(chosen):
+        batch["prompt_ids"][i, P - len(prompt):] = torch.tensor(prompt)
+        batch["prompt_mask"][i, P - len(prompt):] = 1
+        batch["tokens"][i, :len(completion)] = torch.tensor(completion)
+        batch["mask"][i, :len(completion)] = 1
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def ptx_loss(policy, batch: dict) -> torch.Tensor:
+    """PPO-ptx's term before gamma_ptx: the token-mean negative log-likelihood of the completions, at temperature 1."""
+    logprobs = K.completion_logprobs(policy, batch)  # (r, n)
+    return -K.masked_mean(logprobs, batch["mask"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -390,47 +549,75 @@ def minibatch_order(seed: int, step: int, epoch: int, count: int) -> list[int]:
     return torch.randperm(count, generator=generator).tolist()
 
 
+def minibatch_rows(mb: int, count: int, prompts: int, G: int) -> torch.Tensor:
+    """The rows of minibatch mb of count: prompts mb, mb + count, ... (strided), each with its G samples. When count
+    does not divide the prompts the first minibatches hold one prompt more (ORZ's loader drops the remainder)."""
+    return torch.tensor([j * G + g for j in range(mb, prompts, count) for g in range(G)])
 
-def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict, step: int, train_policy: bool) -> dict:
+
+def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict, step: int, train_policy: bool,
+           ptx_examples: list | None = None, pad_id: int = 0) -> dict:
     """Epochs x minibatches of optimizer steps of the policy (unless critic-only) and the critic, each a sum over
     length-sorted micro-batches (rl_kernels.accumulate_gradients); returns the averaged train/ stats. batch:
-    prompt_ids, prompt_mask, tokens, mask, advantages, values, returns, and old_logprobs when pi_old was recomputed."""
-    G, nmb = args.num_generations, args.num_minibatches
+    prompt_ids, prompt_mask, tokens, mask, advantages, values, returns, old_logprobs when pi_old was recomputed,
+    ref_logprobs with --kl-loss-coef. With the same minibatch count the two models step together on the same
+    minibatches (both or neither on a NaN); else each makes its own pass. ptx_examples: PPO-ptx's data."""
+    G = args.num_generations
     prompts = batch["mask"].shape[0] // G
     epochs = {"policy": args.num_epochs if train_policy else 0, "critic": args.critic_epochs or args.num_epochs}
+    counts = {"policy": args.num_minibatches, "critic": args.critic_num_minibatches or args.num_minibatches}
     means = K.StepMeans()
     for epoch in range(max(epochs.values())):
         trained = [name for name in ("policy", "critic") if epoch < epochs[name]]
+        groups = [trained] if len({counts[n] for n in trained}) == 1 else [[n] for n in trained]
 
-        def micro_loss(part: dict, share: K.Share):
-            losses, stats = {}, {}
-            if "policy" in trained:
-                logprobs, entropy = K.completion_logprobs(models["policy"], part, temperature=args.temperature,
-                                                          with_entropy=True)  # (r, n) each
-                # one epoch of one minibatch: pi_old is pi_theta, the ratio exactly 1, yet its gradient is REINFORCE's;
-                # the detached log-probs serve and no pass over the rollout was needed
-                old = part["old_logprobs"] if "old_logprobs" in part else logprobs.detach()
-                if args.log_ratio_clamp:  # verl: no exp overflow, and no gradient beyond the clamp
-                    logprobs = old + (logprobs - old).clamp(-args.log_ratio_clamp, args.log_ratio_clamp)
-                losses["policy_loss"], stats = K.policy_loss(
-                    logprobs, old, part["advantages"], part["mask"], clip_low=args.clip_low, clip_high=args.clip_high,
-                    loss_agg=args.loss_agg, norm_length=args.max_new_tokens, num_tokens=share.tokens,
-                    num_rows=share.rows, compile=args.compile)
-                stats["entropy"] = K.masked_mean(entropy.detach(), part["mask"])
-            if "critic" in trained:
-                losses["value_loss"], stats["value_clip_frac"] = value_loss(
-                    critic_values(models["critic"], part), part["values"], part["returns"], part["mask"],
-                    args.value_clip, share.tokens)
-            return losses, stats
+        for group in groups:
 
-        for mb in minibatch_order(args.seed, step, epoch, nmb):
-            rows = torch.tensor([j * G + g for j in range(mb, prompts, nmb) for g in range(G)])  # strided prompts
-            minibatch = K.slice_rows(batch, rows.to(batch["mask"].device))
-            stats = K.accumulate_gradients([models[n] for n in trained], minibatch, micro_loss,
-                                           max_tokens=args.micro_batch_tokens, state=state)
-            # both models step, or (a NaN/inf loss or gradient norm on any rank) neither does
-            means.add(K.guarded_step([models[n] for n in trained], [optimizers[n] for n in trained],
-                                     args.max_grad_norm, stats, names=trained, state=state)[0])
+            def micro_loss(part: dict, share: K.Share):
+                losses, stats = {}, {}
+                if "policy" in group:
+                    logprobs, entropy = K.completion_logprobs(models["policy"], part, temperature=args.temperature,
+                                                              with_entropy=True)  # (r, n) each
+                    # one epoch of one minibatch: pi_old is pi_theta, the ratio exactly 1, yet its gradient is
+                    # REINFORCE's; the detached log-probs serve and no pass over the rollout was needed
+                    old = part["old_logprobs"] if "old_logprobs" in part else logprobs.detach()
+                    if args.log_ratio_clamp:  # verl: no exp overflow, and no gradient beyond the clamp
+                        logprobs = old + (logprobs - old).clamp(-args.log_ratio_clamp, args.log_ratio_clamp)
+                    clip = dict(clip_low=args.clip_low, clip_high=args.clip_high)
+                    norms = dict(norm_length=args.max_new_tokens, num_tokens=share.tokens)
+                    losses["policy_loss"], stats = K.policy_loss(
+                        logprobs, old, part["advantages"], part["mask"], **clip, loss_agg=args.loss_agg, **norms,
+                        num_rows=share.rows, ref_logprobs=part.get("ref_logprobs") if args.kl_loss_coef else None,
+                        kl_coef=args.kl_loss_coef, kl_estimator=args.kl_loss_estimator,
+                        entropy=entropy if args.entropy_coef else None, entropy_coef=args.entropy_coef,
+                        compile=args.compile)
+                    if args.dual_clip:  # min(l_t, -c A_t) where A_t < 0: the excess over the cap, taken off
+                        excess, stats["dual_clip_frac"] = dual_clip_excess(
+                            logprobs, old, part["advantages"], part["mask"], **clip, dual_clip=args.dual_clip)
+                        rows_share = 1.0 if args.loss_agg == "token-mean" else part["mask"].shape[0] / share.rows
+                        losses["policy_loss"] = losses["policy_loss"] - rows_share * K.aggregate_loss(
+                            excess, part["mask"], args.loss_agg, **norms)  # aggregated as policy_loss aggregates
+                    stats["entropy"] = K.masked_mean(entropy.detach(), part["mask"])
+                if "critic" in group:
+                    losses["value_loss"], stats["value_clip_frac"] = value_loss(
+                        critic_values(models["critic"], part), part["values"], part["returns"], part["mask"],
+                        args.value_clip, share.tokens)
+                return losses, stats
+
+            count = counts[group[0]]
+            for mb in minibatch_order(args.seed, step, epoch, count):
+                minibatch = K.slice_rows(batch, minibatch_rows(mb, count, prompts, G).to(batch["mask"].device))
+                stats = K.accumulate_gradients([models[n] for n in group], minibatch, micro_loss,
+                                               max_tokens=args.micro_batch_tokens, state=state)
+                if ptx_examples and "policy" in group:  # PPO-ptx: its gradient joins the policy's before the step
+                    ptx = ptx_minibatch(ptx_examples, args.ptx_batch_size, (args.seed, step, epoch, mb), pad_id,
+                                        batch["mask"].device)
+                    stats["ptx_loss"] = args.ptx_coef * ptx_loss(models["policy"], ptx)
+                    K.scale_loss(models["policy"], stats["ptx_loss"], state).backward()  # fp16: the same loss scale
+                    stats["ptx_loss"] = stats["ptx_loss"].detach()
+                # the group's models step, or (a NaN/inf loss or gradient norm on any rank) none does
+                means.add(K.guarded_step([models[n] for n in group], [optimizers[n] for n in group],
+                                         args.max_grad_norm, stats, names=group, state=state)[0])
     return means.result()
 
 
@@ -443,9 +630,13 @@ def check_args(args: Args, info: runs.DistInfo):
     """Impossible settings fail here, before any data or model is loaded."""
     runs.check_settings(args)
     per_rank = args.prompts_per_step // info.world_size
-    if args.prompts_per_step % info.world_size or per_rank % args.num_minibatches:
+    if args.prompts_per_step % info.world_size:
         raise K.UserError(f"--prompts-per-step {args.prompts_per_step} must split evenly over the {info.world_size} "
-                          f"rank(s), and each rank's share into --num-minibatches {args.num_minibatches}.")
+                          "rank(s).")
+    if per_rank < max(args.num_minibatches, args.critic_num_minibatches) or args.critic_num_minibatches < 0:
+        raise K.UserError(f"Each rank's {per_rank} prompt(s) per step cannot fill --num-minibatches "
+                          f"{args.num_minibatches} or --critic-num-minibatches {args.critic_num_minibatches} (0: the "
+                          "same); raise --prompts-per-step or lower the minibatch counts.")
     if args.temperature <= 0:
         raise K.UserError(f"--temperature {args.temperature}: training samples and log-probs need a temperature > 0.")
     if not args.critic_lr > 0 or min(args.num_epochs, args.num_minibatches) < 1:
@@ -454,6 +645,16 @@ def check_args(args: Args, info: runs.DistInfo):
             and args.critic_epochs >= 0):
         raise K.UserError("--gamma must be in (0, 1], --lam and --actor-lam in [0, 1] (--actor-lam -1: --lam's), "
                           "--critic-epochs >= 0.")
+    if args.actor_lam_alpha < 0:
+        raise K.UserError(f"--actor-lam-alpha {args.actor_lam_alpha} would make the actor's lambda 1 - 1/(alpha |o|) "
+                          "exceed 1; use alpha > 0 (VAPO: 0.05), or 0 for off.")
+    if args.dual_clip and args.dual_clip <= 1:
+        raise K.UserError(f"--dual-clip {args.dual_clip} must exceed 1 (Ye et al. and verl: 3), or be 0 for off.")
+    if min(args.kl_loss_coef, args.ptx_coef) < 0 or not 0 <= args.min_lr_ratio <= 1:
+        raise K.UserError("--kl-loss-coef and --ptx-coef must be >= 0 and --min-lr-ratio in [0, 1].")
+    if args.ptx_coef and args.ptx_batch_size < info.world_size:
+        raise K.UserError(f"--ptx-batch-size {args.ptx_batch_size} must give each of the {info.world_size} rank(s) "
+                          "at least one row.")
     if args.kl_target and (args.kl_coef <= 0 or args.kl_horizon <= 0):
         raise K.UserError("--kl-target (the adaptive controller) needs --kl-coef > 0 and --kl-horizon > 0.")
     env.check_reward_weights(args.rewards, args.reward_weights)
@@ -481,21 +682,26 @@ def reward_functions(args: Args, device=None) -> tuple[list, tuple[float, ...]]:
     return fns, env.reward_weights(args.rewards, args.reward_weights)
 
 
+def needs_reference(args: Args) -> bool:
+    """pi_ref is loaded for a KL in the reward (beta > 0 or the controller), a KL in the loss, or --track-kl."""
+    return bool(args.kl_coef > 0 or args.kl_target or args.kl_loss_coef > 0 or args.track_kl)
+
+
 def load_models(args: Args, info: runs.DistInfo) -> tuple[dict, object]:
     """({"policy", "critic", "ref"}, tokenizer): policy and critic wrapped for DDP/FSDP2; the frozen reference (in the
-    compute dtype, sharded under FSDP) only when beta > 0, the controller is on, or --track-kl."""
+    compute dtype, sharded under FSDP) only when needs_reference."""
     precision = dict(dtype=args.dtype, master_dtype=args.master_dtype, device=info.device,
                      shard=args.strategy == "fsdp")  # FSDP2: sharded as they load, never whole on a GPU
     policy, tokenizer = K.load_model(args.model, lora=runs.lora_of(args), **precision)
     K.set_cpu_threads(args.threads, policy)
     ref = None
-    if (args.kl_coef > 0 or args.kl_target or args.track_kl) and not args.lora_rank:
+    if needs_reference(args) and not args.lora_rank:
         ref = dropout_off(K.load_model(args.model, frozen=True, **precision)[0]).eval().requires_grad_(False)
     critic = load_critic(args, info.device)  # whole, then sharded: its head is re-initialised on the plain model
     wrap = functools.partial(K.wrap_model, strategy=args.strategy, device=info.device,
                              checkpointing=args.gradient_checkpointing)
     policy = wrap(dropout_off(policy).train())
-    if (args.kl_coef > 0 or args.kl_target or args.track_kl) and args.lora_rank:
+    if needs_reference(args) and args.lora_rank:
         ref = K.BaseReference(policy)  # pi_ref = the base: the policy with its adapter disabled, no second model
     return {"policy": policy, "critic": wrap(critic.train()), "ref": ref}, tokenizer
 
@@ -552,6 +758,7 @@ def main(args: Args) -> runs.RunResult:
     info = session.info
     reward_fns, weights = reward_functions(args)  # a user's mistake in the data or rewards stops here
     args, train_rows, eval_rows = env.load_task(args, reward_fns, weights, info.device)
+    ptx_rows = load_ptx_rows(args)  # PPO-ptx's data, read before any model loads
 
     with session:
         if session.finished:
@@ -560,11 +767,12 @@ def main(args: Args) -> runs.RunResult:
         policy, critic, ref = models["policy"], models["critic"], models["ref"]
         reward_fns = reward_functions(args, info.device)[0]
         train_rows, eval_rows = env.fit_task(args, policy, tokenizer, train_rows, eval_rows)
+        ptx_examples = encode_ptx(tokenizer, ptx_rows, args.template, args.system_prompt)
         optimizers = {name: K.adamw(models[name].parameters(), lr=lr, weight_decay=args.weight_decay,
                                     device=info.device, strategy=args.strategy)
                       for name, lr in (("policy", args.lr), ("critic", args.critic_lr))}
-        schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, runs.warmup_schedule(args.warmup_steps))
-                      for name, opt in optimizers.items()}
+        schedule = runs.warmup_schedule(args.warmup_steps, session.max_steps, args.min_lr_ratio)  # per PPO step
+        schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, schedule) for name, opt in optimizers.items()}
         state = session.state
         state.update(cursor=0, kl_coef=args.kl_coef)  # the prompt stream's position; beta (the controller moves it)
         parts = dict(models=models, optimizers=optimizers, schedulers=schedulers, state=state)
@@ -605,24 +813,27 @@ def main(args: Args) -> runs.RunResult:
             if ref is not None:
                 with timer("reference_pass"):
                     ref_logprobs = K.rollout_logprobs(ref, **logprob_pass)
+                if args.kl_loss_coef:  # the KL term of the loss reads it per minibatch
+                    batch["ref_logprobs"] = ref_logprobs
             with timer("critic_pass"):
                 batch["values"] = rollout_values(critic, batch, args.micro_batch_tokens)
 
             # ---- advantages: the KL in the reward, GAE, whitening over every rank's tokens
             beta = kl_ctl.value
-            rewards = token_rewards(scores, old_logprobs, ref_logprobs, mask, beta, args.kl_estimator,
-                                    args.log_ratio_clamp)                                      # (R, N)
+            rewards = token_rewards(scores, old_logprobs, ref_logprobs, mask, beta, args.kl_estimator)  # (R, N)
             batch["advantages"], batch["returns"], advantages = compute_advantages(args, rewards, batch["values"], mask)
 
             # ---- update: epochs x minibatches of both models (the critic alone during its warm-up)
             train_policy = step >= args.critic_warmup_steps
             with timer("update"), timer.peak_memory("update"):
-                train_stats = update(args, models, optimizers, batch, state, step, train_policy)
+                train_stats = update(args, models, optimizers, batch, state, step, train_policy, ptx_examples,
+                                     tokenizer.pad_token_id)
             for name in ("policy", "critic") if train_policy else ("critic",):  # a schedule counts its model's steps
                 schedulers[name].step()
             kl = kl_stats(mask, old_logprobs, ref_logprobs)
-            if kl:
-                kl_ctl.update(K.all_reduce_mean(kl["train/kl_seq"]), args.prompts_per_step * args.num_generations)
+            if kl:  # the controller's KL per sequence or per token (--kl-target-unit), over every rank's responses
+                kl_ctl.update(K.all_reduce_mean(controller_kl(mask, old_logprobs, ref_logprobs, args.kl_target_unit)),
+                              args.prompts_per_step * args.num_generations)
             state["kl_coef"] = kl_ctl.value
 
             # ---- log / evaluate / save

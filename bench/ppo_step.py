@@ -97,8 +97,8 @@ def ppo_args(path: str, rm: str, size: tuple, args: Args, out_dir: str, steps: i
     R, N, _ = size
     return ppo.Args(model=path, preset=preset, reward_model=rm, out_dir=out_dir, seed=args.seed, max_steps=steps,
                     lr=args.lr, critic_lr=args.lr, warmup_steps=1, eval_every=0, device="cpu", prompts_per_step=R,
-                    num_generations=1, max_new_tokens=N, num_epochs=args.epochs, missing_eos_score=float("nan"),
-                    threads=args.threads, plot=False)
+                    num_generations=1, max_new_tokens=N, num_epochs=args.epochs,
+                    num_minibatches=1, missing_eos_score=float("nan"), threads=args.threads, plot=False)
 
 
 def run_ours(path, rm, size, args, out_dir) -> list[dict]:

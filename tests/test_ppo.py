@@ -107,7 +107,18 @@ def test_token_rewards_by_hand():
     out3 = ppo.token_rewards(scores, lp, ref, mask, 0.1, "k3")
     assert torch.allclose(out3, -0.1 * k3 + torch.tensor([[0, 0, 2.0], [0, -1.0, 0]]), atol=1e-6)
     assert torch.equal(ppo.token_rewards(scores, lp, None, mask, 0.1), torch.tensor([[0, 0, 2.0], [0, -1.0, 0]]))
-    assert ppo.token_rewards(scores, lp, ref, mask, 0.1, clamp=0.2)[1, 1] == pytest.approx(0.02 - 1.0)
+
+
+def test_the_kl_penalty_in_the_reward_is_clamped_at_ten():
+    """A token where pi_ref is e^30 times likelier than pi: k3 = e^30 - 31 ~ 10^13 (k1 -30) is clamped to 10 (-10), as
+    OpenRLHF and verl clamp it, so one token cannot drown every score; kl_clamp=0 turns the clamp off."""
+    lp, ref = torch.tensor([[-40.0, -1.0]]), torch.tensor([[-10.0, -1.0]])
+    mask, scores = torch.tensor([[1, 1]]), torch.tensor([0.5])
+    k3 = ppo.token_rewards(scores, lp, ref, mask, 0.1, "k3")
+    assert torch.allclose(k3, torch.tensor([[-0.1 * 10.0, 0.5]]))
+    k1 = ppo.token_rewards(scores, lp, ref, mask, 0.1, "k1")  # k1 = log pi - log pi_ref = -30 -> -10
+    assert torch.allclose(k1, torch.tensor([[0.1 * 10.0, 0.5]]))
+    assert ppo.token_rewards(scores, lp, ref, mask, 0.1, "k3", kl_clamp=0.0)[0, 0] < -1e11
 
 
 def test_value_loss_by_hand_and_its_gradient():
@@ -151,6 +162,118 @@ def test_scores_for_responses_without_eos():
         1.0, -1.0, -1.5]
 
 
+def masked_stats(x, mask):
+    """Mean and unbiased std over the entries where mask is 1, by the plain formulas."""
+    values = x[mask.bool()]
+    return values.mean(), values.std()
+
+
+def test_normalized_scores_are_standardised_over_the_batch_then_clipped():
+    """--normalize-scores: (s - mean) / std (unbiased) over the batch; --score-clip clips after it."""
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    truncated = torch.zeros(4, dtype=torch.bool)
+    out = ppo.shape_scores(ppo.Args(normalize_scores=True), rewards, truncated)
+    assert torch.allclose(out, (rewards - rewards.mean()) / rewards.std(), atol=1e-5)
+    clipped = ppo.shape_scores(ppo.Args(normalize_scores=True, score_clip=1.0), rewards, truncated)
+    assert torch.allclose(clipped, out.clamp(-1.0, 1.0)) and clipped.max() == 1.0
+
+
+def test_compute_advantages_splits_lambda_between_critic_and_actor_and_whitens():
+    """The critic's returns come from GAE with --lam, the actor's advantages from --actor-lam (or VAPO's per-row
+    lambda); the advantages are whitened over the real tokens (mean 0, std 1) and 0 at masked positions."""
+    g = torch.Generator().manual_seed(3)
+    r, v = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    mask = (torch.arange(6) < torch.tensor([6, 4, 2])[:, None]).long()
+    whitened, returns, raw = ppo.compute_advantages(ppo.Args(lam=1.0, actor_lam=0.0), r, v, mask)
+    assert torch.equal(returns, ppo.gae(r, v, mask, 1.0, 1.0)[1])
+    assert torch.equal(raw, ppo.gae(r, v, mask, 1.0, 0.0)[0])
+    mean, std = masked_stats(raw, mask)
+    assert torch.allclose(whitened, (raw - mean) / std * mask, atol=1e-5)
+    mean, std = masked_stats(whitened, mask)
+    assert abs(mean) < 1e-6 and std == pytest.approx(1.0, abs=1e-5) and (whitened[mask == 0] == 0).all()
+    _, _, vapo = ppo.compute_advantages(ppo.Args(preset="vapo"), r, v, mask)
+    lams = ppo.length_adaptive_lam(mask.sum(-1), 0.05)  # lengths 6, 4, 2: all floored at 0
+    assert torch.equal(vapo, ppo.gae(r, v, mask, 1.0, lams)[0])
+    same, _, plain = ppo.compute_advantages(ppo.Args(lam=0.9), r, v, mask)
+    assert torch.equal(plain, ppo.gae(r, v, mask, 1.0, 0.9)[0])
+
+
+def test_whitened_rewards_are_scaled_with_their_mean_kept():
+    """--whiten-rewards feeds GAE (r - mu) / sigma + mu over the real tokens (Ziegler's, TRL's shift_mean=False): with
+    gamma = lam = 1 the returns are that reward's sums to go."""
+    r = torch.tensor([[0.0, 0.0, 2.0], [1.0, 3.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    mean, std = masked_stats(r, mask)  # over 0, 0, 2, 1, 3: mean 1.2
+    expect = ((r - mean) / std + mean) * mask
+    _, returns, _ = ppo.compute_advantages(ppo.Args(whiten_rewards=True), r, torch.zeros(2, 3), mask)
+    assert torch.allclose(returns, expect.flip(-1).cumsum(-1).flip(-1) * mask, atol=1e-5)
+    _, unwhitened, _ = ppo.compute_advantages(ppo.Args(), r, torch.zeros(2, 3), mask)
+    assert not torch.allclose(unwhitened, returns)
+
+
+def test_controller_kl_per_sequence_or_per_token():
+    """The controller's KL: each response's k1 summed ("sequence": Ziegler, TRL) or averaged over its tokens ("token":
+    verl, OpenRLHF), then averaged over the responses."""
+    old = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-2.0, -2.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.5, -1.5, -1.5], [-1.0, -2.0, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    # row 0: 0.5 x 4 = 2.0 (0.5 per token); row 1: -1 + 0 = -1.0 (-0.5 per token)
+    assert ppo.controller_kl(mask, old, ref, "sequence") == pytest.approx(0.5)
+    assert ppo.controller_kl(mask, old, ref, "token") == pytest.approx(0.0)
+
+
+def test_dual_clip_caps_a_negative_advantage_loss_at_c_times_its_size():
+    """Dual-clip (Ye et al. 2020): where A < 0 the clipped loss max(-rho A, -clip(rho) A) is capped at -c A, with no
+    gradient; tokens with A > 0, or under the cap, are unchanged. policy_loss minus the excess is that, by hand."""
+    logprobs = torch.log(torch.tensor([[5.0, 1.1, 5.0, 0.5]])).requires_grad_()  # old = 0: rho = 5, 1.1, 5, 0.5
+    old, mask = torch.zeros(1, 4), torch.ones(1, 4)
+    adv = torch.tensor([[-1.0, -1.0, 2.0, -2.0]])
+    excess, frac = ppo.dual_clip_excess(logprobs, old, adv, mask, 0.2, 0.2, 3.0)
+    # token 0: l = max(5, 1.2) = 5 > 3 -> excess 2; token 1: l = max(1.1, 1.1) = 1.1 under 3; token 2: A > 0 (l =
+    # max(-10, -2.4) = -2.4); token 3: l = max(1.0, 1.6) = 1.6 under 6
+    assert torch.allclose(excess, torch.tensor([[2.0, 0.0, 0.0, 0.0]])) and frac.item() == pytest.approx(0.25)
+    loss, _ = K.policy_loss(logprobs, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    dual = loss - K.aggregate_loss(excess, mask, "token-mean")
+    assert dual.item() == pytest.approx((3.0 + 1.1 + -2.0 * 1.2 + 1.6) / 4)
+    dual.backward()
+    assert logprobs.grad[0, 0] == 0 and logprobs.grad[0, 1] != 0  # the capped token is constant
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PPO-ptx
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_ptx_batches_hold_prompt_and_completion_and_the_loss_is_their_nll():
+    """encode_ptx closes each completion with the stop token; ptx_minibatch left-pads prompts and right-pads
+    completions, drawing the same rows for the same key; ptx_loss is the token-mean NLL of the completions."""
+    model = tiny_causal_lm()
+    examples = [([5, 6, 7], [8, 9, 2]), ([10], [11, 2]), ([12, 13], [14, 15, 16, 2])]
+    a, b = (ppo.ptx_minibatch(examples, 4, (0, 1, 0, 0), 0, "cpu") for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["mask"].shape[0] == 4
+    for i in range(4):
+        n = int(a["mask"][i].sum())
+        assert a["tokens"][i, n - 1] == 2 and (a["tokens"][i, n:] == 0).all() and a["prompt_mask"][i, -1] == 1
+    ids, full = torch.cat([a["prompt_ids"], a["tokens"]], 1), torch.cat([a["prompt_mask"], a["mask"]], 1)
+    logits = model(input_ids=ids, attention_mask=full, position_ids=K.position_ids_from_mask(full)).logits
+    P = a["prompt_ids"].shape[1]
+    logp = torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, a["tokens"][..., None])[..., 0]
+    nll = -(logp * a["mask"]).sum() / a["mask"].sum()
+    assert ppo.ptx_loss(model, a).item() == pytest.approx(nll.item(), rel=1e-4)
+    tokenizer = toy.build_toy_tokenizer()
+    (prompt, completion), = ppo.encode_ptx(tokenizer, [{"prompt": "1+1", "completion": "2"}], "plain", None)
+    assert completion == tokenizer("2", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_a_malformed_ptx_line_stops_before_any_model_loads(tmp_path, monkeypatch):
+    """--ptx-dataset with a line that has no completion: one sentence naming file and line, before any weights load."""
+    monkeypatch.setattr(K, "load_model", lambda *a, **k: pytest.fail("weights loaded before the ptx data was read"))
+    data = tmp_path / "ptx.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "c"}) + "\n")
+    with pytest.raises(K.UserError, match=r"ptx.jsonl, line 2: each --ptx-dataset line needs"):
+        ppo.main(ppo.Args(out_dir=str(tmp_path / "o"), ptx_coef=1.0, ptx_dataset=str(data)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The score on the last real token, through real generation
 # ---------------------------------------------------------------------------------------------------------
@@ -159,7 +282,8 @@ def test_scores_for_responses_without_eos():
 @pytest.mark.parametrize("eos_is_pad", [True, False])
 def test_score_lands_on_the_last_real_token(eos_is_pad):
     """Rows that stop get their score on their EOS (kept in the mask even when EOS == PAD, the toy's case), truncated
-    rows on their last token; nothing after (TRL's removed PPO put it one token early when EOS == PAD)."""
+    rows on their last token; nothing after (TRL's removed PPO put it one token late, on the first PAD, when
+    EOS != PAD)."""
     model = tiny_causal_lm()
     ids, mask = left_padded_batch([5, 3])
     keys = torch.arange(32)
@@ -274,19 +398,22 @@ def test_critic_heads_start_small_or_from_the_reward_model(tiny_dirs):
 def test_presets_set_their_papers_switches_and_flags_win():
     """Each preset's switches; a flag given wins over the preset, even at the plain value, from Python and the CLI."""
     rlhf = ppo.Args(preset="rlhf")
-    assert (rlhf.critic, rlhf.lam, rlhf.kl_coef, rlhf.kl_target, rlhf.num_epochs, rlhf.missing_eos_score,
-            rlhf.rewards) == ("reward_model", 0.95, 0.05, 0.0, 4, -1.0, ("reward_model",))
+    assert (rlhf.critic, rlhf.lam, rlhf.kl_coef, rlhf.kl_target, rlhf.num_epochs, rlhf.num_minibatches,
+            rlhf.missing_eos_score, rlhf.rewards) == ("reward_model", 0.95, 0.05, 0.0, 4, 1, -1.0, ("reward_model",))
     zieg = ppo.Args(preset="ziegler")
     assert (zieg.kl_coef, zieg.kl_target, zieg.kl_horizon, zieg.whiten_rewards) == (0.15, 6.0, 10_000, True)
     orz = ppo.Args(preset="orz")
-    assert (orz.gamma, orz.lam, orz.kl_coef, orz.critic, orz.missing_eos_score, orz.critic_epochs,
-            orz.rewards) == (1.0, 1.0, 0.0, "policy", 0.0, 12, ("task",))
+    assert (orz.gamma, orz.lam, orz.kl_coef, orz.critic, orz.missing_eos_score, orz.rewards) == (
+        1.0, 1.0, 0.0, "policy", 0.0, ("task",))
+    # ORZ's code: one pass (max_epochs 1), 1 policy step (policy_update_steps 1), 12 critic steps (critic_update_steps)
+    assert (orz.num_epochs, orz.num_minibatches, orz.critic_epochs, orz.critic_num_minibatches) == (1, 1, 1, 12)
     vapo = ppo.Args(preset="vapo")
     assert (vapo.critic_warmup_steps, vapo.lam, vapo.actor_lam_alpha, vapo.clip_high, vapo.loss_agg) == (
         50, 1.0, 0.05, 0.28, "token-mean")
     plain = ppo.Args()
     assert (plain.preset, plain.lam, plain.kl_coef, plain.critic, math.isnan(plain.missing_eos_score)) == (
         "ppo", 1.0, 0.0, "policy", True)
+    assert plain.num_epochs * plain.num_minibatches > 1 and plain.kl_target_unit == "sequence"  # the clip can act
     assert ppo.Args(preset="rlhf", lam=1.0).lam == 1.0
     assert ppo.cli(["--preset", "rlhf", "--lam", "1.0", "--kl-coef", "0"]) == ppo.Args(preset="rlhf", lam=1.0,
                                                                                       kl_coef=0.0)
@@ -297,7 +424,11 @@ def test_presets_set_their_papers_switches_and_flags_win():
 
 def test_impossible_settings_fail_before_any_model_loads(tmp_path):
     """Uneven batches, a bad lambda, an adaptive controller at beta 0, a missing reward model: one clear error each."""
-    cases = [(dict(prompts_per_step=6, num_minibatches=4), "split evenly"), (dict(lam=1.5), "--lam"),
+    cases = [(dict(prompts_per_step=6, num_minibatches=8), "cannot fill --num-minibatches 8"),
+             (dict(prompts_per_step=6, critic_num_minibatches=12), "--critic-num-minibatches 12"),
+             (dict(actor_lam_alpha=-0.05), "--actor-lam-alpha -0.05 would make the actor's lambda"),
+             (dict(dual_clip=0.5), "--dual-clip 0.5 must exceed 1"), (dict(min_lr_ratio=2.0), "--min-lr-ratio"),
+             (dict(lam=1.5), "--lam"),
              (dict(kl_target=6.0), "--kl-coef > 0"), (dict(rewards=("task",), reward_weights=(1.0, 2.0)), "one weight"),
              (dict(preset="rlhf", reward_model=str(tmp_path / "nope")), "does not exist"),
              (dict(temperature=0.0), "temperature > 0"), (dict(critic_lr=0.0), "--critic-lr must be positive"),
@@ -332,7 +463,7 @@ def test_every_preset_runs_two_steps(preset, tiny_dirs, tmp_path):
     policy_dir, rm_dir = tiny_dirs
     kw = {"rlhf": dict(rewards=("reward_model",), reward_weights=(1.0,), num_epochs=2, num_minibatches=2),
           "ziegler": dict(rewards=("reward_model", "task"), reward_weights=(1.0, 1.0), kl_horizon=100),
-          "orz": dict(rewards=("task",), reward_weights=(1.0,), critic_epochs=2),
+          "orz": dict(rewards=("task",), reward_weights=(1.0,), critic_epochs=2, critic_num_minibatches=4),
           "vapo": dict(critic_warmup_steps=1)}.get(preset, {})
     ppo.main(small_args(policy_dir, tmp_path, preset=preset, reward_model=rm_dir, eval_every=2, eval_size=4,
                         eval_samples=1, **kw))
@@ -355,6 +486,68 @@ def test_every_preset_runs_two_steps(preset, tiny_dirs, tmp_path):
     assert any(moved.values())
     policy, init = load_file(final / "model.safetensors"), load_file(os.path.join(policy_dir, "model.safetensors"))
     assert any(not torch.equal(policy[k], init[k]) for k in init)
+
+
+def test_the_default_preset_exercises_the_trust_region(tiny_dirs, tmp_path):
+    """`ppo` (2 epochs x 2 minibatches) takes optimizer steps off-policy: with a large learning rate the ratio leaves
+    1, the policy clip and the value clip both act, and the approx-KL to pi_old is logged (one epoch of one minibatch
+    had the ratio exactly 1, so nothing was ever clipped)."""
+    ppo.main(small_args(tiny_dirs[0], tmp_path, lr=3e-2, critic_lr=3e-2, warmup_steps=0))
+    rows = runs.read_metrics(str(tmp_path))[1:]
+    assert all(r["train/ratio_max"] != 1.0 and r["train/approx_kl"] > 0 for r in rows)
+    assert max(r["train/clip_frac"] for r in rows) > 0 and max(r["train/value_clip_frac"] for r in rows) > 0
+
+
+def recorded_steps(monkeypatch) -> list:
+    """Which models each optimizer step of a run stepped (rl_kernels.guarded_step's names), in order."""
+    steps, real = [], K.guarded_step
+    monkeypatch.setattr(K, "guarded_step", lambda *a, names=None, **k: steps.append(tuple(names)) or real(
+        *a, names=names, **k))
+    return steps
+
+
+def test_policy_and_critic_take_their_own_minibatch_counts(tiny_dirs, tmp_path, monkeypatch):
+    """Equal counts: both models step together, epochs x minibatches times; --critic-num-minibatches apart: each its
+    own pass; ORZ's preset: per rollout 1 policy step and 12 critic steps (12 prompts: one each)."""
+    steps = recorded_steps(monkeypatch)
+    ppo.main(small_args(tiny_dirs[0], tmp_path / "same", max_steps=1))
+    assert steps == [("policy", "critic")] * 4  # 2 epochs x 2 minibatches
+    steps.clear()
+    ppo.main(small_args(tiny_dirs[0], tmp_path / "apart", max_steps=1, num_epochs=1, critic_num_minibatches=4))
+    assert steps == [("policy",)] * 2 + [("critic",)] * 4
+    steps.clear()
+    ppo.main(small_args(tiny_dirs[0], tmp_path / "orz", max_steps=1, preset="orz", prompts_per_step=12,
+                        num_generations=1, rewards=("task",), reward_weights=(1.0,)))
+    assert steps == [("policy",)] + [("critic",)] * 12
+
+
+def test_each_loss_option_reaches_the_policy(tiny_dirs, tmp_path):
+    """PPO-ptx (on the toy corpus), a KL term in the loss, the entropy bonus and dual-clip each run, log their metric,
+    and (all but dual-clip, which may find no ratio above its cap) move the policy elsewhere than the plain run."""
+    from safetensors.torch import load_file
+
+    options = {"plain": {}, "ptx": dict(ptx_coef=1.0, ptx_batch_size=4), "kl_loss": dict(kl_loss_coef=0.5),
+               "entropy": dict(entropy_coef=0.5), "dual_clip": dict(dual_clip=3.0)}
+    logged = {"ptx": "train/ptx_loss", "kl_loss": "train/kl", "entropy": "train/entropy",
+              "dual_clip": "train/dual_clip_frac"}
+    weights = {}
+    for name, kw in options.items():
+        ppo.main(small_args(tiny_dirs[0], tmp_path / name, max_steps=1, lr=1e-2, warmup_steps=0, **kw))
+        weights[name] = load_file(tmp_path / name / "final" / "model.safetensors")
+        if name in logged:
+            assert math.isfinite(runs.read_metrics(str(tmp_path / name))[-1][logged[name]]), name
+    for name in ("ptx", "kl_loss", "entropy"):
+        assert any(not torch.equal(weights[name][k], weights["plain"][k]) for k in weights["plain"]), name
+    assert runs.read_metrics(str(tmp_path / "kl_loss"))[-1]["train/kl"] > 0  # pi_ref loaded and read
+
+
+def test_a_cosine_schedule_decays_each_model_learning_rate(tiny_dirs, tmp_path):
+    """--min-lr-ratio 0.1: after 1 warmup step the learning rate follows a cosine down to 0.1 lr at --max-steps."""
+    ppo.main(small_args(tiny_dirs[0], tmp_path, max_steps=3, lr=1e-3, warmup_steps=1, min_lr_ratio=0.1))
+    factor = runs.warmup_schedule(1, 3, 0.1)
+    assert [r["train/lr"] for r in runs.read_metrics(str(tmp_path)) if "train/lr" in r] == pytest.approx(
+        [1e-3 * factor(s) for s in (1, 2, 3)])
+    assert factor(3) == pytest.approx(0.1)
 
 
 def test_critic_warmup_leaves_the_policy_alone(tiny_dirs, tmp_path):
@@ -434,3 +627,19 @@ def test_a_cap_that_cuts_most_rollouts_is_warned_about_once(tiny_dirs, tmp_path)
         ppo.main(small_args(tiny_dirs[0], tmp_path, max_new_tokens=2))
     messages = [str(w.message) for w in caught if "hit --max-new-tokens 2" in str(w.message)]
     assert len(messages) == 1 and re.match(r"\d+% of step 1's rollouts", messages[0])
+
+
+def test_overoptimisation_bench_pairs_each_accuracy_with_the_kl_of_the_same_policy():
+    """The accuracy evaluated at step s is the policy after s updates; its KL is logged by the rollout of step s + 1
+    (the row of step s holds the KL of the policy one update earlier). Gao's points read gold, proxy and KL off one
+    rollout."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import rlhf_overoptimisation as bench
+
+    history = [{"step": 0, "eval/accuracy": 0.4}, {"step": 1, "train/kl_seq": 0.0},
+               {"step": 5, "train/kl_seq": 2.0, "eval/accuracy": 0.7}, {"step": 6, "train/kl_seq": 3.0},
+               {"step": 10, "train/kl_seq": 5.0, "eval/accuracy": 0.5}]
+    pairs = bench.eval_kl_pairs(history)
+    assert pairs[:2] == [(0, 0.4, 0.0), (5, 0.7, 3.0)] and pairs[2][:2] == (10, 0.5) and math.isnan(pairs[2][2])
+    rollout = {"step": 3, "train/kl_seq": 4.0, "rollout/accuracy": 0.6, "rewards/reward_model": 1.5}
+    assert bench.gao_points([rollout, {"step": 4, "eval/accuracy": 0.1}]) == [(2.0, 0.6, 1.5)]
