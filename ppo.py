@@ -86,6 +86,11 @@ Deliberate choices:
     reshuffled every epoch. With the same count the policy and the critic step together on the same minibatches;
     with different counts each model makes its own pass. Sampling noise is keyed as in grpo.py: same seed, same
     prompts and first samples.
+  - Sampler and trainer as in grpo.py (docs/mismatch.md): log mu against pi_old on every step (mismatch/ metrics),
+    the kept set of top-p/top-k in every log-prob pass (--keep-sampling-mask), --rollout-correction decoupled (one
+    pi_old pass, the policy loss weighted by w_t, a rejected token weighted 0 so the token-mean's denominator is
+    unchanged) or bypass (pi_old := mu), --offpolicy-mask-delta, --batch-invariant. The critic fits every token:
+    a correction reweights the policy's gradient, not the value targets.
   - PPO-ptx: each policy optimizer step adds the gradient of gamma_ptx times the mean NLL of --ptx-batch-size rows of
     --ptx-dataset (prompt, completion; "toy": toy_world.toy_corpus, the toy base's own pretraining recipe), drawn
     by (seed, step, epoch, minibatch), at temperature 1, in its own backward after the rollout's.
@@ -556,17 +561,25 @@ def minibatch_rows(mb: int, count: int, prompts: int, G: int) -> torch.Tensor:
 
 
 def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict, step: int, train_policy: bool,
-           ptx_examples: list | None = None, pad_id: int = 0) -> dict:
+           ptx_examples: list | None = None, pad_id: int = 0) -> tuple[dict, dict]:
     """Epochs x minibatches of optimizer steps of the policy (unless critic-only) and the critic, each a sum over
-    length-sorted micro-batches (rl_kernels.accumulate_gradients); returns the averaged train/ stats. batch:
-    prompt_ids, prompt_mask, tokens, mask, advantages, values, returns, old_logprobs when pi_old was recomputed,
-    ref_logprobs with --kl-loss-coef. With the same minibatch count the two models step together on the same
-    minibatches (both or neither on a NaN); else each makes its own pass. ptx_examples: PPO-ptx's data."""
+    length-sorted micro-batches (rl_kernels.accumulate_gradients); returns (the averaged train/ stats, the mismatch/
+    metrics measured in the policy's first forward when no pi_old pass ran, else {}). batch: prompt_ids,
+    prompt_mask, tokens, mask, rows, advantages, values, returns, sampler_logprobs, old_logprobs when pi_old was
+    recomputed (bypass: the sampler's), ref_logprobs with --kl-loss-coef, is_weights with a correction. With the same
+    minibatch count the two models step together on the same minibatches (both or neither on a NaN); else each makes
+    its own pass. ptx_examples: PPO-ptx's data."""
     G = args.num_generations
     prompts = batch["mask"].shape[0] // G
     epochs = {"policy": args.num_epochs if train_policy else 0, "critic": args.critic_epochs or args.num_epochs}
     counts = {"policy": args.num_minibatches, "critic": args.critic_num_minibatches or args.num_minibatches}
-    means = K.StepMeans()
+    means, mismatch = K.StepMeans(), {}
+    # pi_old as the policy's first forward sees it (before any optimizer step), for the mismatch/ metrics when no
+    # pi_old pass ran: free, as in grpo.py
+    measure = train_policy and "sampler_logprobs" in batch and (
+        "old_logprobs" not in batch or env.correction_of(args).bypass)
+    seen = torch.full(batch["mask"].shape, float("nan"), device=batch["mask"].device) if measure else None
+    recording = False
     for epoch in range(max(epochs.values())):
         trained = [name for name in ("policy", "critic") if epoch < epochs[name]]
         groups = [trained] if len({counts[n] for n in trained}) == 1 else [[n] for n in trained]
@@ -581,6 +594,13 @@ def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict,
                     # one epoch of one minibatch: pi_old is pi_theta, the ratio exactly 1, yet its gradient is
                     # REINFORCE's; the detached log-probs serve and no pass over the rollout was needed
                     old = part["old_logprobs"] if "old_logprobs" in part else logprobs.detach()
+                    if recording:
+                        seen[part["rows"], :logprobs.shape[1]] = logprobs.detach().float()
+                    weights = part.get("is_weights")  # the rollout correction's, detached
+                    if args.offpolicy_mask_delta is not None:  # DeepSeek-V3.2: far-off-policy sequences with A < 0
+                        keep = K.offpolicy_sequence_mask(logprobs, part["sampler_logprobs"], part["advantages"],
+                                                         part["mask"], args.offpolicy_mask_delta)
+                        weights = keep if weights is None else weights * keep
                     if args.log_ratio_clamp:  # verl: no exp overflow, and no gradient beyond the clamp
                         logprobs = old + (logprobs - old).clamp(-args.log_ratio_clamp, args.log_ratio_clamp)
                     clip = dict(clip_low=args.clip_low, clip_high=args.clip_high)
@@ -590,10 +610,12 @@ def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict,
                         num_rows=share.rows, ref_logprobs=part.get("ref_logprobs") if args.kl_loss_coef else None,
                         kl_coef=args.kl_loss_coef, kl_estimator=args.kl_loss_estimator,
                         entropy=entropy if args.entropy_coef else None, entropy_coef=args.entropy_coef,
-                        compile=args.compile)
+                        weights=weights, compile=args.compile)
                     if args.dual_clip:  # min(l_t, -c A_t) where A_t < 0: the excess over the cap, taken off
                         excess, stats["dual_clip_frac"] = dual_clip_excess(
                             logprobs, old, part["advantages"], part["mask"], **clip, dual_clip=args.dual_clip)
+                        if weights is not None:  # the capped surrogate is weighted as the surrogate is
+                            excess = excess * weights
                         rows_share = 1.0 if args.loss_agg == "token-mean" else part["mask"].shape[0] / share.rows
                         losses["policy_loss"] = losses["policy_loss"] - rows_share * K.aggregate_loss(
                             excess, part["mask"], args.loss_agg, **norms)  # aggregated as policy_loss aggregates
@@ -607,8 +629,14 @@ def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict,
             count = counts[group[0]]
             for mb in minibatch_order(args.seed, step, epoch, count):
                 minibatch = K.slice_rows(batch, minibatch_rows(mb, count, prompts, G).to(batch["mask"].device))
+                recording = measure and not mismatch and "policy" in group  # the first policy forward: pi_old's
                 stats = K.accumulate_gradients([models[n] for n in group], minibatch, micro_loss,
                                                max_tokens=args.micro_batch_tokens, state=state)
+                if recording:
+                    rows = minibatch["rows"]
+                    mismatch = K.mismatch_metrics(batch["sampler_logprobs"][rows], seen[rows], batch["mask"][rows],
+                                                  batch["kept_logmass"][rows])
+                    recording = False
                 if ptx_examples and "policy" in group:  # PPO-ptx: its gradient joins the policy's before the step
                     ptx = ptx_minibatch(ptx_examples, args.ptx_batch_size, (args.seed, step, epoch, mb), pad_id,
                                         batch["mask"].device)
@@ -618,7 +646,7 @@ def update(args: Args, models: dict, optimizers: dict, batch: dict, state: dict,
                 # the group's models step, or (a NaN/inf loss or gradient norm on any rank) none does
                 means.add(K.guarded_step([models[n] for n in group], [optimizers[n] for n in group],
                                          args.max_grad_norm, stats, names=group, state=state)[0])
-    return means.result()
+    return means.result(), mismatch
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -693,6 +721,7 @@ def load_models(args: Args, info: runs.DistInfo) -> tuple[dict, object]:
     precision = dict(dtype=args.dtype, master_dtype=args.master_dtype, device=info.device,
                      shard=args.strategy == "fsdp")  # FSDP2: sharded as they load, never whole on a GPU
     policy, tokenizer = K.load_model(args.model, lora=runs.lora_of(args), **precision)
+    K.set_batch_invariant(policy, args.batch_invariant)  # refuses what it cannot make exact (bf16, GPU, LoRA, FSDP)
     K.set_cpu_threads(args.threads, policy)
     ref = None
     if needs_reference(args) and not args.lora_rank:
@@ -780,7 +809,8 @@ def main(args: Args) -> runs.RunResult:
                               save=functools.partial(save, args, tokenizer=tokenizer, **parts),
                               restore=lambda checkpoint: restore(checkpoint, **parts))
         kl_ctl = AdaptiveKLController(state["kl_coef"], args.kl_target, args.kl_horizon)
-        truncation_warned = False  # warn_truncation: once per run
+        truncation_warned = mismatch_warned = False  # warn_truncation, warn_mismatch: once per run
+        correction = env.correction_of(args)
         for step in steps:
             timer = runs.Timer()
 
@@ -798,17 +828,28 @@ def main(args: Args) -> runs.RunResult:
             if args.decode_memory == "free":                         # the update gets the KV caches' memory
                 K.free_decode_state(policy)
             policy.train()
-            batch = rollout.batch()                                  # prompt_ids (R, P), tokens and mask (R, N)
+            batch = rollout.batch(args.keep_sampling_mask)           # prompt_ids (R, P), tokens and mask (R, N), log mu
             mask = batch["mask"]
             scores = shape_scores(args, rollout.rewards, rollout.gen.truncated).to(mask.device)  # (R,)
 
             # ---- passes, once per rollout: pi_old (when needed), pi_ref and V_old at every response token, (R, N)
             logprob_pass = dict(batch=batch, temperature=args.temperature, max_tokens=args.micro_batch_tokens)
-            if args.num_epochs > 1 or args.num_minibatches > 1 or (
+            if correction.bypass:                                    # pi_old := mu, no pass
+                batch["old_logprobs"] = batch["sampler_logprobs"].float()
+            elif args.num_epochs > 1 or args.num_minibatches > 1 or correction.reweights or (
                     ref is not None and not K.sampled_logprobs_exact(policy)):  # bf16: the sampler's differ
                 with timer("policy_pass"):
                     batch["old_logprobs"] = K.rollout_logprobs(policy, **logprob_pass)
-            old_logprobs = batch.get("old_logprobs", rollout.gen.logprobs.to(mask.device).float())
+            old_logprobs = batch.get("old_logprobs", batch["sampler_logprobs"].to(mask.device).float())
+            mismatch = {}
+            if "old_logprobs" in batch and not correction.bypass:  # the sampler against the trainer, before the update
+                mismatch = K.mismatch_metrics(batch["sampler_logprobs"], batch["old_logprobs"], mask,
+                                              batch["kept_logmass"])
+                if correction.reweights:  # decoupled: IS weights and rejection from rho = pi_old / mu, policy loss only
+                    weights, keep = K.rollout_correction(batch["old_logprobs"] - batch["sampler_logprobs"], mask,
+                                                         correction)
+                    batch["is_weights"] = keep if weights is None else weights * keep  # a rejected token weighs 0
+                    mismatch.update(K.correction_metrics(weights, keep, mask))
             ref_logprobs = None
             if ref is not None:
                 with timer("reference_pass"):
@@ -826,8 +867,9 @@ def main(args: Args) -> runs.RunResult:
             # ---- update: epochs x minibatches of both models (the critic alone during its warm-up)
             train_policy = step >= args.critic_warmup_steps
             with timer("update"), timer.peak_memory("update"):
-                train_stats = update(args, models, optimizers, batch, state, step, train_policy, ptx_examples,
-                                     tokenizer.pad_token_id)
+                train_stats, measured = update(args, models, optimizers, batch, state, step, train_policy,
+                                               ptx_examples, tokenizer.pad_token_id)
+            mismatch = mismatch or measured
             for name in ("policy", "critic") if train_policy else ("critic",):  # a schedule counts its model's steps
                 schedulers[name].step()
             kl = kl_stats(mask, old_logprobs, ref_logprobs)
@@ -837,7 +879,8 @@ def main(args: Args) -> runs.RunResult:
             state["kl_coef"] = kl_ctl.value
 
             # ---- log / evaluate / save
-            metrics = {**env.rollout_metrics(rollout), **kl, **train_stats,
+            mismatch_warned = env.warn_mismatch(mismatch, step + 1, mismatch_warned)
+            metrics = {**env.rollout_metrics(rollout), **kl, **train_stats, **mismatch,
                        "rollout/eos_rate": 1.0 - rollout.gen.truncated.float().mean().item(),
                        "rollout/score_mean": scores.mean().item(),
                        "train/value_mean": K.masked_mean(batch["values"], mask).item(),

@@ -643,3 +643,28 @@ def test_overoptimisation_bench_pairs_each_accuracy_with_the_kl_of_the_same_poli
     assert pairs[:2] == [(0, 0.4, 0.0), (5, 0.7, 3.0)] and pairs[2][:2] == (10, 0.5) and math.isnan(pairs[2][2])
     rollout = {"step": 3, "train/kl_seq": 4.0, "rollout/accuracy": 0.6, "rewards/reward_model": 1.5}
     assert bench.gao_points([rollout, {"step": 4, "eval/accuracy": 0.1}]) == [(2.0, 0.6, 1.5)]
+
+
+def test_every_ppo_step_logs_the_mismatch_and_takes_the_corrections(tiny_dirs, tmp_path):
+    """mismatch/ metrics in every step: from the pi_old pass of the default 2 x 2 update and, with 1 x 1 (no pass),
+    from the update's own first forward; with an injected mismatch, token TIS weighs the policy loss (is_weight_*
+    logged, capped at 2, the first step's policy loss unlike the uncorrected run's on the same rollout), bypass makes
+    the ratio pi_theta / mu (above 1 at the first step), and the off-policy sequence mask runs."""
+    runs_ = {"plain": {}, "one_pass": dict(num_epochs=1, num_minibatches=1),
+             "noise": dict(sampler_logit_noise=0.5, top_k=10),
+             "tis": dict(sampler_logit_noise=0.5, top_k=10, rollout_correction="verl-token-tis"),
+             "bypass": dict(sampler_logit_noise=0.5, rollout_correction="bypass", num_epochs=1, num_minibatches=1),
+             "offpolicy": dict(sampler_logit_noise=0.5, offpolicy_mask_delta=0.01)}
+    rows = {}
+    for name, kw in runs_.items():
+        ppo.main(small_args(tiny_dirs[0], tmp_path / name, max_new_tokens=16, **kw))
+        rows[name] = runs.read_metrics(str(tmp_path / name))
+        assert len(rows[name]) == 2 and all("mismatch/kl_k3" in r for r in rows[name]), name
+    for name in ("plain", "one_pass"):
+        assert all(r["mismatch/logprob_diff_max"] < 1e-4 and r["mismatch/kept_mass"] == 1.0 for r in rows[name])
+    assert all(r["mismatch/logprob_diff_mean"] > 0.02 and r["mismatch/kept_mass"] < 1.0 for r in rows["noise"])
+    assert all(r["mismatch/is_weight_max"] <= 2.0 + 1e-6 for r in rows["tis"])
+    assert "mismatch/is_weight_max" not in rows["noise"][0]
+    assert rows["tis"][0]["train/policy_loss"] != rows["noise"][0]["train/policy_loss"]
+    assert rows["bypass"][0]["train/ratio_max"] > 1.0
+    assert rows["one_pass"][0]["train/ratio_max"] == 1.0
