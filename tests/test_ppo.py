@@ -585,13 +585,14 @@ def test_resume_matches_uninterrupted_run(tiny_dirs, tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_torchrun_matches_one_process(strategy, tiny_dirs, tmp_path):
     """torchrun with 2 ranks ends with the policy and critic of one process with the same global batch: rank-invariant
-    sampling, minibatches strided over prompts, advantages whitened and token means taken over both ranks."""
+    sampling, minibatches strided over prompts, advantages whitened and token means taken over both ranks, and
+    PPO-ptx's gradient (every rank draws the same rows; its own backward after the rollout's) averaged as one."""
     from safetensors.torch import load_file
 
     common = ["--model", tiny_dirs[0], "--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "2",
               "--max-new-tokens", "10", "--eval-every", "0", "--device", "cpu", "--no-plot", "--num-epochs", "2",
               "--num-minibatches", "2", "--rewards", "tag_count", "task", "--reward-weights", "1.0", "1.0",
-              "--kl-coef", "0.1", "--strategy", strategy]
+              "--kl-coef", "0.1", "--ptx-coef", "0.5", "--ptx-batch-size", "4", "--strategy", strategy]
     environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(ROOT, "ppo.py"), "--out-dir", str(tmp_path / "two"), *common,
@@ -602,7 +603,7 @@ def test_two_process_torchrun_matches_one_process(strategy, tiny_dirs, tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     m1, m2 = runs.read_metrics(str(tmp_path / "one")), runs.read_metrics(str(tmp_path / "two"))
     for r1, r2 in zip(m1, m2):
-        for k in ("rollout/reward_mean", "train/policy_loss", "train/value_loss", "train/kl_seq"):
+        for k in ("rollout/reward_mean", "train/policy_loss", "train/value_loss", "train/kl_seq", "train/ptx_loss"):
             assert r1[k] == pytest.approx(r2[k], abs=1e-4), k
     for sub in ("", "critic"):
         a = load_file(tmp_path / "one" / "final" / sub / "model.safetensors")
