@@ -62,7 +62,9 @@ def timed_run(name: str, args: Args, out_dir: str) -> dict[str, float]:
     subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [r for r in runs.read_metrics(out_dir) if "perf/step_s" in r][args.warmup:]
-    result = {phase: statistics.median(r.get(f"perf/{phase}_s", 0.0) for r in rows) for phase in PHASES}
+    names = {"policy_pass": ("perf/policy_pass_s", "perf/logprobs_s")}  # grpo.py times its pi_old pass as logprobs
+    result = {phase: statistics.median(sum(r.get(k, 0.0) for k in names.get(phase, (f"perf/{phase}_s",)))
+                                       for r in rows) for phase in PHASES}
     result["tokens"] = statistics.median(r["perf/gen_tokens_per_s"] * r["perf/generate_s"] for r in rows)
     return result
 
