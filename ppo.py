@@ -475,9 +475,13 @@ def ptx_minibatch(examples: list, size: int, key: tuple[int, ...], pad_id: int, 
 
 
 def ptx_loss(policy, batch: dict) -> torch.Tensor:
-    """PPO-ptx's term before gamma_ptx: the token-mean negative log-likelihood of the completions, at temperature 1."""
+    """PPO-ptx's term before gamma_ptx: the token-mean negative log-likelihood of the completions, at temperature 1,
+    over every rank's rows: this rank's summed NLL over all ranks' tokens, times the world size (DDP and FSDP2 average
+    gradients over ranks), so W ranks step as one process would; the mean of the ranks' values is the token-mean."""
     logprobs = K.completion_logprobs(policy, batch)  # (r, n)
-    return -K.masked_mean(logprobs, batch["mask"])
+    maskf = batch["mask"].to(torch.float32)
+    tokens = K.all_reduce_sum(maskf.sum()).clamp_min(1.0)
+    return -(logprobs.float() * maskf).sum() * K.get_world_size() / tokens
 
 
 # ----------------------------------------------------------------------------------------------------------
