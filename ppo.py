@@ -108,13 +108,15 @@ Launch:
 
 Results in the toy world (toy/base, 80 steps of 16 prompts x 8 samples; docs/ppo.md has the tables, the plots and
 the commands; 2 cores shared with other jobs, one torch thread):
-    python ppo.py     held-out greedy accuracy 39.0% -> 84.0% (seed 0); over seeds 0-2 83.2 +- 4.8%, +44.5 to +55.0
-                      points (+52.0 to +60.5 by step 10), a clip fraction of 0.4-0.5% on average and above 0 at
-                      every step; grpo.py at the same 2 x 2 update and lr 87.2 +- 3.7%, a gap within the noise.
-    --lam 0.95        learns alike (85.5 +- 2.2% after 80 steps, seeds 0-2); its critic fits better in every seed
-                      (explained variance 0.27-0.40 against 0.12-0.22 over the last 20 steps).
-    --preset rlhf     on the toy reward model alone (one seed, before issue 27, lr 2e-4): without a KL penalty the true
-                      accuracy falls to 3.5% while the reward model's score rises; with fixed beta 0.05 it ends at 72%.
+    python ppo.py     held-out greedy accuracy 39.0% -> 87.5% (seed 0); over seeds 0-2 85.7 +- 1.8%, +48.5 to +53.0
+                      points (+51.5 to +60.5 by step 10), a clip fraction of 0.45-0.47% on average and above 0 at
+                      every step; grpo.py at the same 2 x 2 update and lr 87.5 +- 2.0%, a gap within the noise; a
+                      step costs 1.72x GRPO's (bench/critic_cost.py, interleaved: the critic doubles the update).
+    --lam 0.95        learns alike (86.5 +- 3.3% after 80 steps, seeds 0-2); its critic fits better in every seed
+                      (explained variance 0.29-0.46 against 0.15-0.20 over the last 20 steps).
+    --preset rlhf     on the toy reward model alone, 40 steps, seeds 0-2: without a KL penalty the true accuracy peaks
+                      at 83.8 +- 3.8% (step 10) and falls to 12.2 +- 4.9% while the reward model's score keeps rising;
+                      fixed beta 0.05 ends at 78.7 +- 3.7%, the adaptive controller at 80.5 +- 7.0% (no difference).
 """
 
 from __future__ import annotations
