@@ -79,8 +79,9 @@ Deliberate choices:
   - A critic from a causal LM gets a new head, N(0, 0.001^2) with bias 0, so values start near 0; from a reward model
     it keeps the reward head (InstructGPT), normalised as the scores are, so values start at each prefix's score.
   - pi_ref and V_old are computed once per rollout at the sampling temperature, over length-sorted micro-batches;
-    pi_old too when several epochs or minibatches need it, or when the k1 in the reward needs it exact and the
-    sampler's log-probs are not (bf16: rl_kernels.sampled_logprobs_exact); else the sampler's log-probs serve.
+    pi_old too when several epochs or minibatches need it, a decoupled correction does, a critic-only warm-up step
+    has no policy forward to measure the mismatch in, or the k1 in the reward needs it exact and the sampler's
+    log-probs are not (bf16: rl_kernels.sampled_logprobs_exact); else the sampler's log-probs serve.
     Minibatches are strided over each rank's prompts (the same rows on any number of ranks when the count divides
     each rank's prompts; else the first minibatches hold one prompt more, where ORZ drops the remainder), their order
     reshuffled every epoch. With the same count the policy and the critic step together on the same minibatches;
@@ -843,6 +844,7 @@ def main(args: Args) -> runs.RunResult:
             if correction.bypass:                                    # pi_old := mu, no pass
                 batch["old_logprobs"] = batch["sampler_logprobs"].float()
             elif args.num_epochs > 1 or args.num_minibatches > 1 or correction.reweights or (
+                    step < args.critic_warmup_steps) or (  # critic-only: no policy forward to measure the gap in
                     ref is not None and not K.sampled_logprobs_exact(policy)):  # bf16: the sampler's differ
                 with timer("policy_pass"):
                     batch["old_logprobs"] = K.rollout_logprobs(policy, **logprob_pass)

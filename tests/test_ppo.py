@@ -648,10 +648,11 @@ def test_overoptimisation_bench_pairs_each_accuracy_with_the_kl_of_the_same_poli
 
 def test_every_ppo_step_logs_the_mismatch_and_takes_the_corrections(tiny_dirs, tmp_path):
     """mismatch/ metrics in every step: from the pi_old pass of the default 2 x 2 update and, with 1 x 1 (no pass),
-    from the update's own first forward; with an injected mismatch, token TIS weighs the policy loss (is_weight_*
+    from the update's own first forward (or a pi_old pass in a critic-only warm-up step, which has no policy forward); with an injected mismatch, token TIS weighs the policy loss (is_weight_*
     logged, capped at 2, the first step's policy loss unlike the uncorrected run's on the same rollout), bypass makes
     the ratio pi_theta / mu (above 1 at the first step), and the off-policy sequence mask runs."""
     runs_ = {"plain": {}, "one_pass": dict(num_epochs=1, num_minibatches=1),
+             "critic_warmup": dict(num_epochs=1, num_minibatches=1, critic_warmup_steps=1),
              "noise": dict(sampler_logit_noise=0.5, top_k=10),
              "tis": dict(sampler_logit_noise=0.5, top_k=10, rollout_correction="verl-token-tis"),
              "bypass": dict(sampler_logit_noise=0.5, rollout_correction="bypass", num_epochs=1, num_minibatches=1),
@@ -661,7 +662,7 @@ def test_every_ppo_step_logs_the_mismatch_and_takes_the_corrections(tiny_dirs, t
         ppo.main(small_args(tiny_dirs[0], tmp_path / name, max_new_tokens=16, **kw))
         rows[name] = runs.read_metrics(str(tmp_path / name))
         assert len(rows[name]) == 2 and all("mismatch/kl_k3" in r for r in rows[name]), name
-    for name in ("plain", "one_pass"):
+    for name in ("plain", "one_pass", "critic_warmup"):
         assert all(r["mismatch/logprob_diff_max"] < 1e-4 and r["mismatch/kept_mass"] == 1.0 for r in rows[name])
     assert all(r["mismatch/logprob_diff_mean"] > 0.02 and r["mismatch/kept_mass"] < 1.0 for r in rows["noise"])
     assert all(r["mismatch/is_weight_max"] <= 2.0 + 1e-6 for r in rows["tis"])
