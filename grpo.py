@@ -582,17 +582,11 @@ def main(args: Args) -> runs.RunResult:
                     batch["old_logprobs"] = logprob_pass(policy)           # (R, N) pi_old, fixed for mu passes
                 if ref_model is not None:
                     batch["ref_logprobs"] = logprob_pass(ref_model)        # (R, N) pi_ref
-            mismatch = {}
-            if "old_logprobs" in batch and not correction.bypass:  # the sampler against the trainer, before the update
-                mismatch = K.mismatch_metrics(batch["sampler_logprobs"], batch["old_logprobs"], batch["mask"],
-                                              batch["kept_logmass"])
-                if correction.reweights:                       # decoupled: IS weights and rejection from rho
-                    weights, keep = K.rollout_correction(batch["old_logprobs"] - batch["sampler_logprobs"],
-                                                         batch["mask"], correction)
-                    batch["loss_mask"] = batch["loss_mask"] * keep
-                    if weights is not None:
-                        batch["is_weights"] = weights
-                    mismatch.update(K.correction_metrics(weights, keep, batch["mask"]))
+            mismatch, weights, keep = env.sampler_gap(batch, correction)  # the sampler against pi_old's pass
+            if keep is not None:                               # decoupled: IS weights and rejection from rho
+                batch["loss_mask"] = batch["loss_mask"] * keep
+                if weights is not None:
+                    batch["is_weights"] = weights
 
             # ---- advantages: each response against its group (or the batch)
             kl = None

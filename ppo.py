@@ -849,15 +849,9 @@ def main(args: Args) -> runs.RunResult:
                 with timer("policy_pass"):
                     batch["old_logprobs"] = K.rollout_logprobs(policy, **logprob_pass)
             old_logprobs = batch.get("old_logprobs", batch["sampler_logprobs"].to(mask.device).float())
-            mismatch = {}
-            if "old_logprobs" in batch and not correction.bypass:  # the sampler against the trainer, before the update
-                mismatch = K.mismatch_metrics(batch["sampler_logprobs"], batch["old_logprobs"], mask,
-                                              batch["kept_logmass"])
-                if correction.reweights:  # decoupled: IS weights and rejection from rho = pi_old / mu, policy loss only
-                    weights, keep = K.rollout_correction(batch["old_logprobs"] - batch["sampler_logprobs"], mask,
-                                                         correction)
-                    batch["is_weights"] = keep if weights is None else weights * keep  # a rejected token weighs 0
-                    mismatch.update(K.correction_metrics(weights, keep, mask))
+            mismatch, weights, keep = env.sampler_gap(batch, correction)  # the sampler against pi_old's pass
+            if keep is not None:  # decoupled: weights and rejection from rho, on the policy loss only
+                batch["is_weights"] = keep if weights is None else weights * keep  # a rejected token weighs 0
             ref_logprobs = None
             if ref is not None:
                 with timer("reference_pass"):

@@ -1819,6 +1819,21 @@ def warn_truncation(metrics: dict, step: int, max_new_tokens: int, warned: bool)
 MISMATCH_WARNING = 1.05  # token_mult_prob_error above this is read as a bug (NeMo-RL's threshold)
 
 
+def sampler_gap(batch: dict, correction: K.Correction) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
+    """The sampler against the trainer before an update, once a pi_old pass has filled batch["old_logprobs"]: (the
+    mismatch/ metrics, the decoupled correction's IS weights or None, its 0/1 keep mask or None), from rho = pi_old /
+    mu per token (rl_kernels.rollout_correction; weights and keep are None unless the correction reweights). ({},
+    None, None) when no pi_old pass ran or in bypass mode (old_logprobs is the sampler's: the update's first forward
+    measures the gap instead). A collective: every rank calls it."""
+    if "old_logprobs" not in batch or correction.bypass:
+        return {}, None, None
+    metrics = K.mismatch_metrics(batch["sampler_logprobs"], batch["old_logprobs"], batch["mask"], batch["kept_logmass"])
+    if not correction.reweights:
+        return metrics, None, None
+    weights, keep = K.rollout_correction(batch["old_logprobs"] - batch["sampler_logprobs"], batch["mask"], correction)
+    return {**metrics, **K.correction_metrics(weights, keep, batch["mask"])}, weights, keep
+
+
 def warn_mismatch(metrics: dict, step: int, warned: bool) -> bool:
     """Warn, once per run, on rank 0, the first step whose sampler and trainer disagree by more than numerics do:
     mismatch/token_mult_prob_error = mean exp|log mu - log pi_old| above MISMATCH_WARNING (bf16 engines measure about
