@@ -59,8 +59,11 @@ def timed_run(name: str, args: Args, out_dir: str) -> dict[str, float]:
     generated tokens per step."""
     command = [sys.executable, *COMMANDS[name], "--seed", str(args.seed), "--max-steps", str(args.steps),
                "--eval-every", "0", "--log-samples", "0", "--no-plot", "--out-dir", out_dir, "--overwrite"]
-    subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"`{' '.join(command)}` failed (exit {done.returncode}): {tail[0]}")
     rows = [r for r in runs.read_metrics(out_dir) if "perf/step_s" in r][args.warmup:]
     names = {"policy_pass": ("perf/policy_pass_s", "perf/logprobs_s")}  # grpo.py times its pi_old pass as logprobs
     result = {phase: statistics.median(sum(r.get(k, 0.0) for k in names.get(phase, (f"perf/{phase}_s",)))
@@ -70,6 +73,8 @@ def timed_run(name: str, args: Args, out_dir: str) -> dict[str, float]:
 
 
 def main(args: Args):
+    if not 0 <= args.warmup < args.steps:
+        raise SystemExit(f"--warmup {args.warmup} must leave steps to time: 0 <= warmup < --steps {args.steps}.")
     per_round = []
     for r in range(args.rounds):
         got = {"ppo": [], "grpo": []}
