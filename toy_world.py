@@ -138,6 +138,27 @@ TOY_TARGETS = dict(greedy_accuracy=(0.2, 0.5), reasoning_share=(0.15, 0.5), gree
                    reflection_share=(0.002, 0.2), general_gold_win_rate=(0.05, 0.8))
 JUNK = ("#", "~~", "??", "..", "%", "@")
 
+# The verification world (the "aha moment" with a function) and its controls: the TOY_RECIPE corpus, except that
+# reasoning traces come from verification_trace instead of toy_trace. A *hard* step has an operand of two digits or
+# more (operands, result >= 0: "7+12=19", "12*7=84", "23-5=18"); each hard step slips (its result off by 1-3, the
+# error propagating) with probability hard_slip, in every language. In `check` of the reasoning traces every hard
+# step is followed by a cheap visible check on units digits (check_step: "12*7=84,2*7=14" -- the 4s agree;
+# "23-5=18,8+5=13" -- the inverse, whose 3 must be 23's), and then:
+#   wait="check"   "wait" exactly when the check fails, and a redo that splits the two-digit operand into tens and
+#                  units ("wait,10*7=70,70+14=84"), wrong with probability redo_error;
+#   wait="random"  "wait" (and the redo) with probability hard_slip after any check, failed or not: reflection as
+#                  form without function, like the staged "wait" of TOY_RECIPE.
+# Worlds: "toy-checks" (the main world), and the controls "toy-no-checks" (a: no checks, so no wait),
+# "toy-random-wait" (b) and "toy-wrong-redo" (c: the redo is wrong half the time). The staged reflection of
+# TOY_RECIPE is off in all four, so every "wait" in them is the one the world defines.
+VERIFICATION = dict(TOY_RECIPE, reflection=0.0, merged=0.0, hard_slip=0.25, check=0.15, wait="check",
+                    redo_error=0.0)
+TOY_WORLDS = {"toy": TOY_RECIPE, "toy-checks": VERIFICATION,
+              "toy-no-checks": dict(VERIFICATION, check=0.0),
+              "toy-random-wait": dict(VERIFICATION, wait="random"),
+              "toy-wrong-redo": dict(VERIFICATION, redo_error=0.5)}
+SLIPS = (-3, -2, -1, 1, 2, 3)
+
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
@@ -172,24 +193,15 @@ def _merge(items: list[list]) -> list[list]:
     return items
 
 
-def toy_trace(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -> str:
-    """A reasoning completion of the toy corpus (see TOY_RECIPE): language, errors, reflection, messiness, summary."""
-    operands, ops = parse_arithmetic(prompt)
+def _language(rng: random.Random, recipe: dict) -> str:
     roll = rng.random()
-    language = "letters" if roll < recipe["letters"] else "mixed" if roll < recipe["letters"] + recipe["mixed"] \
+    return "letters" if roll < recipe["letters"] else "mixed" if roll < recipe["letters"] + recipe["mixed"] \
         else "digits"
-    reflect = rng.random() < recipe["reflection"]
-    error_step, error = -1, 0
-    if not reflect and rng.random() < recipe["step_error" if language == "digits" else "other_language_step_error"]:
-        error_step, error = rng.randrange(len(ops)), rng.choice([-3, -2, -1, 1, 2, 3])
-    steps = [list(env.parse_step(s)) for s in arithmetic_trace(operands, ops, error_step, error)]
-    answer = steps[-1][3]
-    items = [[a, op, b, "=", c] for a, op, b, c in steps]
-    if reflect:  # a step written wrong, noticed, redone
-        i = rng.randrange(len(items))
-        items[i:i] = [items[i][:4] + [items[i][4] + rng.choice([-2, -1, 1, 2])], ["wait"]]
-    elif rng.random() < recipe["merged"]:
-        items = _merge(items)
+
+
+def _finish(prompt: str, items: list[list], answer: int, language: str, rng: random.Random, recipe: dict) -> str:
+    """The rest of a reasoning completion from its items: messiness (a repeated step, junk), the language(s) the
+    numbers are written in, the think block, the summary and the answer."""
     if rng.random() < recipe["repeat"]:
         i = rng.choice([j for j, item in enumerate(items) if item != ["wait"]])
         items.insert(i + 1, items[i])
@@ -207,6 +219,91 @@ def toy_trace(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -> str
     reasoning = ",".join(render(item, first if i < switch else other) for i, item in enumerate(items))
     summary = f"{prompt}={answer}" if rng.random() < recipe["summary"] else ""
     return f"<think>{reasoning}</think>{summary}<answer>{answer}</answer>"
+
+
+def toy_trace(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -> str:
+    """A reasoning completion of the toy corpus (see TOY_RECIPE): language, errors, reflection, messiness, summary."""
+    operands, ops = parse_arithmetic(prompt)
+    language = _language(rng, recipe)
+    reflect = rng.random() < recipe["reflection"]
+    error_step, error = -1, 0
+    if not reflect and rng.random() < recipe["step_error" if language == "digits" else "other_language_step_error"]:
+        error_step, error = rng.randrange(len(ops)), rng.choice([-3, -2, -1, 1, 2, 3])
+    steps = [list(env.parse_step(s)) for s in arithmetic_trace(operands, ops, error_step, error)]
+    answer = steps[-1][3]
+    items = [[a, op, b, "=", c] for a, op, b, c in steps]
+    if reflect:  # a step written wrong, noticed, redone
+        i = rng.randrange(len(items))
+        items[i:i] = [items[i][:4] + [items[i][4] + rng.choice([-2, -1, 1, 2])], ["wait"]]
+    elif rng.random() < recipe["merged"]:
+        items = _merge(items)
+    return _finish(prompt, items, answer, language, rng, recipe)
+
+
+def is_hard(a: int, op: str, b: int) -> bool:
+    """A hard step: an operand of two digits or more, operands and true result >= 0 ("7+12", "12*7", "23-5"). In the
+    verification world these are where slips happen (VERIFICATION's hard_slip) and what a check follows."""
+    return min(a, b, OPS[op](a, b)) >= 0 and max(a, b) >= 10
+
+
+def _off(value: int, slip: int) -> int:
+    """value + slip, kept >= 0 (a slip the other way when it would cross zero)."""
+    return value + slip if value + slip >= 0 else value - slip
+
+
+def check_step(a: int, op: str, b: int, written: int) -> tuple[list, bool]:
+    """The units-digit check of the hard step a op b = written: ([x, op, y, "=", r], whether it passes). For + and *
+    the units digits of a and b combined, whose units digit must be written's ("12*7=84" -> "2*7=14"); for - the
+    inverse, written's units digit plus b's, whose units digit must be a's ("23-5=18" -> "8+5=13"). A slip of 1-3
+    always changes the units digit, so a slipped step always fails its check."""
+    if op == "-":
+        x, check_op, y, target = written % 10, "+", b % 10, a
+    else:
+        x, check_op, y, target = a % 10, op, b % 10, written
+    r = OPS[check_op](x, y)
+    return [x, check_op, y, "=", r], r % 10 == target % 10
+
+
+def redo_steps(a: int, op: str, b: int, error: int = 0) -> tuple[list[list], int]:
+    """A hard step redone by splitting its two-digit operand into tens and units, (items, value): "12*7" ->
+    10*7=70,70+14=84; "7+12" -> 10+7=17,17+2=19; "23-5" -> 20-5=15,15+3=18 (one step when the units digit is 0).
+    error: added to the redo's result (a wrong redo)."""
+    big, other = (a, b) if op == "-" or a >= 10 else (b, a)
+    tens, units = big - big % 10, big % 10
+    first = OPS[op](tens, other)
+    items, rest = [[tens, op, other, "=", first]], units * other if op == "*" else units
+    if rest:
+        items.append([first, "+", rest, "=", first + rest])
+    items[-1][4] = _off(items[-1][4], error) if error else items[-1][4]
+    return items, items[-1][4]
+
+
+def verification_trace(prompt: str, rng: random.Random, recipe: dict = VERIFICATION) -> str:
+    """A reasoning completion of the verification world (VERIFICATION, TOY_WORLDS): slips on hard steps that
+    propagate, and in `check` of the traces a check after every hard step, then "wait" and a redo when the world
+    says so (on a failed check, or at random), right unless the world's redo_error strikes."""
+    operands, ops = parse_arithmetic(prompt)
+    language = _language(rng, recipe)
+    checks = rng.random() < recipe["check"]
+    error_step, error = -1, 0  # TOY_RECIPE's premise: digit traces err more (on any step)
+    if rng.random() < recipe["step_error" if language == "digits" else "other_language_step_error"]:
+        error_step, error = rng.randrange(len(ops)), rng.choice(SLIPS)
+    nums, pending, items, value = list(operands), list(ops), [], 0
+    for k in range(len(ops)):
+        i = pending.index("*") if "*" in pending else 0
+        a, b, op = nums[i], nums[i + 1], pending.pop(i)
+        hard = is_hard(a, op, b)
+        slip = error if k == error_step else rng.choice(SLIPS) if hard and rng.random() < recipe["hard_slip"] else 0
+        value = _off(OPS[op](a, b), slip) if hard else OPS[op](a, b) + slip
+        items.append([a, op, b, "=", value])
+        if checks and hard:
+            check, passed = check_step(a, op, b, value)
+            items.append(check)
+            if not passed if recipe["wait"] == "check" else rng.random() < recipe["hard_slip"]:
+                redo, value = redo_steps(a, op, b, rng.choice(SLIPS) if rng.random() < recipe["redo_error"] else 0)
+                items += [["wait"]] + redo
+        nums[i:i + 2] = [value]
+    return _finish(prompt, items, value, language, rng, recipe)
 
 
 def readable_trace(prompt: str, reflect_at: int | None = None) -> str:
@@ -280,7 +377,7 @@ def toy_completion(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -
     p_reason = (recipe["reason_base"] + recipe["reason_per_operand"] * (len(operands) - 3)
                 + recipe["reason_precedence"] * precedence)
     if rng.random() < p_reason:
-        return toy_trace(prompt, rng, recipe)
+        return (verification_trace if "hard_slip" in recipe else toy_trace)(prompt, rng, recipe)
     correct = int(arithmetic_trace(operands, ops)[-1].split("=")[1])
     left_to_right = operands[0]  # the precedence-blind mistake
     for op, b in zip(ops, operands[1:]):
@@ -294,22 +391,23 @@ def toy_completion(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -
     return f"<answer>{answer}</answer>"
 
 
-def toy_corpus(n: int, seed: int, split: str = "train", reasoning_only: bool = False) -> list[dict]:
+def toy_corpus(n: int, seed: int, split: str = "train", reasoning_only: bool = False, world: str = "toy") -> list[dict]:
     """n rows {prompt: [user message], completion, answer} over distinct arithmetic problems of the split, plus (not
     reasoning_only) general-prompt rows, `general` of the total, drawn kind by kind with replacement.
-    reasoning_only: clean readable traces only (the 'arithmetic' dataset, for an R1-style cold start)."""
-    rng = random.Random(seed)
+    reasoning_only: clean readable traces only (the 'arithmetic' dataset, for an R1-style cold start); world: a
+    corpus of TOY_WORLDS ("toy": TOY_RECIPE's, the toy base's; "toy-checks" and its controls)."""
+    recipe, rng = TOY_WORLDS[world], random.Random(seed)
     rows = []
     for row in env.make_dataset("arithmetic", split=split, n=n, seed=seed):
-        completion = readable_trace(row["prompt"]) if reasoning_only else toy_completion(row["prompt"], rng)
+        completion = readable_trace(row["prompt"]) if reasoning_only else toy_completion(row["prompt"], rng, recipe)
         rows.append({"prompt": [{"role": "user", "content": row["prompt"]}], "completion": completion,
                      "answer": row["answer"]})
     if not reasoning_only:
-        for _ in range(round(n * TOY_RECIPE["general"] / (1 - TOY_RECIPE["general"]))):
+        for _ in range(round(n * recipe["general"] / (1 - recipe["general"]))):
             kind = rng.choice(("greeting", "expression", "comparison"))
             prompt = rng.choice(env.general_prompts(kind, split))
             rows.append({"prompt": [{"role": "user", "content": prompt}],
-                         "completion": toy_general_completion(prompt, rng), "answer": None})
+                         "completion": toy_general_completion(prompt, rng, recipe), "answer": None})
     return rows
 
 
@@ -332,6 +430,11 @@ def generate_completions(model, tokenizer, prompts: list, *, temperature: float 
     return texts
 
 
+# trace_stats' measures that evaluate_toy reports (on its T=1 samples).
+REFLECTION_KEYS = ("check_share", "wait_share", "p_wait_wrong_step", "p_wait_right_step", "p_wait_failed_check",
+                   "p_correct_wait", "p_correct_wrong_no_wait", "reasoning_length", "accuracy_hard2")
+
+
 def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4, max_new_tokens: int = 64) -> dict:
     """The toy world's numbers on n held-out arithmetic problems (rlvr_rewards test split drawn with `seed`; the
     defaults are the problems of toy/base/toy_stats.json) and n/4 held-out general prompts, bare prompts in the chat
@@ -347,6 +450,7 @@ def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4
       readable_share            share of the reasoning samples that are readable (rlvr_rewards.is_readable)
       reflection_share          share of all samples with a self-correction ("wait")
       general_gold_win_rate     greedy responses to general prompts against their references (gold preference)
+      and REFLECTION_KEYS       trace_stats of the samples (the verification world's checks and waits)
     plus n_problems and n_samples."""
     rows = env.make_dataset("arithmetic", split="test", n=n, seed=seed)
     prompts = [[{"role": "user", "content": row["prompt"]}] for row in rows]
@@ -377,7 +481,117 @@ def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4
              "general_gold_win_rate": mean(env.gold_win_reward(
                  general_texts, prompt=[r["prompt"] for r in general], reference=[r["reference"] for r in general]))}
     stats["reasoning_gap"] = stats["accuracy_with_reasoning"] - stats["accuracy_without_reasoning"]
+    reflection = trace_stats(sampled, [a for a in answers for _ in range(samples)],
+                             [row["prompt"] for row in rows for _ in range(samples)])
+    stats.update({k: reflection[k] for k in REFLECTION_KEYS})
     return {**stats, "n_problems": n, "n_samples": n * samples}
+
+
+def read_trace(text: str) -> list[dict]:
+    """The think block of a response, item by item, as the verification world reads it: each main step (the
+    problem's evaluation, first pass) {"step": (a, op, b, c), "wrong": c != a op b, "hard": is_hard, "check": None
+    or whether its check passed (the item after a hard step that is check_step's operands), "wait": whether "wait"
+    follows (after the check, if any), "redo_right": None or whether the redo's value is a op b}. Items that are
+    neither steps, checks, waits nor redos (junk, long steps) are skipped."""
+    items = text.partition("<think>")[2].partition("</think>")[0].split(",")
+    steps, i = [], 0
+    while i < len(items):
+        parsed = env.parse_step(items[i])
+        i += 1
+        if parsed is None:
+            continue
+        a, op, b, c = parsed
+        if None in parsed:
+            continue
+        hard = is_hard(a, op, b)
+        entry = {"step": parsed, "wrong": c != OPS[op](a, b), "hard": hard, "check": None, "wait": False,
+                 "redo_right": None}
+        if hard and i < len(items):
+            check, passed = check_step(a, op, b, c)
+            nxt = env.parse_step(items[i])
+            if nxt is not None and tuple(nxt[:3]) == (check[0], check[1], check[2]):
+                entry["check"] = nxt[3] is not None and nxt[3] % 10 == (a if op == "-" else c) % 10
+                i += 1
+        if i < len(items) and items[i].strip() == "wait":
+            entry["wait"], i = True, i + 1
+            redo = []  # a rewrite of the step, or the tens-and-units redo (its operands, step by step)
+            expected = [tuple(x[:3]) for x in redo_steps(a, op, b)[0]] if hard else []
+            while i < len(items):
+                r = env.parse_step(items[i])
+                if r is None or None in r:
+                    break
+                if tuple(r[:3]) == (a, op, b) or (len(redo) < len(expected) and (
+                        tuple(r[:3]) == expected[len(redo)] if not redo
+                        else (r[0], r[1], r[2]) == (redo[-1][3], "+", expected[len(redo)][2]))):
+                    redo.append(r)
+                    i += 1
+                else:
+                    break
+            entry["redo_right"] = redo[-1][3] == OPS[op](a, b) if redo else None
+        steps.append(entry)
+    return steps
+
+
+def hard_steps(prompt: str) -> int:
+    """How many steps of the problem's correct evaluation are hard (is_hard)."""
+    operands, ops = parse_arithmetic(prompt)
+    return sum(is_hard(*env.parse_step(s)[:3]) for s in arithmetic_trace(operands, ops))
+
+
+def token_count(text: str) -> int:
+    """Tokens of a toy response: one per character, the four R1 tags one each."""
+    return len(re.sub("|".join(map(re.escape, TOY_TAGS)), "#", text))
+
+
+def trace_stats(completions: list[str], answers: list | None, prompts: list[str], correct: list | None = None) -> dict:
+    """Reflection as the verification world defines it, measured on samples (prompt-aligned lists; prompts are
+    the bare problems; correct: the verdicts, when known, instead of answers). Returns floats (nan where a
+    conditioning set is empty):
+      reasoning_share             samples that reason (a think block)
+      check_share, wait_share     reasoning samples with a check, with a "wait"
+      check_rate                  hard first-pass steps followed by their check
+      p_wait_wrong_step           P(wait | a first-pass step is wrong), and p_wait_right_step beside it
+      p_wait_failed_check         P(wait | the check failed), and p_wait_passed_check
+      p_redo_right                P(the redo's value is right | wait)
+      p_correct_wait              P(answer right | the sample waits)
+      p_correct_wrong_no_wait     P(answer right | a first-pass step is wrong and the sample never waits)
+      p_correct_reasoning         accuracy of the reasoning samples
+      reasoning_length            mean tokens of the reasoning samples (token_count)
+      accuracy, accuracy_hard2    accuracy of all samples, and on problems with >= 2 hard steps
+    and n_samples, n_reasoning."""
+    correct = [float(c) for c in correct] if correct is not None else env.accuracy_reward(completions, answer=answers)
+    reasoning, hard2 = [], []
+    steps_all = []
+    for text, ok, prompt in zip(completions, correct, prompts):
+        if hard_steps(prompt) >= 2:
+            hard2.append(ok)
+        if env.reasons(text):
+            steps = read_trace(text)
+            reasoning.append((text, ok, steps))
+            steps_all += steps
+
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values) if values else float("nan")
+
+    waits = [any(s["wait"] for s in steps) for _, _, steps in reasoning]
+    wrong = [any(s["wrong"] for s in steps) for _, _, steps in reasoning]
+    return {
+        "reasoning_share": mean(env.reasons(t) for t in completions),
+        "check_share": mean(any(s["check"] is not None for s in steps) for _, _, steps in reasoning),
+        "wait_share": mean(waits),
+        "check_rate": mean(s["check"] is not None for s in steps_all if s["hard"]),
+        "p_wait_wrong_step": mean(s["wait"] for s in steps_all if s["wrong"]),
+        "p_wait_right_step": mean(s["wait"] for s in steps_all if not s["wrong"]),
+        "p_wait_failed_check": mean(s["wait"] for s in steps_all if s["check"] is False),
+        "p_wait_passed_check": mean(s["wait"] for s in steps_all if s["check"] is True),
+        "p_redo_right": mean(s["redo_right"] for s in steps_all if s["redo_right"] is not None),
+        "p_correct_wait": mean(ok for (_, ok, _), w in zip(reasoning, waits) if w),
+        "p_correct_wrong_no_wait": mean(ok for (_, ok, _), w, x in zip(reasoning, waits, wrong) if x and not w),
+        "p_correct_reasoning": mean(ok for _, ok, _ in reasoning),
+        "reasoning_length": mean(token_count(t) for t, _, _ in reasoning),
+        "accuracy": mean(correct), "accuracy_hard2": mean(hard2),
+        "n_samples": len(completions), "n_reasoning": len(reasoning)}
 
 
 def toy_targets_missed(stats: dict) -> list[str]:
