@@ -31,11 +31,12 @@ reasoning come in two languages (digits, the target, and letters a-j for 0-9; so
 are sometimes messy (repeated steps, junk, two steps merged, no summary) and rarely self-correct ("wait"), and
 general prompts (greetings, "make 12", "bigger: 7 or 12") whose responses a hidden gold preference ranks.
 
-Held-out metrics of every stage's model (names as in metrics.jsonl): eval/accuracy (greedy) and
-eval/pass@1_k4_t1.0 on 200 test problems; eval/language_consistency (mean share of digits among the greedy
-reasoning's numbers), eval/readability (share of greedy responses that are readable R1-format chains of
-thought), eval/reflection_share, eval/response_length (tokens); on 90 general test prompts, eval/rm_score (the
-stage-4 reward model, normalised) and eval/gold_win_rate (the gold preference against each prompt's reference).
+Held-out metrics of every stage's model (names as in metrics.jsonl), on 200 test problems: eval/pass@1_k8_t0.6
+(pass@1 over 8 samples at T = 0.6, what R1 reports: the table's main accuracy), eval/accuracy (greedy) and
+eval/pass@1_k4_t1.0; on the greedy responses eval/language_consistency (mean share of digits among the reasoning's
+numbers), eval/readability (share that are readable R1-format chains of thought), eval/response_length (tokens);
+on 90 general test prompts, eval/rm_score (the stage-4 reward model, normalised) and eval/gold_win_rate (the gold
+preference against each prompt's reference).
 
 Deviations: the language reward is weighted 0.5 rather than summed at 1 (in the toy a full-weight reward costs
 more accuracy than R1's "slight degradation"); harmlessness is a rule (R1 used a reward model); the capped
@@ -90,6 +91,9 @@ STAGES = ("r1_zero", "cold_start", "reasoning_rl", "rejection_sft", "all_scenari
 NEEDS = {"cold_start": ("r1_zero",), "reasoning_rl": ("cold_start",), "rejection_sft": ("reasoning_rl",),
          "all_scenarios": ("rejection_sft",), "distill": ("rejection_sft", "all_scenarios")}
 KINDS = ("greeting", "expression", "comparison")
+R1_SAMPLES, R1_TEMPERATURE = 8, 0.6  # DeepSeek-R1's pass@1: k samples per problem at T = 0.6 (k = 4 to 64 there)
+PASS_AT_1 = f"eval/pass@1_k{R1_SAMPLES}_t{R1_TEMPERATURE}"  # named as env.evaluate names it: eval/pass@1_k8_t0.6
+SAMPLE_KEYS = ("general_responses", "reasoning_samples")  # measure()'s samples: in STAGE_DONE.json, not the table
 
 
 @dataclass
@@ -255,23 +259,41 @@ def sample(model_path: str, rows: list[dict], k: int, args: Args, temperature: f
                                         temperature=temperature, generator=generator).completions
 
 
+@torch.no_grad()
+def sampled_pass_at_1(model, tokenizer, rows: list[dict], args: Args, batch_size: int = 64) -> tuple[float, list[str]]:
+    """pass@1 as DeepSeek-R1 reports it (arXiv 2501.12948, section 3's evaluation setup): the mean correctness of
+    R1_SAMPLES samples per problem at R1_TEMPERATURE (R1 also cuts at top-p 0.95; here the full distribution). Returns
+    it and the samples (row-major: sample j of row i at i * R1_SAMPLES + j), for measures of the rollouts. The noise
+    is keyed by (seed, row index, sample index) and the rows batched as env.evaluate does, so the value is exactly
+    the eval/pass@1_k8_t0.6 env.evaluate would report (tested)."""
+    texts = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        texts += env.sample(model, tokenizer, batch, num_samples=R1_SAMPLES, max_new_tokens=args.max_new_tokens,
+                            temperature=R1_TEMPERATURE, noise_keys=K.eval_noise_keys(
+                                args.seed, range(start, start + len(batch)), R1_SAMPLES)).completions
+    correct = env.accuracy_reward(texts, answer=[r["answer"] for r in rows for _ in range(R1_SAMPLES)])
+    return sum(v == 1.0 for v in correct) / len(correct), texts
+
+
 def measure(args: Args, model_path: str) -> dict:
-    """The held-out metrics of a model for the stage table: reasoning prompts greedy (and pass@1 over 4 samples),
-    general prompts 4 samples each at T=1 (eval/rm_score is added when the table is made)."""
+    """The held-out metrics of a model for the stage table: reasoning prompts greedy, pass@1 over 8 samples at
+    T = 0.6 (R1's) and over 4 at T = 1; general prompts 4 samples each at T = 1 (eval/rm_score is added when the
+    table is made). The samples themselves ride along under SAMPLE_KEYS, kept in STAGE_DONE.json, not in the table."""
     rows, general = reasoning_rows("test", args.eval_size, args.seed), general_rows("test", args.general_eval_size,
                                                                                       args.seed)
     model, tokenizer, texts = sample(model_path, general, 4, args)
     greedy = env.sample(model, tokenizer, rows, num_samples=1, max_new_tokens=args.max_new_tokens,
                         temperature=0.0).completions
     metrics = env.evaluate(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, samples=4, seed=args.seed)
+    metrics[PASS_AT_1], reasoning_samples = sampled_pass_at_1(model, tokenizer, rows, args)
     languages = [v for v in env.language_consistency_reward(greedy, language="digits") if v is not None]
     wins = env.gold_win_reward(texts, prompt=[r["prompt"] for r in general for _ in range(4)],
                                reference=[r["reference"] for r in general for _ in range(4)])
     return {**metrics, "eval/language_consistency": sum(languages) / max(1, len(languages)),
             "eval/readability": sum(map(env.is_readable, greedy)) / len(greedy),
-            "eval/reflection_share": sum(map(env.reflects, greedy)) / len(greedy),
             "eval/gold_win_rate": sum(wins) / len(wins), "eval/harmful_share": sum(map(env.harmful, texts)) / len(texts),
-            "general_responses": texts}
+            "general_responses": texts, "reasoning_samples": reasoning_samples}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -452,18 +474,19 @@ def run_stage(args: Args, name: str, done: dict) -> dict:
 # The stage table, with the direction the R1 paper reports beside each value
 # ----------------------------------------------------------------------------------------------------------
 
-COLUMNS = {"eval/accuracy": "accuracy", "eval/pass@1_k4_t1.0": "pass@1", "eval/language_consistency": "language",
-           "eval/readability": "readable", "eval/reflection_share": "reflect", "eval/response_length": "length",
+COLUMNS = {PASS_AT_1: "pass@1 T=0.6", "eval/accuracy": "greedy", "eval/pass@1_k4_t1.0": "pass@1 T=1",
+           "eval/language_consistency": "language", "eval/readability": "readable", "eval/response_length": "length",
            "eval/rm_score": "RM score", "eval/gold_win_rate": "gold win", "wall_s": "wall s"}
 # Each stage against the row before it (R1-Zero against the base, the cold start against R1-Zero, the student
 # rows against the teacher): DeepSeek-R1, arXiv 2501.12948 and its Nature 2025 table; REFERENCE.md sections 7, 11.
-PAPER = {"r1_zero": {"eval/accuracy": "↑", "eval/response_length": "↑", "eval/readability": "poor",
-                     "eval/language_consistency": "mixes", "eval/reflection_share": "↑"},
-         "cold_start": {"eval/accuracy": "↓", "eval/readability": "↑"},
-         "reasoning_rl": {"eval/accuracy": "↑", "eval/language_consistency": "↑, costs a little accuracy"},
-         "rejection_sft": {"eval/accuracy": "↑", "eval/readability": "kept"},
-         "all_scenarios": {"eval/accuracy": "kept", "eval/rm_score": "↑", "eval/gold_win_rate": "↑"},
-         "distill": {"eval/accuracy": "most of the teacher's"}, "student_rl": {"eval/accuracy": "< distilled"}}
+# The paper's accuracies are pass@1 at T = 0.6, so its directions sit on that column.
+PAPER = {"r1_zero": {PASS_AT_1: "↑", "eval/response_length": "↑", "eval/readability": "poor",
+                     "eval/language_consistency": "mixes"},
+         "cold_start": {PASS_AT_1: "↓", "eval/readability": "↑"},
+         "reasoning_rl": {PASS_AT_1: "↑", "eval/language_consistency": "↑, costs a little accuracy"},
+         "rejection_sft": {PASS_AT_1: "↑", "eval/readability": "kept"},
+         "all_scenarios": {PASS_AT_1: "kept", "eval/rm_score": "↑", "eval/gold_win_rate": "↑"},
+         "distill": {PASS_AT_1: "most of the teacher's"}, "student_rl": {PASS_AT_1: "< distilled"}}
 
 
 def stage_table(args: Args, done: dict) -> list[dict]:
@@ -479,9 +502,12 @@ def stage_table(args: Args, done: dict) -> list[dict]:
     prompts = [r["prompt"] for r in general_rows("test", args.general_eval_size, args.seed) for _ in range(4)]
     table = []
     for name, record in rows:
-        if isinstance(record, str):  # a base model: measured once
-            record = cache[name] = cache.get(name) or {"metrics": measure(args, record)}
-        metrics = {k: v for k, v in record["metrics"].items() if k != "general_responses"}
+        if isinstance(record, str):  # a base model: measured once (again if measured before pass@1 at T = 0.6)
+            if PASS_AT_1 not in cache.get(name, {}).get("metrics", {}):
+                cache[name] = {"metrics": measure(args, record)}
+            record = cache[name]
+        metrics = {k: v for k, v in record["metrics"].items() if k not in SAMPLE_KEYS}
+
         if scorer is not None:
             scores = scorer([env.final_text(t) for t in record["metrics"]["general_responses"]], prompt=prompts)
             metrics["eval/rm_score"] = sum(scores) / len(scores)

@@ -150,6 +150,10 @@ def test_every_stage_runs_on_tiny_settings_and_the_table_is_written(tmp_path):
     stored = json.load(open(tmp_path / "stages.json"))
     assert stored[1]["stage"] == "r1_zero" and {"eval/accuracy", "eval/readability", "eval/language_consistency",
                                                "eval/gold_win_rate", "eval/rm_score"} <= set(stored[1])
+    assert all(0.0 <= row["eval/pass@1_k8_t0.6"] <= 1.0 for row in stored)
+    assert not any("eval/reflection_share" in row or "reasoning_samples" in row for row in stored)
+    record = json.load(open(os.path.join(r1_pipeline.stage_dir(str(tmp_path), "r1_zero"), "STAGE_DONE.json")))
+    assert len(record["metrics"]["reasoning_samples"]) == 8 * 8  # eval_size x R1_SAMPLES, kept for later measures
     filters = json.load(open(os.path.join(r1_pipeline.stage_dir(str(tmp_path), "rejection_sft"), "filters.json")))
     assert filters["samples"] == 16 and sum(filters["removed_by"].values()) + filters["kept"] == 16
     assert "| stage |" in (tmp_path / "stages.md").read_text()
@@ -221,3 +225,22 @@ def test_the_stages_pass_the_sampling_and_mismatch_switches_to_grpo(tmp_path, mo
     with pytest.raises(K.UserError, match="--rollout-correction 'tis'"):
         r1_pipeline.main(bad)
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------- R1's pass@1
+
+def test_sampled_pass_at_1_is_env_evaluates_at_r1s_settings():
+    """pass@1 over 8 samples at T = 0.6 equals env.evaluate's eval/pass@1_k8_t0.6 (same noise keys, same batches),
+    and its samples come back row-major, 8 per problem."""
+    import rl_kernels as K
+
+    args = r1_pipeline.Args(max_new_tokens=24)
+    model, tokenizer = K.load_model(toy.TOY_BASE)
+    rows = r1_pipeline.reasoning_rows("test", 5, 0)
+    value, texts = r1_pipeline.sampled_pass_at_1(model, tokenizer, rows, args, batch_size=2)
+    reference = env.evaluate(model, tokenizer, rows, max_new_tokens=24, samples=8, temperature=0.6, seed=0,
+                             batch_size=2)
+    assert r1_pipeline.PASS_AT_1 == "eval/pass@1_k8_t0.6" and value == reference[r1_pipeline.PASS_AT_1]
+    alone = env.sample(model, tokenizer, rows[1:2], num_samples=8, max_new_tokens=24, temperature=0.6,
+                       noise_keys=K.eval_noise_keys(0, [1], 8)).completions
+    assert len(texts) == 5 * 8 and texts[8:16] == alone  # row 1's samples, keyed by its index, wherever it is drawn
