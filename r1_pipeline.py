@@ -34,14 +34,22 @@ general prompts (greetings, "make 12", "bigger: 7 or 12") whose responses a hidd
 Held-out metrics of every stage's model (names as in metrics.jsonl), on 200 test problems: eval/pass@1_k8_t0.6
 (pass@1 over 8 samples at T = 0.6, what R1 reports: the table's main accuracy), eval/accuracy (greedy) and
 eval/pass@1_k4_t1.0; on the greedy responses eval/language_consistency (mean share of digits among the reasoning's
-numbers), eval/readability (share that are readable R1-format chains of thought), eval/response_length (tokens);
-on 90 general test prompts, eval/rm_score (the stage-4 reward model, normalised) and eval/gold_win_rate (the gold
-preference against each prompt's reference).
+numbers), eval/readability (share that are readable R1-format chains of thought), eval/reasoning_share (share with
+a think block), eval/response_length (tokens); on 90 general test prompts, eval/rm_score (the stage-4 reward model,
+normalised) and eval/gold_win_rate (the gold preference against each prompt's reference).
 
-Deviations: the language reward is weighted 0.5 rather than summed at 1 (in the toy a full-weight reward costs
-more accuracy than R1's "slight degradation"); harmlessness is a rule (R1 used a reward model); the capped
-reward-model phase is a second grpo run from the first's final weights (a fresh optimizer and 5 warmup steps);
-comparable compute for the student baseline means comparable wall time, not FLOPs.
+Deviations from the paper, one a line (R1: arXiv 2501.12948 and its Nature 2025 version):
+- R1-Zero's 0% readable is built in: its format reward wants nothing between </think> and <answer>, readable a summary.
+- Stage 2's 0.1 summary-format reward is not R1's; it alone teaches the readable layout, so the toy needs no cold start.
+- Stage 3's non-reasoning data are the base corpus's uncurated answers (harmless ones); R1's ~200k were curated.
+- Stage 4 has general prompts on every step, sampled at T = 1; R1: general data only in the last ~400 steps, T = 0.7.
+- GRPO runs without a KL penalty (beta = 0, grpo.py's default); R1: beta = 0.001.
+- The language reward is weighted 0.5, not summed at 1: at 1 it costs more accuracy than R1's "slight degradation".
+- Harmlessness is a banned-word rule on the whole response; R1 used a reward model.
+- Stage 4's reward-model phase is a second grpo run from the first's weights (a fresh optimizer, 5 warmup steps).
+- The student baseline (R1-Zero on the student) gets comparable wall time, not comparable FLOPs.
+- pass@1 samples 8 per problem at T = 0.6 from the whole distribution; R1 also cut at top-p 0.95 (k = 4 to 64).
+- R1-Zero's length grows as direct answers vanish (26% -> 100% reason), its traces shorter (35.7 -> 23.9 greedy tokens).
 
 Launch:
     python r1_pipeline.py                                        # every stage, toy world, CPU (~15 min)
@@ -60,12 +68,13 @@ samples), OUT/stages.json and OUT/stages.md (the table). With several --seeds, e
 layout in OUT/seed<k>/, and OUT/stages.json and OUT/stages.md give each metric's mean ± sample standard deviation
 (n - 1) over the seeds, stages.json with the per-seed values. Every seed is measured on the same held-out problems.
 
-Result (seed 0; docs/r1_pipeline.md has the table and the ablations): R1-Zero 39.0% -> 91.5%
-greedy with longer, unreadable responses; the cold start makes 98.5% readable at 8 points of accuracy; reasoning
-RL 85.0%; rejection-sampling SFT 89.5%, readable; all-scenario RL lifts the general prompts' gold win-rate 28.5%
--> 50.7% (87.5% on reasoning), and without the cap the reward model's score keeps rising while the win-rate falls
-to 30.0%; the distilled student reaches 84.0% greedy and 74.1% pass@1, against 87.5% and 61.1% for R1-Zero on the
-student. The toy does not show reflection growing ("aha"), nor a benefit of the cold start.
+Result (seed 0; docs/r1_pipeline.md has the table and the ablations; accuracies greedy unless said): R1-Zero
+39.0% -> 91.5% (pass@1 at T = 0.6: 32.8% -> 88.8%), unreadable, and longer only because every response now
+reasons (the traces themselves get shorter); the cold start makes 98.5% readable at 8 points of accuracy;
+reasoning RL 85.0%; rejection-sampling SFT 89.5%, readable; all-scenario RL lifts the general prompts' gold
+win-rate 28.5% -> 50.7% (87.5% on reasoning), and without the cap the reward model's score keeps rising while the
+win-rate falls to 30.0%; the distilled student reaches 84.0% and 74.1% pass@1 at T = 1, against 87.5% and 61.1% for
+R1-Zero on the student. The toy does not show reflection growing ("aha"), nor a benefit of the cold start.
 """
 
 from __future__ import annotations
