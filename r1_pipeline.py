@@ -31,16 +31,25 @@ reasoning come in two languages (digits, the target, and letters a-j for 0-9; so
 are sometimes messy (repeated steps, junk, two steps merged, no summary) and rarely self-correct ("wait"), and
 general prompts (greetings, "make 12", "bigger: 7 or 12") whose responses a hidden gold preference ranks.
 
-Held-out metrics of every stage's model (names as in metrics.jsonl): eval/accuracy (greedy) and
-eval/pass@1_k4_t1.0 on 200 test problems; eval/language_consistency (mean share of digits among the greedy
-reasoning's numbers), eval/readability (share of greedy responses that are readable R1-format chains of
-thought), eval/reflection_share, eval/response_length (tokens); on 90 general test prompts, eval/rm_score (the
-stage-4 reward model, normalised) and eval/gold_win_rate (the gold preference against each prompt's reference).
+Held-out metrics of every stage's model (names as in metrics.jsonl), on 200 test problems: eval/pass@1_k8_t0.6
+(pass@1 over 8 samples at T = 0.6, what R1 reports: the table's main accuracy), eval/accuracy (greedy) and
+eval/pass@1_k4_t1.0; on the greedy responses eval/language_consistency (mean share of digits among the reasoning's
+numbers), eval/readability (share that are readable R1-format chains of thought), eval/reasoning_share (share with
+a think block), eval/response_length (tokens); on 90 general test prompts, eval/rm_score (the stage-4 reward model,
+normalised) and eval/gold_win_rate (the gold preference against each prompt's reference).
 
-Deviations: the language reward is weighted 0.5 rather than summed at 1 (in the toy a full-weight reward costs
-more accuracy than R1's "slight degradation"); harmlessness is a rule (R1 used a reward model); the capped
-reward-model phase is a second grpo run from the first's final weights (a fresh optimizer and 5 warmup steps);
-comparable compute for the student baseline means comparable wall time, not FLOPs.
+Deviations from the paper, one a line (R1: arXiv 2501.12948 and its Nature 2025 version):
+- R1-Zero's 0% readable is built in: its format reward wants nothing between </think> and <answer>, readable a summary.
+- Stage 2's 0.1 summary-format reward is not R1's; it alone teaches the readable layout, so the toy needs no cold start.
+- Stage 3's non-reasoning data are the base corpus's uncurated answers (harmless ones); R1's ~200k were curated.
+- Stage 4 has general prompts on every step, sampled at T = 1; R1: general data only in the last ~400 steps, T = 0.7.
+- GRPO runs without a KL penalty (beta = 0, grpo.py's default); R1: beta = 0.001.
+- The language reward is weighted 0.5, not summed at 1: at 1 it costs more accuracy than R1's "slight degradation".
+- Harmlessness is a banned-word rule on the whole response; R1 used a reward model.
+- Stage 4's reward-model phase is a second grpo run from the first's weights (a fresh optimizer, 5 warmup steps).
+- The student baseline (R1-Zero on the student) gets comparable wall time, not comparable FLOPs.
+- pass@1 samples 8 per problem at T = 0.6 from the whole distribution; R1 also cut at top-p 0.95 (k = 4 to 64).
+- R1-Zero's length grows as direct answers vanish (26% -> 100% reason), its traces shorter (35.7 -> 23.9 greedy tokens).
 
 Launch:
     python r1_pipeline.py                                        # every stage, toy world, CPU (~15 min)
@@ -52,16 +61,20 @@ Launch:
         --reasoning-rl.language-weight 0                          # ... and no consistency reward
     python r1_pipeline.py --out-dir runs/r1_no_cap --inputs-from runs/r1_pipeline --stages all_scenarios \\
         --all-scenarios.rm-last-steps 60                          # ablation: the reward model on every step
+    python r1_pipeline.py --out-dir runs/r1_seeds --seeds 0 1 2  # three pipelines, one after another; mean ± std
 
-Outputs: OUT/<i>_<stage>/ per stage (its runs, data, STAGE_DONE.json with its metrics), OUT/stages.json and
-OUT/stages.md (the table).
+Outputs: OUT/<i>_<stage>/ per stage (its runs, data, STAGE_DONE.json with its metrics and its model's held-out
+samples), OUT/stages.json and OUT/stages.md (the table). With several --seeds, each seed's pipeline has that
+layout in OUT/seed<k>/, and OUT/stages.json and OUT/stages.md give each metric's mean ± sample standard deviation
+(n - 1) over the seeds, stages.json with the per-seed values. Every seed is measured on the same held-out problems.
 
-Result (seed 0; docs/r1_pipeline.md has the table and the ablations): R1-Zero 39.0% -> 91.5%
-greedy with longer, unreadable responses; the cold start makes 98.5% readable at 8 points of accuracy; reasoning
-RL 85.0%; rejection-sampling SFT 89.5%, readable; all-scenario RL lifts the general prompts' gold win-rate 28.5%
--> 50.7% (87.5% on reasoning), and without the cap the reward model's score keeps rising while the win-rate falls
-to 30.0%; the distilled student reaches 84.0% greedy and 74.1% pass@1, against 87.5% and 61.1% for R1-Zero on the
-student. The toy does not show reflection growing ("aha"), nor a benefit of the cold start.
+Result (seed 0; docs/r1_pipeline.md has the table and the ablations; accuracies greedy unless said): R1-Zero
+39.0% -> 91.5% (pass@1 at T = 0.6: 32.8% -> 88.8%), unreadable, and longer only because every response now
+reasons (the traces themselves get shorter); the cold start makes 98.5% readable at 8 points of accuracy;
+reasoning RL 85.0%; rejection-sampling SFT 89.5%, readable; all-scenario RL lifts the general prompts' gold
+win-rate 28.5% -> 50.7% (87.5% on reasoning), and without the cap the reward model's score keeps rising while the
+win-rate falls to 30.0%; the distilled student reaches 84.0% and 74.1% pass@1 at T = 1, against 87.5% and 61.1% for
+R1-Zero on the student. The toy does not show reflection growing ("aha"), nor a benefit of the cold start.
 """
 
 from __future__ import annotations
@@ -71,6 +84,7 @@ import json
 import os
 import random
 import re
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -90,6 +104,10 @@ STAGES = ("r1_zero", "cold_start", "reasoning_rl", "rejection_sft", "all_scenari
 NEEDS = {"cold_start": ("r1_zero",), "reasoning_rl": ("cold_start",), "rejection_sft": ("reasoning_rl",),
          "all_scenarios": ("rejection_sft",), "distill": ("rejection_sft", "all_scenarios")}
 KINDS = ("greeting", "expression", "comparison")
+R1_SAMPLES, R1_TEMPERATURE = 8, 0.6  # DeepSeek-R1's pass@1: k samples per problem at T = 0.6 (k = 4 to 64 there)
+PASS_AT_1 = f"eval/pass@1_k{R1_SAMPLES}_t{R1_TEMPERATURE}"  # named as env.evaluate names it: eval/pass@1_k8_t0.6
+SAMPLE_KEYS = ("general_responses", "reasoning_samples")  # measure()'s samples: in STAGE_DONE.json, not the table
+HELD_OUT_SEED = 0  # draws the held-out problems and prompts for every --seeds entry (held_out)
 
 
 @dataclass
@@ -156,17 +174,17 @@ class Sampling:
 @dataclass
 class Args:
     out_dir: str = "runs/r1_pipeline"
-    """a subdirectory per stage; stages.json and stages.md"""
+    """a subdirectory per stage; stages.json and stages.md (several --seeds: OUT/seed<k>/ each, the means here)"""
     base: str = "toy"
     """the base model ('toy': toy/base)"""
     stages: tuple[str, ...] = STAGES
     """the stages to run; the others they need must be complete here or in --inputs-from"""
     inputs_from: Optional[str] = None
-    """an earlier out dir whose complete stages stand in for the ones not run here (ablations)"""
+    """an earlier out dir whose complete stages stand in for those not run here (ablations); its seed<k>/ if any"""
     no_cold_start: bool = False
     """ablation: reasoning RL starts from the base model instead of the cold-start model"""
-    seed: int = 0
-    """seeds every run and every sample"""
+    seeds: tuple[int, ...] = (0,)
+    """one pipeline per seed (it seeds every run and sample); several: each in OUT/seed<k>/, OUT/stages.md the means"""
     max_new_tokens: int = 72
     """response length cap in every stage and evaluation"""
     eval_size: int = 200
@@ -180,6 +198,8 @@ class Args:
     all_scenarios: AllScenarios = field(default_factory=AllScenarios)
     distill: Distill = field(default_factory=Distill)
     sampling: Sampling = field(default_factory=Sampling)
+    # Set by main for each pipeline it runs, from --seeds: not a flag.
+    seed: tyro.conf.Suppress[int] = 0
 
 
 class Stopped(RuntimeError):
@@ -237,6 +257,13 @@ def general_rows(split: str, n: int, seed: int) -> list[dict]:
     return [{**env.general_row(p), "language": None} for p in prompts]
 
 
+def held_out(args: Args) -> tuple[list[dict], list[dict]]:
+    """The held-out arithmetic problems and general prompts, the same for every seed (seed 0's draw): each seed's
+    pipeline is measured on one fixed test set, as the paper's benchmarks are fixed."""
+    return (reasoning_rows("test", args.eval_size, HELD_OUT_SEED),
+            general_rows("test", args.general_eval_size, HELD_OUT_SEED))
+
+
 def sft_row(prompt: str, completion: str, answer=None) -> dict:
     return {"prompt": [{"role": "user", "content": prompt}], "completion": completion, "answer": answer}
 
@@ -255,23 +282,40 @@ def sample(model_path: str, rows: list[dict], k: int, args: Args, temperature: f
                                         temperature=temperature, generator=generator).completions
 
 
+@torch.no_grad()
+def sampled_pass_at_1(model, tokenizer, rows: list[dict], args: Args, batch_size: int = 64) -> tuple[float, list[str]]:
+    """pass@1 as DeepSeek-R1 reports it (arXiv 2501.12948, section 3's evaluation setup): the mean correctness of
+    R1_SAMPLES samples per problem at R1_TEMPERATURE (R1 also cuts at top-p 0.95; here the full distribution). Returns
+    it and the samples (row-major: sample j of row i at i * R1_SAMPLES + j), for measures of the rollouts. The noise
+    is keyed by (seed, row index, sample index) and the rows batched as env.evaluate does, so the value is exactly
+    the eval/pass@1_k8_t0.6 env.evaluate would report (tested)."""
+    texts = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        texts += env.sample(model, tokenizer, batch, num_samples=R1_SAMPLES, max_new_tokens=args.max_new_tokens,
+                            temperature=R1_TEMPERATURE, noise_keys=K.eval_noise_keys(
+                                args.seed, range(start, start + len(batch)), R1_SAMPLES)).completions
+    correct = env.accuracy_reward(texts, answer=[r["answer"] for r in rows for _ in range(R1_SAMPLES)])
+    return sum(v == 1.0 for v in correct) / len(correct), texts
+
+
 def measure(args: Args, model_path: str) -> dict:
-    """The held-out metrics of a model for the stage table: reasoning prompts greedy (and pass@1 over 4 samples),
-    general prompts 4 samples each at T=1 (eval/rm_score is added when the table is made)."""
-    rows, general = reasoning_rows("test", args.eval_size, args.seed), general_rows("test", args.general_eval_size,
-                                                                                      args.seed)
+    """The held-out metrics of a model for the stage table: reasoning prompts greedy, pass@1 over 8 samples at
+    T = 0.6 (R1's) and over 4 at T = 1; general prompts 4 samples each at T = 1 (eval/rm_score is added when the
+    table is made). The samples themselves ride along under SAMPLE_KEYS, kept in STAGE_DONE.json, not in the table."""
+    rows, general = held_out(args)
     model, tokenizer, texts = sample(model_path, general, 4, args)
     greedy = env.sample(model, tokenizer, rows, num_samples=1, max_new_tokens=args.max_new_tokens,
                         temperature=0.0).completions
     metrics = env.evaluate(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, samples=4, seed=args.seed)
+    metrics[PASS_AT_1], reasoning_samples = sampled_pass_at_1(model, tokenizer, rows, args)
     languages = [v for v in env.language_consistency_reward(greedy, language="digits") if v is not None]
     wins = env.gold_win_reward(texts, prompt=[r["prompt"] for r in general for _ in range(4)],
                                reference=[r["reference"] for r in general for _ in range(4)])
     return {**metrics, "eval/language_consistency": sum(languages) / max(1, len(languages)),
             "eval/readability": sum(map(env.is_readable, greedy)) / len(greedy),
-            "eval/reflection_share": sum(map(env.reflects, greedy)) / len(greedy),
             "eval/gold_win_rate": sum(wins) / len(wins), "eval/harmful_share": sum(map(env.harmful, texts)) / len(texts),
-            "general_responses": texts}
+            "general_responses": texts, "reasoning_samples": reasoning_samples}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,8 +353,7 @@ def data_file(args: Args, name: str) -> str:
     """The shared arithmetic prompts (train and held-out test) with their target language, written once."""
     path = os.path.join(args.out_dir, "data", f"{name}.jsonl")
     if not os.path.exists(path):
-        write_jsonl(path, reasoning_rows(*(("test", args.eval_size) if name == "reasoning_test" else ("train", 8000)),
-                                         args.seed))
+        write_jsonl(path, held_out(args)[0] if name == "reasoning_test" else reasoning_rows("train", 8000, args.seed))
     return path
 
 
@@ -452,18 +495,19 @@ def run_stage(args: Args, name: str, done: dict) -> dict:
 # The stage table, with the direction the R1 paper reports beside each value
 # ----------------------------------------------------------------------------------------------------------
 
-COLUMNS = {"eval/accuracy": "accuracy", "eval/pass@1_k4_t1.0": "pass@1", "eval/language_consistency": "language",
-           "eval/readability": "readable", "eval/reflection_share": "reflect", "eval/response_length": "length",
+COLUMNS = {PASS_AT_1: "pass@1 T=0.6", "eval/accuracy": "greedy", "eval/pass@1_k4_t1.0": "pass@1 T=1",
+           "eval/language_consistency": "language", "eval/readability": "readable", "eval/response_length": "length",
            "eval/rm_score": "RM score", "eval/gold_win_rate": "gold win", "wall_s": "wall s"}
 # Each stage against the row before it (R1-Zero against the base, the cold start against R1-Zero, the student
 # rows against the teacher): DeepSeek-R1, arXiv 2501.12948 and its Nature 2025 table; REFERENCE.md sections 7, 11.
-PAPER = {"r1_zero": {"eval/accuracy": "↑", "eval/response_length": "↑", "eval/readability": "poor",
-                     "eval/language_consistency": "mixes", "eval/reflection_share": "↑"},
-         "cold_start": {"eval/accuracy": "↓", "eval/readability": "↑"},
-         "reasoning_rl": {"eval/accuracy": "↑", "eval/language_consistency": "↑, costs a little accuracy"},
-         "rejection_sft": {"eval/accuracy": "↑", "eval/readability": "kept"},
-         "all_scenarios": {"eval/accuracy": "kept", "eval/rm_score": "↑", "eval/gold_win_rate": "↑"},
-         "distill": {"eval/accuracy": "most of the teacher's"}, "student_rl": {"eval/accuracy": "< distilled"}}
+# The paper's accuracies are pass@1 at T = 0.6, so its directions sit on that column.
+PAPER = {"r1_zero": {PASS_AT_1: "↑", "eval/response_length": "↑", "eval/readability": "poor",
+                     "eval/language_consistency": "mixes"},
+         "cold_start": {PASS_AT_1: "↓", "eval/readability": "↑"},
+         "reasoning_rl": {PASS_AT_1: "↑", "eval/language_consistency": "↑, costs a little accuracy"},
+         "rejection_sft": {PASS_AT_1: "↑", "eval/readability": "kept"},
+         "all_scenarios": {PASS_AT_1: "kept", "eval/rm_score": "↑", "eval/gold_win_rate": "↑"},
+         "distill": {PASS_AT_1: "most of the teacher's"}, "student_rl": {PASS_AT_1: "< distilled"}}
 
 
 def stage_table(args: Args, done: dict) -> list[dict]:
@@ -476,12 +520,14 @@ def stage_table(args: Args, done: dict) -> list[dict]:
     cache = json.load(open(cache_file)) if os.path.exists(cache_file) else {}  # base models measured once
     reward_model = done.get("all_scenarios", {}).get("reward_model")
     scorer = rlhf_reward_model.RewardModelScorer(reward_model, normalize=True) if reward_model else None
-    prompts = [r["prompt"] for r in general_rows("test", args.general_eval_size, args.seed) for _ in range(4)]
+    prompts = [r["prompt"] for r in held_out(args)[1] for _ in range(4)]
     table = []
     for name, record in rows:
-        if isinstance(record, str):  # a base model: measured once
-            record = cache[name] = cache.get(name) or {"metrics": measure(args, record)}
-        metrics = {k: v for k, v in record["metrics"].items() if k != "general_responses"}
+        if isinstance(record, str):  # a base model: measured once (again if measured before pass@1 at T = 0.6)
+            if PASS_AT_1 not in cache.get(name, {}).get("metrics", {}):
+                cache[name] = {"metrics": measure(args, record)}
+            record = cache[name]
+        metrics = {k: v for k, v in record["metrics"].items() if k not in SAMPLE_KEYS}
         if scorer is not None:
             scores = scorer([env.final_text(t) for t in record["metrics"]["general_responses"]], prompt=prompts)
             metrics["eval/rm_score"] = sum(scores) / len(scores)
@@ -490,20 +536,71 @@ def stage_table(args: Args, done: dict) -> list[dict]:
     for path, content in ((cache_file, cache), (os.path.join(args.out_dir, "stages.json"), table)):
         runs.write_text(path, json.dumps(content, indent=1))
 
-    def cell(row, key):
-        value, fmt = row.get(key), {"wall_s": "{:.0f}", "eval/response_length": "{:.1f}"}.get(key, "{:.3f}")
-        return ("–" if value is None else fmt.format(value)) + (f" ({row['paper'][key]})" if key in row["paper"] else "")
+    write_markdown(args, table, lambda row, key: number(key, row.get(key)))
+    return table
 
-    text = "\n".join(["| stage | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-                     + [f"| {row['stage']}{' *' if row['from'] else ''} | " + " | ".join(cell(row, k) for k in COLUMNS)
-                        + " |" for row in table])
-    text += ("\n\nIn parentheses: the direction DeepSeek-R1 reports for the stage against the row before it (R1-Zero "
-             "against the base, the cold start against R1-Zero, the student rows against the teacher).\n")
+
+def number(key: str, value) -> str:
+    """A metric's value as the table writes it: wall seconds whole, lengths to 0.1 token, the rest to 0.001."""
+    fmt = {"wall_s": "{:.0f}", "eval/response_length": "{:.1f}"}.get(key, "{:.3f}")
+    return "–" if value is None else fmt.format(value)
+
+
+def write_markdown(args: Args, table: list[dict], cell, note: str = "") -> None:
+    """OUT/stages.md, printed: a row per stage, a column per COLUMNS entry written by cell(row, key), the paper's
+    direction beside it."""
+    def with_paper(row, key):
+        return cell(row, key) + (f" ({row['paper'][key]})" if key in row["paper"] else "")
+
+    lines = ["| stage | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines += [f"| {row['stage']}{' *' if row['from'] else ''} | " + " | ".join(with_paper(row, key) for key in COLUMNS)
+              + " |" for row in table]
+    text = "\n".join(lines) + (
+        "\n\nIn parentheses: the direction DeepSeek-R1 reports for the stage against the row before it (R1-Zero "
+        "against the base, the cold start against R1-Zero, the student rows against the teacher).\n" + note)
     if any(row["from"] for row in table):
         text += f"* run in {args.inputs_from} (--inputs-from), not in this out dir.\n"
     runs.write_text(os.path.join(args.out_dir, "stages.md"), text)
     print("\n" + text + f"\nWritten: {args.out_dir}/stages.json, {args.out_dir}/stages.md")
-    return table
+
+
+def mean_and_spread(values: list) -> dict:
+    """{"mean", "std", "values"}: the mean and the sample standard deviation (n - 1 in the denominator) of the
+    values present (None: missing), each None without enough of them (one for the mean, two for the spread)."""
+    present = [v for v in values if v is not None]
+    return {"mean": statistics.mean(present) if present else None,
+            "std": statistics.stdev(present) if len(present) > 1 else None, "values": values}
+
+
+def seeds_table(tables: dict[int, list[dict]]) -> list[dict]:
+    """The rows of several seeds' stage tables ({seed: its stages.json}) as one row per stage, each metric as
+    mean_and_spread over the seeds, its values in the order of the row's "seeds"."""
+    seeds = list(tables)
+    by_seed = {seed: {row["stage"]: row for row in table} for seed, table in tables.items()}
+    summary = []
+    for name in dict.fromkeys(row["stage"] for table in tables.values() for row in table):
+        rows = [by_seed[seed].get(name, {}) for seed in seeds]
+        keys = dict.fromkeys(key for row in rows for key in row if key not in ("stage", "paper", "from"))
+        summary.append({"stage": name, "seeds": seeds, **{key: mean_and_spread([row.get(key) for row in rows])
+                                                          for key in keys},
+                        "paper": PAPER.get(name, {}), "from": next((row["from"] for row in rows if row.get("from")),
+                                                                   None)})
+    return summary
+
+
+def write_seeds_table(args: Args, tables: dict[int, list[dict]]) -> list[dict]:
+    """OUT/stages.json (seeds_table) and OUT/stages.md: each metric's mean ± sample standard deviation over seeds."""
+    summary = seeds_table(tables)
+    runs.write_text(os.path.join(args.out_dir, "stages.json"), json.dumps(summary, indent=1))
+
+    def cell(row, key):
+        value = row.get(key) or {"mean": None, "std": None}
+        return number(key, value["mean"]) + ("" if value["std"] is None else f" ± {number(key, value['std'])}")
+
+    write_markdown(args, summary, cell, f"Each cell: the mean ± the sample standard deviation (n - 1) over seeds "
+                   f"{', '.join(map(str, tables))}, measured on the same held-out problems; the per-seed values are "
+                   f"in stages.json, each seed's table in seed<k>/stages.md.\n")
+    return summary
 
 
 def check_lengths(args: Args):
@@ -512,8 +609,8 @@ def check_lengths(args: Args):
     checks its own data again, but the table's measure() and the data-making samples generate here). The sampling
     settings are checked here too."""
     env.check_sampling(grpo.Args(**dataclasses.asdict(args.sampling)))
-    rows = (reasoning_rows("train", 200, args.seed) + reasoning_rows("test", args.eval_size, args.seed)
-            + general_rows("test", max(3, args.general_eval_size), args.seed))
+    rows = (reasoning_rows("train", 200, args.seed) + held_out(args)[0]
+            + general_rows("test", max(3, args.general_eval_size), HELD_OUT_SEED))
     for model in [args.base] + ([args.distill.student] if "distill" in args.stages else []):
         config = env.model_config(model)
         env.check_context(K.load_tokenizer(K.resolve_model_path(model)), rows, max_new_tokens=args.max_new_tokens,
@@ -521,14 +618,19 @@ def check_lengths(args: Args):
                           source="the pipeline", measured=len(rows))
 
 
-def main(args: Args) -> list[dict]:
-    """Run the requested stages in order, skipping complete ones, then write and print the stage table."""
-    unknown = [s for s in args.stages if s not in STAGES]
-    if unknown:
-        raise K.UserError(f"--stages: unknown stage {unknown[0]!r}; the stages are {' '.join(STAGES)}.")
-    if args.max_new_tokens < 1:
-        raise K.UserError(f"--max-new-tokens {args.max_new_tokens}: must be positive.")
-    check_lengths(args)
+def seed_args(args: Args, seed: int) -> Args:
+    """The args of one seed's pipeline: one seed runs in OUT, several each in OUT/seed<k>/; --inputs-from's
+    seed<k>/ stands in where it exists, else --inputs-from itself."""
+    out_dir = args.out_dir if len(args.seeds) == 1 else os.path.join(args.out_dir, f"seed{seed}")
+    inputs_from = args.inputs_from
+    if inputs_from and os.path.isdir(os.path.join(inputs_from, f"seed{seed}")):
+        inputs_from = os.path.join(inputs_from, f"seed{seed}")
+    return dataclasses.replace(args, seed=seed, out_dir=out_dir, inputs_from=inputs_from)
+
+
+def completed_stages(args: Args) -> dict:
+    """One seed's complete stages, after checking that every stage to run has the stages it needs (one sentence
+    otherwise, before any stage of any seed runs)."""
     done = {name: record for name in STAGES if (record := load_done(args, name))}
     for name in args.stages:
         needs = () if name == "reasoning_rl" and args.no_cold_start else NEEDS.get(name, ())
@@ -536,10 +638,31 @@ def main(args: Args) -> list[dict]:
         if missing and name not in done:
             raise K.UserError(f"stage {name} needs stage {missing[0]}: add it to --stages, or pass --inputs-from an "
                              f"out dir where it is complete.")
-    for name in STAGES:
-        if name in args.stages and name not in done:
-            done[name] = run_stage(args, name, done)
-    return stage_table(args, done)
+    return done
+
+
+def main(args: Args) -> list[dict]:
+    """For each seed, run the requested stages in order, skipping complete ones, then write and print its stage
+    table; with several seeds, then the table of their means. Returns the (last written) table's rows."""
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        raise K.UserError(f"--stages: unknown stage {unknown[0]!r}; the stages are {' '.join(STAGES)}.")
+    if args.max_new_tokens < 1:
+        raise K.UserError(f"--max-new-tokens {args.max_new_tokens}: must be positive.")
+    if not args.seeds or len(set(args.seeds)) < len(args.seeds):
+        raise K.UserError(f"--seeds {' '.join(map(str, args.seeds))}: give one or more distinct seeds.")
+    check_lengths(args)
+    pipelines = [seed_args(args, seed) for seed in args.seeds]
+    dones = [completed_stages(pipeline) for pipeline in pipelines]
+    tables = {}
+    for pipeline, done in zip(pipelines, dones):
+        if len(pipelines) > 1:
+            print(f"\n======== seed {pipeline.seed} -> {pipeline.out_dir}", flush=True)
+        for name in STAGES:
+            if name in pipeline.stages and name not in done:
+                done[name] = run_stage(pipeline, name, done)
+        tables[pipeline.seed] = stage_table(pipeline, done)
+    return tables[args.seeds[0]] if len(tables) == 1 else write_seeds_table(args, tables)
 
 
 def cli(args: Args) -> None:

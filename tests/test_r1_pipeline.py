@@ -150,6 +150,10 @@ def test_every_stage_runs_on_tiny_settings_and_the_table_is_written(tmp_path):
     stored = json.load(open(tmp_path / "stages.json"))
     assert stored[1]["stage"] == "r1_zero" and {"eval/accuracy", "eval/readability", "eval/language_consistency",
                                                "eval/gold_win_rate", "eval/rm_score"} <= set(stored[1])
+    assert all(0.0 <= row["eval/pass@1_k8_t0.6"] <= 1.0 for row in stored)
+    assert not any("eval/reflection_share" in row or "reasoning_samples" in row for row in stored)
+    record = json.load(open(os.path.join(r1_pipeline.stage_dir(str(tmp_path), "r1_zero"), "STAGE_DONE.json")))
+    assert len(record["metrics"]["reasoning_samples"]) == 8 * 8  # eval_size x R1_SAMPLES, kept for later measures
     filters = json.load(open(os.path.join(r1_pipeline.stage_dir(str(tmp_path), "rejection_sft"), "filters.json")))
     assert filters["samples"] == 16 and sum(filters["removed_by"].values()) + filters["kept"] == 16
     assert "| stage |" in (tmp_path / "stages.md").read_text()
@@ -221,3 +225,82 @@ def test_the_stages_pass_the_sampling_and_mismatch_switches_to_grpo(tmp_path, mo
     with pytest.raises(K.UserError, match="--rollout-correction 'tis'"):
         r1_pipeline.main(bad)
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------- R1's pass@1, seeds
+
+def test_sampled_pass_at_1_is_env_evaluates_at_r1s_settings():
+    """pass@1 over 8 samples at T = 0.6 equals env.evaluate's eval/pass@1_k8_t0.6 (same noise keys, same batches),
+    and its samples come back row-major, 8 per problem."""
+    import rl_kernels as K
+
+    args = r1_pipeline.Args(max_new_tokens=24)
+    model, tokenizer = K.load_model(toy.TOY_BASE)
+    rows = r1_pipeline.reasoning_rows("test", 5, 0)
+    value, texts = r1_pipeline.sampled_pass_at_1(model, tokenizer, rows, args, batch_size=2)
+    reference = env.evaluate(model, tokenizer, rows, max_new_tokens=24, samples=8, temperature=0.6, seed=0,
+                             batch_size=2)
+    assert r1_pipeline.PASS_AT_1 == "eval/pass@1_k8_t0.6" and value == reference[r1_pipeline.PASS_AT_1]
+    alone = env.sample(model, tokenizer, rows[1:2], num_samples=8, max_new_tokens=24, temperature=0.6,
+                       noise_keys=K.eval_noise_keys(0, [1], 8)).completions
+    assert len(texts) == 5 * 8 and texts[8:16] == alone  # row 1's samples, keyed by its index, wherever it is drawn
+
+
+def test_the_seeds_table_is_the_mean_and_sample_std_of_each_metric():
+    """Each stage's metric over seeds: mean, sample standard deviation (n - 1), the values in seed order; a value
+    missing in one seed is left out of both, a metric no seed has is None; the paper's directions carry over."""
+    tables = {0: [{"stage": "base", "eval/accuracy": 0.2, "wall_s": None, "paper": {}, "from": None},
+                  {"stage": "r1_zero", "eval/accuracy": 0.8, "eval/rm_score": 0.1, "wall_s": 10.0, "paper": {},
+                   "from": None}],
+              1: [{"stage": "base", "eval/accuracy": 0.4, "wall_s": None, "paper": {}, "from": None},
+                  {"stage": "r1_zero", "eval/accuracy": 0.9, "eval/rm_score": None, "wall_s": 14.0, "paper": {},
+                   "from": None}],
+              2: [{"stage": "base", "eval/accuracy": 0.6, "wall_s": None, "paper": {}, "from": None},
+                  {"stage": "r1_zero", "eval/accuracy": 1.0, "eval/rm_score": 0.3, "wall_s": 12.0, "paper": {},
+                   "from": "runs/other/seed2"}]}
+    base, r1_zero = r1_pipeline.seeds_table(tables)
+    assert base["stage"] == "base" and base["seeds"] == [0, 1, 2]
+    assert base["eval/accuracy"]["mean"] == pytest.approx(0.4) and base["eval/accuracy"]["std"] == pytest.approx(0.2)
+    assert base["eval/accuracy"]["values"] == [0.2, 0.4, 0.6]
+    assert base["wall_s"] == {"mean": None, "std": None, "values": [None, None, None]}
+    assert r1_zero["eval/accuracy"]["std"] == pytest.approx(0.1) and r1_zero["wall_s"]["mean"] == pytest.approx(12.0)
+    # rm_score in seeds 0 and 2 only: mean 0.2, std sqrt(((0.1-0.2)^2 + (0.3-0.2)^2) / 1) = 0.1414
+    assert r1_zero["eval/rm_score"]["mean"] == pytest.approx(0.2)
+    assert r1_zero["eval/rm_score"]["std"] == pytest.approx(0.02 ** 0.5)
+    assert r1_zero["paper"] == r1_pipeline.PAPER["r1_zero"] and r1_zero["from"] == "runs/other/seed2"
+    assert r1_pipeline.mean_and_spread([0.5]) == {"mean": 0.5, "std": None, "values": [0.5]}
+
+
+def test_each_seed_runs_in_its_own_dir_and_reads_its_own_inputs(tmp_path):
+    """One seed: OUT itself (the layout before --seeds); several: OUT/seed<k>; --inputs-from's seed<k>/ where it
+    exists, else --inputs-from itself."""
+    (tmp_path / "earlier" / "seed1").mkdir(parents=True)
+    one = r1_pipeline.seed_args(r1_pipeline.Args(out_dir="OUT", seeds=(3,), inputs_from=str(tmp_path / "earlier")), 3)
+    assert (one.out_dir, one.seed, one.inputs_from) == ("OUT", 3, str(tmp_path / "earlier"))
+    args = r1_pipeline.Args(out_dir="OUT", seeds=(0, 1), inputs_from=str(tmp_path / "earlier"))
+    seed0, seed1 = (r1_pipeline.seed_args(args, seed) for seed in args.seeds)
+    assert (seed0.out_dir, seed0.seed, seed0.inputs_from) == (os.path.join("OUT", "seed0"), 0, str(tmp_path / "earlier"))
+    assert (seed1.out_dir, seed1.seed, seed1.inputs_from) == (os.path.join("OUT", "seed1"), 1,
+                                                              str(tmp_path / "earlier" / "seed1"))
+    with pytest.raises(ValueError, match="distinct seeds"):
+        r1_pipeline.main(r1_pipeline.Args(out_dir=str(tmp_path / "r1"), seeds=(1, 1)))
+
+
+@pytest.mark.slow
+def test_two_seeds_run_side_by_side_and_a_rerun_skips_both(tmp_path, monkeypatch):
+    """--seeds 0 1 on tiny settings: OUT/seed0 and OUT/seed1 each hold a complete pipeline and its table, OUT/stages.json
+    the mean ± std over both; a rerun runs no stage again."""
+    table = r1_pipeline.main(tiny_args(tmp_path, seeds=(0, 1), stages=("r1_zero",)))
+    for seed in (0, 1):
+        assert os.path.exists(os.path.join(r1_pipeline.stage_dir(str(tmp_path / f"seed{seed}"), "r1_zero"),
+                                           "STAGE_DONE.json"))
+        assert (tmp_path / f"seed{seed}" / "stages.md").exists()
+    stored = json.load(open(tmp_path / "stages.json"))
+    assert stored == json.loads(json.dumps(table)) and [row["stage"] for row in stored] == ["base", "r1_zero"]
+    per_seed = [json.load(open(tmp_path / f"seed{seed}" / "stages.json"))[1] for seed in (0, 1)]
+    accuracy = stored[1]["eval/pass@1_k8_t0.6"]
+    assert accuracy["values"] == [row["eval/pass@1_k8_t0.6"] for row in per_seed]
+    assert accuracy["mean"] == pytest.approx(sum(accuracy["values"]) / 2)
+    assert " ± " in (tmp_path / "stages.md").read_text() and not (tmp_path / "0_r1_zero").exists()
+    monkeypatch.setattr(r1_pipeline, "run_stage", lambda *a: pytest.fail("a complete stage ran again"))
+    r1_pipeline.main(tiny_args(tmp_path, seeds=(0, 1), stages=("r1_zero",)))
