@@ -177,8 +177,8 @@ class GRPOArgs:
     """L_cache of the soft overlong punishment, in tokens"""
     # On-policy distillation (module docstring)
     teacher: Optional[str] = None
-    """a frozen teacher with the policy's tokenizer (hub id, local directory, or "toy"): each sampled token earns
-    lambda * (log pi_teacher - log pi_old), added to the advantage; None: no teacher"""
+    """on-policy distillation: a frozen teacher with the policy's tokenizer (hub id, local directory, or "toy"); each
+    sampled token earns lambda * (log pi_teacher - log pi_old), added to the advantage"""
     teacher_coef: float = 1.0
     """lambda: the weight of the teacher's per-token reward in the advantage"""
 
