@@ -22,13 +22,14 @@ Advantages (all computed per group of G responses to one prompt, except "batch")
     gpg     A_i = alpha (r_i - mean(r)), alpha = R / #(r != 0) over the batch        (GPG, Chu et al. 2025)
     gdpo    A_i = whiten over the batch of  sum_k w_k zscore_group(r_k,i), each reward normalised on its own
                                                                                       (GDPO, NVIDIA 2026)
+
 On-policy distillation (--teacher; the reverse-KL reward of GKD, Agarwal et al. 2024, as Thinking Machines 2025 run
 it): a frozen teacher that shares the policy's tokenizer scores every sampled token, and minus the one-sample reverse
 KL at that token is a dense reward, added to the advantage above with no return-to-go and no normalisation:
     A_{i,t} <- A_{i,t} + lambda * r_{i,t}
     r_{i,t}  = -( log pi_old(o_{i,t} | q, o_{i,<t}) - log pi_teacher(o_{i,t} | q, o_{i,<t}) )   (0 off the response)
 so that E_{o_i ~ pi_old}[ sum_t r_{i,t} ] = -KL(pi_old || pi_teacher) of the whole response; pi_old's log-probs are
-those the step already has (the pi_old pass, else the sampler's). With no task rewards (--rewards alone) the run is
+those the step already has (the pi_old pass, else the sampler's). With no task rewards (--rewards, no names) the run is
 pure on-policy distillation; distill/reverse_kl logs the token-mean of log pi_old - log pi_teacher.
 
 The surrogate itself (loss_type: PPO's clip, CISPO, SAPO, GMPO, GPG, Clip-Cov, KL-Cov) is rl_kernels.policy_loss's,
@@ -94,7 +95,8 @@ Launch:
     python grpo.py                                   # R1-Zero in the toy world, CPU, ~3 minutes
     python grpo.py --preset dapo --out-dir runs/dapo
     python grpo.py --lora-rank 8 --lr 5e-4           # a rank-8 adapter: held-out 39.0% -> 92.5% (docs/lora.md)
-    python grpo.py --model toy/student --teacher toy --rewards    # on-policy distillation into the smaller student
+    python grpo.py --model toy/student --teacher runs/grpo/final --rewards --out-dir runs/opd
+                                   # on-policy distillation of `python grpo.py`'s policy, no reward: 27.5% -> 85.0%
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset data.jsonl \\
         --template chat --prompts-per-step 64 --num-generations 16 --max-new-tokens 1024 --lr 1e-6 --strategy fsdp
 
