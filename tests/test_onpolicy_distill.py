@@ -137,7 +137,8 @@ def retokenized(tiny_model_dir: str, path, change: str) -> str:
 
 
 @pytest.mark.parametrize("change, detail", [("extra", r"106 tokens against 105"),
-                                            ("swapped", r"'1' is id \d+ there and \d+ here")])
+                                            ("swapped", r"'1' is id \d+ there and \d+ here")],
+                         ids=["one-token-more", "two-ids-swapped"])
 def test_a_teacher_of_another_tokenizer_is_one_sentence(change, detail, tiny_model_dir, tmp_path, monkeypatch,
                                                         capsys):
     """A teacher whose tokenizer differs from the policy's (a token more, or two ids swapped) stops the command line
