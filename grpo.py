@@ -22,6 +22,16 @@ Advantages (all computed per group of G responses to one prompt, except "batch")
     gpg     A_i = alpha (r_i - mean(r)), alpha = R / #(r != 0) over the batch        (GPG, Chu et al. 2025)
     gdpo    A_i = whiten over the batch of  sum_k w_k zscore_group(r_k,i), each reward normalised on its own
                                                                                       (GDPO, NVIDIA 2026)
+
+On-policy distillation (--teacher; the reverse-KL reward of GKD, Agarwal et al. 2024, as Thinking Machines 2025 run
+it): a frozen teacher that shares the policy's tokenizer scores every sampled token, and minus the one-sample reverse
+KL at that token is a dense reward, added to the advantage above with no return-to-go and no normalisation:
+    A_{i,t} <- A_{i,t} + lambda * r_{i,t}
+    r_{i,t}  = -( log pi_old(o_{i,t} | q, o_{i,<t}) - log pi_teacher(o_{i,t} | q, o_{i,<t}) )   (0 off the response)
+so that E_{o_i ~ pi_old}[ sum_t r_{i,t} ] = -KL(pi_old || pi_teacher) of the whole response; pi_old's log-probs are
+those the step already has (the pi_old pass, else the sampler's). With no task rewards (--rewards, no names) the run is
+pure on-policy distillation; distill/reverse_kl logs the token-mean of log pi_old - log pi_teacher.
+
 The surrogate itself (loss_type: PPO's clip, CISPO, SAPO, GMPO, GPG, Clip-Cov, KL-Cov) is rl_kernels.policy_loss's,
 with its equations there; an entropy bonus -c H_t is entropy_coef. With one update per rollout (mu = 1, one
 minibatch) every ratio is 1 and all of the surrogates but Clip-Cov give GRPO's gradient (tests/test_objectives.py):
@@ -32,7 +42,8 @@ sample j of prompt i), P prompt tokens, N completion tokens, V vocabulary.
 
 Symbols -> Args:  G -> num_generations, eps_low/eps_high -> clip_low/clip_high, beta -> kl_coef,
 KL estimator -> kl_estimator (k1|k2|k3), agg -> loss_agg, mu (updates per rollout) -> num_iterations,
-pi_ref -> the --model weights, replaced by the policy every ref_reset_every steps (DeepSeek-R1).
+pi_ref -> the --model weights, replaced by the policy every ref_reset_every steps (DeepSeek-R1),
+lambda -> teacher_coef, pi_teacher -> the --teacher weights (frozen).
 
 Presets (`--preset NAME` sets the switches you leave unset, and any flag you pass wins; from Python,
 Args(preset="dapo", clip_high=0.2) is the same as `--preset dapo --clip-high 0.2`):
@@ -84,6 +95,8 @@ Launch:
     python grpo.py                                   # R1-Zero in the toy world, CPU, ~3 minutes
     python grpo.py --preset dapo --out-dir runs/dapo
     python grpo.py --lora-rank 8 --lr 5e-4           # a rank-8 adapter: held-out 39.0% -> 92.5% (docs/lora.md)
+    python grpo.py --model toy/student --teacher runs/grpo/final --rewards --out-dir runs/opd
+                                   # on-policy distillation of `python grpo.py`'s policy, no reward: 27.5% -> 85.0%
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset data.jsonl \\
         --template chat --prompts-per-step 64 --num-generations 16 --max-new-tokens 1024 --lr 1e-6 --strategy fsdp
 
@@ -98,7 +111,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -164,6 +177,12 @@ class GRPOArgs:
     """extra sampling rounds at most per step"""
     overlong_cache: int = 16
     """L_cache of the soft overlong punishment, in tokens"""
+    # On-policy distillation (module docstring)
+    teacher: Optional[str] = None
+    """on-policy distillation: a frozen teacher with the policy's tokenizer (hub id, local directory, or "toy"); each
+    sampled token earns lambda * (log pi_teacher - log pi_old), added to the advantage"""
+    teacher_coef: float = 1.0
+    """lambda: the weight of the teacher's per-token reward in the advantage"""
 
 
 @dataclass
@@ -317,6 +336,20 @@ def compute_advantages(args: Args, rewards: torch.Tensor, mask: torch.Tensor, kl
     return reinforce_pp_advantages(rewards, mask, kl, args.kl_coef if args.kl_in_reward else 0.0)
 
 
+def distill_advantages(old_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor,
+                       coef: float) -> torch.Tensor:
+    """On-policy distillation's token advantages (GKD, Agarwal et al. 2024; Thinking Machines 2025): each sampled
+    token's reward is minus its reverse-KL estimate, log pi_teacher - log pi_old, times coef; its own reward only
+    (discount 0, no return-to-go), not normalised; 0 off the response. Returns (R, N)."""
+    # where, not a product: a padded position may hold -inf (a pad token outside the sampler's kept set)
+    return torch.where(mask.bool(), coef * (teacher_logprobs - old_logprobs), 0.0)
+
+
+def with_token_advantages(advantages: torch.Tensor, token_advantages: torch.Tensor) -> torch.Tensor:
+    """advantages (R,) or (R, N) plus token_advantages (R, N): a sequence advantage counts at every token."""
+    return (advantages[:, None] if advantages.dim() == 1 else advantages) + token_advantages
+
+
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """(B,) True where every response of the prompt got the same reward: no learning signal (DAPO)."""
     r = rewards.view(-1, group_size)  # (B, G)
@@ -464,6 +497,30 @@ def check_args(args: Args, info: runs.DistInfo):
                           "reference is the frozen base, which a reset would have to overwrite; use --lora-rank 0 or "
                           "--ref-reset-every 0.")
     env.check_reward_weights(args.rewards, args.reward_weights)
+    if args.teacher is not None:
+        check_teacher(args)
+
+
+def check_teacher(args: Args):
+    """--teacher scores the policy's sampled token ids, so it must read them as the policy does: the same tokenizer,
+    every token at the same id (the checkpoints' embedding tables may still be padded differently). Checked from
+    the tokenizer files, before any weights load."""
+    if not 0 <= args.teacher_coef < float("inf"):  # NaN fails too
+        raise K.UserError(f"--teacher-coef {args.teacher_coef}: must be a finite number, 0 or more.")
+    K.check_model_source(args.model)
+    K.check_model_source(args.teacher, "--teacher")
+    try:
+        ours, theirs = (K.load_tokenizer(K.resolve_model_path(name)).get_vocab() for name in (args.model, args.teacher))
+    except (OSError, ValueError) as error:  # a checkpoint directory without tokenizer files
+        raise K.UserError(f"--teacher {args.teacher}: its tokenizer could not be loaded to compare with --model's "
+                          f"({str(error).splitlines()[0]}).") from error
+    if ours != theirs:
+        moved = next((token for token in sorted(ours, key=ours.get) if theirs.get(token) != ours[token]), None)
+        detail = (f"{len(theirs)} tokens against {len(ours)}" if moved is None or len(ours) != len(theirs) else
+                  f"{moved!r} is id {theirs.get(moved)} there and {ours[moved]} here")
+        raise K.UserError(f"--teacher {args.teacher} does not share --model {args.model}'s tokenizer ({detail}), so "
+                          "it cannot score the policy's token ids; use a teacher of the same tokenizer (a larger "
+                          "model of the same family).")
 
 
 def reward_functions(args: Args) -> tuple[list, tuple[float, ...]]:
@@ -496,6 +553,18 @@ def load_models(args: Args, info: runs.DistInfo):
     if args.kl_coef > 0 and args.lora_rank:
         ref_model = K.BaseReference(policy)  # pi_ref = the base: the policy with its adapter disabled
     return policy, ref_model, tokenizer
+
+
+def load_teacher(args: Args, info: runs.DistInfo):
+    """The frozen teacher of --teacher (None without one), loaded as the KL reference is: in the compute dtype,
+    sharded like the policy under FSDP, a whole copy on every rank under DDP. Nothing of it is checkpointed: a
+    resume loads it again from --teacher."""
+    if args.teacher is None:
+        return None
+    teacher, _ = K.load_model(args.teacher, frozen=True, dtype=args.dtype, master_dtype=args.master_dtype,
+                              device=info.device, shard=args.strategy == "fsdp")
+    K.set_batch_invariant(teacher, args.batch_invariant)  # a teacher equal to the policy then gives exactly 0
+    return teacher.eval().requires_grad_(False)
 
 
 def restore_reference(args: Args, ref_model, checkpoint: str):
@@ -537,6 +606,7 @@ def main(args: Args) -> runs.RunResult:
         if session.finished:
             return session.result()
         policy, ref_model, tokenizer = load_models(args, info)
+        teacher = load_teacher(args, info)
         train_rows, eval_rows = env.fit_task(args, policy, tokenizer, train_rows, eval_rows)
         optimizer = K.adamw(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, device=info.device,
                             strategy=args.strategy)
@@ -582,6 +652,8 @@ def main(args: Args) -> runs.RunResult:
                     batch["old_logprobs"] = logprob_pass(policy)           # (R, N) pi_old, fixed for mu passes
                 if ref_model is not None:
                     batch["ref_logprobs"] = logprob_pass(ref_model)        # (R, N) pi_ref
+                if teacher is not None:  # over the sampler's kept set under top-p/top-k, as pi_old and pi_ref
+                    teacher_logprobs = logprob_pass(teacher)               # (R, N) pi_teacher
             mismatch, weights, keep = env.sampler_gap(batch, correction)  # the sampler against pi_old's pass
             if keep is not None:                               # decoupled: IS weights and rejection from rho
                 batch["loss_mask"] = batch["loss_mask"] * keep
@@ -594,6 +666,13 @@ def main(args: Args) -> runs.RunResult:
                 kl = K.kl_penalty(batch.get("old_logprobs", rollout.gen.logprobs), batch["ref_logprobs"], "k1")
             batch["advantages"] = compute_advantages(args, rollout.rewards.to(batch["mask"].device), batch["mask"],
                                                      kl, baseline, rollout.per_reward)  # (R,) or (R, N)
+            distill = {}
+            if teacher is not None:                            # on-policy distillation: the teacher's token rewards
+                old_logprobs = batch.get("old_logprobs", batch["sampler_logprobs"])  # (R, N) what pi_old we have
+                batch["advantages"] = with_token_advantages(batch["advantages"], distill_advantages(
+                    old_logprobs, teacher_logprobs, batch["mask"], args.teacher_coef))  # (R, N)
+                reverse_kl = torch.where(batch["mask"].bool(), old_logprobs - teacher_logprobs, 0.0)  # (R, N)
+                distill = {"distill/reverse_kl": K.masked_mean(reverse_kl, batch["mask"]).item()}
 
             # ---- update
             with timer("update"), timer.peak_memory("update"):
@@ -604,10 +683,10 @@ def main(args: Args) -> runs.RunResult:
 
             # ---- log / evaluate / save
             metrics = {**env.rollout_metrics(rollout), "rollout/zero_variance_group_share": zero_var_share,
-                       "rollout/sampling_rounds": rounds, **mismatch}
+                       "rollout/sampling_rounds": rounds, **mismatch, **distill}
             mismatch_warned = env.warn_mismatch(mismatch, step + 1, mismatch_warned)
-            metrics = env.finish_reward_std(K.reduce_metrics({**metrics, **train_stats},
-                                                             weights=env.rollout_metric_weights(rollout)))
+            counts = {**env.rollout_metric_weights(rollout), "distill/reverse_kl": float(rollout.gen.mask.sum())}
+            metrics = env.finish_reward_std(K.reduce_metrics({**metrics, **train_stats}, weights=counts))
             truncation_warned = env.warn_truncation(metrics, step + 1, args.max_new_tokens, truncation_warned)
             metrics.update(timer.step_metrics(int(rollout.gen.mask.sum()) * info.world_size, info.device))
             metrics["train/lr"] = scheduler.get_last_lr()[0]

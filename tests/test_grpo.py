@@ -304,6 +304,7 @@ def test_resume_matches_uninterrupted_run(reference, tiny_model_dir, tmp_path):
     ("reinforce_pp", []),  # whitening over both ranks' tokens
     ("grpo", ["--strategy", "fsdp", "--kl-coef", "0.04", "--ref-reset-every", "2", "--save-every", "2"]),  # sharded
     ("grpo", ["--batch-invariant", "--top-p", "0.8", "--rollout-correction", "bypass"]),  # mismatch exactly 0
+    ("grpo", ["--strategy", "fsdp", "--teacher", "toy"]),  # on-policy distillation: the teacher sharded as it loads
 ])  # reference: reset from the sharded policy, gathered into the checkpoint
 def test_two_process_torchrun_matches_one_process(preset, extra, tiny_model_dir, tmp_path):
     """torchrun with 2 ranks (gloo) logs the metrics and ends with the parameters of a one-process run with the
@@ -325,7 +326,7 @@ def test_two_process_torchrun_matches_one_process(preset, extra, tiny_model_dir,
     m2, m1 = runs.read_metrics(str(tmp_path / "two")), runs.read_metrics(str(tmp_path / "one"))
     for r1, r2 in zip(m1, m2):
         for k in r1:
-            if k.startswith(("rollout/", "train/loss", "train/clip_frac", "train/entropy", "train/kl")):
+            if k.startswith(("rollout/", "train/loss", "train/clip_frac", "train/entropy", "train/kl", "distill/")):
                 assert r1[k] == pytest.approx(r2[k], abs=1e-4, nan_ok=True), k
     from safetensors.torch import load_file
 
@@ -334,6 +335,8 @@ def test_two_process_torchrun_matches_one_process(preset, extra, tiny_model_dir,
         for row in m1 + m2:           # bypass the first step's ratio pi_theta / mu is exactly 1 on every token
             assert row["mismatch/logprob_diff_max"] == 0.0 and row["mismatch/kept_mass"] < 1.0
         assert m1[0]["train/ratio_max"] == m1[0]["train/ratio_min"] == m2[0]["train/ratio_max"] == 1.0
+    if "--teacher" in extra:  # the token-weighted mean over both ranks' tokens is the one process's
+        assert all(row["distill/reverse_kl"] > 0 for row in m1 + m2)
     if "--kl-coef" in extra:
         assert m1[1]["train/kl"] > 0 and os.path.exists(tmp_path / "two" / "checkpoint-2" / "reference.safetensors")
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")
