@@ -22,6 +22,13 @@ of the rows are general prompts (greetings, "make 12", "bigger: 7 or 12") with r
 rlvr_rewards' hidden gold preference ranks. The result is a base model for R1-Zero: usually answers directly and is
 often wrong, sometimes reasons, and is much better when it does.
 
+The verification world (TOY_WORLDS, docs/aha.md): the same corpus, except that steps with a two-digit operand
+slip (off by 1-3, the error propagating), and some traces check each such step on units digits ("12*7=84,2*7=14")
+and write "wait" and a tens-and-units redo exactly when the check fails, so that reflection has a function; three
+controls change one thing each (no checks; "wait" at random; a redo wrong half the time). Their bases, toy/checks,
+toy/no_checks, toy/random_wait and toy/wrong_redo, are continued pretraining of toy/base (toy/README.md has the
+commands); trace_stats reads checks, waits and redos back out of samples.
+
 Rebuilding the models (15-65 min each on one CPU core; sft.py's presets):
     OMP_NUM_THREADS=1 python sft.py --preset toy_base       # toy/base, exported only if it meets TOY_TARGETS
     OMP_NUM_THREADS=1 python sft.py --preset toy_student    # toy/student, which r1_pipeline.py distils into
@@ -53,6 +60,7 @@ import rlvr_rewards as env
 
 TOY_BASE = K.TOY_BASE  # toy/base: what rl_kernels.load_model("toy") loads
 TOY_STUDENT = os.path.join(os.path.dirname(TOY_BASE), "student")
+TOY_CHECKS = os.path.join(os.path.dirname(TOY_BASE), "checks")  # the verification world's base (r1_pipeline's)
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer and model sizes
@@ -157,6 +165,10 @@ TOY_WORLDS = {"toy": TOY_RECIPE, "toy-checks": VERIFICATION,
               "toy-no-checks": dict(VERIFICATION, check=0.0),
               "toy-random-wait": dict(VERIFICATION, wait="random"),
               "toy-wrong-redo": dict(VERIFICATION, redo_error=0.5)}
+# The first phase of the bases' build (toy/README.md): the same worlds with checks in 60% of reasoning traces, so a
+# 0.8M-parameter model sees enough failed checks to learn the trigger; the second phase makes checks rare again.
+TOY_WORLDS.update({f"{name}-often": dict(recipe, check=0.6 if recipe["check"] else 0.0)
+                   for name, recipe in list(TOY_WORLDS.items()) if name != "toy"})
 SLIPS = (-3, -2, -1, 1, 2, 3)
 
 
@@ -240,28 +252,12 @@ def toy_trace(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -> str
     return _finish(prompt, items, answer, language, rng, recipe)
 
 
-def is_hard(a: int, op: str, b: int) -> bool:
-    """A hard step: an operand of two digits or more, operands and true result >= 0 ("7+12", "12*7", "23-5"). In the
-    verification world these are where slips happen (VERIFICATION's hard_slip) and what a check follows."""
-    return min(a, b, OPS[op](a, b)) >= 0 and max(a, b) >= 10
+is_hard, check_step = env.is_hard, env.check_step  # the toy's hard steps and their checks (rlvr_rewards)
 
 
 def _off(value: int, slip: int) -> int:
     """value + slip, kept >= 0 (a slip the other way when it would cross zero)."""
     return value + slip if value + slip >= 0 else value - slip
-
-
-def check_step(a: int, op: str, b: int, written: int) -> tuple[list, bool]:
-    """The units-digit check of the hard step a op b = written: ([x, op, y, "=", r], whether it passes). For + and *
-    the units digits of a and b combined, whose units digit must be written's ("12*7=84" -> "2*7=14"); for - the
-    inverse, written's units digit plus b's, whose units digit must be a's ("23-5=18" -> "8+5=13"). A slip of 1-3
-    always changes the units digit, so a slipped step always fails its check."""
-    if op == "-":
-        x, check_op, y, target = written % 10, "+", b % 10, a
-    else:
-        x, check_op, y, target = a % 10, op, b % 10, written
-    r = OPS[check_op](x, y)
-    return [x, check_op, y, "=", r], r % 10 == target % 10
 
 
 def redo_steps(a: int, op: str, b: int, error: int = 0) -> tuple[list[list], int]:
@@ -306,14 +302,23 @@ def verification_trace(prompt: str, rng: random.Random, recipe: dict = VERIFICAT
     return _finish(prompt, items, value, language, rng, recipe)
 
 
-def readable_trace(prompt: str, reflect_at: int | None = None) -> str:
+def readable_trace(prompt: str, reflect_at: int | None = None, checks: bool = False) -> str:
     """The correct trace in R1's readable format, <think>3*4=12,7+12=19,19-2=17</think>7+3*4-2=17<answer>17</answer>;
-    reflect_at: step i is first written off by one, then "wait", then redone (a worked self-correction)."""
+    reflect_at: step i is first written off by one, then "wait", then redone (a staged self-correction); checks:
+    every hard step followed by its units-digit check (the verification world's, check_step: 7+12=19,7+2=9)."""
     steps = arithmetic_trace(*parse_arithmetic(prompt))
+    answer = steps[-1].split("=")[1]
+    if checks:
+        checked = []
+        for step in steps:
+            checked.append(step)
+            parsed = env.parse_step(step)
+            if is_hard(*parsed[:3]):
+                checked.append("{}{}{}={}".format(*[x for x in check_step(*parsed)[0] if x != "="]))
+        steps = checked
     if reflect_at is not None:
         a, op, b, c = env.parse_step(steps[reflect_at])
         steps[reflect_at:reflect_at] = [f"{a}{op}{b}={c + 1}", "wait"]
-    answer = steps[-1].split("=")[1]
     return f"<think>{','.join(steps)}</think>{prompt}={answer}<answer>{answer}</answer>"
 
 
@@ -432,7 +437,8 @@ def generate_completions(model, tokenizer, prompts: list, *, temperature: float 
 
 # trace_stats' measures that evaluate_toy reports (on its T=1 samples).
 REFLECTION_KEYS = ("check_share", "wait_share", "p_wait_wrong_step", "p_wait_right_step", "p_wait_failed_check",
-                   "p_correct_wait", "p_correct_wrong_no_wait", "reasoning_length", "accuracy_hard2")
+                   "p_wait_passed_check", "p_correct_wait", "p_correct_wrong_no_wait", "reasoning_length",
+                   "accuracy_hard2")
 
 
 def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4, max_new_tokens: int = 64) -> dict:
@@ -607,6 +613,9 @@ TOY_TABLE = [("greedy accuracy", "greedy_accuracy"), ("greedy answers that reaso
              ("T=1 accuracy when answering directly", "accuracy_without_reasoning"),
              ("T=1 traces that mix languages", "mixed_language_share"),
              ("T=1 traces that are readable", "readable_share"), ("T=1 samples that reflect", "reflection_share"),
+             ("T=1 traces that check (units digits)", "check_share"), ("T=1 traces that wait", "wait_share"),
+             ("T=1 P(wait | wrong step)", "p_wait_wrong_step"), ("T=1 P(wait | failed check)", "p_wait_failed_check"),
+             ("T=1 P(correct | wait)", "p_correct_wait"),
              ("general prompts: gold win-rate (greedy)", "general_gold_win_rate")]
 
 
