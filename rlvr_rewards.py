@@ -852,11 +852,20 @@ def check_step(a: int, op: str, b: int, written: int) -> tuple[list, bool]:
     return [x, check_op, y, "=", r], r % 10 == target % 10
 
 
-def is_check_of(step: tuple | None, item: tuple | None) -> bool:
-    """The parsed item is the units-digit check (check_step's operands) of the parsed hard step before it."""
+def verdict_step(a: int, op: str, b: int, written: int) -> list:
+    """The check's verdict, written as a step: the units digit the check expects minus the one written ("12*7=82",
+    check "2*7=14", verdict "4-2=2"); 0 when the check passes ("4-4=0")."""
+    check = check_step(a, op, b, written)[0]
+    x, y = check[4] % 10, (a if op == "-" else written) % 10
+    return [x, "-", y, "=", x - y]
+
+
+def is_check_of(step: tuple | None, item: tuple | None, verdict: bool = False) -> bool:
+    """The parsed item is the units-digit check (check_step's operands) of the parsed hard step before it, or with
+    verdict=True the check's verdict (verdict_step's operands)."""
     if step is None or item is None or None in step or not is_hard(*step[:3]):
         return False
-    return tuple(item[:3]) == tuple(check_step(*step)[0][:3])
+    return tuple(item[:3]) == tuple((verdict_step if verdict else lambda *x: check_step(*x)[0])(*step)[:3])
 
 
 def readability_problems(text: str) -> list[str]:
@@ -875,8 +884,9 @@ def readability_problems(text: str) -> list[str]:
     kinds = ["wait" if s == "wait" else "step" if _STEP.fullmatch(s) else "long step" if _LONG_STEP.fullmatch(s)
              else "junk" for s in items]
     parsed = [parse_step(s) if kind == "step" else None for s, kind in zip(items, kinds)]
-    steps = [s for i, (s, kind) in enumerate(zip(items, kinds))  # a check may repeat an earlier check's text
-             if kind != "wait" and not (i and is_check_of(parsed[i - 1], parsed[i]))]
+    steps = [s for i, (s, kind) in enumerate(zip(items, kinds))  # a check or verdict may repeat an earlier one's
+             if kind != "wait" and not (i and is_check_of(parsed[i - 1], parsed[i]))
+             and not (i > 1 and is_check_of(parsed[i - 2], parsed[i], verdict=True))]
     problems = [p for p in ("junk", "long step") if p in kinds]
     if len(set(steps)) < len(steps):
         problems.append("repeat")

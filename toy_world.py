@@ -24,7 +24,7 @@ often wrong, sometimes reasons, and is much better when it does.
 
 The verification world (TOY_WORLDS, docs/aha.md): the same corpus, except that steps with a two-digit operand
 slip (off by 1-3, the error propagating), and some traces check each such step on units digits ("12*7=84,2*7=14")
-and write "wait" and a tens-and-units redo exactly when the check fails, so that reflection has a function; three
+and write "wait" and redo the step exactly when the check fails, so that reflection has a function; three
 controls change one thing each (no checks; "wait" at random; a redo wrong half the time). Their bases, toy/checks,
 toy/no_checks, toy/random_wait and toy/wrong_redo, are continued pretraining of toy/base (toy/README.md has the
 commands); trace_stats reads checks, waits and redos back out of samples.
@@ -151,9 +151,10 @@ JUNK = ("#", "~~", "??", "..", "%", "@")
 # more (operands, result >= 0: "7+12=19", "12*7=84", "23-5=18"); each hard step slips (its result off by 1-3, the
 # error propagating) with probability hard_slip, in every language. In `check` of the reasoning traces every hard
 # step is followed by a cheap visible check on units digits (check_step: "12*7=84,2*7=14" -- the 4s agree;
-# "23-5=18,8+5=13" -- the inverse, whose 3 must be 23's), and then:
-#   wait="check"   "wait" exactly when the check fails, and a redo that splits the two-digit operand into tens and
-#                  units ("wait,10*7=70,70+14=84"), wrong with probability redo_error;
+# "23-5=18,8+5=13" -- the inverse, whose 3 must be 23's) and its verdict, the expected units digit minus the
+# written one (verdict_step: "4-4=0"; "12*7=82,2*7=14,4-2=2" fails), and then:
+#   wait="check"   "wait" exactly when the check fails, and the step redone without the first pass's slip
+#                  ("wait,12*7=84"), wrong with probability redo_error;
 #   wait="random"  "wait" (and the redo) with probability hard_slip after any check, failed or not: reflection as
 #                  form without function, like the staged "wait" of TOY_RECIPE.
 # Worlds: "toy-checks" (the main world), and the controls "toy-no-checks" (a: no checks, so no wait),
@@ -252,26 +253,12 @@ def toy_trace(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -> str
     return _finish(prompt, items, answer, language, rng, recipe)
 
 
-is_hard, check_step = env.is_hard, env.check_step  # the toy's hard steps and their checks (rlvr_rewards)
+is_hard, check_step, verdict_step = env.is_hard, env.check_step, env.verdict_step  # hard steps, checks (rlvr_rewards)
 
 
 def _off(value: int, slip: int) -> int:
     """value + slip, kept >= 0 (a slip the other way when it would cross zero)."""
     return value + slip if value + slip >= 0 else value - slip
-
-
-def redo_steps(a: int, op: str, b: int, error: int = 0) -> tuple[list[list], int]:
-    """A hard step redone by splitting its two-digit operand into tens and units, (items, value): "12*7" ->
-    10*7=70,70+14=84; "7+12" -> 10+7=17,17+2=19; "23-5" -> 20-5=15,15+3=18 (one step when the units digit is 0).
-    error: added to the redo's result (a wrong redo)."""
-    big, other = (a, b) if op == "-" or a >= 10 else (b, a)
-    tens, units = big - big % 10, big % 10
-    first = OPS[op](tens, other)
-    items, rest = [[tens, op, other, "=", first]], units * other if op == "*" else units
-    if rest:
-        items.append([first, "+", rest, "=", first + rest])
-    items[-1][4] = _off(items[-1][4], error) if error else items[-1][4]
-    return items, items[-1][4]
 
 
 def verification_trace(prompt: str, rng: random.Random, recipe: dict = VERIFICATION) -> str:
@@ -294,10 +281,11 @@ def verification_trace(prompt: str, rng: random.Random, recipe: dict = VERIFICAT
         items.append([a, op, b, "=", value])
         if checks and hard:
             check, passed = check_step(a, op, b, value)
-            items.append(check)
+            items += [check, verdict_step(a, op, b, value)]
             if not passed if recipe["wait"] == "check" else rng.random() < recipe["hard_slip"]:
-                redo, value = redo_steps(a, op, b, rng.choice(SLIPS) if rng.random() < recipe["redo_error"] else 0)
-                items += [["wait"]] + redo
+                slip = rng.choice(SLIPS) if rng.random() < recipe["redo_error"] else 0
+                value = _off(OPS[op](a, b), slip)
+                items += [["wait"], [a, op, b, "=", value]]  # the step redone, without the first pass's slip
         nums[i:i + 2] = [value]
     return _finish(prompt, items, value, language, rng, recipe)
 
@@ -314,7 +302,8 @@ def readable_trace(prompt: str, reflect_at: int | None = None, checks: bool = Fa
             checked.append(step)
             parsed = env.parse_step(step)
             if is_hard(*parsed[:3]):
-                checked.append("{}{}{}={}".format(*[x for x in check_step(*parsed)[0] if x != "="]))
+                checked += ["{}{}{}={}".format(*[x for x in item if x != "="])
+                            for item in (check_step(*parsed)[0], verdict_step(*parsed))]
         steps = checked
     if reflect_at is not None:
         a, op, b, c = env.parse_step(steps[reflect_at])
@@ -496,9 +485,10 @@ def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4
 def read_trace(text: str) -> list[dict]:
     """The think block of a response, item by item, as the verification world reads it: each main step (the
     problem's evaluation, first pass) {"step": (a, op, b, c), "wrong": c != a op b, "hard": is_hard, "check": None
-    or whether its check passed (the item after a hard step that is check_step's operands), "wait": whether "wait"
-    follows (after the check, if any), "redo_right": None or whether the redo's value is a op b}. Items that are
-    neither steps, checks, waits nor redos (junk, long steps) are skipped."""
+    or whether its check passed (the item after a hard step that is check_step's operands; its verdict, if written,
+    is skipped), "wait": whether "wait" follows (after the check), "redo_right": None or whether the step rewritten
+    after the wait is right}. Items that are neither steps, checks, waits nor redos (junk, long steps) are skipped.
+    A next step that happens to have a check's operands is read as a check (rarely: "12-9=5,5+9=14")."""
     items = text.partition("<think>")[2].partition("</think>")[0].split(",")
     steps, i = [], 0
     while i < len(items):
@@ -512,28 +502,19 @@ def read_trace(text: str) -> list[dict]:
         hard = is_hard(a, op, b)
         entry = {"step": parsed, "wrong": c != OPS[op](a, b), "hard": hard, "check": None, "wait": False,
                  "redo_right": None}
-        if hard and i < len(items):
-            check, passed = check_step(a, op, b, c)
-            nxt = env.parse_step(items[i])
-            if nxt is not None and tuple(nxt[:3]) == (check[0], check[1], check[2]):
-                entry["check"] = nxt[3] is not None and nxt[3] % 10 == (a if op == "-" else c) % 10
-                i += 1
+        if hard and i < len(items) and env.is_check_of(parsed, env.parse_step(items[i])):
+            r = env.parse_step(items[i])[3]
+            entry["check"] = r is not None and r % 10 == (a if op == "-" else c) % 10
+            i += 1
+            if i < len(items) and env.is_check_of(parsed, env.parse_step(items[i]), verdict=True):
+                i += 1  # the verdict ("4-2=2")
+        while i < len(items) and env.parse_step(items[i]) is None and items[i].strip() != "wait":
+            i += 1  # junk between a step and its "wait"
         if i < len(items) and items[i].strip() == "wait":
             entry["wait"], i = True, i + 1
-            redo = []  # a rewrite of the step, or the tens-and-units redo (its operands, step by step)
-            expected = [tuple(x[:3]) for x in redo_steps(a, op, b)[0]] if hard else []
-            while i < len(items):
-                r = env.parse_step(items[i])
-                if r is None or None in r:
-                    break
-                if tuple(r[:3]) == (a, op, b) or (len(redo) < len(expected) and (
-                        tuple(r[:3]) == expected[len(redo)] if not redo
-                        else (r[0], r[1], r[2]) == (redo[-1][3], "+", expected[len(redo)][2]))):
-                    redo.append(r)
-                    i += 1
-                else:
-                    break
-            entry["redo_right"] = redo[-1][3] == OPS[op](a, b) if redo else None
+            redo = env.parse_step(items[i]) if i < len(items) else None
+            if redo is not None and None not in redo and tuple(redo[:3]) == (a, op, b):  # the step rewritten
+                entry["redo_right"], i = redo[3] == OPS[op](a, b), i + 1
         steps.append(entry)
     return steps
 

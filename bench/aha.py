@@ -4,8 +4,8 @@ GRPO on the base, accuracy + 0.1 format, 16 prompts x 8 samples, 80 steps, lr 2e
 measured on rollouts, not greedy answers.
 
     base            the world                                          what "wait" means there
-    checks          a units-digit check after hard steps (rare),       the check failed; the redo (tens and units) is
-                    "wait" exactly when it fails                       right
+    checks          a units-digit check and its verdict after hard     the check failed; the step redone is right
+                    steps (rare), "wait" exactly when it fails
     no_checks       (a) the same slips, no checks                      never written
     random_wait     (b) checks, "wait" at random                       nothing: form without function
     wrong_redo      (c) checks, "wait" when they fail                  the check failed; the redo is wrong half the time

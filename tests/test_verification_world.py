@@ -34,11 +34,9 @@ def test_checks_and_redos_on_hand_cases():
     assert toy.check_step(7, "+", 12, 19) == ([7, "+", 2, "=", 9], True)
     assert toy.check_step(23, "-", 5, 18) == ([8, "+", 5, "=", 13], True)   # the inverse: 8+5 ends in 23's 3
     assert toy.check_step(23, "-", 5, 17)[1] is False
-    assert toy.redo_steps(12, "*", 7) == ([[10, "*", 7, "=", 70], [70, "+", 14, "=", 84]], 84)
-    assert toy.redo_steps(7, "+", 12) == ([[10, "+", 7, "=", 17], [17, "+", 2, "=", 19]], 19)
-    assert toy.redo_steps(23, "-", 5) == ([[20, "-", 5, "=", 15], [15, "+", 3, "=", 18]], 18)
-    assert toy.redo_steps(20, "*", 3) == ([[20, "*", 3, "=", 60]], 60)
-    assert toy.redo_steps(12, "*", 7, error=2)[1] == 86
+    assert toy.verdict_step(12, "*", 7, 84) == [4, "-", 4, "=", 0]
+    assert toy.verdict_step(12, "*", 7, 82) == [4, "-", 2, "=", 2]
+    assert toy.verdict_step(23, "-", 5, 18) == [3, "-", 3, "=", 0]
     assert toy.is_hard(7, "+", 12) and toy.is_hard(12, "-", 3) and not toy.is_hard(3, "*", 4)
     assert not toy.is_hard(2, "-", 12)  # a negative result: no units-digit check
     # every slip of every hard step of the task fails its check: the check can always catch it
@@ -48,20 +46,21 @@ def test_checks_and_redos_on_hand_cases():
             if toy.is_hard(a, op, b):
                 assert toy.check_step(a, op, b, c)[1]
                 assert all(not toy.check_step(a, op, b, toy._off(c, s))[1] for s in toy.SLIPS)
-                assert toy.redo_steps(a, op, b)[1] == c
+                assert all(toy.verdict_step(a, op, b, toy._off(c, s))[4] != 0 for s in toy.SLIPS)
 
 
 def test_read_trace_finds_checks_waits_and_redos():
-    steps = toy.read_trace("<think>3*4=12,7+12=18,7+2=9,wait,10+7=17,17+2=19,19-2=17,7+2=9</think><answer>17</answer>")
+    steps = toy.read_trace("<think>3*4=12,7+12=18,7+2=9,9-8=1,wait,7+12=19,19-2=17,7+2=9,9-9=0</think><answer>17</answer>")
     assert [s["step"] for s in steps] == [(3, "*", 4, 12), (7, "+", 12, 18), (19, "-", 2, 17)]
     assert [s["wrong"] for s in steps] == [False, True, False]
     assert [s["check"] for s in steps] == [None, False, True]
     assert [s["wait"] for s in steps] == [False, True, False]
     assert steps[1]["redo_right"] is True
-    # a plain rewrite after "wait" is a redo too, here a wrong one; letters read like digits
+    assert env.is_readable("<think>3*4=12,7+12=19,7+2=9,9-9=0,19-2=17,7+2=9,9-9=0</think>7+3*4-2=17<answer>17</answer>")
+    # without a check; a wrong rewrite after "wait"; letters read like digits
     steps = toy.read_trace("<think>d*e=bc,bc*b=bd,wait,bc*b=bf</think><answer>bf</answer>")
     assert steps[1]["wait"] and steps[1]["check"] is None and steps[1]["redo_right"] is False
-    stats = toy.trace_stats(["<think>3*4=12,7+12=18,7+2=9,wait,10+7=17,17+2=19</think><answer>19</answer>",
+    stats = toy.trace_stats(["<think>3*4=12,7+12=18,7+2=9,9-8=1,wait,7+12=19</think><answer>19</answer>",
                              "<think>3*4=12,7+12=18</think><answer>18</answer>", "<answer>19</answer>"],
                             ["19", "19", "19"], ["7+3*4"] * 3)
     assert stats["reasoning_share"] == pytest.approx(2 / 3) and stats["check_share"] == 0.5
