@@ -197,13 +197,14 @@ def tables(args: Args, results: dict) -> str:
         lines.append(f"| {LABELS[world]} | " + " | ".join(cells) + " |")
     lines += ["", f"**Held-out** ({args.eval_size} test problems; {args.samples} samples each; base → after R1-Zero):",
               "", "| base | greedy | pass@1 T=0.6 | pass@1 T=1 | ≥2 hard steps, T=0.6 | check share T=0.6 | "
-              "wait share T=0.6 | P(correct \\| wait) | P(correct \\| wrong, no wait) | reasoning length |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "wait share T=0.6 | P(wait \\| failed check) | P(wait \\| passed check) | P(correct \\| wait) | "
+              "P(correct \\| wrong, no wait) | reasoning length |", "|---" * 12 + "|"]
     for world in args.worlds:
         runs = [results[world][s] for s in args.seeds if s in results[world]]
         cells = []
         for key, scale in (("greedy_accuracy", 100), ("t0.6/accuracy", 100), ("t1.0/accuracy", 100),
                            ("t0.6/accuracy_hard2", 100), ("t0.6/check_share", 100), ("t0.6/wait_share", 100),
+                           ("t0.6/p_wait_failed_check", 100), ("t0.6/p_wait_passed_check", 100),
                            ("t0.6/p_correct_wait", 100), ("t0.6/p_correct_wrong_no_wait", 100),
                            ("t0.6/reasoning_length", 1)):
             cells.append(f"{spread([r['before'][key] for r in runs], '.1f', scale)} → "
