@@ -122,6 +122,48 @@ def rollout_curves(samples_path: str) -> dict[int, dict]:
     return curves
 
 
+def mechanism(samples_path: str, steps: range) -> tuple[float, list[float]]:
+    """Over the given steps' rollouts: the share of hard first-pass steps written wrong (read_trace), and per group
+    (one prompt's 8 samples of one step) with both, the mean GRPO advantage of its checking reasoning samples minus
+    that of its other reasoning samples: what the update pushed, problem held fixed."""
+    import toy_world as toy
+
+    hard = wrong = 0
+    gaps = []
+    groups: dict = {}
+    with open(samples_path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row["step"] in steps and "<think>" in row["completion"]:
+                trace = toy.read_trace(row["completion"])
+                hard += sum(s["hard"] for s in trace)
+                wrong += sum(s["hard"] and s["wrong"] for s in trace)
+                checks = any(s["check"] is not None for s in trace)
+                groups.setdefault((row["step"], str(row["prompt"])), ([], []))[0 if checks else 1].append(
+                    row["advantage"])
+    for checking, other in groups.values():
+        if checking and other:
+            gaps.append(mean(checking) - mean(other))
+    return wrong / max(1, hard), gaps
+
+
+def mechanism_table(args: Args) -> str:
+    windows = {"steps 1-5": range(1, 6), "6-20": range(6, 21), "last 10": range(args.steps - 9, args.steps + 1)}
+    lines = ["", "**What the update pushed** (the rollouts of each window; per seed, seeds in order):", "",
+             "| base | hard first-pass steps written wrong: " + " → ".join(windows) + " | advantage of checking minus "
+             "other reasoning samples, within a group: " + " → ".join(windows) + " (groups) |", "|---|---|---|"]
+    for world in args.worlds:
+        errors, gaps = [], []
+        for name, steps in windows.items():
+            per_seed = [mechanism(os.path.join(args.root, world, f"seed{s}", "samples.jsonl"), steps)
+                        for s in args.seeds]
+            errors.append(", ".join(f"{100 * e:.1f}%" for e, _ in per_seed))
+            gaps.append(", ".join(f"{mean(g):+.2f}" if g else "–" for _, g in per_seed)
+                        + f" ({sum(len(g) for _, g in per_seed)})")
+        lines.append(f"| {LABELS[world]} | " + " → ".join(errors) + " | " + " → ".join(gaps) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def mean(values: list[float]) -> float:
     values = [v for v in values if v == v]
     return sum(values) / len(values) if values else float("nan")
@@ -176,12 +218,13 @@ def window(curves: dict, key: str, steps: range) -> float:
 
 def tables(args: Args, results: dict) -> str:
     seeds = ", ".join(map(str, args.seeds))
-    first, last = range(1, 6), range(args.steps - 9, args.steps + 1)
+    first, middle, last = range(1, 6), range(6, 21), range(args.steps - 9, args.steps + 1)
     lines = [f"`python bench/aha.py --seeds {' '.join(map(str, args.seeds))}` (seeds {seeds}; mean ± standard "
              f"deviation over seeds).", "",
              "**Rollouts during R1-Zero** (all 128 samples of each step; first 5 steps → last 10):", "",
              "| base | accuracy | check share | wait share | P(wait \\| wrong step) | P(wait \\| failed check) "
-             "| reasoning length | advantage: checking − not |", "|---|---|---|---|---|---|---|---|"]
+             "| reasoning length | advantage: checking − not (steps 1-5 → 6-20 → last 10) |",
+             "|---|---|---|---|---|---|---|---|"]
     for world in args.worlds:
         runs = [results[world][s] for s in args.seeds if s in results[world]]
         cells = []
@@ -193,7 +236,8 @@ def tables(args: Args, results: dict) -> str:
             cells.append(f"{a} → {b}")
         gap = lambda steps: [window(r["curves"], "adv_check", steps) - window(r["curves"], "adv_no_check", steps)
                              for r in runs]
-        cells.append(f"{spread(gap(first), '.2f', 1)} → {spread(gap(last), '.2f', 1)}")
+        cells.append(f"{spread(gap(first), '.2f', 1)} → {spread(gap(middle), '.2f', 1)} → "
+                     f"{spread(gap(last), '.2f', 1)}")
         lines.append(f"| {LABELS[world]} | " + " | ".join(cells) + " |")
     lines += ["", f"**Held-out** ({args.eval_size} test problems; {args.samples} samples each; base → after R1-Zero):",
               "", "| base | greedy | pass@1 T=0.6 | pass@1 T=1 | ≥2 hard steps, T=0.6 | check share T=0.6 | "
@@ -264,7 +308,7 @@ def main(args: Args):
             print(f"{world} seed {seed}: T=0.6 accuracy {result['before']['t0.6/accuracy']:.3f} -> "
                   f"{result['after']['t0.6/accuracy']:.3f}, check share {result['before']['t0.6/check_share']:.3f} -> "
                   f"{result['after']['t0.6/check_share']:.3f} ({result['train_s']:.0f} s)", flush=True)
-    text = tables(args, results)
+    text = tables(args, results) + mechanism_table(args)
     print(text)
     Path(args.out).write_text("# bench/aha.py results\n\nWritten by bench/aha.py; read docs/aha.md first.\n\n" + text)
     plot(args, results)
