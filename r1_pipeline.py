@@ -598,8 +598,9 @@ def write_markdown(args: Args, table: list[dict], cell, note: str = "") -> None:
 
 def mean_and_spread(values: list) -> dict:
     """{"mean", "std", "values"}: the mean and the sample standard deviation (n - 1 in the denominator) of the
-    values present (None: missing), each None without enough of them (one for the mean, two for the spread)."""
-    present = [v for v in values if v is not None]
+    values present (None or nan: missing, e.g. P(correct | wait) of a seed whose samples never wait), each None
+    without enough of them (one for the mean, two for the spread)."""
+    present = [v for v in values if v is not None and v == v]
     return {"mean": statistics.mean(present) if present else None,
             "std": statistics.stdev(present) if len(present) > 1 else None, "values": values}
 

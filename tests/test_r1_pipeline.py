@@ -275,6 +275,11 @@ def test_the_seeds_table_is_the_mean_and_sample_std_of_each_metric():
     assert r1_zero["eval/rm_score"]["std"] == pytest.approx(0.02 ** 0.5)
     assert r1_zero["paper"] == r1_pipeline.PAPER["r1_zero"] and r1_zero["from"] == "runs/other/seed2"
     assert r1_pipeline.mean_and_spread([0.5]) == {"mean": 0.5, "std": None, "values": [0.5]}
+    # nan (a conditional with nothing to condition on, e.g. P(correct | wait) without a wait) counts as missing
+    nan = float("nan")
+    spread = r1_pipeline.mean_and_spread([0.2, nan, 0.4])
+    assert spread["mean"] == pytest.approx(0.3) and spread["std"] == pytest.approx(0.02 ** 0.5)
+    assert r1_pipeline.mean_and_spread([nan])["mean"] is None
 
 
 def test_each_seed_runs_in_its_own_dir_and_reads_its_own_inputs(tmp_path):
