@@ -24,18 +24,28 @@ calls the other scripts' main() (grpo.main, sft.main, rlhf_reward_model.main); n
                         rewards only in the last ~400 steps              on mixed prompts, the reward model only in the
                                                                          last `rm_last_steps` (a second grpo run)
     5 distill           SFT of small students on the 800k samples; RL    sft of toy/student (smaller) on stage 3's data,
-                        straight on the small base does worse            beside R1-Zero (grpo) on toy/student
+                        straight on the small base does worse            beside R1-Zero (grpo) on toy/student (and 5x
+                                                                         that with --distill.rl-5x), and on-policy
+                                                                         distillation from stage 4's model (grpo
+                                                                         --teacher; 2026's TRL and verl have it)
 
 The toy world (toy_world.py's corpus, rlvr_rewards' "toy world" section): arithmetic reasoning where numbers in the
 reasoning come in two languages (digits, the target, and letters a-j for 0-9; some base traces switch), traces
-are sometimes messy (repeated steps, junk, two steps merged, no summary) and rarely self-correct ("wait"), and
-general prompts (greetings, "make 12", "bigger: 7 or 12") whose responses a hidden gold preference ranks.
+are sometimes messy (repeated steps, junk, no summary), and general prompts (greetings, "make 12", "bigger: 7 or
+12") whose responses a hidden gold preference ranks. The default base is the verification world's, toy/checks
+(docs/aha.md): steps with a two-digit operand slip, and a few traces check them on units digits and write "wait"
+and a redo exactly when a check fails, so reflection has a function; toy/student was pretrained on the original
+corpus and never checks. `--base toy` runs the original world (toy/base), whose "wait" is staged.
 
 Held-out metrics of every stage's model (names as in metrics.jsonl), on 200 test problems: eval/pass@1_k8_t0.6
 (pass@1 over 8 samples at T = 0.6, what R1 reports: the table's main accuracy), eval/accuracy (greedy) and
 eval/pass@1_k4_t1.0; on the greedy responses eval/language_consistency (mean share of digits among the reasoning's
 numbers), eval/readability (share that are readable R1-format chains of thought), eval/reasoning_share (share with
-a think block), eval/response_length (tokens); on 90 general test prompts, eval/rm_score (the stage-4 reward model,
+a think block), eval/response_length (tokens); on the T = 0.6 samples (toy_world.trace_stats, the verification
+world's reflection: docs/aha.md) eval/check_share and eval/wait_share (reasoning samples with a units-digit check,
+with a "wait"), eval/p_wait_wrong_step, eval/p_correct_wait, eval/reasoning_length (tokens of the reasoning samples
+only) and eval/accuracy_hard2 (pass@1 on the problems with two hard steps); on 90 general test prompts,
+eval/rm_score (the stage-4 reward model,
 normalised) and eval/gold_win_rate (the gold preference against each prompt's reference).
 
 Deviations from the paper, one a line (R1: arXiv 2501.12948 and its Nature 2025 version):
@@ -52,7 +62,7 @@ Deviations from the paper, one a line (R1: arXiv 2501.12948 and its Nature 2025 
 - R1-Zero's length grows as direct answers vanish (26% -> 100% reason), its traces shorter (35.7 -> 23.9 greedy tokens).
 
 Launch:
-    python r1_pipeline.py                                        # every stage, toy world, CPU (~15 min)
+    python r1_pipeline.py                                        # every stage, toy world, CPU (~15-25 min)
     python r1_pipeline.py --stages r1_zero cold_start            # a subset; a rerun skips complete stages
     python r1_pipeline.py --out-dir runs/r1_no_lc --inputs-from runs/r1_pipeline --stages reasoning_rl \\
         --reasoning-rl.language-weight 0                          # ablation: no consistency reward
@@ -68,13 +78,14 @@ samples), OUT/stages.json and OUT/stages.md (the table). With several --seeds, e
 layout in OUT/seed<k>/, and OUT/stages.json and OUT/stages.md give each metric's mean ± sample standard deviation
 (n - 1) over the seeds, stages.json with the per-seed values. Every seed is measured on the same held-out problems.
 
-Result (seed 0; docs/r1_pipeline.md has the table and the ablations; accuracies greedy unless said): R1-Zero
-39.0% -> 91.5% (pass@1 at T = 0.6: 32.8% -> 88.8%), unreadable, and longer only because every response now
-reasons (the traces themselves get shorter); the cold start makes 98.5% readable at 8 points of accuracy;
-reasoning RL 85.0%; rejection-sampling SFT 89.5%, readable; all-scenario RL lifts the general prompts' gold
-win-rate 28.5% -> 50.7% (87.5% on reasoning), and without the cap the reward model's score keeps rising while the
-win-rate falls to 30.0%; the distilled student reaches 84.0% and 74.1% pass@1 at T = 1, against 87.5% and 61.1% for
-R1-Zero on the student. The toy does not show reflection growing ("aha"), nor a benefit of the cold start.
+Result (docs/r1_pipeline.md: seeds 0-2 on toy/checks, pass@1 over 8 samples at T = 0.6, mean ± std): R1-Zero
+34.2% -> 88.9 ± 1.2%, unreadable, longer only because every response now reasons, and the base's rare checks gone;
+the cold start makes 99.5% readable at 6.5 points; reasoning RL 86.0%; rejection-sampling SFT 88.9%; all-scenario
+RL keeps 87.4% on reasoning and lifts the general prompts' gold win-rate 28.1% -> 45.3%. On the student, SFT
+distillation (82.0%), R1-Zero at matched and 5x compute (82.0%, 83.6%) and on-policy distillation (82.4%) tie on
+accuracy; the distilled students are readable, the RL ones are not. R1-Zero does not amplify reflection even where
+it has a function (docs/aha.md); the cold start makes stage 2 readable from its first step and 80% accurate about
+18 steps sooner, and ends where RL from the base ends.
 """
 
 from __future__ import annotations
@@ -120,7 +131,7 @@ class R1Zero:
 class ColdStart:
     prompts: int = 400  # training problems sampled 4 times each from the R1-Zero model
     size: int = 300  # readable chains of thought kept from those samples, one per problem
-    rule_written: int = 60  # more written by rule (R1's few-shot prompting), every third with a self-correction
+    rule_written: int = 60  # more written by rule (R1's few-shot prompting), every third checking its hard steps
     epochs: float = 3  # SFT epochs
     lr: float = 1e-3  # SFT learning rate
 
@@ -157,6 +168,8 @@ class Distill:
     epochs: float = 3  # SFT epochs on stage 3's data
     lr: float = 2e-3  # SFT learning rate
     rl_steps: int = 40  # GRPO steps of the baseline, R1-Zero on the student: about the distillation's trained tokens
+    rl_5x: bool = False  # also R1-Zero on the student for 5 x rl_steps (row student_rl_5x)
+    on_policy: bool = True  # also on-policy distillation (row student_opd): rl_steps of grpo --teacher, stage 4's model
 
 
 @dataclass
@@ -175,8 +188,8 @@ class Sampling:
 class Args:
     out_dir: str = "runs/r1_pipeline"
     """a subdirectory per stage; stages.json and stages.md (several --seeds: OUT/seed<k>/ each, the means here)"""
-    base: str = "toy"
-    """the base model ('toy': toy/base)"""
+    base: str = toy.TOY_CHECKS
+    """the base model (default toy/checks, the verification world's; 'toy': toy/base, the original world's)"""
     stages: tuple[str, ...] = STAGES
     """the stages to run; the others they need must be complete here or in --inputs-from"""
     inputs_from: Optional[str] = None
@@ -224,7 +237,8 @@ def annotate(prompt: str, completion: str) -> str | None:
         if cleaned not in ("", "wait") and step is None:
             return None
         text = "{}{}{}={}".format(*step) if step else cleaned
-        if text and (text == "wait" or text not in steps):
+        if text and (text == "wait" or text not in steps or (  # a units-digit check may repeat an earlier one's text
+                steps and env.is_check_of(env.parse_step(steps[-1]), step))):
             steps.append(text)
     answer = env.extract_answer(completion)
     trace = f"<think>{','.join(steps)}</think>{prompt}={answer}<answer>{answer}</answer>"
@@ -312,6 +326,10 @@ def measure(args: Args, model_path: str) -> dict:
     languages = [v for v in env.language_consistency_reward(greedy, language="digits") if v is not None]
     wins = env.gold_win_reward(texts, prompt=[r["prompt"] for r in general for _ in range(4)],
                                reference=[r["reference"] for r in general for _ in range(4)])
+    reflection = toy.trace_stats(reasoning_samples, [r["answer"] for r in rows for _ in range(R1_SAMPLES)],
+                                 [r["prompt"] for r in rows for _ in range(R1_SAMPLES)])  # the verification world's
+    metrics.update({f"eval/{k}": reflection[k] for k in ("check_share", "wait_share", "p_wait_wrong_step",
+                                                        "p_correct_wait", "accuracy_hard2", "reasoning_length")})
     return {**metrics, "eval/language_consistency": sum(languages) / max(1, len(languages)),
             "eval/readability": sum(map(env.is_readable, greedy)) / len(greedy),
             "eval/gold_win_rate": sum(wins) / len(wins), "eval/harmful_share": sum(map(env.harmful, texts)) / len(texts),
@@ -335,8 +353,9 @@ def run(main, script_args) -> str:
     return result.final_dir
 
 
-def grpo_run(args: Args, out_dir: str, model: str, steps: int, lr: float, dataset: str, rewards: dict) -> str:
-    return run(grpo.main, grpo.Args(
+def grpo_run(args: Args, out_dir: str, model: str, steps: int, lr: float, dataset: str, rewards: dict,
+             **extra) -> str:
+    return run(grpo.main, grpo.Args(**extra,
         model=model, dataset=dataset, eval_dataset=data_file(args, "reasoning_test"), rewards=tuple(rewards),
         reward_weights=tuple(rewards.values()), out_dir=out_dir, seed=args.seed, max_steps=steps, lr=lr,
         max_new_tokens=args.max_new_tokens, eval_every=20, eval_samples=0, eval_size=args.eval_size, save_every=10,
@@ -395,7 +414,7 @@ def cold_start(args: Args, path: str, done: dict) -> dict:
             readable = env.accuracy_reward([text], answer=[row["answer"]])[0] and annotate(row["prompt"], text)
             if readable and row["prompt"] not in chosen and len(chosen) < c.size:
                 chosen[row["prompt"]] = sft_row(row["prompt"], readable, row["answer"])
-        written = [sft_row(r["prompt"], toy.readable_trace(r["prompt"], 0 if i % 3 == 0 else None), r["answer"])
+        written = [sft_row(r["prompt"], toy.readable_trace(r["prompt"], checks=i % 3 == 0), r["answer"])
                    for i, r in enumerate(env.make_dataset("arithmetic", "train", c.rule_written, args.seed + 2))]
         write_jsonl(data, list(chosen.values()) + written)
         print(f"cold start: {len(chosen)} annotated R1-Zero samples + {len(written)} written by rule")
@@ -471,13 +490,24 @@ def all_scenarios(args: Args, path: str, done: dict) -> dict:
 
 
 def distill(args: Args, path: str, done: dict) -> dict:
-    """Stage 5: SFT of the smaller student on stage 3's data; beside it the paper's baseline, R1-Zero straight on
-    the student, measured as a row of its own."""
-    model = sft_run(args, os.path.join(path, "sft"), args.distill.student, done["rejection_sft"]["data"],
-                    args.distill.epochs, args.distill.lr)
-    t0 = time.time()
-    baseline = r1_zero(args, os.path.join(path, "student_rl"), done, args.distill.student, args.distill.rl_steps)
-    return {"model": model, "student_rl": {"metrics": measure(args, baseline["model"]), "wall_s": time.time() - t0}}
+    """Stage 5: SFT of the smaller student on stage 3's data; beside it, each measured as a row of its own, the
+    paper's baseline, R1-Zero straight on the student (rl_steps, and 5x that with rl_5x), and on-policy distillation:
+    the student samples, stage 4's model (the teacher, R1) scores every token of it, the reward the per-token
+    reverse KL (grpo.py --teacher), no task reward, for rl_steps."""
+    c = args.distill
+    model = sft_run(args, os.path.join(path, "sft"), c.student, done["rejection_sft"]["data"], c.epochs, c.lr)
+    arms = {"student_rl": lambda out: r1_zero(args, out, done, c.student, c.rl_steps)["model"]}
+    if c.rl_5x:
+        arms["student_rl_5x"] = lambda out: r1_zero(args, out, done, c.student, 5 * c.rl_steps)["model"]
+    if c.on_policy:
+        arms["student_opd"] = lambda out: grpo_run(
+            args, out, c.student, c.rl_steps, args.r1_zero.lr, data_file(args, "reasoning_train"),
+            {"accuracy": 0.0, "format": 0.0}, teacher=done["all_scenarios"]["model"])
+    record = {"model": model}
+    for name, train in arms.items():
+        t0 = time.time()
+        record[name] = {"metrics": measure(args, train(os.path.join(path, name))), "wall_s": time.time() - t0}
+    return record
 
 
 def run_stage(args: Args, name: str, done: dict) -> dict:
@@ -486,7 +516,7 @@ def run_stage(args: Args, name: str, done: dict) -> dict:
     print(f"\n==== stage {STAGES.index(name)}: {name} -> {path}", flush=True)
     record = globals()[name](args, path, done)
     record.update(stage=name, metrics=measure(args, record["model"]),
-                  wall_s=time.time() - t0 - record.get("student_rl", {}).get("wall_s", 0.0))
+                  wall_s=time.time() - t0 - sum(record.get(arm, {}).get("wall_s", 0.0) for arm in STUDENT_ARMS))
     write_jsonl(os.path.join(path, "STAGE_DONE.json"), [record])
     return record
 
@@ -496,6 +526,7 @@ def run_stage(args: Args, name: str, done: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 COLUMNS = {PASS_AT_1: "pass@1 T=0.6", "eval/accuracy": "greedy", "eval/pass@1_k4_t1.0": "pass@1 T=1",
+           "eval/accuracy_hard2": "2 hard steps", "eval/check_share": "checks", "eval/wait_share": "waits",
            "eval/language_consistency": "language", "eval/readability": "readable", "eval/response_length": "length",
            "eval/rm_score": "RM score", "eval/gold_win_rate": "gold win", "wall_s": "wall s"}
 # Each stage against the row before it (R1-Zero against the base, the cold start against R1-Zero, the student
@@ -507,15 +538,17 @@ PAPER = {"r1_zero": {PASS_AT_1: "↑", "eval/response_length": "↑", "eval/read
          "reasoning_rl": {PASS_AT_1: "↑", "eval/language_consistency": "↑, costs a little accuracy"},
          "rejection_sft": {PASS_AT_1: "↑", "eval/readability": "kept"},
          "all_scenarios": {PASS_AT_1: "kept", "eval/rm_score": "↑", "eval/gold_win_rate": "↑"},
-         "distill": {PASS_AT_1: "most of the teacher's"}, "student_rl": {PASS_AT_1: "< distilled"}}
+         "distill": {PASS_AT_1: "most of the teacher's"}, "student_rl": {PASS_AT_1: "< distilled"},
+         "student_rl_5x": {PASS_AT_1: "< distilled"}}
+STUDENT_ARMS = ("student_rl", "student_rl_5x", "student_opd")  # stage 5's rows beside the distilled student
 
 
 def stage_table(args: Args, done: dict) -> list[dict]:
     """stages.json (one object per stage, and the base models) and stages.md; printed."""
     rows = [("base", args.base)] + [(name, done[name]) for name in STAGES if name in done]
-    rows += [("student_base", args.distill.student), ("student_rl", {**done["distill"]["student_rl"],
-                                                                     "from": done["distill"].get("from")})] \
-        if "distill" in done else []
+    rows += [("student_base", args.distill.student)] + [
+        (arm, {**done["distill"][arm], "from": done["distill"].get("from")}) for arm in STUDENT_ARMS
+        if arm in done["distill"]] if "distill" in done else []
     cache_file = os.path.join(args.out_dir, "base_models.json")
     cache = json.load(open(cache_file)) if os.path.exists(cache_file) else {}  # base models measured once
     reward_model = done.get("all_scenarios", {}).get("reward_model")
@@ -523,8 +556,8 @@ def stage_table(args: Args, done: dict) -> list[dict]:
     prompts = [r["prompt"] for r in held_out(args)[1] for _ in range(4)]
     table = []
     for name, record in rows:
-        if isinstance(record, str):  # a base model: measured once (again if measured before pass@1 at T = 0.6)
-            if PASS_AT_1 not in cache.get(name, {}).get("metrics", {}):
+        if isinstance(record, str):  # a base model: measured once (again if measured before the reflection measures)
+            if "eval/check_share" not in cache.get(name, {}).get("metrics", {}):
                 cache[name] = {"metrics": measure(args, record)}
             record = cache[name]
         metrics = {k: v for k, v in record["metrics"].items() if k not in SAMPLE_KEYS}
@@ -566,8 +599,9 @@ def write_markdown(args: Args, table: list[dict], cell, note: str = "") -> None:
 
 def mean_and_spread(values: list) -> dict:
     """{"mean", "std", "values"}: the mean and the sample standard deviation (n - 1 in the denominator) of the
-    values present (None: missing), each None without enough of them (one for the mean, two for the spread)."""
-    present = [v for v in values if v is not None]
+    values present (None or nan: missing, e.g. P(correct | wait) of a seed whose samples never wait), each None
+    without enough of them (one for the mean, two for the spread)."""
+    present = [v for v in values if v is not None and v == v]
     return {"mean": statistics.mean(present) if present else None,
             "std": statistics.stdev(present) if len(present) > 1 else None, "values": values}
 

@@ -830,6 +830,44 @@ def parse_step(step: str) -> tuple[int, str, int, int] | None:
     return read_number(a), op, read_number(b), read_number(c)
 
 
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def is_hard(a: int, op: str, b: int) -> bool:
+    """A hard step: an operand of two digits or more, operands and true result >= 0 ("7+12", "12*7", "23-5"). In the
+    toy's verification world (toy_world.TOY_WORLDS) these are where slips happen and what a check follows."""
+    return min(a, b, _OPS[op](a, b)) >= 0 and max(a, b) >= 10
+
+
+def check_step(a: int, op: str, b: int, written: int) -> tuple[list, bool]:
+    """The units-digit check of the hard step a op b = written: ([x, op, y, "=", r], whether it passes). For + and *
+    the units digits of a and b combined, whose units digit must be written's ("12*7=84" -> "2*7=14"); for - the
+    inverse, written's units digit plus b's, whose units digit must be a's ("23-5=18" -> "8+5=13"). A slip of 1-3
+    always changes the units digit, so a slipped step always fails its check."""
+    if op == "-":
+        x, check_op, y, target = written % 10, "+", b % 10, a
+    else:
+        x, check_op, y, target = a % 10, op, b % 10, written
+    r = _OPS[check_op](x, y)
+    return [x, check_op, y, "=", r], r % 10 == target % 10
+
+
+def verdict_step(a: int, op: str, b: int, written: int) -> list:
+    """The check's verdict, written as a step: the units digit the check expects minus the one written ("12*7=82",
+    check "2*7=14", verdict "4-2=2"); 0 when the check passes ("4-4=0")."""
+    check = check_step(a, op, b, written)[0]
+    x, y = check[4] % 10, (a if op == "-" else written) % 10
+    return [x, "-", y, "=", x - y]
+
+
+def is_check_of(step: tuple | None, item: tuple | None, verdict: bool = False) -> bool:
+    """The parsed item is the units-digit check (check_step's operands) of the parsed hard step before it, or with
+    verdict=True the check's verdict (verdict_step's operands)."""
+    if step is None or item is None or None in step or not is_hard(*step[:3]):
+        return False
+    return tuple(item[:3]) == tuple((verdict_step if verdict else lambda *x: check_step(*x)[0])(*step)[:3])
+
+
 def readability_problems(text: str) -> list[str]:
     """Why a response is not a readable chain of thought in R1's format; [] when it is. "layout": not exactly
     <think>reasoning</think>summary<answer>answer</answer> (a direct answer has no reasoning to read); "junk": a
@@ -845,7 +883,10 @@ def readability_problems(text: str) -> list[str]:
     items = reasoning.split(",")
     kinds = ["wait" if s == "wait" else "step" if _STEP.fullmatch(s) else "long step" if _LONG_STEP.fullmatch(s)
              else "junk" for s in items]
-    steps = [s for s, kind in zip(items, kinds) if kind != "wait"]
+    parsed = [parse_step(s) if kind == "step" else None for s, kind in zip(items, kinds)]
+    steps = [s for i, (s, kind) in enumerate(zip(items, kinds))  # a check or verdict may repeat an earlier one's
+             if kind != "wait" and not (i and is_check_of(parsed[i - 1], parsed[i]))
+             and not (i > 1 and is_check_of(parsed[i - 2], parsed[i], verdict=True))]
     problems = [p for p in ("junk", "long step") if p in kinds]
     if len(set(steps)) < len(steps):
         problems.append("repeat")
@@ -1776,8 +1817,8 @@ def score(rollout: Rollout, reward_fns, weights, *, reward_timeout_s: float | No
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     """The diagnostics every run should log for a scored rollout (this rank's; all-reduce with
-    rl_kernels.reduce_metrics): reward, accuracy, lengths split by correctness, truncation, reasoning and reflection
-    shares, and each reward's mean. rollout/reward_sq_mean is there so that the std can be formed after the mean."""
+    rl_kernels.reduce_metrics): reward, accuracy, lengths split by correctness, truncation, reasoning, reflection and
+    readable (rlvr_rewards.is_readable) shares, and each reward's mean. rollout/reward_sq_mean is there so that the std can be formed after the mean."""
     gen, rewards = rollout.gen, rollout.rewards
     lengths = gen.mask.sum(-1).float().cpu()
     correct = torch.tensor(rollout.correct, dtype=torch.bool)
@@ -1787,6 +1828,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
          "rollout/truncated_share": gen.truncated.float().mean().item(),
          "rollout/reasoning_share": sum(map(reasons, rollout.completions)) / n,
          "rollout/reflection_share": sum(map(reflects, rollout.completions)) / n,
+         "rollout/readable_share": sum(map(is_readable, rollout.completions)) / n,  # R1's format (the toy's)
          "rollout/length_correct": lengths[correct].mean().item() if correct.any() else float("nan"),
          "rollout/length_incorrect": lengths[~correct].mean().item() if (~correct).any() else float("nan")}
     for name, values in rollout.per_reward.items():

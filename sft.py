@@ -104,7 +104,8 @@ class SFTArgs:
     tokenizer: Optional[str] = None
     """tokenizer for --init-from-config (default: the toy character tokenizer)"""
     dataset: str = None
-    """'toy' (the toy base model's corpus), 'arithmetic' (correct readable traces: a cold start), or a .jsonl"""
+    """'toy' (the toy base model's corpus), a corpus of toy_world.TOY_WORLDS ('toy-checks', the verification world,
+    and its controls), 'arithmetic' (correct readable traces: a cold start), or a .jsonl"""
     eval_dataset: Optional[str] = None
     """held-out .jsonl (default: the built-in test split, or --eval-size rows held out of the training file)"""
     num_examples: int = None
@@ -215,12 +216,17 @@ def sft_row(row, where: str = "", line: int = 0) -> dict:
     return {"prompt": prompt, "completion": completion, "answer": row.get("answer")}
 
 
+def built_in(args: Args) -> bool:
+    """--dataset names a built-in toy corpus (toy_world.toy_corpus), not a file."""
+    return args.dataset in toy.TOY_WORLDS or args.dataset == "arithmetic"
+
+
 def load_data(args: Args) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows) for --dataset / --eval-dataset."""
-    if args.dataset in ("toy", "arithmetic"):
-        only = args.dataset == "arithmetic"
-        return (toy.toy_corpus(args.num_examples, args.seed, "train", only),
-                toy.toy_corpus(args.eval_size, args.seed, "test", only))
+    if built_in(args):
+        only, world = args.dataset == "arithmetic", "toy" if args.dataset == "arithmetic" else args.dataset
+        return (toy.toy_corpus(args.num_examples, args.seed, "train", only, world),
+                toy.toy_corpus(args.eval_size, args.seed, "test", only, world))
     rows = env.read_jsonl(args.dataset, sft_row)
     if args.eval_dataset:
         return rows, env.read_jsonl(args.eval_dataset, sft_row)
@@ -289,7 +295,7 @@ def check_lengths(args: Args, eval_rows: list[dict], device: torch.device):
     longest = env.check_context(tokenizer, answered, context=context, max_new_tokens=args.max_new_tokens,
                                 source="the held-out set", template="plain")
     uses = {"evaluation": min(args.batch_size, -(-len(answered) // K.get_world_size()))}
-    if args.dataset in ("toy", "arithmetic"):  # toy_world.evaluate_toy: 256 prompts a call, 4 samples each
+    if built_in(args):  # toy_world.evaluate_toy: 256 prompts a call, 4 samples each
         uses["toy evaluation"] = min(256, args.eval_size) * 4
     env.check_kv_memory(config, uses, -(-longest // 16) * 16 + args.max_new_tokens,
                         K.resolve_precision(args.dtype, args.master_dtype, device)[0], device,
@@ -427,7 +433,7 @@ def main(args: Args) -> runs.RunResult:
                        "train/epoch": (step + 1) * args.batch_size / len(train),
                        "perf/tokens_per_s": sum(len(e["input_ids"]) for e in batch) / (time.perf_counter() - tick)}
             session.end_step(step + 1, metrics, postfix=dict(loss="train/loss", acc="eval/accuracy"))
-        if session.info.is_main and args.dataset in ("toy", "arithmetic"):
+        if session.info.is_main and built_in(args):
             toy_world_report(args, session.final_dir, tokenizer, device, session)
         K.barrier()
     return session.result()

@@ -22,6 +22,13 @@ of the rows are general prompts (greetings, "make 12", "bigger: 7 or 12") with r
 rlvr_rewards' hidden gold preference ranks. The result is a base model for R1-Zero: usually answers directly and is
 often wrong, sometimes reasons, and is much better when it does.
 
+The verification world (TOY_WORLDS, docs/aha.md): the same corpus, except that steps with a two-digit operand
+slip (off by 1-3, the error propagating), and some traces check each such step on units digits ("12*7=84,2*7=14")
+and write "wait" and redo the step exactly when the check fails, so that reflection has a function; three
+controls change one thing each (no checks; "wait" at random; a redo wrong half the time). Their bases, toy/checks,
+toy/no_checks, toy/random_wait and toy/wrong_redo, are continued pretraining of toy/base (toy/README.md has the
+commands); trace_stats reads checks, waits and redos back out of samples.
+
 Rebuilding the models (15-65 min each on one CPU core; sft.py's presets):
     OMP_NUM_THREADS=1 python sft.py --preset toy_base       # toy/base, exported only if it meets TOY_TARGETS
     OMP_NUM_THREADS=1 python sft.py --preset toy_student    # toy/student, which r1_pipeline.py distils into
@@ -53,6 +60,7 @@ import rlvr_rewards as env
 
 TOY_BASE = K.TOY_BASE  # toy/base: what rl_kernels.load_model("toy") loads
 TOY_STUDENT = os.path.join(os.path.dirname(TOY_BASE), "student")
+TOY_CHECKS = os.path.join(os.path.dirname(TOY_BASE), "checks")  # the verification world's base (r1_pipeline's)
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer and model sizes
@@ -138,6 +146,32 @@ TOY_TARGETS = dict(greedy_accuracy=(0.2, 0.5), reasoning_share=(0.15, 0.5), gree
                    reflection_share=(0.002, 0.2), general_gold_win_rate=(0.05, 0.8))
 JUNK = ("#", "~~", "??", "..", "%", "@")
 
+# The verification world (the "aha moment" with a function) and its controls: the TOY_RECIPE corpus, except that
+# reasoning traces come from verification_trace instead of toy_trace. A *hard* step has an operand of two digits or
+# more (operands, result >= 0: "7+12=19", "12*7=84", "23-5=18"); each hard step slips (its result off by 1-3, the
+# error propagating) with probability hard_slip, in every language. In `check` of the reasoning traces every hard
+# step is followed by a cheap visible check on units digits (check_step: "12*7=84,2*7=14" -- the 4s agree;
+# "23-5=18,8+5=13" -- the inverse, whose 3 must be 23's) and its verdict, the expected units digit minus the
+# written one (verdict_step: "4-4=0"; "12*7=82,2*7=14,4-2=2" fails), and then:
+#   wait="check"   "wait" exactly when the check fails, and the step redone without the first pass's slip
+#                  ("wait,12*7=84"), wrong with probability redo_error;
+#   wait="random"  "wait" (and the redo) with probability hard_slip after any check, failed or not: reflection as
+#                  form without function, like the staged "wait" of TOY_RECIPE.
+# Worlds: "toy-checks" (the main world), and the controls "toy-no-checks" (a: no checks, so no wait),
+# "toy-random-wait" (b) and "toy-wrong-redo" (c: the redo is wrong half the time). The staged reflection of
+# TOY_RECIPE is off in all four, so every "wait" in them is the one the world defines.
+VERIFICATION = dict(TOY_RECIPE, reflection=0.0, merged=0.0, hard_slip=0.25, check=0.15, wait="check",
+                    redo_error=0.0)
+TOY_WORLDS = {"toy": TOY_RECIPE, "toy-checks": VERIFICATION,
+              "toy-no-checks": dict(VERIFICATION, check=0.0),
+              "toy-random-wait": dict(VERIFICATION, wait="random"),
+              "toy-wrong-redo": dict(VERIFICATION, redo_error=0.5)}
+# The first phase of the bases' build (toy/README.md): the same worlds with checks in 60% of reasoning traces, so a
+# 0.8M-parameter model sees enough failed checks to learn the trigger; the second phase makes checks rare again.
+TOY_WORLDS.update({f"{name}-often": dict(recipe, check=0.6 if recipe["check"] else 0.0)
+                   for name, recipe in list(TOY_WORLDS.items()) if name != "toy"})
+SLIPS = (-3, -2, -1, 1, 2, 3)
+
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
@@ -172,24 +206,15 @@ def _merge(items: list[list]) -> list[list]:
     return items
 
 
-def toy_trace(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -> str:
-    """A reasoning completion of the toy corpus (see TOY_RECIPE): language, errors, reflection, messiness, summary."""
-    operands, ops = parse_arithmetic(prompt)
+def _language(rng: random.Random, recipe: dict) -> str:
     roll = rng.random()
-    language = "letters" if roll < recipe["letters"] else "mixed" if roll < recipe["letters"] + recipe["mixed"] \
+    return "letters" if roll < recipe["letters"] else "mixed" if roll < recipe["letters"] + recipe["mixed"] \
         else "digits"
-    reflect = rng.random() < recipe["reflection"]
-    error_step, error = -1, 0
-    if not reflect and rng.random() < recipe["step_error" if language == "digits" else "other_language_step_error"]:
-        error_step, error = rng.randrange(len(ops)), rng.choice([-3, -2, -1, 1, 2, 3])
-    steps = [list(env.parse_step(s)) for s in arithmetic_trace(operands, ops, error_step, error)]
-    answer = steps[-1][3]
-    items = [[a, op, b, "=", c] for a, op, b, c in steps]
-    if reflect:  # a step written wrong, noticed, redone
-        i = rng.randrange(len(items))
-        items[i:i] = [items[i][:4] + [items[i][4] + rng.choice([-2, -1, 1, 2])], ["wait"]]
-    elif rng.random() < recipe["merged"]:
-        items = _merge(items)
+
+
+def _finish(prompt: str, items: list[list], answer: int, language: str, rng: random.Random, recipe: dict) -> str:
+    """The rest of a reasoning completion from its items: messiness (a repeated step, junk), the language(s) the
+    numbers are written in, the think block, the summary and the answer."""
     if rng.random() < recipe["repeat"]:
         i = rng.choice([j for j, item in enumerate(items) if item != ["wait"]])
         items.insert(i + 1, items[i])
@@ -209,14 +234,80 @@ def toy_trace(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -> str
     return f"<think>{reasoning}</think>{summary}<answer>{answer}</answer>"
 
 
-def readable_trace(prompt: str, reflect_at: int | None = None) -> str:
+def toy_trace(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -> str:
+    """A reasoning completion of the toy corpus (see TOY_RECIPE): language, errors, reflection, messiness, summary."""
+    operands, ops = parse_arithmetic(prompt)
+    language = _language(rng, recipe)
+    reflect = rng.random() < recipe["reflection"]
+    error_step, error = -1, 0
+    if not reflect and rng.random() < recipe["step_error" if language == "digits" else "other_language_step_error"]:
+        error_step, error = rng.randrange(len(ops)), rng.choice([-3, -2, -1, 1, 2, 3])
+    steps = [list(env.parse_step(s)) for s in arithmetic_trace(operands, ops, error_step, error)]
+    answer = steps[-1][3]
+    items = [[a, op, b, "=", c] for a, op, b, c in steps]
+    if reflect:  # a step written wrong, noticed, redone
+        i = rng.randrange(len(items))
+        items[i:i] = [items[i][:4] + [items[i][4] + rng.choice([-2, -1, 1, 2])], ["wait"]]
+    elif rng.random() < recipe["merged"]:
+        items = _merge(items)
+    return _finish(prompt, items, answer, language, rng, recipe)
+
+
+is_hard, check_step, verdict_step = env.is_hard, env.check_step, env.verdict_step  # hard steps, checks (rlvr_rewards)
+
+
+def _off(value: int, slip: int) -> int:
+    """value + slip, kept >= 0 (a slip the other way when it would cross zero)."""
+    return value + slip if value + slip >= 0 else value - slip
+
+
+def verification_trace(prompt: str, rng: random.Random, recipe: dict = VERIFICATION) -> str:
+    """A reasoning completion of the verification world (VERIFICATION, TOY_WORLDS): slips on hard steps that
+    propagate, and in `check` of the traces a check after every hard step, then "wait" and a redo when the world
+    says so (on a failed check, or at random), right unless the world's redo_error strikes."""
+    operands, ops = parse_arithmetic(prompt)
+    language = _language(rng, recipe)
+    checks = rng.random() < recipe["check"]
+    error_step, error = -1, 0  # TOY_RECIPE's premise: digit traces err more (on any step)
+    if rng.random() < recipe["step_error" if language == "digits" else "other_language_step_error"]:
+        error_step, error = rng.randrange(len(ops)), rng.choice(SLIPS)
+    nums, pending, items, value = list(operands), list(ops), [], 0
+    for k in range(len(ops)):
+        i = pending.index("*") if "*" in pending else 0
+        a, b, op = nums[i], nums[i + 1], pending.pop(i)
+        hard = is_hard(a, op, b)
+        slip = error if k == error_step else rng.choice(SLIPS) if hard and rng.random() < recipe["hard_slip"] else 0
+        value = _off(OPS[op](a, b), slip) if hard else OPS[op](a, b) + slip
+        items.append([a, op, b, "=", value])
+        if checks and hard:
+            check, passed = check_step(a, op, b, value)
+            items += [check, verdict_step(a, op, b, value)]
+            if not passed if recipe["wait"] == "check" else rng.random() < recipe["hard_slip"]:
+                slip = rng.choice(SLIPS) if rng.random() < recipe["redo_error"] else 0
+                value = _off(OPS[op](a, b), slip)
+                items += [["wait"], [a, op, b, "=", value]]  # the step redone, without the first pass's slip
+        nums[i:i + 2] = [value]
+    return _finish(prompt, items, value, language, rng, recipe)
+
+
+def readable_trace(prompt: str, reflect_at: int | None = None, checks: bool = False) -> str:
     """The correct trace in R1's readable format, <think>3*4=12,7+12=19,19-2=17</think>7+3*4-2=17<answer>17</answer>;
-    reflect_at: step i is first written off by one, then "wait", then redone (a worked self-correction)."""
+    reflect_at: step i is first written off by one, then "wait", then redone (a staged self-correction); checks:
+    every hard step followed by its units-digit check (the verification world's, check_step: 7+12=19,7+2=9)."""
     steps = arithmetic_trace(*parse_arithmetic(prompt))
+    answer = steps[-1].split("=")[1]
+    if checks:
+        checked = []
+        for step in steps:
+            checked.append(step)
+            parsed = env.parse_step(step)
+            if is_hard(*parsed[:3]):
+                checked += ["{}{}{}={}".format(*[x for x in item if x != "="])
+                            for item in (check_step(*parsed)[0], verdict_step(*parsed))]
+        steps = checked
     if reflect_at is not None:
         a, op, b, c = env.parse_step(steps[reflect_at])
         steps[reflect_at:reflect_at] = [f"{a}{op}{b}={c + 1}", "wait"]
-    answer = steps[-1].split("=")[1]
     return f"<think>{','.join(steps)}</think>{prompt}={answer}<answer>{answer}</answer>"
 
 
@@ -280,7 +371,7 @@ def toy_completion(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -
     p_reason = (recipe["reason_base"] + recipe["reason_per_operand"] * (len(operands) - 3)
                 + recipe["reason_precedence"] * precedence)
     if rng.random() < p_reason:
-        return toy_trace(prompt, rng, recipe)
+        return (verification_trace if "hard_slip" in recipe else toy_trace)(prompt, rng, recipe)
     correct = int(arithmetic_trace(operands, ops)[-1].split("=")[1])
     left_to_right = operands[0]  # the precedence-blind mistake
     for op, b in zip(ops, operands[1:]):
@@ -294,22 +385,23 @@ def toy_completion(prompt: str, rng: random.Random, recipe: dict = TOY_RECIPE) -
     return f"<answer>{answer}</answer>"
 
 
-def toy_corpus(n: int, seed: int, split: str = "train", reasoning_only: bool = False) -> list[dict]:
+def toy_corpus(n: int, seed: int, split: str = "train", reasoning_only: bool = False, world: str = "toy") -> list[dict]:
     """n rows {prompt: [user message], completion, answer} over distinct arithmetic problems of the split, plus (not
     reasoning_only) general-prompt rows, `general` of the total, drawn kind by kind with replacement.
-    reasoning_only: clean readable traces only (the 'arithmetic' dataset, for an R1-style cold start)."""
-    rng = random.Random(seed)
+    reasoning_only: clean readable traces only (the 'arithmetic' dataset, for an R1-style cold start); world: a
+    corpus of TOY_WORLDS ("toy": TOY_RECIPE's, the toy base's; "toy-checks" and its controls)."""
+    recipe, rng = TOY_WORLDS[world], random.Random(seed)
     rows = []
     for row in env.make_dataset("arithmetic", split=split, n=n, seed=seed):
-        completion = readable_trace(row["prompt"]) if reasoning_only else toy_completion(row["prompt"], rng)
+        completion = readable_trace(row["prompt"]) if reasoning_only else toy_completion(row["prompt"], rng, recipe)
         rows.append({"prompt": [{"role": "user", "content": row["prompt"]}], "completion": completion,
                      "answer": row["answer"]})
     if not reasoning_only:
-        for _ in range(round(n * TOY_RECIPE["general"] / (1 - TOY_RECIPE["general"]))):
+        for _ in range(round(n * recipe["general"] / (1 - recipe["general"]))):
             kind = rng.choice(("greeting", "expression", "comparison"))
             prompt = rng.choice(env.general_prompts(kind, split))
             rows.append({"prompt": [{"role": "user", "content": prompt}],
-                         "completion": toy_general_completion(prompt, rng), "answer": None})
+                         "completion": toy_general_completion(prompt, rng, recipe), "answer": None})
     return rows
 
 
@@ -332,6 +424,12 @@ def generate_completions(model, tokenizer, prompts: list, *, temperature: float 
     return texts
 
 
+# trace_stats' measures that evaluate_toy reports (on its T=1 samples).
+REFLECTION_KEYS = ("check_share", "wait_share", "p_wait_wrong_step", "p_wait_right_step", "p_wait_failed_check",
+                   "p_wait_passed_check", "p_correct_wait", "p_correct_wrong_no_wait", "reasoning_length",
+                   "accuracy_hard2")
+
+
 def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4, max_new_tokens: int = 64) -> dict:
     """The toy world's numbers on n held-out arithmetic problems (rlvr_rewards test split drawn with `seed`; the
     defaults are the problems of toy/base/toy_stats.json) and n/4 held-out general prompts, bare prompts in the chat
@@ -347,6 +445,7 @@ def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4
       readable_share            share of the reasoning samples that are readable (rlvr_rewards.is_readable)
       reflection_share          share of all samples with a self-correction ("wait")
       general_gold_win_rate     greedy responses to general prompts against their references (gold preference)
+      and REFLECTION_KEYS       trace_stats of the samples (the verification world's checks and waits)
     plus n_problems and n_samples."""
     rows = env.make_dataset("arithmetic", split="test", n=n, seed=seed)
     prompts = [[{"role": "user", "content": row["prompt"]}] for row in rows]
@@ -377,7 +476,109 @@ def evaluate_toy(model, tokenizer, n: int = 256, seed: int = 1, samples: int = 4
              "general_gold_win_rate": mean(env.gold_win_reward(
                  general_texts, prompt=[r["prompt"] for r in general], reference=[r["reference"] for r in general]))}
     stats["reasoning_gap"] = stats["accuracy_with_reasoning"] - stats["accuracy_without_reasoning"]
+    reflection = trace_stats(sampled, [a for a in answers for _ in range(samples)],
+                             [row["prompt"] for row in rows for _ in range(samples)])
+    stats.update({k: reflection[k] for k in REFLECTION_KEYS})
     return {**stats, "n_problems": n, "n_samples": n * samples}
+
+
+def read_trace(text: str) -> list[dict]:
+    """The think block of a response, item by item, as the verification world reads it: each main step (the
+    problem's evaluation, first pass) {"step": (a, op, b, c), "wrong": c != a op b, "hard": is_hard, "check": None
+    or whether its check passed (the item after a hard step that is check_step's operands; its verdict, if written,
+    is skipped), "wait": whether "wait" follows (after the check), "redo_right": None or whether the step rewritten
+    after the wait is right}. Items that are neither steps, checks, waits nor redos (junk, long steps) are skipped.
+    A next step that happens to have a check's operands is read as a check (rarely: "12-9=5,5+9=14")."""
+    items = text.partition("<think>")[2].partition("</think>")[0].split(",")
+    steps, i = [], 0
+    while i < len(items):
+        parsed = env.parse_step(items[i])
+        i += 1
+        if parsed is None:
+            continue
+        a, op, b, c = parsed
+        if None in parsed:
+            continue
+        hard = is_hard(a, op, b)
+        entry = {"step": parsed, "wrong": c != OPS[op](a, b), "hard": hard, "check": None, "wait": False,
+                 "redo_right": None}
+        if hard and i < len(items) and env.is_check_of(parsed, env.parse_step(items[i])):
+            r = env.parse_step(items[i])[3]
+            entry["check"] = r is not None and r % 10 == (a if op == "-" else c) % 10
+            i += 1
+            if i < len(items) and env.is_check_of(parsed, env.parse_step(items[i]), verdict=True):
+                i += 1  # the verdict ("4-2=2")
+        while i < len(items) and env.parse_step(items[i]) is None and items[i].strip() != "wait":
+            i += 1  # junk between a step and its "wait"
+        if i < len(items) and items[i].strip() == "wait":
+            entry["wait"], i = True, i + 1
+            redo = env.parse_step(items[i]) if i < len(items) else None
+            if redo is not None and None not in redo and tuple(redo[:3]) == (a, op, b):  # the step rewritten
+                entry["redo_right"], i = redo[3] == OPS[op](a, b), i + 1
+        steps.append(entry)
+    return steps
+
+
+def hard_steps(prompt: str) -> int:
+    """How many steps of the problem's correct evaluation are hard (is_hard)."""
+    operands, ops = parse_arithmetic(prompt)
+    return sum(is_hard(*env.parse_step(s)[:3]) for s in arithmetic_trace(operands, ops))
+
+
+def token_count(text: str) -> int:
+    """Tokens of a toy response: one per character, the four R1 tags one each."""
+    return len(re.sub("|".join(map(re.escape, TOY_TAGS)), "#", text))
+
+
+def trace_stats(completions: list[str], answers: list | None, prompts: list[str], correct: list | None = None) -> dict:
+    """Reflection as the verification world defines it, measured on samples (prompt-aligned lists; prompts are
+    the bare problems; correct: the verdicts, when known, instead of answers). Returns floats (nan where a
+    conditioning set is empty):
+      reasoning_share             samples that reason (a think block)
+      check_share, wait_share     reasoning samples with a check, with a "wait"
+      check_rate                  hard first-pass steps followed by their check
+      p_wait_wrong_step           P(wait | a first-pass step is wrong), and p_wait_right_step beside it
+      p_wait_failed_check         P(wait | the check failed), and p_wait_passed_check
+      p_redo_right                P(the redo's value is right | wait)
+      p_correct_wait              P(answer right | the sample waits)
+      p_correct_wrong_no_wait     P(answer right | a first-pass step is wrong and the sample never waits)
+      p_correct_reasoning         accuracy of the reasoning samples
+      reasoning_length            mean tokens of the reasoning samples (token_count)
+      accuracy, accuracy_hard2    accuracy of all samples, and on problems with >= 2 hard steps
+    and n_samples, n_reasoning."""
+    correct = [float(c) for c in correct] if correct is not None else env.accuracy_reward(completions, answer=answers)
+    reasoning, hard2 = [], []
+    steps_all = []
+    for text, ok, prompt in zip(completions, correct, prompts):
+        if hard_steps(prompt) >= 2:
+            hard2.append(ok)
+        if env.reasons(text):
+            steps = read_trace(text)
+            reasoning.append((text, ok, steps))
+            steps_all += steps
+
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values) if values else float("nan")
+
+    waits = [any(s["wait"] for s in steps) for _, _, steps in reasoning]
+    wrong = [any(s["wrong"] for s in steps) for _, _, steps in reasoning]
+    return {
+        "reasoning_share": mean(env.reasons(t) for t in completions),
+        "check_share": mean(any(s["check"] is not None for s in steps) for _, _, steps in reasoning),
+        "wait_share": mean(waits),
+        "check_rate": mean(s["check"] is not None for s in steps_all if s["hard"]),
+        "p_wait_wrong_step": mean(s["wait"] for s in steps_all if s["wrong"]),
+        "p_wait_right_step": mean(s["wait"] for s in steps_all if not s["wrong"]),
+        "p_wait_failed_check": mean(s["wait"] for s in steps_all if s["check"] is False),
+        "p_wait_passed_check": mean(s["wait"] for s in steps_all if s["check"] is True),
+        "p_redo_right": mean(s["redo_right"] for s in steps_all if s["redo_right"] is not None),
+        "p_correct_wait": mean(ok for (_, ok, _), w in zip(reasoning, waits) if w),
+        "p_correct_wrong_no_wait": mean(ok for (_, ok, _), w, x in zip(reasoning, waits, wrong) if x and not w),
+        "p_correct_reasoning": mean(ok for _, ok, _ in reasoning),
+        "reasoning_length": mean(token_count(t) for t, _, _ in reasoning),
+        "accuracy": mean(correct), "accuracy_hard2": mean(hard2),
+        "n_samples": len(completions), "n_reasoning": len(reasoning)}
 
 
 def toy_targets_missed(stats: dict) -> list[str]:
@@ -393,6 +594,9 @@ TOY_TABLE = [("greedy accuracy", "greedy_accuracy"), ("greedy answers that reaso
              ("T=1 accuracy when answering directly", "accuracy_without_reasoning"),
              ("T=1 traces that mix languages", "mixed_language_share"),
              ("T=1 traces that are readable", "readable_share"), ("T=1 samples that reflect", "reflection_share"),
+             ("T=1 traces that check (units digits)", "check_share"), ("T=1 traces that wait", "wait_share"),
+             ("T=1 P(wait | wrong step)", "p_wait_wrong_step"), ("T=1 P(wait | failed check)", "p_wait_failed_check"),
+             ("T=1 P(correct | wait)", "p_correct_wait"),
              ("general prompts: gold win-rate (greedy)", "general_gold_win_rate")]
 
 

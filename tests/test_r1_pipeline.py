@@ -134,7 +134,7 @@ def tiny_args(out_dir, **overrides) -> r1_pipeline.Args:
                   reasoning_rl=r1_pipeline.ReasoningRL(steps=2), rejection_sft=r1_pipeline.RejectionSFT(prompts=8, samples=2, epochs=1),
                   all_scenarios=r1_pipeline.AllScenarios(rm_steps=2, rm_pairs=40, steps=2, rm_last_steps=1),
                   distill=r1_pipeline.Distill(student=student if os.path.isdir(student) else toy.TOY_BASE, epochs=1,
-                                    rl_steps=1))
+                                    rl_steps=1, rl_5x=True))
     kwargs.update(overrides)
     return r1_pipeline.Args(**kwargs)
 
@@ -144,13 +144,19 @@ def test_every_stage_runs_on_tiny_settings_and_the_table_is_written(tmp_path):
     """All six stages run (grpo, sft and the reward model each called through its main), each leaves its marker,
     and stages.json holds one object per stage with the held-out metrics named as in metrics.jsonl."""
     table = r1_pipeline.main(tiny_args(tmp_path))
-    assert [row["stage"] for row in table] == ["base", *r1_pipeline.STAGES, "student_base", "student_rl"]
+    assert [row["stage"] for row in table] == ["base", *r1_pipeline.STAGES, "student_base", *r1_pipeline.STUDENT_ARMS]
     for name in r1_pipeline.STAGES:
         assert os.path.exists(os.path.join(r1_pipeline.stage_dir(str(tmp_path), name), "STAGE_DONE.json"))
     stored = json.load(open(tmp_path / "stages.json"))
     assert stored[1]["stage"] == "r1_zero" and {"eval/accuracy", "eval/readability", "eval/language_consistency",
                                                "eval/gold_win_rate", "eval/rm_score"} <= set(stored[1])
     assert all(0.0 <= row["eval/pass@1_k8_t0.6"] <= 1.0 for row in stored)
+    assert all(0.0 <= row["eval/check_share"] <= 1.0 or row["eval/check_share"] != row["eval/check_share"]
+               for row in stored)  # nan: no reasoning sample
+    teacher = json.load(open(os.path.join(r1_pipeline.stage_dir(str(tmp_path), "all_scenarios"), "STAGE_DONE.json")))
+    opd_args = json.load(open(os.path.join(r1_pipeline.stage_dir(str(tmp_path), "distill"), "student_opd",
+                                           "args.json")))  # the on-policy arm distils from stage 4's model
+    assert opd_args["teacher"] == teacher["model"] and opd_args["reward_weights"] == [0.0, 0.0]
     assert not any("eval/reflection_share" in row or "reasoning_samples" in row for row in stored)
     record = json.load(open(os.path.join(r1_pipeline.stage_dir(str(tmp_path), "r1_zero"), "STAGE_DONE.json")))
     assert len(record["metrics"]["reasoning_samples"]) == 8 * 8  # eval_size x R1_SAMPLES, kept for later measures
@@ -269,6 +275,11 @@ def test_the_seeds_table_is_the_mean_and_sample_std_of_each_metric():
     assert r1_zero["eval/rm_score"]["std"] == pytest.approx(0.02 ** 0.5)
     assert r1_zero["paper"] == r1_pipeline.PAPER["r1_zero"] and r1_zero["from"] == "runs/other/seed2"
     assert r1_pipeline.mean_and_spread([0.5]) == {"mean": 0.5, "std": None, "values": [0.5]}
+    # nan (a conditional with nothing to condition on, e.g. P(correct | wait) without a wait) counts as missing
+    nan = float("nan")
+    spread = r1_pipeline.mean_and_spread([0.2, nan, 0.4])
+    assert spread["mean"] == pytest.approx(0.3) and spread["std"] == pytest.approx(0.02 ** 0.5)
+    assert r1_pipeline.mean_and_spread([nan])["mean"] is None
 
 
 def test_each_seed_runs_in_its_own_dir_and_reads_its_own_inputs(tmp_path):

@@ -1,0 +1,24 @@
+#!/bin/bash
+# Build a base of the verification world (docs/aha.md) by continued pretraining of toy/base, 128 sequences a step:
+#   checks, random_wait, wrong_redo: 400 steps of the world's "-often" corpus (checks in 60% of the reasoning traces:
+#       at 15% a 0.8M-parameter model sees too few failed checks to learn what follows one), then 100 steps of the
+#       world's own corpus (15%), so that checks are rare in the base again;
+#   no_checks (control a, whose corpus has no checks): 400 + 250 + 100 steps of its corpus, the schedule of the
+#       first build (docs/aha.md), more pretraining than the others get.
+#     toy/build_world.sh checks | no_checks | random_wait | wrong_redo      (15-25 min alone on one core)
+set -e
+cd "$(dirname "$0")/.."
+d=${1:?usage: toy/build_world.sh checks|no_checks|random_wait|wrong_redo}; w=toy-${d//_/-}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+common=(--preset toy_base --grad-accum 1 --save-every 100 --overwrite)
+if [ "$d" = no_checks ]; then
+  python sft.py "${common[@]}" --model toy --dataset $w --seed 1 --max-steps 400 --lr 1.5e-3 --warmup-steps 20 \
+      --eval-every 400 --export-dir runs/worlds/$d-1 --out-dir runs/sft-world-$d-1
+  python sft.py "${common[@]}" --model runs/worlds/$d-1 --dataset $w-often --seed 2 --max-steps 250 --lr 1.5e-3 \
+      --warmup-steps 10 --eval-every 250 --export-dir runs/worlds/$d-2 --out-dir runs/sft-world-$d-2
+else
+  python sft.py "${common[@]}" --model toy --dataset $w-often --seed 2 --max-steps 400 --lr 1.5e-3 \
+      --warmup-steps 20 --eval-every 400 --export-dir runs/worlds/$d-2 --out-dir runs/sft-world-$d-2
+fi
+python sft.py "${common[@]}" --model runs/worlds/$d-2 --dataset $w --seed 3 --max-steps 100 --lr 1e-3 \
+    --warmup-steps 10 --eval-every 100 --export-dir ${EXPORT_ROOT:-toy}/$d --out-dir runs/sft-world-$d-3
