@@ -62,7 +62,7 @@ Deviations from the paper, one a line (R1: arXiv 2501.12948 and its Nature 2025 
 - R1-Zero's length grows as direct answers vanish (26% -> 100% reason), its traces shorter (35.7 -> 23.9 greedy tokens).
 
 Launch:
-    python r1_pipeline.py                                        # every stage, toy world, CPU (~15-25 min)
+    python r1_pipeline.py                                        # every stage, toy world, CPU (8.5 min on 2 idle cores)
     python r1_pipeline.py --stages r1_zero cold_start            # a subset; a rerun skips complete stages
     python r1_pipeline.py --out-dir runs/r1_no_lc --inputs-from runs/r1_pipeline --stages reasoning_rl \\
         --reasoning-rl.language-weight 0                          # ablation: no consistency reward
