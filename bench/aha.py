@@ -174,7 +174,9 @@ def run_one(args: Args, world: str, seed: int) -> dict:
     out_dir = os.path.join(args.root, world, f"seed{seed}")
     done = os.path.join(out_dir, "measured.json")
     if os.path.exists(done) and not args.rerun:
-        return json.load(open(done))
+        results = json.load(open(done))
+        results["curves"] = {int(step): row for step, row in results["curves"].items()}  # json keys are strings
+        return results
     data = os.path.join(args.root, "data")
     env_vars = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "grpo.py", "--model", WORLDS[world], "--dataset", f"{data}/train_{seed}.jsonl",
@@ -212,8 +214,7 @@ def spread(values: list[float], fmt: str = ".1f", scale: float = 100.0) -> str:
 
 
 def window(curves: dict, key: str, steps: range) -> float:
-    return mean([curves[str(s)][key] if str(s) in curves else curves[s][key] for s in steps
-                 if (str(s) in curves or s in curves)])
+    return mean([curves[s][key] for s in steps if s in curves])
 
 
 def tables(args: Args, results: dict) -> str:
@@ -268,7 +269,7 @@ def plot(args: Args, results: dict):
         for world in args.worlds:
             runs = [results[world][s]["curves"] for s in args.seeds if s in results[world]]
             steps = sorted(int(s) for s in runs[0])
-            values = [[c[str(s)][key] if str(s) in c else c[s][key] for s in steps] for c in runs]
+            values = [[c[s][key] for s in steps] for c in runs]
             smooth = [[mean(v[max(0, i - 4):i + 1]) for i in range(len(v))] for v in values]  # 5-step running mean
             avg = [mean(col) for col in zip(*smooth)]
             ax.plot(steps, avg, label=LABELS[world])
