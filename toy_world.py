@@ -166,6 +166,13 @@ TOY_WORLDS = {"toy": TOY_RECIPE, "toy-checks": VERIFICATION,
               "toy-no-checks": dict(VERIFICATION, check=0.0),
               "toy-random-wait": dict(VERIFICATION, wait="random"),
               "toy-wrong-redo": dict(VERIFICATION, redo_error=0.5)}
+# A world where R1's cold start has a job (docs/r1_pipeline.md, bench/cold_start.py): the main world, except that the
+# base rarely reasons (about 1 problem in 8, against 1 in 3) and its reasoning is messy, a repeated step and a junk
+# item each in half the traces and a summary in 1 in 5, so the readable layout is the exception. Stage 2's rewards
+# score the summary (summary_format) but neither junk nor repeats: RL from this base has to find reasoning on its
+# own and has no rule that pays for clean traces.
+TOY_WORLDS["toy-messy"] = dict(VERIFICATION, reason_base=0.05, reason_per_operand=0.1, reason_precedence=0.1,
+                               repeat=0.5, junk=0.5, summary=0.2)
 # The first phase of the bases' build (toy/README.md): the same worlds with checks in 60% of reasoning traces, so a
 # 0.8M-parameter model sees enough failed checks to learn the trigger; the second phase makes checks rare again.
 TOY_WORLDS.update({f"{name}-often": dict(recipe, check=0.6 if recipe["check"] else 0.0)

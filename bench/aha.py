@@ -9,13 +9,15 @@ measured on rollouts, not greedy answers.
     no_checks       (a) the same slips, no checks                      never written
     random_wait     (b) checks, "wait" at random                       nothing: form without function
     wrong_redo      (c) checks, "wait" when they fail                  the check failed; the redo is wrong half the time
+    checks_long     the main world's base pretrained 700 steps longer  as in checks; the control for the two readings
+                                                                       of the main result (docs/aha.md)
 
 Each run is `python grpo.py` in a fresh process with one torch thread, every rollout logged (--log-samples 128),
 so toy_world.trace_stats reads the checks, waits and redos of all 10,240 training samples of a run step by step.
 The base and the final model are measured on 200 held-out problems: greedy accuracy, and 8 samples each at T = 1
 and at T = 0.6 (DeepSeek-R1's pass@1 temperature) through trace_stats.
 
-    python bench/aha.py --seeds 0 1 2                  # docs/aha.md: 12 runs, 2 at a time, ~40 min on 2 cores
+    python bench/aha.py --seeds 0 1 2                  # docs/aha.md: 15 runs, 2 at a time, ~50 min on 2 cores
     python bench/aha.py --worlds checks --seeds 0      # a subset
 
 A run whose out dir holds measured.json is read, not rerun (--rerun redoes it), so a cut-off sweep resumes.
@@ -39,9 +41,9 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORLDS = {"checks": "toy/checks", "no_checks": "toy/no_checks", "random_wait": "toy/random_wait",
-          "wrong_redo": "toy/wrong_redo"}
+          "wrong_redo": "toy/wrong_redo", "checks_long": "toy/checks_long"}
 LABELS = {"checks": "checks (main)", "no_checks": "(a) no checks", "random_wait": "(b) random wait",
-          "wrong_redo": "(c) wrong redo"}
+          "wrong_redo": "(c) wrong redo", "checks_long": "checks, redo trained longer"}
 # The per-step rollout measures drawn and tabled: (trace_stats key, label)
 CURVES = [("accuracy", "rollout accuracy"), ("check_share", "reasoning samples with a check"),
           ("wait_share", "reasoning samples with a wait"), ("reasoning_length", "reasoning length (tokens)")]

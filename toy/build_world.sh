@@ -4,11 +4,15 @@
 #       at 15% a 0.8M-parameter model sees too few failed checks to learn what follows one), then 100 steps of the
 #       world's own corpus (15%), so that checks are rare in the base again;
 #   no_checks (control a, whose corpus has no checks): 400 + 250 + 100 steps of its corpus, the schedule of the
-#       first build (docs/aha.md), more pretraining than the others get.
-#     toy/build_world.sh checks | no_checks | random_wait | wrong_redo      (15-25 min alone on one core)
+#       first build (docs/aha.md), more pretraining than the others get;
+#   checks_long (the control for docs/aha.md's two readings): toy/checks continued for 600 more steps of the
+#       "-often" corpus, then 100 of its own, so that its redo is executed about as reliably as the corpus's;
+#   messy (the cold start's job, docs/r1_pipeline.md): toy/checks continued for 200 steps of the toy-messy corpus
+#       (reasoning rare, junk and repeated steps common).
+#     toy/build_world.sh checks | no_checks | random_wait | wrong_redo | checks_long | messy   (5-25 min alone on one core)
 set -e
 cd "$(dirname "$0")/.."
-d=${1:?usage: toy/build_world.sh checks|no_checks|random_wait|wrong_redo}; w=toy-${d//_/-}
+d=${1:?usage: toy/build_world.sh checks|no_checks|random_wait|wrong_redo|checks_long|messy}; w=toy-${d//_/-}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 common=(--preset toy_base --grad-accum 1 --save-every 100 --overwrite)
 if [ "$d" = no_checks ]; then
@@ -16,6 +20,14 @@ if [ "$d" = no_checks ]; then
       --eval-every 400 --export-dir runs/worlds/$d-1 --out-dir runs/sft-world-$d-1
   python sft.py "${common[@]}" --model runs/worlds/$d-1 --dataset $w-often --seed 2 --max-steps 250 --lr 1.5e-3 \
       --warmup-steps 10 --eval-every 250 --export-dir runs/worlds/$d-2 --out-dir runs/sft-world-$d-2
+elif [ "$d" = checks_long ]; then
+  w=toy-checks
+  python sft.py "${common[@]}" --model toy/checks --dataset $w-often --seed 4 --max-steps 600 --lr 1e-3 \
+      --warmup-steps 10 --eval-every 600 --export-dir runs/worlds/$d-2 --out-dir runs/sft-world-$d-2
+elif [ "$d" = messy ]; then
+  python sft.py "${common[@]}" --model toy/checks --dataset $w --seed 5 --max-steps 200 --lr 1e-3 --warmup-steps 10 \
+      --eval-every 200 --export-dir ${EXPORT_ROOT:-toy}/$d --out-dir runs/sft-world-$d
+  exit
 else
   python sft.py "${common[@]}" --model toy --dataset $w-often --seed 2 --max-steps 400 --lr 1.5e-3 \
       --warmup-steps 20 --eval-every 400 --export-dir runs/worlds/$d-2 --out-dir runs/sft-world-$d-2
