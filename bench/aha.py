@@ -101,6 +101,50 @@ def measure(path: str, seed: int, n: int, samples: int) -> dict:
     return out
 
 
+def probe(path: str, n: int = 400, samples: int = 4, seed: int = 0) -> dict:
+    """How well a base executes a hard step, asked directly: on n held-out problems with a hard step, the first
+    such step's value sampled at T = 1 after a prefix of right steps (first pass), and after the same prefix with
+    that step slipped by 1-3, its failed check, the verdict and "wait," (the redo). Rare in samples, so measured
+    here on a forced prefix: the shares of right values, and of redos that copy the slipped value."""
+    import random
+
+    import rl_kernels as K
+    import rlvr_rewards as env
+    import toy_world as toy
+
+    model, tokenizer = K.load_model(path)
+    K.set_cpu_threads(0, model)
+    rng, first, redo, slipped = random.Random(seed), [], [], []
+    for row in env.make_dataset("arithmetic", "test", 4 * n, seed):
+        steps = [env.parse_step(s) for s in toy.arithmetic_trace(*toy.parse_arithmetic(row["prompt"]))]
+        hard = [i for i, (a, op, b, _) in enumerate(steps) if toy.is_hard(a, op, b)]
+        if not hard or len(first) == n:
+            continue
+        a, op, b, value = steps[hard[0]]
+        wrong = toy._off(value, rng.choice(toy.SLIPS))
+        render = lambda item: "".join(str(x) for x in item)  # noqa: E731
+        head = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                             add_generation_prompt=True) + "<think>" + "".join(
+            f"{x}{o}{y}={v}," for x, o, y, v in steps[:hard[0]])
+        check, _ = toy.check_step(a, op, b, wrong)
+        first.append((head + f"{a}{op}{b}=", value))
+        redo.append((head + f"{a}{op}{b}={wrong},{render(check)},{render(toy.verdict_step(a, op, b, wrong))},wait,"
+                     f"{a}{op}{b}=", value))
+        slipped.append(wrong)
+
+    def values(cases):
+        texts = toy.generate_completions(model, tokenizer, [p for p, _ in cases], temperature=1.0,
+                                         num_samples=samples, max_new_tokens=4, seed=seed)
+        return [int(m.group()) if (m := __import__("re").match(r"[0-9]+", t)) else None for t in texts]
+
+    expand = lambda xs: [x for x in xs for _ in range(samples)]  # noqa: E731
+    got_first, got_redo = values(first), values(redo)
+    return {"first_pass_right": mean([v == w for v, w in zip(got_first, expand([w for _, w in first]))]),
+            "redo_right": mean([v == w for v, w in zip(got_redo, expand([w for _, w in redo]))]),
+            "redo_copies_slip": mean([v == w for v, w in zip(got_redo, expand(slipped))]),
+            "cases": len(first) * samples}
+
+
 def rollout_curves(samples_path: str) -> dict[int, dict]:
     """trace_stats of each step's rollouts (samples.jsonl), plus the mean GRPO advantage of the reasoning samples
     that check and of those that do not (adv_check, adv_no_check)."""
@@ -163,6 +207,22 @@ def mechanism_table(args: Args) -> str:
             gaps.append(", ".join(f"{mean(g):+.2f}" if g else "–" for _, g in per_seed)
                         + f" ({sum(len(g) for _, g in per_seed)})")
         lines.append(f"| {LABELS[world]} | " + " → ".join(errors) + " | " + " → ".join(gaps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def probe_table(args: Args) -> str:
+    """probe() of each world's base (cached in ROOT/WORLD/probe.json)."""
+    lines = ["", "**How each base executes a hard step** (`probe`: 400 held-out problems' first hard step, 4 samples "
+             "each at T = 1, after a forced prefix):", "", "| base | first pass right | redo right (after a slip, its "
+             "failed check and `wait`) | redo copies the slip |", "|---|---|---|---|"]
+    for world in args.worlds:
+        cache = os.path.join(args.root, world, "probe.json")
+        if not os.path.exists(cache):
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            Path(cache).write_text(json.dumps(probe(WORLDS[world])))
+        got = json.loads(Path(cache).read_text())
+        lines.append(f"| {LABELS[world]} | {100 * got['first_pass_right']:.1f}% | {100 * got['redo_right']:.1f}% | "
+                     f"{100 * got['redo_copies_slip']:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -311,7 +371,7 @@ def main(args: Args):
             print(f"{world} seed {seed}: T=0.6 accuracy {result['before']['t0.6/accuracy']:.3f} -> "
                   f"{result['after']['t0.6/accuracy']:.3f}, check share {result['before']['t0.6/check_share']:.3f} -> "
                   f"{result['after']['t0.6/check_share']:.3f} ({result['train_s']:.0f} s)", flush=True)
-    text = tables(args, results) + mechanism_table(args)
+    text = tables(args, results) + mechanism_table(args) + probe_table(args)
     print(text)
     Path(args.out).write_text("# bench/aha.py results\n\nWritten by bench/aha.py; read docs/aha.md first.\n\n" + text)
     plot(args, results)

@@ -101,3 +101,20 @@ def test_the_token_cap_fits_checking_but_not_redoing_every_step():
     redo_all = [toy.token_count(toy.verification_trace(r["prompt"], rng, dict(clean, hard_slip=1.0))) for r in rows]
     assert max(checked) <= 72 - 8                    # room for the answer's tags and EOS
     assert sum(n > 72 for n in redo_all) / len(rows) > 0.5
+
+
+def test_the_messy_world_reasons_rarely_and_messily_with_the_main_worlds_checks():
+    """toy-messy (the cold start's job): fewer reasoning rows, mostly unreadable, and the verification logic as is."""
+    assert {k for k, v in toy.TOY_WORLDS["toy-messy"].items() if toy.TOY_WORLDS["toy-checks"][k] != v} == {
+        "reason_base", "reason_per_operand", "reason_precedence", "repeat", "junk", "summary"}
+
+    def shares(world):
+        rows = [r for r in toy.toy_corpus(4000, seed=5, world=world) if r["answer"] is not None]
+        reasoning = [r["completion"] for r in rows if env.reasons(r["completion"])]
+        return len(reasoning) / len(rows), sum(map(env.is_readable, reasoning)) / len(reasoning)
+
+    (reason_messy, readable_messy), (reason_main, readable_main) = shares("toy-messy"), shares("toy-checks")
+    assert reason_messy < 0.2 < 0.3 < reason_main
+    assert readable_messy < 0.1 < 0.3 < readable_main
+    # the trigger is the main world's (read without the mess: a junk item between a verdict and its wait hides it)
+    assert stats_of("toy-messy", repeat=0.0, junk=0.0)["p_wait_failed_check"] > 0.97
