@@ -9,7 +9,7 @@ measured on rollouts, not greedy answers.
     no_checks       (a) the same slips, no checks                      never written
     random_wait     (b) checks, "wait" at random                       nothing: form without function
     wrong_redo      (c) checks, "wait" when they fail                  the check failed; the redo is wrong half the time
-    checks_long     the main world's base pretrained 700 steps longer  as in checks; the control for the two readings
+    checks_long     the main world's base pretrained 1300 steps longer as in checks; the control for the two readings
                                                                        of the main result (docs/aha.md)
 
 Each run is `python grpo.py` in a fresh process with one torch thread, every rollout logged (--log-samples 128),

@@ -5,8 +5,9 @@
 #       world's own corpus (15%), so that checks are rare in the base again;
 #   no_checks (control a, whose corpus has no checks): 400 + 250 + 100 steps of its corpus, the schedule of the
 #       first build (docs/aha.md), more pretraining than the others get;
-#   checks_long (the control for docs/aha.md's two readings): toy/checks continued for 600 more steps of the
-#       "-often" corpus, then 100 of its own, so that its redo is executed about as reliably as the corpus's;
+#   checks_long (the control for docs/aha.md's two readings): toy/checks continued for 2 x 600 more steps of the
+#       "-often" corpus, then 100 of its own at half the learning rate, so that its redo is executed about as
+#       reliably as the corpus's (one 600-step phase and 100 steps at 1e-3 left it at 78%: docs/aha.md);
 #   messy (the cold start's job, docs/r1_pipeline.md): toy/checks continued for 200 steps of the toy-messy corpus
 #       (reasoning rare, junk and repeated steps common).
 #     toy/build_world.sh checks | no_checks | random_wait | wrong_redo | checks_long | messy   (5-25 min alone on one core)
@@ -23,7 +24,10 @@ if [ "$d" = no_checks ]; then
 elif [ "$d" = checks_long ]; then
   w=toy-checks
   python sft.py "${common[@]}" --model toy/checks --dataset $w-often --seed 4 --max-steps 600 --lr 1e-3 \
+      --warmup-steps 10 --eval-every 600 --export-dir runs/worlds/$d-1 --out-dir runs/sft-world-$d-1
+  python sft.py "${common[@]}" --model runs/worlds/$d-1 --dataset $w-often --seed 6 --max-steps 600 --lr 1e-3 \
       --warmup-steps 10 --eval-every 600 --export-dir runs/worlds/$d-2 --out-dir runs/sft-world-$d-2
+  lr_last=5e-4
 elif [ "$d" = messy ]; then
   python sft.py "${common[@]}" --model toy/checks --dataset $w --seed 5 --max-steps 200 --lr 1e-3 --warmup-steps 10 \
       --eval-every 200 --export-dir ${EXPORT_ROOT:-toy}/$d --out-dir runs/sft-world-$d
@@ -32,5 +36,5 @@ else
   python sft.py "${common[@]}" --model toy --dataset $w-often --seed 2 --max-steps 400 --lr 1.5e-3 \
       --warmup-steps 20 --eval-every 400 --export-dir runs/worlds/$d-2 --out-dir runs/sft-world-$d-2
 fi
-python sft.py "${common[@]}" --model runs/worlds/$d-2 --dataset $w --seed 3 --max-steps 100 --lr 1e-3 \
+python sft.py "${common[@]}" --model runs/worlds/$d-2 --dataset $w --seed 3 --max-steps 100 --lr ${lr_last:-1e-3} \
     --warmup-steps 10 --eval-every 100 --export-dir ${EXPORT_ROOT:-toy}/$d --out-dir runs/sft-world-$d-3
