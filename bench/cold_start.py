@@ -16,9 +16,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 @dataclass
@@ -36,6 +41,55 @@ def history(root: str, seed: int) -> list[dict]:
         raise SystemExit(f"bench/cold_start.py: {path} is missing; run the commands in this file's docstring first.")
     rows = [json.loads(line) for line in open(path)]
     return [r for r in rows if "rollout/accuracy" in r]
+
+
+def held_out(root: str, seed: int) -> tuple[dict, list[str], list[str], list[str]]:
+    """Stage 2's held-out metrics, its 8 samples per problem at T = 0.6 (from the run), 4 more at T = 1 (drawn here
+    from its final model, seeded), and the gold answers of the latter."""
+    import torch
+
+    import r1_pipeline as r1
+    import rl_kernels as K
+    import rlvr_rewards as env
+
+    stage = os.path.join(root, f"seed{seed}", "2_reasoning_rl")
+    done = json.load(open(os.path.join(stage, "STAGE_DONE.json")))["metrics"]
+    rows, _ = r1.held_out(r1.Args())
+    model, tokenizer = K.load_model(os.path.join(stage, "grpo", "final"))
+    K.set_cpu_threads(0, model)
+    hot = env.sample(model, tokenizer, rows, num_samples=4, max_new_tokens=72, temperature=1.0,
+                     generator=torch.Generator().manual_seed(seed)).completions
+    return done, done["reasoning_samples"], hot, [r["answer"] for r in rows for _ in range(4)]
+
+
+def held_out_table(args: Args) -> str:
+    """What stage 2 leaves, held out: pass@1 at T = 0.6; the readable share of the greedy answers, of the T = 0.6
+    samples and of the T = 1 samples; among the T = 1 reasoning samples (where what is left shows), those with no
+    summary, junk, a repeated step, a broken layout (a tag twice); and the accuracy of the messy (junk or repeat)
+    T = 1 reasoning samples against the clean ones: whether the mess costs the accuracy reward anything."""
+    import rlvr_rewards as env
+
+    kinds = ("no summary", "junk", "repeat", "layout")
+    lines = ["| held out after stage 2 | pass@1 T=0.6 | readable: greedy | T=0.6 | T=1 | T=1 reasoning samples: "
+             + " | ".join(kinds) + " | T=1 accuracy, messy / clean reasoning samples (messy ones) |",
+             "|---" * 10 + "|"]
+    share = lambda flags: sum(flags) / max(1, len(flags))  # noqa: E731
+    for label, root in (("from the cold start", args.with_cold_start), ("from the base", args.from_base)):
+        columns: list[list] = [[] for _ in range(8)]
+        accuracy = []
+        for seed in args.seeds:
+            done, warm, hot, answers = held_out(root, seed)
+            reasoning = [(t, c) for t, c in zip(hot, env.accuracy_reward(hot, answer=answers)) if env.reasons(t)]
+            problems = [set(env.readability_problems(t)) for t, _ in reasoning]
+            values = [done["eval/pass@1_k8_t0.6"], done["eval/readability"], share([env.is_readable(t) for t in warm]),
+                      share([env.is_readable(t) for t in hot])] + [share([k in p for p in problems]) for k in kinds]
+            for column, value in zip(columns, values):
+                column.append(value)
+            messy = [bool(p & {"junk", "repeat"}) for p in problems]
+            right = lambda keep: share([c for (_, c), m in zip(reasoning, messy) if m == keep])  # noqa: E731
+            accuracy.append(f"{right(True):.2f} / {right(False):.2f} ({sum(messy)})")
+        lines.append(f"| {label} | " + " | ".join(cell(c) for c in columns) + " | " + ", ".join(accuracy) + " |")
+    return "\n".join(lines)
 
 
 def steps_to(rows: list[dict], key: str, threshold: float, window: int = 5) -> int | None:
@@ -70,6 +124,8 @@ def main(args: Args):
                      f"{cell(acc)} | {cell(readable)} |")
     print(f"Seeds {list(args.seeds)}; mean ± std (per seed in parentheses).\n")
     print("\n".join(lines))
+    print("\nHeld out (200 problems; stage 2's 8 samples each at T = 0.6, 4 more at T = 1 drawn here):\n")
+    print(held_out_table(args))
 
 
 if __name__ == "__main__":
