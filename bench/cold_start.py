@@ -9,6 +9,12 @@ the share of groups whose 8 samples all score the same (zero advantage: the step
           --stages reasoning_rl --no-cold-start
     done
     python bench/cold_start.py --seeds 0 1 2        # the table (docs/r1_pipeline.md)
+
+The same on the world where the cold start has a job (toy/messy: reasoning rare and messy in the base), with
+`--base toy/messy --stages r1_zero cold_start reasoning_rl` in the first command, out dirs runs/messy and
+runs/messy_no_cs, and `--with-cold-start runs/messy --from-base runs/messy_no_cs --plot docs/cold_start.png` here.
+Besides the rollout curves, the held-out table: what stage 2 leaves at T = 0.6 and T = 1 (the final models are
+sampled again here, 4 per problem at T = 1), and why the unreadable samples are unreadable.
 """
 
 from __future__ import annotations
@@ -33,6 +39,16 @@ class Args:
     """the pipelines' out dirs, one per seed: DIR/seed<k>"""
     from_base: str = "runs/r1_no_cs"
     """the --no-cold-start reasoning RL runs: DIR/seed<k>"""
+    from_base_longer: str = ""
+    """optional: --no-cold-start runs with more reasoning-RL steps (--reasoning-rl.steps), a third arm"""
+    plot: str = ""
+    """also draw the per-step curves here (a .png)"""
+
+
+def arms(args: Args) -> list[tuple[str, str]]:
+    """(label, root) of each arm in the tables and the plot."""
+    return [("from the cold start", args.with_cold_start), ("from the base (--no-cold-start)", args.from_base)] + (
+        [("from the base, longer", args.from_base_longer)] if args.from_base_longer else [])
 
 
 def history(root: str, seed: int) -> list[dict]:
@@ -74,7 +90,7 @@ def held_out_table(args: Args) -> str:
              + " | ".join(kinds) + " | T=1 accuracy, messy / clean reasoning samples (messy ones) |",
              "|---" * 10 + "|"]
     share = lambda flags: sum(flags) / max(1, len(flags))  # noqa: E731
-    for label, root in (("from the cold start", args.with_cold_start), ("from the base", args.from_base)):
+    for label, root in arms(args):
         columns: list[list] = [[] for _ in range(8)]
         accuracy = []
         for seed in args.seeds:
@@ -110,11 +126,40 @@ def cell(values: list) -> str:
     return shown
 
 
+CURVES = [("rollout/accuracy", "rollout accuracy"), ("rollout/readable_share", "readable rollouts"),
+          ("rollout/zero_variance_group_share", "zero-advantage groups")]
+
+
+def plot(args: Args, title: str) -> None:
+    """Per step of stage 2, both arms: each curve a 5-step running mean, the mean over seeds, the band min to max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
+    for ax, (key, label) in zip(axes, CURVES):
+        for arm, root in arms(args):
+            runs = [history(root, s) for s in args.seeds]
+            steps = [r["step"] for r in runs[0]]
+            smooth = [[statistics.mean(v[max(0, i - 4):i + 1]) for i in range(len(v))]
+                      for v in ([r[key] for r in rows] for rows in runs)]
+            ax.plot(steps, [statistics.mean(col) for col in zip(*smooth)], label=arm)
+            ax.fill_between(steps, [min(c) for c in zip(*smooth)], [max(c) for c in zip(*smooth)], alpha=0.15)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("GRPO step of stage 2")
+        ax.set_ylim(0, 1.02)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title} (seeds {list(args.seeds)}; 5-step running mean, band: min-max over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(f"Wrote {args.plot}")
+
+
 def main(args: Args):
     lines = ["| reasoning RL (stage 2) | steps to 80% accurate | steps to 95% readable | zero-advantage groups, "
              "first 10 steps | rollout accuracy, last 10 | readable, last 10 |", "|---|---|---|---|---|---|"]
-    for label, root in (("from the cold start", args.with_cold_start), ("from the base (--no-cold-start)",
-                                                                       args.from_base)):
+    for label, root in arms(args):
         runs = [history(root, s) for s in args.seeds]
         zero = [statistics.mean(r["rollout/zero_variance_group_share"] for r in rows[:10]) for rows in runs]
         acc = [statistics.mean(r["rollout/accuracy"] for r in rows[-10:]) for rows in runs]
@@ -126,6 +171,8 @@ def main(args: Args):
     print("\n".join(lines))
     print("\nHeld out (200 problems; stage 2's 8 samples each at T = 0.6, 4 more at T = 1 drawn here):\n")
     print(held_out_table(args))
+    if args.plot:
+        plot(args, "Reasoning RL (R1 stage 2): " + ", ".join(root for _, root in arms(args)))
 
 
 if __name__ == "__main__":
