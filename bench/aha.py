@@ -65,6 +65,8 @@ class Args:
     """rerun runs that already finished"""
     eval_size: int = 200
     """held-out problems"""
+    max_new_tokens: int = 72
+    """the token cap of the runs and of their measures (r1_pipeline's: 72)"""
     samples: int = 8
     """samples per held-out problem, at T = 1 and at T = 0.6"""
     out: str = "docs/aha_results.md"
@@ -77,7 +79,7 @@ class Args:
     measure_seed: int = 0
 
 
-def measure(path: str, seed: int, n: int, samples: int) -> dict:
+def measure(path: str, seed: int, n: int, samples: int, max_new_tokens: int = 72) -> dict:
     """Greedy accuracy and trace_stats of `samples` samples per problem at T = 1 and T = 0.6 on n held-out problems."""
     import torch
 
@@ -90,10 +92,10 @@ def measure(path: str, seed: int, n: int, samples: int) -> dict:
     rows = env.make_dataset("arithmetic", "test", n, seed)
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
     out = {"greedy_accuracy": sum(env.accuracy_reward(env.sample(
-        model, tokenizer, rows, num_samples=1, max_new_tokens=72, temperature=0.0).completions, answer=answers)) / n}
+        model, tokenizer, rows, num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0).completions, answer=answers)) / n}
     for t in (1.0, 0.6):
         generator = torch.Generator().manual_seed(seed)
-        texts = env.sample(model, tokenizer, rows, num_samples=samples, max_new_tokens=72, temperature=t,
+        texts = env.sample(model, tokenizer, rows, num_samples=samples, max_new_tokens=max_new_tokens, temperature=t,
                            generator=generator).completions
         stats = toy.trace_stats(texts, [a for a in answers for _ in range(samples)],
                                 [p for p in prompts for _ in range(samples)])
@@ -168,15 +170,17 @@ def rollout_curves(samples_path: str) -> dict[int, dict]:
     return curves
 
 
-def mechanism(samples_path: str, steps: range) -> tuple[float, list[float]]:
-    """Over the given steps' rollouts: the share of hard first-pass steps written wrong (read_trace), and per group
-    (one prompt's 8 samples of one step) with both, the mean GRPO advantage of its checking reasoning samples minus
-    that of its other reasoning samples: what the update pushed, problem held fixed."""
+def mechanism(samples_path: str, steps: range) -> dict:
+    """Over the given steps' rollouts: the share of hard first-pass steps written wrong (read_trace); per group (one
+    prompt's 8 samples of one step) with both, the mean GRPO advantage of its checking reasoning samples minus that
+    of its other reasoning samples (what the update pushed, problem held fixed), and the same gap in accuracy among
+    the samples that finished within the token cap (what checking is worth where the cap does not bind); and the
+    share of checking reasoning samples cut off by the cap (no </answer>)."""
     import toy_world as toy
 
     hard = wrong = 0
-    gaps = []
     groups: dict = {}
+    cut = []
     with open(samples_path) as f:
         for line in f:
             row = json.loads(line)
@@ -185,28 +189,41 @@ def mechanism(samples_path: str, steps: range) -> tuple[float, list[float]]:
                 hard += sum(s["hard"] for s in trace)
                 wrong += sum(s["hard"] and s["wrong"] for s in trace)
                 checks = any(s["check"] is not None for s in trace)
-                groups.setdefault((row["step"], str(row["prompt"])), ([], []))[0 if checks else 1].append(
-                    row["advantage"])
-    for checking, other in groups.values():
-        if checking and other:
-            gaps.append(mean(checking) - mean(other))
-    return wrong / max(1, hard), gaps
+                finished = "</answer>" in row["completion"]
+                if checks:
+                    cut.append(not finished)
+                group = groups.setdefault((row["step"], str(row["prompt"])), ([], [], [], []))
+                group[0 if checks else 1].append(row["advantage"])
+                if finished:
+                    group[2 if checks else 3].append(float(row["correct"]))
+    gaps = [mean(a) - mean(b) for a, b, _, _ in groups.values() if a and b]
+    finished_gaps = [mean(c) - mean(d) for _, _, c, d in groups.values() if c and d]
+    return {"first_pass_wrong": wrong / max(1, hard), "gaps": gaps, "finished_gaps": finished_gaps,
+            "cut": mean(cut) if cut else float("nan")}
 
 
 def mechanism_table(args: Args) -> str:
     windows = {"steps 1-5": range(1, 6), "6-20": range(6, 21), "last 10": range(args.steps - 9, args.steps + 1)}
-    lines = ["", "**What the update pushed** (the rollouts of each window; per seed, seeds in order):", "",
-             "| base | hard first-pass steps written wrong: " + " → ".join(windows) + " | advantage of checking minus "
-             "other reasoning samples, within a group: " + " → ".join(windows) + " (groups) |", "|---|---|---|"]
+    arrow = " → ".join(windows)
+    lines = ["", "**What the update pushed** (the rollouts of each window; per seed, seeds in order; in parentheses "
+             "the groups or samples the column rests on):", "",
+             f"| base | hard first-pass steps written wrong: {arrow} | advantage of checking minus other reasoning "
+             f"samples, within a group: {arrow} | the same gap in accuracy, samples that finished within the cap | "
+             f"checking samples cut off by the cap |", "|---|---|---|---|---|"]
+
+    def gap_cell(values: list[list[float]]) -> str:
+        return ", ".join(f"{mean(g):+.2f}" if g else "–" for g in values) + f" ({sum(len(g) for g in values)})"
+
     for world in args.worlds:
-        errors, gaps = [], []
+        errors, gaps, finished, cut = [], [], [], []
         for name, steps in windows.items():
             per_seed = [mechanism(os.path.join(args.root, world, f"seed{s}", "samples.jsonl"), steps)
                         for s in args.seeds]
-            errors.append(", ".join(f"{100 * e:.1f}%" for e, _ in per_seed))
-            gaps.append(", ".join(f"{mean(g):+.2f}" if g else "–" for _, g in per_seed)
-                        + f" ({sum(len(g) for _, g in per_seed)})")
-        lines.append(f"| {LABELS[world]} | " + " → ".join(errors) + " | " + " → ".join(gaps) + " |")
+            errors.append(", ".join(f"{100 * m['first_pass_wrong']:.1f}%" for m in per_seed))
+            gaps.append(gap_cell([m["gaps"] for m in per_seed]))
+            finished.append(gap_cell([m["finished_gaps"] for m in per_seed]))
+            cut.append(", ".join("–" if m["cut"] != m["cut"] else f"{100 * m['cut']:.0f}%" for m in per_seed))
+        lines.append(f"| {LABELS[world]} | " + " | ".join(" → ".join(c) for c in (errors, gaps, finished, cut)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -243,7 +260,7 @@ def run_one(args: Args, world: str, seed: int) -> dict:
     env_vars = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "grpo.py", "--model", WORLDS[world], "--dataset", f"{data}/train_{seed}.jsonl",
                "--eval-dataset", f"{data}/test.jsonl", "--rewards", "accuracy", "format", "--reward-weights", "1",
-               "0.1", "--seed", str(seed), "--max-steps", str(args.steps), "--lr", "2e-4", "--max-new-tokens", "72",
+               "0.1", "--seed", str(seed), "--max-steps", str(args.steps), "--lr", "2e-4", "--max-new-tokens", str(args.max_new_tokens),
                "--eval-every", "0", "--eval-size", str(args.eval_size), "--save-every", "10", "--log-samples", "128",
                "--no-plot", "--out-dir", out_dir, "--overwrite"]
     tick = time.time()
@@ -255,7 +272,8 @@ def run_one(args: Args, world: str, seed: int) -> dict:
         for name, path in (("before", WORLDS[world]), ("after", os.path.join(out_dir, "final"))):
             target = os.path.join(out_dir, f"measure_{name}.json")
             if subprocess.run([sys.executable, __file__, "--measure", path, "--measure-out", target, "--measure-seed",
-                               str(seed), "--eval-size", str(args.eval_size), "--samples", str(args.samples)],
+                               str(seed), "--eval-size", str(args.eval_size), "--samples", str(args.samples),
+                               "--max-new-tokens", str(args.max_new_tokens)],
                               cwd=ROOT, env=env_vars, stdout=log, stderr=subprocess.STDOUT).returncode:
                 raise SystemExit(f"bench/aha.py: measuring {path} failed; see {log.name}.")
             results[name] = json.load(open(target))
@@ -282,8 +300,11 @@ def window(curves: dict, key: str, steps: range) -> float:
 def tables(args: Args, results: dict) -> str:
     seeds = ", ".join(map(str, args.seeds))
     first, middle, last = range(1, 6), range(6, 21), range(args.steps - 9, args.steps + 1)
-    lines = [f"`python bench/aha.py --seeds {' '.join(map(str, args.seeds))}` (seeds {seeds}; mean ± standard "
-             f"deviation over seeds).", "",
+    flags = (f" --worlds {' '.join(args.worlds)}" if tuple(args.worlds) != tuple(WORLDS) else "") + (
+        f" --max-new-tokens {args.max_new_tokens}" if args.max_new_tokens != 72 else "") + (
+        f" --root {args.root}" if args.root != "runs/aha" else "")
+    lines = [f"`python bench/aha.py --seeds {' '.join(map(str, args.seeds))}{flags}` (seeds {seeds}; mean ± standard "
+             f"deviation over seeds; token cap {args.max_new_tokens}).", "",
              "**Rollouts during R1-Zero** (all 128 samples of each step; first 5 steps → last 10):", "",
              "| base | accuracy | check share | wait share | P(wait \\| wrong step) | P(wait \\| failed check) "
              "| reasoning length | advantage: checking − not (steps 1-5 → 6-20 → last 10) |",
@@ -348,7 +369,7 @@ def plot(args: Args, results: dict):
 def main(args: Args):
     if args.measure:
         with open(args.measure_out, "w") as f:
-            json.dump(measure(args.measure, args.measure_seed, args.eval_size, args.samples), f)
+            json.dump(measure(args.measure, args.measure_seed, args.eval_size, args.samples, args.max_new_tokens), f)
         return
     unknown = [w for w in args.worlds if w not in WORLDS]
     if unknown:
