@@ -144,7 +144,8 @@ def plot(args: Args, title: str) -> None:
             steps = [r["step"] for r in runs[0]]
             smooth = [[statistics.mean(v[max(0, i - 4):i + 1]) for i in range(len(v))]
                       for v in ([r[key] for r in rows] for rows in runs)]
-            ax.plot(steps, [statistics.mean(col) for col in zip(*smooth)], label=arm)
+            ax.plot(steps, [statistics.mean(col) for col in zip(*smooth)], label=arm,  # dashed: seen over a longer arm
+                    linestyle="--" if "no-cold-start" in arm else "-", zorder=3 if "no-cold-start" in arm else 2)
             ax.fill_between(steps, [min(c) for c in zip(*smooth)], [max(c) for c in zip(*smooth)], alpha=0.15)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("GRPO step of stage 2")
