@@ -19,6 +19,8 @@ and at T = 0.6 (DeepSeek-R1's pass@1 temperature) through trace_stats.
 
     python bench/aha.py --seeds 0 1 2                  # docs/aha.md: 15 runs, 2 at a time, ~50 min on 2 cores
     python bench/aha.py --worlds checks --seeds 0      # a subset
+    python bench/aha.py --seeds 0 1 2 --worlds checks checks_long no_checks --max-new-tokens 128 \
+        --root runs/aha_cap128 --out docs/aha_cap128.md --plot docs/aha_cap128.png   # the cap control (docs/aha.md)
 
 A run whose out dir holds measured.json is read, not rerun (--rerun redoes it), so a cut-off sweep resumes.
 Writes docs/aha_results.md (the tables) and docs/aha.png (rollout curves: mean over seeds, the band min to max).
@@ -360,8 +362,8 @@ def plot(args: Args, results: dict):
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("GRPO step")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"R1-Zero rollouts in the verification world and its controls (seeds {list(args.seeds)}; "
-                 "5-step running mean, band: min-max over seeds)", fontsize=10)
+    fig.suptitle(f"R1-Zero rollouts in the verification world and its controls ({args.max_new_tokens}-token cap; "
+                 f"seeds {list(args.seeds)}; 5-step running mean, band: min-max over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)
 
