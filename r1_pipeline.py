@@ -83,7 +83,8 @@ Result (docs/r1_pipeline.md: seeds 0-2 on toy/checks, pass@1 over 8 samples at T
 the cold start makes 99.5% readable at 6.5 points; reasoning RL 86.0%; rejection-sampling SFT 88.9%; all-scenario
 RL keeps 87.4% on reasoning and lifts the general prompts' gold win-rate 28.1% -> 45.3%. On the student, SFT
 distillation (82.0%), R1-Zero at matched and 5x compute (82.0%, 83.6%) and on-policy distillation (82.4%) tie on
-accuracy; the distilled students are readable, the RL ones are not. R1-Zero does not amplify reflection even where
+accuracy; on fresh seeds 3-5 the 5x arm leads SFT distillation by 4.2 points. The distilled students are readable,
+the RL ones are not. R1-Zero does not amplify reflection even where
 it has a function (docs/aha.md); the cold start makes stage 2 readable from its first step and 80% accurate about
 18 steps sooner, and ends where RL from the base ends. On a base that rarely reasons and messily (--base toy/messy),
 RL from the base needs about three times the steps to get as readable and accurate (bench/cold_start.py).
