@@ -170,7 +170,7 @@ TOY_WORLDS = {"toy": TOY_RECIPE, "toy-checks": VERIFICATION,
 # base rarely reasons (about 1 problem in 8, against 1 in 3) and its reasoning is messy, a repeated step and a junk
 # item each in half the traces and a summary in 1 in 5, so the readable layout is the exception. Stage 2's rewards
 # score the summary (summary_format) but neither junk nor repeats: RL from this base has to find reasoning on its
-# own and has no rule that pays for clean traces.
+# own, and only accuracy can pay for clean traces, indirectly (it does: docs/r1_pipeline.md).
 TOY_WORLDS["toy-messy"] = dict(VERIFICATION, reason_base=0.05, reason_per_operand=0.1, reason_precedence=0.1,
                                repeat=0.5, junk=0.5, summary=0.2)
 # The first phase of the bases' build (toy/README.md): the same worlds with checks in 60% of reasoning traces, so a

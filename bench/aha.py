@@ -94,7 +94,8 @@ def measure(path: str, seed: int, n: int, samples: int, max_new_tokens: int = 72
     rows = env.make_dataset("arithmetic", "test", n, seed)
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
     out = {"greedy_accuracy": sum(env.accuracy_reward(env.sample(
-        model, tokenizer, rows, num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0).completions, answer=answers)) / n}
+        model, tokenizer, rows, num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0).completions,
+        answer=answers)) / n}
     for t in (1.0, 0.6):
         generator = torch.Generator().manual_seed(seed)
         texts = env.sample(model, tokenizer, rows, num_samples=samples, max_new_tokens=max_new_tokens, temperature=t,
@@ -111,6 +112,7 @@ def probe(path: str, n: int = 400, samples: int = 4, seed: int = 0) -> dict:
     that step slipped by 1-3, its failed check, the verdict and "wait," (the redo). Rare in samples, so measured
     here on a forced prefix: the shares of right values, and of redos that copy the slipped value."""
     import random
+    import re
 
     import rl_kernels as K
     import rlvr_rewards as env
@@ -119,6 +121,10 @@ def probe(path: str, n: int = 400, samples: int = 4, seed: int = 0) -> dict:
     model, tokenizer = K.load_model(path)
     K.set_cpu_threads(0, model)
     rng, first, redo, slipped = random.Random(seed), [], [], []
+
+    def render(item: list) -> str:  # [2, "*", 7, "=", 14] -> "2*7=14"
+        return "".join(str(x) for x in item)
+
     for row in env.make_dataset("arithmetic", "test", 4 * n, seed):
         steps = [env.parse_step(s) for s in toy.arithmetic_trace(*toy.parse_arithmetic(row["prompt"]))]
         hard = [i for i, (a, op, b, _) in enumerate(steps) if toy.is_hard(a, op, b)]
@@ -126,7 +132,6 @@ def probe(path: str, n: int = 400, samples: int = 4, seed: int = 0) -> dict:
             continue
         a, op, b, value = steps[hard[0]]
         wrong = toy._off(value, rng.choice(toy.SLIPS))
-        render = lambda item: "".join(str(x) for x in item)  # noqa: E731
         head = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
                                              add_generation_prompt=True) + "<think>" + "".join(
             f"{x}{o}{y}={v}," for x, o, y, v in steps[:hard[0]])
@@ -139,7 +144,7 @@ def probe(path: str, n: int = 400, samples: int = 4, seed: int = 0) -> dict:
     def values(cases):
         texts = toy.generate_completions(model, tokenizer, [p for p, _ in cases], temperature=1.0,
                                          num_samples=samples, max_new_tokens=4, seed=seed)
-        return [int(m.group()) if (m := __import__("re").match(r"[0-9]+", t)) else None for t in texts]
+        return [int(m.group()) if (m := re.match(r"[0-9]+", t)) else None for t in texts]
 
     expand = lambda xs: [x for x in xs for _ in range(samples)]  # noqa: E731
     got_first, got_redo = values(first), values(redo)
@@ -225,7 +230,8 @@ def mechanism_table(args: Args) -> str:
             gaps.append(gap_cell([m["gaps"] for m in per_seed]))
             finished.append(gap_cell([m["finished_gaps"] for m in per_seed]))
             cut.append(", ".join("–" if m["cut"] != m["cut"] else f"{100 * m['cut']:.0f}%" for m in per_seed))
-        lines.append(f"| {LABELS[world]} | " + " | ".join(" → ".join(c) for c in (errors, gaps, finished, cut)) + " |")
+        cells = (" → ".join(column) for column in (errors, gaps, finished, cut))
+        lines.append(f"| {LABELS[world]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -237,12 +243,18 @@ def probe_table(args: Args) -> str:
     for world in args.worlds:
         cache = os.path.join(args.root, world, "probe.json")
         if not os.path.exists(cache):
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            Path(cache).write_text(json.dumps(probe(WORLDS[world])))
+            write_whole(cache, json.dumps(probe(WORLDS[world])))
         got = json.loads(Path(cache).read_text())
         lines.append(f"| {LABELS[world]} | {100 * got['first_pass_right']:.1f}% | {100 * got['redo_right']:.1f}% | "
                      f"{100 * got['redo_copies_slip']:.1f}% |")
     return "\n".join(lines) + "\n"
+
+
+def write_whole(path: str, text: str) -> None:
+    """rl_runs.write_text: a stop never leaves a half-written file that a resumed sweep would trust."""
+    import rl_runs
+
+    rl_runs.write_text(path, text)
 
 
 def mean(values: list[float]) -> float:
@@ -262,7 +274,8 @@ def run_one(args: Args, world: str, seed: int) -> dict:
     env_vars = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "grpo.py", "--model", WORLDS[world], "--dataset", f"{data}/train_{seed}.jsonl",
                "--eval-dataset", f"{data}/test.jsonl", "--rewards", "accuracy", "format", "--reward-weights", "1",
-               "0.1", "--seed", str(seed), "--max-steps", str(args.steps), "--lr", "2e-4", "--max-new-tokens", str(args.max_new_tokens),
+               "0.1", "--seed", str(seed), "--max-steps", str(args.steps), "--lr", "2e-4",
+               "--max-new-tokens", str(args.max_new_tokens),
                "--eval-every", "0", "--eval-size", str(args.eval_size), "--save-every", "10", "--log-samples", "128",
                "--no-plot", "--out-dir", out_dir, "--overwrite"]
     tick = time.time()
@@ -281,8 +294,7 @@ def run_one(args: Args, world: str, seed: int) -> dict:
             results[name] = json.load(open(target))
     results["curves"] = rollout_curves(os.path.join(out_dir, "samples.jsonl"))
     results["train_s"] = train_s
-    with open(done, "w") as f:
-        json.dump(results, f)
+    write_whole(done, json.dumps(results))  # measured.json marks the run done: whole or absent
     return results
 
 
@@ -370,8 +382,8 @@ def plot(args: Args, results: dict):
 
 def main(args: Args):
     if args.measure:
-        with open(args.measure_out, "w") as f:
-            json.dump(measure(args.measure, args.measure_seed, args.eval_size, args.samples, args.max_new_tokens), f)
+        write_whole(args.measure_out, json.dumps(
+            measure(args.measure, args.measure_seed, args.eval_size, args.samples, args.max_new_tokens)))
         return
     unknown = [w for w in args.worlds if w not in WORLDS]
     if unknown:

@@ -70,10 +70,11 @@ def held_out(root: str, seed: int) -> tuple[dict, list[str], list[str], list[str
 
     stage = os.path.join(root, f"seed{seed}", "2_reasoning_rl")
     done = json.load(open(os.path.join(stage, "STAGE_DONE.json")))["metrics"]
-    rows, _ = r1.held_out(r1.Args())
+    args = r1.Args()  # the pipeline's held-out set and token cap (the runs used the defaults)
+    rows, _ = r1.held_out(args)
     model, tokenizer = K.load_model(os.path.join(stage, "grpo", "final"))
     K.set_cpu_threads(0, model)
-    hot = env.sample(model, tokenizer, rows, num_samples=4, max_new_tokens=72, temperature=1.0,
+    hot = env.sample(model, tokenizer, rows, num_samples=4, max_new_tokens=args.max_new_tokens, temperature=1.0,
                      generator=torch.Generator().manual_seed(seed)).completions
     return done, done["reasoning_samples"], hot, [r["answer"] for r in rows for _ in range(4)]
 
