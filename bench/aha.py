@@ -17,7 +17,7 @@ so toy_world.trace_stats reads the checks, waits and redos of all 10,240 trainin
 The base and the final model are measured on 200 held-out problems: greedy accuracy, and 8 samples each at T = 1
 and at T = 0.6 (DeepSeek-R1's pass@1 temperature) through trace_stats.
 
-    python bench/aha.py --seeds 0 1 2                  # docs/aha.md: 15 runs, 2 at a time, ~50 min on 2 cores
+    python bench/aha.py --seeds 0 1 2                  # docs/aha.md: 15 runs, 2 at a time, 1.5-5 min each
     python bench/aha.py --worlds checks --seeds 0      # a subset
     python bench/aha.py --seeds 0 1 2 --worlds checks checks_long no_checks --max-new-tokens 128 \
         --root runs/aha_cap128 --out docs/aha_cap128.md --plot docs/aha_cap128.png   # the cap control (docs/aha.md)

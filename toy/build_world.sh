@@ -10,7 +10,7 @@
 #       reliably as the corpus's (one 600-step phase and 100 steps at 1e-3 left it at 78%: docs/aha.md);
 #   messy (the cold start's job, docs/r1_pipeline.md): toy/checks continued for 200 steps of the toy-messy corpus
 #       (reasoning rare, junk and repeated steps common).
-#     toy/build_world.sh checks | no_checks | random_wait | wrong_redo | checks_long | messy   (5-25 min alone on one core)
+#     toy/build_world.sh checks | no_checks | random_wait | wrong_redo | checks_long | messy   (5-30 min on one core)
 set -e
 cd "$(dirname "$0")/.."
 d=${1:?usage: toy/build_world.sh checks|no_checks|random_wait|wrong_redo|checks_long|messy}; w=toy-${d//_/-}
