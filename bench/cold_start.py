@@ -69,7 +69,11 @@ def held_out(root: str, seed: int) -> tuple[dict, list[str], list[str], list[str
     import rlvr_rewards as env
 
     stage = os.path.join(root, f"seed{seed}", "2_reasoning_rl")
-    done = json.load(open(os.path.join(stage, "STAGE_DONE.json")))["metrics"]
+    marker = os.path.join(stage, "STAGE_DONE.json")
+    if not os.path.exists(marker):
+        raise SystemExit(f"bench/cold_start.py: {marker} is missing (stage 2 did not finish); rerun its command, "
+                         "which resumes.")
+    done = json.load(open(marker))["metrics"]
     args = r1.Args()  # the pipeline's held-out set and token cap (the runs used the defaults)
     rows, _ = r1.held_out(args)
     model, tokenizer = K.load_model(os.path.join(stage, "grpo", "final"))
